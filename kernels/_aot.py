@@ -1,0 +1,28 @@
+"""Ahead-of-time compile specs: every Triton kernel x launch config the library can choose.
+
+Each kernel family lists its specs in a ``compile_specs()`` function; ``all_compile_specs()`` gathers
+them for the GPU-readiness gate (``python -m mmfast compile-report``), which compiles each one for
+sm_80 and sm_90 without a GPU.
+"""
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    kernel: object  # the @triton.jit function (a JITFunction; not usable under TRITON_INTERPRET=1)
+    signature: dict  # argument name -> Triton type string ("*fp32", "i64", "fp32", "constexpr")
+    constexprs: dict  # constexpr argument name -> value
+    num_warps: int = 4
+    num_stages: int = 3
+    label: str = ""  # human-readable config, e.g. "ema=fp32 src=bf16 BLOCK=1024"
+    options: dict = field(default_factory=dict)  # extra compile options (e.g. enable_fp_fusion)
+
+    @property
+    def name(self):
+        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+
+
+def all_compile_specs():
+    from . import ema
+
+    return list(ema.compile_specs())

@@ -1,0 +1,352 @@
+"""Momentum EMA update: θ_ema ← m·θ_ema + (1−m)·θ over whole parameter lists, in place.
+
+One launch per (EMA dtype, parameter dtype) group: the launcher builds a pointer table (per tensor:
+EMA address, source address, numel; per program: tensor index and start offset) and every program of
+the single launch updates one chunk of one tensor. The table is cached per list of addresses, so a
+training loop pays for it once.
+
+Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cuda" (the CUDA C++ multi-tensor kernel in
+csrc/ema_cuda.cu), "cpp" (CPU C++/OpenMP, csrc/ema_cpu.cpp) and "reference" (torch._foreach_lerp_).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import CompileSpec
+from ._dispatch import interpreting, resolve_backend
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _fma_f32(a, b, c, EMULATE: tl.constexpr):
+    """fp32 fused multiply-add, rounded once.
+
+    Triton's interpreter evaluates tl.fma as numpy's a*b + c (two roundings), so under the interpreter
+    we emulate the fused operation exactly: a*b is exact in fp64, the fp64 sum is rounded to odd (its
+    exact error, from TwoSum, decides the direction), and rounding that to fp32 is then correct.
+    """
+    if EMULATE:
+        a64 = a.to(tl.float64)
+        b64 = b.to(tl.float64)
+        c64 = c.to(tl.float64)
+        prod = a64 * b64
+        total = prod + c64
+        b_virtual = total - prod
+        err = (prod - (total - b_virtual)) + (c64 - b_virtual)
+        bits = total.to(tl.int64, bitcast=True)
+        toward_exact = tl.where((err > 0) == (total > 0), bits + 1, bits - 1)
+        bits = tl.where((err != 0) & ((bits & 1) == 0), toward_exact, bits)
+        return bits.to(tl.float64, bitcast=True).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
+def _round_f32_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """Round fp32 to DTYPE to nearest-even, as the GPU's cvt.rn does.
+
+    The interpreter truncates fp32 -> bf16 casts, so there we round on the bits ourselves.
+    """
+    if EMULATE and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a (quiet) NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _ema_update_fwd_kernel(
+    ema_addrs,  # *i64 [T]: address of each EMA tensor
+    src_addrs,  # *i64 [T]: address of each source tensor
+    numels,  # *i64 [T]
+    block_tensor,  # *i64 [programs]: tensor index of each program
+    block_start,  # *i64 [programs]: first element of each program's chunk
+    weight,  # fp32: 1 - momentum, when WEIGHT_FROM_PTR is False
+    momentum_ptr,  # *fp32: 0-dim momentum tensor, when WEIGHT_FROM_PTR is True
+    EMA_DTYPE: tl.constexpr,
+    SRC_DTYPE: tl.constexpr,
+    WEIGHT_FROM_PTR: tl.constexpr,
+    EMULATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    tl.static_assert(CHUNK % BLOCK == 0)
+    pid = tl.program_id(0)
+    tensor = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + tensor)
+    ema = tl.load(ema_addrs + tensor).to(tl.pointer_type(EMA_DTYPE))
+    src = tl.load(src_addrs + tensor).to(tl.pointer_type(SRC_DTYPE))
+    if WEIGHT_FROM_PTR:
+        w = 1.0 - tl.load(momentum_ptr).to(tl.float32)
+    else:
+        w = tl.full((), weight, tl.float32)  # the interpreter passes Python floats as fp64
+    # torch's lerp picks the formula by |w| so that w near 1 keeps precision; we follow it exactly.
+    small = tl.abs(w) < 0.5
+    one_minus_w = 1.0 - w
+    for i in tl.range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < n
+        e = tl.load(ema + offs, mask=mask).to(tl.float32)
+        s = tl.load(src + offs, mask=mask).to(tl.float32)
+        d = s - e
+        out = tl.where(small, _fma_f32(w, d, e, EMULATE), _fma_f32(-d, one_minus_w, s, EMULATE))
+        tl.store(ema + offs, _round_f32_to(out, EMA_DTYPE, EMULATE), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+
+# A memory-bound stream: 1024 elements per step (16 B per thread per load for fp32 with 4 warps),
+# 16 steps per program so small per-program overhead (table loads) amortises over 64 KiB of fp32.
+_BLOCK = 1024
+_CHUNK = 16 * _BLOCK
+_NUM_WARPS = 4
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TRITON_SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+
+
+def compile_specs():
+    """Every config the launcher can choose: each (EMA dtype, source dtype) pair x momentum form."""
+    signature = {
+        "ema_addrs": "*i64",
+        "src_addrs": "*i64",
+        "numels": "*i64",
+        "block_tensor": "*i64",
+        "block_start": "*i64",
+        "weight": "fp32",
+        "momentum_ptr": "*fp32",
+        "EMA_DTYPE": "constexpr",
+        "SRC_DTYPE": "constexpr",
+        "WEIGHT_FROM_PTR": "constexpr",
+        "EMULATE": "constexpr",
+        "BLOCK": "constexpr",
+        "CHUNK": "constexpr",
+    }
+    for ema_dtype in SUPPORTED_DTYPES:
+        for src_dtype in SUPPORTED_DTYPES:
+            for from_ptr in (False, True):
+                yield CompileSpec(
+                    kernel=_ema_update_fwd_kernel,
+                    signature=signature,
+                    constexprs={
+                        "EMA_DTYPE": _TL_DTYPES[ema_dtype],
+                        "SRC_DTYPE": _TL_DTYPES[src_dtype],
+                        "WEIGHT_FROM_PTR": from_ptr,
+                        "EMULATE": False,
+                        "BLOCK": _BLOCK,
+                        "CHUNK": _CHUNK,
+                    },
+                    num_warps=_NUM_WARPS,
+                    label=f"ema={_TRITON_SIG[ema_dtype]} src={_TRITON_SIG[src_dtype]} "
+                    f"momentum={'tensor' if from_ptr else 'float'} BLOCK={_BLOCK} CHUNK={_CHUNK}",
+                )
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+_PLAN_CACHE = {}
+_PLAN_CACHE_MAX = 64
+
+
+def _is_dense(t):
+    """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel) exactly once."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _pointer_table(ema_group, src_group, chunk):
+    """Packed int64 table on the tensors' device; cached by addresses and sizes."""
+    key = (ema_group[0].device, chunk) + tuple((e.data_ptr(), s.data_ptr(), e.numel()) for e, s in zip(ema_group, src_group))
+    table = _PLAN_CACHE.get(key)
+    if table is not None:
+        return table
+    numels = torch.tensor([e.numel() for e in ema_group], dtype=torch.int64)
+    blocks_per_tensor = (numels + chunk - 1) // chunk
+    block_tensor = torch.repeat_interleave(torch.arange(len(ema_group), dtype=torch.int64), blocks_per_tensor)
+    first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
+    block_start = (torch.arange(block_tensor.numel(), dtype=torch.int64) - first_block[block_tensor]) * chunk
+    packed = torch.cat(
+        [
+            torch.tensor([e.data_ptr() for e in ema_group], dtype=torch.int64),
+            torch.tensor([s.data_ptr() for s in src_group], dtype=torch.int64),
+            numels,
+            block_tensor,
+            block_start,
+        ]
+    )
+    device = ema_group[0].device
+    packed = packed.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else packed
+    count = len(ema_group)
+    table = (packed[:count], packed[count : 2 * count], packed[2 * count : 3 * count],
+             packed[3 * count : 3 * count + block_tensor.numel()], packed[3 * count + block_tensor.numel() :])
+    if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
+        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+    _PLAN_CACHE[key] = table
+    return table
+
+
+_UNUSED = {}
+
+
+def _unused_fp32(device):
+    # The kernel's signature is fixed (*fp32) whichever momentum form is used: one compiled variant each.
+    if device not in _UNUSED:
+        _UNUSED[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _UNUSED[device]
+
+
+def _ema_update_triton(ema_group, src_group, momentum):
+    ema_addrs, src_addrs, numels, block_tensor, block_start = _pointer_table(ema_group, src_group, _CHUNK)
+    programs = block_tensor.numel()
+    if programs == 0:
+        return
+    from_ptr = isinstance(momentum, torch.Tensor)
+    if from_ptr:
+        momentum_ptr, weight = momentum, 0.0
+    else:
+        momentum_ptr, weight = _unused_fp32(ema_group[0].device), 1.0 - momentum
+    _ema_update_fwd_kernel[(programs,)](
+        ema_addrs, src_addrs, numels, block_tensor, block_start, weight, momentum_ptr,
+        EMA_DTYPE=_TL_DTYPES[ema_group[0].dtype],
+        SRC_DTYPE=_TL_DTYPES[src_group[0].dtype],
+        WEIGHT_FROM_PTR=from_ptr,
+        EMULATE=interpreting(),
+        BLOCK=_BLOCK,
+        CHUNK=_CHUNK,
+        num_warps=_NUM_WARPS,
+    )
+
+
+def _ema_update_cuda_ext(ema_group, src_group, momentum):
+    from mmfast._ext import load_extension
+
+    ext = load_extension(required=True)
+    ema_addrs, src_addrs, numels, block_tensor, block_start = _pointer_table(ema_group, src_group, _CHUNK)
+    from_ptr = isinstance(momentum, torch.Tensor)
+    ext.ema_update_cuda(
+        ema_addrs, src_addrs, numels, block_tensor, block_start,
+        ema_group[0].dtype, src_group[0].dtype,
+        0.0 if from_ptr else 1.0 - momentum,
+        momentum if from_ptr else None,
+        _CHUNK,
+    )
+
+
+def _ema_update_cpp(ema_group, src_group, momentum):
+    from mmfast._ext import load_extension
+
+    ext = load_extension(required=True)
+    ext.ema_update_cpu(ema_group, src_group, float(1.0 - momentum))
+
+
+_BACKEND_FNS = {"triton": _ema_update_triton, "cuda": _ema_update_cuda_ext, "cpp": _ema_update_cpp}
+
+
+def _local(t):
+    # FSDP2/DTensor parameters: the update is elementwise, so each rank updates its local shard.
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _check_lists(ema_name, ema_tensors, src_name, tensors):
+    ema_tensors = [_local(t) for t in ema_tensors]
+    tensors = [_local(t) for t in tensors]
+    if len(ema_tensors) != len(tensors):
+        raise ValueError(f"{ema_name} and {src_name} must have the same length, got {len(ema_tensors)} and {len(tensors)}")
+    for i, (e, s) in enumerate(zip(ema_tensors, tensors)):
+        if not isinstance(e, torch.Tensor) or not isinstance(s, torch.Tensor):
+            raise ValueError(f"{ema_name}[{i}] and {src_name}[{i}] must be tensors, got {type(e).__name__} and {type(s).__name__}")
+        if e.shape != s.shape:
+            raise ValueError(f"{ema_name}[{i}] has shape {tuple(e.shape)} but {src_name}[{i}] has {tuple(s.shape)}; they must match")
+        if e.device != s.device:
+            raise ValueError(f"{ema_name}[{i}] is on {e.device} but {src_name}[{i}] is on {s.device}; they must be on one device")
+        if e.device != ema_tensors[0].device:
+            raise ValueError(f"{ema_name}[{i}] is on {e.device} but {ema_name}[0] is on {ema_tensors[0].device}; all tensors must share a device")
+    return ema_tensors, tensors
+
+
+def ema_update_(ema_tensors, tensors, momentum, *, ema_buffers=(), buffers=(), backend="auto"):
+    """In-place momentum EMA over lists of tensors: ``ema ← m·ema + (1−m)·θ``; buffers are copied.
+
+    Args:
+        ema_tensors: sequence of tensors updated in place (fp32, fp16 or bf16), e.g. a momentum encoder's
+            parameters. Each must be non-overlapping and dense (contiguous, channels-last, ...).
+        tensors: sequence of the same length and shapes (fp32, fp16 or bf16; any strides — a source
+            whose layout differs from its EMA tensor's is first copied into that layout).
+        momentum: m in [0, 1] as a Python float, or a 0-dim floating tensor (e.g. a cosine schedule on
+            the GPU: changing it recompiles nothing and syncs nothing).
+        ema_buffers, buffers: optional equal-length sequences; ``ema_buffers[i].copy_(buffers[i])``
+            (BatchNorm running statistics, counters), done in the same call.
+        backend: "auto" | "triton" | "cuda" | "cpp" | "reference" (see kernels/_dispatch.py).
+
+    Math (bit-for-bit ``torch._foreach_lerp_(ema, θ, 1 − m)``): with w = 1 − m in fp32 and all
+    arithmetic in fp32, ``ema + w·(θ − ema)`` if |w| < 0.5 else ``θ − (θ − ema)·(1 − w)``, each one fused
+    multiply-add, rounded once to the EMA dtype. FSDP2/DTensor parameters are updated shard-locally.
+    One kernel launch per (EMA dtype, source dtype) group.
+    """
+    ema_tensors, tensors = _check_lists("ema_tensors", ema_tensors, "tensors", tensors)
+    ema_buffers, buffers = _check_lists("ema_buffers", ema_buffers, "buffers", buffers)
+    if isinstance(momentum, torch.Tensor):
+        if momentum.dim() != 0 or not momentum.is_floating_point():
+            raise ValueError(f"momentum must be a float or a 0-dim floating tensor, got shape {tuple(momentum.shape)} dtype {momentum.dtype}")
+    elif isinstance(momentum, (int, float)) and not isinstance(momentum, bool):
+        momentum = float(momentum)
+        if not (0.0 <= momentum <= 1.0) or math.isnan(momentum):
+            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+    else:
+        raise ValueError(f"momentum must be a float or a 0-dim floating tensor, got {type(momentum).__name__}")
+    for i, (e, s) in enumerate(zip(ema_tensors, tensors)):
+        if e.dtype not in SUPPORTED_DTYPES or s.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({s.dtype}) must be float32, float16 or bfloat16"
+            )
+        if not _is_dense(e):
+            raise ValueError(
+                f"ema_tensors[{i}] (shape {tuple(e.shape)}, strides {e.stride()}) must be non-overlapping and dense: "
+                "it is updated in place through its storage"
+            )
+        if e.requires_grad and torch.is_grad_enabled() and e.is_leaf:
+            raise ValueError(f"ema_tensors[{i}] requires grad; update it under torch.no_grad() or detach it")
+    if not ema_tensors and not ema_buffers:
+        return
+    device = (ema_tensors or ema_buffers)[0].device
+    chosen = resolve_backend("ema_update_", backend, device, supported=("triton", "cuda", "cpp"))
+    if chosen == "reference":
+        from .reference import ema_update_reference
+
+        with torch.no_grad():
+            ema_update_reference(ema_tensors, tensors, momentum, ema_buffers=ema_buffers, buffers=buffers)
+        return
+    if isinstance(momentum, torch.Tensor):
+        momentum = momentum.detach().to(device=device, dtype=torch.float32, non_blocking=True)
+    groups = {}
+    for e, s in zip(ema_tensors, tensors):
+        if e.numel() == 0:
+            continue
+        if s.stride() != e.stride():
+            s = torch.empty_like(e, dtype=s.dtype).copy_(s)  # same layout as e, so flat indices line up
+        group = groups.setdefault((e.dtype, s.dtype), ([], []))
+        group[0].append(e)
+        group[1].append(s)
+    with torch.no_grad():
+        for ema_group, src_group in groups.values():
+            _BACKEND_FNS[chosen](ema_group, src_group, momentum)
+        if ema_buffers:
+            torch._foreach_copy_(list(ema_buffers), list(buffers))
