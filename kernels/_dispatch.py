@@ -30,7 +30,8 @@ def warn_once(key, message):
 def resolve_backend(op, backend, device, supported):
     """Return the concrete backend for `op` on `device`.
 
-    `supported` lists the concrete backends the op implements, in order of preference on CUDA.
+    `supported` lists the accelerated backends the op implements, in order of preference on CUDA; the
+    reference is always available.
     Raises ValueError for unknown names and for a backend that cannot run on `device`.
     """
     if backend not in BACKENDS:
@@ -45,6 +46,8 @@ def resolve_backend(op, backend, device, supported):
         if device.type == "cuda":
             return supported[0]
         return "reference"
+    if backend == "reference":
+        return backend
     if backend not in supported:
         raise ValueError(f"{op}: backend {backend!r} is not implemented; choose from {('auto',) + tuple(supported)}")
     if backend == "triton" and device.type != "cuda" and not interpreting():

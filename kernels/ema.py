@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._aot import CompileSpec
-from ._dispatch import interpreting, resolve_backend
+from ._dispatch import interpreting, resolve_backend, warn_once
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -90,7 +90,8 @@ def _ema_update_fwd_kernel(
     # torch's lerp picks the formula by |w| so that w near 1 keeps precision; we follow it exactly.
     small = tl.abs(w) < 0.5
     one_minus_w = 1.0 - w
-    for i in tl.range(0, CHUNK, BLOCK):
+    # a runtime trip count: a tensor's last chunk (or a tiny tensor) runs only the steps it needs
+    for i in tl.range(0, tl.minimum(n - start, CHUNK), BLOCK):
         offs = start + i + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n
         e = tl.load(ema + offs, mask=mask).to(tl.float32)
@@ -234,10 +235,25 @@ def _ema_update_triton(ema_group, src_group, momentum):
     )
 
 
-def _ema_update_cuda_ext(ema_group, src_group, momentum):
-    from mmfast._ext import load_extension
+def _extension_or_warn(backend, fallback):
+    from mmfast._ext import extension_error, load_extension
 
-    ext = load_extension(required=True)
+    ext = load_extension()
+    if ext is None:
+        warn_once(
+            ("ema_update_", backend),
+            f"ema_update_: the C++ extension is unavailable ({extension_error()}); backend={backend!r} "
+            f"falls back to {fallback!r}",
+        )
+    return ext
+
+
+def _ema_update_cuda_ext(ema_group, src_group, momentum):
+    ext = _extension_or_warn("cuda", "triton")
+    if ext is None or not ext.with_cuda():
+        if ext is not None:
+            warn_once(("ema_update_", "cuda-missing"), "ema_update_: mmfast._C was built without CUDA; backend='cuda' falls back to 'triton'")
+        return _ema_update_triton(ema_group, src_group, momentum)
     ema_addrs, src_addrs, numels, block_tensor, block_start = _pointer_table(ema_group, src_group, _CHUNK)
     from_ptr = isinstance(momentum, torch.Tensor)
     ext.ema_update_cuda(
@@ -250,10 +266,14 @@ def _ema_update_cuda_ext(ema_group, src_group, momentum):
 
 
 def _ema_update_cpp(ema_group, src_group, momentum):
-    from mmfast._ext import load_extension
+    ext = _extension_or_warn("cpp", "reference")
+    if ext is None:
+        from .reference import ema_update_reference
 
-    ext = load_extension(required=True)
-    ext.ema_update_cpu(ema_group, src_group, float(1.0 - momentum))
+        return ema_update_reference(ema_group, src_group, momentum)
+    # 1 - m rounded to fp32 exactly as the reference does for tensor momenta
+    weight = float(1.0 - momentum.float()) if isinstance(momentum, torch.Tensor) else 1.0 - momentum
+    ext.ema_update_cpu(ema_group, src_group, weight)
 
 
 _BACKEND_FNS = {"triton": _ema_update_triton, "cuda": _ema_update_cuda_ext, "cpp": _ema_update_cpp}

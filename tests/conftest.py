@@ -1,0 +1,33 @@
+"""Test-session setup: without a GPU, Triton kernels run on the CPU through Triton's interpreter.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined (at import of
+mmfast.kernels), so it is set here, before test modules import anything.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from numerics import SEED  # noqa: E402
+
+
+def pytest_report_header(config):
+    mode = "CUDA: " + torch.cuda.get_device_name() if HAS_CUDA else "CPU: Triton kernels through the interpreter"
+    return [f"mmfast tests on {mode}", f"random seed {SEED} (set MMFAST_TEST_SEED to replay)"]
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if HAS_CUDA else []))
+def device(request):
+    return torch.device(request.param)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device; the same logic runs on the CPU path in this suite")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)

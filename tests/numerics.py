@@ -1,0 +1,95 @@
+"""Numerics harness shared by every kernel test.
+
+Rule: a kernel's error against an fp64 reference must be at most 2x the error of the same computation
+done by PyTorch in the kernel's dtype, plus a tiny floor (3x for gradients, as flash-attn does).
+
+Fresh random inputs every run; the seed is printed in pytest's header and in every failure so a run
+can be replayed with MMFAST_TEST_SEED=<seed>.
+
+bf16 under Triton's interpreter: the interpreter (3.8/3.9) multiplies the raw uint16 bits in `tl.dot`
+on bf16 operands, so its bf16 dot results are garbage. Kernels with `tl.dot` therefore take a
+constexpr DOT_FP32 that, under the interpreter only, feeds tl.dot fp32 operands holding the
+bf16-rounded values: bf16 x bf16 products are exact in fp32 and the GPU's bf16 MMA accumulates in fp32,
+so the test still checks everything bf16 around the dot (loads, casts, rounding of outputs) against the
+bf16 PyTorch computation; the bf16 MMA itself is covered by the CUDA run of the same tests and by the
+compile gate. Kernels without tl.dot (EMA) run bf16 through the interpreter unchanged, except that the
+interpreter truncates fp32->bf16 casts, which the kernels correct (see kernels/ema.py).
+"""
+import os
+import random
+
+import torch
+
+SEED = int(os.environ.get("MMFAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
+_counter = [0]
+
+ODD_SIZES = (1, 77, 197, 257, 577, 1601)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def dtype_id(dtype):
+    return DTYPE_IDS.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def generator(device="cpu"):
+    """A fresh generator per call, derived from the session seed (distinct streams, replayable)."""
+    _counter[0] += 1
+    return torch.Generator(device=device).manual_seed(SEED * 1000003 + _counter[0])
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0):
+    g = generator("cpu")
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def poison_(t):
+    """Fill with NaN (floats) or an extreme value so an element a kernel forgets to write fails."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(torch.iinfo(t.dtype).max)
+
+
+def assert_bitwise_equal(actual, expected, what=""):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
+        f"{what}: {actual.dtype}{tuple(actual.shape)} vs {expected.dtype}{tuple(expected.shape)}"
+    )
+    a = actual.detach().cpu().contiguous().view(-1)
+    e = expected.detach().cpu().contiguous().view(-1)
+    if a.is_floating_point():
+        # compare bits, so NaN == NaN and -0 != +0 exactly as stored
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, e = a.view(width), e.view(width)
+    bad = (a != e).nonzero()
+    assert bad.numel() == 0, (
+        f"{what}: {bad.numel()} of {a.numel()} elements differ bitwise, first at flat index {bad[0].item()} "
+        f"(got {actual.reshape(-1)[bad[0]].item()}, expected {expected.reshape(-1)[bad[0]].item()}); seed {SEED}"
+    )
+
+
+def max_abs_error(actual, reference64):
+    diff = actual.detach().to(torch.float64).cpu() - reference64.detach().to(torch.float64).cpu()
+    if diff.numel() == 0:
+        return 0.0
+    return diff.abs().max().item()
+
+
+def assert_close_by_rule(actual, reference64, torch_same_dtype, *, factor=2.0, floor=None, what=""):
+    """|actual - ref64| <= factor * |torch_same_dtype - ref64| + floor, and no NaN the reference lacks.
+
+    `torch_same_dtype` is the same computation done by PyTorch in the kernel's dtype: its error is
+    the yardstick for what that dtype can achieve.
+    """
+    if floor is None:
+        floor = {torch.float64: 1e-12, torch.float32: 1e-6}.get(actual.dtype, 1e-4)
+    ref = reference64.detach().to(torch.float64).cpu()
+    got = actual.detach().to(torch.float64).cpu()
+    nan_bad = (torch.isnan(got) & ~torch.isnan(ref)).sum().item()
+    assert nan_bad == 0, f"{what}: {nan_bad} NaN where the reference has none (unwritten output?); seed {SEED}"
+    kernel_err = max_abs_error(got, ref)
+    torch_err = max_abs_error(torch_same_dtype, ref)
+    bound = factor * torch_err + floor
+    assert kernel_err <= bound, (
+        f"{what}: max error {kernel_err:.3e} > {factor} x PyTorch's {torch_err:.3e} + {floor:.0e}; seed {SEED}"
+    )
+    return kernel_err, torch_err
