@@ -8,6 +8,7 @@ training loop pays for it once.
 Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cuda" (the CUDA C++ multi-tensor kernel in
 csrc/ema_cuda.cu), "cpp" (CPU C++/OpenMP, csrc/ema_cpu.cpp) and "reference" (torch._foreach_lerp_).
 """
+import itertools
 import math
 
 import torch
@@ -61,6 +62,13 @@ def _round_f32_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _lerp(e, s, w, small, one_minus_w, EMULATE: tl.constexpr):
+    """torch.lerp(e, s, w) in fp32: the formula is picked by |w| so that w near 1 keeps precision."""
+    d = s - e
+    return tl.where(small, _fma_f32(w, d, e, EMULATE), _fma_f32(-d, one_minus_w, s, EMULATE))
+
+
+@triton.jit
 def _ema_update_fwd_kernel(
     ema_addrs,  # *i64 [T]: address of each EMA tensor
     src_addrs,  # *i64 [T]: address of each source tensor
@@ -72,6 +80,7 @@ def _ema_update_fwd_kernel(
     EMA_DTYPE: tl.constexpr,
     SRC_DTYPE: tl.constexpr,
     WEIGHT_FROM_PTR: tl.constexpr,
+    ALIGNED: tl.constexpr,
     EMULATE: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -87,17 +96,27 @@ def _ema_update_fwd_kernel(
         w = 1.0 - tl.load(momentum_ptr).to(tl.float32)
     else:
         w = tl.full((), weight, tl.float32)  # the interpreter passes Python floats as fp64
-    # torch's lerp picks the formula by |w| so that w near 1 keeps precision; we follow it exactly.
     small = tl.abs(w) < 0.5
     one_minus_w = 1.0 - w
-    # a runtime trip count: a tensor's last chunk (or a tiny tensor) runs only the steps it needs
-    for i in tl.range(0, tl.minimum(n - start, CHUNK), BLOCK):
-        offs = start + i + tl.arange(0, BLOCK).to(tl.int64)
+    stop = tl.minimum(n - start, CHUNK)  # a tensor's last chunk (or a tiny tensor) runs only what it needs
+    full = (stop // BLOCK) * BLOCK
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    # full steps: no mask, and 16-byte-aligned addresses (ALIGNED) let the compiler emit 128-bit accesses
+    for i in tl.range(0, full, BLOCK):
+        ema_ptrs = ema + start + i + lanes
+        src_ptrs = src + start + i + lanes
+        if ALIGNED:
+            ema_ptrs = tl.multiple_of(ema_ptrs, 16)
+            src_ptrs = tl.multiple_of(src_ptrs, 16)
+        e = tl.load(ema_ptrs).to(tl.float32)
+        s = tl.load(src_ptrs).to(tl.float32)
+        tl.store(ema_ptrs, _round_f32_to(_lerp(e, s, w, small, one_minus_w, EMULATE), EMA_DTYPE, EMULATE))
+    if full < stop:
+        offs = start + full + lanes
         mask = offs < n
         e = tl.load(ema + offs, mask=mask).to(tl.float32)
         s = tl.load(src + offs, mask=mask).to(tl.float32)
-        d = s - e
-        out = tl.where(small, _fma_f32(w, d, e, EMULATE), _fma_f32(-d, one_minus_w, s, EMULATE))
+        out = _lerp(e, s, w, small, one_minus_w, EMULATE)
         tl.store(ema + offs, _round_f32_to(out, EMA_DTYPE, EMULATE), mask=mask)
 
 
@@ -128,13 +147,14 @@ def compile_specs():
         "EMA_DTYPE": "constexpr",
         "SRC_DTYPE": "constexpr",
         "WEIGHT_FROM_PTR": "constexpr",
+        "ALIGNED": "constexpr",
         "EMULATE": "constexpr",
         "BLOCK": "constexpr",
         "CHUNK": "constexpr",
     }
     for ema_dtype in SUPPORTED_DTYPES:
         for src_dtype in SUPPORTED_DTYPES:
-            for from_ptr in (False, True):
+            for from_ptr, aligned in itertools.product((False, True), (True, False)):
                 yield CompileSpec(
                     kernel=_ema_update_fwd_kernel,
                     signature=signature,
@@ -142,13 +162,15 @@ def compile_specs():
                         "EMA_DTYPE": _TL_DTYPES[ema_dtype],
                         "SRC_DTYPE": _TL_DTYPES[src_dtype],
                         "WEIGHT_FROM_PTR": from_ptr,
+                        "ALIGNED": aligned,
                         "EMULATE": False,
                         "BLOCK": _BLOCK,
                         "CHUNK": _CHUNK,
                     },
                     num_warps=_NUM_WARPS,
                     label=f"ema={_TRITON_SIG[ema_dtype]} src={_TRITON_SIG[src_dtype]} "
-                    f"momentum={'tensor' if from_ptr else 'float'} BLOCK={_BLOCK} CHUNK={_CHUNK}",
+                    f"momentum={'tensor' if from_ptr else 'float'} {'aligned' if aligned else 'unaligned'} "
+                    f"BLOCK={_BLOCK} CHUNK={_CHUNK}",
                 )
 
 
@@ -228,6 +250,7 @@ def _ema_update_triton(ema_group, src_group, momentum):
         EMA_DTYPE=_TL_DTYPES[ema_group[0].dtype],
         SRC_DTYPE=_TL_DTYPES[src_group[0].dtype],
         WEIGHT_FROM_PTR=from_ptr,
+        ALIGNED=all(t.data_ptr() % 16 == 0 for t in ema_group + src_group),
         EMULATE=interpreting(),
         BLOCK=_BLOCK,
         CHUNK=_CHUNK,
@@ -362,7 +385,9 @@ def ema_update_(ema_tensors, tensors, momentum, *, ema_buffers=(), buffers=(), b
             continue
         if s.stride() != e.stride():
             s = torch.empty_like(e, dtype=s.dtype).copy_(s)  # same layout as e, so flat indices line up
-        group = groups.setdefault((e.dtype, s.dtype), ([], []))
+        # tensors off 16-byte alignment (rare views) get their own launch so the rest keeps 128-bit accesses
+        aligned = e.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0
+        group = groups.setdefault((e.dtype, s.dtype, aligned), ([], []))
         group[0].append(e)
         group[1].append(s)
     with torch.no_grad():

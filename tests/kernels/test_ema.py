@@ -255,3 +255,11 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_against_reference(ema, src, 0.9, "cpp")  # warned once only
+
+
+def test_unaligned_views_share_a_call_with_aligned_tensors(device, backend):
+    """Views off 16-byte alignment (a parameter carved out of a flat buffer) take the unaligned path."""
+    flat_ema, flat_src = randn(20001, device=device), randn(20001, device=device)
+    ema = [flat_ema[1:17000], flat_ema[17001:], randn(333, device=device)]
+    src = [flat_src[1:17000], flat_src[17001:], randn(333, device=device)]
+    _check_against_reference(ema, src, 0.97, backend)
