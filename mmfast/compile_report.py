@@ -1,0 +1,700 @@
+"""GPU-readiness gate: compile every kernel ahead of time for sm_80 / sm_90 and check its resources.
+
+Runs without a GPU. For each Triton spec of ``mmfast.kernels._aot.all_compile_specs()`` and each
+target it calls ``triton.compile`` (target ``GPUTarget("cuda", cc, 32)``), then reads
+
+* registers, local memory and stack from ``cuobjdump --dump-resource-usage`` on the cubin,
+* spill stores / loads from ``ptxas -v`` on the kernel's PTX (the same ptxas Triton uses),
+* shared memory from ``compiled.metadata.shared`` (Triton allocates it dynamically),
+
+and for each ``csrc/*.cu`` (when nvcc is found) compiles it with ``nvcc -c -Xptxas -v`` for the same
+targets and parses registers / spills / static shared memory per kernel.
+
+A row FAILs on a compile error, on local memory or spills (a stack frame counts only when ptxas
+reports spills), or on shared memory above the target's opt-in limit. CUDA sources are "skipped"
+(not failed) when nvcc is missing.
+
+CLI: ``python -m mmfast compile-report [--arch 80,90] [--no-nvcc] [--json PATH] [--cu FILE ...]
+[--specs MODULE:FUNC ...] [--plain]``
+(also ``python -m mmfast.compile_report``); the exit code is 1 when any row fails.
+
+TRITON_INTERPRET=1 turns ``@triton.jit`` functions into interpreter objects that cannot be compiled,
+so ``main`` re-runs itself in a subprocess without it.
+"""
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+# Opt-in (maximum dynamic) shared memory per block, in bytes, by compute capability.
+SHARED_LIMITS = {
+    70: 98304,  # 96 KiB
+    75: 65536,  # 64 KiB
+    80: 166912,  # 163 KiB
+    86: 101376,  # 99 KiB
+    87: 166912,
+    89: 101376,
+    90: 232448,  # 227 KiB
+    100: 232448,
+    103: 232448,
+    120: 101376,
+}
+
+_COUNTER = itertools.count()
+_TRUTHY = ("1", "true", "yes", "on", "y")
+_REEXEC_GUARD = "MMFAST_COMPILE_REPORT_REEXEC"
+
+
+@dataclass
+class Row:
+    kernel: str
+    config: str
+    target: str  # "sm_80"
+    source: str = "triton"  # "triton" | "nvcc"
+    status: str = "ok"  # "ok" | "FAIL" | "skipped"
+    registers: int = None
+    shared: int = None  # bytes (Triton: dynamic; nvcc: static)
+    shared_limit: int = None
+    local: int = None  # bytes of local memory per thread (cuobjdump LOCAL)
+    stack: int = None  # bytes of stack frame per thread
+    spill_stores: int = None  # bytes (ptxas -v)
+    spill_loads: int = None
+    reason: str = ""
+    seconds: float = 0.0
+
+    @property
+    def failed(self):
+        return self.status == "FAIL"
+
+
+def _sm(cc):
+    return f"sm_{cc}"
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
+
+
+# ----------------------------------------------------------------------------------------------
+# Tools
+
+
+def _triton_tool(name):
+    """Path of a CUDA tool bundled with (or configured for) Triton: 'cuobjdump', 'ptxas'."""
+    try:
+        from triton import knobs
+
+        return getattr(knobs.nvidia, name).path
+    except Exception:  # older/newer Triton without knobs: use the bundled binary
+        import triton
+
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.isfile(path):
+            return path
+        return shutil.which(name)
+
+
+def _ptxas_for(cc):
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        try:
+            tool = get_ptxas(cc)
+        except TypeError:  # Triton versions where get_ptxas takes no argument
+            tool = get_ptxas()
+        return getattr(tool, "path", tool)
+    except Exception:
+        return _triton_tool("ptxas-blackwell" if cc >= 100 else "ptxas")
+
+
+def find_nvcc():
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "bin", "nvcc"))
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return shutil.which("nvcc")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsers
+
+_RESOURCE_FN = re.compile(r"^\s*Function\s+(\S+?):?\s*$")
+_RESOURCE_KV = re.compile(r"([A-Z_]+(?:\[\d+\])?):(\d+)")
+_ARCH_HEADER = re.compile(r"arch\s*=\s*(sm_\d+a?)")
+
+
+def parse_resource_usage(text):
+    """cuobjdump --dump-resource-usage -> {(arch or None, function): {"REG": .., "STACK": .., ...}}."""
+    out = {}
+    arch = None
+    function = None
+    for line in text.splitlines():
+        m = _ARCH_HEADER.search(line)
+        if m and "Function" not in line:
+            arch = m.group(1)
+            continue
+        m = _RESOURCE_FN.match(line)
+        if m:
+            function = m.group(1)
+            continue
+        if function is not None and "REG:" in line:
+            out[(arch, function)] = {k: int(v) for k, v in _RESOURCE_KV.findall(line)}
+            function = None
+    return out
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
+_PTXAS_PROPS = re.compile(r"Function properties for (\S+)")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_log(text):
+    """ptxas -v output -> {(arch, entry): {"registers", "shared", "stack", "spill_stores", "spill_loads"}}.
+
+    Spills of non-inlined device functions are added to the entry being compiled.
+    """
+    out = {}
+    current = None
+    props_for = None
+    for line in text.splitlines():
+        m = _PTXAS_ENTRY.search(line)
+        if m:
+            current = (m.group(2), m.group(1))
+            out.setdefault(current, {"registers": None, "shared": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0})
+            props_for = None
+            continue
+        m = _PTXAS_PROPS.search(line)
+        if m:
+            props_for = m.group(1)
+            continue
+        m = _PTXAS_FRAME.search(line)
+        if m and current is not None:
+            stack, stores, loads = (int(g) for g in m.groups())
+            entry = out[current]
+            if props_for == current[1]:
+                entry["stack"] = stack
+            entry["spill_stores"] += stores
+            entry["spill_loads"] += loads
+            continue
+        m = _PTXAS_USED.search(line)
+        if m and current is not None:
+            out[current]["registers"] = int(m.group(1))
+            s = _PTXAS_SMEM.search(line)
+            out[current]["shared"] = int(s.group(1)) if s else 0
+    return out
+
+
+def _demangle(names):
+    names = list(names)
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    try:
+        res = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, timeout=30)
+        plain = res.stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {n: n for n in names}
+    if len(plain) != len(names):
+        return {n: n for n in names}
+    return {n: _short_name(p) for n, p in zip(names, plain)}
+
+
+def _short_name(signature):
+    """'void ns::kern<float, c10::BFloat16>(long const*, ...)' -> 'ns::kern<float, c10::BFloat16>'."""
+    signature = signature.replace("(anonymous namespace)::", "")
+    depth = 0
+    for i, ch in enumerate(signature):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0 and i > 0:
+            signature = signature[:i]
+            break
+    if signature.startswith("void "):
+        signature = signature[5:]
+    return signature
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+
+
+def _judge(row):
+    """Set row.status / row.reason from its resources (compile errors are set by the caller)."""
+    problems = []
+    spills = (row.spill_stores or 0) + (row.spill_loads or 0)
+    if row.local:
+        problems.append(f"{row.local} B local memory")
+    if spills:
+        problems.append(f"spills: {row.spill_stores} B stores / {row.spill_loads} B loads")
+        if row.stack:
+            problems.append(f"{row.stack} B stack frame")
+    if row.shared is not None and row.shared_limit is not None and row.shared > row.shared_limit:
+        problems.append(f"shared memory {row.shared} B > {row.shared_limit} B limit of {row.target}")
+    notes = []
+    if row.stack and not spills:
+        notes.append(f"{row.stack} B stack frame (no spills)")
+    if problems:
+        row.status = "FAIL"
+        row.reason = "; ".join(problems + notes)
+    else:
+        row.status = "ok"
+        row.reason = "; ".join(notes)
+    return row
+
+
+def _error_summary(exc):
+    """One line: Triton's "at 2:4:" header, the offending source line (above the caret), the message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "^" in lines:
+        caret = lines.index("^")
+        lines = lines[:1] + lines[caret - 1 : caret] + lines[caret + 1 :]
+    else:
+        lines = lines[:1] + lines[-1:]
+    return " ".join(dict.fromkeys(lines))
+
+
+def _spec_options(spec):
+    return {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **(spec.options or {})}
+
+
+def check_spec(spec, cc, workdir=None):
+    """Compile one CompileSpec for compute capability ``cc`` and return its Row."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    row = Row(kernel=spec.name, config=spec.label or "", target=_sm(cc), shared_limit=SHARED_LIMITS.get(cc))
+    start = time.perf_counter()
+    try:
+        if not hasattr(spec.kernel, "arg_names") or type(spec.kernel).__name__ == "InterpretedFunction":
+            raise RuntimeError(
+                f"{spec.name} is a {type(spec.kernel).__name__}, not a @triton.jit JITFunction "
+                "(was it imported with TRITON_INTERPRET=1?)"
+            )
+        src = triton.compiler.ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+        # Triton prints ptxas failures (with the whole PTX) to stdout: keep them out of the table
+        with contextlib.redirect_stdout(io.StringIO()):
+            compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=_spec_options(spec))
+    except Exception as exc:  # compile error: the row fails, the report goes on
+        row.status = "FAIL"
+        row.reason = f"compile error: {type(exc).__name__}: {_error_summary(exc)}"[:300]
+        row.seconds = time.perf_counter() - start
+        return row
+
+    row.shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+    own_dir = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="mmfast-compile-report-")
+    try:
+        base = os.path.join(workdir, f"{spec.name}-{next(_COUNTER)}-{cc}")
+        cubin_path = base + ".cubin"
+        with open(cubin_path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        name = getattr(compiled.metadata, "name", spec.name)
+        notes = []
+        # registers / local / stack from the cubin itself
+        try:
+            res = subprocess.run(
+                [_triton_tool("cuobjdump"), "--dump-resource-usage", cubin_path],
+                capture_output=True, text=True, timeout=120,
+            )
+            usage = parse_resource_usage(res.stdout)
+            entry = next((v for (a, fn), v in usage.items() if fn == name), None)
+            if entry is None and usage:
+                entry = next(iter(usage.values()))
+            if entry is not None:
+                row.registers = entry.get("REG")
+                row.local = entry.get("LOCAL", 0)
+                row.stack = entry.get("STACK", 0)
+            else:
+                notes.append(f"cuobjdump gave no resource usage: {res.stderr.strip()[:200]}")
+        except (OSError, subprocess.SubprocessError, TypeError) as exc:
+            notes.append(f"cuobjdump unavailable: {exc}")
+        # spill stores / loads: ptxas -v on the same PTX
+        ptx = compiled.asm.get("ptx") if hasattr(compiled.asm, "get") else compiled.asm["ptx"]
+        if ptx:
+            ptx_path = base + ".ptx"
+            with open(ptx_path, "w") as f:
+                f.write(ptx if isinstance(ptx, str) else ptx.decode())
+            m = re.search(r"^\s*\.target\s+(sm_\d+a?)", ptx if isinstance(ptx, str) else ptx.decode(), re.M)
+            arch = m.group(1) if m else _sm(cc)
+            cmd = [_ptxas_for(cc), "-v", f"--gpu-name={arch}", ptx_path, "-o", base + ".ptxas.cubin"]
+            if not _spec_options(spec).get("enable_fp_fusion", True):
+                cmd.insert(1, "--fmad=false")
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+                info = parse_ptxas_log(res.stdout + res.stderr)
+                entry = next((v for (a, fn), v in info.items() if fn == name), None)
+                if entry is not None:
+                    row.spill_stores = entry["spill_stores"]
+                    row.spill_loads = entry["spill_loads"]
+                    if row.registers is None:
+                        row.registers = entry["registers"]
+                    if row.stack is None:
+                        row.stack = entry["stack"]
+                else:
+                    notes.append("ptxas -v gave no spill info")
+            except (OSError, subprocess.SubprocessError, TypeError) as exc:
+                notes.append(f"ptxas unavailable: {exc}")
+        _judge(row)
+        if notes:
+            row.reason = "; ".join(([row.reason] if row.reason else []) + notes)
+    finally:
+        if own_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+def _csrc_dir():
+    try:
+        from mmfast._ext import csrc_dir
+
+        return csrc_dir()
+    except (ImportError, AttributeError, FileNotFoundError):
+        here = os.path.dirname(os.path.abspath(__file__))
+        for candidate in (os.path.join(os.path.dirname(here), "csrc"), os.path.join(here, "csrc")):
+            if os.path.isdir(candidate):
+                return candidate
+    return None
+
+
+def cuda_sources():
+    src = _csrc_dir()
+    if src is None:
+        return []
+    return [os.path.join(src, f) for f in sorted(os.listdir(src)) if f.endswith(".cu")]
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" warning."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    except ImportError:
+        return None
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def _torch_include_paths():
+    include_paths = getattr(_cpp_extension(), "include_paths", None)
+    if include_paths is None:
+        return []
+    for kwargs in ({"device_type": "cuda"}, {"cuda": True}, {}):  # torch >= 2.6 | older torch | CPU only
+        try:
+            return list(include_paths(**kwargs))
+        except TypeError:
+            continue
+        except Exception:  # e.g. OSError: CUDA_HOME unknown to torch; nvcc still finds its own headers
+            try:
+                return list(include_paths())
+            except Exception:
+                return []
+    return []
+
+
+def _cuda_include_dirs(nvcc):
+    """CUDA headers: nvcc adds its own include/; add pip's nvidia/*/include only if that lacks them."""
+    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    for d in (os.path.join(home, "include"), "/usr/local/cuda/include"):
+        if os.path.isfile(os.path.join(d, "cuda_runtime.h")):
+            return []
+    dirs = []
+    try:
+        import nvidia
+
+        for root in list(nvidia.__path__):
+            for sub in sorted(os.listdir(root)):
+                inc = os.path.join(root, sub, "include")
+                if os.path.isfile(os.path.join(inc, "cuda_runtime.h")):
+                    dirs.append(inc)
+    except ImportError:
+        pass
+    return dirs
+
+
+def nvcc_command(nvcc, source, targets, output):
+    # the flags torch's extension builder passes to nvcc (no implicit half/bf16 conversions, ...)
+    COMMON_NVCC_FLAGS = getattr(_cpp_extension(), "COMMON_NVCC_FLAGS", [])
+    cmd = [nvcc, "-c", source, "-o", output, "-DMMFAST_WITH_CUDA", "-std=c++17", "-O3", "-Xptxas", "-v"]
+    cmd += list(COMMON_NVCC_FLAGS) + ["-Xcompiler", "-fPIC"]
+    for cc in targets:
+        cmd += ["-gencode", f"arch=compute_{cc},code=sm_{cc}"]
+    csrc = os.path.dirname(os.path.abspath(source))
+    includes = _torch_include_paths() + [sysconfig.get_paths()["include"], csrc] + _cuda_include_dirs(nvcc)
+    for inc in includes:
+        cmd += ["-I", inc]
+    return cmd
+
+
+def check_cuda_source(source, targets, nvcc=None, workdir=None):
+    """Compile one .cu with nvcc for all targets (one invocation); rows per (kernel, target)."""
+    nvcc = nvcc or find_nvcc()
+    base = os.path.basename(source)
+    if nvcc is None:
+        return [Row(kernel=base, config="nvcc", target=_sm(cc), source="nvcc", status="skipped", reason="nvcc not found")
+                for cc in targets]
+    own_dir = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="mmfast-compile-report-")
+    start = time.perf_counter()
+    try:
+        obj = os.path.join(workdir, base + ".o")
+        try:
+            res = subprocess.run(nvcc_command(nvcc, source, targets, obj), capture_output=True, text=True, timeout=1800)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return [Row(kernel=base, config="nvcc", target=_sm(cc), source="nvcc", status="FAIL",
+                        reason=f"nvcc could not run: {exc}") for cc in targets]
+        seconds = time.perf_counter() - start
+        log = res.stdout + res.stderr
+        if res.returncode != 0:
+            errors = [line for line in log.splitlines() if "error" in line.lower()] or log.strip().splitlines()[-3:]
+            return [Row(kernel=base, config="nvcc", target=_sm(cc), source="nvcc", status="FAIL",
+                        reason=("compile error: " + " | ".join(errors[:3]))[:400], seconds=seconds) for cc in targets]
+        info = parse_ptxas_log(log)
+        usage = {}
+        try:
+            dump = subprocess.run([_triton_tool("cuobjdump"), "--dump-resource-usage", obj],
+                                  capture_output=True, text=True, timeout=120)
+            usage = parse_resource_usage(dump.stdout)
+        except (OSError, subprocess.SubprocessError, TypeError):
+            pass
+        names = _demangle(sorted({fn for _, fn in info}))
+        rows = []
+        for cc in targets:
+            kernels = sorted(fn for arch, fn in info if arch.rstrip("a") == _sm(cc))
+            if not kernels:
+                rows.append(Row(kernel=base, config="nvcc", target=_sm(cc), source="nvcc", status="ok",
+                                reason="no __global__ kernels", seconds=seconds))
+                continue
+            for fn in kernels:
+                entry = info[(_sm(cc), fn)] if (_sm(cc), fn) in info else info[(_sm(cc) + "a", fn)]
+                row = Row(kernel=f"{base}:{names.get(fn, fn)}", config="nvcc", target=_sm(cc), source="nvcc",
+                          registers=entry["registers"], shared=entry["shared"], shared_limit=SHARED_LIMITS.get(cc),
+                          stack=entry["stack"], spill_stores=entry["spill_stores"], spill_loads=entry["spill_loads"],
+                          seconds=seconds)
+                res_entry = usage.get((_sm(cc), fn))
+                row.local = res_entry.get("LOCAL", 0) if res_entry else 0
+                rows.append(_judge(row))
+        return rows
+    finally:
+        if own_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _triton_specs():
+    from mmfast.kernels._aot import all_compile_specs
+
+    return list(all_compile_specs())
+
+
+def load_specs(ref):
+    """Specs from 'package.module:function' or 'path/to/file.py:function' (the function returns specs)."""
+    import importlib
+    import importlib.util
+
+    module_ref, _, func = ref.rpartition(":")
+    if not module_ref or not func:
+        raise ValueError(f"--specs expects MODULE:FUNCTION or FILE.py:FUNCTION, got {ref!r}")
+    if module_ref.endswith(".py") or os.sep in module_ref:
+        name = "_mmfast_specs_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(module_ref))[0])
+        spec = importlib.util.spec_from_file_location(name, module_ref)
+        if spec is None:
+            raise ValueError(f"cannot import {module_ref}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_ref)
+    return list(getattr(module, func)())
+
+
+def run(targets=(80, 90), include_cuda_sources=True, specs=None, cu_files=None, progress=None):
+    """Check every Triton spec (``specs``, default all_compile_specs()) and CUDA source for each target.
+
+    nvcc runs in a background thread (one file at a time) while Triton compiles in this thread; Triton
+    compiles run one at a time (triton.compile is not documented as thread-safe and CI has 2 cores).
+    """
+    if interpreting():
+        raise RuntimeError(
+            "compile_report needs real @triton.jit kernels but TRITON_INTERPRET is set; "
+            "run `python -m mmfast compile-report` (it re-executes itself without TRITON_INTERPRET) "
+            "or unset TRITON_INTERPRET"
+        )
+    targets = tuple(int(cc) for cc in targets)
+    specs = _triton_specs() if specs is None else list(specs)
+    with tempfile.TemporaryDirectory(prefix="mmfast-compile-report-") as workdir:
+        cuda_rows = []
+        worker = None
+        if include_cuda_sources:
+            files = cuda_sources() if cu_files is None else list(cu_files)
+            nvcc = find_nvcc()
+
+            def _nvcc_all():
+                for path in files:
+                    cuda_rows.extend(check_cuda_source(path, targets, nvcc=nvcc, workdir=workdir))
+
+            worker = threading.Thread(target=_nvcc_all, name="mmfast-nvcc", daemon=True)
+            worker.start()
+        rows = []
+        for spec in specs:
+            for cc in targets:
+                row = check_spec(spec, cc, workdir=workdir)
+                rows.append(row)
+                if progress:
+                    progress(row)
+        if worker is not None:
+            worker.join()
+            rows.extend(cuda_rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def _cells(row):
+    # local memory per thread: LOCAL plus the ABI stack frame (where ptxas puts spills)
+    spills = "" if row.local is None and row.stack is None else str((row.local or 0) + (row.stack or 0))
+    if row.spill_stores or row.spill_loads:
+        spills += f" (st {row.spill_stores}/ld {row.spill_loads})"
+    status = row.status + (f": {row.reason}" if row.reason else "")
+    return [
+        row.kernel,
+        row.config,
+        row.target,
+        "" if row.registers is None else str(row.registers),
+        "" if row.shared is None else str(row.shared),
+        spills,
+        status,
+    ]
+
+
+HEADERS = ["kernel", "config", "target", "registers", "shared (B)", "spills (local B)", "status"]
+
+
+def format_table(rows):
+    """Plain aligned text."""
+    table = [HEADERS] + [_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADERS))]
+    lines = []
+    for n, line in enumerate(table):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_table(rows, title, file=None, plain=False):
+    file = file or sys.stdout
+    try:
+        if plain:
+            raise ImportError
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title, file=file)
+        print(format_table(rows), file=file)
+        return
+    table = Table(title=title, title_justify="left")
+    for h in HEADERS:
+        table.add_column(h, justify="right" if h in ("registers", "shared (B)", "spills (local B)") else "left",
+                         overflow="fold")
+    for row in rows:
+        style = {"FAIL": "bold red", "skipped": "yellow"}.get(row.status)
+        table.add_row(*_cells(row), style=style)
+    width = None if file.isatty() else 240  # captured output: don't wrap at 80 columns
+    Console(file=file, width=width, soft_wrap=False).print(table)
+
+
+def _parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m mmfast compile-report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default: 80,90)")
+    p.add_argument("--no-nvcc", action="store_true", help="skip the CUDA C++ sources (csrc/*.cu)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH ('-' for stdout)")
+    p.add_argument("--cu", metavar="FILE", action="append",
+                   help="check this .cu file instead of csrc/*.cu (repeatable)")
+    p.add_argument("--specs", metavar="MODULE:FUNC", action="append",
+                   help="check the specs returned by MODULE:FUNC (or FILE.py:FUNC) instead of all_compile_specs() "
+                   "(repeatable)")
+    p.add_argument("--plain", action="store_true", help="plain text table even if rich is installed")
+    return p.parse_args(argv)
+
+
+def _reexec_without_interpreter(argv):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[_REEXEC_GUARD] = "1"
+    print("compile-report: TRITON_INTERPRET is set; re-running without it", file=sys.stderr)
+    return subprocess.call([sys.executable, "-m", "mmfast.compile_report", *argv], env=env)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse_args(argv)
+    try:
+        targets = tuple(int(a.strip().replace("sm_", "")) for a in args.arch.split(",") if a.strip())
+    except ValueError:
+        print(f"compile-report: bad --arch {args.arch!r}; expected e.g. 80,90", file=sys.stderr)
+        return 2
+    if interpreting():
+        if os.environ.get(_REEXEC_GUARD) == "1":
+            print("compile-report: TRITON_INTERPRET is set; unset it to compile kernels", file=sys.stderr)
+            return 2
+        return _reexec_without_interpreter(argv)
+
+    start = time.perf_counter()
+    specs = None
+    if args.specs:
+        specs = [spec for ref in args.specs for spec in load_specs(ref)]
+    rows = run(targets=targets, include_cuda_sources=not args.no_nvcc, specs=specs, cu_files=args.cu)
+    elapsed = time.perf_counter() - start
+    import triton
+
+    failed = [r for r in rows if r.failed]
+    skipped = [r for r in rows if r.status == "skipped"]
+    title = (f"compile-report: Triton {triton.__version__}, targets {', '.join(_sm(cc) for cc in targets)}, "
+             f"{len(rows)} rows in {elapsed:.1f}s")
+    out = sys.stdout
+    if args.json == "-":
+        out = sys.stderr
+    print_table(rows, title, file=out, plain=args.plain)
+    summary = f"{len(rows) - len(failed) - len(skipped)} ok, {len(failed)} failed, {len(skipped)} skipped"
+    print(("FAILED: " if failed else "PASSED: ") + summary, file=out)
+    if args.json:
+        payload = json.dumps(
+            {"targets": [_sm(cc) for cc in targets], "triton": triton.__version__, "seconds": round(elapsed, 2),
+             "rows": [asdict(r) for r in rows]},
+            indent=1,
+        )
+        if args.json == "-":
+            print(payload)
+        else:
+            with open(args.json, "w") as f:
+                f.write(payload + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
