@@ -48,7 +48,7 @@ def _extensions():
         and CUDA_HOME is not None
         and (torch.cuda.is_available() or _flag("MMFAST_FORCE_CUDA"))
     )
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # no -std: torch's BuildExtension adds the one ATen needs (c++20)
     common = dict(include_dirs=[csrc], extra_link_args=["-fopenmp"])
     if with_cuda:
         if not torch.cuda.is_available():

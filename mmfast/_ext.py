@@ -34,7 +34,8 @@ def _jit_build():
     src = csrc_dir()
     files = sorted(os.listdir(src))
     sources = [os.path.join(src, f) for f in files if f.endswith(".cpp")]
-    cflags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch's own (-std=c++20, which ATen >= 2.10 requires) applies.
+    cflags = ["-O3", "-fopenmp"]
     kwargs = {}
     name = "mmfast_C_cpu"
     if _with_cuda():
@@ -80,3 +81,8 @@ def extension_status():
     if module is None:
         return False, _state["error"]
     return True, f"{module.__name__} ({'CUDA+CPU' if getattr(module, 'with_cuda', lambda: False)() else 'CPU only'})"
+
+
+def extension_error():
+    """Why the extension is unavailable (None when it loaded or was never asked for)."""
+    return _state["error"]
