@@ -22,7 +22,11 @@ class CompileSpec:
         return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
 
 
-def all_compile_specs():
-    from . import ema
+# Kernel families (modules of mmfast.kernels) that define compile_specs().
+FAMILIES = ("ema",)
 
-    return list(ema.compile_specs())
+
+def all_compile_specs():
+    import importlib
+
+    return [spec for family in FAMILIES for spec in importlib.import_module(f"mmfast.kernels.{family}").compile_specs()]

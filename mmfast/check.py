@@ -3,11 +3,16 @@
 On a CPU-only machine the Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1 is set by
 the CLI before mmfast.kernels is imported). Exit status is non-zero if any case fails.
 """
+import importlib
 from dataclasses import dataclass
 
 import torch
 
 from ._table import print_table, progress
+
+# One module per kernel family under mmfast/checks/, each with `cases(device)` yielding
+# (op, backend, dtype, shape, run) where run() -> (max_error, tolerance, bitwise, passed).
+FAMILIES = ("ema",)
 
 
 @dataclass
@@ -21,47 +26,6 @@ class CheckResult:
     bitwise: bool  # bit-for-bit equal to the reference (for ops that promise it)
     passed: bool
     detail: str = ""
-
-
-def _vit_param_shapes(depth, dim, mlp_ratio=4, patch=16, tokens=197):
-    """Parameter shapes of a small ViT: a realistic mix of big matrices and tiny vectors."""
-    shapes = [(dim, 3, patch, patch), (dim,), (1, 1, dim), (1, tokens, dim)]
-    hidden = dim * mlp_ratio
-    for _ in range(depth):
-        shapes += [(dim,), (dim,), (3 * dim, dim), (3 * dim,), (dim, dim), (dim,)]
-        shapes += [(dim,), (dim,), (hidden, dim), (hidden,), (dim, hidden), (dim,)]
-    return shapes + [(dim,), (dim,)]
-
-
-def _ema_cases(device):
-    from mmfast.kernels import ema_update_
-    from mmfast.kernels.reference import ema_update_reference
-
-    shapes = _vit_param_shapes(depth=2, dim=96)
-    numel = sum(torch.Size(s).numel() for s in shapes)
-    backends = ("triton", "cuda", "reference") if device.type == "cuda" else ("triton", "cpp", "reference")
-    dtype_pairs = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    momentum = 0.996
-    for backend in backends:
-        for ema_dtype, src_dtype in dtype_pairs:
-
-            def run(backend=backend, ema_dtype=ema_dtype, src_dtype=src_dtype):
-                g = torch.Generator().manual_seed(0)
-                ema = [torch.randn(s, generator=g).to(device, ema_dtype) for s in shapes]
-                src = [torch.randn(s, generator=g).to(device, src_dtype) for s in shapes]
-                exact = [(e.double() * momentum + s.double() * (1 - momentum)) for e, s in zip(ema, src)]
-                expected = [e.clone() for e in ema]
-                ema_update_reference(expected, src, momentum)
-                ema_update_(ema, src, momentum, backend=backend)
-                err = max((e.double() - x).abs().max().item() for e, x in zip(ema, exact))
-                ref_err = max((e.double() - x).abs().max().item() for e, x in zip(expected, exact))
-                bitwise = all(torch.equal(a, b) for a, b in zip(ema, expected))
-                tol = 2 * ref_err + 1e-7
-                return err, tol, bitwise, err <= tol and bitwise
-
-            yield ("ema_update_", backend, f"{names[ema_dtype]}<-{names[src_dtype]}",
-                   f"ViT-2x96 list ({len(shapes)} tensors, {numel:,} el)", run)
 
 
 def _require_backend(backend):
@@ -78,7 +42,7 @@ def _require_backend(backend):
 
 def run_checks(device=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cases = list(_ema_cases(device))
+    cases = [case for family in FAMILIES for case in importlib.import_module(f"mmfast.checks.{family}").cases(device)]
     results = []
     for op, backend, dtype, shape, run in progress(cases, f"checking {len(cases)} cases on {device}"):
         try:
