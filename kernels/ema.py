@@ -302,27 +302,80 @@ def _ema_update_cpp(ema_group, src_group, momentum):
 _BACKEND_FNS = {"triton": _ema_update_triton, "cuda": _ema_update_cuda_ext, "cpp": _ema_update_cpp}
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _local(t):
     # FSDP2/DTensor parameters: the update is elementwise, so each rank updates its local shard.
+    if type(t) in _PLAIN_TENSOR_TYPES:  # the common case, checked first: this runs once per parameter
+        return t
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
 
 
+def _check_pair(i, e, s, ema_name, src_name, device):
+    """Validate one (EMA, source) pair; returns them as plain local tensors."""
+    e, s = _local(e), _local(s)
+    if not isinstance(e, torch.Tensor) or not isinstance(s, torch.Tensor):
+        raise ValueError(f"{ema_name}[{i}] and {src_name}[{i}] must be tensors, got {type(e).__name__} and {type(s).__name__}")
+    if e.shape != s.shape:
+        raise ValueError(f"{ema_name}[{i}] has shape {tuple(e.shape)} but {src_name}[{i}] has {tuple(s.shape)}; they must match")
+    if e.device != s.device:
+        raise ValueError(f"{ema_name}[{i}] is on {e.device} but {src_name}[{i}] is on {s.device}; they must be on one device")
+    if device is not None and e.device != device:
+        raise ValueError(f"{ema_name}[{i}] is on {e.device} but {ema_name}[0] is on {device}; all tensors must share a device")
+    return e, s
+
+
 def _check_lists(ema_name, ema_tensors, src_name, tensors):
-    ema_tensors = [_local(t) for t in ema_tensors]
-    tensors = [_local(t) for t in tensors]
+    ema_tensors, tensors = list(ema_tensors), list(tensors)
     if len(ema_tensors) != len(tensors):
         raise ValueError(f"{ema_name} and {src_name} must have the same length, got {len(ema_tensors)} and {len(tensors)}")
+    pairs, device = [], None
     for i, (e, s) in enumerate(zip(ema_tensors, tensors)):
-        if not isinstance(e, torch.Tensor) or not isinstance(s, torch.Tensor):
-            raise ValueError(f"{ema_name}[{i}] and {src_name}[{i}] must be tensors, got {type(e).__name__} and {type(s).__name__}")
-        if e.shape != s.shape:
-            raise ValueError(f"{ema_name}[{i}] has shape {tuple(e.shape)} but {src_name}[{i}] has {tuple(s.shape)}; they must match")
-        if e.device != s.device:
-            raise ValueError(f"{ema_name}[{i}] is on {e.device} but {src_name}[{i}] is on {s.device}; they must be on one device")
-        if e.device != ema_tensors[0].device:
-            raise ValueError(f"{ema_name}[{i}] is on {e.device} but {ema_name}[0] is on {ema_tensors[0].device}; all tensors must share a device")
-    return ema_tensors, tensors
+        e, s = _check_pair(i, e, s, ema_name, src_name, device)
+        device = e.device
+        pairs.append((e, s))
+    return pairs
+
+
+def _check_and_group(ema_tensors, tensors):
+    """Validate the parameter lists and group them by launch: {(ema dtype, src dtype, aligned): ([ema], [src])}.
+
+    One pass, as cheap as possible per tensor: with ~300 tensors per call this Python loop, not the
+    kernel, is what a small model's update costs.
+    """
+    ema_tensors, tensors = list(ema_tensors), list(tensors)
+    if len(ema_tensors) != len(tensors):
+        raise ValueError(f"ema_tensors and tensors must have the same length, got {len(ema_tensors)} and {len(tensors)}")
+    groups, device = {}, None
+    grad_enabled = torch.is_grad_enabled()
+    for i, (e, s) in enumerate(zip(ema_tensors, tensors)):
+        e, s = _check_pair(i, e, s, "ema_tensors", "tensors", device)
+        device = e.device
+        if e.dtype not in _TL_DTYPES or s.dtype not in _TL_DTYPES:
+            raise ValueError(f"ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({s.dtype}) must be float32, float16 or bfloat16")
+        if not e.is_contiguous() and not _is_dense(e):
+            raise ValueError(
+                f"ema_tensors[{i}] (shape {tuple(e.shape)}, strides {e.stride()}) must be non-overlapping and dense: "
+                "it is updated in place through its storage"
+            )
+        if grad_enabled and e.requires_grad and e.is_leaf:
+            raise ValueError(f"ema_tensors[{i}] requires grad; update it under torch.no_grad() or detach it")
+        if e.numel() == 0:
+            continue
+        e_ptr, s_ptr = e.data_ptr(), s.data_ptr()
+        if s.stride() != e.stride():
+            s = torch.empty_like(e, dtype=s.dtype).copy_(s)  # same layout as e, so flat indices line up
+            s_ptr = s.data_ptr()
+        # tensors off 16-byte alignment (rare views) get their own launch so the rest keeps 128-bit accesses
+        key = (e.dtype, s.dtype, (e_ptr | s_ptr) % 16 == 0)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = ([], [])
+        group[0].append(e)
+        group[1].append(s)
+    return groups, device
 
 
 def ema_update_(ema_tensors, tensors, momentum, *, ema_buffers=(), buffers=(), backend="auto"):
@@ -344,8 +397,8 @@ def ema_update_(ema_tensors, tensors, momentum, *, ema_buffers=(), buffers=(), b
     multiply-add, rounded once to the EMA dtype. FSDP2/DTensor parameters are updated shard-locally.
     One kernel launch per (EMA dtype, source dtype) group.
     """
-    ema_tensors, tensors = _check_lists("ema_tensors", ema_tensors, "tensors", tensors)
-    ema_buffers, buffers = _check_lists("ema_buffers", ema_buffers, "buffers", buffers)
+    groups, device = _check_and_group(ema_tensors, tensors)
+    buffer_pairs = _check_lists("ema_buffers", ema_buffers, "buffers", buffers)
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0 or not momentum.is_floating_point():
             raise ValueError(f"momentum must be a float or a 0-dim floating tensor, got shape {tuple(momentum.shape)} dtype {momentum.dtype}")
@@ -355,43 +408,22 @@ def ema_update_(ema_tensors, tensors, momentum, *, ema_buffers=(), buffers=(), b
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
     else:
         raise ValueError(f"momentum must be a float or a 0-dim floating tensor, got {type(momentum).__name__}")
-    for i, (e, s) in enumerate(zip(ema_tensors, tensors)):
-        if e.dtype not in SUPPORTED_DTYPES or s.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({s.dtype}) must be float32, float16 or bfloat16"
-            )
-        if not _is_dense(e):
-            raise ValueError(
-                f"ema_tensors[{i}] (shape {tuple(e.shape)}, strides {e.stride()}) must be non-overlapping and dense: "
-                "it is updated in place through its storage"
-            )
-        if e.requires_grad and torch.is_grad_enabled() and e.is_leaf:
-            raise ValueError(f"ema_tensors[{i}] requires grad; update it under torch.no_grad() or detach it")
-    if not ema_tensors and not ema_buffers:
-        return
-    device = (ema_tensors or ema_buffers)[0].device
+    if device is None:
+        if not buffer_pairs:
+            return
+        device = buffer_pairs[0][0].device
     chosen = resolve_backend("ema_update_", backend, device, supported=("triton", "cuda", "cpp"))
     if chosen == "reference":
         from .reference import ema_update_reference
 
         with torch.no_grad():
-            ema_update_reference(ema_tensors, tensors, momentum, ema_buffers=ema_buffers, buffers=buffers)
+            ema_update_reference([e for g in groups.values() for e in g[0]], [x for g in groups.values() for x in g[1]],
+                                 momentum, ema_buffers=[e for e, _ in buffer_pairs], buffers=[b for _, b in buffer_pairs])
         return
     if isinstance(momentum, torch.Tensor):
         momentum = momentum.detach().to(device=device, dtype=torch.float32, non_blocking=True)
-    groups = {}
-    for e, s in zip(ema_tensors, tensors):
-        if e.numel() == 0:
-            continue
-        if s.stride() != e.stride():
-            s = torch.empty_like(e, dtype=s.dtype).copy_(s)  # same layout as e, so flat indices line up
-        # tensors off 16-byte alignment (rare views) get their own launch so the rest keeps 128-bit accesses
-        aligned = e.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0
-        group = groups.setdefault((e.dtype, s.dtype, aligned), ([], []))
-        group[0].append(e)
-        group[1].append(s)
     with torch.no_grad():
         for ema_group, src_group in groups.values():
             _BACKEND_FNS[chosen](ema_group, src_group, momentum)
-        if ema_buffers:
-            torch._foreach_copy_(list(ema_buffers), list(buffers))
+        if buffer_pairs:
+            torch._foreach_copy_([e for e, _ in buffer_pairs], [b for _, b in buffer_pairs])
