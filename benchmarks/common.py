@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -34,6 +34,9 @@ class Case:
     name: str
     make: Callable[[Any], Callable[[], None]]  # built workload state -> the function to time
     note: str = ""
+    # Work of one call when it differs from the workload's (e.g. fwd vs fwd+bwd cases of one workload).
+    flops: Optional[int] = None
+    bytes: Optional[int] = None
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Workload:
     info: dict
     cases: List[Case]
     baselines: dict = field(default_factory=dict)  # speed-up column label -> case name
+    flops_per_call: int = 0  # useful FLOPs of one call (visible work only), the basis of TFLOP/s; 0: memory-bound op
 
 
 def prepare(case, state, device):
@@ -59,6 +63,18 @@ def prepare(case, state, device):
     except Exception as exc:  # a backend in flux must not take the whole report down
         first = (str(exc).strip().splitlines() or [""])[0]
         return None, f"{type(exc).__name__}: {first[:200]}"
+
+
+def peak_extra_bytes(fn, device):
+    """Peak memory one call allocates beyond what is live before it (CUDA only; None on the CPU)."""
+    if torch.device(device).type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated() - base
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,13 +215,14 @@ def run_workloads(workloads, device, mode, ceilings, deadline=None, log=print):
                 rows.append(_row(wl, case, reason="time budget exhausted"))
                 continue
             fn, reason = prepare(case, state, device)
-            ms = min_ms = None
+            ms = min_ms = extra = None
             if fn is not None:
                 try:
+                    extra = peak_extra_bytes(fn, device)
                     ms, min_ms = measure_ms(fn, device, mode, None if left is None else min(2.0, left))
                 except Exception as exc:
                     reason = f"timing failed: {type(exc).__name__}: {exc}"[:250]
-            rows.append(_row(wl, case, ms=ms, min_ms=min_ms, reason=reason, copy=ceilings.get("copy_GBps")))
+            rows.append(_row(wl, case, ms=ms, min_ms=min_ms, reason=reason, ceilings=ceilings, extra_bytes=extra))
             log(f"  {case.name:<28} " + (f"{ms:9.3f} ms" if ms is not None else f"skipped: {reason}"))
         _speedups([r for r in rows if r["workload"] == wl.name], wl.baselines)
         fn = state = None  # the last case's closure holds the tensors too
@@ -215,13 +232,22 @@ def run_workloads(workloads, device, mode, ceilings, deadline=None, log=print):
     return rows
 
 
-def _row(wl, case, ms=None, min_ms=None, reason=None, copy=None):
+def _row(wl, case, ms=None, min_ms=None, reason=None, ceilings=None, extra_bytes=None):
+    nbytes = wl.bytes_per_call if case.bytes is None else case.bytes
+    flops = wl.flops_per_call if case.flops is None else case.flops
     row = {"workload": wl.name, **{k: v for k, v in wl.info.items() if k != "summary"}, "case": case.name,
-           "bytes": wl.bytes_per_call, "ms": ms, "min_ms": min_ms, "GBps": None, "pct_copy": None, "speedup": {},
-           "status": "ok" if ms is not None else "skipped", "reason": reason, "note": case.note}
+           "bytes": nbytes, "flops": flops, "ms": ms, "min_ms": min_ms, "GBps": None, "pct_copy": None,
+           "TFLOPs": None, "pct_matmul": None, "peak_extra_MiB": None if extra_bytes is None else extra_bytes / 2**20,
+           "speedup": {}, "status": "ok" if ms is not None else "skipped", "reason": reason, "note": case.note}
+    ceilings = ceilings or {}
     if ms is not None:
-        row["GBps"] = wl.bytes_per_call / ms / 1e6
+        row["GBps"] = nbytes / ms / 1e6
+        copy = ceilings.get("copy_GBps")
         row["pct_copy"] = 100 * row["GBps"] / copy if copy else None
+        if flops:
+            row["TFLOPs"] = flops / ms / 1e9
+            peak = ceilings.get("matmul_bf16_TFLOPs")
+            row["pct_matmul"] = 100 * row["TFLOPs"] / peak if peak else None
     return row
 
 
@@ -285,20 +311,29 @@ def to_markdown(report):
              f"- copy bandwidth {ceil['copy_GBps']:.1f} GB/s ({ceil['copy_buffer_bytes'] >> 20} MiB `copy_`, read + write)"
              + (f"; bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s (n={ceil['matmul_n']})" if "matmul_n" in ceil else ""),
              "- ms: median per call (warm-up excluded); GB/s and % copy from it. GB/s counts the minimal traffic: "
-             "read EMA + read param + write EMA, by dtype; x: speed-up over that baseline case.", ""]
+             "the minimum bytes the case must move (EMA: read EMA + read param + write EMA); TFLOP/s counts useful (visible) "
+             "FLOPs; extra MiB: peak memory a call allocates beyond its inputs (CUDA); x: speed-up over that baseline case.", ""]
     if report["device"] == "cpu":
         lines.insert(-1, "- CPU: `copy_` also reads its destination before writing it (write-allocate), so in-place "
                      "updates can pass 100% of copy bandwidth; a busy machine shows as min ms far below ms.")
     for w in report["workloads"]:
         rows = [r for r in report["rows"] if r["workload"] == w["workload"]]
         labels = list(w.get("baselines", {}))
-        lines += [f"## {w['workload']}: {w.get('summary', '')}", "",
-                  "| case | ms | min ms | GB/s | % copy | " + " | ".join(f"x {k}" for k in labels) + " | note |",
-                  "|---|---:|---:|---:|---:|" + "---:|" * len(labels) + "---|"]
+        compute = any(r.get("flops") for r in rows)  # compute-bound workloads also show TFLOP/s vs the matmul peak
+        memory = any(r.get("peak_extra_MiB") is not None for r in rows)
+        head = "| case | ms | min ms | GB/s | % copy | " + ("TFLOP/s | % matmul | " if compute else "")
+        head += ("extra MiB | " if memory else "") + " | ".join(f"x {k}" for k in labels) + " | note |"
+        lines += [f"## {w['workload']}: {w.get('summary', '')}", "", head,
+                  "|---|---:|---:|---:|---:|" + ("---:|---:|" if compute else "") + ("---:|" if memory else "")
+                  + "---:|" * len(labels) + "---|"]
         for r in rows:
             note = r["note"] if r["status"] == "ok" else f"skipped: {r['reason']}"
-            lines.append(f"| {r['case']} | {_fmt(r['ms'], '.3f')} | {_fmt(r['min_ms'], '.3f')} | {_fmt(r['GBps'], '.1f')} | {_fmt(r['pct_copy'], '.0f')} | "
-                         + " | ".join(_fmt(r["speedup"].get(k), ".2f") for k in labels) + f" | {note} |")
+            line = f"| {r['case']} | {_fmt(r['ms'], '.3f')} | {_fmt(r['min_ms'], '.3f')} | {_fmt(r['GBps'], '.1f')} | {_fmt(r['pct_copy'], '.0f')} | "
+            if compute:
+                line += f"{_fmt(r.get('TFLOPs'), '.1f')} | {_fmt(r.get('pct_matmul'), '.0f')} | "
+            if memory:
+                line += f"{_fmt(r.get('peak_extra_MiB'), '.1f')} | "
+            lines.append(line + " | ".join(_fmt(r["speedup"].get(k), ".2f") for k in labels) + f" | {note} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,0 +1,30 @@
+"""The benchmark suites never rot: every suite runs at its smoke size on the CPU in CI.
+
+`python -m benchmarks --smoke` runs the same cases at tiny sizes through the reference / interpreter
+paths; timings here mean nothing, the test checks that every case either runs or says why it cannot.
+"""
+import json
+import os
+
+import pytest
+
+from benchmarks.common import SUITES, run_suite
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_suite_runs_at_smoke_size(suite, tmp_path):
+    report = run_suite([suite], mode="smoke", out_dir=str(tmp_path), device="cpu", log=lambda *_: None)
+    assert report["rows"], f"suite {suite} defines no cases"
+    for workload in {r["workload"] for r in report["rows"]}:
+        rows = [r for r in report["rows"] if r["workload"] == workload]
+        assert any(r["status"] == "ok" for r in rows), f"{suite}/{workload}: no case ran: {[r['reason'] for r in rows]}"
+        for r in rows:
+            if r["status"] == "ok":
+                assert r["ms"] > 0 and r["GBps"] > 0, r
+            else:
+                assert r["reason"], f"{suite}/{workload}/{r['case']} skipped without a reason"
+            if r["case"].startswith("mmfast"):  # our own kernels must always run, on every device
+                assert r["status"] == "ok", f"{suite}/{workload}/{r['case']}: {r['reason']}"
+    assert json.load(open(os.path.join(tmp_path, "report.json")))["suites"] == [suite]
+    markdown = open(os.path.join(tmp_path, "report.md")).read()
+    assert all(r["case"] in markdown for r in report["rows"])
