@@ -1,0 +1,217 @@
+"""Interval-mask builders: each pinned to a hand-written dense mask, then checked against slow
+loop definitions of the models' masks over random inputs (hypothesis)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mmfast.kernels.attention import masks
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def rows(*lines):
+    """Dense bool mask from strings of 0/1, one per query row."""
+    return torch.tensor([[c == "1" for c in line.replace(" ", "")] for line in lines])
+
+
+def assert_mask(intervals, seqlen_k, expected):
+    s, e = intervals
+    assert s.dtype == torch.int32 and e.dtype == torch.int32
+    assert s.is_contiguous() and e.is_contiguous()
+    got = masks.dense_mask(s, e, seqlen_k)
+    assert torch.equal(got, expected), f"\n{got.int()}\n!=\n{expected.int()}"
+    # empty rows are written as (0, 0) and every range lies inside the keys
+    assert ((s >= 0) & (s <= e) & (e <= seqlen_k)).all()
+    assert torch.equal(s[s == e], torch.zeros_like(s[s == e]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pinned to hand-written masks
+
+
+def test_causal_square():
+    assert_mask(masks.causal(4), 4, rows("1000", "1100", "1110", "1111"))
+
+
+def test_causal_bottom_right_more_keys():
+    # flash-attn >= 2.1: the last query row lines up with the last key
+    assert_mask(masks.causal(2, 5), 5, rows("11110", "11111"))
+
+
+def test_causal_bottom_right_more_queries():
+    assert_mask(masks.causal(5, 2), 2, rows("00", "00", "00", "10", "11"))
+
+
+def test_prefix_lm():
+    assert_mask(masks.prefix_lm(2, 5), 5, rows("11000", "11000", "11100", "11110", "11111"))
+
+
+def test_prefix_lm_per_sample():
+    expected = torch.stack([rows("100", "110", "111"), rows("111", "111", "111"), rows("100", "110", "111")])
+    assert_mask(masks.prefix_lm(torch.tensor([1, 3, 0]), 3), 3, expected)
+
+
+def test_qformer_masks():
+    # BLIP-2, 2 queries then 3 text tokens (q0 q1 t0 t1 t2)
+    m = masks.qformer_masks(2, 3)
+    assert_mask(m.itc, 5, rows("11000", "11000", "00111", "00111", "00111"))
+    assert_mask(m.itm, 5, rows("11111", "11111", "11111", "11111", "11111"))
+    assert_mask(m.itg, 5, rows("11000", "11000", "11100", "11110", "11111"))
+
+
+def test_media_intervals_flamingo_most_recent():
+    # tokens: a <image> b c <image> d, 2 visual tokens per image, keys = [img0 img0 img1 img1]
+    ids = torch.tensor([[5, 9, 6, 7, 9, 8]])
+    expected = rows("0000", "1100", "1100", "1100", "0011", "0011")[None]
+    assert_mask(masks.media_intervals(ids, 9, 2), 4, expected)
+
+
+def test_media_intervals_all_previous():
+    ids = torch.tensor([5, 9, 6, 9, 8])
+    expected = rows("0000", "1100", "1100", "1111", "1111")
+    assert_mask(masks.media_intervals(ids, 9, 2, mode="all_previous"), 4, expected)
+
+
+def test_media_intervals_llama_groups():
+    # Llama 3.2: <|image|><|image|> text <|image|> text; one visual token per image here
+    ids = torch.tensor([9, 9, 1, 2, 9, 3])
+    most_recent_group = rows("100", "110", "110", "110", "001", "001")
+    most_recent = rows("100", "010", "010", "010", "001", "001")
+    assert_mask(masks.media_intervals(ids, 9, 1, mode="most_recent_group"), 3, most_recent_group)
+    assert_mask(masks.media_intervals(ids, 9, 1, mode="most_recent"), 3, most_recent)
+
+
+def test_media_intervals_no_image():
+    ids = torch.tensor([[1, 2, 3]])
+    s, e = masks.media_intervals(ids, 9, 64)
+    assert (s == 0).all() and (e == 0).all()
+
+
+def test_document_intervals():
+    ids = torch.tensor([0, 0, 1, 1, 1, 2])
+    full = rows("110000", "110000", "001110", "001110", "001110", "000001")
+    causal = rows("100000", "110000", "001000", "001100", "001110", "000001")
+    assert_mask(masks.document_intervals(ids), 6, full)
+    assert_mask(masks.document_intervals(ids, causal=True), 6, causal)
+    assert_mask(masks.document_intervals(cu_seqlens=torch.tensor([0, 2, 5, 6])), 6, full)
+    assert_mask(masks.document_intervals(cu_seqlens=torch.tensor([0, 2, 5, 6]), causal=True), 6, causal)
+
+
+def test_intersect_and_from_dense():
+    docs = masks.document_intervals(torch.tensor([0, 0, 0, 1, 1]))
+    assert_mask(masks.intersect(docs, masks.causal(5)), 5, rows("10000", "11000", "11100", "00010", "00011"))
+    dense = rows("0110", "0000", "1111")
+    assert_mask(masks.intervals_from_dense(dense), 4, dense)
+    with pytest.raises(ValueError, match=r"row \(1,\) is not one contiguous range"):
+        masks.intervals_from_dense(rows("0110", "1010"))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: masks.causal(-1), "seqlen_q must be an int >= 0"),
+    (lambda: masks.prefix_lm(5, 3), "n_prefix=5 must be <= seqlen=3"),
+    (lambda: masks.prefix_lm(torch.tensor([4]), 3), r"n_prefix must lie in \[0, seqlen=3\]"),
+    (lambda: masks.media_intervals(torch.tensor([1.0]), 9, 2), "token_ids must be an integer tensor"),
+    (lambda: masks.media_intervals(torch.tensor([1]), 9, 0), "tokens_per_image must be an int >= 1"),
+    (lambda: masks.media_intervals(torch.tensor([1]), 9, 2, mode="nearest"), "mode must be one of"),
+    (lambda: masks.document_intervals(), "exactly one of doc_ids and cu_seqlens"),
+    (lambda: masks.document_intervals(cu_seqlens=torch.tensor([0, 3, 2])), "non-decreasing"),
+    (lambda: masks.dense_mask(torch.zeros(3), torch.zeros(4), 5), "same shape"),
+], ids=["causal-negative", "prefix-too-long", "prefix-tensor-out-of-range", "media-float-ids", "media-zero-tokens",
+        "media-bad-mode", "documents-no-input", "documents-not-monotone", "dense-shape-mismatch"])
+def test_bad_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------
+# Property tests against slow loop definitions
+
+
+def loop_mask(lq, lk, visible):
+    return torch.tensor([[bool(visible(i, j)) for j in range(lk)] for i in range(lq)], dtype=torch.bool).reshape(lq, lk)
+
+
+@SETTINGS
+@given(lq=st.integers(0, 40), lk=st.integers(0, 40))
+def test_causal_property(lq, lk):
+    # flash-attn's definition: query i sees key j iff j <= i + lk - lq
+    assert_mask(masks.causal(lq, lk), lk, loop_mask(lq, lk, lambda i, j: j <= i + lk - lq))
+
+
+@SETTINGS
+@given(seqlen=st.integers(0, 40), data=st.data())
+def test_prefix_lm_property(seqlen, data):
+    n = data.draw(st.integers(0, seqlen))
+    assert_mask(masks.prefix_lm(n, seqlen), seqlen, loop_mask(seqlen, seqlen, lambda i, j: j < n or j <= i))
+
+
+@SETTINGS
+@given(nq=st.integers(0, 12), nt=st.integers(0, 12))
+def test_qformer_property(nq, nt):
+    n = nq + nt
+    m = masks.qformer_masks(nq, nt)
+    query = lambda i: i < nq  # noqa: E731
+    assert_mask(m.itc, n, loop_mask(n, n, lambda i, j: query(i) == query(j)))
+    assert_mask(m.itm, n, loop_mask(n, n, lambda i, j: True))
+    # LAVIS "UniLM" decoder mask: query rows see query columns; text rows see queries and causal text
+    assert_mask(m.itg, n, loop_mask(n, n, lambda i, j: query(j) if query(i) else (query(j) or j <= i)))
+
+
+def flamingo_visible_images(ids, image_id, mode):
+    """open_flamingo: text_time = cumsum(is_image); token sees image n (1-based) iff text_time == n
+    (only_attend_immediate_media) or text_time >= n."""
+    seen, out = 0, []
+    for t in ids:
+        seen += t == image_id
+        out.append({n - 1 for n in range(1, seen + 1) if (n == seen if mode == "most_recent" else True)})
+    return out
+
+
+def mllama_visible_images(ids, image_id):
+    """Hugging Face Mllama processor: image k is seen by tokens [pos_k, pos_{k+1}); when image k's
+    placeholder is directly followed by the next one, its range is extended to the next image's end."""
+    pos = [p for p, t in enumerate(ids) if t == image_id]
+    ranges = [[p, (pos[k + 1] if k + 1 < len(pos) else len(ids))] for k, p in enumerate(pos)]
+    for k in range(len(ranges) - 2, -1, -1):
+        if ranges[k][1] == ranges[k][0] + 1:
+            ranges[k][1] = ranges[k + 1][1]
+    return [{k for k, (a, b) in enumerate(ranges) if a <= i < b} for i in range(len(ids))]
+
+
+@SETTINGS
+@given(ids=st.lists(st.lists(st.sampled_from([1, 2, 9]), min_size=12, max_size=12), min_size=1, max_size=3),
+       tpi=st.integers(1, 3), mode=st.sampled_from(masks.MEDIA_MODES))
+def test_media_intervals_property(ids, tpi, mode):
+    token_ids = torch.tensor(ids)
+    lk = 12 * tpi
+    expected = []
+    for row in ids:
+        if mode == "most_recent_group":
+            images = mllama_visible_images(row, 9)
+        else:
+            images = flamingo_visible_images(row, 9, mode)
+        expected.append(loop_mask(len(row), lk, lambda i, j: j // tpi in images[i]))
+    assert_mask(masks.media_intervals(token_ids, 9, tpi, mode=mode), lk, torch.stack(expected))
+
+
+@SETTINGS
+@given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=6), causal_=st.booleans())
+def test_document_intervals_property(lengths, causal_):
+    doc = [d for d, n in enumerate(lengths) for _ in range(n)]
+    total = len(doc)
+    expected = loop_mask(total, total, lambda i, j: doc[i] == doc[j] and (not causal_ or j <= i))
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    assert_mask(masks.document_intervals(cu_seqlens=cu, causal=causal_), total, expected)
+    assert_mask(masks.document_intervals(torch.tensor(doc, dtype=torch.int64), causal=causal_), total, expected)
+
+
+@SETTINGS
+@given(lq=st.integers(1, 10), lk=st.integers(1, 10), data=st.data())
+def test_dense_round_trip_property(lq, lk, data):
+    start = torch.tensor(data.draw(st.lists(st.integers(0, lk), min_size=lq, max_size=lq)))
+    length = torch.tensor(data.draw(st.lists(st.integers(0, lk), min_size=lq, max_size=lq)))
+    end = torch.minimum(start + length, torch.tensor(lk))
+    dense = loop_mask(lq, lk, lambda i, j: start[i] <= j < end[i])
+    assert torch.equal(masks.dense_mask(start, end, lk), dense)
+    assert_mask(masks.intervals_from_dense(dense), lk, dense)
