@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a lent H100/H200 without internet: install, CLI info/check, CUDA tests, the whole test
-# suite, the compile report and the quick EMA benchmark. Each step's output goes to OUT_DIR/<step>.log and
+# suite, the compile report and the quick benchmarks of every suite. Each step's output goes to OUT_DIR/<step>.log and
 # its exit status to OUT_DIR/summary.md; a failing step never stops the next one. The run ends within
 # BUDGET_S seconds (default 450, under 8 minutes): every step runs under `timeout`, and the benchmark
 # gets what is left (it reports cases past its --budget-s as skipped instead of being killed).
@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR          # exit status: 0 when every step passed
 #
 # The device tool returns at most 8 files from $OUT, so there run it into a scratch folder and copy back:
-#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/{summary.md,report.md,report.json,logs.tar.gz} "$OUT"/
+#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/{summary.md,report.md,report.json,time.png,roofline.png,logs.tar.gz} "$OUT"/
 # (no .git travels there: set BENCH_GIT_COMMIT=<sha> to record the commit).
 set -u
 OUT_DIR=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
@@ -68,7 +68,7 @@ step pytest_cuda    150 180 python -m pytest tests -x -q -m cuda -p no:cacheprov
 step pytest_all     180 120 python -m pytest tests -q -p no:cacheprovider -o faulthandler_timeout=90
 step compile_report  60 100 python -m mmfast compile-report
 left=$(( END - $(date +%s) ))
-step bench "$left" 0 python -m benchmarks --suite ema --quick --out "$OUT_DIR" --budget-s $(( left > 60 ? left - 40 : 20 ))
+step bench "$left" 0 python -m benchmarks --suite all --quick --out "$OUT_DIR" --budget-s $(( left > 60 ? left - 40 : 20 ))
 
 echo "(pytest exit 5: no tests collected; 124/137: killed by timeout)" >>"$SUMMARY"
 echo "$TAILS" >>"$SUMMARY"

@@ -1,4 +1,4 @@
-"""mmfast command line: `python -m mmfast {info,check,compile-report}`."""
+"""mmfast command line: `python -m mmfast {info,check,compile-report,bench}`."""
 import os
 import sys
 
@@ -6,6 +6,7 @@ COMMANDS = {
     "info": "versions, device, available backends and the C++/CUDA extension",
     "check": "run every op against its reference on this device and print a table (exit 1 on failure)",
     "compile-report": "compile every Triton kernel config and csrc/*.cu for sm_80/sm_90; fail on spills",
+    "bench": "the benchmark suites (same as `python -m benchmarks`, run from a source checkout)",
 }
 
 
@@ -61,6 +62,14 @@ def main(argv=None):
         from .check import main as check_main
 
         return check_main(rest)
+    if command == "bench":
+        try:
+            from benchmarks.__main__ import main as bench_main
+        except ImportError:
+            print("python -m mmfast bench: the benchmarks live in the source tree (benchmarks/), which is not "
+                  "importable here; run it from a checkout of mmfast's repository", file=sys.stderr)
+            return 2
+        return bench_main(rest)
     from .compile_report import main as report_main
 
     return report_main(rest)
