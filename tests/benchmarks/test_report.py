@@ -76,3 +76,22 @@ def test_cli_compare_exit_status(tmp_path):
     assert same.returncode == 0 and "0 regression(s)" in same.stdout
     bad = run("--suite", "nonexistent")
     assert bad.returncode == 2 and "unknown suite" in bad.stderr
+
+
+def test_readme_results_section_is_generated_not_typed():
+    from benchmarks import readme
+
+    assert readme.main(["--check"]) == 0, "README.md's GPU results section is stale: run python -m benchmarks.readme"
+
+
+def test_readme_section_from_a_cuda_report(tmp_path):
+    from benchmarks import readme
+
+    folder = tmp_path / "2026-11-27-h100"
+    folder.mkdir()
+    report = _report({"mmfast_triton": 1.0, "peer": 2.0})
+    report["rows"][0]["speedup"] = {"peer": 2.0}
+    (folder / "report.json").write_text(json.dumps(report))
+    body = readme.section(str(tmp_path))
+    assert "### ema: H100, 2026-11-27" in body and "| w | mmfast_triton | 1.000 |" in body and "peer 2.00x" in body
+    assert "| w | peer |" not in body  # only our own cases are listed; peers are in the linked report
