@@ -1,0 +1,221 @@
+"""Block-sparse metadata for flash_attention: which KV blocks each query block must visit, and back.
+
+Every mask flash_attention takes (intervals, causal, key padding, varlen sequence bounds) is first
+reduced to one visible key range per query row, ``row_lo[i] <= j < row_hi[i]`` (causal and the sequence
+length are folded into ``row_hi``), plus an optional per-key padding mask. From those, for a grid of
+MASK_M x MASK_N tiles of the (query, key) plane, each tile is
+
+* hidden: no row of the query block sees any key of the KV block — never visited, never read;
+* full: every (valid) row sees every key of the complete KV block — visited without any mask work;
+* partial: anything else — visited with the per-element mask (row ranges, padding, sequence end).
+
+The forward and the dQ kernel walk, per (batch, query block), the lists of full and partial KV blocks;
+the dK/dV kernel walks the transposed lists, per (batch, KV block), of query blocks. Kernel tiles may be
+smaller than the mask tiles (they divide them), so one block mask serves every head dim and launch
+config: build it once with `build_block_mask` and pass it to every layer that uses the same mask.
+"""
+import torch
+
+# Mask tile (query rows x keys). Kernel tiles divide these; see _configs.py.
+MASK_TILE_GPU = (128, 64)
+MASK_TILE_INTERPRETER = (32, 32)
+
+
+def default_mask_tile(device):
+    """The mask tile the kernels use on `device`: CUDA, or CPU (Triton's interpreter; small tiles)."""
+    return MASK_TILE_GPU if torch.device(device).type == "cuda" else MASK_TILE_INTERPRETER
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+class AttentionBlockMask:
+    """Precomputed visibility of a flash_attention mask: row ranges and per-block visit lists.
+
+    Build with :func:`build_block_mask`; pass as ``flash_attention(..., block_mask=bm)`` to any number
+    of calls and layers whose inputs have the same batch, sequence lengths and mask. Attributes (all
+    int32 on the mask's device unless noted):
+
+    - ``row_lo``, ``row_hi``: (B', Lq) — or (total_q,) for varlen — the visible key range of each row;
+    - ``key_padding_mask``: (B, Lk) bool, True marks a padded key, or None;
+    - ``kv_full_num`` / ``kv_part_num`` (B', M) and ``kv_full_idx`` / ``kv_part_idx`` (B', M, N): per query
+      block, how many and which KV blocks are full / partial (ascending, padded with unused entries);
+    - ``q_full_num`` / ``q_part_num`` (B', N) and ``q_full_idx`` / ``q_part_idx`` (B', N, M): the same per
+      KV block, for the dK/dV backward.
+
+    B' is 1 when nothing in the mask depends on the batch. M, N count mask tiles of ``tile = (MASK_M,
+    MASK_N)`` rows x keys.
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    @property
+    def varlen(self):
+        return self.cu_seqlens_q is not None
+
+    def visited_blocks(self):
+        """(full, partial, total) mask-tile counts summed over the mask's batch B' (total = M·N·B')."""
+        full = int(self.kv_full_num.sum())
+        part = int(self.kv_part_num.sum())
+        return full, part, self.kv_full_idx.numel()
+
+    def dense(self):
+        """The dense boolean mask (B', Lq, Lk) this block mask encodes (not for varlen): for tests."""
+        j = torch.arange(self.seqlen_k, device=self.row_lo.device)
+        mask = (j >= self.row_lo[..., None].long()) & (j < self.row_hi[..., None].long())
+        if self.key_padding_mask is not None:
+            mask = mask & ~self.key_padding_mask[:, None, :]
+        return mask
+
+    def __repr__(self):
+        full, part, total = self.visited_blocks()
+        kind = "varlen" if self.varlen else f"Lq={self.seqlen_q} Lk={self.seqlen_k}"
+        return (f"AttentionBlockMask({kind}, causal={self.causal}, tile={self.tile}, "
+                f"batch={self.kv_full_num.shape[0]}, full={full}, partial={part}, hidden={total - full - part})")
+
+
+def _visit_lists(flag):
+    """(..., K) bool -> count (..., ) int32 and indices (..., K) int32, the flagged ones first, ascending."""
+    num = flag.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~flag).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+def _row_ranges(seqlen_q, seqlen_k, causal, kv_start, kv_end, device):
+    """Visible key range [lo, hi) per row for one sequence-length pair (tensors or ints broadcast)."""
+    rows = torch.arange(seqlen_q, device=device, dtype=torch.int64)
+    lo = torch.zeros_like(rows) if kv_start is None else kv_start.to(torch.int64).clamp(min=0)
+    hi = torch.full_like(rows, 0) + seqlen_k if kv_end is None else kv_end.to(torch.int64).clamp(max=seqlen_k)
+    if causal:
+        hi = torch.minimum(hi, rows + (seqlen_k - seqlen_q + 1))
+    hi = torch.maximum(hi, lo)  # empty rows as lo == hi
+    return lo, hi
+
+
+def _tile_flags(lo, hi, valid, seqlen_k, key_padding_mask, mask_m, mask_n, n_blocks):
+    """lo/hi/valid (B', M·MASK_M); seqlen_k (B', 1) or int -> visible, full flags (B', M, N)."""
+    batch = lo.shape[0]
+    lo = lo.view(batch, -1, mask_m, 1)
+    hi = hi.view(batch, -1, mask_m, 1)
+    valid = valid.view(batch, -1, mask_m, 1)
+    n_start = torch.arange(n_blocks, device=lo.device, dtype=torch.int64).view(1, 1, 1, -1) * mask_n
+    n_end = n_start + mask_n
+    visible = ((lo < hi) & (lo < n_end) & (hi > n_start)).any(dim=2)
+    if not isinstance(seqlen_k, int):
+        seqlen_k = seqlen_k.view(batch, 1, 1)
+    complete = n_end.view(1, 1, -1) <= seqlen_k
+    full = (((lo <= n_start) & (hi >= n_end)) | ~valid).all(dim=2) & complete & visible
+    if key_padding_mask is not None:
+        pad = torch.ones(key_padding_mask.shape[0], n_blocks * mask_n, dtype=torch.bool, device=lo.device)
+        pad[:, : key_padding_mask.shape[1]] = key_padding_mask
+        pad = pad.view(-1, n_blocks, mask_n)
+        visible = visible & ~pad.all(-1)[:, None, :]
+        full = full & ~pad.any(-1)[:, None, :]
+    return visible, full
+
+
+def build_block_mask(seqlen_q=None, seqlen_k=None, *, causal=False, kv_start=None, kv_end=None, key_padding_mask=None,
+                     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, device=None,
+                     tile=None, validate=True):
+    """Precompute flash_attention's block-sparse metadata for one mask; reuse it across calls and layers.
+
+    Takes the mask arguments of :func:`flash_attention` (same meaning and shapes) plus the sequence
+    lengths: ``seqlen_q`` / ``seqlen_k`` for (B, L, H, D) inputs, or ``cu_seqlens_q`` / ``cu_seqlens_k``
+    with ``max_seqlen_q`` / ``max_seqlen_k`` for packed ones. `device` defaults to the device of the mask
+    tensors (the metadata must live on the attention inputs' device). `tile` overrides the mask tile
+    (rows, keys) — only for tests; the default matches every launch config. With `validate`, index
+    ranges and cu_seqlens are checked (one device sync); flash_attention then skips those checks.
+
+    Example::
+
+        bm = build_block_mask(577, 577, kv_start=s, kv_end=e, device="cuda")
+        for layer in layers:
+            x = layer(x, block_mask=bm)   # -> flash_attention(q, k, v, block_mask=bm)
+    """
+    from ._api import _check_mask_args
+
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if device is None:
+        for t in (kv_start, kv_end, key_padding_mask, cu_seqlens_q, cu_seqlens_k):
+            if t is not None:
+                device = t.device
+                break
+        else:
+            device = torch.device("cpu")
+    device = torch.device(device)
+    if not varlen and (seqlen_q is None or seqlen_k is None):
+        raise ValueError("build_block_mask: give seqlen_q and seqlen_k, or cu_seqlens_q / cu_seqlens_k with max_seqlen_q / max_seqlen_k")
+    batch = _check_mask_args(
+        "build_block_mask", seqlen_q, seqlen_k, None, device, kv_start, kv_end, key_padding_mask,
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate=validate,
+    )
+    mask_m, mask_n = tile if tile is not None else default_mask_tile(device)
+    if varlen:
+        return _build_varlen(causal, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             device, mask_m, mask_n)
+    m_blocks, n_blocks = _cdiv(seqlen_q, mask_m), _cdiv(seqlen_k, mask_n)
+    kv_start = None if kv_start is None else kv_start.to(device)
+    kv_end = None if kv_end is None else kv_end.to(device)
+    lo, hi = _row_ranges(seqlen_q, seqlen_k, causal, kv_start, kv_end, device)
+    lo, hi = torch.broadcast_tensors(lo.reshape(-1, seqlen_q), hi.reshape(-1, seqlen_q))
+    row_lo, row_hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+    pad_rows = m_blocks * mask_m - seqlen_q
+    valid = torch.ones(1, seqlen_q, dtype=torch.bool, device=device)
+    lo_p = torch.nn.functional.pad(lo, (0, pad_rows))
+    hi_p = torch.nn.functional.pad(hi, (0, pad_rows))
+    valid = torch.nn.functional.pad(valid, (0, pad_rows)).expand(lo_p.shape[0], -1)
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(device=device, dtype=torch.bool).contiguous()
+        if lo_p.shape[0] == 1 and batch > 1:
+            lo_p, hi_p, valid = lo_p.expand(batch, -1), hi_p.expand(batch, -1), valid.expand(batch, -1)
+    visible, full = _tile_flags(lo_p, hi_p, valid, seqlen_k, kpm, mask_m, mask_n, n_blocks)
+    return _finish(visible, full, row_lo=row_lo, row_hi=row_hi, key_padding_mask=kpm, cu_seqlens_q=None,
+                   cu_seqlens_k=None, seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=causal, tile=(mask_m, mask_n),
+                   kv_start=kv_start, kv_end=kv_end)
+
+
+def _build_varlen(causal, kv_start, kv_end, cu_q, cu_k, max_q, max_k, device, mask_m, mask_n):
+    cu_q = cu_q.to(device)
+    cu_k = cu_k.to(device)
+    batch = cu_q.numel() - 1
+    total_q = kv_start.shape[0] if kv_start is not None else (kv_end.shape[0] if kv_end is not None else None)
+    len_q = (cu_q[1:] - cu_q[:-1]).to(torch.int64)
+    len_k = (cu_k[1:] - cu_k[:-1]).to(torch.int64)
+    m_blocks, n_blocks = _cdiv(max(max_q, 1), mask_m), _cdiv(max(max_k, 1), mask_n)
+    # per packed row: its sequence, position in it, and that sequence's lengths
+    seq_of_row = torch.repeat_interleave(torch.arange(batch, device=device), len_q)
+    if total_q is None:
+        total_q = seq_of_row.numel()
+    pos = torch.arange(total_q, device=device, dtype=torch.int64) - cu_q[:-1].to(torch.int64)[seq_of_row]
+    lq, lk = len_q[seq_of_row], len_k[seq_of_row]
+    lo = torch.zeros_like(pos) if kv_start is None else kv_start.to(device, torch.int64).clamp(min=0)
+    hi = lk.clone() if kv_end is None else torch.minimum(kv_end.to(device, torch.int64), lk)
+    if causal:
+        hi = torch.minimum(hi, pos + lk - lq + 1)
+    hi = torch.maximum(hi, lo)
+    row_lo, row_hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+    # padded (B, M·MASK_M) view for the tile flags; rows past a sequence's end are invalid and hidden
+    r = torch.arange(m_blocks * mask_m, device=device, dtype=torch.int64)
+    valid = r[None, :] < len_q[:, None]
+    src = (cu_q[:-1].to(torch.int64)[:, None] + r[None, :]).clamp(max=max(total_q - 1, 0))
+    lo_p = torch.where(valid, lo[src] if total_q else torch.zeros_like(src), 0)
+    hi_p = torch.where(valid, hi[src] if total_q else torch.zeros_like(src), 0)
+    visible, full = _tile_flags(lo_p, hi_p, valid, len_k[:, None], None, mask_m, mask_n, n_blocks)
+    return _finish(visible, full, row_lo=row_lo, row_hi=row_hi, key_padding_mask=None, cu_seqlens_q=cu_q.contiguous(),
+                   cu_seqlens_k=cu_k.contiguous(), seqlen_q=max_q, seqlen_k=max_k, causal=causal,
+                   tile=(mask_m, mask_n), kv_start=kv_start, kv_end=kv_end)
+
+
+def _finish(visible, full, **fields):
+    partial = visible & ~full
+    kv_full_num, kv_full_idx = _visit_lists(full)
+    kv_part_num, kv_part_idx = _visit_lists(partial)
+    q_full_num, q_full_idx = _visit_lists(full.transpose(1, 2))
+    q_part_num, q_part_idx = _visit_lists(partial.transpose(1, 2))
+    return AttentionBlockMask(
+        kv_full_num=kv_full_num, kv_full_idx=kv_full_idx, kv_part_num=kv_part_num, kv_part_idx=kv_part_idx,
+        q_full_num=q_full_num, q_full_idx=q_full_idx, q_part_num=q_part_num, q_part_idx=q_part_idx, **fields,
+    )

@@ -1,0 +1,148 @@
+"""Launch configs of the attention kernels, and their ahead-of-time compile specs.
+
+No runtime autotuning: a small fixed table keyed by (pass, head-dim bucket, element size) keeps runs
+deterministic and first calls cheap, and lets the compile gate check every entry for sm_80 and sm_90.
+Kernel tiles divide the block-mask tile (MASK_TILE_GPU = 128 query rows x 64 keys), so one block mask
+serves every entry. The same table is used on sm_80 and sm_90 (checked on both by the gate).
+Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast while still exercising every loop:
+tiles smaller than the mask tile on both axes.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._aot import CompileSpec
+from ._blockmask import MASK_TILE_GPU, MASK_TILE_INTERPRETER
+from ._bwd import _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_bwd_preprocess_kernel
+from ._fwd import _attention_fwd_kernel
+
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+# (pass, BLOCK_D bucket, bytes per element) -> config. Buckets: head dims padded to the next power of 2;
+# 16 and 32 use the 64 entry (smaller tiles of the same shape). fp32 operands take twice the registers /
+# shared memory of fp16/bf16, hence their own, smaller entries.
+_GPU_TABLE = {
+    ("fwd", 64, 2): TileConfig(128, 64, 4, 3),
+    ("fwd", 128, 2): TileConfig(128, 64, 8, 3),
+    ("fwd", 256, 2): TileConfig(64, 32, 4, 2),
+    ("fwd", 64, 4): TileConfig(64, 64, 4, 2),
+    ("fwd", 128, 4): TileConfig(64, 32, 4, 2),
+    ("fwd", 256, 4): TileConfig(32, 32, 4, 1),
+    ("dkdv", 64, 2): TileConfig(32, 64, 4, 3),
+    ("dkdv", 128, 2): TileConfig(32, 64, 4, 2),
+    ("dkdv", 256, 2): TileConfig(16, 32, 4, 1),
+    ("dkdv", 64, 4): TileConfig(32, 64, 4, 2),
+    ("dkdv", 128, 4): TileConfig(16, 32, 4, 2),
+    ("dkdv", 256, 4): TileConfig(16, 32, 8, 1),
+    ("dq", 64, 2): TileConfig(64, 64, 4, 3),
+    ("dq", 128, 2): TileConfig(64, 64, 4, 2),
+    ("dq", 256, 2): TileConfig(32, 32, 4, 1),
+    ("dq", 64, 4): TileConfig(64, 32, 4, 2),
+    ("dq", 128, 4): TileConfig(32, 32, 4, 2),
+    ("dq", 256, 4): TileConfig(16, 32, 4, 1),
+    ("pre", 64, 2): TileConfig(64, 0, 4, 1),
+    ("pre", 128, 2): TileConfig(32, 0, 4, 1),
+    ("pre", 256, 2): TileConfig(16, 0, 4, 1),
+    ("pre", 64, 4): TileConfig(32, 0, 4, 1),
+    ("pre", 128, 4): TileConfig(16, 0, 4, 1),
+    ("pre", 256, 4): TileConfig(16, 0, 4, 1),
+}
+
+_INTERPRETER_TABLE = {
+    "fwd": TileConfig(16, 16, 4, 1),
+    "dkdv": TileConfig(16, 16, 4, 1),
+    "dq": TileConfig(16, 32, 4, 1),
+    "pre": TileConfig(32, 0, 4, 1),
+}
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SIG_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def get_config(pass_, head_dim, dtype, interpreter):
+    if interpreter:
+        return _INTERPRETER_TABLE[pass_]
+    return _GPU_TABLE[(pass_, max(64, block_d(head_dim)), 4 if dtype == torch.float32 else 2)]
+
+
+def mask_tile(interpreter):
+    return MASK_TILE_INTERPRETER if interpreter else MASK_TILE_GPU
+
+
+def precision(dtype, interpreter):
+    """fp32 inputs use TF32 tensor cores on the GPU (as torch does with allow_tf32); exact under the interpreter."""
+    return "tf32" if dtype == torch.float32 and not interpreter else "ieee"
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile specs
+
+_COMMON_STRIDES = ("stride_lb", "stride_lh", "stride_rb", "stride_kpmb", "stride_kpmn", "stride_nb", "stride_ib",
+                   "stride_im")
+
+
+def _signature(kernel, ptr_types, scalars):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in ptr_types:
+            sig[name] = ptr_types[name]
+        elif name in scalars:
+            sig[name] = scalars[name]
+        elif name.startswith("stride_") or name in ("seqlen_q", "seqlen_k", "num_heads", "num_kv_heads", "group"):
+            sig[name] = "i32"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def _attention_specs(pass_, kernel, dtype, head_dim, varlen, kpm):
+    t = SIG_DTYPES[dtype]
+    cfg = get_config(pass_, head_dim, dtype, interpreter=False)
+    mm, mn = MASK_TILE_GPU
+    ptrs = {n: f"*{t}" for n in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ")}
+    ptrs.update({n: "*i32" for n in ("RowLo", "RowHi", "CuQ", "CuK", "FullNum", "FullIdx", "PartNum", "PartIdx")})
+    ptrs.update({"Lse": "*fp32", "Delta": "*fp32", "DLse": "*fp32", "KPM": "*u8"})
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_M": cfg.block_m, "VARLEN": varlen}
+    if pass_ == "pre":
+        constexprs["HAS_DLSE"] = kpm  # reuse the flag: the variant with the extra load
+    else:
+        constexprs.update({"BLOCK_N": cfg.block_n, "MASK_M": mm, "MASK_N": mn, "HAS_KPM": kpm, "DOT_FP32": False,
+                           "EMULATE": False, "PRECISION": precision(dtype, False)})
+    scalars = {"qk_scale": "fp32", "sm_scale": "fp32"}
+    label = (f"{pass_} {t} D={head_dim} BLOCK_M={cfg.block_m}" + (f" BLOCK_N={cfg.block_n}" if cfg.block_n else "")
+             + f" warps={cfg.num_warps} stages={cfg.num_stages}" + (" varlen" if varlen else "")
+             + ((" dlse" if pass_ == "pre" else " kpm") if kpm else ""))
+    return CompileSpec(kernel=kernel, signature=_signature(kernel, ptrs, scalars), constexprs=constexprs,
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, label=label)
+
+
+def compile_specs():
+    """Every table entry, at the bucket's largest head dim and at a non-power-of-two one, bf16 and fp32;
+    feature flags (varlen, key padding, dLSE) once per pass at the heaviest bf16 entry."""
+    kernels = {"fwd": _attention_fwd_kernel, "pre": _attention_bwd_preprocess_kernel,
+               "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
+    specs = []
+    for pass_, kernel in kernels.items():
+        for dtype in (torch.bfloat16, torch.float32):
+            for head_dim in (64, 40, 128, 80, 256):
+                if dtype == torch.float32 and head_dim in (40, 80):
+                    continue
+                specs.append(_attention_specs(pass_, kernel, dtype, head_dim, False, False))
+        specs.append(_attention_specs(pass_, kernel, torch.bfloat16, 256, True, True))
+        specs.append(_attention_specs(pass_, kernel, torch.float16, 128, True, True))
+    return specs

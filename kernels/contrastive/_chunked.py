@@ -1,0 +1,135 @@
+"""The chunked PyTorch path (CPU, or any device without Triton): the Triton kernels' algorithm with
+row chunks instead of tiles.
+
+Same interface as _triton.forward / _triton.backward. A chunk of C rows of a against all Nb rows of b
+is materialised at a time (C = chunk_rows, or fewer for BLIP-2's Q queries per row), so the extra
+memory is O(C * Q * Nb + Na + Nb) floats: linear in the batch. Column statistics are merged across
+chunks online (log-sum-exp), the backward recomputes each chunk. Arithmetic is fp32 whatever the input
+dtype (features of other dtypes are converted chunk by chunk for a and once for b: an O(Nb * D) copy).
+"""
+import torch
+
+from ._triton import MODE_SOFTMAX, P_ALPHA, P_BIAS, P_DIAG, P_SCALE, P_UNIF_COL, P_UNIF_ROW
+
+CHUNK_ELEMENTS = 1 << 18  # logits per chunk (1 MiB in fp32); at least one row of a per chunk
+
+
+def _chunk_rows(Na, Nb, Q):
+    return max(1, min(Na, CHUNK_ELEMENTS // max(1, Q * Nb)))
+
+
+def _raw(a_chunk, b32):
+    """(C, Nb) raw similarities and the arg-max query (None when a is 2-D)."""
+    a32 = a_chunk.float()
+    if a32.dim() == 2:
+        return a32 @ b32.T, None
+    sims = torch.einsum("cqd,md->cqm", a32, b32)
+    raw, arg = sims.max(dim=1)
+    return raw, arg
+
+
+def _diag_mask(i0, c, Nb, diag_off, device):
+    rows = torch.arange(i0, i0 + c, device=device) + diag_off
+    return rows[:, None] == torch.arange(Nb, device=device)[None, :]
+
+
+def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
+    Na, Nb = a.shape[0], b.shape[0]
+    Q = a.shape[1] if a.dim() == 3 else 1
+    dev = a.device
+    s = params[P_SCALE]
+    b32 = b.float()
+    bt32 = bt.float() if at is not None else None
+    rows = torch.zeros((5 if mode == MODE_SOFTMAX else 1, Na), device=dev, dtype=torch.float32)
+    col_lse = torch.full((Nb,), float("-inf"), device=dev)
+    col_sum = torch.zeros(Nb, device=dev)
+    col_tlse = torch.full((Nb,), float("-inf"), device=dev)
+    col_w = torch.zeros(Nb, device=dev)
+    C = _chunk_rows(Na, Nb, Q)
+    for i0 in range(0, Na, C):
+        c = min(C, Na - i0)
+        logits = s * _raw(a[i0 : i0 + c], b32)[0]
+        diag = _diag_mask(i0, c, Nb, diag_off, dev)
+        if mode != MODE_SOFTMAX:
+            x = torch.where(diag, logits + params[P_BIAS], -(logits + params[P_BIAS]))
+            rows[0, i0 : i0 + c] = -torch.nn.functional.logsigmoid(x).sum(1)
+            continue
+        rows[0, i0 : i0 + c] = torch.logsumexp(logits, dim=1)
+        rows[1, i0 : i0 + c] = logits.sum(1)
+        rows[2, i0 : i0 + c] = torch.where(diag, logits, 0.0).sum(1)
+        if cols:
+            col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
+            if smooth:
+                col_sum += logits.sum(0)
+        if at is not None:
+            t = s * _raw(at[i0 : i0 + c], bt32)[0]
+            tlse = torch.logsumexp(t, dim=1)
+            rows[3, i0 : i0 + c] = tlse
+            rows[4, i0 : i0 + c] = (torch.softmax(t, dim=1) * logits).sum(1)
+            if cols:
+                part = torch.logsumexp(t, dim=0)
+                new = torch.logaddexp(col_tlse, part)
+                col_w = col_w * torch.exp(col_tlse - new) + (torch.exp(t - new[None, :]) * logits).sum(0)
+                col_tlse = new
+    colstats = torch.stack([col_lse, col_sum, col_tlse, col_w]) if cols and mode == MODE_SOFTMAX else None
+    return rows, colstats
+
+
+def grad_tile(logits, t, i0, rvec, cvec, params, *, mode, cols, diag_off):
+    """G = d loss / d L on rows [i0, i0 + c) (see _triton._grad_tile for the formula)."""
+    c, Nb = logits.shape
+    diag = _diag_mask(i0, c, Nb, diag_off, logits.device)
+    cr = rvec[2, i0 : i0 + c, None]
+    if mode != MODE_SOFTMAX:
+        x = torch.where(diag, logits + params[P_BIAS], -(logits + params[P_BIAS]))
+        sig = torch.sigmoid(-x)
+        return cr * torch.where(diag, -sig, sig)
+    alpha = params[P_ALPHA]
+    g = cr * (torch.exp(logits - rvec[0, i0 : i0 + c, None]) - params[P_UNIF_ROW])
+    diag_coef = cr
+    if t is not None:
+        g -= cr * alpha * torch.exp(t - rvec[1, i0 : i0 + c, None])
+    if cols:
+        cc = cvec[2][None, :]
+        g += cc * (torch.exp(logits - cvec[0][None, :]) - params[P_UNIF_COL])
+        if t is not None:
+            g -= cc * alpha * torch.exp(t - cvec[1][None, :])
+        diag_coef = cr + cc
+    return g - torch.where(diag, diag_coef * params[P_DIAG], 0.0)
+
+
+def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, diag_off=0):
+    Na, Nb = a.shape[0], b.shape[0]
+    Q = a.shape[1] if a.dim() == 3 else 1
+    dev = a.device
+    s = params[P_SCALE]
+    b32 = b.float()
+    bt32 = bt.float() if at is not None else None
+    da = torch.empty(a.shape, device=dev, dtype=torch.float32) if need_da else None
+    db = torch.zeros(b.shape, device=dev, dtype=torch.float32) if need_db else None
+    d_scale = torch.zeros((), device=dev)
+    d_bias = torch.zeros((), device=dev)
+    C = _chunk_rows(Na, Nb, Q)
+    for i0 in range(0, Na, C):
+        c = min(C, Na - i0)
+        a_chunk = a[i0 : i0 + c].float()
+        raw, arg = _raw(a_chunk, b32)
+        t = s * _raw(at[i0 : i0 + c], bt32)[0] if at is not None else None
+        g = grad_tile(s * raw, t, i0, rvec, cvec, params, mode=mode, cols=cols, diag_off=diag_off)
+        d_scale += (g * raw).sum()
+        d_bias += g.sum()
+        if arg is None:
+            if need_da:
+                da[i0 : i0 + c] = s * (g @ b32)
+            if need_db:
+                db += s * (g.T @ a_chunk)
+        else:
+            # only the arg-max query of each (row, column) pair gets the pair's gradient
+            gq = torch.zeros((c, Q, Nb), device=dev, dtype=torch.float32).scatter_(1, arg[:, None, :], g[:, None, :])
+            if need_da:
+                da[i0 : i0 + c] = s * torch.einsum("cqm,md->cqd", gq, b32)
+            if need_db:
+                db += s * torch.einsum("cqm,cqd->md", gq, a_chunk)
+    da = da.to(a.dtype) if need_da else None
+    db = db.to(b.dtype) if need_db else None
+    return da, db, d_scale, d_bias

@@ -1,0 +1,496 @@
+"""Triton kernels of the sliced contrastive loss: tiles of logits recomputed, never stored.
+
+Notation (shared with _chunked.py and the public docstrings): a has Na rows (images; each row may be
+Q query vectors, BLIP-2), b has Nb rows; raw_ij = max_q <a_iq, b_j> (= <a_i, b_j> when Q = 1),
+L_ij = s * raw_ij (+ bias for the sigmoid loss). A "tile" is R = BI*QP flattened (image, query) rows of
+a times BN rows of b; the max over queries is a reshape (BI, QP, BN) and a max over axis 1.
+
+Kernels:
+* ``_contrastive_fwd_kernel``: one program per block of BI rows of a, looping over all column blocks.
+  Per row, online (flash-attention style): log-sum-exp of L, and optionally the sum of L (label
+  smoothing), the diagonal, the teacher's log-sum-exp and the teacher-weighted mean of L (distillation).
+  Per (row block, column): the same statistics over the block's rows, written to a partial buffer of
+  ``K x ceil(Na / BI) x Nb`` fp32 (K = 1 plain, +1 with smoothing, +2 with a teacher) that the launcher
+  reduces over row blocks — so each logits tile is computed once for both directions.
+  MODE 1 (sigmoid) instead sums -log sigmoid(z_ij L_ij) per row.
+* ``_contrastive_bwd_da_kernel``: grid (row blocks, D chunks); recomputes tiles along its rows, forms
+  the loss gradient G_ij w.r.t. L_ij and accumulates da = s * G @ b (arg-max queries only), plus the
+  per-row-block partial sums of G_ij * raw_ij (d scale) and G_ij (d bias).
+* ``_contrastive_bwd_db_kernel``: grid (column blocks, D chunks); the same tiles, db = s * G^T @ a.
+Deterministic: every output element is written by one program, partial sums are reduced by torch.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._aot import CompileSpec
+
+MODE_SOFTMAX = 0
+MODE_SIGMOID = 1
+
+# params vector layout (fp32 on the device, so nothing syncs and scalars never recompile anything)
+P_SCALE, P_BIAS, P_ALPHA, P_UNIF_ROW, P_UNIF_COL, P_DIAG = range(6)
+N_PARAMS = 6
+
+
+@triton.jit
+def _raw_tile(a_ptr, b_ptr, img, q, cols, Na, Nb, Q, D,
+              s_an, s_aq, s_ad, s_bn, s_bd,
+              QP: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """raw (BI, BN) = max over queries of <a_iq, b_j> in fp32, and the arg-max query (int32)."""
+    row_ok = (img < Na) & (q < Q)
+    col_ok = cols < Nb
+    acc = tl.zeros((BI * QP, BN), dtype=tl.float32)
+    for k in range(0, D, BK):
+        d = k + tl.arange(0, BK).to(tl.int64)
+        d_ok = d < D
+        x = tl.load(a_ptr + img[:, None] * s_an + q[:, None] * s_aq + d[None, :] * s_ad,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        y = tl.load(b_ptr + cols[None, :] * s_bn + d[:, None] * s_bd,
+                    mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        if DOT_FP32:  # the interpreter's bf16 tl.dot is wrong; bf16 products are exact in fp32
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        if IEEE:  # fp32 inputs: no TF32 (it would cost 3 decimal digits against PyTorch's fp32 matmul)
+            acc = tl.dot(x, y, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, y, acc)
+    if QP == 1:
+        return acc, tl.zeros((BI, BN), dtype=tl.int32)
+    else:
+        qidx = tl.arange(0, QP)
+        acc3 = tl.reshape(acc, (BI, QP, BN))
+        acc3 = tl.where((qidx < Q)[None, :, None], acc3, float("-inf"))
+        return tl.max(acc3, axis=1), tl.argmax(acc3, axis=1, tie_break_left=True).to(tl.int32)
+
+
+@triton.jit
+def _log1p(u):
+    """log(1 + u) for u in [0, 1], accurate to a few ulps (Goldberg's trick; tl has no log1p)."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """Round fp32 to DTYPE to nearest-even as the GPU does (the interpreter truncates to bf16)."""
+    if EMULATE and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _contrastive_fwd_kernel(
+    a_ptr, b_ptr, at_ptr, bt_ptr,  # features; at/bt: teacher features (same shapes) when TEACHER
+    params_ptr,  # *fp32 [N_PARAMS]
+    row_ptr,  # *fp32 [5, Na]: lse, sum, diag, teacher lse, teacher-weighted mean | MODE 1: [1, Na] loss sums
+    part_ptr,  # *fp32 [K, n_row_blocks, Nb] column partials (COLS only)
+    Na, Nb, Q, D, n_rb, diag_off,
+    s_an, s_aq, s_ad, s_bn, s_bd, s_tan, s_taq, s_tad, s_tbn, s_tbd,
+    MODE: tl.constexpr, COLS: tl.constexpr, SMOOTH: tl.constexpr, TEACHER: tl.constexpr,
+    QP: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = tl.arange(0, BI * QP)
+    img_flat = (pid * BI + r // QP).to(tl.int64)
+    q_flat = (r % QP).to(tl.int64)
+    img = pid * BI + tl.arange(0, BI).to(tl.int64)
+    row_ok = img < Na
+    s = tl.load(params_ptr + P_SCALE)
+    neg_inf = float("-inf")
+
+    m_i = tl.full((BI,), neg_inf, tl.float32)
+    l_i = tl.zeros((BI,), tl.float32)
+    sum_i = tl.zeros((BI,), tl.float32)
+    diag_i = tl.zeros((BI,), tl.float32)
+    tm_i = tl.full((BI,), neg_inf, tl.float32)
+    tl_i = tl.zeros((BI,), tl.float32)
+    w_i = tl.zeros((BI,), tl.float32)
+    loss_i = tl.zeros((BI,), tl.float32)
+    if MODE == 1:
+        bias = tl.load(params_ptr + P_BIAS)
+    plane = n_rb * Nb
+    for j0 in range(0, Nb, BN):
+        cols = j0 + tl.arange(0, BN).to(tl.int64)
+        col_ok = cols < Nb
+        raw, _ = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D, s_an, s_aq, s_ad, s_bn, s_bd,
+                           QP, BI, BN, BK, DOT_FP32, IEEE)
+        logits = s * raw
+        valid = row_ok[:, None] & col_ok[None, :]
+        is_diag = (img + diag_off)[:, None] == cols[None, :]
+        if MODE == 0:
+            lr = tl.where(col_ok[None, :], logits, neg_inf)
+            m_new = tl.maximum(m_i, tl.max(lr, axis=1))  # finite: every block has a valid column
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(lr - m_new[:, None]), axis=1)
+            m_i = m_new
+            lz = tl.where(valid, logits, 0.0)
+            diag_i += tl.sum(tl.where(is_diag, lz, 0.0), axis=1)
+            if SMOOTH:
+                sum_i += tl.sum(lz, axis=1)
+            if COLS:
+                lc = tl.where(row_ok[:, None], logits, neg_inf)
+                cm = tl.max(lc, axis=0)
+                cpart = cm + tl.log(tl.sum(tl.exp(lc - cm[None, :]), axis=0))
+                tl.store(part_ptr + pid * Nb + cols, cpart, mask=col_ok)
+                if SMOOTH:
+                    tl.store(part_ptr + plane + pid * Nb + cols, tl.sum(lz, axis=0), mask=col_ok)
+            if TEACHER:
+                traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
+                                    s_tan, s_taq, s_tad, s_tbn, s_tbd, QP, BI, BN, BK, DOT_FP32, IEEE)
+                t = s * traw
+                tr = tl.where(col_ok[None, :], t, neg_inf)
+                tm_new = tl.maximum(tm_i, tl.max(tr, axis=1))
+                alpha_ = tl.exp(tm_i - tm_new)
+                e = tl.exp(tr - tm_new[:, None])
+                tl_i = tl_i * alpha_ + tl.sum(e, axis=1)
+                w_i = w_i * alpha_ + tl.sum(e * lz, axis=1)
+                tm_i = tm_new
+                if COLS:
+                    tc = tl.where(row_ok[:, None], t, neg_inf)
+                    tcm = tl.max(tc, axis=0)
+                    ec = tl.exp(tc - tcm[None, :])
+                    tsum = tl.sum(ec, axis=0)
+                    base = part_ptr + plane + pid * Nb + cols
+                    if SMOOTH:
+                        base += plane
+                    tl.store(base, tcm + tl.log(tsum), mask=col_ok)
+                    tl.store(base + plane, tl.sum(ec * lz, axis=0) / tsum, mask=col_ok)
+        else:
+            x = tl.where(is_diag, logits + bias, -(logits + bias))
+            # -log sigmoid(x) = max(-x, 0) + log1p(exp(-|x|))
+            nls = tl.maximum(-x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+            loss_i += tl.sum(tl.where(valid, nls, 0.0), axis=1)
+    if MODE == 0:
+        tl.store(row_ptr + img, m_i + tl.log(l_i), mask=row_ok)
+        tl.store(row_ptr + Na + img, sum_i, mask=row_ok)
+        tl.store(row_ptr + 2 * Na + img, diag_i, mask=row_ok)
+        if TEACHER:
+            tl.store(row_ptr + 3 * Na + img, tm_i + tl.log(tl_i), mask=row_ok)
+            tl.store(row_ptr + 4 * Na + img, w_i / tl_i, mask=row_ok)
+    else:
+        tl.store(row_ptr + img, loss_i, mask=row_ok)
+
+
+@triton.jit
+def _grad_tile(logits, t, img, cols, row_ok, col_ok, params_ptr, rvec_ptr, cvec_ptr, Na, Nb, diag_off,
+               MODE: tl.constexpr, COLS: tl.constexpr, TEACHER: tl.constexpr):
+    """G_ij = d loss / d L_ij on one tile (zero outside the valid rows and columns).
+
+    rvec: [3, Na] (lse, teacher lse, coefficient) per row; cvec: the same per column (COLS).
+    MODE 0: G = c_i (p_ij - t_ij) + c_j (p'_ij - t'_ij) with p, p' the row / column softmax and t, t'
+    the row / column targets (1-α)((1-ε)δ_ij + ε/M) + α q_ij. MODE 1: G = c_i (-z σ(-z L)).
+    """
+    is_diag = (img + diag_off)[:, None] == cols[None, :]
+    valid = row_ok[:, None] & col_ok[None, :]
+    cr = tl.load(rvec_ptr + 2 * Na + img, mask=row_ok, other=0.0)
+    if MODE == 0:
+        alpha = tl.load(params_ptr + P_ALPHA)
+        dcoef = tl.load(params_ptr + P_DIAG)
+        lse_r = tl.load(rvec_ptr + img, mask=row_ok, other=0.0)
+        g = cr[:, None] * (tl.exp(logits - lse_r[:, None]) - tl.load(params_ptr + P_UNIF_ROW))
+        diag_c = cr
+        if TEACHER:
+            tlse_r = tl.load(rvec_ptr + Na + img, mask=row_ok, other=0.0)
+            g -= cr[:, None] * alpha * tl.exp(t - tlse_r[:, None])
+        if COLS:
+            cc = tl.load(cvec_ptr + 2 * Nb + cols, mask=col_ok, other=0.0)
+            lse_c = tl.load(cvec_ptr + cols, mask=col_ok, other=0.0)
+            g += cc[None, :] * (tl.exp(logits - lse_c[None, :]) - tl.load(params_ptr + P_UNIF_COL))
+            if TEACHER:
+                tlse_c = tl.load(cvec_ptr + Nb + cols, mask=col_ok, other=0.0)
+                g -= cc[None, :] * alpha * tl.exp(t - tlse_c[None, :])
+            g -= tl.where(is_diag, (cr[:, None] + cc[None, :]) * dcoef, 0.0)
+        else:
+            g -= tl.where(is_diag, cr[:, None] * dcoef, 0.0)
+    else:
+        x = logits + tl.load(params_ptr + P_BIAS)
+        x = tl.where(is_diag, x, -x)
+        sig = 1.0 / (1.0 + tl.exp(x))  # σ(-x); exp overflow gives 0, as it should
+        g = cr[:, None] * tl.where(is_diag, -sig, sig)
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def _expand_queries(g, arg, QP: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr):
+    """(BI, BN) gradient -> (BI*QP, BN) on the flattened (image, query) rows: only the arg-max query."""
+    if QP == 1:
+        return g
+    else:
+        qidx = tl.arange(0, QP)
+        g3 = tl.where(qidx[None, :, None] == arg[:, None, :], g[:, None, :], 0.0)
+        return tl.reshape(g3, (BI * QP, BN))
+
+
+@triton.jit
+def _contrastive_bwd_da_kernel(
+    a_ptr, b_ptr, at_ptr, bt_ptr, params_ptr, rvec_ptr, cvec_ptr,
+    da_ptr,  # [Na, Q, D] (Q = 1: [Na, D]) contiguous, input dtype
+    red_ptr,  # *fp32 [2, n_row_blocks]: partial sums of G * raw (d scale) and of G (d bias)
+    Na, Nb, Q, D, n_rb, diag_off,
+    s_an, s_aq, s_ad, s_bn, s_bd, s_tan, s_taq, s_tad, s_tbn, s_tbd,
+    MODE: tl.constexpr, COLS: tl.constexpr, TEACHER: tl.constexpr,
+    QP: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    r = tl.arange(0, BI * QP)
+    img_flat = (pid * BI + r // QP).to(tl.int64)
+    q_flat = (r % QP).to(tl.int64)
+    img = pid * BI + tl.arange(0, BI).to(tl.int64)
+    row_ok = img < Na
+    s = tl.load(params_ptr + P_SCALE)
+    d = pid_d * BD + tl.arange(0, BD).to(tl.int64)
+    d_ok = d < D
+    acc = tl.zeros((BI * QP, BD), dtype=tl.float32)
+    red_scale = tl.zeros((BI,), tl.float32)
+    red_bias = tl.zeros((BI,), tl.float32)
+    for j0 in range(0, Nb, BN):
+        cols = j0 + tl.arange(0, BN).to(tl.int64)
+        col_ok = cols < Nb
+        raw, arg = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D, s_an, s_aq, s_ad, s_bn, s_bd,
+                             QP, BI, BN, BK, DOT_FP32, IEEE)
+        t = raw
+        if TEACHER:
+            traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
+                                s_tan, s_taq, s_tad, s_tbn, s_tbd, QP, BI, BN, BK, DOT_FP32, IEEE)
+            t = s * traw
+        g = _grad_tile(s * raw, t, img, cols, row_ok, col_ok, params_ptr, rvec_ptr, cvec_ptr, Na, Nb,
+                       diag_off, MODE, COLS, TEACHER)
+        if pid_d == 0:
+            red_scale += tl.sum(tl.where(g != 0.0, g * raw, 0.0), axis=1)  # raw is -inf nowhere valid
+            red_bias += tl.sum(g, axis=1)
+        gq = _expand_queries(g, arg, QP, BI, BN)
+        y = tl.load(b_ptr + cols[:, None] * s_bn + d[None, :] * s_bd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            gq = _round_to(gq, y.dtype, EMULATE).to(tl.float32)
+            y = y.to(tl.float32)
+        else:
+            gq = gq.to(y.dtype)
+        if IEEE:
+            acc = tl.dot(gq, y, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(gq, y, acc)
+    out_ok = (img_flat < Na) & (q_flat < Q)
+    tl.store(da_ptr + (img_flat[:, None] * Q + q_flat[:, None]) * D + d[None, :],
+             _round_to(s * acc, da_ptr.dtype.element_ty, EMULATE), mask=out_ok[:, None] & d_ok[None, :])
+    if pid_d == 0:
+        tl.store(red_ptr + pid, tl.sum(red_scale, axis=0))
+        tl.store(red_ptr + n_rb + pid, tl.sum(red_bias, axis=0))
+
+
+@triton.jit
+def _contrastive_bwd_db_kernel(
+    a_ptr, b_ptr, at_ptr, bt_ptr, params_ptr, rvec_ptr, cvec_ptr,
+    db_ptr,  # [Nb, D] contiguous, input dtype
+    Na, Nb, Q, D, diag_off,
+    s_an, s_aq, s_ad, s_bn, s_bd, s_tan, s_taq, s_tad, s_tbn, s_tbd,
+    MODE: tl.constexpr, COLS: tl.constexpr, TEACHER: tl.constexpr,
+    QP: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    cols = pid * BN + tl.arange(0, BN).to(tl.int64)
+    col_ok = cols < Nb
+    s = tl.load(params_ptr + P_SCALE)
+    d = pid_d * BD + tl.arange(0, BD).to(tl.int64)
+    d_ok = d < D
+    acc = tl.zeros((BN, BD), dtype=tl.float32)
+    r = tl.arange(0, BI * QP)
+    for i0 in range(0, Na, BI):
+        img_flat = (i0 + r // QP).to(tl.int64)
+        q_flat = (r % QP).to(tl.int64)
+        img = i0 + tl.arange(0, BI).to(tl.int64)
+        row_ok = img < Na
+        raw, arg = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D, s_an, s_aq, s_ad, s_bn, s_bd,
+                             QP, BI, BN, BK, DOT_FP32, IEEE)
+        t = raw
+        if TEACHER:
+            traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
+                                s_tan, s_taq, s_tad, s_tbn, s_tbd, QP, BI, BN, BK, DOT_FP32, IEEE)
+            t = s * traw
+        g = _grad_tile(s * raw, t, img, cols, row_ok, col_ok, params_ptr, rvec_ptr, cvec_ptr, Na, Nb,
+                       diag_off, MODE, COLS, TEACHER)
+        gq = _expand_queries(g, arg, QP, BI, BN)
+        x = tl.load(a_ptr + img_flat[:, None] * s_an + q_flat[:, None] * s_aq + d[None, :] * s_ad,
+                    mask=((img_flat < Na) & (q_flat < Q))[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            gq = _round_to(gq, x.dtype, EMULATE).to(tl.float32)
+            x = x.to(tl.float32)
+        else:
+            gq = gq.to(x.dtype)
+        if IEEE:
+            acc = tl.dot(tl.trans(gq), x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(gq), x, acc)
+    tl.store(db_ptr + cols[:, None] * D + d[None, :], _round_to(s * acc, db_ptr.dtype.element_ty, EMULATE),
+             mask=col_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+#
+# Forward: 128 flattened rows x 64 columns per tile, K loop of 64 over D; the partial-column buffer
+# has ceil(Na / BI) rows, so bigger row blocks mean less memory (N = 32k: 32 MiB per plane at BI = 128).
+# Backward: 64 x 64 tiles and a D chunk of at most 256 in the accumulator (64 x 256 fp32 over 8 warps:
+# 64 registers a thread), so no D spills; D > 256 recomputes the logits tile once per chunk.
+
+_FWD = dict(R=128, BN=64, BK=64, num_warps=8, num_stages=2)
+_BWD = dict(R=64, BN=64, BK=64, BD_MAX=256, num_warps=8, num_stages=2)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _next_pow2(x):
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def row_block(R, QP):
+    """Images per block: R flattened rows, at least one image (QP > R: one image of QP rows)."""
+    return max(1, R // QP)
+
+
+def bwd_block_d(D):
+    return max(16, min(_BWD["BD_MAX"], _next_pow2(D)))
+
+
+def _strides3(x):
+    # a: (N, D) or (N, Q, D) -> (s_n, s_q, s_d)
+    return (x.stride(0), x.stride(1), x.stride(2)) if x.dim() == 3 else (x.stride(0), 0, x.stride(1))
+
+
+def _interp():
+    from .._dispatch import interpreting
+
+    return interpreting()
+
+
+def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
+    """Row statistics [5, Na] (MODE 1: [1, Na]) and column statistics [4, Nb] (reduced partials)."""
+    Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
+    Q = a.shape[1] if a.dim() == 3 else 1
+    QP = _next_pow2(Q)
+    BI = row_block(_FWD["R"], QP)
+    n_rb = triton.cdiv(Na, BI)
+    teacher = at is not None
+    dev = a.device
+    rows = torch.empty((5 if mode == MODE_SOFTMAX else 1, Na), device=dev, dtype=torch.float32)
+    k = 1 + int(smooth) + 2 * int(teacher)
+    part = torch.empty((k, n_rb, Nb) if cols else (1,), device=dev, dtype=torch.float32)
+    at_, bt_ = (at, bt) if teacher else (a, b)
+    _contrastive_fwd_kernel[(n_rb,)](
+        a, b, at_, bt_, params, rows, part, Na, Nb, Q, D, n_rb, diag_off,
+        *_strides3(a), b.stride(0), b.stride(1), *_strides3(at_), bt_.stride(0), bt_.stride(1),
+        MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI, BN=_FWD["BN"], BK=_FWD["BK"],
+        DOT_FP32=_interp(), IEEE=a.dtype == torch.float32,
+        num_warps=_FWD["num_warps"], num_stages=_FWD["num_stages"],
+    )
+    colstats = None
+    if cols:
+        # reduce the per-row-block partials: O(Nb) output, one torch op per statistic
+        colstats = torch.zeros((4, Nb), device=dev, dtype=torch.float32)
+        colstats[0] = torch.logsumexp(part[0], dim=0)
+        if smooth:
+            colstats[1] = part[1].sum(0)
+        if teacher:
+            tp, wp = part[k - 2], part[k - 1]
+            colstats[2] = torch.logsumexp(tp, dim=0)
+            colstats[3] = (torch.exp(tp - colstats[2]) * wp).sum(0)
+    return rows, colstats
+
+
+def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, diag_off=0):
+    """(da, db, sum of G*raw, sum of G); da / db None when not needed."""
+    Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
+    Q = a.shape[1] if a.dim() == 3 else 1
+    QP = _next_pow2(Q)
+    BI = row_block(_BWD["R"], QP)
+    BD = bwd_block_d(D)
+    teacher = at is not None
+    at_, bt_ = (at, bt) if teacher else (a, b)
+    common = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=BI, BN=_BWD["BN"], BK=_BWD["BK"], BD=BD,
+                  DOT_FP32=_interp(), IEEE=a.dtype == torch.float32, EMULATE=_interp(),
+                  num_warps=_BWD["num_warps"], num_stages=_BWD["num_stages"])
+    strides = (*_strides3(a), b.stride(0), b.stride(1), *_strides3(at_), bt_.stride(0), bt_.stride(1))
+    n_rb = triton.cdiv(Na, BI)
+    da = torch.empty(a.shape, device=a.device, dtype=a.dtype)
+    red = torch.empty((2, n_rb), device=a.device, dtype=torch.float32)
+    # the da kernel also produces the scale / bias reductions, so it always runs (one D chunk if unused)
+    grid_a = (n_rb, triton.cdiv(D, BD) if need_da else 1)
+    _contrastive_bwd_da_kernel[grid_a](a, b, at_, bt_, params, rvec, cvec, da, red, Na, Nb, Q, D, n_rb, diag_off,
+                                       *strides, **common)
+    db = None
+    if need_db:
+        db = torch.empty(b.shape, device=b.device, dtype=b.dtype)
+        grid_b = (triton.cdiv(Nb, _BWD["BN"]), triton.cdiv(D, BD))
+        _contrastive_bwd_db_kernel[grid_b](a, b, at_, bt_, params, rvec, cvec, db, Na, Nb, Q, D, diag_off, *strides, **common)
+    return (da if need_da else None), db, red[0].sum(), red[1].sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# AOT compile specs
+
+
+def _signature(names_ptr, names_int, constexprs, dtype):
+    sig = {}
+    for n in names_ptr:
+        sig[n] = "*" + ("fp32" if n in ("params_ptr", "row_ptr", "part_ptr", "red_ptr", "rvec_ptr", "cvec_ptr") else _SIG[dtype])
+    for n in names_int:
+        sig[n] = "i64"
+    for n in constexprs:
+        sig[n] = "constexpr"
+    return sig
+
+
+_STRIDES = ("s_an", "s_aq", "s_ad", "s_bn", "s_bd", "s_tan", "s_taq", "s_tad", "s_tbn", "s_tbd")
+
+# (label, mode, cols, smooth, teacher, Q): CLIP, MoCo (rows only), the heaviest softmax variant
+# (smoothing + teacher), BLIP-2 (Q = 32) and SigLIP. Other flag combinations only remove work.
+VARIANTS = (
+    ("clip", MODE_SOFTMAX, True, False, False, 1),
+    ("moco", MODE_SOFTMAX, False, False, False, 1),
+    ("smooth+teacher", MODE_SOFTMAX, True, True, True, 1),
+    ("blip2-q32", MODE_SOFTMAX, True, False, False, 32),
+    ("siglip", MODE_SIGMOID, False, False, False, 1),
+)
+
+
+def compile_specs():
+    """Forward, da and db kernels for every variant above, bf16 (plus fp16 / fp32 for CLIP), at the
+    launch configs the launchers use (D chunk 256, the largest the backward picks)."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for label, mode, cols, smooth, teacher, Q in VARIANTS:
+            if dtype != torch.bfloat16 and label != "clip":
+                continue
+            QP = _next_pow2(Q)
+            ieee = dtype == torch.float32
+            tag = f"{label} {_SIG[dtype]}"
+            fwd_c = dict(MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=row_block(_FWD["R"], QP),
+                         BN=_FWD["BN"], BK=_FWD["BK"], DOT_FP32=False, IEEE=ieee)
+            yield CompileSpec(
+                kernel=_contrastive_fwd_kernel,
+                signature=_signature(("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "row_ptr", "part_ptr"),
+                                     ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, fwd_c, dtype),
+                constexprs=fwd_c, num_warps=_FWD["num_warps"], num_stages=_FWD["num_stages"],
+                label=f"{tag} R={_FWD['R']} BN={_FWD['BN']} BK={_FWD['BK']}")
+            bwd_c = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=row_block(_BWD["R"], QP), BN=_BWD["BN"],
+                         BK=_BWD["BK"], BD=_BWD["BD_MAX"], DOT_FP32=False, IEEE=ieee, EMULATE=False)
+            yield CompileSpec(
+                kernel=_contrastive_bwd_da_kernel,
+                signature=_signature(("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "rvec_ptr", "cvec_ptr",
+                                      "da_ptr", "red_ptr"), ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, bwd_c, dtype),
+                constexprs=bwd_c, num_warps=_BWD["num_warps"], num_stages=_BWD["num_stages"],
+                label=f"{tag} R={_BWD['R']} BN={_BWD['BN']} BD={_BWD['BD_MAX']}")
+            yield CompileSpec(
+                kernel=_contrastive_bwd_db_kernel,
+                signature=_signature(("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "rvec_ptr", "cvec_ptr",
+                                      "db_ptr"), ("Na", "Nb", "Q", "D", "diag_off") + _STRIDES, bwd_c, dtype),
+                constexprs=bwd_c, num_warps=_BWD["num_warps"], num_stages=_BWD["num_stages"],
+                label=f"{tag} R={_BWD['R']} BN={_BWD['BN']} BD={_BWD['BD_MAX']}")
