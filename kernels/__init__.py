@@ -2,5 +2,6 @@
 from ._dispatch import BACKENDS, interpreting
 from .attention import AttentionBlockMask, build_block_mask, flash_attention
 from .ema import ema_update_
+from .patch_embed import patch_embed, tile_patch_embed
 
-__all__ = ["AttentionBlockMask", "BACKENDS", "build_block_mask", "ema_update_", "flash_attention", "interpreting"]
+__all__ = ["AttentionBlockMask", "BACKENDS", "build_block_mask", "flash_attention", "ema_update_", "interpreting", "patch_embed", "tile_patch_embed"]

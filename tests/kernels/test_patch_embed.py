@@ -1,0 +1,117 @@
+"""patch_embed core: the fused conv-as-GEMM + bias + position embedding + [CLS], forward and backward,
+against the eager chain (F.conv2d + flatten + transpose + add + cat) in fp64."""
+import pytest
+import torch
+from numerics import DTYPE_IDS, dtype_id, randn
+from patch_embed_helpers import check_against_reference, poisoned_outputs  # noqa: F401
+
+from mmfast.kernels import patch_embed
+
+# (P, C, D, grid h x w, B): odd D, K = C*P*P not a multiple of the block (588 for P=14, C=3)
+SHAPES = [
+    (14, 3, 200, (2, 3), 2),
+    (16, 3, 17, (3, 5), 1),
+    (14, 1, 33, (3, 2), 3),
+    (16, 1, 8, (1, 1), 2),
+]
+
+
+def _shape_id(s):
+    P, C, D, (gh, gw), B = s
+    return f"P{P}-C{C}-D{D}-{gh}x{gw}-B{B}"
+
+
+def _tensors(P, C, D, grid, B, *, bias=True, cls=True, pos="cls_row", layout="nchw"):
+    H, W = grid[0] * P, grid[1] * P
+    images = randn(B, C, H, W, dtype=torch.float64)
+    if layout == "channels_last":
+        images = images.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # a crop of a bigger batch, every stride non-trivial
+        images = randn(B + 1, C + 1, H + 3, W + 5, dtype=torch.float64)[1:, 1:, 2 : H + 2, 3 : W + 3]
+    N = grid[0] * grid[1]
+    return dict(
+        images=images,
+        weight=randn(D, C, P, P, dtype=torch.float64, scale=(C * P * P) ** -0.5),
+        bias=randn(D, dtype=torch.float64) if bias else None,
+        pos_embed=randn(N + (pos == "cls_row"), D, dtype=torch.float64, scale=0.5) if pos else None,
+        cls_token=randn(1, 1, D, dtype=torch.float64) if cls else None,
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_forward_backward(device, shape, dtype):
+    check_against_reference(patch_embed, _tensors(*shape), dtype, device)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_memory_layouts(device, layout):
+    check_against_reference(patch_embed, _tensors(14, 3, 40, (2, 3), 2, layout=layout), torch.bfloat16, device)
+
+
+def test_fp16(device):
+    check_against_reference(patch_embed, _tensors(16, 3, 24, (2, 2), 2), torch.float16, device)
+
+
+@pytest.mark.parametrize("bias,cls,pos", [(False, False, None), (True, False, "patch_only"), (False, True, "patch_only"),
+                                          (True, True, None)], ids=["conv-only", "pos-no-cls", "cls-no-pos-row", "cls-no-pos"])
+def test_optional_parts(device, bias, cls, pos):
+    out, exact = check_against_reference(patch_embed, _tensors(16, 3, 24, (2, 3), 2, bias=bias, cls=cls, pos=pos),
+                                         torch.float32, device)
+    assert out.shape == (2, 6 + cls, 24)
+
+
+def test_realistic_vit_b16_224(device):
+    """One full-size row count: ViT-B/16 at 224 (197 tokens), D = 768, [CLS] + table with [CLS] row."""
+    t = _tensors(16, 3, 768, (14, 14), 1)
+    check_against_reference(patch_embed, t, torch.bfloat16, device, grads=False)
+
+
+def test_dynamic_pad(device):
+    t = _tensors(14, 3, 24, (2, 3), 2, pos="patch_only")
+    t["images"] = t["images"][:, :, : 2 * 14 - 5, : 3 * 14 - 1]  # 23 x 41 -> padded to 28 x 42
+    check_against_reference(patch_embed, t, torch.float32, device, dynamic_pad=True)
+
+
+def test_nn_conv2d_weights_drop_in(device):
+    conv = torch.nn.Conv2d(3, 40, kernel_size=14, stride=14).to(device)
+    x = torch.randn(2, 3, 28, 42, device=device)
+    with torch.no_grad():
+        expected = conv(x).flatten(2).transpose(1, 2)
+        got = patch_embed(x, conv.weight, conv.bias, backend="triton")
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_validation_errors():
+    x = torch.randn(2, 3, 28, 28)
+    w = torch.randn(8, 3, 14, 14)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        patch_embed(torch.randn(2, 3, 29, 28), w)
+    with pytest.raises(ValueError, match="input channels"):
+        patch_embed(torch.randn(2, 1, 28, 28), w)
+    with pytest.raises(ValueError, match="weight dtype"):
+        patch_embed(x, w.bfloat16())
+    with pytest.raises(ValueError, match="weight must be"):
+        patch_embed(x, torch.randn(8, 3, 14, 7))
+    with pytest.raises(ValueError, match="images must be a 4-D"):
+        patch_embed(x[0], w)
+    with pytest.raises(ValueError, match="bias"):
+        patch_embed(x, w, torch.randn(9))
+    with pytest.raises(ValueError, match="pass pos_grid"):
+        patch_embed(x, w, pos_embed=torch.randn(7, 8))
+    with pytest.raises(ValueError, match="cls_token is None"):
+        patch_embed(x, w, pos_embed=torch.randn(5, 8))
+    with pytest.raises(ValueError, match="together"):
+        patch_embed(x, w, token_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_mask must be"):
+        patch_embed(x, w, token_mask=torch.zeros(2, 5, dtype=torch.bool), mask_token=torch.randn(8))
+    with pytest.raises(ValueError, match="keep_indices values"):
+        patch_embed(x, w, keep_indices=torch.tensor([[0, 4], [1, 2]]))
+    with pytest.raises(ValueError, match="backend"):
+        patch_embed(x, w, backend="cuda")
+    with pytest.raises(ValueError, match="float64"):
+        patch_embed(x.double(), w.double(), backend="triton")
+
+
+def test_dtype_ids_cover_dtypes():
+    assert all(d in DTYPE_IDS for d in (torch.float32, torch.bfloat16, torch.float16))
