@@ -1,0 +1,116 @@
+"""patch_embed position tables: resampling to other grids (timm / Hugging Face math), caching, the 2D
+(row, column) variant, and gradients flowing through the resampling."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import dtype_id, randn
+from patch_embed_helpers import check_against_reference, poisoned_outputs  # noqa: F401
+
+from mmfast.kernels import patch_embed
+from mmfast.kernels.reference import resample_pos_embed_reference
+
+pe_module = importlib.import_module("mmfast.kernels.patch_embed")
+
+
+def _timm_resample_abs_pos_embed(posemb, new_size, old_size, num_prefix_tokens=1, interpolation="bicubic", antialias=True):
+    """timm.layers.pos_embed.resample_abs_pos_embed, transcribed (timm is not installed here)."""
+    num_pos_tokens = posemb.shape[1]
+    if new_size[0] * new_size[1] + num_prefix_tokens == num_pos_tokens and new_size[0] == new_size[1]:
+        return posemb
+    prefix, posemb = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    dim, orig = posemb.shape[-1], posemb.dtype
+    posemb = posemb.float().reshape(1, old_size[0], old_size[1], -1).permute(0, 3, 1, 2)
+    posemb = F.interpolate(posemb, size=new_size, mode=interpolation, antialias=antialias)
+    posemb = posemb.permute(0, 2, 3, 1).reshape(1, -1, dim).to(orig)
+    return torch.cat([prefix, posemb], dim=1)
+
+
+def _hf_vit_interpolate_pos_encoding(position_embeddings, new_h, new_w):
+    """transformers ViTEmbeddings.interpolate_pos_encoding (>= 4.44, size= form), transcribed."""
+    class_pos, patch_pos = position_embeddings[:, :1], position_embeddings[:, 1:]
+    dim, n = position_embeddings.shape[-1], position_embeddings.shape[1] - 1
+    s = int(n**0.5)
+    patch_pos = patch_pos.reshape(1, s, s, dim).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, size=(new_h, new_w), mode="bicubic", align_corners=False)
+    return torch.cat((class_pos, patch_pos.permute(0, 2, 3, 1).view(1, -1, dim)), dim=1)
+
+
+def test_timm_parity():
+    table = randn(1, 1 + 5 * 5, 12)
+    ours = resample_pos_embed_reference(table[0, 1:], (7, 6), (5, 5), mode="timm")
+    theirs = _timm_resample_abs_pos_embed(table, (7, 6), (5, 5))[0, 1:]
+    assert torch.equal(ours, theirs)
+
+
+def test_hf_parity_and_difference_from_timm():
+    table = randn(1, 1 + 4 * 4, 10)
+    ours = resample_pos_embed_reference(table[0, 1:], (6, 6), (4, 4), mode="hf")
+    assert torch.equal(ours, _hf_vit_interpolate_pos_encoding(table, 6, 6)[0, 1:])
+    # timm's antialias bicubic uses a = -0.5, HF's plain bicubic a = -0.75: the two modes differ
+    assert not torch.allclose(ours, resample_pos_embed_reference(table[0, 1:], (6, 6), (4, 4), mode="timm"))
+
+
+def test_parity_with_installed_libraries():
+    timm_pos = pytest.importorskip("timm.layers.pos_embed", reason="timm not installed; its math is tested above")
+    table = randn(1, 1 + 5 * 5, 12)
+    assert torch.equal(resample_pos_embed_reference(table[0, 1:], (7, 6), (5, 5), mode="timm"),
+                       timm_pos.resample_abs_pos_embed(table, (7, 6), (5, 5), num_prefix_tokens=1)[0, 1:])
+
+
+# (P, train grid, image grid): a 224-trained 14x14 table at 336 / 448 has 21x21 / 28x28 grids (P = 16:
+# 24x24); under the interpreter the grids are scaled down, plus one realistic case below
+@pytest.mark.parametrize("train,grid", [((3, 3), (4, 5)), ((4, 4), (2, 3)), ((3, 4), (3, 4))], ids=["up", "down", "same"])
+@pytest.mark.parametrize("mode,interp", [("timm", "bicubic"), ("hf", "bicubic"), ("timm", "bilinear")],
+                         ids=["timm-bicubic", "hf-bicubic", "timm-bilinear"])
+def test_resampled_table_fwd_bwd(device, train, grid, mode, interp):
+    P, C, D, B = 14, 3, 24, 2
+    t = dict(images=randn(B, C, grid[0] * P, grid[1] * P, dtype=torch.float64),
+             weight=randn(D, C, P, P, dtype=torch.float64, scale=0.05), bias=randn(D, dtype=torch.float64),
+             pos_embed=randn(1, 1 + train[0] * train[1], D, dtype=torch.float64), cls_token=randn(D, dtype=torch.float64))
+    check_against_reference(patch_embed, t, torch.float32, device, pos_grid=train, pos_resample=mode, interpolation=interp)
+
+
+@pytest.mark.parametrize("image", [224, 336, 448], ids=["224", "336", "448"])
+def test_224_table_at_higher_resolution(device, image):
+    """A ViT-B/16 224 table (14x14 + [CLS]) used at 224, 336 (21x21 patches) and 448 (28x28); bf16, forward
+    (small D keeps the interpreter fast; the full-width row count is covered in test_patch_embed.py)."""
+    P, D = 16, 24
+    t = dict(images=randn(1, 3, image, image, dtype=torch.float64), weight=randn(D, 3, P, P, dtype=torch.float64, scale=0.04),
+             bias=randn(D, dtype=torch.float64), pos_embed=randn(1, 197, D, dtype=torch.float64),
+             cls_token=randn(D, dtype=torch.float64))
+    out, _ = check_against_reference(patch_embed, t, torch.bfloat16, device, grads=False)
+    assert out.shape == (1, 1 + (image // P) ** 2, D)
+
+
+def test_2d_row_col_tables(device):
+    P, D = 16, 20
+    t = dict(images=randn(2, 3, 4 * P, 5 * P, dtype=torch.float64), weight=randn(D, 3, P, P, dtype=torch.float64, scale=0.05),
+             cls_token=randn(D, dtype=torch.float64))
+    rows, cols = randn(4, 8, dtype=torch.float64), randn(4, 12, dtype=torch.float64)  # trained on 4x4, D/2 split 8 + 12
+
+    def op(images, weight, cls_token, rows, cols, backend):
+        return patch_embed(images, weight, cls_token=cls_token, pos_embed=(rows, cols), backend=backend)
+
+    out, exact = check_against_reference(op, dict(t, rows=rows, cols=cols), torch.float32, device)
+    # token (i, j) = cat(row[i], col[j]) on the image's own grid when no resampling is needed
+    same = patch_embed(t["images"][:, :, : 4 * P, : 4 * P], t["weight"], pos_embed=(rows, cols), backend="reference")
+    conv = F.conv2d(t["images"][:, :, : 4 * P, : 4 * P], t["weight"], stride=P).flatten(2).transpose(1, 2)
+    expected = torch.cat([rows[:, None].expand(4, 4, 8), cols[None].expand(4, 4, 12)], -1).reshape(16, 20)
+    assert torch.allclose(same - conv, expected.expand(2, 16, 20))
+
+
+def test_resampled_table_is_cached_until_updated():
+    pe_module._POS_CACHE.clear()
+    table = torch.randn(16, 8)
+    a = pe_module.resample_pos_embed(table, (5, 5), (4, 4))
+    assert pe_module.resample_pos_embed(table, (5, 5), (4, 4)) is a
+    table.add_(1.0)  # an optimizer step bumps the version: the cache must not serve the stale table
+    b = pe_module.resample_pos_embed(table, (5, 5), (4, 4))
+    assert b is not a and not torch.equal(a, b)
+    leaf = torch.randn(16, 8, requires_grad=True)
+    r = pe_module.resample_pos_embed(leaf, (5, 5), (4, 4))
+    assert r.requires_grad and pe_module.resample_pos_embed(leaf, (5, 5), (4, 4)) is not r
+    r.sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
