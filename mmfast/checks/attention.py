@@ -2,12 +2,13 @@
 models run, forward and backward, against the fp64 reference with the 2x rule (3x for gradients)."""
 import torch
 
-# name, (B, Lq, Lk, H, D), mask: small versions of ViT / CLIP text / Q-Former ITG / Flamingo cross-attention
+# name, (B, Lq, Lk, H, D), mask: small versions of ViT / CLIP text / Q-Former ITG / Flamingo cross-attention.
+# The ViT case's backward is left to the CUDA run: through the interpreter it alone would take ~6 s.
 SHAPES = (
-    ("ViT non-causal", (1, 197, 197, 2, 64), "none"),
-    ("CLIP text causal", (2, 77, 77, 2, 64), "causal"),
-    ("Q-Former ITG intervals", (1, 32 + 17, 32 + 17, 2, 64), "itg"),
-    ("Flamingo media x-attn (empty rows)", (2, 45, 3 * 8, 2, 80), "media"),
+    ("ViT non-causal", (1, 197, 197, 1, 64), "none"),
+    ("CLIP text causal", (1, 77, 77, 1, 64), "causal"),
+    ("Q-Former ITG intervals", (1, 32 + 17, 32 + 17, 1, 64), "itg"),
+    ("Flamingo media x-attn (empty rows)", (2, 45, 3 * 8, 1, 80), "media"),
 )
 
 
@@ -56,6 +57,8 @@ def cases(device):
         label = f"{name} B={B} L={Lq}" + (f"x{Lk}" if Lk != Lq else "") + f" H={H} D={D}"
         for backend in ("triton", "reference"):
             for backward in (False, True):
+                if backward and backend == "triton" and device.type != "cuda" and Lq * Lk > 100 * 100:
+                    continue
 
                 def run(backend=backend, backward=backward, shape=shape, mask=mask, seed=seed):
                     q, k, v, do = _inputs(shape, dtype, device, seed)
