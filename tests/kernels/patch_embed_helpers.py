@@ -33,12 +33,15 @@ def leaves(tensors, dtype, device):
     return out
 
 
-def run(op, tensors, dtype, device, backend, grad_seed, **kwargs):
-    """(output, {name: grad}) of op(**tensors in dtype, **kwargs) with a fixed random upstream grad."""
+def run(op, tensors, dtype, device, backend, grad_seed, grad_dtype=None, backward=True, **kwargs):
+    """(output, {name: grad}) of op(**tensors in dtype, **kwargs) with a fixed random upstream grad
+    (rounded through grad_dtype first, so every run sees the same values)."""
     ts = leaves(tensors, dtype, device)
     out = op(**ts, **kwargs, backend=backend)
+    if not backward:
+        return out, {}
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    out.backward(g.to(device=device, dtype=out.dtype))
+    out.backward(g.to(grad_dtype or out.dtype).to(device=device, dtype=out.dtype))
     grads = {n: t.grad for n, t in ts.items() if isinstance(t, torch.Tensor) and t.requires_grad}
     return out, grads
 
@@ -46,9 +49,12 @@ def run(op, tensors, dtype, device, backend, grad_seed, **kwargs):
 def check_against_reference(op, tensors, dtype, device, grads=True, **kwargs):
     """Triton in `dtype` vs the fp64 reference, with PyTorch in `dtype` as the yardstick (2x, grads 3x)."""
     seed = int(torch.randint(0, 2**31, (1,)).item())
-    got, got_g = run(op, tensors, dtype, device, "triton", seed, **kwargs)
-    exact, exact_g = run(op, tensors, torch.float64, "cpu" if device.type == "cpu" else device, "reference", seed, **kwargs)
-    same, same_g = run(op, tensors, dtype, device, "reference", seed, **kwargs)
+    got, got_g = run(op, tensors, dtype, device, "triton", seed, backward=grads, **kwargs)
+    # the fp64 reference sees the same (rounded) input values, so errors measure the computation only
+    quantized = {k: (v.to(dtype).to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                 for k, v in tensors.items()}
+    exact, exact_g = run(op, quantized, torch.float64, "cpu" if device.type == "cpu" else device, "reference", seed, dtype, backward=grads, **kwargs)
+    same, same_g = run(op, tensors, dtype, device, "reference", seed, backward=grads, **kwargs)
     assert got.dtype == dtype and got.shape == exact.shape, (got.dtype, got.shape, exact.shape)
     assert_close_by_rule(got, exact, same, what="output")
     if grads:
@@ -57,7 +63,12 @@ def check_against_reference(op, tensors, dtype, device, grads=True, **kwargs):
                 continue
             assert got_g[name] is not None, f"no gradient for {name}"
             assert got_g[name].dtype == (tensors[name].to(dtype).dtype), name
-            assert_close_by_rule(got_g[name], exact_g[name], same_g[name], factor=3.0, what=f"d_{name}")
+            floor = None
+            if exact_g[name].numel() == 1:
+                # a scalar (a gate) summed over every output element: allow a few ulps of its own size,
+                # the rounding noise of one reduction order against another
+                floor = 4 * torch.finfo(dtype).eps * exact_g[name].abs().item() + 1e-6
+            assert_close_by_rule(got_g[name], exact_g[name], same_g[name], factor=3.0, floor=floor, what=f"d_{name}")
     return got, exact
 
 
