@@ -37,8 +37,9 @@ def _inputs(shape, dtype, device, seed):
     return [t.to(device, dtype) for t in (q, k, v, do)]
 
 
-def _grads(fn, q, k, v, do):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+def _grads(fn, q, k, v, do, dtype=None):
+    """dq, dk, dv of fn at (q, k, v), as leaves of `dtype` (fp64 leaves keep the exact gradients unrounded)."""
+    q, k, v = (t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v))
     return torch.autograd.grad(fn(q, k, v), (q, k, v), do.to(q.dtype))
 
 
@@ -67,7 +68,8 @@ def cases(device):
                     same = lambda q, k, v: attention_reference(q, k, v, **kw)  # noqa: E731
                     exact = lambda q, k, v: attention_reference(q, k, v, compute_dtype=torch.float64, **kw)  # noqa: E731
                     if backward:
-                        got, ref, yard, factor = _grads(ours, q, k, v, do), _grads(exact, q, k, v, do), _grads(same, q, k, v, do), 3
+                        got, yard, factor = _grads(ours, q, k, v, do), _grads(same, q, k, v, do), 3
+                        ref = _grads(exact, q, k, v, do, torch.float64)
                     else:
                         with torch.no_grad():
                             got, ref, yard, factor = (ours(q, k, v),), (exact(q, k, v),), (same(q, k, v),), 2
