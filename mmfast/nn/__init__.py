@@ -1,5 +1,6 @@
 """nn.Modules that hold parameters and call mmfast's functional ops."""
 from .attention import MultiheadAttention
 from .momentum import MomentumEncoder
+from .patch_embed import PatchEmbed
 
-__all__ = ["MomentumEncoder", "MultiheadAttention"]
+__all__ = ["MomentumEncoder", "MultiheadAttention", "PatchEmbed"]

@@ -1,0 +1,105 @@
+"""mmfast.nn.PatchEmbed: timm's PatchEmbed + cls_token + pos_embed handling, and from_conv."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import assert_close_by_rule, randn
+
+from mmfast.kernels.reference import resample_pos_embed_reference
+from mmfast.nn import PatchEmbed
+
+BACKENDS = ["reference", "triton"]
+
+
+def _eager(m, x):
+    """timm's VisionTransformer: patch_embed (conv, flatten, transpose) then _pos_embed, written out."""
+    P = m.patch_size[0]
+    if m.dynamic_img_pad:
+        x = F.pad(x, (0, (P - x.shape[-1] % P) % P, 0, (P - x.shape[-2] % P) % P))
+    y = m.proj(x).flatten(2).transpose(1, 2)
+    grid = (x.shape[-2] // P, x.shape[-1] // P)
+    prefix = 0 if m.no_embed_class or m.cls_token is None else 1
+    pos = m.pos_embed[0]
+    pos = torch.cat([pos[:prefix], resample_pos_embed_reference(pos[prefix:], grid, m.grid_size)])
+    cls = m.cls_token.expand(x.shape[0], -1, -1) if m.cls_token is not None else None
+    if m.no_embed_class:
+        y = y + pos
+        return torch.cat([cls, y], 1) if cls is not None else y
+    y = torch.cat([cls, y], 1) if cls is not None else y
+    return y + pos
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw,size", [
+    (dict(), (48, 48)),
+    (dict(no_embed_class=True), (48, 48)),
+    (dict(class_token=False), (48, 48)),
+    (dict(dynamic_img_size=True), (64, 80)),
+    (dict(dynamic_img_size=True, dynamic_img_pad=True), (50, 61)),
+], ids=["vit", "no-embed-class", "no-cls", "dynamic-size", "dynamic-pad"])
+def test_matches_eager_timm_chain(backend, kw, size):
+    m = PatchEmbed(48, 16, 3, 40, backend=backend, **kw)
+    with torch.no_grad():
+        if m.cls_token is not None:
+            m.cls_token.normal_()
+    x = randn(2, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        exact = _eager(copy.deepcopy(m).double(), x)
+        if backend == "reference":
+            got = copy.deepcopy(m).double()(x)
+            assert got.shape == exact.shape and torch.allclose(got, exact, atol=1e-10)
+        else:
+            got = m(x.float())
+            assert got.shape == exact.shape
+            assert_close_by_rule(got, exact, _eager(m, x.float()), what="PatchEmbed")
+
+
+def test_gradients_reach_parameters():
+    m = PatchEmbed(32, 16, 3, 24, backend="triton", dynamic_img_size=True)
+    x = torch.randn(2, 3, 48, 32)
+    m(x).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_from_conv_shares_parameters():
+    conv = torch.nn.Conv2d(3, 24, kernel_size=14, stride=14)
+    m = PatchEmbed.from_conv(conv, img_size=28, backend="triton")
+    assert m.proj.weight is conv.weight and m.embed_dim == 24 and m.grid_size == (2, 2)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert_close_by_rule(m(x), _eager(copy.deepcopy(m).double(), x.double()), _eager(m, x), what="from_conv")
+    with pytest.raises(ValueError, match="stride-P"):
+        PatchEmbed.from_conv(torch.nn.Conv2d(3, 8, 14, stride=7))
+    with pytest.raises(ValueError, match="stride-P"):
+        PatchEmbed.from_conv(torch.nn.Conv2d(3, 8, 14, stride=14, padding=1))
+
+
+def test_state_dict_uses_timm_names():
+    keys = set(PatchEmbed(32, 16, 3, 8).state_dict())
+    assert keys == {"proj.weight", "proj.bias", "cls_token", "pos_embed"}
+    assert PatchEmbed(32, 16, 3, 8).pos_embed.shape == (1, 5, 8)
+
+
+def test_masked_tokens_and_errors():
+    m = PatchEmbed(32, 16, 3, 8, mask_token=True, backend="triton")
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.tensor([[True, False, False, True], [False, False, False, False]])
+    out = m(x, token_mask=mask)
+    expected = (m.mask_token[0, 0] + m.pos_embed[0, 1:])[mask[0]]
+    assert torch.allclose(out[0, 1:][mask[0]], expected)
+    with pytest.raises(ValueError, match="does not match img_size"):
+        m(torch.randn(1, 3, 48, 32))
+    with pytest.raises(ValueError, match="mask_token=True"):
+        PatchEmbed(32, 16, 3, 8)(x, token_mask=mask)
+
+
+def test_timm_parity_when_installed():
+    timm_layers = pytest.importorskip("timm.layers", reason="timm not installed; the eager transcription above covers it")
+    ref = timm_layers.PatchEmbed(48, 16, 3, 40)
+    m = PatchEmbed.from_conv(ref.proj, img_size=48)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = torch.cat([m.cls_token.expand(2, -1, -1), ref(x)], 1) + m.pos_embed
+        assert torch.allclose(m(x), expected, atol=1e-5)
