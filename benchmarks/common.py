@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-SUITES = {"ema": "benchmarks.ema"}
+SUITES = {"ema": "benchmarks.ema", "attention": "benchmarks.attention"}
 MODES = ("smoke", "quick", "full")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
