@@ -9,8 +9,9 @@
 Layout: ``_fwd.py`` / ``_bwd.py`` the Triton kernels, ``_blockmask.py`` the metadata, ``_configs.py``
 launch configs and compile specs, ``_api.py`` validation, launchers, custom ops, autograd and the op.
 """
+from . import masks
 from ._api import flash_attention
 from ._blockmask import AttentionBlockMask, build_block_mask
 from ._configs import compile_specs
 
-__all__ = ["AttentionBlockMask", "build_block_mask", "compile_specs", "flash_attention"]
+__all__ = ["AttentionBlockMask", "build_block_mask", "compile_specs", "flash_attention", "masks"]
