@@ -236,3 +236,14 @@ def test_varlen_packed_equals_padded_batch(backend):
 def test_bad_input_raises(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_torch_compile_traces_the_module_without_graph_breaks():
+    m = MultiheadAttention(64, 4, kv_dim=32, qk_norm=True, backend="reference")
+    x, ctx = randn(2, 7, 64), randn(2, 6, 32)
+    s, e = masks.media_intervals(torch.tensor([[5, 6, -1, 7, 8, -1, 9]] * 2), -1, 3)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    got = compiled(x, ctx, kv_start=s, kv_end=e)
+    torch.testing.assert_close(got, m(x, ctx, kv_start=s, kv_end=e), rtol=0, atol=0)
+    got.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
