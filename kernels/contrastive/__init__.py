@@ -57,18 +57,21 @@ class _SlicedContrastive(torch.autograd.Function):
                                           smooth=eps > 0, diag_off=cfg.diag_off)
         P = cfg.pairs
         zeros_a = torch.zeros(Na, device=dev)
+        # the O(N) assembly of the loss from the fp32 statistics runs in fp64: it sums N*M terms' worth
+        st_rows = rows.double()
+        st_cols = colstats.double() if colstats is not None else None
         if not softmax:
-            total = rows[0].sum()
+            total = st_rows[0].sum()
             coef_r = torch.full((Na,), 1.0 / Na, device=dev)
             rvec = torch.stack([zeros_a, zeros_a, coef_r])
             cvec = torch.zeros((3, 1), device=dev)
             denom = cfg.rows_total
         else:
             w_rows = 0.5 if cfg.symmetric else 1.0
-            diag = rows[2, :P]
-            row_terms = rows[0, :P] - (1 - alpha) * ((1 - eps) * diag + eps / Nb * rows[1, :P])
+            diag = st_rows[2, :P]
+            row_terms = st_rows[0, :P] - (1 - alpha) * ((1 - eps) * diag + eps / Nb * st_rows[1, :P])
             if at is not None:
-                row_terms = row_terms - alpha * rows[4, :P]
+                row_terms = row_terms - alpha * st_rows[4, :P]
             total = w_rows * row_terms.sum()
             coef_r = torch.zeros(Na, device=dev)
             coef_r[:P] = w_rows / P
@@ -79,10 +82,11 @@ class _SlicedContrastive(torch.autograd.Function):
                     from ._distributed import combine_column_stats
 
                     colstats = combine_column_stats(colstats, cfg.group)
+                    st_cols = colstats.double()
                 own = slice(cfg.diag_off, cfg.diag_off + P)  # columns whose CE this rank reports
-                col_terms = colstats[0, own] - (1 - alpha) * ((1 - eps) * diag + eps / cfg.rows_total * colstats[1, own])
+                col_terms = st_cols[0, own] - (1 - alpha) * ((1 - eps) * diag + eps / cfg.rows_total * st_cols[1, own])
                 if at is not None:
-                    col_terms = col_terms - alpha * colstats[3, own]
+                    col_terms = col_terms - alpha * st_cols[3, own]
                 total = total + 0.5 * col_terms.sum()
                 coef_c = torch.zeros(Nb, device=dev)
                 # distributed: this rank's rows carry their share of every column's gradient
@@ -96,7 +100,7 @@ class _SlicedContrastive(torch.autograd.Function):
         ctx.save_for_backward(a, b, at, bt, params, rvec, cvec)
         ctx.cfg = cfg
         ctx.flags = (scale.requires_grad, bias.requires_grad)
-        return total / denom
+        return (total / denom).float()
 
     @staticmethod
     def backward(ctx, grad):

@@ -41,10 +41,13 @@ def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     b32 = b.float()
     bt32 = bt.float() if at is not None else None
     rows = torch.zeros((5 if mode == MODE_SOFTMAX else 1, Na), device=dev, dtype=torch.float32)
-    col_lse = torch.full((Nb,), float("-inf"), device=dev)
+    # running (max, sum of exp) per column: one rounding per chunk on the sum, not on the logarithm
+    col_max = torch.full((Nb,), float("-inf"), device=dev)
+    col_exp = torch.zeros(Nb, device=dev)
     col_sum = torch.zeros(Nb, device=dev)
-    col_tlse = torch.full((Nb,), float("-inf"), device=dev)
-    col_w = torch.zeros(Nb, device=dev)
+    col_tmax = torch.full((Nb,), float("-inf"), device=dev)
+    col_texp = torch.zeros(Nb, device=dev)
+    col_w = torch.zeros(Nb, device=dev)  # sum of exp(T - col_tmax) * L
     C = _chunk_rows(Na, Nb, Q)
     for i0 in range(0, Na, C):
         c = min(C, Na - i0)
@@ -58,7 +61,9 @@ def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
         rows[1, i0 : i0 + c] = logits.sum(1)
         rows[2, i0 : i0 + c] = torch.where(diag, logits, 0.0).sum(1)
         if cols:
-            col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
+            new_max = torch.maximum(col_max, logits.max(dim=0).values)
+            col_exp = col_exp * torch.exp(col_max - new_max) + torch.exp(logits - new_max).sum(0)
+            col_max = new_max
             if smooth:
                 col_sum += logits.sum(0)
         if at is not None:
@@ -67,11 +72,15 @@ def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
             rows[3, i0 : i0 + c] = tlse
             rows[4, i0 : i0 + c] = (torch.softmax(t, dim=1) * logits).sum(1)
             if cols:
-                part = torch.logsumexp(t, dim=0)
-                new = torch.logaddexp(col_tlse, part)
-                col_w = col_w * torch.exp(col_tlse - new) + (torch.exp(t - new[None, :]) * logits).sum(0)
-                col_tlse = new
-    colstats = torch.stack([col_lse, col_sum, col_tlse, col_w]) if cols and mode == MODE_SOFTMAX else None
+                new_max = torch.maximum(col_tmax, t.max(dim=0).values)
+                rescale = torch.exp(col_tmax - new_max)
+                e = torch.exp(t - new_max)
+                col_texp = col_texp * rescale + e.sum(0)
+                col_w = col_w * rescale + (e * logits).sum(0)
+                col_tmax = new_max
+    colstats = None
+    if cols and mode == MODE_SOFTMAX:
+        colstats = torch.stack([col_max + torch.log(col_exp), col_sum, col_tmax + torch.log(col_texp), col_w / col_texp])
     return rows, colstats
 
 

@@ -348,6 +348,11 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 _SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+def _empty(*args, **kwargs):
+    """Every output the kernels write is allocated here (tests fill it with NaN to catch gaps)."""
+    return torch.empty(*args, **kwargs)
+
+
 def _next_pow2(x):
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -381,9 +386,9 @@ def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     n_rb = triton.cdiv(Na, BI)
     teacher = at is not None
     dev = a.device
-    rows = torch.empty((5 if mode == MODE_SOFTMAX else 1, Na), device=dev, dtype=torch.float32)
+    rows = _empty((5 if mode == MODE_SOFTMAX else 1, Na), device=dev, dtype=torch.float32)
     k = 1 + int(smooth) + 2 * int(teacher)
-    part = torch.empty((k, n_rb, Nb) if cols else (1,), device=dev, dtype=torch.float32)
+    part = _empty((k, n_rb, Nb) if cols else (1,), device=dev, dtype=torch.float32)
     at_, bt_ = (at, bt) if teacher else (a, b)
     _contrastive_fwd_kernel[(n_rb,)](
         a, b, at_, bt_, params, rows, part, Na, Nb, Q, D, n_rb, diag_off,
@@ -420,15 +425,15 @@ def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, 
                   num_warps=_BWD["num_warps"], num_stages=_BWD["num_stages"])
     strides = (*_strides3(a), b.stride(0), b.stride(1), *_strides3(at_), bt_.stride(0), bt_.stride(1))
     n_rb = triton.cdiv(Na, BI)
-    da = torch.empty(a.shape, device=a.device, dtype=a.dtype)
-    red = torch.empty((2, n_rb), device=a.device, dtype=torch.float32)
+    da = _empty(a.shape, device=a.device, dtype=a.dtype)
+    red = _empty((2, n_rb), device=a.device, dtype=torch.float32)
     # the da kernel also produces the scale / bias reductions, so it always runs (one D chunk if unused)
     grid_a = (n_rb, triton.cdiv(D, BD) if need_da else 1)
     _contrastive_bwd_da_kernel[grid_a](a, b, at_, bt_, params, rvec, cvec, da, red, Na, Nb, Q, D, n_rb, diag_off,
                                        *strides, **common)
     db = None
     if need_db:
-        db = torch.empty(b.shape, device=b.device, dtype=b.dtype)
+        db = _empty(b.shape, device=b.device, dtype=b.dtype)
         grid_b = (triton.cdiv(Nb, _BWD["BN"]), triton.cdiv(D, BD))
         _contrastive_bwd_db_kernel[grid_b](a, b, at_, bt_, params, rvec, cvec, db, Na, Nb, Q, D, diag_off, *strides, **common)
     return (da if need_da else None), db, red[0].sum(), red[1].sum()

@@ -1,0 +1,214 @@
+"""contrastive_loss / siglip_loss: Triton kernels (through the interpreter on CPU) and the chunked
+PyTorch path, every variant, forward and gradients (a, b, logit_scale, logit_bias) vs the fp64 naive
+reference by the numerics rule."""
+import pytest
+import torch
+from contrastive_helpers import VARIANTS, check_against_reference, make_inputs, run
+from numerics import assert_bitwise_equal, dtype_id, poison_, randn
+
+import mmfast.kernels.contrastive._chunked as chunked
+import mmfast.kernels.contrastive._triton as triton_impl
+from mmfast.kernels import interpreting
+from mmfast.kernels.contrastive import contrastive_loss, siglip_loss
+
+needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
+                                  reason="needs CUDA or TRITON_INTERPRET=1 (the chunked path is tested regardless)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the Triton launchers allocate starts as NaN, so an unwritten element fails."""
+    monkeypatch.setattr(triton_impl, "_empty", lambda *a, **k: poison_(torch.empty(*a, **k)))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force the chunked path through many (odd-sized) chunks at test sizes."""
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 97)
+
+
+SHAPES = [(1, 64), (3, 100), (129, 100)]
+# the interpreter is slow: N = 129 (two row blocks, three column blocks) in fp32 and bf16 only, and for
+# BLIP-2 (Q x the work) in fp32 only; fp16 shares every code path with bf16 but the output rounding
+TRITON_CASES = [(v, n, d, dt) for v in VARIANTS for (n, d) in SHAPES
+                for dt in (torch.float32, torch.bfloat16, torch.float16)
+                if n < 129 or dt == torch.float32 or (dt == torch.bfloat16 and not v.startswith("blip2"))]
+
+
+@needs_triton
+@pytest.mark.parametrize("variant,N,D,dtype", TRITON_CASES,
+                         ids=[f"{v}-N{n}-D{d}-{dtype_id(dt)}" for v, n, d, dt in TRITON_CASES])
+def test_triton_matches_reference(variant, N, D, dtype):
+    check_against_reference(variant, N, D, dtype, "triton", DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("N,D", SHAPES, ids=[f"N{n}-D{d}" for n, d in SHAPES])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_chunked_matches_reference(variant, N, D, dtype, small_chunks):
+    check_against_reference(variant, N, D, dtype, "reference")
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["clip", "blip2-q5"])
+def test_triton_wide_features(variant):
+    """D = 512: several K steps in the logits tile and two D chunks in the backward."""
+    check_against_reference(variant, 77 if variant == "clip" else 9, 512, torch.bfloat16, "triton", DEVICE)
+
+
+@pytest.mark.parametrize("variant", ["clip", "albef-queues-distill", "blip2-q5", "siglip"])
+def test_chunked_large_batch(variant):
+    """N = 1000 with the default chunk size (several chunks of whole rows)."""
+    check_against_reference(variant, 1000, 64, torch.float32, "reference")
+
+
+@needs_triton
+def test_triton_query_count_beyond_block():
+    """Q = 32 (BLIP-2) pads nothing and fills the row tile with two images' queries; Q = 33 pads to 64."""
+    for q in (32, 33):
+        VARIANTS[f"blip2-q{q}"] = dict(VARIANTS["blip2-q5"], queries=q)
+        try:
+            check_against_reference(f"blip2-q{q}", 5, 64, torch.float32, "triton", DEVICE)
+        finally:
+            del VARIANTS[f"blip2-q{q}"]
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["clip", "siglip"])
+def test_triton_strided_inputs(variant):
+    """Transposed and column-sliced features are read through their strides, never copied wrongly."""
+    inputs = make_inputs(variant, 45, 70, torch.float32, DEVICE)
+    strided = dict(inputs)
+    strided["a"] = inputs["a"].T.contiguous().T  # strides (1, N)
+    wide = randn(inputs["b"].shape[0], 90, device=DEVICE)
+    wide[:, 10:80] = inputs["b"]
+    strided["b"] = wide[:, 10:80]
+    assert not strided["a"].is_contiguous() and not strided["b"].is_contiguous()
+    want_loss, want = run(variant, inputs, 45, backend="triton")
+    got_loss, got = run(variant, strided, 45, backend="triton")
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_triton_deterministic():
+    """No atomics: two backward passes give bit-identical gradients."""
+    inputs = make_inputs("albef-queues-distill", 70, 64, torch.bfloat16, DEVICE)
+    first, second = run("albef-queues-distill", inputs, 70, backend="triton"), run("albef-queues-distill", inputs, 70, backend="triton")
+    assert_bitwise_equal(first[0], second[0], "loss")
+    for k in first[1]:
+        assert_bitwise_equal(first[1][k], second[1][k], f"d{k}")
+
+
+def test_backends_agree_without_grad_on_b(small_chunks):
+    """MoCo: keys and queue carry no gradient; only a and logit_scale get one."""
+    a = randn(9, 33).requires_grad_()
+    b = randn(9 + 20, 33)
+    t = torch.tensor(14.0, requires_grad=True)
+    loss = contrastive_loss(a, b, t, symmetric=False, log_scale=False, normalize=True, backend="reference")
+    loss.backward()
+    assert b.grad is None and a.grad is not None and t.grad is not None
+
+
+def test_label_smoothing_matches_cross_entropy():
+    """ε-smoothing equals torch's cross_entropy(label_smoothing=ε), the BLIP convention."""
+    a, b = randn(20, 16, dtype=torch.float64).float(), randn(20, 16, dtype=torch.float64).float()
+    t = torch.tensor(1.5)
+    logits = t.exp() * a @ b.T
+    labels = torch.arange(20)
+    ce = torch.nn.functional.cross_entropy
+    want = (ce(logits, labels, label_smoothing=0.1) + ce(logits.T, labels, label_smoothing=0.1)) / 2
+    got = contrastive_loss(a, b, t, label_smoothing=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class TestValidation:
+    def test_non_2d_b(self):
+        with pytest.raises(ValueError, match=r"b must have shape \(N, D\)"):
+            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 2, 4), 1.0)
+
+    def test_a_4d(self):
+        with pytest.raises(ValueError, match=r"a must have shape \(N, D\) or \(N, Q, D\)"):
+            contrastive_loss(torch.zeros(3, 1, 1, 4), torch.zeros(3, 4), 1.0)
+
+    def test_feature_size_mismatch(self):
+        with pytest.raises(ValueError, match="same feature size D"):
+            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 5), 1.0)
+
+    def test_fewer_columns_than_rows(self):
+        with pytest.raises(ValueError, match="M >= N"):
+            contrastive_loss(torch.zeros(5, 4), torch.zeros(3, 4), 1.0)
+        with pytest.raises(ValueError, match="M >= N"):
+            siglip_loss(torch.zeros(5, 4), torch.zeros(3, 4), 1.0, 0.0)
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.int64], ids=dtype_id)
+    def test_dtype(self, dtype):
+        with pytest.raises(ValueError, match="a must be float32, float16 or bfloat16"):
+            contrastive_loss(torch.zeros(3, 4, dtype=dtype), torch.zeros(3, 4, dtype=dtype), 1.0)
+
+    def test_mixed_dtypes(self):
+        with pytest.raises(ValueError, match="same dtype"):
+            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.bfloat16), 1.0)
+
+    def test_devices(self):
+        with pytest.raises(ValueError, match="one device"):
+            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4, device="meta"), 1.0)
+
+    def test_empty(self):
+        with pytest.raises(ValueError, match="non-empty"):
+            contrastive_loss(torch.zeros(0, 4), torch.zeros(3, 4), 1.0)
+
+    @pytest.mark.parametrize("scale", [torch.zeros(2), torch.tensor(1), "1.0"], ids=["two-elements", "int", "str"])
+    def test_logit_scale(self, scale):
+        with pytest.raises(ValueError, match="logit_scale must be a float or a floating tensor with one element"):
+            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4), scale)
+
+    @pytest.mark.parametrize("kw,match", [
+        (dict(num_pairs=4), r"num_pairs must be an int in \[1, 3\]"),
+        (dict(num_pairs=0), r"num_pairs must be an int in \[1, 3\]"),
+        (dict(label_smoothing=1.0), r"label_smoothing must be a float in \[0, 1\)"),
+        (dict(alpha=0.4), "alpha > 0 needs the teacher"),
+        (dict(alpha=1.5), r"alpha must be a float in \[0, 1\]"),
+        (dict(a_teacher=torch.zeros(3, 4)), "must be given together"),
+        (dict(a_teacher=torch.zeros(2, 4), b_teacher=torch.zeros(3, 4), alpha=0.4), r"a_teacher must have the shape of a"),
+    ], ids=["pairs-too-many", "pairs-zero", "smoothing", "alpha-no-teacher", "alpha-range", "one-teacher", "teacher-shape"])
+    def test_options(self, kw, match):
+        with pytest.raises(ValueError, match=match):
+            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4), 1.0, **kw)
+
+    def test_group_without_init(self):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            pytest.skip("a process group is already initialized in this process")
+        with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4), 1.0, group=object())
+
+    def test_triton_on_cpu_without_interpreter(self, monkeypatch):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4), 1.0, backend="triton")
+
+
+class TestDispatch:
+    def _spy(self, monkeypatch):
+        chosen = []
+        for name, mod in (("triton", triton_impl), ("reference", chunked)):
+            real = mod.forward
+            monkeypatch.setattr(mod, "forward", lambda *a, _n=name, _r=real, **k: (chosen.append(_n), _r(*a, **k))[1])
+        return chosen
+
+    def test_auto_on_cpu_is_chunked(self, monkeypatch):
+        monkeypatch.delenv("MMFAST_BACKEND", raising=False)
+        chosen = self._spy(monkeypatch)
+        contrastive_loss(randn(4, 8), randn(4, 8), 1.0)
+        assert chosen == ["reference"]
+
+    @needs_triton
+    def test_env_selects_triton(self, monkeypatch):
+        monkeypatch.setenv("MMFAST_BACKEND", "triton")
+        chosen = self._spy(monkeypatch)
+        siglip_loss(randn(4, 8), randn(4, 8), 1.0, -1.0)
+        assert chosen == ["triton"]
