@@ -1,7 +1,9 @@
-"""Interval-mask builders: each pinned to a hand-written dense mask, then checked against slow
-loop definitions of the models' masks over random inputs (hypothesis)."""
+"""Interval-mask builders: each pinned to a hand-written dense mask, checked against slow loop
+definitions of the models' masks over random inputs (hypothesis), and run through flash_attention
+against SDPA with the equivalent dense mask."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -215,3 +217,42 @@ def test_dense_round_trip_property(lq, lk, data):
     dense = loop_mask(lq, lk, lambda i, j: start[i] <= j < end[i])
     assert torch.equal(masks.dense_mask(start, end, lk), dense)
     assert_mask(masks.intervals_from_dense(dense), lk, dense)
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the kernel: the builders' intervals mean to flash_attention what their dense masks mean to SDPA
+
+
+def _media_ids():
+    ids = torch.arange(23).repeat(2, 1)
+    ids[0, [4, 5, 15]] = -1  # two adjacent images, then one
+    ids[1, [0, 9]] = -1
+    return ids
+
+
+BUILT = {
+    "causal-more-queries": lambda: (masks.causal(23, 17), 17),
+    "prefix-lm": lambda: (masks.prefix_lm(torch.tensor([7, 0]), 23), 23),
+    "qformer-itc": lambda: (masks.qformer_masks(8, 15).itc, 23),
+    "qformer-itg": lambda: (masks.qformer_masks(8, 15).itg, 23),
+    "media-most-recent": lambda: (masks.media_intervals(_media_ids(), -1, 5), 15),
+    "media-most-recent-group": lambda: (masks.media_intervals(_media_ids(), -1, 5, mode="most_recent_group"), 15),
+    "documents-causal": lambda: (masks.document_intervals(torch.tensor([0] * 9 + [1] * 13 + [2]), causal=True), 23),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", sorted(BUILT))
+def test_intervals_through_flash_attention_match_sdpa_with_dense_mask(name, backend):
+    from numerics import randn
+
+    from mmfast.kernels import flash_attention
+
+    (s, e), lk = BUILT[name]()
+    q, k, v = randn(2, 23, 2, 16), randn(2, lk, 2, 16), randn(2, lk, 2, 16)
+    got = flash_attention(q, k, v, kv_start=s, kv_end=e, backend=backend)
+    dense = masks.dense_mask(s, e, lk).expand(2, 23, lk)[:, None]  # (B, 1, Lq, Lk), True = attend
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))
+    expected = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=dense).transpose(1, 2)
+    expected = torch.where(dense[:, 0].any(-1)[..., None, None], expected, 0.0)  # rows that see nothing: 0
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
