@@ -247,3 +247,18 @@ def test_torch_compile_traces_the_module_without_graph_breaks():
     torch.testing.assert_close(got, m(x, ctx, kv_start=s, kv_end=e), rtol=0, atol=0)
     got.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_mask_reused_across_layers_equals_intervals(backend):
+    from mmfast.kernels import build_block_mask
+
+    layers = [MultiheadAttention(64, 4, kv_dim=48, num_kv_heads=2, backend=backend) for _ in range(2)]
+    ids = torch.tensor([[1, 2, 9, 3, 4, 9, 9, 5], [9, 1, 2, 3, 4, 5, 6, 7]])
+    s, e = masks.media_intervals(ids, 9, 3, mode="most_recent_group")
+    bm = build_block_mask(8, 9, kv_start=s, kv_end=e)  # once, for every layer
+    x, vision = randn(2, 8, 64), randn(2, 9, 48)
+    with torch.no_grad():
+        for layer in layers:
+            torch.testing.assert_close(layer(x, vision, block_mask=bm), layer(x, vision, kv_start=s, kv_end=e),
+                                       rtol=0, atol=0)
