@@ -52,12 +52,17 @@ def attention_dense_mask(seqlen_q, seqlen_k, *, causal=False, kv_start=None, kv_
     if causal:
         mask = mask & (j <= i + (seqlen_k - seqlen_q))
     if kv_start is not None:
-        mask = mask & (j >= kv_start.reshape(-1, seqlen_q, 1).to(device=device, dtype=torch.int64))
+        mask = mask & (j >= _per_row(kv_start, seqlen_q).to(device=device, dtype=torch.int64))
     if kv_end is not None:
-        mask = mask & (j < kv_end.reshape(-1, seqlen_q, 1).to(device=device, dtype=torch.int64))
+        mask = mask & (j < _per_row(kv_end, seqlen_q).to(device=device, dtype=torch.int64))
     if key_padding_mask is not None:
-        mask = mask & ~key_padding_mask.reshape(-1, 1, seqlen_k).to(device=device, dtype=torch.bool)
+        mask = mask & ~key_padding_mask.reshape(key_padding_mask.shape[0], 1, seqlen_k).to(device=device, dtype=torch.bool)
     return mask
+
+
+def _per_row(t, seqlen_q):
+    """(Lq,) or (B, Lq) -> (1 or B, Lq, 1)."""
+    return t.reshape(1 if t.dim() == 1 else t.shape[0], seqlen_q, 1)
 
 
 def _attention_dense(q, k, v, mask, scale):

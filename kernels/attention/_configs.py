@@ -33,24 +33,24 @@ class TileConfig:
 # 16 and 32 use the 64 entry (smaller tiles of the same shape). fp32 operands take twice the registers /
 # shared memory of fp16/bf16, hence their own, smaller entries.
 _GPU_TABLE = {
-    ("fwd", 64, 2): TileConfig(128, 64, 4, 3),
-    ("fwd", 128, 2): TileConfig(128, 64, 8, 3),
-    ("fwd", 256, 2): TileConfig(64, 32, 4, 2),
+    ("fwd", 64, 2): TileConfig(128, 64, 8, 3),
+    ("fwd", 128, 2): TileConfig(128, 32, 8, 3),
+    ("fwd", 256, 2): TileConfig(64, 16, 8, 1),
     ("fwd", 64, 4): TileConfig(64, 64, 4, 2),
     ("fwd", 128, 4): TileConfig(64, 32, 4, 2),
     ("fwd", 256, 4): TileConfig(32, 32, 4, 1),
-    ("dkdv", 64, 2): TileConfig(32, 64, 4, 3),
-    ("dkdv", 128, 2): TileConfig(32, 64, 4, 2),
-    ("dkdv", 256, 2): TileConfig(16, 32, 4, 1),
-    ("dkdv", 64, 4): TileConfig(32, 64, 4, 2),
+    ("dkdv", 64, 2): TileConfig(32, 64, 8, 2),
+    ("dkdv", 128, 2): TileConfig(16, 32, 4, 2),
+    ("dkdv", 256, 2): TileConfig(16, 32, 8, 1),
+    ("dkdv", 64, 4): TileConfig(32, 32, 4, 2),
     ("dkdv", 128, 4): TileConfig(16, 32, 4, 2),
     ("dkdv", 256, 4): TileConfig(16, 32, 8, 1),
-    ("dq", 64, 2): TileConfig(64, 64, 4, 3),
-    ("dq", 128, 2): TileConfig(64, 64, 4, 2),
-    ("dq", 256, 2): TileConfig(32, 32, 4, 1),
+    ("dq", 64, 2): TileConfig(64, 64, 8, 2),
+    ("dq", 128, 2): TileConfig(32, 32, 4, 2),
+    ("dq", 256, 2): TileConfig(32, 32, 8, 1),
     ("dq", 64, 4): TileConfig(64, 32, 4, 2),
     ("dq", 128, 4): TileConfig(32, 32, 4, 2),
-    ("dq", 256, 4): TileConfig(16, 32, 4, 1),
+    ("dq", 256, 4): TileConfig(16, 32, 8, 1),
     ("pre", 64, 2): TileConfig(64, 0, 4, 1),
     ("pre", 128, 2): TileConfig(32, 0, 4, 1),
     ("pre", 256, 2): TileConfig(16, 0, 4, 1),
@@ -60,9 +60,9 @@ _GPU_TABLE = {
 }
 
 _INTERPRETER_TABLE = {
-    "fwd": TileConfig(16, 16, 4, 1),
-    "dkdv": TileConfig(16, 16, 4, 1),
-    "dq": TileConfig(16, 32, 4, 1),
+    "fwd": TileConfig(32, 32, 4, 1),
+    "dkdv": TileConfig(16, 32, 4, 1),
+    "dq": TileConfig(32, 16, 4, 1),
     "pre": TileConfig(32, 0, 4, 1),
 }
 

@@ -37,29 +37,32 @@ def _dot_operand(x, DOT_FP32: tl.constexpr):
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,
-    k_ptrs0, v_ptrs0, stride_kn, stride_vn,
+    k_ptr, v_ptr, kT_offs, v_offs, stride_kn, stride_vn,
     idx_ptr, num,
     offs_n, offs_d, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    # tile-local offsets stay int32 (small); the tile's start goes into the 64-bit scalar pointer
     STEPS: tl.constexpr = MASK_N // BLOCK_N
     d_ok = offs_d < HEAD_DIM
     for t in range(0, num * STEPS):
         n_block = tl.load(idx_ptr + t // STEPS)
-        start_n = n_block.to(tl.int64) * MASK_N + (t % STEPS) * BLOCK_N
+        start_n = n_block * MASK_N + (t % STEPS) * BLOCK_N
+        kT_ptrs = k_ptr + start_n.to(tl.int64) * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None])
+        v_ptrs = v_ptr + start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
         cols = start_n + offs_n
         if MASKED:
             col_ok = cols < seqlen_k
-            kT = tl.load(k_ptrs0 + cols[None, :] * stride_kn, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs0 + cols[:, None] * stride_vn, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            kT = tl.load(kT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         elif HEAD_DIM == BLOCK_D:
-            kT = tl.load(k_ptrs0 + cols[None, :] * stride_kn)
-            v = tl.load(v_ptrs0 + cols[:, None] * stride_vn)
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
         else:
-            kT = tl.load(k_ptrs0 + cols[None, :] * stride_kn, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs0 + cols[:, None] * stride_vn, mask=d_ok[None, :], other=0.0)
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         qk = tl.dot(q, _dot_operand(kT, DOT_FP32), input_precision=PRECISION) * qk_scale
         if MASKED:
             visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
@@ -128,15 +131,19 @@ def _attention_fwd_kernel(
     if start_m >= seqlen_q:
         return
     m_block = start_m // MASK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_mt = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_mt
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen_q
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + q_base + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
-    q = _dot_operand(tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0), DOT_FP32)
-    k_ptrs0 = K + k_base + kv_h.to(tl.int64) * stride_kh + offs_d[:, None]
-    v_ptrs0 = V + v_base + kv_h.to(tl.int64) * stride_vh + offs_d[None, :]
+    q_ptr = Q + q_base + h.to(tl.int64) * stride_qh + start_m.to(tl.int64) * stride_qm
+    q = _dot_operand(tl.load(q_ptr + offs_mt[:, None] * stride_qm + offs_d[None, :],
+                             mask=row_ok[:, None] & d_ok[None, :], other=0.0), DOT_FP32)
+    k_ptr = K + k_base + kv_h.to(tl.int64) * stride_kh
+    v_ptr = V + v_base + kv_h.to(tl.int64) * stride_vh
+    kT_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
     kpm_ptr = KPM + b.to(tl.int64) * stride_kpmb
     row_lo = tl.load(RowLo + r_base + offs_m, mask=row_ok, other=0)
     row_hi = tl.load(RowHi + r_base + offs_m, mask=row_ok, other=0)
@@ -147,18 +154,19 @@ def _attention_fwd_kernel(
     meta = b.to(tl.int64) * stride_nb + m_block
     idx = b.to(tl.int64) * stride_ib + m_block.to(tl.int64) * stride_im
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, stride_kn, stride_vn, FullIdx + idx, tl.load(FullNum + meta),
+        acc, l_i, m_i, q, k_ptr, v_ptr, kT_offs, v_offs, stride_kn, stride_vn, FullIdx + idx, tl.load(FullNum + meta),
         offs_n, offs_d, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, qk_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, False, HAS_KPM, DOT_FP32, EMULATE, PRECISION,
     )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, stride_kn, stride_vn, PartIdx + idx, tl.load(PartNum + meta),
+        acc, l_i, m_i, q, k_ptr, v_ptr, kT_offs, v_offs, stride_kn, stride_vn, PartIdx + idx, tl.load(PartNum + meta),
         offs_n, offs_d, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, qk_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, True, HAS_KPM, DOT_FP32, EMULATE, PRECISION,
     )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = Out + o_base + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+    o_ptrs = (Out + o_base + h.to(tl.int64) * stride_oh + start_m.to(tl.int64) * stride_om
+              + offs_mt[:, None] * stride_om + offs_d[None, :])
     tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, EMULATE), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + l_base + h.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)

@@ -1,0 +1,133 @@
+"""flash_attention (Triton; the interpreter on CPU): forward and backward vs the fp64 reference.
+
+Odd lengths, head dims 40 / 64 / 80 / 128 / 256, self and cross attention, causal with Lq != Lk, GQA,
+random intervals, key padding, fully masked rows, strided views, determinism, return_lse and its
+gradient. Varlen, block masks and validation live in test_attention_varlen.py / _blockmask.py.
+"""
+import pytest
+import torch
+from attention_helpers import check_against_reference, qkv, random_intervals, random_padding
+from numerics import FLOAT_DTYPES, assert_bitwise_equal, dtype_id, randn
+
+from mmfast.kernels import flash_attention
+from mmfast.kernels.reference import attention_reference
+
+# (batch, Lq, Lk, Hq, Hkv, D, mask): one row per case, chosen to cover sizes, head dims and masks
+CASES = [
+    (1, 77, 77, 2, 2, 64, "none"),
+    (2, 77, 77, 2, 1, 64, "causal"),
+    (1, 17, 197, 2, 2, 40, "intervals"),
+    (2, 197, 17, 4, 2, 80, "intervals+causal"),
+    (2, 1, 257, 2, 2, 128, "padding"),
+    (1, 257, 1, 2, 1, 64, "causal"),  # Lq > Lk, bottom-right: most rows see nothing
+    (1, 33, 77, 3, 1, 80, "causal"),  # Lq < Lk causal, MQA
+    (2, 45, 61, 2, 2, 72, "intervals+padding"),
+    (1, 17, 17, 1, 1, 256, "intervals"),
+]
+
+
+def _mask(kind, batch, seqlen_q, seqlen_k, device):
+    mask = {}
+    if "causal" in kind:
+        mask["causal"] = True
+    if "intervals" in kind:
+        mask["kv_start"], mask["kv_end"] = random_intervals(batch, seqlen_q, seqlen_k, device)
+    if "padding" in kind:
+        mask["key_padding_mask"] = random_padding(batch, seqlen_k, device)
+    return mask
+
+
+def _case_id(case):
+    b, lq, lk, hq, hkv, d, kind = case
+    return f"B{b}-{lq}x{lk}-H{hq}kv{hkv}-D{d}-{kind}"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_backward_match_reference(device, dtype, case):
+    b, lq, lk, hq, hkv, d, kind = case
+    q, k, v = qkv(b, lq, lk, hq, hkv, d, dtype, device)
+    check_against_reference(q, k, v, **_mask(kind, b, lq, lk, device))
+
+
+def test_long_sequence_577(device):
+    """The ViT-L/14@336 length once (many blocks; full, partial and hidden tiles all occur)."""
+    q, k, v = qkv(1, 577, 577, 1, 1, 64, torch.bfloat16, device)
+    start, end = random_intervals(1, 577, 577, device, empty_rows=0.0)
+    check_against_reference(q, k, v, kv_start=start[0], kv_end=end[0], causal=True, grads=False)
+
+
+def test_unbatched_intervals_and_scale(device):
+    """(Lq,) intervals broadcast over the batch; an explicit softmax_scale."""
+    q, k, v = qkv(2, 40, 50, 2, 2, 64, torch.float32, device)
+    start, end = random_intervals(1, 40, 50, device)
+    check_against_reference(q, k, v, kv_start=start[0], kv_end=end[0], softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_fully_masked_rows_are_exact_zeros(device, dtype):
+    """Rows that see no key: output exactly 0, LSE -inf, dq 0, no contribution to dk / dv, no NaN."""
+    b, lq, lk = 2, 37, 45
+    q, k, v = qkv(b, lq, lk, 2, 1, 64, dtype, device)
+    start, end = random_intervals(b, lq, lk, device, empty_rows=0.5)
+    end[:, :5] = start[:, :5]  # at least a tile's worth of hidden rows
+    end[1] = start[1]  # and one whole sample
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flash_attention(*leaves, kv_start=start, kv_end=end, return_lse=True, backend="triton")
+    hidden = (end <= start)  # (B, Lq)
+    assert torch.all(out[hidden] == 0) and torch.isfinite(out).all()
+    assert torch.all(lse.transpose(1, 2)[hidden] == float("-inf"))
+    out.sum().backward()
+    dq, dk, dv = (t.grad for t in leaves)
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert torch.all(dq[hidden] == 0)
+    assert torch.all(dk[1] == 0) and torch.all(dv[1] == 0), "a sample whose rows see nothing has zero dk / dv"
+    check_against_reference(q, k, v, kv_start=start, kv_end=end)
+
+
+def test_strided_views_of_fused_qkv(device):
+    """q / k / v as slices of a fused (B, L, 3, H, D) projection, and (B, H, L, D) permutes: no copy needed."""
+    b, l, h, d = 2, 45, 2, 40
+    fused = randn(b, l, 3, h, d, dtype=torch.float16, device=device)
+    q, k, v = fused.unbind(2)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    out = check_against_reference(q, k, v, causal=True)[0]
+    bhld = randn(b, h, l, d, dtype=torch.float16, device=device)
+    kv = randn(2, b, h, 61, d, dtype=torch.float16, device=device)
+    q2, k2, v2 = bhld.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+    check_against_reference(q2, k2, v2)
+    assert out.is_contiguous()
+
+
+def test_backward_is_deterministic(device):
+    """No atomics: two backward passes (GQA, masks) are bitwise equal."""
+    b, lq, lk = 2, 77, 61
+    q, k, v = qkv(b, lq, lk, 4, 2, 64, torch.bfloat16, device)
+    start, end = random_intervals(b, lq, lk, device)
+    dout = randn(b, lq, 4, 64, dtype=torch.bfloat16, device=device)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        flash_attention(*leaves, kv_start=start, kv_end=end, causal=True, backend="triton").backward(dout)
+        grads.append([t.grad for t in leaves])
+    for name, a, e in zip(("dq", "dk", "dv"), *grads):
+        assert_bitwise_equal(a, e, what=name)
+
+
+def test_lse_is_differentiable(device):
+    """return_lse for callers that merge partial attentions: its gradient flows (dS += P * dLSE)."""
+    q, k, v = qkv(2, 33, 47, 2, 2, 64, torch.float32, device)
+    start, end = random_intervals(2, 33, 47, device)
+    check_against_reference(q, k, v, kv_start=start, kv_end=end, dlse=True)
+
+
+def test_reference_backend(device):
+    """backend="reference" (the CPU default) follows the same spec, in fp32 for low-precision inputs."""
+    q, k, v = qkv(2, 17, 23, 2, 1, 40, torch.bfloat16, device)
+    start, end = random_intervals(2, 17, 23, device)
+    out, lse = flash_attention(q, k, v, kv_start=start, kv_end=end, causal=True, return_lse=True, backend="reference")
+    out64, lse64 = attention_reference(q.double(), k.double(), v.double(), kv_start=start, kv_end=end, causal=True,
+                                       return_lse=True)
+    assert out.dtype == torch.bfloat16 and lse.shape == (2, 2, 17)
+    assert (out.double() - out64).abs().max() < 2e-2
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse64))
