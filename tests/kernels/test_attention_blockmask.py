@@ -1,0 +1,201 @@
+"""Block-sparse metadata: exact tile classification, hidden tiles never read, reuse across calls,
+validation errors, and torch.compile tracing of flash_attention."""
+import pytest
+import torch
+from attention_helpers import qkv, random_intervals, random_padding
+from numerics import assert_bitwise_equal, randn
+
+from mmfast.kernels import AttentionBlockMask, build_block_mask, flash_attention
+from mmfast.kernels.reference import attention_dense_mask
+
+
+def _brute_force_tiles(dense, tile, seqlen_k):
+    """Tile classes from the dense mask (B', Lq, Lk): visible = any key seen; full = every row sees every
+    key of a complete tile (rows past Lq don't count)."""
+    mm, mn = tile
+    b, lq, lk = dense.shape
+    m_blocks, n_blocks = -(-lq // mm), -(-lk // mn)
+    padded = torch.zeros(b, m_blocks * mm, n_blocks * mn, dtype=torch.bool)
+    padded[:, :lq, :lk] = dense
+    valid = torch.zeros(m_blocks * mm, dtype=torch.bool)
+    valid[:lq] = True
+    tiles = padded.view(b, m_blocks, mm, n_blocks, mn)
+    visible = tiles.any(dim=(2, 4))
+    rows_full = tiles.all(dim=4) | ~valid.view(1, m_blocks, mm, 1)
+    complete = (torch.arange(n_blocks) + 1) * mn <= seqlen_k
+    full = rows_full.all(dim=2) & complete & visible
+    return visible, full
+
+
+def _decode(num, idx):
+    """Per-row lists -> dense flags."""
+    listed = torch.arange(idx.shape[-1]) < num[..., None].long()
+    return torch.zeros(idx.shape, dtype=torch.bool).scatter(-1, idx.long(), listed)
+
+
+@pytest.mark.parametrize("tile", [(32, 32), (128, 64), (16, 48)], ids=lambda t: f"tile{t[0]}x{t[1]}")
+@pytest.mark.parametrize("kind", ["none", "causal", "intervals+causal", "padding+intervals"])
+def test_tile_classes_match_brute_force(tile, kind):
+    b, lq, lk = 2, 197, 150
+    mask = {"causal": "causal" in kind}
+    if "intervals" in kind:
+        mask["kv_start"], mask["kv_end"] = random_intervals(b, lq, lk, "cpu")
+    if "padding" in kind:
+        mask["key_padding_mask"] = random_padding(b, lk, "cpu")
+    bm = build_block_mask(lq, lk, tile=tile, **mask)
+    dense = attention_dense_mask(lq, lk, **mask)
+    visible, full = _brute_force_tiles(dense, tile, lk)
+    kv_full, kv_part = _decode(bm.kv_full_num, bm.kv_full_idx), _decode(bm.kv_part_num, bm.kv_part_idx)
+    assert torch.equal(kv_full, full) and torch.equal(kv_part, visible & ~full)
+    q_full, q_part = _decode(bm.q_full_num, bm.q_full_idx), _decode(bm.q_part_num, bm.q_part_idx)
+    assert torch.equal(q_full, full.transpose(1, 2)) and torch.equal(q_part, (visible & ~full).transpose(1, 2))
+    assert torch.equal(bm.dense().expand_as(dense), dense.expand(bm.dense().shape[0], -1, -1))
+    for lists in (bm.kv_full_idx, bm.kv_part_idx):  # visited in ascending order
+        n = lists.shape[-1]
+        assert torch.all(lists.sort(dim=-1).values == torch.arange(n, dtype=torch.int32))
+
+
+def test_hidden_tiles_are_never_read(device):
+    """NaN / inf in the keys and values of hidden KV tiles changes nothing, forward and backward:
+    the kernels skip them entirely (a read would turn the output or gradients into NaN)."""
+    b, lq, h, d = 2, 70, 2, 64
+    tile_n = build_block_mask(8, 8, device=device).tile[1]
+    lk = 4 * tile_n + 5
+    start = torch.full((lq,), tile_n, dtype=torch.int32, device=device)
+    end = torch.full((lq,), 2 * tile_n + 3, dtype=torch.int32, device=device)  # tiles 0, 3 and 4 hidden
+    bm = build_block_mask(lq, lk, kv_start=start, kv_end=end, causal=False, device=device)
+    full, partial, total = bm.visited_blocks()
+    assert partial + full == bm.kv_full_num.shape[1] * 2 and total == bm.kv_full_num.shape[1] * 5
+    q, k, v = qkv(b, lq, lk, h, h, d, torch.float16, device)
+    dout = randn(b, lq, h, d, dtype=torch.float16, device=device)
+    results = []
+    for poison in (False, True):
+        kk, vv = k.clone(), v.clone()
+        if poison:
+            for t in (kk, vv):
+                t[:, :tile_n] = float("nan")
+                t[:, 3 * tile_n:] = float("inf")
+        leaves = [t.clone().requires_grad_() for t in (q, kk, vv)]
+        out = flash_attention(*leaves, block_mask=bm, backend="triton")
+        out.backward(dout)
+        results.append([out] + [t.grad for t in leaves])
+    for name, clean, poisoned in zip(("out", "dq", "dk", "dv"), *results):
+        assert_bitwise_equal(poisoned, clean, what=name)
+    dk = results[1][2]
+    assert torch.all(dk[:, :tile_n] == 0) and torch.all(dk[:, 3 * tile_n:] == 0)
+
+
+def test_block_mask_reuse_is_identical(device):
+    """A prebuilt block mask (shared by layers) gives bitwise the same results as the mask arguments."""
+    b, lq, lk = 2, 45, 77
+    start, end = random_intervals(b, lq, lk, device)
+    pad = random_padding(b, lk, device)
+    bm = build_block_mask(lq, lk, kv_start=start, kv_end=end, key_padding_mask=pad, causal=True, device=device)
+    assert isinstance(bm, AttentionBlockMask) and "AttentionBlockMask" in repr(bm)
+    for d in (40, 64):  # two "layers" with different head dims share one block mask
+        q, k, v = qkv(b, lq, lk, 2, 1, d, torch.bfloat16, device)
+        got, lse = flash_attention(q, k, v, block_mask=bm, return_lse=True, backend="triton")
+        want, lse2 = flash_attention(q, k, v, kv_start=start, kv_end=end, key_padding_mask=pad, causal=True,
+                                     return_lse=True, backend="triton")
+        assert_bitwise_equal(got, want, what=f"out D={d}")
+        assert_bitwise_equal(lse, lse2, what=f"lse D={d}")
+        ref = flash_attention(q, k, v, block_mask=bm, backend="reference")
+        assert (ref.double() - got.double()).abs().max() < 3e-2
+
+
+def test_block_mask_varlen(device):
+    lengths_q, lengths_k = [20, 45], [33, 9]
+    cu_q = torch.tensor([0, 20, 65], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 33, 42], dtype=torch.int32, device=device)
+    q, k, v = qkv(None, 65, 42, 2, 2, 64, torch.float32, device, varlen=True)
+    args = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=45, max_seqlen_k=33, causal=True)
+    bm = build_block_mask(**args)
+    got = flash_attention(q, k, v, block_mask=bm, backend="triton")
+    want = flash_attention(q, k, v, backend="triton", **args)
+    assert_bitwise_equal(got, want, what="varlen block mask")
+    assert lengths_q and lengths_k
+
+
+def _errors():
+    q, k, v = qkv(2, 5, 7, 4, 2, 16, torch.float32, "cpu")
+    i32 = lambda *a: torch.tensor(a, dtype=torch.int32)  # noqa: E731
+    cases = {
+        "q-3d-without-cu_seqlens": ((q[0], k, v), {}, "shape"),
+        "batch-mismatch": ((q, k[:1], v[:1]), {}, "batch"),
+        "head-dim-mismatch": ((q, k[..., :8], v[..., :8]), {}, "head_dim"),
+        "heads-not-multiple": ((q[:, :, :3], k, v), {}, "multiple"),
+        "float64": ((q.double(), k.double(), v.double()), {}, "float16"),
+        "mixed-dtypes": ((q, k.half(), v.half()), {}, "dtype"),
+        "other-device": ((q, k.to("meta"), v.to("meta")), {}, "device"),
+        "last-dim-strided": ((torch.randn(2, 5, 16, 4).transpose(-1, -2), k, v), {}, "contiguous"),
+        "kv-shapes-differ": ((q, k, v[:, :6]), {}, "same shape"),
+        "head-dim-257": ((torch.randn(1, 3, 1, 257), torch.randn(1, 3, 1, 257), torch.randn(1, 3, 1, 257)), {}, "head_dim"),
+        "kv_start-int64": ((q, k, v), {"kv_start": torch.zeros(5, dtype=torch.int64)}, "int32"),
+        "kv_end-shape": ((q, k, v), {"kv_end": torch.zeros(3, 5, dtype=torch.int32)}, "shape"),
+        "kv_end-above-Lk": ((q, k, v), {"kv_end": i32(7, 7, 8, 7, 7)}, "[0, Lk]"),
+        "kv_start-negative": ((q, k, v), {"kv_start": i32(0, -1, 0, 0, 0)}, "[0, Lk]"),
+        "padding-not-bool": ((q, k, v), {"key_padding_mask": torch.zeros(2, 7)}, "bool"),
+        "padding-shape": ((q, k, v), {"key_padding_mask": torch.zeros(2, 6, dtype=torch.bool)}, "shape"),
+        "cu_seqlens-int64": ((q[0], k[0], v[0]), {"cu_seqlens_q": torch.tensor([0, 5]), "cu_seqlens_k": i32(0, 7),
+                                                  "max_seqlen_q": 5, "max_seqlen_k": 7}, "int32"),
+        "cu_seqlens-not-monotone": ((q[0], k[0], v[0]), {"cu_seqlens_q": i32(0, 4, 3, 5), "cu_seqlens_k": i32(0, 2, 5, 7),
+                                                         "max_seqlen_q": 5, "max_seqlen_k": 7}, "non-decreasing"),
+        "cu_seqlens-not-from-0": ((q[0], k[0], v[0]), {"cu_seqlens_q": i32(1, 5), "cu_seqlens_k": i32(0, 7),
+                                                       "max_seqlen_q": 5, "max_seqlen_k": 7}, "start at 0"),
+        "cu_seqlens-wrong-total": ((q[0], k[0], v[0]), {"cu_seqlens_q": i32(0, 4), "cu_seqlens_k": i32(0, 7),
+                                                        "max_seqlen_q": 5, "max_seqlen_k": 7}, "packed length"),
+        "cu_seqlens-lengths-differ": ((q[0], k[0], v[0]), {"cu_seqlens_q": i32(0, 5), "cu_seqlens_k": i32(0, 3, 7),
+                                                           "max_seqlen_q": 5, "max_seqlen_k": 7}, "same length"),
+        "varlen-without-max_seqlen": ((q[0], k[0], v[0]), {"cu_seqlens_q": i32(0, 5), "cu_seqlens_k": i32(0, 7)},
+                                      "max_seqlen"),
+        "max_seqlen-too-small": ((q[0], k[0], v[0]), {"cu_seqlens_q": i32(0, 5), "cu_seqlens_k": i32(0, 7),
+                                                      "max_seqlen_q": 4, "max_seqlen_k": 7}, "longest"),
+        "varlen-with-padding": ((q[0], k[0], v[0]), {"cu_seqlens_q": i32(0, 5), "cu_seqlens_k": i32(0, 7),
+                                                     "max_seqlen_q": 5, "max_seqlen_k": 7,
+                                                     "key_padding_mask": torch.zeros(1, 7, dtype=torch.bool)},
+                                "key_padding_mask"),
+        "block_mask-and-causal": ((q, k, v), {"block_mask": build_block_mask(5, 7), "causal": True}, "block_mask"),
+        "block_mask-wrong-lengths": ((q, k, v), {"block_mask": build_block_mask(6, 7)}, "Lq=6"),
+        "block_mask-not-a-mask": ((q, k, v), {"block_mask": (1, 2)}, "build_block_mask"),
+        "unknown-backend": ((q, k, v), {"backend": "cudnn"}, "backend"),
+    }
+    return cases
+
+
+ERRORS = _errors()
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_validation_errors(name):
+    args, kwargs, match = ERRORS[name]
+    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("]", r"\]")):
+        flash_attention(*args, **kwargs)
+
+
+def test_torch_compile_fullgraph(device):
+    """torch.compile(fullgraph=True) traces a module calling flash_attention (custom ops + fake
+    kernels + registered autograd): same outputs and gradients as eager."""
+    b, lq, lk, h, d = 2, 20, 33, 2, 32
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(d, d)
+
+        def forward(self, q, k, v, start, end):
+            out = flash_attention(q, k, v, kv_start=start, kv_end=end, causal=True, backend="triton")
+            return self.proj(out)
+
+    torch._dynamo.reset()
+    model = Block().to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    q, k, v = qkv(b, lq, lk, h, h, d, torch.float32, device)
+    start, end = random_intervals(b, lq, lk, device)
+    results = []
+    for fn in (model, compiled):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, start, end)
+        out.square().sum().backward()
+        results.append([out] + [t.grad for t in leaves])
+    for name, eager, comp in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6, msg=name)
