@@ -2,6 +2,7 @@
 from ._dispatch import BACKENDS, interpreting
 from .attention import AttentionBlockMask, build_block_mask, flash_attention
 from .ema import ema_update_
+from .gated_linear import tanh_gated_linear
 from .patch_embed import patch_embed, tile_patch_embed
 
-__all__ = ["AttentionBlockMask", "BACKENDS", "build_block_mask", "flash_attention", "ema_update_", "interpreting", "patch_embed", "tile_patch_embed"]
+__all__ = ["AttentionBlockMask", "BACKENDS", "build_block_mask", "flash_attention", "ema_update_", "interpreting", "patch_embed", "tanh_gated_linear", "tile_patch_embed"]

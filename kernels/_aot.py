@@ -16,6 +16,10 @@ class CompileSpec:
     num_stages: int = 3
     label: str = ""  # human-readable config, e.g. "ema=fp32 src=bf16 BLOCK=1024"
     options: dict = field(default_factory=dict)  # extra compile options (e.g. enable_fp_fusion)
+    # argument name -> divisibility (16), as Triton's JIT specialises 16-byte aligned pointers and integers
+    # divisible by 16 at run time; without it the compiler cannot prove 16-byte accesses (no cp.async
+    # pipelining), so a kernel built for aligned operands would be judged on code it never runs
+    divisibility: dict = field(default_factory=dict)
 
     @property
     def name(self):
@@ -23,7 +27,7 @@ class CompileSpec:
 
 
 # Kernel families (modules of mmfast.kernels) that define compile_specs().
-FAMILIES = ("ema",)
+FAMILIES = ("ema", "gated_linear")
 
 
 def all_compile_specs():

@@ -285,3 +285,23 @@ def siglip_loss_reference(a, b, logit_scale, logit_bias, *, normalize=False, log
     logits = s.to(a.dtype) * (a @ b.T) + logit_bias.to(a.dtype)
     z = 2 * torch.eye(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device) - 1
     return -nf.logsigmoid(z * logits).sum() / a.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tanh-gated cross-attention (Flamingo, Llama 3.2 Vision, Idefics)
+
+
+def tanh_gated_linear_reference(a, weight, bias, gate, residual, *, row_mask=None):
+    """``residual + tanh(gate) · (a @ weightᵀ + bias)``, as Flamingo / Hugging Face Mllama and Idefics write
+    the gated residual (``x + self.attn_gate.tanh() * self.o_proj(h)``).
+
+    `gate` is a scalar (one element) or a per-output-channel vector (N elements, Idefics'
+    ``alpha_type="vector"``). `row_mask` (bool, a.shape[:-1] or (M,)): True zeroes that row's update
+    (Llama 3.2's full-text-row mask), so the row's output is the residual.
+    """
+    update = torch.nn.functional.linear(a, weight, bias)
+    gate = gate.reshape(-1) if gate.numel() > 1 else gate.reshape(())
+    update = torch.tanh(gate).to(update.dtype) * update
+    if row_mask is not None:
+        update = update.masked_fill(row_mask.reshape(*a.shape[:-1], 1), 0.0)
+    return residual + update

@@ -289,7 +289,10 @@ def check_spec(spec, cc, workdir=None):
                 f"{spec.name} is a {type(spec.kernel).__name__}, not a @triton.jit JITFunction "
                 "(was it imported with TRITON_INTERPRET=1?)"
             )
-        src = triton.compiler.ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+        attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", value]]
+                 for name, value in getattr(spec, "divisibility", {}).items()}
+        src = triton.compiler.ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs,
+                                        attrs=attrs or None)
         # Triton prints ptxas failures (with the whole PTX) to stdout: keep them out of the table
         with contextlib.redirect_stdout(io.StringIO()):
             compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=_spec_options(spec))

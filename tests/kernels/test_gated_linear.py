@@ -1,0 +1,188 @@
+"""tanh_gated_linear: forward and every gradient against the fp64 reference (the 2x / 3x rule).
+
+On the CPU the Triton kernels run through the interpreter (bf16 dots per the DOT_FP32 policy in
+tests/numerics.py); every output buffer the launchers allocate is poisoned with NaN first.
+"""
+import pytest
+import torch
+from numerics import FLOAT_DTYPES, SEED, assert_bitwise_equal, assert_close_by_rule, dtype_id, poison_, randn
+
+import mmfast.kernels.gated_linear as gl
+from mmfast.kernels import tanh_gated_linear
+from mmfast.kernels.reference import tanh_gated_linear_reference
+
+# (M, K, N): every size of M ∈ {1, 77, 333} and K, N ∈ {64, 80, 1000} appears, not the full product
+SHAPES = [(1, 1000, 80), (77, 80, 64), (77, 64, 1000), (333, 1000, 80), (333, 80, 64)]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    real = gl._empty
+    monkeypatch.setattr(gl, "_empty", lambda shape, dtype, device: poison_(real(shape, dtype, device)))
+
+
+def _inputs(M, K, N, dtype, device, gate, bias=True, lead=None):
+    lead = (M,) if lead is None else lead
+    a = randn(*lead, K, dtype=dtype, device=device)
+    w = randn(N, K, dtype=dtype, device=device, scale=K**-0.5)
+    b = randn(N, dtype=dtype, device=device) if bias else None
+    if gate == "scalar":
+        g = randn(1, dtype=torch.float32, device=device, scale=0.5).reshape(())  # 0-dim
+    elif gate == "vector":
+        g = randn(N, dtype=torch.float32, device=device, scale=0.5)
+    else:
+        g = torch.zeros((), device=device)
+    r = randn(*lead, N, dtype=dtype, device=device)
+    return a, w, b, g, r
+
+
+def _grads(fn, tensors, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    return out, torch.autograd.grad(out, present, dy)
+
+
+def _run_all(a, w, b, g, r, row_mask=None, dy_dtype=None):
+    """(ours, fp64 reference, PyTorch in the inputs' dtype): each (out, grads of the non-None inputs)."""
+    dy = randn(*r.shape, dtype=r.dtype, device=r.device)
+    ours = _with_none(lambda a, w, b, g, r: tanh_gated_linear(a, w, b, g, r, row_mask=row_mask, backend="triton"),
+                      (a, w, b, g, r), dy)
+    wide = [None if t is None else t.double() for t in (a, w, b, g, r)]
+    ref = _with_none(lambda a, w, b, g, r: tanh_gated_linear_reference(a, w, b, g, r, row_mask=row_mask),
+                     wide, dy.double())
+    same = _with_none(lambda a, w, b, g, r: tanh_gated_linear_reference(a, w, b, g, r, row_mask=row_mask),
+                      (a, w, b, g, r), dy)
+    return ours, ref, same, dy
+
+
+def _with_none(fn, tensors, dy):
+    idx = [i for i, t in enumerate(tensors) if t is not None]
+    leaves = [t.detach().clone().requires_grad_() for t in tensors if t is not None]
+
+    def call(*xs):
+        full = [None] * len(tensors)
+        for i, x in zip(idx, xs):
+            full[i] = x
+        return fn(*full)
+
+    out = call(*leaves)
+    return out, dict(zip(idx, torch.autograd.grad(out, leaves, dy)))
+
+
+NAMES = ("d_a", "d_weight", "d_bias", "d_gate", "d_residual")
+
+
+def _gate_floor(a, w, b, g, dy, row_mask):
+    """A floor for the gate gradient: fp32's unit roundoff times Σ|dy ⊙ z| (z = a Wᵀ + b), the size of one
+    rounding of the terms it sums. A scalar gate's gradient is one number whose PyTorch error can be
+    near 0 by chance, which would make the 3x rule a coin toss."""
+    z = torch.nn.functional.linear(a.double(), w.double(), None if b is None else b.double())
+    terms = (dy.double() * z).abs()
+    if row_mask is not None:
+        terms = terms.masked_fill(row_mask.reshape(*terms.shape[:-1], 1), 0)
+    s = torch.tanh(g.double())
+    per = terms.reshape(-1, terms.shape[-1]).sum(0)
+    total = per.sum() if g.numel() == 1 else per.max()
+    return 4 * torch.finfo(torch.float32).eps * (1 - s.pow(2)).max().item() * total.item() + 1e-12
+
+
+def _check(ours, ref, same, inputs, dy, row_mask=None, what=""):
+    assert_close_by_rule(ours[0], ref[0], same[0], what=f"{what} out")
+    a, w, b, g, _ = inputs
+    for i, grad in ours[1].items():
+        floor = _gate_floor(a, w, b, g, dy, row_mask) if i == 3 else None
+        assert grad.shape == ref[1][i].shape, f"{what} {NAMES[i]} shape"
+        assert_close_by_rule(grad, ref[1][i], same[1][i], factor=3.0, floor=floor, what=f"{what} {NAMES[i]}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+@pytest.mark.parametrize("M,K,N", SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in SHAPES])
+def test_forward_backward(device, dtype, gate, M, K, N):
+    inputs = _inputs(M, K, N, dtype, device, gate)
+    ours, ref, same, dy = _run_all(*inputs)
+    _check(ours, ref, same, inputs, dy, what=f"{dtype_id(dtype)} {gate} M{M} K{K} N{N}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_row_mask_and_no_bias(device, dtype):
+    """(B, L) row mask with a whole masked tile (text before the first image) and scattered rows."""
+    B, L, K, N = 2, 77, 80, 64
+    inputs = _inputs(B * L, K, N, dtype, device, "vector", bias=False, lead=(B, L))
+    row_mask = torch.zeros(B, L, dtype=torch.bool, device=device)
+    row_mask[0, :40] = True
+    row_mask[1, 5::7] = True
+    ours, ref, same, dy = _run_all(*inputs, row_mask=row_mask)
+    _check(ours, ref, same, inputs, dy, row_mask=row_mask, what=f"{dtype_id(dtype)} row mask")
+    assert_bitwise_equal(ours[0][row_mask], inputs[4][row_mask], what="masked rows are the residual")
+    assert (ours[1][0][row_mask] == 0).all(), "masked rows get no d_a"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("gate_shape", [(), (1,), (64,), (1, 1, 64)], ids=["0dim", "shape1", "vector", "idefics-1x1xN"])
+def test_gate_zero_is_identity_with_correct_gradient(device, dtype, gate_shape):
+    M, K, N = 77, 80, 64
+    a, w, b, _, r = _inputs(M, K, N, dtype, device, "scalar")
+    g = torch.zeros(gate_shape, device=device)
+    ours, ref, same, dy = _run_all(a, w, b, g, r)
+    assert_bitwise_equal(ours[0], r, what="gate 0: output is the residual")
+    assert ours[1][3].shape == g.shape
+    _check(ours, ref, same, (a, w, b, g, r), dy, what=f"{dtype_id(dtype)} gate 0 {gate_shape}")
+    assert ours[1][3].abs().max() > 0, "the gate gradient at 0 is not 0 for random inputs"
+    for i in (0, 1, 2):  # tanh(0) = 0 scales d_a, d_W, d_bias to 0
+        assert (ours[1][i] == 0).all(), NAMES[i]
+
+
+def test_strided_inputs(device):
+    """Rows of a with a stride larger than K, a transposed weight, a non-contiguous residual, 3-D input."""
+    dtype = torch.float32
+    B, L, K, N = 3, 29, 80, 64
+    a = randn(B, L, 2 * K, dtype=dtype, device=device)[..., ::2]
+    w = randn(K, N, dtype=dtype, device=device, scale=K**-0.5).t()
+    b = randn(N, dtype=dtype, device=device)
+    g = randn(N, device=device)
+    r = randn(N, B, L, dtype=dtype, device=device).permute(1, 2, 0)
+    assert not a.is_contiguous() and not w.is_contiguous() and not r.is_contiguous()
+    ours, ref, same, dy = _run_all(a, w, b, g, r)
+    _check(ours, ref, same, (a, w, b, g, r), dy, what="strided")
+    assert ours[0].shape == (B, L, N)
+
+
+def test_expanded_upstream_gradient(device):
+    """out.sum() hands backward a zero-stride dy; the kernels read it through its strides."""
+    a, w, b, g, r = _inputs(33, 64, 80, torch.float32, device, "scalar")
+    leaves = [t.clone().requires_grad_() for t in (a, w, b, g, r)]
+    tanh_gated_linear(*leaves, backend="triton").sum().backward()
+    wide = [t.double().requires_grad_() for t in (a, w, b, g, r)]
+    tanh_gated_linear_reference(*wide).sum().backward()
+    for name, x, y in zip(NAMES, leaves, wide):
+        torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-4, msg=f"{name}; seed {SEED}")
+
+
+def test_reference_backend_matches(device):
+    a, w, b, g, r = _inputs(17, 64, 80, torch.float32, device, "vector")
+    out = tanh_gated_linear(a, w, b, g, r, backend="reference")
+    torch.testing.assert_close(out, tanh_gated_linear_reference(a, w, b, g, r))
+
+
+def test_validation_errors():
+    a, w, b, g, r = _inputs(5, 64, 80, torch.float32, "cpu", "scalar")
+    cases = [
+        (dict(a=a.half()), "weight must have a's dtype"),
+        (dict(a=a.to(torch.int32)), "a must be float32"),
+        (dict(weight=w[:, :10]), "weight must have shape"),
+        (dict(bias=b[:3]), "bias must have shape"),
+        (dict(residual=r[:, :3]), "residual must have shape"),
+        (dict(gate=torch.zeros(3)), "gate must be a scalar"),
+        (dict(gate=torch.zeros((), dtype=torch.int64)), "gate must be a floating"),
+        (dict(row_mask=torch.zeros(5)), "row_mask must be a bool"),
+        (dict(row_mask=torch.zeros(4, dtype=torch.bool)), "row_mask must have shape"),
+        (dict(backend="cuda"), "not implemented"),
+    ]
+    base = dict(a=a, weight=w, bias=b, gate=g, residual=r)
+    for change, message in cases:
+        kwargs = dict(base, **change)
+        with pytest.raises(ValueError, match=message):
+            tanh_gated_linear(kwargs.pop("a"), kwargs.pop("weight"), kwargs.pop("bias"), kwargs.pop("gate"),
+                              kwargs.pop("residual"), **kwargs)
