@@ -27,7 +27,7 @@ class CompileSpec:
 
 
 # Kernel families (modules of mmfast.kernels) that define compile_specs().
-FAMILIES = ("ema", "gated_linear")
+FAMILIES = ("ema", "gated_linear", "attention")
 
 
 def all_compile_specs():
