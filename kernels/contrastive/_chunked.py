@@ -9,7 +9,10 @@ dtype (features of other dtypes are converted chunk by chunk for a and once for 
 """
 import torch
 
-from ._triton import MODE_SOFTMAX, P_ALPHA, P_BIAS, P_DIAG, P_SCALE, P_UNIF_COL, P_UNIF_ROW
+from ._triton import MODE_SOFTMAX, PARAM_INDEX
+
+P_SCALE, P_BIAS, P_ALPHA, P_UNIF_ROW, P_UNIF_COL, P_DIAG = (PARAM_INDEX[k] for k in
+                                                            ("scale", "bias", "alpha", "unif_row", "unif_col", "diag"))
 
 CHUNK_ELEMENTS = 1 << 18  # logits per chunk (1 MiB in fp32); at least one row of a per chunk
 

@@ -28,9 +28,10 @@ from .._aot import CompileSpec
 MODE_SOFTMAX = 0
 MODE_SIGMOID = 1
 
-# params vector layout (fp32 on the device, so nothing syncs and scalars never recompile anything)
-P_SCALE, P_BIAS, P_ALPHA, P_UNIF_ROW, P_UNIF_COL, P_DIAG = range(6)
-N_PARAMS = 6
+# params vector layout (fp32 on the device, so nothing syncs and scalars never recompile anything):
+# s, logit bias, α, (1-α)ε/Nb, (1-α)ε/Na, (1-α)(1-ε). Kernels read the tl.constexpr copies.
+PARAM_INDEX = dict(scale=0, bias=1, alpha=2, unif_row=3, unif_col=4, diag=5)
+P_SCALE, P_BIAS, P_ALPHA, P_UNIF_ROW, P_UNIF_COL, P_DIAG = (tl.constexpr(i) for i in range(6))
 
 
 @triton.jit
@@ -336,13 +337,24 @@ def _contrastive_bwd_db_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 #
-# Forward: 128 flattened rows x 64 columns per tile, K loop of 64 over D; the partial-column buffer
-# has ceil(Na / BI) rows, so bigger row blocks mean less memory (N = 32k: 32 MiB per plane at BI = 128).
-# Backward: 64 x 64 tiles and a D chunk of at most 256 in the accumulator (64 x 256 fp32 over 8 warps:
-# 64 registers a thread), so no D spills; D > 256 recomputes the logits tile once per chunk.
+# Forward: R = 128 flattened rows x BN = 64 columns per tile, K loop of 64 over D, 8 warps: the tile and
+# its fp32 temporaries (logits, exp, teacher) stay in registers (checked by the compile gate). The
+# partial-column buffer has ceil(Na / BI) rows, so the row block is kept large: N = 32k costs 32 MiB per
+# plane at BI = 128. Backward: 64 x 32 tiles and a D chunk of at most 256 in the accumulator
+# (64 x 256 fp32 over 8 warps: 64 registers a thread); D > 256 recomputes the logits tile once per chunk.
+# fp32 inputs (exact "ieee" dots, twice the operand bytes) use half-size tiles.
 
-_FWD = dict(R=128, BN=64, BK=64, num_warps=8, num_stages=2)
-_BWD = dict(R=64, BN=64, BK=64, BD_MAX=256, num_warps=8, num_stages=2)
+_CONFIGS = {
+    "16bit": dict(fwd=dict(R=128, BN=64, BK=64, num_warps=8, num_stages=2),
+                  bwd=dict(R=64, BN=32, BK=64, BD_MAX=256, num_warps=8, num_stages=2)),
+    "fp32": dict(fwd=dict(R=64, BN=32, BK=32, num_warps=8, num_stages=2),
+                 bwd=dict(R=32, BN=32, BK=32, BD_MAX=128, num_warps=4, num_stages=2)),
+}
+
+
+def _config(dtype):
+    return _CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
+
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -362,8 +374,8 @@ def row_block(R, QP):
     return max(1, R // QP)
 
 
-def bwd_block_d(D):
-    return max(16, min(_BWD["BD_MAX"], _next_pow2(D)))
+def bwd_block_d(D, cfg):
+    return max(16, min(cfg["BD_MAX"], _next_pow2(D)))
 
 
 def _strides3(x):
@@ -382,7 +394,8 @@ def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
     Q = a.shape[1] if a.dim() == 3 else 1
     QP = _next_pow2(Q)
-    BI = row_block(_FWD["R"], QP)
+    cfg = _config(a.dtype)["fwd"]
+    BI = row_block(cfg["R"], QP)
     n_rb = triton.cdiv(Na, BI)
     teacher = at is not None
     dev = a.device
@@ -393,9 +406,9 @@ def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     _contrastive_fwd_kernel[(n_rb,)](
         a, b, at_, bt_, params, rows, part, Na, Nb, Q, D, n_rb, diag_off,
         *_strides3(a), b.stride(0), b.stride(1), *_strides3(at_), bt_.stride(0), bt_.stride(1),
-        MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI, BN=_FWD["BN"], BK=_FWD["BK"],
+        MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI, BN=cfg["BN"], BK=cfg["BK"],
         DOT_FP32=_interp(), IEEE=a.dtype == torch.float32,
-        num_warps=_FWD["num_warps"], num_stages=_FWD["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     colstats = None
     if cols:
@@ -416,13 +429,14 @@ def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, 
     Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
     Q = a.shape[1] if a.dim() == 3 else 1
     QP = _next_pow2(Q)
-    BI = row_block(_BWD["R"], QP)
-    BD = bwd_block_d(D)
+    cfg = _config(a.dtype)["bwd"]
+    BI = row_block(cfg["R"], QP)
+    BD = bwd_block_d(D, cfg)
     teacher = at is not None
     at_, bt_ = (at, bt) if teacher else (a, b)
-    common = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=BI, BN=_BWD["BN"], BK=_BWD["BK"], BD=BD,
+    common = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=BI, BN=cfg["BN"], BK=cfg["BK"], BD=BD,
                   DOT_FP32=_interp(), IEEE=a.dtype == torch.float32, EMULATE=_interp(),
-                  num_warps=_BWD["num_warps"], num_stages=_BWD["num_stages"])
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     strides = (*_strides3(a), b.stride(0), b.stride(1), *_strides3(at_), bt_.stride(0), bt_.stride(1))
     n_rb = triton.cdiv(Na, BI)
     da = _empty(a.shape, device=a.device, dtype=a.dtype)
@@ -434,7 +448,7 @@ def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, 
     db = None
     if need_db:
         db = _empty(b.shape, device=b.device, dtype=b.dtype)
-        grid_b = (triton.cdiv(Nb, _BWD["BN"]), triton.cdiv(D, BD))
+        grid_b = (triton.cdiv(Nb, cfg["BN"]), triton.cdiv(D, BD))
         _contrastive_bwd_db_kernel[grid_b](a, b, at_, bt_, params, rvec, cvec, db, Na, Nb, Q, D, diag_off, *strides, **common)
     return (da if need_da else None), db, red[0].sum(), red[1].sum()
 
@@ -467,35 +481,46 @@ VARIANTS = (
 )
 
 
+# What Triton's JIT specialises for contiguous features with D a multiple of 16 (the shapes that matter:
+# 512, 768, 1024): unit feature strides become constexpr 1, pointers and the other strides are 16-aligned.
+_UNIT_STRIDES = dict(s_ad=1, s_bd=1, s_tad=1, s_tbd=1)
+_DIVISIBLE = ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "row_ptr", "part_ptr", "rvec_ptr", "cvec_ptr",
+              "da_ptr", "db_ptr", "red_ptr", "s_an", "s_aq", "s_bn", "s_tan", "s_taq", "s_tbn", "D")
+
+
+def _spec(kernel, ptrs, ints, constexprs, dtype, **kw):
+    constexprs = {**constexprs, **_UNIT_STRIDES}
+    ints = tuple(n for n in ints if n not in _UNIT_STRIDES)
+    return CompileSpec(kernel=kernel, signature=_signature(ptrs, ints, constexprs, dtype), constexprs=constexprs,
+                       divisibility={n: 16 for n in _DIVISIBLE if n in ptrs + ints}, **kw)
+
+
 def compile_specs():
     """Forward, da and db kernels for every variant above, bf16 (plus fp16 / fp32 for CLIP), at the
-    launch configs the launchers use (D chunk 256, the largest the backward picks)."""
+    launch configs the launchers use (the largest D chunk the backward picks)."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cfg = _config(dtype)
+        fwd, bwd = cfg["fwd"], cfg["bwd"]
         for label, mode, cols, smooth, teacher, Q in VARIANTS:
             if dtype != torch.bfloat16 and label != "clip":
                 continue
             QP = _next_pow2(Q)
             ieee = dtype == torch.float32
             tag = f"{label} {_SIG[dtype]}"
-            fwd_c = dict(MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=row_block(_FWD["R"], QP),
-                         BN=_FWD["BN"], BK=_FWD["BK"], DOT_FP32=False, IEEE=ieee)
-            yield CompileSpec(
-                kernel=_contrastive_fwd_kernel,
-                signature=_signature(("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "row_ptr", "part_ptr"),
-                                     ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, fwd_c, dtype),
-                constexprs=fwd_c, num_warps=_FWD["num_warps"], num_stages=_FWD["num_stages"],
-                label=f"{tag} R={_FWD['R']} BN={_FWD['BN']} BK={_FWD['BK']}")
-            bwd_c = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=row_block(_BWD["R"], QP), BN=_BWD["BN"],
-                         BK=_BWD["BK"], BD=_BWD["BD_MAX"], DOT_FP32=False, IEEE=ieee, EMULATE=False)
-            yield CompileSpec(
-                kernel=_contrastive_bwd_da_kernel,
-                signature=_signature(("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "rvec_ptr", "cvec_ptr",
-                                      "da_ptr", "red_ptr"), ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, bwd_c, dtype),
-                constexprs=bwd_c, num_warps=_BWD["num_warps"], num_stages=_BWD["num_stages"],
-                label=f"{tag} R={_BWD['R']} BN={_BWD['BN']} BD={_BWD['BD_MAX']}")
-            yield CompileSpec(
-                kernel=_contrastive_bwd_db_kernel,
-                signature=_signature(("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "rvec_ptr", "cvec_ptr",
-                                      "db_ptr"), ("Na", "Nb", "Q", "D", "diag_off") + _STRIDES, bwd_c, dtype),
-                constexprs=bwd_c, num_warps=_BWD["num_warps"], num_stages=_BWD["num_stages"],
-                label=f"{tag} R={_BWD['R']} BN={_BWD['BN']} BD={_BWD['BD_MAX']}")
+            fwd_c = dict(MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=row_block(fwd["R"], QP),
+                         BN=fwd["BN"], BK=fwd["BK"], DOT_FP32=False, IEEE=ieee)
+            yield _spec(
+                _contrastive_fwd_kernel, ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "row_ptr", "part_ptr"),
+                ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, fwd_c, dtype,
+                num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
+                label=f"{tag} R={fwd['R']} BN={fwd['BN']} BK={fwd['BK']}")
+            bwd_c = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=row_block(bwd["R"], QP), BN=bwd["BN"],
+                         BK=bwd["BK"], BD=bwd["BD_MAX"], DOT_FP32=False, IEEE=ieee, EMULATE=False)
+            common = dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
+                          label=f"{tag} R={bwd['R']} BN={bwd['BN']} BD={bwd['BD_MAX']}")
+            yield _spec(_contrastive_bwd_da_kernel, ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "rvec_ptr",
+                                                     "cvec_ptr", "da_ptr", "red_ptr"),
+                        ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, bwd_c, dtype, **common)
+            yield _spec(_contrastive_bwd_db_kernel, ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "rvec_ptr",
+                                                     "cvec_ptr", "db_ptr"),
+                        ("Na", "Nb", "Q", "D", "diag_off") + _STRIDES, bwd_c, dtype, **common)
