@@ -27,7 +27,7 @@ class CompileSpec:
 
 
 # Kernel families (modules of mmfast.kernels) that define compile_specs().
-FAMILIES = ("ema", "gated_linear", "attention", "contrastive")
+FAMILIES = ("ema", "gated_linear", "attention", "contrastive", "patch_embed")
 
 
 def all_compile_specs():

@@ -34,13 +34,18 @@ SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 # per kernel serves both; a smaller one for tiny problems keeps more programs in flight).
 
 Config = namedtuple("Config", "block_m block_n block_k num_warps num_stages")
-_FWD_LARGE = Config(128, 128, 32, 8, 3)
+# Sizes are bounded by registers, not shared memory: the gathered A tile needs per-row 64-bit bases
+# and the epilogue loads 2D tiles of position rows, so 128x128 tiles spill (compile-report).
+_FWD_LARGE = Config(128, 64, 32, 8, 3)
 _FWD_SMALL = Config(64, 64, 32, 4, 2)
-_DX = Config(128, 128, 32, 8, 3)  # rows = image patches, n = K, k = D
-_DW = Config(128, 128, 32, 8, 3)  # m = D, n = K, k = rows
+_FWD_TILES = Config(64, 64, 32, 8, 3)  # two more epilogue tables (tile position, pre-tile)
+_DX = Config(128, 64, 32, 8, 3)  # rows = image patches, n = K, k = D
+_DW = Config(128, 64, 32, 8, 3)  # m = D, n = K, k = rows
 
 
-def _fwd_config(rows, d):
+def _fwd_config(rows, d, tiles):
+    if tiles:
+        return _FWD_TILES
     return _FWD_LARGE if rows >= 4096 and d >= 128 else _FWD_SMALL
 
 
@@ -55,21 +60,22 @@ def compile_specs():
     """Every kernel x config x dtype the launchers choose (main feature combinations)."""
     fwd_sig = {n: "*fp32" for n in ("img", "w", "bias", "pos", "pos_cls", "cls", "mask_tok", "tile_pos", "pre_tile",
                                     "ar_ids", "coef", "perm", "src_idx", "pos_idx", "tok_mask", "tile_used", "out")}
-    fwd_sig.update({n: "i64" for n in ("G", "M", "T", "GW", "H", "W", "D", "K", "R_TP", "s_ib", "s_it", "s_ic", "s_ih",
+    # int arguments below 2**31 are passed as i32 by Triton's launcher: compile what runs
+    fwd_sig.update({n: "i32" for n in ("G", "M", "T", "GW", "H", "W", "D", "K", "R_TP", "s_ib", "s_it", "s_ic", "s_ih",
                                        "s_iw", "s_wd", "s_wc", "s_wh", "s_ww")})
     fwd_const = ("C", "P", "CL_ORDER", "PAD", "HAS_BIAS", "HAS_POS", "HAS_POS_CLS", "HAS_CLS", "HAS_MASK", "HAS_PERM",
                  "HAS_SRC", "HAS_POS_IDX", "TILES", "HAS_TILE_MASK", "OUT_DTYPE", "DOT_FP32", "EMULATE", "ALLOW_TF32",
                  "BLOCK_M", "BLOCK_N", "BLOCK_K")
     fwd_sig.update({n: "constexpr" for n in fwd_const})
     dx_sig = {"dout": "*fp32", "w": "*fp32", "inv": "*i32", "tok_mask": "*u8", "tile_used": "*u8", "dimg": "*fp32"}
-    dx_sig.update({n: "i64" for n in ("G", "M", "NP", "T", "GW", "H", "W", "D", "K", "s_ib", "s_it", "s_ic", "s_ih",
+    dx_sig.update({n: "i32" for n in ("G", "M", "NP", "T", "GW", "H", "W", "D", "K", "s_ib", "s_it", "s_ic", "s_ih",
                                       "s_iw", "s_wd", "s_wc", "s_wh", "s_ww")})
     dx_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "PAD", "OFF", "HAS_INV", "HAS_MASK", "HAS_TILE_MASK",
                                             "OUT_DTYPE", "DOT_FP32", "EMULATE", "ALLOW_TF32", "BLOCK_M", "BLOCK_N",
                                             "BLOCK_K")})
     dw_sig = {"dout": "*fp32", "img": "*fp32", "perm": "*i32", "src_idx": "*i32", "tok_mask": "*u8",
               "tile_used": "*u8", "dw_part": "*fp32", "db_part": "*fp32"}
-    dw_sig.update({n: "i64" for n in ("G", "M", "T", "GW", "H", "W", "D", "K", "ROWS_PER_SPLIT", "s_ib", "s_it", "s_ic",
+    dw_sig.update({n: "i32" for n in ("G", "M", "T", "GW", "H", "W", "D", "K", "ROWS_PER_SPLIT", "s_ib", "s_it", "s_ic",
                                       "s_ih", "s_iw")})
     dw_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "PAD", "OFF", "HAS_PERM", "HAS_SRC", "HAS_MASK",
                                             "HAS_TILE_MASK", "HAS_BIAS", "DOT_FP32", "ALLOW_TF32", "BLOCK_D", "BLOCK_K",
@@ -81,39 +87,45 @@ def compile_specs():
             s[n] = "*" + _SIG[dtype]
         return s
 
-    # (label, P, C, channels-last order, cls, mask, tiles)
-    variants = [("vit-b16 cls", 16, 3, False, True, False, False), ("clip-l14 cls nhwc", 14, 3, True, True, False, False),
-                ("vit-b16 masked", 16, 3, False, True, True, False), ("mllama tiles", 14, 3, False, True, False, True)]
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for label, P, C, cl, has_cls, has_mask, tiles in variants:
-            if dtype == torch.float32 and label != "vit-b16 cls":
-                continue
-            for cfg in (_FWD_LARGE, _FWD_SMALL):
-                sig = typed(fwd_sig, dtype, ("img", "w", "bias", "pos", "pos_cls", "cls", "mask_tok", "tile_pos",
-                                             "pre_tile", "out"))
-                sig.update(ar_ids="*i64", coef="*fp32", perm="*i32", src_idx="*i32", pos_idx="*i32", tok_mask="*u8",
-                           tile_used="*u8")
-                yield CompileSpec(
-                    kernel=_patch_embed_fwd_kernel, signature=sig,
-                    constexprs=dict(C=C, P=P, CL_ORDER=cl, PAD=False, HAS_BIAS=not tiles, HAS_POS=True,
-                                    HAS_POS_CLS=has_cls, HAS_CLS=has_cls, HAS_MASK=has_mask, HAS_PERM=has_mask,
-                                    HAS_SRC=False, HAS_POS_IDX=False, TILES=tiles, HAS_TILE_MASK=tiles,
-                                    OUT_DTYPE=_TL_DTYPES[dtype], DOT_FP32=False, EMULATE=False, ALLOW_TF32=True,
-                                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    label=f"fwd {_SIG[dtype]} {label} P={P} BLOCK={cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps}")
+    # (dtype, label, P, C, channels-last order, cls, mask, tiles, forward configs): every config the
+    # launchers choose appears; 16-bit dtypes x feature mixes are sampled (the code shape is the same)
+    variants = [
+        (torch.bfloat16, "vit-b16 cls", 16, 3, False, True, False, False, (_FWD_LARGE, _FWD_SMALL)),
+        (torch.bfloat16, "clip-l14 cls nhwc", 14, 3, True, True, False, False, (_FWD_LARGE,)),
+        (torch.bfloat16, "vit-b16 masked", 16, 3, False, True, True, False, (_FWD_LARGE,)),
+        (torch.bfloat16, "mllama tiles", 14, 3, False, True, False, True, (_FWD_TILES,)),
+        (torch.float16, "vit-b16 cls", 16, 3, False, True, False, False, (_FWD_LARGE,)),
+        (torch.float32, "vit-b16 cls", 16, 3, False, True, False, False, (_FWD_LARGE,)),
+    ]
+    for dtype, label, P, C, cl, has_cls, has_mask, tiles, fwd_configs in variants:
+        for cfg in fwd_configs:
+            sig = typed(fwd_sig, dtype, ("img", "w", "bias", "pos", "pos_cls", "cls", "mask_tok", "tile_pos",
+                                         "pre_tile", "out"))
+            sig.update(ar_ids="*i32", coef="*fp32", perm="*i32", src_idx="*i32", pos_idx="*i32", tok_mask="*u8",
+                       tile_used="*u8")
             yield CompileSpec(
-                kernel=_patch_embed_bwd_dx_kernel, signature=typed(dx_sig, dtype, ("dout", "w", "dimg")),
-                constexprs=dict(C=C, P=P, CL_ORDER=cl, PAD=False, OFF=1, HAS_INV=False, HAS_MASK=has_mask,
-                                HAS_TILE_MASK=tiles, OUT_DTYPE=_TL_DTYPES[dtype], DOT_FP32=False, EMULATE=False,
-                                ALLOW_TF32=True, BLOCK_M=_DX.block_m, BLOCK_N=_DX.block_n, BLOCK_K=_DX.block_k),
-                num_warps=_DX.num_warps, num_stages=_DX.num_stages, label=f"bwd d_images {_SIG[dtype]} {label} P={P}")
-            yield CompileSpec(
-                kernel=_patch_embed_bwd_dw_kernel, signature=typed(dw_sig, dtype, ("dout", "img")),
-                constexprs=dict(C=C, P=P, CL_ORDER=cl, PAD=False, OFF=1, HAS_PERM=False, HAS_SRC=False,
-                                HAS_MASK=has_mask, HAS_TILE_MASK=tiles, HAS_BIAS=not tiles, DOT_FP32=False,
-                                ALLOW_TF32=True, BLOCK_D=_DW.block_m, BLOCK_K=_DW.block_n, BLOCK_R=_DW.block_k),
-                num_warps=_DW.num_warps, num_stages=_DW.num_stages, label=f"bwd d_weight {_SIG[dtype]} {label} P={P}")
+                kernel=_patch_embed_fwd_kernel, signature=sig,
+                constexprs=dict(C=C, P=P, CL_ORDER=cl, PAD=False, HAS_BIAS=not tiles, HAS_POS=True,
+                                HAS_POS_CLS=has_cls, HAS_CLS=has_cls, HAS_MASK=has_mask, HAS_PERM=has_mask,
+                                HAS_SRC=False, HAS_POS_IDX=False, TILES=tiles, HAS_TILE_MASK=tiles,
+                                OUT_DTYPE=_TL_DTYPES[dtype], DOT_FP32=False, EMULATE=False, ALLOW_TF32=True,
+                                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                label=f"fwd {_SIG[dtype]} {label} P={P} BLOCK={cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps}")
+        yield CompileSpec(
+            kernel=_patch_embed_bwd_dx_kernel, signature=typed(dx_sig, dtype, ("dout", "w", "dimg")),
+            constexprs=dict(C=C, P=P, CL_ORDER=cl, PAD=False, OFF=1, HAS_INV=False, HAS_MASK=has_mask,
+                            HAS_TILE_MASK=tiles, OUT_DTYPE=_TL_DTYPES[dtype], DOT_FP32=False, EMULATE=False,
+                            ALLOW_TF32=True, BLOCK_M=_DX.block_m, BLOCK_N=_DX.block_n, BLOCK_K=_DX.block_k),
+            num_warps=_DX.num_warps, num_stages=_DX.num_stages,
+            label=f"bwd d_images {_SIG[dtype]} {label} P={P} BLOCK={_DX.block_m}x{_DX.block_n}x{_DX.block_k}")
+        yield CompileSpec(
+            kernel=_patch_embed_bwd_dw_kernel, signature=typed(dw_sig, dtype, ("dout", "img")),
+            constexprs=dict(C=C, P=P, CL_ORDER=cl, PAD=False, OFF=1, HAS_PERM=False, HAS_SRC=False,
+                            HAS_MASK=has_mask, HAS_TILE_MASK=tiles, HAS_BIAS=not tiles, DOT_FP32=False,
+                            ALLOW_TF32=True, BLOCK_D=_DW.block_m, BLOCK_K=_DW.block_n, BLOCK_R=_DW.block_k),
+            num_warps=_DW.num_warps, num_stages=_DW.num_stages,
+            label=f"bwd d_weight {_SIG[dtype]} {label} P={P} BLOCK={_DW.block_m}x{_DW.block_n}x{_DW.block_k}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,14 +161,27 @@ def _image_strides(images, tiles):
     return sb, 0, sc, sh, sw
 
 
+def _check_int32(images, weight, plan):
+    """Row indices and in-patch / in-weight offsets are int32 in the kernels (row bases are int64)."""
+    strides = images.stride()[-3:]
+    limits = {"tokens (B*T*(1+N))": plan.B * plan.T * (plan.M + 1), "patches (B*T*N)": plan.B * plan.T * plan.GH * plan.GW,
+              "in-patch offset": plan.C * strides[0] + plan.P * (strides[1] + strides[2]),
+              "weight offset": weight.shape[0] * max(weight.stride())}
+    for what, value in limits.items():
+        if value >= 2**31:
+            raise ValueError(f"patch_embed: {what} = {value} does not fit the kernels' int32 indexing")
+
+
 def _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan):
+    _check_int32(images, weight, plan)
     G, D, K = plan.B * plan.T, weight.shape[0], weight[0].numel()
     off = 1 if plan.has_cls else 0
     out = _empty(G, off + plan.M, D, device=images.device, dtype=images.dtype)
-    rows = G * plan.M + (G if plan.has_cls else 0)
-    cfg = _fwd_config(rows, D)
+    cfg = _fwd_config(G * plan.M, D, plan.tiles)
     dummy = out
-    grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(D, cfg.block_n),)
+    # token tiles, then the [CLS] tiles of the same launch
+    m_tiles = triton.cdiv(G * plan.M, cfg.block_m) + (triton.cdiv(G, cfg.block_m) if plan.has_cls else 0)
+    grid = (m_tiles * triton.cdiv(D, cfg.block_n),)
 
     def ptr(t):
         return dummy if t is None else t

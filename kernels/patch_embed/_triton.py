@@ -6,9 +6,10 @@ token j), column = output channel d, reduction k = (c, py, px) in the weight's (
 (py, px, c) for channels-last images, so consecutive k hit consecutive addresses). The A operand is
 gathered straight from the image through its strides; nothing is copied beforehand.
 
-Logical rows of the forward launch: [0, G*M) are token rows (through the optional permutation `perm`,
-which puts rows needing the GEMM first so whole tiles of masked rows skip the K loop), then
-[G*M, G*M + G) are the [CLS] rows when there is a [CLS] token. A token row is one of:
+Row tiles of the forward launch: the first cdiv(G*M, BLOCK_M) cover the token rows [0, G*M) (through
+the optional permutation `perm`, which puts rows needing the GEMM first so whole tiles of masked rows
+skip the K loop); the [CLS] rows (one per sequence) follow in tiles of their own, in a separate branch
+so their registers never overlap the GEMM's. A token row is one of:
 - a GEMM row: acc + bias + position terms,
 - a masked row (token_mask): mask_token + position terms, no pixel is read,
 - a row of an unused tile (tile mask): zeros, nothing read.
@@ -45,19 +46,20 @@ def _k_split(k, C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr):
 def _decode_token_rows(r, n_tok_rows, M, perm, src_idx, pos_idx, tok_mask, tile_used,
                        HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr, HAS_POS_IDX: tl.constexpr,
                        HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr):
-    """Logical rows -> (flat token row g*M + j, g, j, source patch, position row, gemm?, masked?, used?)."""
+    """Logical rows -> (flat token row g*M + j, g, j, source patch, position row, gemm?, masked?, used?),
+    all int32 (the launcher checks that row counts fit); addresses are formed in int64 by the callers."""
     in_tok = r < n_tok_rows
     rr = tl.where(in_tok, r, 0)
     if HAS_PERM:
-        rr = tl.load(perm + rr, mask=in_tok, other=0).to(tl.int64)
+        rr = tl.load(perm + rr, mask=in_tok, other=0)
     g = rr // M
     j = rr % M
     src = j
     posj = j
     if HAS_SRC:
-        src = tl.load(src_idx + rr, mask=in_tok, other=0).to(tl.int64)
+        src = tl.load(src_idx + rr, mask=in_tok, other=0)
     if HAS_POS_IDX:
-        posj = tl.load(pos_idx + rr, mask=in_tok, other=0).to(tl.int64)
+        posj = tl.load(pos_idx + rr, mask=in_tok, other=0)
     masked = r < 0
     if HAS_MASK:
         masked = in_tok & (tl.load(tok_mask + rr, mask=in_tok, other=0) != 0)
@@ -87,92 +89,94 @@ def _patch_embed_fwd_kernel(
     # consecutive programs share an A tile (pixels) across D tiles; the weight stays in L2
     pid_m = pid // num_n
     pid_n = pid % num_n
-    r = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    d = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    # in-tile offsets stay int32 (cheap 2D address math); per-row bases are int64
+    d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d_ok = d < D
     n_tok = G * M
+    n_tok_tiles = tl.cdiv(n_tok, BLOCK_M)
     OFF: tl.constexpr = 1 if HAS_CLS else 0
-    rr, g, j, src, posj, gemm, masked, used = _decode_token_rows(
-        r, n_tok, M, perm, src_idx, pos_idx, tok_mask, tile_used,
-        HAS_PERM, HAS_SRC, HAS_POS_IDX, HAS_MASK, HAS_TILE_MASK)
-    in_tok = r < n_tok
-    gy0 = (src // GW) * P
-    gx0 = (src % GW) * P
-    base = (g // T) * s_ib + (g % T) * s_it + gy0 * s_ih + gx0 * s_iw
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # tiles without a single GEMM row ([CLS] rows, masked tokens sorted last, unused tiles) skip the loop
-    any_gemm = tl.max(gemm.to(tl.int32), axis=0) > 0
-    k_hi = tl.where(any_gemm, K, 0)
-    for k0 in range(0, k_hi, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        c, py, px = _k_split(k, C, P, CL_ORDER)
-        a_mask = gemm[:, None] & k_ok[None, :]
-        if PAD:  # right/bottom zero padding: pixels past the image read as 0
-            a_mask = a_mask & ((gy0[:, None] + py[None, :]) < H) & ((gx0[:, None] + px[None, :]) < W)
-        a_off = base[:, None] + (c * s_ic + py * s_ih + px * s_iw)[None, :]
-        a = tl.load(img + a_off, mask=a_mask, other=0.0)
-        w_off = d[None, :] * s_wd + (c * s_wc + py * s_wh + px * s_ww)[:, None]
-        b = tl.load(w + w_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if ALLOW_TF32:
-            acc = tl.dot(a, b, acc)  # tf32 for fp32 operands, like cuDNN convolutions by default
-        else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-
-    # epilogue: bias for GEMM rows, mask token for masked rows, then the position terms
-    if HAS_BIAS:
-        bv = tl.load(bias + d, mask=d_ok, other=0.0).to(tl.float32)
-        acc = acc + tl.where(gemm[:, None], bv[None, :], 0.0)
-    if HAS_MASK:
-        mv = tl.load(mask_tok + d, mask=d_ok, other=0.0).to(tl.float32)
-        acc = tl.where(masked[:, None], mv[None, :], acc)
     c_pos = 1.0
     if TILES:
         c_pos = tl.load(coef + 0)
         c_tile = tl.load(coef + 1)
         c_pre = tl.load(coef + 2)
-        b_img = g // T
-        t_img = g % T
-        ar = tl.load(ar_ids + b_img, mask=in_tok, other=0).to(tl.int64)
-        tp_off = ((ar * T + t_img) * R_TP + 1 + posj) * D
-        tp = tl.load(tile_pos + tp_off[:, None] + d[None, :], mask=in_tok[:, None] & d_ok[None, :], other=0.0)
-        pt = tl.load(pre_tile + ((ar * T + t_img) * D)[:, None] + d[None, :],
-                     mask=in_tok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc + c_tile * tp.to(tl.float32) + c_pre * pt.to(tl.float32)
-    if HAS_POS:
-        pv = tl.load(pos + (posj * D)[:, None] + d[None, :], mask=in_tok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc + c_pos * pv.to(tl.float32)
-    if HAS_TILE_MASK:
-        acc = tl.where(used[:, None], acc, 0.0)
-    out_row = g * (M + OFF) + OFF + j
-    tl.store(out + (out_row * D)[:, None] + d[None, :], _round_to(acc, OUT_DTYPE, EMULATE),
-             mask=in_tok[:, None] & d_ok[None, :])
-
-    if HAS_CLS:
-        # [CLS] rows: logical rows [G*M, G*M + G) of the same launch
-        gc = r - n_tok
-        is_cls = (gc >= 0) & (gc < G)
+    if pid_m >= n_tok_tiles:
+        # [CLS] tiles (after the token tiles): cls + its position row (+ the tile's), no GEMM
+        gc = (pid_m - n_tok_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        is_cls = gc < G
         gc = tl.where(is_cls, gc, 0)
         cm = is_cls[:, None] & d_ok[None, :]
-        if tl.max(is_cls.to(tl.int32), axis=0) > 0:
-            cv = tl.load(cls + d, mask=d_ok, other=0.0).to(tl.float32)
-            val = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + cv[None, :]
-            if HAS_POS_CLS:
-                pcv = tl.load(pos_cls + d, mask=d_ok, other=0.0).to(tl.float32)
-                val = val + c_pos * pcv[None, :]
-            if TILES:
-                arc = tl.load(ar_ids + gc // T, mask=is_cls, other=0).to(tl.int64)
-                tpc = ((arc * T + gc % T) * R_TP) * D
-                tpv = tl.load(tile_pos + tpc[:, None] + d[None, :], mask=cm, other=0.0)
-                val = val + c_tile * tpv.to(tl.float32)
-            if HAS_TILE_MASK:
-                usedc = tl.load(tile_used + gc, mask=is_cls, other=0) != 0
-                val = tl.where(usedc[:, None], val, 0.0)
-            tl.store(out + (gc * (M + OFF) * D)[:, None] + d[None, :], _round_to(val, OUT_DTYPE, EMULATE), mask=cm)
+        cv = tl.load(cls + d, mask=d_ok, other=0.0).to(tl.float32)
+        if HAS_POS_CLS:
+            cv += c_pos * tl.load(pos_cls + d, mask=d_ok, other=0.0).to(tl.float32)
+        val = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + cv[None, :]
+        if TILES:
+            arc = tl.load(ar_ids + gc // T, mask=is_cls, other=0)
+            tpc = ((arc * T + gc % T).to(tl.int64) * R_TP) * D
+            tpv = tl.load(tile_pos + tpc[:, None] + d[None, :], mask=cm, other=0.0)
+            val += c_tile * tpv.to(tl.float32)
+        if HAS_TILE_MASK:
+            usedc = tl.load(tile_used + gc, mask=is_cls, other=0) != 0
+            val = tl.where(usedc[:, None], val, 0.0)
+        tl.store(out + (gc.to(tl.int64) * (M + OFF) * D)[:, None] + d[None, :], _round_to(val, OUT_DTYPE, EMULATE),
+                 mask=cm)
+    else:
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr, g, j, src, posj, gemm, masked, used = _decode_token_rows(
+            r, n_tok, M, perm, src_idx, pos_idx, tok_mask, tile_used,
+            HAS_PERM, HAS_SRC, HAS_POS_IDX, HAS_MASK, HAS_TILE_MASK)
+        gy0 = (src // GW) * P
+        gx0 = (src % GW) * P
+        a_rows = img + ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy0.to(tl.int64) * s_ih
+                        + gx0.to(tl.int64) * s_iw)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # tiles without a single GEMM row (masked tokens sorted last, unused tiles) skip the loop
+        any_gemm = tl.max(gemm.to(tl.int32), axis=0) > 0
+        k_hi = tl.where(any_gemm, K, 0)
+        for k0 in range(0, k_hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            c, py, px = _k_split(k, C, P, CL_ORDER)
+            a_mask = gemm[:, None] & k_ok[None, :]
+            if PAD:  # right/bottom zero padding: pixels past the image read as 0
+                a_mask = a_mask & ((gy0[:, None] + py[None, :]) < H) & ((gx0[:, None] + px[None, :]) < W)
+            a = tl.load(a_rows[:, None] + (c * s_ic + py * s_ih + px * s_iw)[None, :], mask=a_mask, other=0.0)
+            w_off = d[None, :] * s_wd + (c * s_wc + py * s_wh + px * s_ww)[:, None]
+            b = tl.load(w + w_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if ALLOW_TF32:
+                acc = tl.dot(a, b, acc)  # tf32 for fp32 operands, like cuDNN convolutions by default
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+
+        # epilogue: bias for GEMM rows, mask token for masked rows, then the position terms; the rows are
+        # decoded again (a few cached loads) rather than kept live in registers through the K loop
+        rr, g, j, src, posj, gemm, masked, used = _decode_token_rows(
+            r, n_tok, M, perm, src_idx, pos_idx, tok_mask, tile_used,
+            HAS_PERM, HAS_SRC, HAS_POS_IDX, HAS_MASK, HAS_TILE_MASK)
+        in_tok = r < n_tok
+        tm = in_tok[:, None] & d_ok[None, :]
+        if HAS_BIAS:
+            bv = tl.load(bias + d, mask=d_ok, other=0.0).to(tl.float32)
+            acc += tl.where(gemm[:, None], bv[None, :], 0.0)
+        if HAS_MASK:
+            mv = tl.load(mask_tok + d, mask=d_ok, other=0.0).to(tl.float32)
+            acc = tl.where(masked[:, None], mv[None, :], acc)
+        if TILES:
+            tile = tl.load(ar_ids + g // T, mask=in_tok, other=0) * T + g % T
+            tp = tl.load(tile_pos + ((tile.to(tl.int64) * R_TP + 1 + posj) * D)[:, None] + d[None, :], mask=tm, other=0.0)
+            acc += c_tile * tp.to(tl.float32)
+            pt = tl.load(pre_tile + (tile.to(tl.int64) * D)[:, None] + d[None, :], mask=tm, other=0.0)
+            acc += c_pre * pt.to(tl.float32)
+        if HAS_POS:
+            pv = tl.load(pos + (posj.to(tl.int64) * D)[:, None] + d[None, :], mask=tm, other=0.0)
+            acc += c_pos * pv.to(tl.float32)
+        if HAS_TILE_MASK:
+            acc = tl.where(used[:, None], acc, 0.0)
+        out_row = (g * (M + OFF) + OFF + j).to(tl.int64)
+        tl.store(out + (out_row * D)[:, None] + d[None, :], _round_to(acc, OUT_DTYPE, EMULATE), mask=tm)
 
 
 @triton.jit
@@ -193,8 +197,8 @@ def _patch_embed_bwd_dx_kernel(
     num_n = tl.cdiv(K, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
-    r = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    k = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = r < G * NP
     k_ok = k < K
     g = tl.where(row_ok, r // NP, 0)
@@ -202,25 +206,25 @@ def _patch_embed_bwd_dx_kernel(
     j = p
     live = row_ok
     if HAS_INV:
-        j = tl.load(inv + g * NP + p, mask=row_ok, other=-1).to(tl.int64)
+        j = tl.load(inv + g * NP + p, mask=row_ok, other=-1)
         live = live & (j >= 0)
         j = tl.where(live, j, 0)
     if HAS_MASK:
         live = live & (tl.load(tok_mask + g * M + j, mask=live, other=1) == 0)
     if HAS_TILE_MASK:
         live = live & (tl.load(tile_used + g, mask=row_ok, other=0) != 0)
-    drow = (g * (M + OFF) + OFF + j) * D
+    d_rows = dout + (g * (M + OFF) + OFF + j).to(tl.int64) * D
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c, py, px = _k_split(k, C, P, CL_ORDER)
+    w_cols = c * s_wc + py * s_wh + px * s_ww
     any_live = tl.max(live.to(tl.int32), axis=0) > 0
     d_hi = tl.where(any_live, D, 0)
     for d0 in range(0, d_hi, BLOCK_K):
         dd = d0 + tl.arange(0, BLOCK_K)
         dd_ok = dd < D
-        a = tl.load(dout + drow[:, None] + dd[None, :], mask=live[:, None] & dd_ok[None, :], other=0.0)
-        w_off = dd[:, None] * s_wd + (c * s_wc + py * s_wh + px * s_ww)[None, :]
-        b = tl.load(w + w_off, mask=dd_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(d_rows[:, None] + dd[None, :], mask=live[:, None] & dd_ok[None, :], other=0.0)
+        b = tl.load(w + dd[:, None] * s_wd + w_cols[None, :], mask=dd_ok[:, None] & k_ok[None, :], other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -231,13 +235,12 @@ def _patch_embed_bwd_dx_kernel(
 
     gy = (p // GW) * P
     gx = (p % GW) * P
-    y = gy[:, None] + py[None, :]
-    x = gx[:, None] + px[None, :]
-    off = ((g // T) * s_ib + (g % T) * s_it)[:, None] + (c * s_ic)[None, :] + y * s_ih + x * s_iw
+    x_rows = dimg + ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy.to(tl.int64) * s_ih
+                     + gx.to(tl.int64) * s_iw)
     smask = row_ok[:, None] & k_ok[None, :]
     if PAD:
-        smask = smask & (y < H) & (x < W)
-    tl.store(dimg + off, _round_to(acc, OUT_DTYPE, EMULATE), mask=smask)
+        smask = smask & ((gy[:, None] + py[None, :]) < H) & ((gx[:, None] + px[None, :]) < W)
+    tl.store(x_rows[:, None] + (c * s_ic + py * s_ih + px * s_iw)[None, :], _round_to(acc, OUT_DTYPE, EMULATE), mask=smask)
 
 
 @triton.jit
@@ -253,12 +256,12 @@ def _patch_embed_bwd_dw_kernel(
     """d_weight (and d_bias): dW[d, k] = sum over GEMM rows of dOut[row, d] * A[row, k], split over
     row ranges; each split writes its own fp32 partial (summed by the launcher: deterministic)."""
     pid_dk = tl.program_id(0)
-    split = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)
     num_k = tl.cdiv(K, BLOCK_K)
     pid_d = pid_dk // num_k
     pid_k = pid_dk % num_k
-    d = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     d_ok = d < D
     k_ok = k < K
     c, py, px = _k_split(k, C, P, CL_ORDER)
@@ -269,20 +272,21 @@ def _patch_embed_bwd_dw_kernel(
     r_start = split * ROWS_PER_SPLIT
     r_stop = tl.minimum(r_start + ROWS_PER_SPLIT, n_tok)
     for r0 in range(r_start, r_stop, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        r = r0 + tl.arange(0, BLOCK_R)
         r = tl.where(r < r_stop, r, n_tok)  # rows past this split's range read as "not a token"
         rr, g, j, src, posj, gemm, masked, used = _decode_token_rows(
             r, n_tok, M, perm, src_idx, src_idx, tok_mask, tile_used,
             HAS_PERM, HAS_SRC, False, HAS_MASK, HAS_TILE_MASK)
-        drow = (g * (M + OFF) + OFF + j) * D
-        go = tl.load(dout + drow[None, :] + d[:, None], mask=gemm[None, :] & d_ok[:, None], other=0.0)
+        d_rows = dout + (g * (M + OFF) + OFF + j).to(tl.int64) * D
+        go = tl.load(d_rows[None, :] + d[:, None], mask=gemm[None, :] & d_ok[:, None], other=0.0)
         gy0 = (src // GW) * P
         gx0 = (src % GW) * P
-        base = (g // T) * s_ib + (g % T) * s_it + gy0 * s_ih + gx0 * s_iw
+        a_rows = img + ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy0.to(tl.int64) * s_ih
+                        + gx0.to(tl.int64) * s_iw)
         a_mask = gemm[:, None] & k_ok[None, :]
         if PAD:
             a_mask = a_mask & ((gy0[:, None] + py[None, :]) < H) & ((gx0[:, None] + px[None, :]) < W)
-        a = tl.load(img + base[:, None] + kofs[None, :], mask=a_mask, other=0.0)
+        a = tl.load(a_rows[:, None] + kofs[None, :], mask=a_mask, other=0.0)
         if HAS_BIAS:
             bacc += tl.sum(go.to(tl.float32), axis=1)
         if DOT_FP32:
@@ -292,8 +296,8 @@ def _patch_embed_bwd_dw_kernel(
             acc = tl.dot(go, a, acc)  # tf32 for fp32 operands, like cuDNN convolutions by default
         else:
             acc = tl.dot(go, a, acc, input_precision="ieee")
-    out_off = (split * D + d)[:, None] * K + k[None, :]
-    tl.store(dw_part + out_off, acc, mask=d_ok[:, None] & k_ok[None, :])
+    part = dw_part + split.to(tl.int64) * D * K
+    tl.store(part + (d * K)[:, None] + k[None, :], acc, mask=d_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:
         if pid_k == 0:
-            tl.store(db_part + split * D + d, bacc, mask=d_ok)
+            tl.store(db_part + split.to(tl.int64) * D + d, bacc, mask=d_ok)
