@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-SUITES = {"ema": "benchmarks.ema", "attention": "benchmarks.attention"}
+SUITES = {"ema": "benchmarks.ema", "attention": "benchmarks.attention", "contrastive": "benchmarks.contrastive"}
 MODES = ("smoke", "quick", "full")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

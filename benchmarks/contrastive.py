@@ -1,0 +1,144 @@
+"""Contrastive suite: the CLIP loss (symmetric InfoNCE, normalised features, learnable temperature),
+forward + backward, bf16, at the batch sizes CLIP trains with.
+
+Workloads: N = 4k, 16k, 32k, 64k x D = 512, 768 (``full`` on CUDA; ``quick``: 4k and 16k at D = 512;
+``smoke``: N = 200, D = 64 on the CPU). Cases:
+
+- ``mmfast``: ``contrastive_loss`` (Triton on CUDA, the chunked path on CPU) in one call;
+- ``open_clip_ClipLoss``: open_clip's ClipLoss where installed, else the same naive computation
+  written inline (logits = s·a·bᵀ materialised, (CE(logits) + CE(logitsᵀ)) / 2) — the note says which;
+- ``inf_cl_2calls``: Inf-CL's ``cal_inf_loss`` called once per direction (it computes one direction),
+  where installed;
+- the floor is not a case: "% roof" is the time of three N×N×D GEMMs (logits, da, db) at the measured
+  bf16 matmul rate over the case's time.
+
+TFLOP/s count the three-GEMM floor's 6·N²·D flops for every case; "extra MiB" (CUDA) is the peak a call
+allocates beyond its inputs, so it includes the gradients da, db (2·N·D bf16: 32 MiB at N = 32k, D = 512)
+and, for the naive loss, the N×N logits, softmax and their gradients. Speed targets live here, not in
+tests: at N = 32k, D = 512 extra memory ≤ 64 MiB beyond the gradients, time ≤ 1.5x the floor, ≥ 2x
+faster than the naive loss, ≥ 1.5x faster than two Inf-CL calls; N = 64k runs where the naive loss
+runs out of memory (its case is then skipped with the OutOfMemoryError as the reason).
+"""
+import math
+
+import torch
+
+from .common import Case, Skip, Workload
+
+DTYPE = torch.bfloat16
+
+
+def _sizes(mode, device):
+    if mode == "smoke":
+        return [(200, 64)]
+    if device.type != "cuda":
+        return [(1024, 512), (4096, 512)] if mode == "full" else [(1024, 512)]
+    if mode == "quick":
+        return [(4096, 512), (16384, 512)]
+    return [(n, d) for d in (512, 768) for n in (4096, 16384, 32768, 65536)]
+
+
+def _naive_loss():
+    try:
+        from open_clip.loss import ClipLoss
+
+        loss = ClipLoss()
+        return (lambda a, b, s: loss(a, b, s)), "open_clip.loss.ClipLoss"
+    except Exception:  # not installed (or its imports fail): the same math inline
+        def clip_loss(a, b, s):
+            logits = s * a @ b.T
+            labels = torch.arange(a.shape[0], device=a.device)
+            ce = torch.nn.functional.cross_entropy
+            return (ce(logits, labels) + ce(logits.T, labels)) / 2
+
+        return clip_loss, "naive ClipLoss inline (open_clip not installed)"
+
+
+def _features(state):
+    a, b, t = state
+    return (a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_(),
+            t.detach().clone().requires_grad_())
+
+
+def _step(loss_fn, a, b, t):
+    def fn():
+        a.grad = b.grad = t.grad = None
+        loss_fn(a, b, t).backward()
+
+    return fn
+
+
+def _mmfast(case):
+    def make(state):
+        from mmfast.kernels import contrastive_loss
+
+        a, b, t = _features(state)
+        fn = _step(lambda x, y, s: contrastive_loss(x, y, s, normalize=True), a, b, t)
+        return fn
+
+    return make
+
+
+def _naive(case):
+    def make(state):
+        loss, which = _naive_loss()
+        case.note = which
+        a, b, t = _features(state)
+        nf = torch.nn.functional
+        fn = _step(lambda x, y, s: loss(nf.normalize(x, dim=-1), nf.normalize(y, dim=-1), s.exp().clamp(max=100)), a, b, t)
+        return fn
+
+    return make
+
+
+def _inf_cl(case):
+    def make(state):
+        try:
+            from inf_cl import cal_inf_loss
+        except Exception as exc:
+            raise Skip(f"Inf-CL not installed ({type(exc).__name__}: {exc})") from None
+        a, b, t = _features(state)
+        if a.device.type != "cuda":
+            raise Skip("Inf-CL runs on CUDA only")
+        labels = torch.arange(a.shape[0], device=a.device)
+        nf = torch.nn.functional
+
+        def loss(x, y, s):
+            x, y, s = nf.normalize(x, dim=-1), nf.normalize(y, dim=-1), s.exp().clamp(max=100)
+            # Inf-CL computes one direction per call (and wants fp32 features)
+            return (cal_inf_loss(x.float(), y.float(), labels=labels, scale=s).mean()
+                    + cal_inf_loss(y.float(), x.float(), labels=labels, scale=s).mean()) / 2
+
+        fn = _step(loss, a, b, t)
+        return fn
+
+    return make
+
+
+def cases():
+    mm = Case("mmfast", None, "contrastive_loss, one call")
+    naive = Case("open_clip_ClipLoss", None, "")
+    inf = Case("inf_cl_2calls", None, "Inf-CL cal_inf_loss x 2 directions")
+    mm.make, naive.make, inf.make = _mmfast(mm), _naive(naive), _inf_cl(inf)
+    return [mm, naive, inf]
+
+
+def workloads(mode, device):
+    device = torch.device(device)
+    out = []
+    for seed, (n, d) in enumerate(_sizes(mode, device)):
+        floor_flops = 6.0 * n * n * d
+
+        def build(n=n, d=d, seed=seed):
+            g = torch.Generator(device=device).manual_seed(seed)
+            a = torch.randn(n, d, generator=g, device=device, dtype=DTYPE)
+            b = torch.randn(n, d, generator=g, device=device, dtype=DTYPE)
+            return a, b, torch.tensor(math.log(1 / 0.07), device=device)
+
+        nbytes = 4 * n * d * DTYPE.itemsize  # read a, b; write da, db
+        info = {"N": n, "D": d, "dtype": "bf16", "floor_flops": floor_flops,
+                "summary": f"CLIP loss fwd+bwd, N={n}, D={d}, bf16; 3-GEMM floor {floor_flops / 1e12:.2f} TFLOP"}
+        out.append(Workload(f"clip_loss N={n} D={d}", build, nbytes, info, cases(),
+                            baselines={"naive": "open_clip_ClipLoss", "inf_cl": "inf_cl_2calls"},
+                            flops_per_call=int(floor_flops)))
+    return out
