@@ -20,7 +20,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-SUITES = {"ema": "benchmarks.ema", "attention": "benchmarks.attention", "contrastive": "benchmarks.contrastive"}
+SUITES = {"ema": "benchmarks.ema", "attention": "benchmarks.attention", "contrastive": "benchmarks.contrastive",
+          "patch_embed": "benchmarks.patch_embed"}
 MODES = ("smoke", "quick", "full")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
