@@ -7,11 +7,14 @@ distillation). The forward computes each logits tile once and produces the row s
 the column statistics as per-row-block partials; the backward recomputes tiles (deterministically: one
 kernel for da over row blocks, one for db over column blocks, no atomics).
 
-Extra memory beyond inputs, outputs and gradients (Triton): O(Na + Nb) fp32 statistics, plus, for the
-symmetric loss, the column partials: K x ceil(Na / BI) x Nb fp32 with BI = 128 rows per block (BLIP-2:
-128 / Q rounded to a power of two) and K = 1 (+1 with label smoothing, +2 with a teacher) — 32 MiB for
-N = 32,768 plain CLIP, 1/128 of one fp32 logits matrix. The CPU path keeps a fixed-size chunk of
-logits instead (see _chunked.py).
+Extra memory beyond inputs, outputs and gradients (Triton), exactly: row statistics 5·Na and column
+statistics 4·Nb fp32 (3·Na + 3·Nb of them kept for the backward), and, for the symmetric loss only, the
+forward's column partials K·ceil(Na / BI)·Nb fp32, merged by a streaming kernel (no temporaries) and
+freed before the forward returns. BI = 128 rows per block for bf16/fp16 (64 for fp32; BLIP-2: that
+divided by Q rounded up to a power of two), K = 1 (+1 with label smoothing, +2 with a teacher): 32 MiB
+at N = 32,768 for plain bf16 CLIP, 1/128 of one fp32 logits matrix, and 64 MiB at N = 65,536 — not
+O(N), but N²/128. normalize=True adds the normalised copies of a and b (as F.normalize does).
+The CPU path keeps a fixed-size chunk of logits instead (see _chunked.py): O(N) in all.
 
 Layout: _triton.py (kernels, launchers, compile specs), _chunked.py (the CPU / PyTorch path),
 _distributed.py (collectives); this file holds validation, the autograd Function and the public ops.

@@ -84,6 +84,8 @@ def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     colstats = None
     if cols and mode == MODE_SOFTMAX:
         colstats = torch.stack([col_max + torch.log(col_exp), col_sum, col_tmax + torch.log(col_texp), col_w / col_texp])
+        if at is None:
+            colstats[2:] = 0.0  # no teacher: defined values, as the Triton path
     return rows, colstats
 
 
@@ -119,8 +121,9 @@ def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, 
     bt32 = bt.float() if at is not None else None
     da = torch.empty(a.shape, device=dev, dtype=torch.float32) if need_da else None
     db = torch.zeros(b.shape, device=dev, dtype=torch.float32) if need_db else None
-    d_scale = torch.zeros((), device=dev)
-    d_bias = torch.zeros((), device=dev)
+    # scalar gradients: sums over all N*M pairs, accumulated across chunks in fp64
+    d_scale = torch.zeros((), device=dev, dtype=torch.float64)
+    d_bias = torch.zeros((), device=dev, dtype=torch.float64)
     C = _chunk_rows(Na, Nb, Q)
     for i0 in range(0, Na, C):
         c = min(C, Na - i0)
@@ -128,8 +131,8 @@ def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, 
         raw, arg = _raw(a_chunk, b32)
         t = s * _raw(at[i0 : i0 + c], bt32)[0] if at is not None else None
         g = grad_tile(s * raw, t, i0, rvec, cvec, params, mode=mode, cols=cols, diag_off=diag_off)
-        d_scale += (g * raw).sum()
-        d_bias += g.sum()
+        d_scale += (g * raw).sum(dtype=torch.float64)
+        d_bias += g.sum(dtype=torch.float64)
         if arg is None:
             if need_da:
                 da[i0 : i0 + c] = s * (g @ b32)
@@ -144,4 +147,4 @@ def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, 
                 db += s * torch.einsum("cqm,cqd->md", gq, a_chunk)
     da = da.to(a.dtype) if need_da else None
     db = db.to(b.dtype) if need_db else None
-    return da, db, d_scale, d_bias
+    return da, db, d_scale.float(), d_bias.float()

@@ -70,11 +70,10 @@ def combine_column_stats(colstats, group):
     dist.all_reduce(csum, group=group)
     tm = tlse.clone()
     dist.all_reduce(tm, op=dist.ReduceOp.MAX, group=group)
-    finite = torch.isfinite(tm)
-    te = torch.where(finite, torch.exp(tlse - tm), 0.0)
+    te = torch.exp(tlse - tm)
     dist.all_reduce(te, group=group)
-    tl_global = torch.where(finite, tm + torch.log(te), tm)
-    wt = torch.where(finite, torch.exp(tlse - tl_global) * w, 0.0)
+    tl_global = tm + torch.log(te)
+    wt = torch.exp(tlse - tl_global) * w
     dist.all_reduce(wt, group=group)
     colstats[0] = m + torch.log(e)
     colstats[2] = tl_global

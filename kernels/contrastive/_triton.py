@@ -178,6 +178,52 @@ def _contrastive_fwd_kernel(
 
 
 @triton.jit
+def _contrastive_colreduce_kernel(
+    part_ptr,  # *fp32 [K, n_rb, Nb] from the forward
+    col_ptr,  # *fp32 [4, Nb]: lse, sum, teacher lse, teacher-weighted mean
+    n_rb, Nb,
+    SMOOTH: tl.constexpr, TEACHER: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Merge the per-row-block column partials, streaming over row blocks (no temporaries)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = cols < Nb
+    plane = n_rb * Nb
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    e = tl.zeros((BLOCK,), tl.float32)
+    total = tl.zeros((BLOCK,), tl.float32)
+    tm = tl.full((BLOCK,), float("-inf"), tl.float32)
+    te = tl.zeros((BLOCK,), tl.float32)
+    w = tl.zeros((BLOCK,), tl.float32)
+    tbase = part_ptr + plane
+    if SMOOTH:
+        tbase += plane
+    for rb in range(0, n_rb):
+        x = tl.load(part_ptr + rb * Nb + cols, mask=ok, other=0.0)
+        m_new = tl.maximum(m, x)
+        e = e * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+        if SMOOTH:
+            total += tl.load(part_ptr + plane + rb * Nb + cols, mask=ok, other=0.0)
+        if TEACHER:
+            tx = tl.load(tbase + rb * Nb + cols, mask=ok, other=0.0)
+            wx = tl.load(tbase + plane + rb * Nb + cols, mask=ok, other=0.0)
+            tm_new = tl.maximum(tm, tx)
+            scale_old = tl.exp(tm - tm_new)
+            scale_new = tl.exp(tx - tm_new)
+            te = te * scale_old + scale_new
+            w = w * scale_old + scale_new * wx
+            tm = tm_new
+    tl.store(col_ptr + cols, m + tl.log(e), mask=ok)
+    tl.store(col_ptr + Nb + cols, total, mask=ok)
+    if TEACHER:
+        tl.store(col_ptr + 2 * Nb + cols, tm + tl.log(te), mask=ok)
+        tl.store(col_ptr + 3 * Nb + cols, w / te, mask=ok)
+    else:  # defined values (zeros) for the statistics this variant does not have
+        tl.store(col_ptr + 2 * Nb + cols, total * 0.0, mask=ok)
+        tl.store(col_ptr + 3 * Nb + cols, total * 0.0, mask=ok)
+
+
+@triton.jit
 def _grad_tile(logits, t, img, cols, row_ok, col_ok, params_ptr, rvec_ptr, cvec_ptr, Na, Nb, diag_off,
                MODE: tl.constexpr, COLS: tl.constexpr, TEACHER: tl.constexpr):
     """G_ij = d loss / d L_ij on one tile (zero outside the valid rows and columns).
@@ -356,6 +402,8 @@ def _config(dtype):
     return _CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
 
 
+_COLREDUCE_BLOCK = 512  # columns per program of the partial-merging kernel (a stream, 4 warps)
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -412,15 +460,9 @@ def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     )
     colstats = None
     if cols:
-        # reduce the per-row-block partials: O(Nb) output, one torch op per statistic
-        colstats = torch.zeros((4, Nb), device=dev, dtype=torch.float32)
-        colstats[0] = torch.logsumexp(part[0], dim=0)
-        if smooth:
-            colstats[1] = part[1].sum(0)
-        if teacher:
-            tp, wp = part[k - 2], part[k - 1]
-            colstats[2] = torch.logsumexp(tp, dim=0)
-            colstats[3] = (torch.exp(tp - colstats[2]) * wp).sum(0)
+        colstats = _empty((4, Nb), device=dev, dtype=torch.float32)
+        _contrastive_colreduce_kernel[(triton.cdiv(Nb, _COLREDUCE_BLOCK),)](
+            part, colstats, n_rb, Nb, SMOOTH=smooth, TEACHER=teacher, BLOCK=_COLREDUCE_BLOCK, num_warps=4)
     return rows, colstats
 
 
@@ -450,7 +492,7 @@ def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, 
         db = _empty(b.shape, device=b.device, dtype=b.dtype)
         grid_b = (triton.cdiv(Nb, cfg["BN"]), triton.cdiv(D, BD))
         _contrastive_bwd_db_kernel[grid_b](a, b, at_, bt_, params, rvec, cvec, db, Na, Nb, Q, D, diag_off, *strides, **common)
-    return (da if need_da else None), db, red[0].sum(), red[1].sum()
+    return (da if need_da else None), db, red[0].double().sum().float(), red[1].double().sum().float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,7 +539,14 @@ def _spec(kernel, ptrs, ints, constexprs, dtype, **kw):
 
 def compile_specs():
     """Forward, da and db kernels for every variant above, bf16 (plus fp16 / fp32 for CLIP), at the
-    launch configs the launchers use (the largest D chunk the backward picks)."""
+    launch configs the launchers use (the largest D chunk the backward picks), and the column merge."""
+    for smooth, teacher in ((False, False), (True, True)):
+        c = dict(SMOOTH=smooth, TEACHER=teacher, BLOCK=_COLREDUCE_BLOCK)
+        yield CompileSpec(kernel=_contrastive_colreduce_kernel,
+                          signature={"part_ptr": "*fp32", "col_ptr": "*fp32", "n_rb": "i64", "Nb": "i64",
+                                     "SMOOTH": "constexpr", "TEACHER": "constexpr", "BLOCK": "constexpr"},
+                          constexprs=c, num_warps=4, divisibility={"part_ptr": 16, "col_ptr": 16},
+                          label=f"smooth={smooth} teacher={teacher} BLOCK={_COLREDUCE_BLOCK}")
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         cfg = _config(dtype)
         fwd, bwd = cfg["fwd"], cfg["bwd"]
