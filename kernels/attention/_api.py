@@ -12,6 +12,7 @@ from ._bwd import _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attenti
 from ._fwd import _attention_fwd_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LN2 = math.log(2.0)
 
 # ----------------------------------------------------------------------------------------------
 # Validation
@@ -290,6 +291,7 @@ def _meta_of(q, row_lo, row_hi, kpm, cu_q, cu_k, lists):
     return _Meta(row_lo, row_hi, kpm, cu_q, cu_k, lists, cu_q is not None, q.device)
 
 
+# Returns (out, lse2) with the base-2 log-sum-exp lse2 = lse / ln 2 (what the backward needs, unrounded).
 @torch.library.custom_op("mmfast::flash_attention_fwd", mutates_args=())
 def _flash_attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_lo: torch.Tensor, row_hi: torch.Tensor,
@@ -459,9 +461,10 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, kv_start=None,
                          "build it on the inputs' device without `tile`")
     lists = [bm.kv_full_num, bm.kv_full_idx, bm.kv_part_num, bm.kv_part_idx,
              bm.q_full_num, bm.q_full_idx, bm.q_part_num, bm.q_part_idx]
-    out, lse = _flash_attention_fwd_op(
+    out, lse2 = _flash_attention_fwd_op(
         q, k, v, bm.row_lo.reshape(1, -1) if varlen else bm.row_lo, bm.row_hi.reshape(1, -1) if varlen else bm.row_hi,
         bm.key_padding_mask, bm.cu_seqlens_q, bm.cu_seqlens_k, lists, softmax_scale,
         int(max_seqlen_q or 0), int(max_seqlen_k or 0),
     )
-    return (out, lse) if return_lse else out
+    # the op keeps the base-2 LSE for its backward; callers get the natural one
+    return (out, lse2 * _LN2) if return_lse else out

@@ -3,7 +3,7 @@
 Deterministic, no atomics: each dK/dV program owns one KV tile of one KV head and loops over the query
 heads of its GQA group and over the query blocks that see it (the block mask's transposed lists); each
 dQ program owns one query tile and loops over its visible KV blocks. Probabilities are recomputed from
-the saved LSE as exp2(s·log2e − lse·log2e); a row that saw nothing has LSE −inf, which is turned into
+the saved base-2 LSE as exp2(s·log2e − lse₂); a row that saw nothing has LSE −inf, which is turned into
 +inf here so its probabilities, dS and dQ are exactly 0.
 """
 import triton
@@ -49,14 +49,15 @@ def _attention_bwd_preprocess_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     l_ptrs = l_base + h.to(tl.int64) * stride_lh + offs_m
     if HAS_DLSE:
-        delta -= tl.load(DLse + l_ptrs, mask=offs_m < seqlen_q, other=0.0)
+        # DLse is the gradient of the base-2 LSE: dS_ij += P_ij · dlse_natural = P_ij · dlse2 · log2(e)
+        delta -= tl.load(DLse + l_ptrs, mask=offs_m < seqlen_q, other=0.0) * 1.4426950408889634
     tl.store(Delta + l_ptrs, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
 def _lse_log2(lse):
-    # -inf (row saw nothing) -> +inf so that exp2(s - lse) is 0 instead of exp2(+inf)
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    # lse is base 2 already; -inf (row saw nothing) -> +inf so that exp2(s - lse) is 0, not exp2(+inf)
+    return tl.where(lse == float("-inf"), float("inf"), lse)
 
 
 @triton.jit

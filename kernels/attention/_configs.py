@@ -4,8 +4,8 @@ No runtime autotuning: a small fixed table keyed by (pass, head-dim bucket, elem
 deterministic and first calls cheap, and lets the compile gate check every entry for sm_80 and sm_90.
 Kernel tiles divide the block-mask tile (MASK_TILE_GPU = 128 query rows x 64 keys), so one block mask
 serves every entry. The same table is used on sm_80 and sm_90 (checked on both by the gate).
-Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast while still exercising every loop:
-tiles smaller than the mask tile on both axes.
+Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast while still exercising the sub-tile loops
+(the dK/dV kernel steps through a mask tile's query rows, the dQ kernel through its keys).
 """
 from dataclasses import dataclass
 
@@ -142,6 +142,8 @@ def compile_specs():
             for head_dim in (64, 40, 128, 80, 256):
                 if dtype == torch.float32 and head_dim in (40, 80):
                     continue
+                if pass_ == "pre" and (dtype == torch.float32 or head_dim in (40, 80)):
+                    continue  # a row reduction without tl.dot: far from any register limit
                 specs.append(_attention_specs(pass_, kernel, dtype, head_dim, False, False))
         specs.append(_attention_specs(pass_, kernel, torch.bfloat16, 256, True, True))
         specs.append(_attention_specs(pass_, kernel, torch.float16, 128, True, True))

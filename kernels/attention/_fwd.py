@@ -4,7 +4,7 @@ One program per (query tile, batch x query head). It walks the block mask's list
 (no mask work at all) and then its list of partial ones (per-element row-range, padding and
 sequence-end masks). Scores live in the log2 domain (softmax scale x log2 e folded into one multiply,
 exp2), accumulators are fp32, and a row that sees no key keeps m = -inf, l = 0 and ends with output 0
-and LSE -inf instead of NaN.
+and LSE -inf instead of NaN. The kernel writes the base-2 LSE, which the backward uses as is.
 """
 import triton
 import triton.language as tl
@@ -165,7 +165,8 @@ def _attention_fwd_kernel(
     )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    # base-2 LSE (the backward's unit, saved without a round trip through ln); the op returns lse·ln 2
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = (Out + o_base + h.to(tl.int64) * stride_oh + start_m.to(tl.int64) * stride_om
               + offs_mt[:, None] * stride_om + offs_d[None, :])
     tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, EMULATE), mask=row_ok[:, None] & d_ok[None, :])
