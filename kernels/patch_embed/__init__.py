@@ -40,6 +40,7 @@ _FWD_LARGE = Config(128, 64, 32, 8, 3)
 _FWD_SMALL = Config(64, 64, 32, 4, 2)
 _FWD_TILES = Config(64, 64, 32, 8, 3)  # two more epilogue tables (tile position, pre-tile)
 _DX = Config(128, 64, 32, 8, 3)  # rows = image patches, n = K, k = D
+_DX_FP32 = Config(64, 64, 32, 8, 3)  # fp32 tiles are twice the bytes: 128 rows spill on sm_80
 _DW = Config(128, 64, 32, 8, 3)  # m = D, n = K, k = rows
 
 
@@ -63,21 +64,21 @@ def compile_specs():
     # int arguments below 2**31 are passed as i32 by Triton's launcher: compile what runs
     fwd_sig.update({n: "i32" for n in ("G", "M", "T", "GW", "H", "W", "D", "K", "R_TP", "s_ib", "s_it", "s_ic", "s_ih",
                                        "s_iw", "s_wd", "s_wc", "s_wh", "s_ww")})
-    fwd_const = ("C", "P", "CL_ORDER", "PAD", "HAS_BIAS", "HAS_POS", "HAS_POS_CLS", "HAS_CLS", "HAS_MASK", "HAS_PERM",
+    fwd_const = ("C", "P", "CL_ORDER", "PXP", "ALIGN", "PAD", "HAS_BIAS", "HAS_POS", "HAS_POS_CLS", "HAS_CLS", "HAS_MASK", "HAS_PERM",
                  "HAS_SRC", "HAS_POS_IDX", "TILES", "HAS_TILE_MASK", "OUT_DTYPE", "DOT_FP32", "EMULATE", "ALLOW_TF32",
                  "BLOCK_M", "BLOCK_N", "BLOCK_K")
     fwd_sig.update({n: "constexpr" for n in fwd_const})
     dx_sig = {"dout": "*fp32", "w": "*fp32", "inv": "*i32", "tok_mask": "*u8", "tile_used": "*u8", "dimg": "*fp32"}
     dx_sig.update({n: "i32" for n in ("G", "M", "NP", "T", "GW", "H", "W", "D", "K", "s_ib", "s_it", "s_ic", "s_ih",
                                       "s_iw", "s_wd", "s_wc", "s_wh", "s_ww")})
-    dx_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "PAD", "OFF", "HAS_INV", "HAS_MASK", "HAS_TILE_MASK",
+    dx_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "PXP", "ALIGN", "PAD", "OFF", "HAS_INV", "HAS_MASK", "HAS_TILE_MASK",
                                             "OUT_DTYPE", "DOT_FP32", "EMULATE", "ALLOW_TF32", "BLOCK_M", "BLOCK_N",
                                             "BLOCK_K")})
     dw_sig = {"dout": "*fp32", "img": "*fp32", "perm": "*i32", "src_idx": "*i32", "tok_mask": "*u8",
               "tile_used": "*u8", "dw_part": "*fp32", "db_part": "*fp32"}
     dw_sig.update({n: "i32" for n in ("G", "M", "T", "GW", "H", "W", "D", "K", "ROWS_PER_SPLIT", "s_ib", "s_it", "s_ic",
                                       "s_ih", "s_iw")})
-    dw_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "PAD", "OFF", "HAS_PERM", "HAS_SRC", "HAS_MASK",
+    dw_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "PXP", "ALIGN", "PAD", "OFF", "HAS_PERM", "HAS_SRC", "HAS_MASK",
                                             "HAS_TILE_MASK", "HAS_BIAS", "DOT_FP32", "ALLOW_TF32", "BLOCK_D", "BLOCK_K",
                                             "BLOCK_R")})
 
@@ -98,6 +99,8 @@ def compile_specs():
         (torch.float32, "vit-b16 cls", 16, 3, False, True, False, False, (_FWD_LARGE,)),
     ]
     for dtype, label, P, C, cl, has_cls, has_mask, tiles, fwd_configs in variants:
+        # 224/336/560-pixel NCHW rows: pixel runs start at multiples of gcd(P, 16 bytes)
+        layout = dict(PXP=triton.next_power_of_2(P), ALIGN=1 if cl else math.gcd(P, 16 // dtype.itemsize))
         for cfg in fwd_configs:
             sig = typed(fwd_sig, dtype, ("img", "w", "bias", "pos", "pos_cls", "cls", "mask_tok", "tile_pos",
                                          "pre_tile", "out"))
@@ -105,23 +108,24 @@ def compile_specs():
                        tile_used="*u8")
             yield CompileSpec(
                 kernel=_patch_embed_fwd_kernel, signature=sig,
-                constexprs=dict(C=C, P=P, CL_ORDER=cl, PAD=False, HAS_BIAS=not tiles, HAS_POS=True,
+                constexprs=dict(C=C, P=P, CL_ORDER=cl, **layout, PAD=False, HAS_BIAS=not tiles, HAS_POS=True,
                                 HAS_POS_CLS=has_cls, HAS_CLS=has_cls, HAS_MASK=has_mask, HAS_PERM=has_mask,
                                 HAS_SRC=False, HAS_POS_IDX=False, TILES=tiles, HAS_TILE_MASK=tiles,
                                 OUT_DTYPE=_TL_DTYPES[dtype], DOT_FP32=False, EMULATE=False, ALLOW_TF32=True,
                                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 label=f"fwd {_SIG[dtype]} {label} P={P} BLOCK={cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps}")
+        dx = _DX_FP32 if dtype == torch.float32 else _DX
         yield CompileSpec(
             kernel=_patch_embed_bwd_dx_kernel, signature=typed(dx_sig, dtype, ("dout", "w", "dimg")),
-            constexprs=dict(C=C, P=P, CL_ORDER=cl, PAD=False, OFF=1, HAS_INV=False, HAS_MASK=has_mask,
+            constexprs=dict(C=C, P=P, CL_ORDER=cl, **layout, PAD=False, OFF=1, HAS_INV=False, HAS_MASK=has_mask,
                             HAS_TILE_MASK=tiles, OUT_DTYPE=_TL_DTYPES[dtype], DOT_FP32=False, EMULATE=False,
-                            ALLOW_TF32=True, BLOCK_M=_DX.block_m, BLOCK_N=_DX.block_n, BLOCK_K=_DX.block_k),
-            num_warps=_DX.num_warps, num_stages=_DX.num_stages,
-            label=f"bwd d_images {_SIG[dtype]} {label} P={P} BLOCK={_DX.block_m}x{_DX.block_n}x{_DX.block_k}")
+                            ALLOW_TF32=True, BLOCK_M=dx.block_m, BLOCK_N=dx.block_n, BLOCK_K=dx.block_k),
+            num_warps=dx.num_warps, num_stages=dx.num_stages,
+            label=f"bwd d_images {_SIG[dtype]} {label} P={P} BLOCK={dx.block_m}x{dx.block_n}x{dx.block_k}")
         yield CompileSpec(
             kernel=_patch_embed_bwd_dw_kernel, signature=typed(dw_sig, dtype, ("dout", "img")),
-            constexprs=dict(C=C, P=P, CL_ORDER=cl, PAD=False, OFF=1, HAS_PERM=False, HAS_SRC=False,
+            constexprs=dict(C=C, P=P, CL_ORDER=cl, **layout, PAD=False, OFF=1, HAS_PERM=False, HAS_SRC=False,
                             HAS_MASK=has_mask, HAS_TILE_MASK=tiles, HAS_BIAS=not tiles, DOT_FP32=False,
                             ALLOW_TF32=True, BLOCK_D=_DW.block_m, BLOCK_K=_DW.block_n, BLOCK_R=_DW.block_k),
             num_warps=_DW.num_warps, num_stages=_DW.num_stages,
@@ -152,6 +156,25 @@ def _dot_fp32(dtype):
 
 def _allow_tf32():
     return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _pxp(P):
+    return triton.next_power_of_2(P)
+
+
+def _k_padded(plan):
+    """Length of the kernels' reduction space (NCHW: (c, py, px) with px padded to a power of two)."""
+    return plan.C * plan.P * (plan.P if plan.cl_order else _pxp(plan.P))
+
+
+def _align(images, plan):
+    """Elements every pixel-run start is a multiple of (for vector loads), 1 when not provable."""
+    if plan.cl_order or images.stride(-1) != 1:
+        return 1
+    a = 16 // images.element_size()
+    for v in (plan.P,) + tuple(images.stride()[:-1]):
+        a = math.gcd(a, v)
+    return a
 
 
 def _image_strides(images, tiles):
@@ -192,7 +215,7 @@ def _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, 
         ptr(plan.tile_used), out,
         G, plan.M, plan.T, plan.GW, plan.H, plan.W, D, K, plan.N + 1,
         *_image_strides(images, plan.tiles), *weight.stride(),
-        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, PAD=plan.pad,
+        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, PXP=_pxp(plan.P), ALIGN=_align(images, plan), PAD=plan.pad,
         HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_POS_CLS=pos_cls is not None, HAS_CLS=plan.has_cls,
         HAS_MASK=plan.tok_mask is not None, HAS_PERM=plan.perm is not None, HAS_SRC=plan.src_idx is not None,
         HAS_POS_IDX=plan.pos_idx is not None, TILES=plan.tiles, HAS_TILE_MASK=plan.tile_used is not None,
@@ -224,14 +247,15 @@ def _bwd_images(gout, images, weight, plan):
     if plan.keep is not None:
         inv = torch.full((G, NP), -1, dtype=torch.int32, device=gout.device)
         inv.scatter_(1, plan.keep.long(), torch.arange(plan.M, dtype=torch.int32, device=gout.device).expand(G, -1))
-    cfg = _DX
-    grid = (triton.cdiv(G * NP, cfg.block_m) * triton.cdiv(K, cfg.block_n),)
+    cfg = _DX_FP32 if images.dtype == torch.float32 else _DX
+    grid = (triton.cdiv(G * NP, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n),)
     _patch_embed_bwd_dx_kernel[grid](
         gout, weight, inv if inv is not None else gout, plan.tok_mask if plan.tok_mask is not None else gout,
         plan.tile_used if plan.tile_used is not None else gout, dimg,
         G, plan.M, NP, plan.T, plan.GW, plan.H, plan.W, D, K,
         *_image_strides(dimg, plan.tiles), *weight.stride(),
-        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, PAD=plan.pad, OFF=off, HAS_INV=inv is not None,
+        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, PXP=_pxp(plan.P), ALIGN=_align(dimg, plan), PAD=plan.pad, OFF=off,
+        HAS_INV=inv is not None,
         HAS_MASK=plan.tok_mask is not None, HAS_TILE_MASK=plan.tile_used is not None,
         OUT_DTYPE=_TL_DTYPES[images.dtype], DOT_FP32=_dot_fp32(images.dtype), EMULATE=interpreting(),
         ALLOW_TF32=_allow_tf32(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -244,7 +268,7 @@ def _bwd_weight(gout, images, weight, want_bias, plan):
     G, D, K = plan.B * plan.T, weight.shape[0], weight[0].numel()
     cfg = _DW
     rows = G * plan.M
-    tiles = triton.cdiv(D, cfg.block_m) * triton.cdiv(K, cfg.block_n)
+    tiles = triton.cdiv(D, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n)
     splits = _dw_splits(gout.device, tiles, rows, cfg.block_k)
     per_split = triton.cdiv(triton.cdiv(rows, splits), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(rows, per_split)
@@ -256,8 +280,8 @@ def _bwd_weight(gout, images, weight, want_bias, plan):
         dw_part, db_part,
         G, plan.M, plan.T, plan.GW, plan.H, plan.W, D, K, per_split,
         *_image_strides(images, plan.tiles),
-        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, PAD=plan.pad, OFF=1 if plan.has_cls else 0,
-        HAS_PERM=plan.perm is not None, HAS_SRC=plan.src_idx is not None, HAS_MASK=plan.tok_mask is not None,
+        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, PXP=_pxp(plan.P), ALIGN=_align(images, plan), PAD=plan.pad,
+        OFF=1 if plan.has_cls else 0, HAS_PERM=plan.perm is not None, HAS_SRC=plan.src_idx is not None, HAS_MASK=plan.tok_mask is not None,
         HAS_TILE_MASK=plan.tile_used is not None, HAS_BIAS=want_bias, DOT_FP32=_dot_fp32(images.dtype),
         ALLOW_TF32=_allow_tf32(), BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_R=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -31,15 +31,33 @@ def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _k_split(k, C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr):
-    """Reduction index -> (channel, row in patch, column in patch)."""
+def _k_split(kp, C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PXP: tl.constexpr):
+    """Reduction index -> (channel, row in patch, column in patch, valid).
+
+    NCHW images: the reduction runs over a padded space (c, py, px) with px in [0, PXP), PXP the next
+    power of two >= P, so every group of PXP consecutive indices is one contiguous run of pixels (the
+    compiler sees the contiguity and vectorizes the gather; columns px >= P are masked off, 14/16 of the
+    MMA work for P = 14). Channels-last images: (py, px, c) densely, runs of P*C contiguous values.
+    """
     if CL_ORDER:
-        c = k % C
-        pp = k // C
+        c = kp % C
+        pp = kp // C
+        return c, pp // P, pp % P, kp < C * P * P
     else:
-        c = k // (P * P)
-        pp = k % (P * P)
-    return c, pp // P, pp % P
+        px = kp % PXP
+        cy = kp // PXP
+        return cy // P, cy % P, px, (px < P) & (cy < C * P)
+
+
+@triton.jit
+def _k_offsets(c, py, px, s_c, s_h, s_w, ALIGN: tl.constexpr):
+    """Element offsets of reduction columns in an image; with ALIGN > 1 (checked by the launcher:
+    P, the channel and row strides are multiples of ALIGN and s_w == 1) the per-(c, py) part is
+    declared a multiple of ALIGN so that runs of pixels become vector loads."""
+    if ALIGN > 1:
+        return tl.multiple_of(c * s_c + py * s_h, ALIGN) + px
+    else:
+        return c * s_c + py * s_h + px * s_w
 
 
 @triton.jit
@@ -77,7 +95,7 @@ def _patch_embed_fwd_kernel(
     G, M, T, GW, H, W, D, K, R_TP,
     s_ib, s_it, s_ic, s_ih, s_iw,
     s_wd, s_wc, s_wh, s_ww,
-    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PAD: tl.constexpr,
+    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PXP: tl.constexpr, ALIGN: tl.constexpr, PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_POS_CLS: tl.constexpr, HAS_CLS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr, HAS_POS_IDX: tl.constexpr,
     TILES: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
@@ -127,20 +145,23 @@ def _patch_embed_fwd_kernel(
             HAS_PERM, HAS_SRC, HAS_POS_IDX, HAS_MASK, HAS_TILE_MASK)
         gy0 = (src // GW) * P
         gx0 = (src % GW) * P
-        a_rows = img + ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy0.to(tl.int64) * s_ih
-                        + gx0.to(tl.int64) * s_iw)
+        row_off = ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy0.to(tl.int64) * s_ih
+                   + gx0.to(tl.int64) * s_iw)
+        if ALIGN > 1:
+            row_off = tl.multiple_of(row_off, ALIGN)
+        a_rows = img + row_off
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # tiles without a single GEMM row (masked tokens sorted last, unused tiles) skip the loop
+        KP: tl.constexpr = C * P * P if CL_ORDER else C * P * PXP
         any_gemm = tl.max(gemm.to(tl.int32), axis=0) > 0
-        k_hi = tl.where(any_gemm, K, 0)
+        k_hi = tl.where(any_gemm, KP, 0)
         for k0 in range(0, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < K
-            c, py, px = _k_split(k, C, P, CL_ORDER)
+            c, py, px, k_ok = _k_split(k, C, P, CL_ORDER, PXP)
             a_mask = gemm[:, None] & k_ok[None, :]
             if PAD:  # right/bottom zero padding: pixels past the image read as 0
                 a_mask = a_mask & ((gy0[:, None] + py[None, :]) < H) & ((gx0[:, None] + px[None, :]) < W)
-            a = tl.load(a_rows[:, None] + (c * s_ic + py * s_ih + px * s_iw)[None, :], mask=a_mask, other=0.0)
+            a = tl.load(a_rows[:, None] + _k_offsets(c, py, px, s_ic, s_ih, s_iw, ALIGN)[None, :], mask=a_mask, other=0.0)
             w_off = d[None, :] * s_wd + (c * s_wc + py * s_wh + px * s_ww)[:, None]
             b = tl.load(w + w_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_FP32:
@@ -185,8 +206,8 @@ def _patch_embed_bwd_dx_kernel(
     G, M, NP, T, GW, H, W, D, K,
     s_ib, s_it, s_ic, s_ih, s_iw,
     s_wd, s_wc, s_wh, s_ww,
-    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PAD: tl.constexpr, OFF: tl.constexpr,
-    HAS_INV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
+    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PXP: tl.constexpr, ALIGN: tl.constexpr,
+    PAD: tl.constexpr, OFF: tl.constexpr, HAS_INV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
     OUT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -194,13 +215,13 @@ def _patch_embed_bwd_dx_kernel(
     through the image strides. Patches do not overlap and every patch is a row, so every pixel is
     written exactly once (zeros for patches no token read) and no accumulation is needed."""
     pid = tl.program_id(0)
-    num_n = tl.cdiv(K, BLOCK_N)
+    KP: tl.constexpr = C * P * P if CL_ORDER else C * P * PXP
+    num_n = tl.cdiv(KP, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = r < G * NP
-    k_ok = k < K
     g = tl.where(row_ok, r // NP, 0)
     p = tl.where(row_ok, r % NP, 0)
     j = p
@@ -216,7 +237,7 @@ def _patch_embed_bwd_dx_kernel(
     d_rows = dout + (g * (M + OFF) + OFF + j).to(tl.int64) * D
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    c, py, px = _k_split(k, C, P, CL_ORDER)
+    c, py, px, k_ok = _k_split(k, C, P, CL_ORDER, PXP)
     w_cols = c * s_wc + py * s_wh + px * s_ww
     any_live = tl.max(live.to(tl.int32), axis=0) > 0
     d_hi = tl.where(any_live, D, 0)
@@ -235,12 +256,15 @@ def _patch_embed_bwd_dx_kernel(
 
     gy = (p // GW) * P
     gx = (p % GW) * P
-    x_rows = dimg + ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy.to(tl.int64) * s_ih
-                     + gx.to(tl.int64) * s_iw)
+    x_off = ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy.to(tl.int64) * s_ih
+             + gx.to(tl.int64) * s_iw)
+    if ALIGN > 1:
+        x_off = tl.multiple_of(x_off, ALIGN)
     smask = row_ok[:, None] & k_ok[None, :]
     if PAD:
         smask = smask & ((gy[:, None] + py[None, :]) < H) & ((gx[:, None] + px[None, :]) < W)
-    tl.store(x_rows[:, None] + (c * s_ic + py * s_ih + px * s_iw)[None, :], _round_to(acc, OUT_DTYPE, EMULATE), mask=smask)
+    tl.store((dimg + x_off)[:, None] + _k_offsets(c, py, px, s_ic, s_ih, s_iw, ALIGN)[None, :],
+             _round_to(acc, OUT_DTYPE, EMULATE), mask=smask)
 
 
 @triton.jit
@@ -248,8 +272,8 @@ def _patch_embed_bwd_dw_kernel(
     dout, img, perm, src_idx, tok_mask, tile_used, dw_part, db_part,
     G, M, T, GW, H, W, D, K, ROWS_PER_SPLIT,
     s_ib, s_it, s_ic, s_ih, s_iw,
-    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PAD: tl.constexpr, OFF: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
+    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PXP: tl.constexpr, ALIGN: tl.constexpr,
+    PAD: tl.constexpr, OFF: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -257,15 +281,15 @@ def _patch_embed_bwd_dw_kernel(
     row ranges; each split writes its own fp32 partial (summed by the launcher: deterministic)."""
     pid_dk = tl.program_id(0)
     split = tl.program_id(1)
-    num_k = tl.cdiv(K, BLOCK_K)
+    KP: tl.constexpr = C * P * P if CL_ORDER else C * P * PXP
+    num_k = tl.cdiv(KP, BLOCK_K)
     pid_d = pid_dk // num_k
     pid_k = pid_dk % num_k
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     d_ok = d < D
-    k_ok = k < K
-    c, py, px = _k_split(k, C, P, CL_ORDER)
-    kofs = c * s_ic + py * s_ih + px * s_iw
+    c, py, px, k_ok = _k_split(k, C, P, CL_ORDER, PXP)
+    kofs = _k_offsets(c, py, px, s_ic, s_ih, s_iw, ALIGN)
     n_tok = G * M
     acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -281,8 +305,11 @@ def _patch_embed_bwd_dw_kernel(
         go = tl.load(d_rows[None, :] + d[:, None], mask=gemm[None, :] & d_ok[:, None], other=0.0)
         gy0 = (src // GW) * P
         gx0 = (src % GW) * P
-        a_rows = img + ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy0.to(tl.int64) * s_ih
-                        + gx0.to(tl.int64) * s_iw)
+        row_off = ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy0.to(tl.int64) * s_ih
+                   + gx0.to(tl.int64) * s_iw)
+        if ALIGN > 1:
+            row_off = tl.multiple_of(row_off, ALIGN)
+        a_rows = img + row_off
         a_mask = gemm[:, None] & k_ok[None, :]
         if PAD:
             a_mask = a_mask & ((gy0[:, None] + py[None, :]) < H) & ((gx0[:, None] + px[None, :]) < W)
@@ -296,8 +323,10 @@ def _patch_embed_bwd_dw_kernel(
             acc = tl.dot(go, a, acc)  # tf32 for fp32 operands, like cuDNN convolutions by default
         else:
             acc = tl.dot(go, a, acc, input_precision="ieee")
+    # dense column of the weight gradient: (c, py, px) in the weight's order, or (py, px, c) channels-last
+    kd = k if CL_ORDER else (c * P + py) * P + px
     part = dw_part + split.to(tl.int64) * D * K
-    tl.store(part + (d * K)[:, None] + k[None, :], acc, mask=d_ok[:, None] & k_ok[None, :])
+    tl.store(part + (d * K)[:, None] + kd[None, :], acc, mask=d_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:
         if pid_k == 0:
             tl.store(db_part + split.to(tl.int64) * D + d, bacc, mask=d_ok)
