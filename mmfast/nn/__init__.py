@@ -1,7 +1,8 @@
 """nn.Modules that hold parameters and call mmfast's functional ops."""
 from .attention import MultiheadAttention
 from .contrastive import ContrastiveLoss, MoCoQueue
+from .gated_cross_attention import GatedCrossAttentionBlock, PerceiverResampler
 from .momentum import MomentumEncoder
 from .patch_embed import PatchEmbed
 
-__all__ = ["ContrastiveLoss", "MoCoQueue", "MomentumEncoder", "MultiheadAttention", "PatchEmbed"]
+__all__ = ["ContrastiveLoss", "GatedCrossAttentionBlock", "MoCoQueue", "MomentumEncoder", "MultiheadAttention", "PatchEmbed", "PerceiverResampler"]

@@ -1,0 +1,193 @@
+"""GatedCrossAttentionBlock and PerceiverResampler against their references (kernels/reference.py) with the
+same weights: outputs and every gradient (both gates included) by the 2x / 3x rule against fp64.
+
+Both modules run their Triton backends (flash_attention, tanh_gated_linear; the interpreter on CPU).
+"""
+import pytest
+import torch
+from numerics import assert_bitwise_equal, assert_close_by_rule, dtype_id, generator, randn
+
+from mmfast.kernels.reference import gated_xattn_dense_reference, perceiver_resampler_reference
+from mmfast.nn import GatedCrossAttentionBlock, PerceiverResampler
+
+D, HEADS = 64, 4
+KV_HEADS = {"flamingo": None, "mllama": 2}
+
+
+def _block(variant, device, gate="scalar", alpha=0.7, beta=-0.4):
+    torch.manual_seed(generator().initial_seed() % 2**31)
+    blk = GatedCrossAttentionBlock(D, HEADS, variant=variant, kv_heads=KV_HEADS[variant], gate=gate, ff_mult=2,
+                                   backend="triton").to(device)
+    with torch.no_grad():
+        for name, p in blk.named_parameters():
+            if "norm" in name:  # non-trivial norm affines, so their gradients are checked
+                p.copy_(1 + 0.1 * randn(*p.shape, device=device) if name.endswith("weight") else 0.1 * randn(*p.shape, device=device))
+        blk.attn_gate.copy_(alpha + 0.1 * randn(*blk.attn_gate.shape, device=device))
+        blk.ff_gate.copy_(beta + 0.1 * randn(*blk.ff_gate.shape, device=device))
+    return blk
+
+
+def _locations(B, L, images_per_row, device):
+    """Placeholder positions: row b holds images_per_row[b] image tokens at random, non-adjacent spots."""
+    loc = torch.zeros(B, L, dtype=torch.bool)
+    g = generator()
+    for b, count in enumerate(images_per_row):
+        slots = torch.randperm(L // 2, generator=g)[:count] * 2 + 1  # odd positions: never adjacent
+        loc[b, slots] = True
+    return loc.to(device)
+
+
+def _run(blk, x, media, loc, dtype):
+    """Block output and gradients of (x, media, all parameters) in `dtype`, for one upstream gradient."""
+    b = blk.to(dtype)
+    xs = x.to(dtype).requires_grad_()
+    ms = media.to(dtype).requires_grad_()
+    out = b(xs, ms, loc)
+    return out, xs, ms, b
+
+
+def _compare_block(variant, device, dtype, images_per_row, gate="scalar", L=37, T=5, n=6):
+    blk = _block(variant, device, gate)
+    B = len(images_per_row)
+    x = randn(B, L, D, device=device)
+    media = randn(B, T, n, D, device=device)
+    loc = _locations(B, L, images_per_row, device)
+    dy = randn(B, L, D, device=device)
+    names = [name for name, _ in blk.named_parameters()]
+
+    def reference(prec):
+        p = {k: v.detach().to(prec).requires_grad_() for k, v in blk.named_parameters()}
+        xs, ms = x.to(prec).requires_grad_(), media.to(prec).requires_grad_()
+        out = gated_xattn_dense_reference(xs, ms, loc, p, heads=HEADS, kv_heads=KV_HEADS[variant], variant=variant)
+        grads = torch.autograd.grad(out, [xs, ms] + [p[k] for k in names], dy.to(prec))
+        return out, grads
+
+    ref_out, ref_grads = reference(torch.float64)
+    same_out, same_grads = reference(dtype)
+    ours = blk.to(dtype)
+    xs, ms = x.to(dtype).requires_grad_(), media.to(dtype).requires_grad_()
+    out = ours(xs, ms, loc)
+    grads = torch.autograd.grad(out, [xs, ms] + list(ours.parameters()), dy.to(dtype))
+    what = f"{variant} {dtype_id(dtype)} images {images_per_row}"
+    assert_close_by_rule(out, ref_out, same_out, what=f"{what} out")
+    for name, g, r, s in zip(["x", "media"] + names, grads, ref_grads, same_grads):
+        assert g.shape == r.shape, name
+        floor = _gate_floors(blk, x, media, loc, dy, variant, dtype).get(name)
+        assert_close_by_rule(g, r, s, factor=3.0, floor=floor, what=f"{what} d_{name}")
+    return out, x, loc, grads
+
+
+def _gate_floors(blk, x, media, loc, dy, variant, dtype):
+    """Floors for the gates' gradients: 16 units of roundoff of `dtype` times sqrt(Σ (dy ⊙ z)²), z the gated
+    update (recovered from the fp64 reference with β = 0 and with both gates). A gate gradient sums
+    B·L·D products (per channel: B·L) of values that took different roundings upstream (flash attention
+    vs eager softmax), so its error is a random walk of that size; PyTorch's own error on one number can
+    be near 0 by chance. tanh_gated_linear's gate gradient itself is pinned in test_gated_linear.py."""
+    p = {k: v.detach().double() for k, v in blk.named_parameters()}
+    run = lambda q: gated_xattn_dense_reference(x.double(), media.double(), loc, q, heads=HEADS,  # noqa: E731
+                                                kv_heads=KV_HEADS[variant], variant=variant)
+    h1 = run(dict(p, ff_gate=torch.zeros_like(p["ff_gate"])))
+    full = run(p)
+    floors = {}
+    for name, z in (("attn_gate", (h1 - x.double()) / torch.tanh(p["attn_gate"])),
+                    ("ff_gate", (full - h1) / torch.tanh(p["ff_gate"]))):
+        sq = (dy.double() * z).pow(2).reshape(-1, z.shape[-1]).sum(0)
+        size = sq.sum().sqrt() if p[name].numel() == 1 else sq.sqrt().max()
+        unit = torch.finfo(dtype).eps / 2
+        floors[name] = 16 * unit * (1 - torch.tanh(p[name]).pow(2)).max().item() * size.item()
+    return floors
+
+
+@pytest.mark.parametrize("variant", ["flamingo", "mllama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_block_matches_reference(device, variant, dtype):
+    _, _, _, grads = _compare_block(variant, device, dtype, images_per_row=(2, 1))
+    names = [name for name, _ in GatedCrossAttentionBlock(D, HEADS, variant=variant, kv_heads=KV_HEADS[variant]).named_parameters()]
+    gate_grads = {n: g for n, g in zip(["x", "media"] + names, grads) if n.endswith("gate")}
+    assert set(gate_grads) == {"attn_gate", "ff_gate"} and all(g.abs().max() > 0 for g in gate_grads.values())
+
+
+@pytest.mark.parametrize("images", [0, 1, 5], ids=lambda c: f"{c}-images")
+@pytest.mark.parametrize("variant", ["flamingo", "mllama"])
+def test_interleaved_sequences(device, variant, images):
+    """Rows with 0, 1 and 5 images (and a second row with another count), vs the reference incl. grads."""
+    out, x, loc, _ = _compare_block(variant, device, torch.float32, images_per_row=(images, min(images + 1, 5)))
+    if images == 0 and variant == "mllama":  # no image: the whole first row is left as it was
+        assert_bitwise_equal(out[0], x[0], what="mllama, no image")
+
+
+def test_vector_gates(device):
+    """Per-channel gates (Idefics' alpha_type="vector")."""
+    _compare_block("flamingo", device, torch.float32, images_per_row=(3,), gate="vector")
+
+
+@pytest.mark.parametrize("variant", ["flamingo", "mllama"])
+def test_identity_at_init(device, variant):
+    blk = GatedCrossAttentionBlock(D, HEADS, variant=variant, kv_heads=KV_HEADS[variant], backend="triton").to(device)
+    assert blk.attn_gate.abs().max() == 0 and blk.ff_gate.abs().max() == 0
+    x = randn(2, 29, D, device=device)
+    out = blk(x, randn(2, 3, 4, D, device=device), _locations(2, 29, (3, 1), device))
+    assert_bitwise_equal(out, x, what="gates 0: the block is the identity")
+
+
+@pytest.mark.parametrize("variant", ["flamingo", "mllama"])
+def test_text_before_first_image(device, variant):
+    """Tokens before the first image: independent of the media (Flamingo: only the FFN touches them);
+    Llama 3.2 (full-text-row mask): exactly unchanged."""
+    blk = _block(variant, device)
+    L = 31
+    x = randn(1, L, D, device=device)
+    loc = torch.zeros(1, L, dtype=torch.bool, device=device)
+    loc[0, [12, 20]] = True
+    out1 = blk(x, randn(1, 2, 5, D, device=device), loc)
+    out2 = blk(x, randn(1, 2, 5, D, device=device), loc)
+    assert_bitwise_equal(out1[0, :12], out2[0, :12], what="rows before the first image ignore the media")
+    assert not torch.equal(out1[0, 12:], out2[0, 12:])
+    if variant == "mllama":
+        assert_bitwise_equal(out1[0, :12], x[0, :12], what="mllama: rows before the first image unchanged")
+
+
+def _resampler_check(device, x, num_time_embeds):
+    torch.manual_seed(generator().initial_seed() % 2**31)
+    rs = PerceiverResampler(32, depth=2, heads=2, dim_head=16, num_latents=8, num_time_embeds=num_time_embeds,
+                            ff_mult=2, backend="triton").to(device)
+    names = [name for name, _ in rs.named_parameters()]
+    out = rs(x.requires_grad_())
+    dy = randn(*out.shape, device=device)
+    grads = torch.autograd.grad(out, [x] + list(rs.parameters()), dy)
+
+    def reference(prec):
+        p = {k: v.detach().to(prec).requires_grad_() for k, v in rs.named_parameters()}
+        xs = x.detach().to(prec).requires_grad_()
+        o = perceiver_resampler_reference(xs, p, depth=2, heads=2)
+        return o, torch.autograd.grad(o, [xs] + [p[k] for k in names], dy.to(prec))
+
+    (ref, ref_g), (same, same_g) = reference(torch.float64), reference(torch.float32)
+    assert out.shape == ref.shape
+    assert_close_by_rule(out, ref, same, what="resampler out")
+    for name, g, r, s in zip(["x"] + names, grads, ref_g, same_g):
+        assert_close_by_rule(g, r, s, factor=3.0, what=f"resampler d_{name}")
+
+
+def test_resampler_images(device):
+    _resampler_check(device, randn(2, 13, 32, device=device), None)
+
+
+def test_resampler_video_frames(device):
+    """Video: 3 frames with learned time embeddings, each resampled on its own."""
+    _resampler_check(device, randn(2, 3, 11, 32, device=device), 4)
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="variant"):
+        GatedCrossAttentionBlock(D, HEADS, variant="idefics3")
+    with pytest.raises(ValueError, match="kv_heads"):
+        GatedCrossAttentionBlock(D, HEADS, kv_heads=3)
+    blk = GatedCrossAttentionBlock(D, HEADS)
+    x, media = torch.randn(1, 5, D), torch.randn(1, 1, 2, D)
+    with pytest.raises(ValueError, match="media_locations"):
+        blk(x, media)
+    with pytest.raises(ValueError, match="media must have shape"):
+        blk(x, media[0], torch.zeros(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="time embeddings"):
+        PerceiverResampler(32, 1, heads=2, dim_head=16, num_time_embeds=2)(torch.randn(1, 3, 4, 32))
