@@ -458,8 +458,12 @@ def _index(name, t, shape, high, device):
                          f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but images are on {device}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
-        raise ValueError(f"{name} values must lie in [0, {high})")
+    if t.numel():
+        if t.device.type == "cpu":
+            if int(t.min()) < 0 or int(t.max()) >= high:
+                raise ValueError(f"{name} values must lie in [0, {high})")
+        else:  # a device-side assert: no host sync in the training step, and no out-of-bounds gather
+            torch._assert_async((t.min() >= 0) & (t.max() < high), f"{name} values must lie in [0, {high})")
     return t.to(torch.int32).contiguous().view(-1)
 
 
@@ -563,12 +567,14 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
     if token_mask is not None:
         token_mask = _bool_mask("token_mask", token_mask, (B, N), device)
         mask_token = _vec("mask_token", mask_token, D, device)
+    src = keep = None  # flat int32 copies for the kernels
     if patch_index is not None:
-        _index("patch_index", patch_index, (B, N), N, device)
+        src = _index("patch_index", patch_index, (B, N), N, device)
     if keep_indices is not None:
-        if keep_indices.dim() != 2 or keep_indices.shape[0] != B:
-            raise ValueError(f"keep_indices must be (B, N_keep) = ({B}, n), got {tuple(keep_indices.shape)}")
-        _index("keep_indices", keep_indices, tuple(keep_indices.shape), N, device)
+        if not isinstance(keep_indices, torch.Tensor) or keep_indices.dim() != 2 or keep_indices.shape[0] != B:
+            raise ValueError(f"keep_indices must be (B, N_keep) = ({B}, n), got "
+                             f"{tuple(keep_indices.shape) if isinstance(keep_indices, torch.Tensor) else keep_indices}")
+        keep = src = _index("keep_indices", keep_indices, tuple(keep_indices.shape), N, device)
     chosen = resolve_backend("patch_embed", backend, device, supported=("triton",))
     if chosen == "reference":
         return patch_embed_reference(images, weight, bias, pos_embed=pos, pos_cls=pos_cls, cls_token=cls,
@@ -581,9 +587,6 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
         tok = token_mask.contiguous().view(-1).view(torch.uint8)
         # rows needing the GEMM first, so whole tiles of masked rows skip the K loop (no host sync)
         perm = torch.argsort(tok, stable=True).to(torch.int32)
-    keep = _index("keep_indices", keep_indices, tuple(keep_indices.shape), N, device) if keep_indices is not None else None
-    src = keep if keep is not None else (
-        _index("patch_index", patch_index, (B, N), N, device) if patch_index is not None else None)
     plan = Plan(B=B, T=1, C=C, P=P, GH=GH, GW=GW, H=H, W=W, N=N, M=M, has_cls=cls is not None, pad=dynamic_pad,
                 cl_order=images.stride(1) == 1 and C > 1, perm=perm, src_idx=src, pos_idx=keep, tok_mask=tok,
                 tile_used=None, ar_ids=None, keep=keep.view(B, M) if keep is not None else None, tiles=False)
