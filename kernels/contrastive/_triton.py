@@ -386,13 +386,14 @@ def _contrastive_bwd_db_kernel(
 # Forward: R = 128 flattened rows x BN = 64 columns per tile, K loop of 64 over D, 8 warps: the tile and
 # its fp32 temporaries (logits, exp, teacher) stay in registers (checked by the compile gate). The
 # partial-column buffer has ceil(Na / BI) rows, so the row block is kept large: N = 32k costs 32 MiB per
-# plane at BI = 128. Backward: 64 x 32 tiles and a D chunk of at most 256 in the accumulator
-# (64 x 256 fp32 over 8 warps: 64 registers a thread); D > 256 recomputes the logits tile once per chunk.
+# plane at BI = 128. Backward: 64 x 32 tiles and a D chunk of at most 512 in the accumulator
+# (64 x 512 fp32 over 8 warps: 128 registers a thread; no spills per the compile gate), so CLIP's
+# D = 512 needs one pass; D > 512 recomputes the logits tile once per chunk (D = 768: twice).
 # fp32 inputs (exact "ieee" dots, twice the operand bytes) use half-size tiles.
 
 _CONFIGS = {
     "16bit": dict(fwd=dict(R=128, BN=64, BK=64, num_warps=8, num_stages=2),
-                  bwd=dict(R=64, BN=32, BK=64, BD_MAX=256, num_warps=8, num_stages=2)),
+                  bwd=dict(R=64, BN=32, BK=64, BD_MAX=512, num_warps=8, num_stages=2)),
     "fp32": dict(fwd=dict(R=64, BN=32, BK=32, num_warps=8, num_stages=2),
                  bwd=dict(R=32, BN=32, BK=32, BD_MAX=128, num_warps=4, num_stages=2)),
 }
@@ -567,9 +568,14 @@ def compile_specs():
                          BK=bwd["BK"], BD=bwd["BD_MAX"], DOT_FP32=False, IEEE=ieee, EMULATE=False)
             common = dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
                           label=f"{tag} R={bwd['R']} BN={bwd['BN']} BD={bwd['BD_MAX']}")
-            yield _spec(_contrastive_bwd_da_kernel, ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "rvec_ptr",
-                                                     "cvec_ptr", "da_ptr", "red_ptr"),
-                        ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, bwd_c, dtype, **common)
-            yield _spec(_contrastive_bwd_db_kernel, ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "rvec_ptr",
-                                                     "cvec_ptr", "db_ptr"),
-                        ("Na", "Nb", "Q", "D", "diag_off") + _STRIDES, bwd_c, dtype, **common)
+            # the largest D chunk everywhere; the smaller chunks small D picks, for plain bf16 CLIP
+            chunks = (bwd["BD_MAX"], 64, 128, 256) if (label, dtype) == ("clip", torch.bfloat16) else (bwd["BD_MAX"],)
+            for bd in chunks:
+                c = dict(bwd_c, BD=bd)
+                common["label"] = f"{tag} R={bwd['R']} BN={bwd['BN']} BD={bd}"
+                yield _spec(_contrastive_bwd_da_kernel, ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr",
+                                                         "rvec_ptr", "cvec_ptr", "da_ptr", "red_ptr"),
+                            ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, c, dtype, **common)
+                yield _spec(_contrastive_bwd_db_kernel, ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr",
+                                                         "rvec_ptr", "cvec_ptr", "db_ptr"),
+                            ("Na", "Nb", "Q", "D", "diag_off") + _STRIDES, c, dtype, **common)
