@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 SUITES = {"ema": "benchmarks.ema", "attention": "benchmarks.attention", "contrastive": "benchmarks.contrastive",
-          "patch_embed": "benchmarks.patch_embed"}
+          "patch_embed": "benchmarks.patch_embed", "gated": "benchmarks.gated"}
 MODES = ("smoke", "quick", "full")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ from ._table import print_table, progress
 
 # One module per kernel family under mmfast/checks/, each with `cases(device)` yielding
 # (op, backend, dtype, shape, run) where run() -> (max_error, tolerance, bitwise, passed).
-FAMILIES = ("ema", "attention", "contrastive", "patch_embed")
+FAMILIES = ("ema", "attention", "contrastive", "patch_embed", "gated_linear")
 
 
 @dataclass
