@@ -174,7 +174,7 @@ def _normalize(x):
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-def _distributed_setup(op, group, a, b, symmetric_queue_ok=False):
+def _distributed_setup(op, group, a, b):
     import torch.distributed as dist
 
     from ._distributed import check_equal_sizes, world
