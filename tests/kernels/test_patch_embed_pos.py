@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import dtype_id, randn
+from numerics import randn
 from patch_embed_helpers import check_against_reference, poisoned_outputs  # noqa: F401
 
 from mmfast.kernels import patch_embed
