@@ -122,19 +122,22 @@ def _check_mask_args(op, seqlen_q, seqlen_k, batch, device, kv_start, kv_end, ke
                 raise ValueError(f"{op}: {name}[-1] must equal the packed length {total}, got {last}")
             if most > longest:
                 raise ValueError(f"{op}: max_seqlen_{name[-1]}={longest} is smaller than the longest sequence ({most})")
-    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
-        if t is None or t.numel() == 0:
-            continue
+    bounds = [(name, t) for name, t in (("kv_start", kv_start), ("kv_end", kv_end)) if t is not None and t.numel()]
+    if bounds:
         if varlen:
-            seq = torch.repeat_interleave(torch.arange(batch, device=t.device), cu_seqlens_q[1:] - cu_seqlens_q[:-1])
+            seq = torch.repeat_interleave(torch.arange(batch, device=bounds[0][1].device),
+                                          (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long())
             limit = (cu_seqlens_k[1:] - cu_seqlens_k[:-1])[seq]
         else:
-            limit = torch.full_like(t, seqlen_k)
-        bad = ((t < 0) | (t > limit)).nonzero()
-        if bad.numel():
-            where = tuple(bad[0].tolist())
-            raise ValueError(f"{op}: {name} must lie in [0, Lk] (Lk = {int(limit.reshape(-1)[0]) if not varlen else 'its sequence length'}), "
-                             f"got {int(t[where])} at index {where}")
+            limit = seqlen_k
+        bad = [(t < 0) | (t > limit) for _, t in bounds]
+        if torch.stack([m.any() for m in bad]).any().item():  # one sync when all is well
+            for (name, t), m in zip(bounds, bad):
+                where = m.nonzero()
+                if where.numel():
+                    where = tuple(where[0].tolist())
+                    lk = seqlen_k if not varlen else "the key length of its sequence"
+                    raise ValueError(f"{op}: {name} must lie in [0, Lk] (Lk = {lk}), got {int(t[where])} at index {where}")
     return batch
 
 
@@ -216,7 +219,7 @@ def _fwd_launch(q, k, v, meta, scale, varlen, max_q, max_k):
     mask_m, mask_n = C.mask_tile(interp)
     full_num, full_idx, part_num, part_idx = meta.lists[:4]
     stride_nb, stride_ib, stride_im = meta.strides(full_num, full_idx)
-    grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * hq)
+    grid = (triton.cdiv(seqlen_q, cfg.block_m), hq, batch)
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, meta.row_lo, meta.row_hi, meta.kpm, meta.cu_q, meta.cu_k,
         full_num, full_idx, part_num, part_idx,
@@ -250,7 +253,7 @@ def _bwd_launch(do, q, k, v, out, lse, dlse, meta, scale, varlen, max_q, max_k):
     has_dlse = dlse is not None
     if has_dlse and dlse.stride() != lse.stride():
         dlse = dlse.contiguous()
-    _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, cfg.block_m), batch * hq)](
+    _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
         out, do, dlse if has_dlse else lse, delta, *_bh_strides(out, varlen), *_bh_strides(do, varlen),
         *_lse_strides(lse, varlen), seqlen_q, hq, meta.cu_q,
         HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, VARLEN=varlen, HAS_DLSE=has_dlse,
@@ -260,7 +263,7 @@ def _bwd_launch(do, q, k, v, out, lse, dlse, meta, scale, varlen, max_q, max_k):
                   HAS_KPM=meta.kpm.dtype == torch.uint8, **flags)
     q_full_num, q_full_idx, q_part_num, q_part_idx = meta.lists[4:]
     cfg = C.get_config("dkdv", head_dim, q.dtype, interp)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), batch * hkv)](
+    _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), hkv, batch)](
         q, k, v, do, lse, delta, dk, dv, meta.row_lo, meta.row_hi, meta.kpm, meta.cu_q, meta.cu_k,
         q_full_num, q_full_idx, q_part_num, q_part_idx,
         *_bh_strides(q, varlen), *_bh_strides(k, varlen), *_bh_strides(v, varlen), *_bh_strides(do, varlen),
@@ -271,7 +274,7 @@ def _bwd_launch(do, q, k, v, out, lse, dlse, meta, scale, varlen, max_q, max_k):
     )
     full_num, full_idx, part_num, part_idx = meta.lists[:4]
     cfg = C.get_config("dq", head_dim, q.dtype, interp)
-    _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), batch * hq)](
+    _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
         q, k, v, do, lse, delta, dq, meta.row_lo, meta.row_hi, meta.kpm, meta.cu_q, meta.cu_k,
         full_num, full_idx, part_num, part_idx,
         *_bh_strides(q, varlen), *_bh_strides(k, varlen), *_bh_strides(v, varlen), *_bh_strides(do, varlen),

@@ -24,9 +24,9 @@ def _attention_bwd_preprocess_kernel(
 ):
     """Delta = rowsum(O·dO) − dLSE (dLSE: the gradient reaching the returned log-sum-exp, if any)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    # heads on grid axis 1 and batch on axis 2: each may reach 65535 (B·H alone could exceed it)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     if VARLEN:
         q_off = tl.load(CuQ + b).to(tl.int64)
         seqlen_q = (tl.load(CuQ + b + 1) - q_off).to(tl.int32)
@@ -120,9 +120,8 @@ def _attention_bwd_dkdv_kernel(
     tl.static_assert(MASK_M % BLOCK_M == 0)
     tl.static_assert(MASK_N % BLOCK_N == 0)
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_kv_heads
-    kv_h = pid_bh % num_kv_heads
+    kv_h = tl.program_id(1)
+    b = tl.program_id(2)
     if VARLEN:
         q_off = tl.load(CuQ + b).to(tl.int64)
         seqlen_q = (tl.load(CuQ + b + 1) - q_off).to(tl.int32)
@@ -250,9 +249,9 @@ def _attention_bwd_dq_kernel(
     tl.static_assert(MASK_M % BLOCK_M == 0)
     tl.static_assert(MASK_N % BLOCK_N == 0)
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    # heads on grid axis 1 and batch on axis 2: each may reach 65535 (B·H alone could exceed it)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     kv_h = h // group
     if VARLEN:
         q_off = tl.load(CuQ + b).to(tl.int64)

@@ -35,7 +35,7 @@ class TileConfig:
 _GPU_TABLE = {
     ("fwd", 64, 2): TileConfig(128, 64, 8, 3),
     ("fwd", 128, 2): TileConfig(128, 32, 8, 3),
-    ("fwd", 256, 2): TileConfig(64, 16, 8, 1),
+    ("fwd", 256, 2): TileConfig(32, 16, 8, 1),
     ("fwd", 64, 4): TileConfig(64, 32, 4, 2),
     ("fwd", 128, 4): TileConfig(32, 16, 4, 2),
     ("fwd", 256, 4): TileConfig(32, 16, 8, 1),

@@ -105,9 +105,9 @@ def _attention_fwd_kernel(
     tl.static_assert(MASK_M % BLOCK_M == 0)
     tl.static_assert(MASK_N % BLOCK_N == 0)
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    # heads on grid axis 1 and batch on axis 2: each may reach 65535 (B·H alone could exceed it)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     kv_h = h // group
     if VARLEN:
         q_off = tl.load(CuQ + b).to(tl.int64)
