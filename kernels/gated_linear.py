@@ -198,7 +198,8 @@ def _tanh_gated_linear_bwd_dw_kernel(
 ):
     """G = dyᵀ a over the live rows; d_W = tanh(g)·G; d_bias = tanh(g)·Σ_m dy (first K tile);
     part[k tile, n] = Σ_k W ⊙ G (+ b·Σ_m dy in the first K tile): the gate gradient's partial sums."""
-    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
+    # K = 0 still runs one column of programs (d_bias, the bias part of the gate gradient)
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.maximum(tl.cdiv(K, BLOCK_K), 1), GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)

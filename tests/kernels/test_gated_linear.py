@@ -24,7 +24,7 @@ def poisoned_outputs(monkeypatch):
 def _inputs(M, K, N, dtype, device, gate, bias=True, lead=None):
     lead = (M,) if lead is None else lead
     a = randn(*lead, K, dtype=dtype, device=device)
-    w = randn(N, K, dtype=dtype, device=device, scale=K**-0.5)
+    w = randn(N, K, dtype=dtype, device=device, scale=max(K, 1) ** -0.5)
     b = randn(N, dtype=dtype, device=device) if bias else None
     if gate == "scalar":
         g = randn(1, dtype=torch.float32, device=device, scale=0.5).reshape(())  # 0-dim
@@ -186,3 +186,11 @@ def test_validation_errors():
         with pytest.raises(ValueError, match=message):
             tanh_gated_linear(kwargs.pop("a"), kwargs.pop("weight"), kwargs.pop("bias"), kwargs.pop("gate"),
                               kwargs.pop("residual"), **kwargs)
+
+
+@pytest.mark.parametrize("M,K,N", [(0, 64, 80), (5, 0, 80), (7, 64, 1)], ids=["no-rows", "K0", "N1"])
+def test_degenerate_sizes(device, M, K, N):
+    """No rows; K = 0 (the update is the bias: d_bias and the gate's gradient still flow); one channel."""
+    inputs = _inputs(M, K, N, torch.float32, device, "scalar")
+    ours, ref, same, dy = _run_all(*inputs)
+    _check(ours, ref, same, inputs, dy, what=f"M{M} K{K} N{N}")
