@@ -10,6 +10,7 @@ import mmfast.kernels.contrastive._chunked as chunked
 import mmfast.kernels.contrastive._triton as triton_impl
 from mmfast.kernels import interpreting
 from mmfast.kernels.contrastive import contrastive_loss, siglip_loss
+from mmfast.kernels.reference import contrastive_loss_reference, siglip_loss_reference
 
 needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
                                   reason="needs CUDA or TRITON_INTERPRET=1 (the chunked path is tested regardless)")
@@ -102,6 +103,31 @@ def test_triton_deterministic():
     assert_bitwise_equal(first[0], second[0], "loss")
     for k in first[1]:
         assert_bitwise_equal(first[1][k], second[1][k], f"d{k}")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if torch.cuda.is_available() or interpreting() else []))
+@pytest.mark.parametrize("op", ["contrastive", "siglip"])
+def test_saturated_logits_stay_finite(op, backend):
+    """Logits of ±several thousand (unnormalised features, scale 100): softmax / sigmoid saturate, the
+    loss and gradients stay finite and match fp64."""
+    a, b = randn(19, 40, device=DEVICE, scale=10.0), randn(23, 40, device=DEVICE, scale=10.0)
+    t = torch.tensor(100.0, device=DEVICE)
+    kw = dict(log_scale=False, backend=backend)
+    leaves = [x.clone().requires_grad_() for x in (a, b, t)]
+    leaves64 = [x.double().requires_grad_() for x in (a, b, t)]
+    if op == "siglip":
+        bias = torch.tensor(-10.0, device=DEVICE)
+        loss = siglip_loss(*leaves, bias, **kw)
+        want = siglip_loss_reference(*leaves64, bias.double(), log_scale=False)
+    else:
+        loss = contrastive_loss(*leaves, label_smoothing=0.1, **kw)
+        want = contrastive_loss_reference(*leaves64, label_smoothing=0.1, log_scale=False)
+    loss.backward()
+    want.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(x.grad).all() for x in leaves)
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-3)
+    for x, y in zip(leaves, leaves64):
+        torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-3)
 
 
 def test_backends_agree_without_grad_on_b(small_chunks):
