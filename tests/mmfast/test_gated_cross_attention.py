@@ -46,7 +46,7 @@ def _run(blk, x, media, loc, dtype):
     return out, xs, ms, b
 
 
-def _compare_block(variant, device, dtype, images_per_row, gate="scalar", L=37, T=5, n=6):
+def _compare_block(variant, device, dtype, images_per_row, gate="scalar", L=37, T=5, n=6, pad=None):
     blk = _block(variant, device, gate)
     B = len(images_per_row)
     x = randn(B, L, D, device=device)
@@ -58,7 +58,8 @@ def _compare_block(variant, device, dtype, images_per_row, gate="scalar", L=37, 
     def reference(prec):
         p = {k: v.detach().to(prec).requires_grad_() for k, v in blk.named_parameters()}
         xs, ms = x.to(prec).requires_grad_(), media.to(prec).requires_grad_()
-        out = gated_xattn_dense_reference(xs, ms, loc, p, heads=HEADS, kv_heads=KV_HEADS[variant], variant=variant)
+        out = gated_xattn_dense_reference(xs, ms, loc, p, heads=HEADS, kv_heads=KV_HEADS[variant], variant=variant,
+                                          media_padding_mask=pad)
         grads = torch.autograd.grad(out, [xs, ms] + [p[k] for k in names], dy.to(prec))
         return out, grads
 
@@ -66,7 +67,7 @@ def _compare_block(variant, device, dtype, images_per_row, gate="scalar", L=37, 
     same_out, same_grads = reference(dtype)
     ours = blk.to(dtype)
     xs, ms = x.to(dtype).requires_grad_(), media.to(dtype).requires_grad_()
-    out = ours(xs, ms, loc)
+    out = ours(xs, ms, loc, media_padding_mask=pad)
     grads = torch.autograd.grad(out, [xs, ms] + list(ours.parameters()), dy.to(dtype))
     what = f"{variant} {dtype_id(dtype)} images {images_per_row}"
     assert_close_by_rule(out, ref_out, same_out, what=f"{what} out")
@@ -114,6 +115,15 @@ def test_interleaved_sequences(device, variant, images):
     out, x, loc, _ = _compare_block(variant, device, torch.float32, images_per_row=(images, min(images + 1, 5)))
     if images == 0 and variant == "mllama":  # no image: the whole first row is left as it was
         assert_bitwise_equal(out[0], x[0], what="mllama, no image")
+
+
+def test_padded_visual_tokens(device):
+    """Llama 3.2 pads unused tiles: padded visual tokens (media_padding_mask) are never attended to."""
+    T, n = 3, 6
+    pad = torch.zeros(2, T * n, dtype=torch.bool, device=device)
+    pad[0, n - 2 : n] = True  # the tail of image 1 in row 0
+    pad[1, 2 * n + 1 :] = True  # most of image 3 in row 1
+    _compare_block("mllama", device, torch.float32, images_per_row=(2, 3), T=T, n=n, pad=pad)
 
 
 def test_vector_gates(device):
