@@ -22,6 +22,7 @@ _distributed.py (collectives); this file holds validation, the autograd Function
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._dispatch import resolve_backend
 from . import _chunked, _triton
@@ -106,6 +107,7 @@ class _SlicedContrastive(torch.autograd.Function):
         return (total / denom).float()
 
     @staticmethod
+    @once_differentiable  # the backward is hand-written: a second derivative raises instead of being wrong
     def backward(ctx, grad):
         a, b, at, bt, params, rvec, cvec = ctx.saved_tensors
         cfg = ctx.cfg
