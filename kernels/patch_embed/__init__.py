@@ -322,30 +322,34 @@ class _PatchEmbedFn(torch.autograd.Function):
             grads[2] = db.to(bias.dtype) if db is not None else None
         if not any(needs[3:10]):
             return tuple(grads)
-        go = gout.float()
-        if plan.tile_used is not None:
-            go = go * (plan.tile_used.view(G, 1, 1) != 0)
+        # reductions of dOut accumulate in fp32 without materializing an fp32 copy of it
+        go = gout
+        if plan.tile_used is not None:  # rows of unused tiles are constant zeros: no gradient flows
+            go = go * (plan.tile_used.view(G, 1, 1) != 0).to(go.dtype)
         tok = go[:, off:]
         c_pos = coef[0].float() if coef is not None else 1.0
         tok_sum = None
         if pos is not None and (needs[3] or needs[9]):
             if plan.pos_idx is not None:
                 tok_sum = torch.zeros(pos.shape, device=go.device, dtype=torch.float32)
-                tok_sum.index_add_(0, plan.pos_idx.long(), tok.reshape(-1, D))
+                tok_sum.index_add_(0, plan.pos_idx.long(), tok.reshape(-1, D).float())
             else:
-                tok_sum = tok.sum(0)
+                tok_sum = tok.sum(0, dtype=torch.float32)
             grads[3] = (c_pos * tok_sum).to(pos.dtype) if needs[3] else None
-        cls_sum = go[:, 0].sum(0) if plan.has_cls else None
+        cls_sum = go[:, 0].sum(0, dtype=torch.float32) if plan.has_cls else None
         if pos_cls is not None and needs[4]:
             grads[4] = (c_pos * cls_sum).to(pos_cls.dtype)
         if needs[5]:
             grads[5] = cls_sum.to(ctx.cls_dtype)
         if needs[6]:
-            grads[6] = (tok * (plan.tok_mask.view(G, plan.M, 1) != 0)).sum((0, 1)).to(ctx.mask_dtype)
+            masked = (plan.tok_mask.view(G, plan.M, 1) != 0).to(tok.dtype)
+            grads[6] = (tok * masked).sum((0, 1), dtype=torch.float32).to(ctx.mask_dtype)
         if plan.tiles and (needs[7] or needs[8] or needs[9]):
             T, R_TP = plan.T, plan.N + 1
             S = torch.zeros(tile_pos.shape, device=go.device, dtype=torch.float32)
-            S.index_add_(0, plan.ar_ids.long(), go.view(plan.B, T, R_TP, D))
+            per_image = go.view(plan.B, T, R_TP, D)
+            for b0 in range(0, plan.B, 4):  # fp32 copies of a few images at a time, not of all of dOut
+                S.index_add_(0, plan.ar_ids[b0:b0 + 4].long(), per_image[b0:b0 + 4].float())
             Q = S[:, :, 1:].sum(2)
             if needs[7]:
                 grads[7] = (coef[1] * S).to(tile_pos.dtype)
