@@ -134,6 +134,9 @@ def resample_pos_embed_reference(table, new_grid, old_grid, *, interpolation="bi
     bicubic kernel uses a = -0.5 instead of -0.75, so it differs from "hf" even when upsampling.)
     mode="hf": Hugging Face ViT's ``interpolate_pos_encoding`` (transformers >= 4.44): in the table's
     dtype, ``F.interpolate(size=new_grid, mode="bicubic", align_corners=False)``, no antialias.
+    mode="hf_legacy": the older form (transformers < 4.44, DINO): ``scale_factor=((gh + 0.1) / gh0,
+    (gw + 0.1) / gw0)``; PyTorch then maps coordinates with that factor rather than the size ratio, so
+    the values differ slightly from "hf".
     Returns (N_new, D). Same grid: the table itself (both libraries return it unchanged).
     """
     import torch.nn.functional as F
@@ -147,8 +150,12 @@ def resample_pos_embed_reference(table, new_grid, old_grid, *, interpolation="bi
         x = F.interpolate(x.float(), size=new_grid, mode=interpolation, antialias=True).to(table.dtype)
     elif mode == "hf":
         x = F.interpolate(x, size=new_grid, mode=interpolation, align_corners=False)
+    elif mode == "hf_legacy":
+        scale = ((new_grid[0] + 0.1) / old_grid[0], (new_grid[1] + 0.1) / old_grid[1])
+        x = F.interpolate(x, scale_factor=scale, mode=interpolation, align_corners=False)
+        assert tuple(x.shape[-2:]) == new_grid, (tuple(x.shape[-2:]), new_grid)
     else:
-        raise ValueError(f"pos_resample must be 'timm' or 'hf', got {mode!r}")
+        raise ValueError(f"pos_resample must be 'timm', 'hf' or 'hf_legacy', got {mode!r}")
     return x.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], dim)
 
 

@@ -533,8 +533,9 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
             fits it, else a square grid); or a 2D pair (row table (gh0, D1), column table (gw0, D2)),
             D1 + D2 = D: token (i, j) gets cat(row[i], col[j]). A table on another grid than the image's is
             resampled with ``interpolation`` ("bicubic" | "bilinear") the way ``pos_resample`` says:
-            "timm" (resample_abs_pos_embed: fp32, antialias) or "hf" (ViT interpolate_pos_encoding: size=,
-            align_corners=False, no antialias); cached per grid unless the table requires grad.
+            "timm" (resample_abs_pos_embed: fp32, antialias), "hf" (ViT interpolate_pos_encoding: size=,
+            align_corners=False, no antialias) or "hf_legacy" (transformers < 4.44 / DINO: scale_factor
+            = (g + 0.1) / g0); cached per grid unless the table requires grad.
         cls_token: (D,) / (1, 1, D) or None: prepends the row cls_token (+ the table's [CLS] row).
         token_mask, mask_token: (B, N) bool and (D,): masked tokens become mask_token + position (their
             pixels are not read; tiles of masked rows skip the GEMM).
@@ -559,8 +560,8 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
     cls = _vec("cls_token", cls_token, D, device)
     if interpolation not in ("bicubic", "bilinear"):
         raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
-    if pos_resample not in ("timm", "hf"):
-        raise ValueError(f"pos_resample must be 'timm' or 'hf', got {pos_resample!r}")
+    if pos_resample not in ("timm", "hf", "hf_legacy"):
+        raise ValueError(f"pos_resample must be 'timm', 'hf' or 'hf_legacy', got {pos_resample!r}")
     pos, pos_cls = _resolve_pos(pos_embed, (GH, GW), D, cls is not None, pos_grid, interpolation, pos_resample)
     if pos is not None and pos.device != device:
         raise ValueError(f"pos_embed is on {pos.device} but images are on {device}")

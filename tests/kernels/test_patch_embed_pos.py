@@ -52,6 +52,23 @@ def test_hf_parity_and_difference_from_timm():
     assert not torch.allclose(ours, resample_pos_embed_reference(table[0, 1:], (6, 6), (4, 4), mode="timm"))
 
 
+def _hf_legacy_interpolate_pos_encoding(position_embeddings, new_h, new_w):
+    """transformers < 4.44 / DINO interpolate_pos_encoding (scale_factor form), transcribed."""
+    class_pos, patch_pos = position_embeddings[:, :1], position_embeddings[:, 1:]
+    dim, n = position_embeddings.shape[-1], position_embeddings.shape[1] - 1
+    h0, w0 = new_h + 0.1, new_w + 0.1
+    patch_pos = F.interpolate(patch_pos.reshape(1, int(n**0.5), int(n**0.5), dim).permute(0, 3, 1, 2),
+                              scale_factor=(h0 / n**0.5, w0 / n**0.5), mode="bicubic", align_corners=False)
+    return torch.cat((class_pos, patch_pos.permute(0, 2, 3, 1).view(1, -1, dim)), dim=1)
+
+
+def test_hf_legacy_parity():
+    table = randn(1, 1 + 4 * 4, 10)
+    ours = resample_pos_embed_reference(table[0, 1:], (7, 5), (4, 4), mode="hf_legacy")
+    assert torch.equal(ours, _hf_legacy_interpolate_pos_encoding(table, 7, 5)[0, 1:])
+    assert not torch.equal(ours, resample_pos_embed_reference(table[0, 1:], (7, 5), (4, 4), mode="hf"))
+
+
 def test_parity_with_installed_libraries():
     timm_pos = pytest.importorskip("timm.layers.pos_embed", reason="timm not installed; its math is tested above")
     table = randn(1, 1 + 5 * 5, 12)
@@ -62,8 +79,9 @@ def test_parity_with_installed_libraries():
 # (P, train grid, image grid): a 224-trained 14x14 table at 336 / 448 has 21x21 / 28x28 grids (P = 16:
 # 24x24); under the interpreter the grids are scaled down, plus one realistic case below
 @pytest.mark.parametrize("train,grid", [((3, 3), (4, 5)), ((4, 4), (2, 3)), ((3, 4), (3, 4))], ids=["up", "down", "same"])
-@pytest.mark.parametrize("mode,interp", [("timm", "bicubic"), ("hf", "bicubic"), ("timm", "bilinear")],
-                         ids=["timm-bicubic", "hf-bicubic", "timm-bilinear"])
+@pytest.mark.parametrize("mode,interp", [("timm", "bicubic"), ("hf", "bicubic"), ("hf_legacy", "bicubic"),
+                                       ("timm", "bilinear")],
+                         ids=["timm-bicubic", "hf-bicubic", "hf-legacy-bicubic", "timm-bilinear"])
 def test_resampled_table_fwd_bwd(device, train, grid, mode, interp):
     P, C, D, B = 14, 3, 24, 2
     t = dict(images=randn(B, C, grid[0] * P, grid[1] * P, dtype=torch.float64),
