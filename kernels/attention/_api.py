@@ -177,13 +177,23 @@ def _lse_strides(lse, varlen):
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
+_PLACEHOLDERS = {}
+
+
+def _placeholder(device):
+    """An int32 stand-in for absent optional pointers (the kernels never read it), one per device."""
+    if device not in _PLACEHOLDERS:
+        _PLACEHOLDERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _PLACEHOLDERS[device]
+
+
 class _Meta:
     """The block mask's tensors, as kernel arguments (broadcast batch -> stride 0)."""
 
     def __init__(self, row_lo, row_hi, kpm, cu_q, cu_k, lists, varlen, device):
         self.row_lo, self.row_hi = row_lo, row_hi
         self.stride_rb = 0 if varlen or row_lo.shape[0] == 1 else row_lo.stride(0)
-        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        dummy = _placeholder(device)
         self.kpm = kpm.view(torch.uint8) if kpm is not None else dummy
         self.kpm_strides = (kpm.stride(0), kpm.stride(1)) if kpm is not None else (0, 0)
         self.cu_q = cu_q if cu_q is not None else dummy

@@ -96,10 +96,10 @@ def _row_ranges(seqlen_q, seqlen_k, causal, kv_start, kv_end, device):
 
 def _tile_flags(lo, hi, valid, seqlen_k, key_padding_mask, mask_m, mask_n, n_blocks):
     """lo/hi/valid (B', M·MASK_M); seqlen_k (B', 1) or int -> visible, full flags (B', M, N)."""
-    batch = lo.shape[0]
-    lo = lo.view(batch, -1, mask_m, 1)
-    hi = hi.view(batch, -1, mask_m, 1)
-    valid = valid.view(batch, -1, mask_m, 1)
+    batch, m_blocks = lo.shape[0], lo.shape[1] // mask_m
+    lo = lo.reshape(batch, m_blocks, mask_m, 1)
+    hi = hi.reshape(batch, m_blocks, mask_m, 1)
+    valid = valid.reshape(batch, m_blocks, mask_m, 1)
     n_start = torch.arange(n_blocks, device=lo.device, dtype=torch.int64).view(1, 1, 1, -1) * mask_n
     n_end = n_start + mask_n
     visible = ((lo < hi) & (lo < n_end) & (hi > n_start)).any(dim=2)
@@ -159,7 +159,8 @@ def build_block_mask(seqlen_q=None, seqlen_k=None, *, causal=False, kv_start=Non
     kv_start = None if kv_start is None else kv_start.to(device)
     kv_end = None if kv_end is None else kv_end.to(device)
     lo, hi = _row_ranges(seqlen_q, seqlen_k, causal, kv_start, kv_end, device)
-    lo, hi = torch.broadcast_tensors(lo.reshape(-1, seqlen_q), hi.reshape(-1, seqlen_q))
+    rows2d = lambda t: t.reshape(t.shape[0] if t.dim() == 2 else 1, seqlen_q)  # noqa: E731
+    lo, hi = torch.broadcast_tensors(rows2d(lo), rows2d(hi))
     row_lo, row_hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
     pad_rows = m_blocks * mask_m - seqlen_q
     valid = torch.ones(1, seqlen_q, dtype=torch.bool, device=device)

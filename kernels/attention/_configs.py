@@ -132,8 +132,9 @@ def _attention_specs(pass_, kernel, dtype, head_dim, varlen, kpm):
 
 
 def compile_specs():
-    """Every table entry, at the bucket's largest head dim and at a non-power-of-two one, bf16 and fp32;
-    feature flags (varlen, key padding, dLSE) once per pass at the heaviest bf16 entry."""
+    """Every table entry (fp16 shares bf16's), at the bucket's largest head dim and, for the tl.dot kernels,
+    at a non-power-of-two one (40, 80; bf16); feature flags (varlen, key padding, dLSE) twice per pass.
+    Head dims <= 32 use the 64 entry with a narrower BLOCK_D: smaller than what is checked here."""
     kernels = {"fwd": _attention_fwd_kernel, "pre": _attention_bwd_preprocess_kernel,
                "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
     specs = []
@@ -142,7 +143,7 @@ def compile_specs():
             for head_dim in (64, 40, 128, 80, 256):
                 if dtype == torch.float32 and head_dim in (40, 80):
                     continue
-                if pass_ == "pre" and (dtype == torch.float32 or head_dim in (40, 80)):
+                if pass_ == "pre" and head_dim in (40, 80):
                     continue  # a row reduction without tl.dot: far from any register limit
                 specs.append(_attention_specs(pass_, kernel, dtype, head_dim, False, False))
         specs.append(_attention_specs(pass_, kernel, torch.bfloat16, 256, True, True))

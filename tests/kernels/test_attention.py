@@ -23,6 +23,7 @@ CASES = [
     (1, 33, 77, 3, 1, 80, "causal"),  # Lq < Lk causal, MQA
     (2, 45, 61, 2, 2, 72, "intervals+padding"),
     (1, 17, 17, 1, 1, 256, "intervals"),
+    (2, 23, 19, 2, 2, 8, "causal"),  # head dim below the 16-wide tl.dot minimum: padded
 ]
 
 
@@ -131,3 +132,16 @@ def test_reference_backend(device):
     assert out.dtype == torch.bfloat16 and lse.shape == (2, 2, 17)
     assert (out.double() - out64).abs().max() < 2e-2
     assert torch.equal(torch.isinf(lse), torch.isinf(lse64))
+
+
+@pytest.mark.parametrize("lengths", [(0, 5), (5, 0), (0, 0)], ids=lambda t: f"Lq{t[0]}-Lk{t[1]}")
+def test_empty_sequences(device, lengths):
+    """No queries: empty outputs; no keys: every row is hidden (zeros, LSE -inf, zero gradients)."""
+    lq, lk = lengths
+    q, k, v = qkv(2, lq, lk, 2, 1, 16, torch.float32, device)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flash_attention(*leaves, causal=True, return_lse=True, backend="triton")
+    assert out.shape == q.shape and lse.shape == (2, 2, lq)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    out.sum().backward()
+    assert all(torch.all(t.grad == 0) for t in leaves)
