@@ -29,7 +29,7 @@ class PatchEmbed(nn.Module):
         mask_token: hold a learnable [MASK] token (used when forward gets token_mask).
         dynamic_img_size: accept other image sizes (table resampled); else the size must be img_size.
         dynamic_img_pad: right/bottom zero padding to a multiple of P.
-        interpolation, pos_resample: "bicubic"/"bilinear" and "timm"/"hf" (see patch_embed).
+        interpolation, pos_resample: "bicubic"/"bilinear" and "timm"/"hf"/"hf_legacy" (see patch_embed).
         backend: forwarded to mmfast.kernels.patch_embed.
     """
 

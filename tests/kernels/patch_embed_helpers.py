@@ -5,15 +5,15 @@ import pytest
 import torch
 from numerics import assert_close_by_rule, poison_, randn
 
-# the package mmfast.kernels.patch_embed (the name mmfast.kernels.patch_embed is the function)
-pe_module = importlib.import_module("mmfast.kernels.patch_embed")
+# the launchers' module (the attribute mmfast.kernels.patch_embed is the function, hence importlib)
+pe_launch = importlib.import_module("mmfast.kernels.patch_embed._launch")
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the launchers allocate starts as NaN, so an element a kernel forgets to write fails."""
-    monkeypatch.setattr(pe_module, "_empty", lambda *s, device, dtype: poison_(torch.empty(*s, device=device, dtype=dtype)))
-    monkeypatch.setattr(pe_module, "_empty_like", lambda t: poison_(torch.empty_like(t)))
+    monkeypatch.setattr(pe_launch, "_empty", lambda *s, device, dtype: poison_(torch.empty(*s, device=device, dtype=dtype)))
+    monkeypatch.setattr(pe_launch, "_empty_like", lambda t: poison_(torch.empty_like(t)))
 
 
 def leaves(tensors, dtype, device):
