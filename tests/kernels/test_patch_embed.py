@@ -69,10 +69,40 @@ def test_realistic_vit_b16_224(device):
     check_against_reference(patch_embed, t, torch.bfloat16, device, grads=False)
 
 
-def test_dynamic_pad(device):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dynamic_pad(device, layout):
     t = _tensors(14, 3, 24, (2, 3), 2, pos="patch_only")
-    t["images"] = t["images"][:, :, : 2 * 14 - 5, : 3 * 14 - 1]  # 23 x 41 -> padded to 28 x 42
+    t["images"] = t["images"][:, :, : 2 * 14 - 5, : 3 * 14 - 1].contiguous()  # 23 x 41 -> padded to 28 x 42
+    if layout == "channels_last":
+        t["images"] = t["images"].contiguous(memory_format=torch.channels_last)
     check_against_reference(patch_embed, t, torch.float32, device, dynamic_pad=True)
+
+
+@pytest.mark.parametrize("P", [14, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_alignment_hint_is_true(P, dtype):
+    """The GPU-only vectorization hint (ALIGN, invisible to the interpreter): every pixel-run start the
+    kernels form, row base + c * s_c + py * s_h, must be a multiple of the claimed ALIGN."""
+    pe_launch = importlib.import_module("mmfast.kernels.patch_embed._launch")
+    layouts = {
+        "224": torch.empty(2, 3, 224, 224, dtype=dtype),
+        "odd-width": torch.empty(2, 3, 3 * P, 5 * P + 3, dtype=dtype)[..., : 5 * P],
+        "crop": torch.empty(2, 4, 6 * P, 6 * P, dtype=dtype)[:, 1:, P:, 2:2 + 4 * P],
+        "channels-last": torch.empty(2, 3, 2 * P, 2 * P, dtype=dtype).contiguous(memory_format=torch.channels_last),
+    }
+    for name, img in layouts.items():
+        gh, gw = img.shape[-2] // P, img.shape[-1] // P
+        plan = pe_launch.Plan(B=2, T=1, C=img.shape[1], P=P, GH=gh, GW=gw, H=img.shape[-2], W=img.shape[-1], N=gh * gw,
+                              M=gh * gw, has_cls=False, pad=False, cl_order=img.stride(1) == 1 and img.shape[1] > 1,
+                              perm=None, src_idx=None, pos_idx=None, tok_mask=None, tile_used=None, ar_ids=None,
+                              keep=None, tiles=False)
+        align = pe_launch._align(img, plan)
+        sb, sc, sh, sw = img.stride()
+        starts = {b * sb + gy * P * sh + gx * P * sw + c * sc + py * sh
+                  for b in range(2) for gy in range(gh) for gx in range(gw) for c in range(img.shape[1]) for py in range(P)}
+        assert all(v % align == 0 for v in starts), (name, align)
+        if name == "224" and P == 16:
+            assert align == 16 // img.element_size()  # the common case does get 16-byte vectors
 
 
 def test_nn_conv2d_weights_drop_in(device):
