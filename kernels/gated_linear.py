@@ -132,6 +132,7 @@ def _tanh_gated_linear_bwd_da_kernel(
     SCALAR_GATE: tl.constexpr,
     HAS_ROW_MASK: tl.constexpr,
     IN_DTYPE: tl.constexpr,
+    CAST_DY: tl.constexpr,  # dy (the residual's dtype, fp32) is wider than the GEMM inputs
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
@@ -164,6 +165,8 @@ def _tanh_gated_linear_bwd_da_kernel(
             # round it to the input dtype, as the MMA wants (PyTorch rounds dy·tanh g the same way)
             s = tl.load(s_ptr + nt * BLOCK_N + offs_n, mask=offs_n < n_left, other=0.0)
             dy = _round_f32_to(dy.to(tl.float32) * s[None, :], IN_DTYPE, EMULATE)
+        elif CAST_DY:  # an fp32 residual stream over 16-bit GEMM inputs: round dy for the MMA
+            dy = _round_f32_to(dy.to(tl.float32), IN_DTYPE, EMULATE)
         w = tl.load(w_ptrs, mask=(offs_n[:, None] < n_left) & mask_k[None, :], other=0.0)
         acc = _dot(dy, w, acc, DOT_FP32, PRECISION)
         dy_ptrs += BLOCK_N * stride_dyn
@@ -188,6 +191,7 @@ def _tanh_gated_linear_bwd_dw_kernel(
     NEED_DBIAS: tl.constexpr,
     NEED_DGATE: tl.constexpr,
     IN_DTYPE: tl.constexpr,
+    CAST_DY: tl.constexpr,  # dy (the residual's dtype, fp32) is wider than the GEMM inputs
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
@@ -218,7 +222,10 @@ def _tanh_gated_linear_bwd_dw_kernel(
             live = live & (tl.load(row_mask_ptr + m0 + offs_m, mask=live, other=1) == 0)
         dyt = tl.load(dyt_ptrs, mask=mask_n[:, None] & live[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=live[:, None] & mask_k[None, :], other=0.0)
-        acc = _dot(dyt, a, acc, DOT_FP32, PRECISION)
+        if CAST_DY:
+            acc = _dot(_round_f32_to(dyt.to(tl.float32), IN_DTYPE, EMULATE), a, acc, DOT_FP32, PRECISION)
+        else:
+            acc = _dot(dyt, a, acc, DOT_FP32, PRECISION)
         if NEED_DBIAS or (NEED_DGATE and HAS_BIAS):
             if first_k:
                 colsum += tl.sum(dyt.to(tl.float32), axis=1)
@@ -333,7 +340,7 @@ def compile_specs():
                 fn = _tanh_gated_linear_bwd_da_kernel
                 sig = {"dy_ptr": p, "w_ptr": p, "s_ptr": "*fp32", "row_mask_ptr": "*i8", "da_ptr": p, **_COMMON_SIG,
                        **{s: "i32" for s in ("stride_dym", "stride_dyn", "stride_wn", "stride_wk")}}
-                consts = dict(common, IN_DTYPE=_TL_DTYPES[dtype], **tiles)
+                consts = dict(common, IN_DTYPE=_TL_DTYPES[dtype], CAST_DY=False, **tiles)
             else:
                 fn = _tanh_gated_linear_bwd_dw_kernel
                 sig = {"dy_ptr": p, "a_ptr": p, "w_ptr": p, "bias_ptr": p, "s_ptr": "*fp32", "row_mask_ptr": "*i8",
@@ -341,7 +348,7 @@ def compile_specs():
                        **{s: "i32" for s in ("stride_dym", "stride_dyn", "stride_am", "stride_ak", "stride_wn",
                                              "stride_wk")}}
                 consts = dict(common, HAS_BIAS=True, NEED_DW=True, NEED_DBIAS=True, NEED_DGATE=True,
-                              IN_DTYPE=_TL_DTYPES[dtype], **tiles)
+                              IN_DTYPE=_TL_DTYPES[dtype], CAST_DY=False, **tiles)
             consts.update({name: 1 for name in _UNIT_STRIDES[kernel]})
             sig.update({name: "constexpr" for name in consts})
             tile_label = " ".join(f"{k}={v}" for k, v in tiles.items())
@@ -403,7 +410,7 @@ def _backward_da(dy, weight, s, row_mask, M, K):
         M, N, K,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
         SCALAR_GATE=s.numel() == 1, HAS_ROW_MASK=row_mask is not None, IN_DTYPE=_TL_DTYPES[weight.dtype],
-        DOT_FP32=interpreting() and weight.dtype == torch.bfloat16, PRECISION=_precision(weight.dtype),
+        CAST_DY=dy.dtype != weight.dtype, DOT_FP32=interpreting() and weight.dtype == torch.bfloat16, PRECISION=_precision(weight.dtype),
         EMULATE=interpreting(), num_warps=warps, num_stages=stages, **tiles,
     )
     return da
@@ -430,7 +437,7 @@ def _backward_dw(dy, a, weight, bias, s, row_mask, need_dw, need_dbias, need_dga
         dy.stride(0), dy.stride(1), a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, SCALAR_GATE=s.numel() == 1, HAS_ROW_MASK=row_mask is not None,
         NEED_DW=need_dw, NEED_DBIAS=need_dbias, NEED_DGATE=need_dgate, IN_DTYPE=_TL_DTYPES[weight.dtype],
-        DOT_FP32=interpreting() and weight.dtype == torch.bfloat16, PRECISION=_precision(weight.dtype),
+        CAST_DY=dy.dtype != weight.dtype, DOT_FP32=interpreting() and weight.dtype == torch.bfloat16, PRECISION=_precision(weight.dtype),
         EMULATE=interpreting(), num_warps=warps, num_stages=stages, **tiles,
     )
     return dw, dbias, part
@@ -478,9 +485,12 @@ def _check_args(a, weight, bias, gate, residual, row_mask):
         raise ValueError(f"tanh_gated_linear: bias must be a tensor or None, got {type(bias).__name__}")
     if a.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"tanh_gated_linear: a must be float32, float16 or bfloat16, got {a.dtype}")
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+    for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != a.dtype:
             raise ValueError(f"tanh_gated_linear: {name} must have a's dtype {a.dtype}, got {t.dtype}")
+    if residual.dtype not in (a.dtype, torch.float32):
+        raise ValueError(f"tanh_gated_linear: residual must have a's dtype {a.dtype} or be float32 (a mixed-precision "
+                         f"residual stream), got {residual.dtype}")
     if not gate.is_floating_point():
         raise ValueError(f"tanh_gated_linear: gate must be a floating tensor, got {gate.dtype}")
     for name, t in (("weight", weight), ("bias", bias), ("gate", gate), ("residual", residual), ("row_mask", row_mask)):
@@ -523,13 +533,15 @@ def tanh_gated_linear(a, weight, bias, gate, residual, *, row_mask=None, backend
         gate: the gate's pre-activation α: a scalar (one element: 0-dim, (1,) as Flamingo/Mllama store
             it) or a per-output-channel vector of N elements (shape (N,), or (1, 1, N) as Idefics'
             ``alpha_type="vector"``); any floating dtype. tanh(α) is computed in fp32.
-        residual: (..., N) in a's dtype, the leading shape of a; any strides.
+        residual: (..., N), the leading shape of a; any strides; a's dtype, or float32 over 16-bit a / weight
+            (an fp32 residual stream under autocast: the update is added in fp32 and never rounded to 16
+            bits; the backward rounds dy to a's dtype for its GEMMs, as autocast's matmuls would).
         row_mask: optional bool tensor of shape a.shape[:-1] (e.g. (B, L)) or (M,); True marks a row whose
             update is zeroed (its output is exactly the residual, and it contributes nothing to any
             gradient but d_residual): Llama 3.2's full-text-row mask for tokens that see no image.
         backend: "auto" | "triton" | "reference".
 
-    Returns (..., N) in a's dtype. At gate = 0 the output is exactly the residual (for finite
+    Returns (..., N) in the residual's dtype. At gate = 0 the output is exactly the residual (for finite
     a Wᵀ + b). All products accumulate in fp32 and the output is rounded once.
 
     Gradients: d_residual = dy; d_a = (dy·tanh g) W; d_W = (dy·tanh g)ᵀ a; d_bias = Σ_rows dy·tanh g;

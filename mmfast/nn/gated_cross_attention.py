@@ -110,8 +110,9 @@ class GatedCrossAttentionBlock(nn.Module):
         k = kv[..., : self.kv_heads * dh].view(B, T * n, self.kv_heads, dh)  # strided views: no copy
         v = kv[..., self.kv_heads * dh :].view(B, T * n, self.kv_heads, dh)
         if self.variant == "mllama":
-            q = _rms_norm(q, self.q_norm_weight, self.eps)
-            k = _rms_norm(k, self.k_norm_weight, self.eps)
+            # the norm's fp32 weight promotes under autocast; attention runs in the projections' dtype
+            q = _rms_norm(q, self.q_norm_weight, self.eps).to(v.dtype)
+            k = _rms_norm(k, self.k_norm_weight, self.eps).to(v.dtype)
         o = flash_attention(q, k, v, kv_start=kv_start, kv_end=kv_end, key_padding_mask=media_padding_mask,
                             backend=self.backend)
         # rows that see no image: attention output exactly 0 and no bias, so their update is 0 either way;
@@ -119,7 +120,9 @@ class GatedCrossAttentionBlock(nn.Module):
         no_image = kv_end <= kv_start
         if no_image.dim() == 1:
             no_image = no_image.expand(B, L)
-        x = tanh_gated_linear(o.reshape(B, L, -1), self.wo, None, self.attn_gate, x, row_mask=no_image,
+        # weights in the activations' dtype (a no-op unless under autocast, whose matmuls do the same); the
+        # residual stream x keeps its own dtype (fp32 under autocast: the update is added in fp32)
+        x = tanh_gated_linear(o.reshape(B, L, -1), self.wo.to(o.dtype), None, self.attn_gate, x, row_mask=no_image,
                               backend=self.backend)
         h = self._norm(x, self.norm_ff_weight, self.norm_ff_bias)
         if self.variant == "mllama":
@@ -128,7 +131,8 @@ class GatedCrossAttentionBlock(nn.Module):
         else:
             act = F.gelu(F.linear(h, self.w_in))
         row_mask = no_image if self.variant == "mllama" else None
-        return tanh_gated_linear(act, self.w_out, None, self.ff_gate, x, row_mask=row_mask, backend=self.backend)
+        return tanh_gated_linear(act, self.w_out.to(act.dtype), None, self.ff_gate, x, row_mask=row_mask,
+                                 backend=self.backend)
 
 
 class PerceiverResampler(nn.Module):

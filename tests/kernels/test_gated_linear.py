@@ -134,6 +134,19 @@ def test_gate_zero_is_identity_with_correct_gradient(device, dtype, gate_shape):
         assert (ours[1][i] == 0).all(), NAMES[i]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_fp32_residual_stream(device, dtype, gate):
+    """16-bit GEMM inputs over an fp32 residual (autocast training): output and d_residual in fp32."""
+    a, w, b, g, r = _inputs(77, 80, 1000, dtype, device, gate)
+    r = r.float()
+    row_mask = torch.zeros(77, dtype=torch.bool, device=device)
+    row_mask[3::5] = True
+    ours, ref, same, dy = _run_all(a, w, b, g, r, row_mask=row_mask)
+    assert ours[0].dtype == torch.float32 and ours[1][4].dtype == torch.float32
+    _check(ours, ref, same, (a, w, b, g, r), dy, row_mask=row_mask, what=f"{dtype_id(dtype)} over fp32 residual")
+
+
 def test_strided_inputs(device):
     """Rows of a with a stride larger than K, a transposed weight, a non-contiguous residual, 3-D input."""
     dtype = torch.float32
@@ -174,6 +187,7 @@ def test_validation_errors():
         (dict(weight=w[:, :10]), "weight must have shape"),
         (dict(bias=b[:3]), "bias must have shape"),
         (dict(residual=r[:, :3]), "residual must have shape"),
+        (dict(a=a.bfloat16(), weight=w.bfloat16(), bias=b.bfloat16(), residual=r.half()), "residual must have a's dtype"),
         (dict(gate=torch.zeros(3)), "gate must be a scalar"),
         (dict(gate=torch.zeros((), dtype=torch.int64)), "gate must be a floating"),
         (dict(row_mask=torch.zeros(5)), "row_mask must be a bool"),

@@ -201,3 +201,23 @@ def test_validation_errors():
         blk(x, media[0], torch.zeros(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="time embeddings"):
         PerceiverResampler(32, 1, heads=2, dim_head=16, num_time_embeds=2)(torch.randn(1, 3, 4, 32))
+
+
+@pytest.mark.parametrize("variant", ["flamingo", "mllama"])
+def test_block_under_autocast(device, variant):
+    """fp32 parameters and residual stream under bf16 autocast: the fused ops take the autocast GEMM
+    inputs, the output stays fp32, and it matches the reference run under the same autocast."""
+    blk = _block(variant, device)
+    x = randn(2, 29, D, device=device)
+    media = randn(2, 3, 4, D, device=device)
+    loc = _locations(2, 29, (2, 1), device)
+    p = dict(blk.named_parameters())
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = blk(x, media, loc)
+        same = gated_xattn_dense_reference(x, media, loc, p, heads=HEADS, kv_heads=KV_HEADS[variant], variant=variant)
+    exact = gated_xattn_dense_reference(x.double(), media.double(), loc, {k: v.double() for k, v in p.items()},
+                                        heads=HEADS, kv_heads=KV_HEADS[variant], variant=variant)
+    assert out.dtype == torch.float32
+    assert_close_by_rule(out, exact, same, what=f"{variant} autocast")
+    out.sum().backward()
+    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in blk.parameters())
