@@ -2,8 +2,8 @@
 row chunks instead of tiles.
 
 Same interface as _triton.forward / _triton.backward. A chunk of C rows of a against all Nb rows of b
-is materialised at a time (C = chunk_rows, or fewer for BLIP-2's Q queries per row), so the extra
-memory is O(C * Q * Nb + Na + Nb) floats: linear in the batch. Column statistics are merged across
+is materialised at a time (C = _chunk_rows(): CHUNK_ROWS, fewer for wide batches or BLIP-2's Q queries
+per row), so the extra memory is O(C * Q * Nb + Na + Nb) floats: linear in the batch. Column statistics are merged across
 chunks online (log-sum-exp), the backward recomputes each chunk. Arithmetic is fp32 whatever the input
 dtype (features of other dtypes are converted chunk by chunk for a and once for b: an O(Nb * D) copy).
 """
@@ -14,11 +14,15 @@ from ._triton import MODE_SOFTMAX, PARAM_INDEX
 P_SCALE, P_BIAS, P_ALPHA, P_UNIF_ROW, P_UNIF_COL, P_DIAG = (PARAM_INDEX[k] for k in
                                                             ("scale", "bias", "alpha", "unif_row", "unif_col", "diag"))
 
-CHUNK_ELEMENTS = 1 << 18  # logits per chunk (1 MiB in fp32); at least one row of a per chunk
+# Rows of a per chunk: at most CHUNK_ROWS, and at most CHUNK_ELEMENTS logits (16 MiB of fp32 per
+# temporary), at least one. Small chunks cost per-op overhead (N = 4096: 3x slower at 64 rows than at
+# 1024); the cap keeps N = 16k at 256 rows, ~100 MiB of temporaries in all.
+CHUNK_ROWS = 1024
+CHUNK_ELEMENTS = 1 << 22
 
 
 def _chunk_rows(Na, Nb, Q):
-    return max(1, min(Na, CHUNK_ELEMENTS // max(1, Q * Nb)))
+    return max(1, min(Na, CHUNK_ROWS, CHUNK_ELEMENTS // max(1, Q * Nb)))
 
 
 def _raw(a_chunk, b32):

@@ -51,7 +51,12 @@ def _ours(a, b, t, **kw):
     return contrastive_loss(a, b, t, backend="reference", **kw)
 
 
-def test_extra_memory_is_linear_in_batch():
+def test_extra_memory_is_linear_in_batch(monkeypatch):
+    import mmfast.kernels.contrastive._chunked as chunked
+
+    # a chunk smaller than both batches, so both run in the chunked regime (the default, 1024 rows,
+    # would hold the whole small batch at once)
+    monkeypatch.setattr(chunked, "CHUNK_ROWS", 64)
     small, large = 750, 3000  # 4x the batch
     ours_small, ours_large = _peak_bytes(_ours, small), _peak_bytes(_ours, large)
     one_logits_matrix = large * large * 4
