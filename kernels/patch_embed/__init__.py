@@ -36,7 +36,7 @@ def _vec(name, t, D, device):
                          f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but images are on {device}")
-    return t.reshape(D)
+    return t.reshape(D).contiguous()  # the kernels read D consecutive values
 
 
 def _index(name, t, shape, high, device):
@@ -179,6 +179,7 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
                 cl_order=images.stride(1) == 1 and C > 1, perm=perm, src_idx=src, pos_idx=keep, tok_mask=tok,
                 tile_used=None, ar_ids=None, keep=keep.view(B, M) if keep is not None else None, tiles=False)
     pos = pos.contiguous() if pos is not None else None
+    pos_cls = pos_cls.contiguous() if pos_cls is not None else None
     return _PatchEmbedFn.apply(images, weight, bias, pos, pos_cls, cls, mask_token, None, None, None, plan)
 
 
@@ -243,7 +244,7 @@ def tile_patch_embed(images, weight, bias=None, *, cls_token, pos_embed, pos_gat
                 cl_order=images.stride(2) == 1 and C > 1, perm=None, src_idx=None, pos_idx=None, tok_mask=None,
                 tile_used=used.contiguous().view(-1).view(torch.uint8) if used is not None else None,
                 ar_ids=ar, keep=None, tiles=True)
-    out = _PatchEmbedFn.apply(images, weight, bias, pos_embed[1:], pos_embed[0], cls, None,
+    out = _PatchEmbedFn.apply(images, weight, bias, pos_embed[1:].contiguous(), pos_embed[0].contiguous(), cls, None,
                               tile_pos_embed.reshape(R, T, N + 1, D).contiguous(),
                               tile_embed.reshape(R, T, D).contiguous(), coef, plan)
     return out.view(B, T, N + 1, D)

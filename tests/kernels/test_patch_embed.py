@@ -51,6 +51,16 @@ def test_memory_layouts(device, layout):
     check_against_reference(patch_embed, _tensors(14, 3, 40, (2, 3), 2, layout=layout), torch.bfloat16, device)
 
 
+def test_strided_parameters(device):
+    """Weight, bias, table and [CLS] given as non-contiguous views (transposed / every other element)."""
+    t = _tensors(14, 3, 24, (2, 3), 2)
+    t["weight"] = randn(3, 14, 14, 24, dtype=torch.float64, scale=0.05).permute(3, 0, 1, 2)
+    t["bias"] = randn(48, dtype=torch.float64)[::2]
+    t["pos_embed"] = randn(24, 7, dtype=torch.float64).t()
+    t["cls_token"] = randn(24, 2, dtype=torch.float64)[:, 1]
+    check_against_reference(patch_embed, t, torch.float32, device)
+
+
 def test_fp16(device):
     check_against_reference(patch_embed, _tensors(16, 3, 24, (2, 2), 2), torch.float16, device)
 
