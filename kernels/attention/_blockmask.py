@@ -61,6 +61,20 @@ class AttentionBlockMask:
         part = int(self.kv_part_num.sum())
         return full, part, self.kv_full_idx.numel()
 
+    def visible_pairs(self, batch=None):
+        """Number of visible (query, key) pairs, summed over the batch — the work that counts for TFLOP/s
+        (forward FLOPs = 4 · pairs · heads · head_dim). `batch` expands a mask built without a batch dim."""
+        lo, hi = self.row_lo.long(), self.row_hi.long()
+        if self.key_padding_mask is None:
+            pairs = int((hi - lo).clamp(min=0).sum())
+        else:  # keys in [lo, hi) that are not padded, from a prefix count of the kept keys
+            kept = torch.nn.functional.pad((~self.key_padding_mask).long().cumsum(-1), (1, 0))
+            lo, hi = lo.expand(kept.shape[0], -1), hi.expand(kept.shape[0], -1)
+            pairs = int((kept.gather(1, hi) - kept.gather(1, torch.minimum(lo, hi))).sum())
+        if batch is not None and not self.varlen and self.kv_full_num.shape[0] == 1:
+            pairs *= batch
+        return pairs
+
     def dense(self):
         """The dense boolean mask (B', Lq, Lk) this block mask encodes (not for varlen): for tests."""
         j = torch.arange(self.seqlen_k, device=self.row_lo.device)

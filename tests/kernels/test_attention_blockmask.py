@@ -50,6 +50,7 @@ def test_tile_classes_match_brute_force(tile, kind):
     q_full, q_part = _decode(bm.q_full_num, bm.q_full_idx), _decode(bm.q_part_num, bm.q_part_idx)
     assert torch.equal(q_full, full.transpose(1, 2)) and torch.equal(q_part, (visible & ~full).transpose(1, 2))
     assert torch.equal(bm.dense().expand_as(dense), dense.expand(bm.dense().shape[0], -1, -1))
+    assert bm.visible_pairs(batch=b) == int(dense.expand(b, -1, -1).sum())
     for lists in (bm.kv_full_idx, bm.kv_part_idx):  # visited in ascending order
         n = lists.shape[-1]
         assert torch.all(lists.sort(dim=-1).values == torch.arange(n, dtype=torch.int32))
