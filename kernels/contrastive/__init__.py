@@ -103,7 +103,6 @@ class _SlicedContrastive(torch.autograd.Function):
             total = all_reduce_sum(total, cfg.group)
         ctx.save_for_backward(a, b, at, bt, params, rvec, cvec)
         ctx.cfg = cfg
-        ctx.flags = (scale.requires_grad, bias.requires_grad)
         return (total / denom).float()
 
     @staticmethod

@@ -256,5 +256,5 @@ class TestDispatch:
     def test_env_selects_triton(self, monkeypatch):
         monkeypatch.setenv("MMFAST_BACKEND", "triton")
         chosen = self._spy(monkeypatch)
-        siglip_loss(randn(4, 8), randn(4, 8), 1.0, -1.0)
+        siglip_loss(randn(4, 8, device=DEVICE), randn(4, 8, device=DEVICE), 1.0, -1.0)
         assert chosen == ["triton"]
