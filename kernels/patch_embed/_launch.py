@@ -192,6 +192,9 @@ def _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, 
     m_tiles = triton.cdiv(G * plan.M, cfg.block_m) + (triton.cdiv(G, cfg.block_m) if plan.has_cls else 0)
     grid = (m_tiles * triton.cdiv(D, cfg.block_n),)
 
+    if grid[0] == 0:  # no images
+        return out
+
     def ptr(t):
         return dummy if t is None else t
 
@@ -235,6 +238,8 @@ def _bwd_images(gout, images, weight, plan):
         inv.scatter_(1, plan.keep.long(), torch.arange(plan.M, dtype=torch.int32, device=gout.device).expand(G, -1))
     cfg = _DX_FP32 if images.dtype == torch.float32 else _DX
     grid = (triton.cdiv(G * NP, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n),)
+    if grid[0] == 0:
+        return dimg
     _patch_embed_bwd_dx_kernel[grid](
         gout, weight, inv if inv is not None else gout, plan.tok_mask if plan.tok_mask is not None else gout,
         plan.tile_used if plan.tile_used is not None else gout, dimg,
@@ -254,6 +259,8 @@ def _bwd_weight(gout, images, weight, want_bias, plan):
     G, D, K = plan.B * plan.T, weight.shape[0], weight[0].numel()
     cfg = _DW
     rows = G * plan.M
+    if rows == 0:  # no tokens computed (empty batch, or MAE keeping none)
+        return torch.zeros_like(weight), (torch.zeros(D, device=gout.device) if want_bias else None)
     tiles = triton.cdiv(D, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n)
     splits = _dw_splits(gout.device, tiles, rows, cfg.block_k)
     per_split = triton.cdiv(triton.cdiv(rows, splits), cfg.block_k) * cfg.block_k

@@ -162,3 +162,11 @@ def test_harness_poisons_kernel_outputs():
     pe_launch = importlib.import_module("mmfast.kernels.patch_embed._launch")
     assert torch.isnan(pe_launch._empty(3, device="cpu", dtype=torch.float32)).all()
     assert torch.isnan(pe_launch._empty_like(torch.zeros(2, 2))).all()
+
+
+@pytest.mark.parametrize("case", ["empty-batch", "mae-keeps-none"])
+def test_degenerate_sizes(device, case):
+    t = _tensors(16, 3, 8, (2, 2), 0 if case == "empty-batch" else 2)
+    kw = {"keep_indices": torch.zeros(2, 0, dtype=torch.long, device=device)} if case == "mae-keeps-none" else {}
+    out, exact = check_against_reference(patch_embed, t, torch.float32, device, **kw)
+    assert out.shape == exact.shape == ((0, 5, 8) if case == "empty-batch" else (2, 1, 8))
