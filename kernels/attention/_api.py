@@ -160,6 +160,9 @@ def _check_block_mask(bm, q, k, varlen, mask_args):
             raise ValueError(f"flash_attention: block_mask has batch {bm.kv_full_num.shape[0]}, q has {q.shape[0]}")
     elif bm.row_lo.shape[0] != q.shape[0]:
         raise ValueError(f"flash_attention: block_mask was built for {bm.row_lo.shape[0]} packed queries, q has {q.shape[0]}")
+    elif getattr(bm, "totals", None) is not None and bm.totals != (q.shape[0], k.shape[0]):
+        raise ValueError(f"flash_attention: block_mask's cu_seqlens pack {bm.totals[0]} queries and {bm.totals[1]} keys, "
+                         f"got q with {q.shape[0]} and k with {k.shape[0]}")
 
 
 # ----------------------------------------------------------------------------------------------

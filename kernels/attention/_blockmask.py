@@ -167,8 +167,12 @@ def build_block_mask(seqlen_q=None, seqlen_k=None, *, causal=False, kv_start=Non
     )
     mask_m, mask_n = tile if tile is not None else default_mask_tile(device)
     if varlen:
-        return _build_varlen(causal, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        # packed lengths, so flash_attention can check q / k against them without a sync per call
+        totals = (int(cu_seqlens_q[-1]), int(cu_seqlens_k[-1])) if validate else None
+        bm = _build_varlen(causal, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              device, mask_m, mask_n)
+        bm.totals = totals
+        return bm
     m_blocks, n_blocks = _cdiv(seqlen_q, mask_m), _cdiv(seqlen_k, mask_n)
     kv_start = None if kv_start is None else kv_start.to(device)
     kv_end = None if kv_end is None else kv_end.to(device)

@@ -114,6 +114,8 @@ def test_block_mask_varlen(device):
     got = flash_attention(q, k, v, block_mask=bm, backend="triton")
     want = flash_attention(q, k, v, backend="triton", **args)
     assert_bitwise_equal(got, want, what="varlen block mask")
+    with pytest.raises(ValueError, match="pack 65 queries and 42 keys"):
+        flash_attention(q, k[:40], v[:40], block_mask=bm, backend="triton")
     assert lengths_q and lengths_k
 
 
