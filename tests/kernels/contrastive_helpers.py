@@ -33,8 +33,9 @@ def make_inputs(variant, N, D, dtype, device="cpu"):
         inputs["logit_bias"] = torch.tensor(-3.0, device=device)
     if v.get("teacher"):
         # a momentum model's features: close to the student's
-        inputs["a_teacher"] = (inputs["a"].double() + 0.3 * randn(*a_shape, dtype=torch.float64)).to(device, dtype)
-        inputs["b_teacher"] = (inputs["b"].double() + 0.3 * randn(*inputs["b"].shape, dtype=torch.float64)).to(device, dtype)
+        noise = lambda *shape: 0.3 * randn(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        inputs["a_teacher"] = (inputs["a"].double() + noise(*a_shape)).to(dtype)
+        inputs["b_teacher"] = (inputs["b"].double() + noise(*inputs["b"].shape)).to(dtype)
     return inputs
 
 
