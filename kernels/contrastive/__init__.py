@@ -12,8 +12,8 @@ statistics 4·Nb fp32 (3·Na + 3·Nb of them kept for the backward), and, for th
 forward's column partials K·ceil(Na / BI)·Nb fp32, merged by a streaming kernel (no temporaries) and
 freed before the forward returns. BI = 128 rows per block for bf16/fp16 (64 for fp32; BLIP-2: that
 divided by Q rounded up to a power of two), K = 1 (+1 with label smoothing, +2 with a teacher): 32 MiB
-at N = 32,768 for plain bf16 CLIP, 1/128 of one fp32 logits matrix, and 64 MiB at N = 65,536 — not
-O(N), but N²/128. normalize=True adds the normalised copies of a and b (as F.normalize does).
+at N = 32,768 for plain bf16 CLIP, 1/128 of one fp32 logits matrix, and 128 MiB at N = 65,536 — not
+O(N), but N²/128 (the price of computing each tile once for both directions). normalize=True adds the normalised copies of a and b (as F.normalize does).
 The CPU path keeps a fixed-size chunk of logits instead (see _chunked.py): O(N) in all.
 
 Layout: _triton.py (kernels, launchers, compile specs), _chunked.py (the CPU / PyTorch path),
