@@ -126,6 +126,8 @@ def test_nn_conv2d_weights_drop_in(device):
 
 
 def test_validation_errors():
+    """CPU tensors: argument checks run before any backend is chosen (index ranges on CUDA tensors are
+    checked by a device-side assert instead, to keep the training step free of host syncs)."""
     x = torch.randn(2, 3, 28, 28)
     w = torch.randn(8, 3, 14, 14)
     with pytest.raises(ValueError, match="not divisible by the patch size"):
@@ -152,8 +154,15 @@ def test_validation_errors():
         patch_embed(x, w, keep_indices=torch.tensor([[0, 4], [1, 2]]))
     with pytest.raises(ValueError, match="backend"):
         patch_embed(x, w, backend="cuda")
+    with pytest.raises(ValueError, match="cls_token is on meta"):
+        patch_embed(x, w, cls_token=torch.randn(8, device="meta"))
+
+
+def test_triton_rejects_float64(device):
+    x, w = torch.randn(2, 3, 28, 28, device=device), torch.randn(8, 3, 14, 14, device=device)
     with pytest.raises(ValueError, match="float64"):
         patch_embed(x.double(), w.double(), backend="triton")
+    assert patch_embed(x.double(), w.double(), backend="reference").dtype == torch.float64
 
 
 

@@ -38,12 +38,12 @@ def _eager(m, x):
     (dict(dynamic_img_size=True), (64, 80)),
     (dict(dynamic_img_size=True, dynamic_img_pad=True), (50, 61)),
 ], ids=["vit", "no-embed-class", "no-cls", "dynamic-size", "dynamic-pad"])
-def test_matches_eager_timm_chain(backend, kw, size):
-    m = PatchEmbed(48, 16, 3, 40, backend=backend, **kw)
+def test_matches_eager_timm_chain(device, backend, kw, size):
+    m = PatchEmbed(48, 16, 3, 40, backend=backend, **kw).to(device)
     with torch.no_grad():
         if m.cls_token is not None:
             m.cls_token.normal_()
-    x = randn(2, 3, *size, dtype=torch.float64)
+    x = randn(2, 3, *size, dtype=torch.float64, device=device)
     with torch.no_grad():
         exact = _eager(copy.deepcopy(m).double(), x)
         if backend == "reference":
@@ -55,19 +55,19 @@ def test_matches_eager_timm_chain(backend, kw, size):
             assert_close_by_rule(got, exact, _eager(m, x.float()), what="PatchEmbed")
 
 
-def test_gradients_reach_parameters():
-    m = PatchEmbed(32, 16, 3, 24, backend="triton", dynamic_img_size=True)
-    x = torch.randn(2, 3, 48, 32)
+def test_gradients_reach_parameters(device):
+    m = PatchEmbed(32, 16, 3, 24, backend="triton", dynamic_img_size=True).to(device)
+    x = torch.randn(2, 3, 48, 32, device=device)
     m(x).square().sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_from_conv_shares_parameters():
-    conv = torch.nn.Conv2d(3, 24, kernel_size=14, stride=14)
+def test_from_conv_shares_parameters(device):
+    conv = torch.nn.Conv2d(3, 24, kernel_size=14, stride=14).to(device)
     m = PatchEmbed.from_conv(conv, img_size=28, backend="triton")
     assert m.proj.weight is conv.weight and m.embed_dim == 24 and m.grid_size == (2, 2)
-    x = torch.randn(2, 3, 28, 28)
+    x = torch.randn(2, 3, 28, 28, device=device)
     with torch.no_grad():
         assert_close_by_rule(m(x), _eager(copy.deepcopy(m).double(), x.double()), _eager(m, x), what="from_conv")
     with pytest.raises(ValueError, match="stride-P"):
@@ -82,17 +82,17 @@ def test_state_dict_uses_timm_names():
     assert PatchEmbed(32, 16, 3, 8).pos_embed.shape == (1, 5, 8)
 
 
-def test_masked_tokens_and_errors():
-    m = PatchEmbed(32, 16, 3, 8, mask_token=True, backend="triton")
-    x = torch.randn(2, 3, 32, 32)
-    mask = torch.tensor([[True, False, False, True], [False, False, False, False]])
+def test_masked_tokens_and_errors(device):
+    m = PatchEmbed(32, 16, 3, 8, mask_token=True, backend="triton").to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    mask = torch.tensor([[True, False, False, True], [False, False, False, False]], device=device)
     out = m(x, token_mask=mask)
     expected = (m.mask_token[0, 0] + m.pos_embed[0, 1:])[mask[0]]
     assert torch.allclose(out[0, 1:][mask[0]], expected)
     with pytest.raises(ValueError, match="does not match img_size"):
-        m(torch.randn(1, 3, 48, 32))
+        m(torch.randn(1, 3, 48, 32, device=device))
     with pytest.raises(ValueError, match="mask_token=True"):
-        PatchEmbed(32, 16, 3, 8)(x, token_mask=mask)
+        PatchEmbed(32, 16, 3, 8).to(device)(x, token_mask=mask)
 
 
 def test_timm_parity_when_installed():
