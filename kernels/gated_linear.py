@@ -32,6 +32,7 @@ Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) and "reference" (PyTo
 ``kernels.reference.tanh_gated_linear_reference``).
 """
 import math
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -443,34 +444,65 @@ def _backward_dw(dy, a, weight, bias, s, row_mask, need_dw, need_dbias, need_dga
     return dw, dbias, part
 
 
-class _TanhGatedLinear(torch.autograd.Function):
-    """Autograd over the 2-D problem: a (M, K), weight (N, K), bias (N,) | None, gate (any shape with 1 or
-    N elements), residual (M, N), row_mask (M,) bool | None."""
+# Custom ops: torch.compile sees opaque calls with fake shapes (the launchers read data pointers and
+# strides, which fake tensors do not have). The ops take s = tanh(gate) in fp32, shape (1,) or (N,);
+# autograd differentiates the tanh (and the gate's reshape / cast) around them.
 
-    @staticmethod
-    def forward(ctx, a, weight, bias, gate, residual, row_mask):
-        s = torch.tanh(gate.detach().to(torch.float32)).reshape(-1).contiguous()
-        out = _forward(a, weight, bias, s, residual, row_mask)
-        ctx.save_for_backward(a, weight, bias, s, row_mask)
-        ctx.gate_meta = (gate.shape, gate.dtype)
-        return out
 
-    @staticmethod
-    def backward(ctx, dy):
-        a, weight, bias, s, row_mask = ctx.saved_tensors
-        need_da, need_dw, need_dbias, need_dgate, need_dres, _ = ctx.needs_input_grad
-        need_dbias = need_dbias and bias is not None
-        M, K = a.shape
-        da = dw = dbias = dgate = None
-        if need_da:
-            da = _backward_da(dy, weight, s, row_mask, M, K)
-        if need_dw or need_dbias or need_dgate:
-            dw, dbias, part = _backward_dw(dy, a, weight, bias, s, row_mask, need_dw, need_dbias, need_dgate)
-            if need_dgate:
-                shape, dtype = ctx.gate_meta
-                total = part.sum() if s.numel() == 1 else part.sum(0)  # fixed-order reductions: deterministic
-                dgate = ((1.0 - s * s) * total).to(dtype).reshape(shape)
-        return da, dw, dbias, dgate, dy if need_dres else None, None
+@torch.library.custom_op("mmfast::tanh_gated_linear_fwd", mutates_args=())
+def _tanh_gated_linear_fwd_op(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], s: torch.Tensor,
+                              residual: torch.Tensor, row_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return _forward(a, weight, bias, s, residual, row_mask)
+
+
+@_tanh_gated_linear_fwd_op.register_fake
+def _(a, weight, bias, s, residual, row_mask):
+    return residual.new_empty((a.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("mmfast::tanh_gated_linear_bwd", mutates_args=())
+def _tanh_gated_linear_bwd_op(dy: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              s: torch.Tensor, row_mask: Optional[torch.Tensor], need_da: bool, need_dw: bool,
+                              need_dbias: bool, need_ds: bool
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_a, d_W, d_bias, d_s) with 0-element tensors for those not needed; d_s = Σ dy ⊙ (a Wᵀ + b) over the
+    live rows (and over the channels for a scalar gate), summed in a fixed order."""
+    M, K = a.shape
+    none = a.new_empty(0)
+    da = _backward_da(dy, weight, s, row_mask, M, K) if need_da else none
+    dw = dbias = ds = none
+    if need_dw or need_dbias or need_ds:
+        w, b, part = _backward_dw(dy, a, weight, bias, s, row_mask, need_dw, need_dbias, need_ds)
+        dw = none if w is None else w
+        dbias = none if b is None else b
+        if need_ds:
+            ds = part.sum().reshape(1) if s.numel() == 1 else part.sum(0)
+    return da, dw, dbias, ds
+
+
+@_tanh_gated_linear_bwd_op.register_fake
+def _(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds):
+    none = a.new_empty(0)
+    return (a.new_empty(a.shape) if need_da else none, weight.new_empty(weight.shape) if need_dw else none,
+            bias.new_empty(bias.shape) if need_dbias else none, s.new_empty(s.shape) if need_ds else none)
+
+
+def _setup_context(ctx, inputs, output):
+    a, weight, bias, s, residual, row_mask = inputs
+    ctx.save_for_backward(a, weight, bias, s, row_mask)
+
+
+def _backward(ctx, dy):
+    a, weight, bias, s, row_mask = ctx.saved_tensors
+    need_da, need_dw, need_dbias, need_ds, need_dres, _ = ctx.needs_input_grad
+    need_dbias = need_dbias and bias is not None
+    da, dw, dbias, ds = _tanh_gated_linear_bwd_op(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias,
+                                                  need_ds)
+    return (da if need_da else None, dw if need_dw else None, dbias if need_dbias else None,
+            ds if need_ds else None, dy if need_dres else None, None)
+
+
+_tanh_gated_linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,6 +579,7 @@ def tanh_gated_linear(a, weight, bias, gate, residual, *, row_mask=None, backend
     Gradients: d_residual = dy; d_a = (dy·tanh g) W; d_W = (dy·tanh g)ᵀ a; d_bias = Σ_rows dy·tanh g;
     d_gate = (1 − tanh² g)·Σ dy ⊙ (a Wᵀ + b) (summed over rows, and over channels for a scalar gate),
     computed from dyᵀ a inside the d_W GEMM (see the module docstring) and summed deterministically.
+    Traceable by ``torch.compile(fullgraph=True)`` (the kernels are custom ops with fake shapes).
     """
     _check_args(a, weight, bias, gate, residual, row_mask)
     chosen = resolve_backend("tanh_gated_linear", backend, a.device, supported=("triton",))
@@ -559,5 +592,6 @@ def tanh_gated_linear(a, weight, bias, gate, residual, *, row_mask=None, backend
     a2 = a.reshape(M, K)
     res2 = residual.reshape(M, N)
     mask2 = None if row_mask is None else row_mask.reshape(-1).contiguous()
-    out = _TanhGatedLinear.apply(a2, weight, bias, gate, res2, mask2)
+    s = torch.tanh(gate.to(torch.float32)).reshape(-1)  # differentiable: d gate = (1 − tanh²)·d s
+    out = _tanh_gated_linear_fwd_op(a2, weight, bias, s, res2, mask2)
     return out.reshape(residual.shape)

@@ -208,3 +208,24 @@ def test_degenerate_sizes(device, M, K, N):
     inputs = _inputs(M, K, N, torch.float32, device, "scalar")
     ours, ref, same, dy = _run_all(*inputs)
     _check(ours, ref, same, inputs, dy, what=f"M{M} K{K} N{N}")
+
+
+def test_torch_compile_fullgraph(device):
+    """torch.compile(fullgraph=True) traces the op (custom ops with fake shapes), forward and backward."""
+    a, w, b, g, r = _inputs(33, 64, 80, torch.float32, device, "vector")
+    row_mask = torch.arange(33, device=device) < 7
+
+    def fn(a, w, b, g, r):
+        return tanh_gated_linear(a, w, b, g, r, row_mask=row_mask, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (a, w, b, g, r)]
+    eager = [t.clone().requires_grad_() for t in (a, w, b, g, r)]
+    out = compiled(*leaves)
+    ref = fn(*eager)
+    dy = randn(*out.shape, device=device)
+    out.backward(dy)
+    ref.backward(dy)
+    assert_bitwise_equal(out, ref, what="compiled forward")
+    for name, x, y in zip(NAMES, leaves, eager):
+        assert_bitwise_equal(x.grad, y.grad, what=f"compiled {name}")

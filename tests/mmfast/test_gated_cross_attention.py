@@ -221,3 +221,20 @@ def test_block_under_autocast(device, variant):
     assert_close_by_rule(out, exact, same, what=f"{variant} autocast")
     out.sum().backward()
     assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in blk.parameters())
+
+
+def test_block_torch_compile_fullgraph(device):
+    """The whole block traces with torch.compile(fullgraph=True) (flash_attention and tanh_gated_linear are
+    custom ops) and gives the eager block's output and gradients."""
+    blk = _block("mllama", device)
+    x = randn(2, 17, D, device=device)
+    media = randn(2, 2, 3, D, device=device)
+    loc = _locations(2, 17, (2, 1), device)
+    compiled = torch.compile(blk, fullgraph=True, backend="aot_eager")
+    out = compiled(x, media, loc)
+    grads = torch.autograd.grad(out.sum(), list(blk.parameters()))
+    ref = blk(x, media, loc)
+    ref_grads = torch.autograd.grad(ref.sum(), list(blk.parameters()))
+    assert_bitwise_equal(out, ref, what="compiled block")
+    for (name, _), g, r in zip(blk.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=name)
