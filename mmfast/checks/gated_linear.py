@@ -1,5 +1,6 @@
-"""`python -m mmfast check` cases for tanh_gated_linear and the gated cross-attention block: output and
-every gradient against fp64, within 2x (3x for gradients) of PyTorch's own error in the same dtype."""
+"""`python -m mmfast check` cases for tanh_gated_linear (output and every gradient) and the gated
+cross-attention block (output) against fp64, within 2x (3x for gradients) of PyTorch's own error in the
+same dtype."""
 import torch
 
 _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -43,6 +44,36 @@ def _gated_linear_case(device, backend, dtype, gate, row_mask):
     return run
 
 
+def _block_case(device, backend, variant):
+    def run():
+        from mmfast.kernels.reference import gated_xattn_dense_reference
+        from mmfast.nn import GatedCrossAttentionBlock
+
+        torch.manual_seed(0)
+        kv_heads = 2 if variant == "mllama" else None
+        blk = GatedCrossAttentionBlock(64, 4, variant=variant, kv_heads=kv_heads, ff_mult=2, backend=backend).to(device)
+        with torch.no_grad():
+            blk.attn_gate.fill_(0.6)
+            blk.ff_gate.fill_(-0.3)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 37, 64, generator=g).to(device)
+        media = torch.randn(2, 3, 5, 64, generator=g).to(device)
+        loc = torch.zeros(2, 37, dtype=torch.bool)
+        loc[0, [4, 15, 30]] = True
+        loc[1, 9] = True
+        loc = loc.to(device)
+        p = dict(blk.named_parameters())
+        out = blk(x, media, loc)
+        exact = gated_xattn_dense_reference(x.double(), media.double(), loc, {k: v.double() for k, v in p.items()},
+                                            heads=4, kv_heads=kv_heads, variant=variant)
+        same = gated_xattn_dense_reference(x, media, loc, p, heads=4, kv_heads=kv_heads, variant=variant)
+        err = (out.double() - exact).abs().max().item()
+        tol = 2 * (same.double() - exact).abs().max().item() + 1e-6
+        return err, tol, False, err <= tol
+
+    return run
+
+
 def cases(device):
     backends = ("triton", "reference")
     for backend in backends:
@@ -50,3 +81,6 @@ def cases(device):
             shape = f"(2, 77, 80) @ (96, 80)ᵀ, {gate} gate" + (", row mask" if row_mask else "") + ", fwd+bwd"
             yield ("tanh_gated_linear", backend, _NAMES[dtype], shape,
                    _gated_linear_case(device, backend, dtype, gate, row_mask))
+    for variant in ("flamingo", "mllama"):
+        yield ("GatedCrossAttentionBlock", "triton", "fp32",
+               f"{variant}: B=2 L=37 d=64, 3 images x 5 tokens, fwd", _block_case(device, "triton", variant))
