@@ -1,7 +1,8 @@
 """Patch embedding suite: the first op of every ViT, as the seed models run it (bf16).
 
 Workloads (issue 6): ViT-B/16 at 224 (B=256), CLIP ViT-L/14 at 336 (B=128, its 577-row table), Llama 3.2
-Vision tiles (B=16, 4 tiles of 560 x 560, D=1280, all tiles used). Cases, forward and forward+backward:
+Vision tiles (B=16, 4 tiles of 560 x 560, D=1280, all tiles used; plus mmfast with half the tiles used). Cases,
+forward and forward+backward:
 - ``eager``: cuDNN F.conv2d + flatten/transpose + position add + [CLS] cat (timm / transformers' chain;
   Mllama's chain with its gated tile tables for the tiles workload);
 - ``compiled``: that chain under torch.compile (skipped, with the reason, where compile fails);
@@ -67,14 +68,18 @@ def _eager_fn(state):
     return f
 
 
-def _mmfast_fn(state):
+def _mmfast_fn(state, half_tiles=False):
     from mmfast.kernels import patch_embed, tile_patch_embed
 
     if "tile_pos" in state:
+        tile_mask = state["tile_mask"].clone()
+        if half_tiles:  # e.g. wide images: half the tiles in use, the others neither read nor computed
+            tile_mask[:, tile_mask.shape[1] // 2:] = False
+
         def f(images, weight, cls, pos, pos_gate, tile_pos, tile_embed, tile_gate):
             return tile_patch_embed(images, weight, cls_token=cls, pos_embed=pos, pos_gate=pos_gate,
                                     tile_pos_embed=tile_pos, tile_embed=tile_embed, tile_embed_gate=tile_gate,
-                                    aspect_ratio_ids=state["ar"], tile_mask=state["tile_mask"], backend="triton")
+                                    aspect_ratio_ids=state["ar"], tile_mask=tile_mask, backend="triton")
         return f
 
     def f(images, weight, bias, cls, pos):
@@ -90,12 +95,12 @@ def _args(state, grad):
 def _case(kind, backward):
     def make(state):
         device = state["images"].device
-        if kind == "mmfast":
+        if kind.startswith("mmfast"):
             from mmfast.kernels._dispatch import interpreting
 
             if device.type != "cuda" and not interpreting():
                 raise Skip("Triton needs CUDA or TRITON_INTERPRET=1")
-            fn = _mmfast_fn(state)
+            fn = _mmfast_fn(state, half_tiles=kind == "mmfast_half_tiles")
         else:
             fn = _eager_fn(state)
             if kind == "compiled":
@@ -150,6 +155,11 @@ def workloads(mode, device):
                                ("mmfast", "one fused Triton launch (+ d_weight GEMM and table reductions in bwd)")):
                 cases.append(Case(f"{kind}_{suffix}", _case(kind, backward), note,
                                   flops=2 * flops if backward else flops, bytes=bwd_bytes if backward else fwd_bytes))
+            if T:
+                cases.append(Case(f"mmfast_half_tiles_{suffix}", _case("mmfast_half_tiles", backward),
+                                  "tile_mask: half the tiles used (2 of 4); unused tiles are not read or computed (rows zero)",
+                                  flops=(2 * flops if backward else flops) // 2,
+                                  bytes=(bwd_bytes if backward else fwd_bytes) // 2))
         out.append(Workload(name, lambda B=B, T=T, side=side, P=P, D=D, rows=rows: _build(B, T, side, P, D, rows, device),
                             fwd_bytes, info, cases,
                             baselines={"eager fwd": "eager_fwd", "compiled fwd": "compiled_fwd",
