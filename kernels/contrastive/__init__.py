@@ -55,7 +55,7 @@ class _SlicedContrastive(torch.autograd.Function):
         softmax = cfg.mode == MODE_SOFTMAX
         eps, alpha = cfg.eps, cfg.alpha
         consts = torch.tensor([alpha, (1 - alpha) * eps / Nb, (1 - alpha) * eps / cfg.rows_total,
-                               (1 - alpha) * (1 - eps)], dtype=torch.float32, device=dev)
+                               (1 - alpha) * (1 - eps), 1.0], dtype=torch.float32, device=dev)
         params = torch.cat([scale.detach().reshape(1).float(), bias.detach().reshape(1).float(), consts])
         rows, colstats = cfg.impl.forward(a, b, at, bt, params, mode=cfg.mode, cols=cfg.symmetric and softmax,
                                           smooth=eps > 0, diag_off=cfg.diag_off)
@@ -114,6 +114,10 @@ class _SlicedContrastive(torch.autograd.Function):
         g = grad.float()
         rvec[2] *= g
         cvec[2] *= g
+        # G is at most ~ the largest coefficient: scale it to ~1 by a power of two (exact) for the cast
+        coef = torch.maximum(rvec[2].abs().max(), cvec[2].abs().max())
+        params = params.clone()
+        params[_triton.PARAM_INDEX["gscale"]] = torch.where(coef > 0, torch.exp2(-torch.round(torch.log2(coef))), 1.0)
         da, db, d_scale, d_bias = cfg.impl.backward(
             a, b, at, bt, params, rvec, cvec, mode=cfg.mode, cols=cfg.symmetric and cfg.mode == MODE_SOFTMAX,
             need_da=ctx.needs_input_grad[0], need_db=ctx.needs_input_grad[1], diag_off=cfg.diag_off)

@@ -32,9 +32,11 @@ MODE_SOFTMAX = 0
 MODE_SIGMOID = 1
 
 # params vector layout (fp32 on the device, so nothing syncs and scalars never recompile anything):
-# s, logit bias, α, (1-α)ε/Nb, (1-α)ε/Na, (1-α)(1-ε). Kernels read the tl.constexpr copies.
-PARAM_INDEX = dict(scale=0, bias=1, alpha=2, unif_row=3, unif_col=4, diag=5)
-P_SCALE, P_BIAS, P_ALPHA, P_UNIF_ROW, P_UNIF_COL, P_DIAG = (tl.constexpr(i) for i in range(6))
+# s, logit bias, α, (1-α)ε/Nb, (1-α)ε/Na, (1-α)(1-ε), and the backward's power-of-two scale of G (G is
+# ~1/N: scaled to ~1 before the cast to the input dtype, so fp16 keeps it out of its subnormals).
+# Kernels read the tl.constexpr copies.
+PARAM_INDEX = dict(scale=0, bias=1, alpha=2, unif_row=3, unif_col=4, diag=5, gscale=6)
+P_SCALE, P_BIAS, P_ALPHA, P_UNIF_ROW, P_UNIF_COL, P_DIAG, P_GSCALE = (tl.constexpr(i) for i in range(7))
 
 
 @triton.jit
@@ -295,6 +297,7 @@ def _contrastive_bwd_da_kernel(
     img = pid * BI + tl.arange(0, BI).to(tl.int64)
     row_ok = img < Na
     s = tl.load(params_ptr + P_SCALE)
+    gscale = tl.load(params_ptr + P_GSCALE)
     d = pid_d * BD + tl.arange(0, BD).to(tl.int64)
     d_ok = d < D
     acc = tl.zeros((BI * QP, BD), dtype=tl.float32)
@@ -315,7 +318,7 @@ def _contrastive_bwd_da_kernel(
         if pid_d == 0:
             red_scale += tl.sum(tl.where(g != 0.0, g * raw, 0.0), axis=1)  # raw is -inf nowhere valid
             red_bias += tl.sum(g, axis=1)
-        gq = _expand_queries(g, arg, QP, BI, BN)
+        gq = _expand_queries(g * gscale, arg, QP, BI, BN)
         y = tl.load(b_ptr + cols[:, None] * s_bn + d[None, :] * s_bd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
             gq = _round_to(gq, y.dtype, EMULATE).to(tl.float32)
@@ -328,7 +331,7 @@ def _contrastive_bwd_da_kernel(
             acc = tl.dot(gq, y, acc)
     out_ok = (img_flat < Na) & (q_flat < Q)
     tl.store(da_ptr + (img_flat[:, None] * Q + q_flat[:, None]) * D + d[None, :],
-             _round_to(s * acc, da_ptr.dtype.element_ty, EMULATE), mask=out_ok[:, None] & d_ok[None, :])
+             _round_to((s / gscale) * acc, da_ptr.dtype.element_ty, EMULATE), mask=out_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
         tl.store(red_ptr + pid, tl.sum(red_scale, axis=0))
         tl.store(red_ptr + n_rb + pid, tl.sum(red_bias, axis=0))
@@ -349,6 +352,7 @@ def _contrastive_bwd_db_kernel(
     cols = pid * BN + tl.arange(0, BN).to(tl.int64)
     col_ok = cols < Nb
     s = tl.load(params_ptr + P_SCALE)
+    gscale = tl.load(params_ptr + P_GSCALE)
     d = pid_d * BD + tl.arange(0, BD).to(tl.int64)
     d_ok = d < D
     acc = tl.zeros((BN, BD), dtype=tl.float32)
@@ -367,7 +371,7 @@ def _contrastive_bwd_db_kernel(
             t = s * traw
         g = _grad_tile(s * raw, t, img, cols, row_ok, col_ok, params_ptr, rvec_ptr, cvec_ptr, Na, Nb,
                        diag_off, MODE, COLS, TEACHER)
-        gq = _expand_queries(g, arg, QP, BI, BN)
+        gq = _expand_queries(g * gscale, arg, QP, BI, BN)
         x = tl.load(a_ptr + img_flat[:, None] * s_an + q_flat[:, None] * s_aq + d[None, :] * s_ad,
                     mask=((img_flat < Na) & (q_flat < Q))[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
@@ -379,7 +383,7 @@ def _contrastive_bwd_db_kernel(
             acc = tl.dot(tl.trans(gq), x, acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(gq), x, acc)
-    tl.store(db_ptr + cols[:, None] * D + d[None, :], _round_to(s * acc, db_ptr.dtype.element_ty, EMULATE),
+    tl.store(db_ptr + cols[:, None] * D + d[None, :], _round_to((s / gscale) * acc, db_ptr.dtype.element_ty, EMULATE),
              mask=col_ok[:, None] & d_ok[None, :])
 
 
