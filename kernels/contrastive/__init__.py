@@ -217,9 +217,12 @@ def contrastive_loss(a, b, logit_scale, *, normalize=False, label_smoothing=0.0,
         L_row = mean_{i<P} [ logsumexp_j L_ij − Σ_j t_ij L_ij ],   L_col likewise over columns j < P,
         loss = (L_row + L_col) / 2 if symmetric else L_row.
     CLIP: defaults. MoCo: a = q (N, D), b = cat(k, queue), symmetric=False, log_scale=False,
-    logit_scale = 1/τ. ALBEF/BLIP momentum distillation: a_teacher, b_teacher (the momentum features,
-    with their queues), alpha = 0.4; ALBEF's queues for both modalities: a = cat(img, img_queue),
-    b = cat(txt, txt_queue), num_pairs = N. BLIP label smoothing: label_smoothing = 0.1.
+    logit_scale = 1/τ. ALBEF / BLIP ITC exactly as their code (positives are the momentum model's
+    features, each direction its own matrix), averaged over two calls with symmetric=False, alpha=0.4:
+    i2t = contrastive_loss(img, cat(txt_m, txt_queue), a_teacher=img_m, b_teacher=cat(txt_m, txt_queue))
+    and t2i likewise with the roles swapped. One symmetric call with queues for both modalities:
+    a = cat(img, img_queue), b = cat(txt, txt_queue), num_pairs = N (student features as positives).
+    BLIP label smoothing: label_smoothing = 0.1.
     A logit bias cancels in every softmax, so this loss takes none (see siglip_loss).
 
     Gradients: a, b, logit_scale (teachers get none; queue rows get theirs only if they require grad).
