@@ -18,6 +18,8 @@ VARIANTS = {
                                  log_t=1 / 0.07, b_extra=QUEUE),
     "albef-queues-distill": dict(kw=dict(normalize=True, label_smoothing=0.1, alpha=0.4), log_t=math.log(1 / 0.07),
                                  a_extra=QUEUE, b_extra=QUEUE, teacher=True, pairs=True),
+    "albef-i2t-queue-distill": dict(kw=dict(normalize=True, symmetric=False, alpha=0.4), log_t=math.log(1 / 0.07),
+                                    b_extra=QUEUE, teacher=True),
     "blip2-q5": dict(kw=dict(normalize=True), log_t=math.log(1 / 0.07), queries=5),
     "siglip": dict(kw=dict(normalize=True), log_t=math.log(10.0), siglip=True),
 }
