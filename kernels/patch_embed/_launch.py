@@ -50,21 +50,21 @@ def compile_specs():
     # int arguments below 2**31 are passed as i32 by Triton's launcher: compile what runs
     fwd_sig.update({n: "i32" for n in ("G", "M", "T", "GW", "H", "W", "D", "K", "R_TP", "s_ib", "s_it", "s_ic", "s_ih",
                                        "s_iw", "s_wd", "s_wc", "s_wh", "s_ww")})
-    fwd_const = ("C", "P", "CL_ORDER", "PXP", "ALIGN", "PAD", "HAS_BIAS", "HAS_POS", "HAS_POS_CLS", "HAS_CLS", "HAS_MASK", "HAS_PERM",
+    fwd_const = ("C", "P", "CL_ORDER", "RUN", "X_RUN", "W_RUN", "ALIGN", "PAD", "HAS_BIAS", "HAS_POS", "HAS_POS_CLS", "HAS_CLS", "HAS_MASK", "HAS_PERM",
                  "HAS_SRC", "HAS_POS_IDX", "TILES", "HAS_TILE_MASK", "OUT_DTYPE", "DOT_FP32", "EMULATE", "ALLOW_TF32",
                  "BLOCK_M", "BLOCK_N", "BLOCK_K")
     fwd_sig.update({n: "constexpr" for n in fwd_const})
     dx_sig = {"dout": "*fp32", "w": "*fp32", "inv": "*i32", "tok_mask": "*u8", "tile_used": "*u8", "dimg": "*fp32"}
     dx_sig.update({n: "i32" for n in ("G", "M", "NP", "T", "GW", "H", "W", "D", "K", "s_ib", "s_it", "s_ic", "s_ih",
                                       "s_iw", "s_wd", "s_wc", "s_wh", "s_ww")})
-    dx_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "PXP", "ALIGN", "PAD", "OFF", "HAS_INV", "HAS_MASK", "HAS_TILE_MASK",
+    dx_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "RUN", "X_RUN", "W_RUN", "ALIGN", "PAD", "OFF", "HAS_INV", "HAS_MASK", "HAS_TILE_MASK",
                                             "OUT_DTYPE", "DOT_FP32", "EMULATE", "ALLOW_TF32", "BLOCK_M", "BLOCK_N",
                                             "BLOCK_K")})
     dw_sig = {"dout": "*fp32", "img": "*fp32", "perm": "*i32", "src_idx": "*i32", "tok_mask": "*u8",
               "tile_used": "*u8", "dw_part": "*fp32", "db_part": "*fp32"}
     dw_sig.update({n: "i32" for n in ("G", "M", "T", "GW", "H", "W", "D", "K", "ROWS_PER_SPLIT", "s_ib", "s_it", "s_ic",
                                       "s_ih", "s_iw")})
-    dw_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "PXP", "ALIGN", "PAD", "OFF", "HAS_PERM", "HAS_SRC", "HAS_MASK",
+    dw_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "RUN", "X_RUN", "ALIGN", "PAD", "OFF", "HAS_PERM", "HAS_SRC", "HAS_MASK",
                                             "HAS_TILE_MASK", "HAS_BIAS", "DOT_FP32", "ALLOW_TF32", "BLOCK_D", "BLOCK_K",
                                             "BLOCK_R")})
 
@@ -85,8 +85,9 @@ def compile_specs():
         (torch.float32, "vit-b16 cls", 16, 3, False, True, False, False, (_FWD_LARGE,)),
     ]
     for dtype, label, P, C, cl, has_cls, has_mask, tiles, fwd_configs in variants:
-        # 224/336/560-pixel NCHW rows: pixel runs start at multiples of gcd(P, 16 bytes)
-        layout = dict(PXP=triton.next_power_of_2(P), ALIGN=1 if cl else math.gcd(P, 16 // dtype.itemsize))
+        # 224/336/560-pixel images: pixel runs start at multiples of gcd(P [* C], 16 bytes)
+        run = triton.cdiv(P * C, 16) * 16 if cl else triton.next_power_of_2(P)
+        layout = dict(RUN=run, X_RUN=True, ALIGN=math.gcd(P * C if cl else P, 16 // dtype.itemsize))
         for cfg in fwd_configs:
             sig = typed(fwd_sig, dtype, ("img", "w", "bias", "pos", "pos_cls", "cls", "mask_tok", "tile_pos",
                                          "pre_tile", "out"))
@@ -94,7 +95,7 @@ def compile_specs():
                        tile_used="*u8")
             yield CompileSpec(
                 kernel=_patch_embed_fwd_kernel, signature=sig,
-                constexprs=dict(C=C, P=P, CL_ORDER=cl, **layout, PAD=False, HAS_BIAS=not tiles, HAS_POS=True,
+                constexprs=dict(C=C, P=P, CL_ORDER=cl, **layout, W_RUN=True, PAD=False, HAS_BIAS=not tiles, HAS_POS=True,
                                 HAS_POS_CLS=has_cls, HAS_CLS=has_cls, HAS_MASK=has_mask, HAS_PERM=has_mask,
                                 HAS_SRC=False, HAS_POS_IDX=False, TILES=tiles, HAS_TILE_MASK=tiles,
                                 OUT_DTYPE=_TL_DTYPES[dtype], DOT_FP32=False, EMULATE=False, ALLOW_TF32=True,
@@ -104,7 +105,7 @@ def compile_specs():
         dx = _DX_FP32 if dtype == torch.float32 else _DX
         yield CompileSpec(
             kernel=_patch_embed_bwd_dx_kernel, signature=typed(dx_sig, dtype, ("dout", "w", "dimg")),
-            constexprs=dict(C=C, P=P, CL_ORDER=cl, **layout, PAD=False, OFF=1, HAS_INV=False, HAS_MASK=has_mask,
+            constexprs=dict(C=C, P=P, CL_ORDER=cl, **layout, W_RUN=True, PAD=False, OFF=1, HAS_INV=False, HAS_MASK=has_mask,
                             HAS_TILE_MASK=tiles, OUT_DTYPE=_TL_DTYPES[dtype], DOT_FP32=False, EMULATE=False,
                             ALLOW_TF32=True, BLOCK_M=dx.block_m, BLOCK_N=dx.block_n, BLOCK_K=dx.block_k),
             num_warps=dx.num_warps, num_stages=dx.num_stages,
@@ -144,23 +145,46 @@ def _allow_tf32():
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-def _pxp(P):
-    return triton.next_power_of_2(P)
+def _run(plan):
+    """Padded length of one contiguous pixel run (see _k_split): NCHW px in a row, channels-last (px, c)."""
+    if plan.cl_order:
+        return triton.cdiv(plan.P * plan.C, 16) * 16
+    return triton.next_power_of_2(plan.P)
 
 
 def _k_padded(plan):
-    """Length of the kernels' reduction space (NCHW: (c, py, px) with px padded to a power of two)."""
-    return plan.C * plan.P * (plan.P if plan.cl_order else _pxp(plan.P))
+    """Length of the kernels' reduction space: runs x padded run length."""
+    return (plan.P if plan.cl_order else plan.C * plan.P) * _run(plan)
 
 
-def _align(images, plan):
-    """Elements every pixel-run start is a multiple of (for vector loads), 1 when not provable."""
-    if plan.cl_order or images.stride(-1) != 1:
+def _dense_run(t, plan):
+    """Whether t's pixel runs are contiguous: NCHW rows (last stride 1), channels-last (px, c) rows."""
+    s = t.stride()
+    if plan.cl_order:
+        return s[-3] == 1 and s[-1] == plan.C
+    return s[-1] == 1
+
+
+def _align(t, plan):
+    """Elements every pixel-run start in t is a multiple of (vector loads / stores), 1 when not provable."""
+    if not _dense_run(t, plan):
         return 1
-    a = 16 // images.element_size()
-    for v in (plan.P,) + tuple(images.stride()[:-1]):
+    a = 16 // t.element_size()
+    s = t.stride()
+    # a run starts at b*s_b [+ t*s_t] + (gy*P + py)*s_h + gx*P*s_w [+ c*s_c]
+    for v in (plan.P * s[-1],) + tuple(s[:-3]) + (s[-2],) + (() if plan.cl_order else (s[-3],)):
         a = math.gcd(a, v)
     return a
+
+
+def _run_weight(weight, plan):
+    """The weight with its pixel runs contiguous: a channels-last problem reads (D, P, P, C) rows, so
+    its (D, C, P, P) weight is viewed through a permuted copy (D*K elements, made per call)."""
+    if _dense_run(weight, plan):
+        return weight
+    if plan.cl_order:
+        return weight.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    return weight.contiguous()
 
 
 def _image_strides(images, tiles):
@@ -194,6 +218,7 @@ def _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, 
 
     if grid[0] == 0:  # no images
         return out
+    weight = _run_weight(weight, plan)
 
     def ptr(t):
         return dummy if t is None else t
@@ -204,8 +229,8 @@ def _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, 
         ptr(plan.tile_used), out,
         G, plan.M, plan.T, plan.GW, plan.H, plan.W, D, K, plan.N + 1,
         *_image_strides(images, plan.tiles), *weight.stride(),
-        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, PXP=_pxp(plan.P), ALIGN=_align(images, plan), PAD=plan.pad,
-        HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_POS_CLS=pos_cls is not None, HAS_CLS=plan.has_cls,
+        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, RUN=_run(plan), X_RUN=_dense_run(images, plan), W_RUN=True,
+        ALIGN=_align(images, plan), PAD=plan.pad, HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_POS_CLS=pos_cls is not None, HAS_CLS=plan.has_cls,
         HAS_MASK=plan.tok_mask is not None, HAS_PERM=plan.perm is not None, HAS_SRC=plan.src_idx is not None,
         HAS_POS_IDX=plan.pos_idx is not None, TILES=plan.tiles, HAS_TILE_MASK=plan.tile_used is not None,
         OUT_DTYPE=_TL_DTYPES[images.dtype], DOT_FP32=_dot_fp32(images.dtype), EMULATE=interpreting(),
@@ -240,13 +265,14 @@ def _bwd_images(gout, images, weight, plan):
     grid = (triton.cdiv(G * NP, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n),)
     if grid[0] == 0:
         return dimg
+    weight = _run_weight(weight, plan)
     _patch_embed_bwd_dx_kernel[grid](
         gout, weight, inv if inv is not None else gout, plan.tok_mask if plan.tok_mask is not None else gout,
         plan.tile_used if plan.tile_used is not None else gout, dimg,
         G, plan.M, NP, plan.T, plan.GW, plan.H, plan.W, D, K,
         *_image_strides(dimg, plan.tiles), *weight.stride(),
-        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, PXP=_pxp(plan.P), ALIGN=_align(dimg, plan), PAD=plan.pad, OFF=off,
-        HAS_INV=inv is not None,
+        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, RUN=_run(plan), X_RUN=_dense_run(dimg, plan), W_RUN=True,
+        ALIGN=_align(dimg, plan), PAD=plan.pad, OFF=off, HAS_INV=inv is not None,
         HAS_MASK=plan.tok_mask is not None, HAS_TILE_MASK=plan.tile_used is not None,
         OUT_DTYPE=_TL_DTYPES[images.dtype], DOT_FP32=_dot_fp32(images.dtype), EMULATE=interpreting(),
         ALLOW_TF32=_allow_tf32(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -273,8 +299,8 @@ def _bwd_weight(gout, images, weight, want_bias, plan):
         dw_part, db_part,
         G, plan.M, plan.T, plan.GW, plan.H, plan.W, D, K, per_split,
         *_image_strides(images, plan.tiles),
-        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, PXP=_pxp(plan.P), ALIGN=_align(images, plan), PAD=plan.pad,
-        OFF=1 if plan.has_cls else 0, HAS_PERM=plan.perm is not None, HAS_SRC=plan.src_idx is not None, HAS_MASK=plan.tok_mask is not None,
+        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, RUN=_run(plan), X_RUN=_dense_run(images, plan),
+        ALIGN=_align(images, plan), PAD=plan.pad, OFF=1 if plan.has_cls else 0, HAS_PERM=plan.perm is not None, HAS_SRC=plan.src_idx is not None, HAS_MASK=plan.tok_mask is not None,
         HAS_TILE_MASK=plan.tile_used is not None, HAS_BIAS=want_bias, DOT_FP32=_dot_fp32(images.dtype),
         ALLOW_TF32=_allow_tf32(), BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_R=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -31,31 +31,37 @@ def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _k_split(kp, C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PXP: tl.constexpr):
-    """Reduction index -> (channel, row in patch, column in patch, valid).
+def _k_split(kp, C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN: tl.constexpr):
+    """Reduction index -> (channel, row in patch, column in patch, index in run, valid).
 
-    NCHW images: the reduction runs over a padded space (c, py, px) with px in [0, PXP), PXP the next
-    power of two >= P, so every group of PXP consecutive indices is one contiguous run of pixels (the
-    compiler sees the contiguity and vectorizes the gather; columns px >= P are masked off, 14/16 of the
-    MMA work for P = 14). Channels-last images: (py, px, c) densely, runs of P*C contiguous values.
+    The reduction runs over runs of pixels that are contiguous in memory, each padded to RUN so that the
+    compiler sees the contiguity (from kp % RUN) and vectorizes the gather; padded columns are masked
+    off. NCHW: one run per (c, py), px in [0, P), RUN = next power of two >= P (14/16 of the MMA work
+    for P = 14). Channels-last: one run per py over (px, c) interleaved, P*C values, RUN = P*C rounded
+    up to 16 (48 for P = 16, C = 3: no padding; 48 for 42 with P = 14).
     """
+    inner = kp % RUN
+    run = kp // RUN
     if CL_ORDER:
-        c = kp % C
-        pp = kp // C
-        return c, pp // P, pp % P, kp < C * P * P
+        return inner % C, run, inner // C, inner, (inner < P * C) & (run < P)
     else:
-        px = kp % PXP
-        cy = kp // PXP
-        return cy // P, cy % P, px, (px < P) & (cy < C * P)
+        return run // P, run % P, inner, inner, (inner < P) & (run < C * P)
 
 
 @triton.jit
-def _k_offsets(c, py, px, s_c, s_h, s_w, ALIGN: tl.constexpr):
-    """Element offsets of reduction columns in an image; with ALIGN > 1 (checked by the launcher:
-    P, the channel and row strides are multiples of ALIGN and s_w == 1) the per-(c, py) part is
-    declared a multiple of ALIGN so that runs of pixels become vector loads."""
-    if ALIGN > 1:
-        return tl.multiple_of(c * s_c + py * s_h, ALIGN) + px
+def _k_offsets(c, py, px, inner, s_c, s_h, s_w, CL_ORDER: tl.constexpr, DENSE_RUN: tl.constexpr,
+               ALIGN: tl.constexpr):
+    """Element offsets of reduction columns. DENSE_RUN (checked by the launcher: NCHW s_w == 1;
+    channels-last s_c == 1 and s_w == C) writes them as run base + index in run, which the compiler
+    sees as contiguous; ALIGN > 1 also declares the run bases multiples of ALIGN (launcher-checked)."""
+    if DENSE_RUN:
+        if CL_ORDER:
+            base = py * s_h
+        else:
+            base = c * s_c + py * s_h
+        if ALIGN > 1:
+            base = tl.multiple_of(base, ALIGN)
+        return base + inner
     else:
         return c * s_c + py * s_h + px * s_w
 
@@ -95,8 +101,8 @@ def _patch_embed_fwd_kernel(
     G, M, T, GW, H, W, D, K, R_TP,
     s_ib, s_it, s_ic, s_ih, s_iw,
     s_wd, s_wc, s_wh, s_ww,
-    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PXP: tl.constexpr, ALIGN: tl.constexpr, PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_POS_CLS: tl.constexpr, HAS_CLS: tl.constexpr,
+    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN: tl.constexpr, X_RUN: tl.constexpr,
+    W_RUN: tl.constexpr, ALIGN: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_POS_CLS: tl.constexpr, HAS_CLS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr, HAS_POS_IDX: tl.constexpr,
     TILES: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
     OUT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, ALLOW_TF32: tl.constexpr,
@@ -152,17 +158,18 @@ def _patch_embed_fwd_kernel(
         a_rows = img + row_off
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # tiles without a single GEMM row (masked tokens sorted last, unused tiles) skip the loop
-        KP: tl.constexpr = C * P * P if CL_ORDER else C * P * PXP
+        KP: tl.constexpr = P * RUN if CL_ORDER else C * P * RUN
         any_gemm = tl.max(gemm.to(tl.int32), axis=0) > 0
         k_hi = tl.where(any_gemm, KP, 0)
         for k0 in range(0, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            c, py, px, k_ok = _k_split(k, C, P, CL_ORDER, PXP)
+            c, py, px, inner, k_ok = _k_split(k, C, P, CL_ORDER, RUN)
             a_mask = gemm[:, None] & k_ok[None, :]
             if PAD:  # right/bottom zero padding: pixels past the image read as 0
                 a_mask = a_mask & ((gy0[:, None] + py[None, :]) < H) & ((gx0[:, None] + px[None, :]) < W)
-            a = tl.load(a_rows[:, None] + _k_offsets(c, py, px, s_ic, s_ih, s_iw, ALIGN)[None, :], mask=a_mask, other=0.0)
-            w_off = d[None, :] * s_wd + (c * s_wc + py * s_wh + px * s_ww)[:, None]
+            a_cols = _k_offsets(c, py, px, inner, s_ic, s_ih, s_iw, CL_ORDER, X_RUN, ALIGN)
+            a = tl.load(a_rows[:, None] + a_cols[None, :], mask=a_mask, other=0.0)
+            w_off = d[None, :] * s_wd + _k_offsets(c, py, px, inner, s_wc, s_wh, s_ww, CL_ORDER, W_RUN, 1)[:, None]
             b = tl.load(w + w_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_FP32:
                 a = a.to(tl.float32)
@@ -206,8 +213,8 @@ def _patch_embed_bwd_dx_kernel(
     G, M, NP, T, GW, H, W, D, K,
     s_ib, s_it, s_ic, s_ih, s_iw,
     s_wd, s_wc, s_wh, s_ww,
-    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PXP: tl.constexpr, ALIGN: tl.constexpr,
-    PAD: tl.constexpr, OFF: tl.constexpr, HAS_INV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
+    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN: tl.constexpr, X_RUN: tl.constexpr,
+    W_RUN: tl.constexpr, ALIGN: tl.constexpr, PAD: tl.constexpr, OFF: tl.constexpr, HAS_INV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
     OUT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -215,7 +222,7 @@ def _patch_embed_bwd_dx_kernel(
     through the image strides. Patches do not overlap and every patch is a row, so every pixel is
     written exactly once (zeros for patches no token read) and no accumulation is needed."""
     pid = tl.program_id(0)
-    KP: tl.constexpr = C * P * P if CL_ORDER else C * P * PXP
+    KP: tl.constexpr = P * RUN if CL_ORDER else C * P * RUN
     num_n = tl.cdiv(KP, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
@@ -237,8 +244,8 @@ def _patch_embed_bwd_dx_kernel(
     d_rows = dout + (g * (M + OFF) + OFF + j).to(tl.int64) * D
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    c, py, px, k_ok = _k_split(k, C, P, CL_ORDER, PXP)
-    w_cols = c * s_wc + py * s_wh + px * s_ww
+    c, py, px, inner, k_ok = _k_split(k, C, P, CL_ORDER, RUN)
+    w_cols = _k_offsets(c, py, px, inner, s_wc, s_wh, s_ww, CL_ORDER, W_RUN, 1)
     any_live = tl.max(live.to(tl.int32), axis=0) > 0
     d_hi = tl.where(any_live, D, 0)
     for d0 in range(0, d_hi, BLOCK_K):
@@ -263,7 +270,7 @@ def _patch_embed_bwd_dx_kernel(
     smask = row_ok[:, None] & k_ok[None, :]
     if PAD:
         smask = smask & ((gy[:, None] + py[None, :]) < H) & ((gx[:, None] + px[None, :]) < W)
-    tl.store((dimg + x_off)[:, None] + _k_offsets(c, py, px, s_ic, s_ih, s_iw, ALIGN)[None, :],
+    tl.store((dimg + x_off)[:, None] + _k_offsets(c, py, px, inner, s_ic, s_ih, s_iw, CL_ORDER, X_RUN, ALIGN)[None, :],
              _round_to(acc, OUT_DTYPE, EMULATE), mask=smask)
 
 
@@ -272,8 +279,8 @@ def _patch_embed_bwd_dw_kernel(
     dout, img, perm, src_idx, tok_mask, tile_used, dw_part, db_part,
     G, M, T, GW, H, W, D, K, ROWS_PER_SPLIT,
     s_ib, s_it, s_ic, s_ih, s_iw,
-    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, PXP: tl.constexpr, ALIGN: tl.constexpr,
-    PAD: tl.constexpr, OFF: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
+    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN: tl.constexpr, X_RUN: tl.constexpr,
+    ALIGN: tl.constexpr, PAD: tl.constexpr, OFF: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -281,15 +288,15 @@ def _patch_embed_bwd_dw_kernel(
     row ranges; each split writes its own fp32 partial (summed by the launcher: deterministic)."""
     pid_dk = tl.program_id(0)
     split = tl.program_id(1)
-    KP: tl.constexpr = C * P * P if CL_ORDER else C * P * PXP
+    KP: tl.constexpr = P * RUN if CL_ORDER else C * P * RUN
     num_k = tl.cdiv(KP, BLOCK_K)
     pid_d = pid_dk // num_k
     pid_k = pid_dk % num_k
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     d_ok = d < D
-    c, py, px, k_ok = _k_split(k, C, P, CL_ORDER, PXP)
-    kofs = _k_offsets(c, py, px, s_ic, s_ih, s_iw, ALIGN)
+    c, py, px, inner, k_ok = _k_split(k, C, P, CL_ORDER, RUN)
+    kofs = _k_offsets(c, py, px, inner, s_ic, s_ih, s_iw, CL_ORDER, X_RUN, ALIGN)
     n_tok = G * M
     acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -324,7 +331,7 @@ def _patch_embed_bwd_dw_kernel(
         else:
             acc = tl.dot(go, a, acc, input_precision="ieee")
     # dense column of the weight gradient: (c, py, px) in the weight's order, or (py, px, c) channels-last
-    kd = k if CL_ORDER else (c * P + py) * P + px
+    kd = (py * P + px) * C + c if CL_ORDER else (c * P + py) * P + px
     part = dw_part + split.to(tl.int64) * D * K
     tl.store(part + (d * K)[:, None] + kd[None, :], acc, mask=d_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:

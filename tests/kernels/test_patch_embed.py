@@ -92,7 +92,8 @@ def test_dynamic_pad(device, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_alignment_hint_is_true(P, dtype):
     """The GPU-only vectorization hint (ALIGN, invisible to the interpreter): every pixel-run start the
-    kernels form, row base + c * s_c + py * s_h, must be a multiple of the claimed ALIGN."""
+    kernels form (patch base + c * s_c + py * s_h, channels-last: patch base + py * s_h) must be a
+    multiple of the claimed ALIGN."""
     pe_launch = importlib.import_module("mmfast.kernels.patch_embed._launch")
     layouts = {
         "224": torch.empty(2, 3, 224, 224, dtype=dtype),
@@ -108,8 +109,10 @@ def test_alignment_hint_is_true(P, dtype):
                               keep=None, tiles=False)
         align = pe_launch._align(img, plan)
         sb, sc, sh, sw = img.stride()
+        # runs: NCHW one per (c, py) of a patch; channels-last one per py (px and c interleaved)
+        channels = range(1) if plan.cl_order else range(img.shape[1])
         starts = {b * sb + gy * P * sh + gx * P * sw + c * sc + py * sh
-                  for b in range(2) for gy in range(gh) for gx in range(gw) for c in range(img.shape[1]) for py in range(P)}
+                  for b in range(2) for gy in range(gh) for gx in range(gw) for c in channels for py in range(P)}
         assert all(v % align == 0 for v in starts), (name, align)
         if name == "224" and P == 16:
             assert align == 16 // img.element_size()  # the common case does get 16-byte vectors
