@@ -149,7 +149,7 @@ def workloads(mode, device):
         for backward in (False, True):
             suffix = "fwd+bwd" if backward else "fwd"
             chain = "Mllama's chain (conv, gated tile + position tables, cat)" if T else \
-                "cuDNN conv2d + flatten/transpose + pos add + cat"
+                "F.conv2d (cuDNN on GPU) + flatten/transpose + pos add + cat"
             for kind, note in (("eager", chain),
                                ("compiled", "the eager chain under torch.compile"),
                                ("mmfast", "one fused Triton launch (+ d_weight GEMM and table reductions in bwd)")):
