@@ -38,14 +38,14 @@ _GPU_TABLE = {
     ("fwd", 256, 2): TileConfig(32, 16, 8, 1),
     ("fwd", 64, 4): TileConfig(64, 32, 4, 2),
     ("fwd", 128, 4): TileConfig(32, 16, 4, 2),
-    ("fwd", 256, 4): TileConfig(32, 16, 8, 1),
+    ("fwd", 256, 4): TileConfig(32, 16, 4, 1),
     ("dkdv", 64, 2): TileConfig(32, 64, 8, 2),
     ("dkdv", 128, 2): TileConfig(16, 64, 8, 2),
     ("dkdv", 256, 2): TileConfig(16, 32, 8, 1),
     ("dkdv", 64, 4): TileConfig(32, 32, 4, 2),
     ("dkdv", 128, 4): TileConfig(16, 32, 4, 2),
     ("dkdv", 256, 4): TileConfig(16, 32, 8, 1),
-    ("dq", 64, 2): TileConfig(64, 64, 8, 2),
+    ("dq", 64, 2): TileConfig(32, 64, 4, 2),
     ("dq", 128, 2): TileConfig(32, 64, 8, 2),
     ("dq", 256, 2): TileConfig(16, 32, 8, 1),
     ("dq", 64, 4): TileConfig(64, 32, 4, 2),
@@ -127,8 +127,17 @@ def _attention_specs(pass_, kernel, dtype, head_dim, varlen, kpm):
     label = (f"{pass_} {t} D={head_dim} BLOCK_M={cfg.block_m}" + (f" BLOCK_N={cfg.block_n}" if cfg.block_n else "")
              + f" warps={cfg.num_warps} stages={cfg.num_stages}" + (" varlen" if varlen else "")
              + ((" dlse" if pass_ == "pre" else " kpm") if kpm else ""))
-    return CompileSpec(kernel=kernel, signature=_signature(kernel, ptrs, scalars), constexprs=constexprs,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, label=label)
+    sig = _signature(kernel, ptrs, scalars)
+    # What the JIT sees on typical inputs: 16-byte aligned tensors, row / batch strides (H·D, L·H·D) that are
+    # multiples of 16, and head strides (D) too when D is. Specialised code is what runs (vector loads,
+    # cp.async pipelining), so that is what the gate judges.
+    div = {n: 16 for n, t in sig.items() if t.startswith("*")}
+    div.update({n: 16 for n in sig if n.startswith("stride_") and n[-1] in "bmn" and "kpm" not in n
+                and n not in ("stride_nb", "stride_ib", "stride_im", "stride_rb", "stride_lb")})
+    if head_dim % 16 == 0:
+        div.update({n: 16 for n in sig if n.startswith("stride_") and n.endswith("h") and n != "stride_lh"})
+    return CompileSpec(kernel=kernel, signature=sig, constexprs=constexprs, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages, label=label, divisibility=div)
 
 
 def compile_specs():
