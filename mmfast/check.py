@@ -40,9 +40,12 @@ def _require_backend(backend):
             raise RuntimeError("mmfast._C was built without CUDA")
 
 
-def run_checks(device=None):
+def run_checks(device=None, families=FAMILIES):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cases = [case for family in FAMILIES for case in importlib.import_module(f"mmfast.checks.{family}").cases(device)]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown kernel families {unknown}; choose from {FAMILIES}")
+    cases = [case for family in families for case in importlib.import_module(f"mmfast.checks.{family}").cases(device)]
     results = []
     for op, backend, dtype, shape, run in progress(cases, f"checking {len(cases)} cases on {device}"):
         try:
@@ -60,8 +63,13 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(prog="python -m mmfast check", description=__doc__)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--only", default=None, metavar="FAMILIES",
+                        help=f"comma-separated kernel families to check (default: all of {', '.join(FAMILIES)})")
     args = parser.parse_args(argv)
-    device, results = run_checks(args.device)
+    families = FAMILIES if args.only is None else tuple(f.strip() for f in args.only.split(",") if f.strip())
+    if set(families) - set(FAMILIES):
+        parser.error(f"--only: unknown families {sorted(set(families) - set(FAMILIES))}; choose from {', '.join(FAMILIES)}")
+    device, results = run_checks(args.device, families)
     rows = [
         (r.op, r.backend, r.dtype, r.shape, f"{r.max_error:.2e}", f"{r.tolerance:.2e}",
          "yes" if r.bitwise else "no", "PASS" if r.passed else "FAIL " + r.detail)
