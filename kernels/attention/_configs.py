@@ -7,6 +7,7 @@ serves every entry. The same table is used on sm_80 and sm_90 (checked on both b
 Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast while still exercising the sub-tile loops
 (the dK/dV kernel steps through a mask tile's query rows, the dQ kernel through its keys).
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ _GPU_TABLE = {
     ("fwd", 256, 2): TileConfig(32, 16, 8, 1),
     ("fwd", 64, 4): TileConfig(64, 32, 4, 2),
     ("fwd", 128, 4): TileConfig(32, 16, 4, 2),
-    ("fwd", 256, 4): TileConfig(32, 16, 4, 1),
+    ("fwd", 256, 4): TileConfig(16, 16, 8, 1),
     ("dkdv", 64, 2): TileConfig(32, 64, 8, 2),
     ("dkdv", 128, 2): TileConfig(16, 64, 8, 2),
     ("dkdv", 256, 2): TileConfig(16, 32, 8, 1),
@@ -142,7 +143,8 @@ def _attention_specs(pass_, kernel, dtype, head_dim, varlen, kpm):
 
 def compile_specs():
     """Every table entry (fp16 shares bf16's), at the bucket's largest head dim and, for the tl.dot kernels,
-    at a non-power-of-two one (40, 80; bf16); feature flags (varlen, key padding, dLSE) twice per pass.
+    at a non-power-of-two one (40, 80; bf16); feature flags (varlen, key padding, dLSE) twice per pass;
+    the heaviest entries also without the alignment specialisation (views with odd strides).
     Head dims <= 32 use the 64 entry with a narrower BLOCK_D: smaller than what is checked here."""
     kernels = {"fwd": _attention_fwd_kernel, "pre": _attention_bwd_preprocess_kernel,
                "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
@@ -157,4 +159,8 @@ def compile_specs():
                 specs.append(_attention_specs(pass_, kernel, dtype, head_dim, False, False))
         specs.append(_attention_specs(pass_, kernel, torch.bfloat16, 256, True, True))
         specs.append(_attention_specs(pass_, kernel, torch.float16, 128, True, True))
+        if pass_ != "pre":  # odd strides (no 16-divisibility) compile differently: the heaviest entries once more
+            for dtype, head_dim in ((torch.bfloat16, 128), (torch.float32, 256)):
+                spec = _attention_specs(pass_, kernel, dtype, head_dim, False, False)
+                specs.append(dataclasses.replace(spec, divisibility={}, label=spec.label + " unaligned"))
     return specs
