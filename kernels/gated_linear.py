@@ -468,13 +468,17 @@ def _tanh_gated_linear_bwd_op(dy: torch.Tensor, a: torch.Tensor, weight: torch.T
     """(d_a, d_W, d_bias, d_s) with 0-element tensors for those not needed; d_s = Σ dy ⊙ (a Wᵀ + b) over the
     live rows (and over the channels for a scalar gate), summed in a fixed order."""
     M, K = a.shape
-    none = a.new_empty(0)
-    da = _backward_da(dy, weight, s, row_mask, M, K) if need_da else none
-    dw = dbias = ds = none
+
+    def none():
+        # a fresh placeholder per output: a custom op's outputs must not alias each other
+        return a.new_empty(0)
+
+    da = _backward_da(dy, weight, s, row_mask, M, K) if need_da else none()
+    dw, dbias, ds = none(), none(), none()
     if need_dw or need_dbias or need_ds:
         w, b, part = _backward_dw(dy, a, weight, bias, s, row_mask, need_dw, need_dbias, need_ds)
-        dw = none if w is None else w
-        dbias = none if b is None else b
+        dw = none() if w is None else w
+        dbias = none() if b is None else b
         if need_ds:
             ds = part.sum().reshape(1) if s.numel() == 1 else part.sum(0)
     return da, dw, dbias, ds
@@ -482,9 +486,8 @@ def _tanh_gated_linear_bwd_op(dy: torch.Tensor, a: torch.Tensor, weight: torch.T
 
 @_tanh_gated_linear_bwd_op.register_fake
 def _(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds):
-    none = a.new_empty(0)
-    return (a.new_empty(a.shape) if need_da else none, weight.new_empty(weight.shape) if need_dw else none,
-            bias.new_empty(bias.shape) if need_dbias else none, s.new_empty(s.shape) if need_ds else none)
+    return (a.new_empty(a.shape if need_da else 0), weight.new_empty(weight.shape if need_dw else 0),
+            a.new_empty(bias.shape if need_dbias else 0), s.new_empty(s.shape if need_ds else 0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -229,3 +229,21 @@ def test_torch_compile_fullgraph(device):
     assert_bitwise_equal(out, ref, what="compiled forward")
     for name, x, y in zip(NAMES, leaves, eager):
         assert_bitwise_equal(x.grad, y.grad, what=f"compiled {name}")
+
+
+@pytest.mark.parametrize("trainable", ["a", "gate", "residual", "a+weight"], ids=str)
+def test_gradient_subsets(device, trainable):
+    """Only some inputs require grad (frozen weights and gates, a trainable gate alone): the backward op
+    returns several unneeded gradients, which must not alias one another (a custom op may not)."""
+    a, w, b, g, r = _inputs(9, 64, 80, torch.float32, device, "scalar")
+    wanted = trainable.replace("gate", "g").replace("weight", "w").replace("residual", "r").split("+")
+    ours = {n: t.clone().requires_grad_(n in wanted) for n, t in zip("awbgr", (a, w, b, g, r))}
+    wide = {n: t.double().requires_grad_(n in wanted) for n, t in zip("awbgr", (a, w, b, g, r))}
+    dy = randn(9, 80, device=device)
+    tanh_gated_linear(*ours.values(), backend="triton").backward(dy)
+    tanh_gated_linear_reference(*wide.values()).backward(dy.double())
+    for n in "awbgr":
+        if n in wanted:
+            torch.testing.assert_close(ours[n].grad.double(), wide[n].grad, rtol=1e-4, atol=1e-4, msg=f"{n}; seed {SEED}")
+        else:
+            assert ours[n].grad is None

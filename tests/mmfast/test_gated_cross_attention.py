@@ -238,3 +238,20 @@ def test_block_torch_compile_fullgraph(device):
     assert_bitwise_equal(out, ref, what="compiled block")
     for (name, _), g, r in zip(blk.named_parameters(), grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_frozen_block_backward(device):
+    """A frozen block inside a trained model (adapter / LoRA elsewhere): only x and media need gradients,
+    which must match the block with trainable weights."""
+    blk = _block("mllama", device)
+    x, media = randn(2, 11, D, device=device), randn(2, 2, 3, D, device=device)
+    loc = _locations(2, 11, [1, 2], device)
+    grads = []
+    for frozen in (True, False):
+        for p in blk.parameters():
+            p.requires_grad_(not frozen)
+        xs, ms = x.clone().requires_grad_(), media.clone().requires_grad_()
+        blk(xs, ms, loc).backward(x.flip(1))
+        grads.append((xs.grad, ms.grad))
+    for (a, b), name in zip(zip(*grads), ("x", "media")):
+        assert_bitwise_equal(a, b, what=f"frozen-block d_{name}")
