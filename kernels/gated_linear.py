@@ -508,6 +508,14 @@ def _backward(ctx, dy):
 _tanh_gated_linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("tanh_gated_linear: double backward (gradients of gradients, e.g. create_graph=True for a "
+                       "gradient penalty) is not supported; use backend='reference' for that")
+
+
+_tanh_gated_linear_bwd_op.register_autograd(_no_double_backward)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public op
 
@@ -582,6 +590,7 @@ def tanh_gated_linear(a, weight, bias, gate, residual, *, row_mask=None, backend
     Gradients: d_residual = dy; d_a = (dy·tanh g) W; d_W = (dy·tanh g)ᵀ a; d_bias = Σ_rows dy·tanh g;
     d_gate = (1 − tanh² g)·Σ dy ⊙ (a Wᵀ + b) (summed over rows, and over channels for a scalar gate),
     computed from dyᵀ a inside the d_W GEMM (see the module docstring) and summed deterministically.
+    No double backward on the Triton backend (raises).
     Traceable by ``torch.compile(fullgraph=True)`` (the kernels are custom ops with fake shapes).
     """
     _check_args(a, weight, bias, gate, residual, row_mask)

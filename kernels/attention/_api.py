@@ -365,6 +365,14 @@ def _backward(ctx, dout, dlse):
 _flash_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("flash_attention: double backward (gradients of gradients, e.g. create_graph=True for a "
+                       "gradient penalty) is not supported; use backend='reference' for that")
+
+
+_flash_attention_bwd_op.register_autograd(_no_double_backward)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public function
 
@@ -433,7 +441,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, kv_start=None,
 
     backend: "auto" (Triton on CUDA, the PyTorch reference on CPU), "triton" (CUDA, or CPU with
     TRITON_INTERPRET=1), "reference" (``kernels.reference.attention_reference``). Backward: dq, dk, dv in
-    the input dtype, deterministic (no atomics). Traceable by ``torch.compile(fullgraph=True)``: the
+    the input dtype, deterministic (no atomics); no double backward (raises). Traceable by ``torch.compile(fullgraph=True)``: the
     kernels are the custom ops ``mmfast::flash_attention_fwd`` / ``mmfast::flash_attention_bwd``.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None or (block_mask is not None and getattr(block_mask, "varlen", False))

@@ -145,3 +145,11 @@ def test_empty_sequences(device, lengths):
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
     out.sum().backward()
     assert all(torch.all(t.grad == 0) for t in leaves)
+
+
+def test_double_backward_raises_clearly(device):
+    """Gradients of gradients (gradient penalties) are not implemented: the second backward names the op."""
+    q, k, v = (t.requires_grad_() for t in qkv(1, 5, 7, 2, 1, 16, torch.float32, device))
+    (dq,) = torch.autograd.grad(flash_attention(q, k, v, backend="triton").sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="flash_attention: double backward"):
+        dq.sum().backward()

@@ -247,3 +247,10 @@ def test_gradient_subsets(device, trainable):
             torch.testing.assert_close(ours[n].grad.double(), wide[n].grad, rtol=1e-4, atol=1e-4, msg=f"{n}; seed {SEED}")
         else:
             assert ours[n].grad is None
+
+
+def test_double_backward_raises_clearly(device):
+    a, w, b, g, r = (t.requires_grad_() for t in _inputs(5, 16, 8, torch.float32, device, "scalar"))
+    (da,) = torch.autograd.grad(tanh_gated_linear(a, w, b, g, r, backend="triton").sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="tanh_gated_linear: double backward"):
+        da.sum().backward()
