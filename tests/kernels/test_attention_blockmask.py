@@ -161,6 +161,8 @@ def _errors():
         "block_mask-wrong-lengths": ((q, k, v), {"block_mask": build_block_mask(6, 7)}, "Lq=6"),
         "block_mask-not-a-mask": ((q, k, v), {"block_mask": (1, 2)}, "build_block_mask"),
         "unknown-backend": ((q, k, v), {"backend": "cudnn"}, "backend"),
+        "softmax_scale-inf": ((q, k, v), {"softmax_scale": float("inf")}, "finite"),
+        "softmax_scale-nan": ((q, k, v), {"softmax_scale": float("nan")}, "finite"),
     }
     return cases
 
