@@ -575,7 +575,8 @@ def tanh_gated_linear(a, weight, bias, gate, residual, *, row_mask=None, backend
         weight: (N, K), any strides; bias: (N,) or None; both in a's dtype.
         gate: the gate's pre-activation α: a scalar (one element: 0-dim, (1,) as Flamingo/Mllama store
             it) or a per-output-channel vector of N elements (shape (N,), or (1, 1, N) as Idefics'
-            ``alpha_type="vector"``); any floating dtype. tanh(α) is computed in fp32.
+            ``alpha_type="vector"``); any floating dtype, or a Python number (a constant). tanh(α) is computed
+            in fp32.
         residual: (..., N), the leading shape of a; any strides; a's dtype, or float32 over 16-bit a / weight
             (an fp32 residual stream under autocast: the update is added in fp32 and never rounded to 16
             bits; the backward rounds dy to a's dtype for its GEMMs, as autocast's matmuls would).
@@ -593,6 +594,8 @@ def tanh_gated_linear(a, weight, bias, gate, residual, *, row_mask=None, backend
     No double backward on the Triton backend (raises).
     Traceable by ``torch.compile(fullgraph=True)`` (the kernels are custom ops with fake shapes).
     """
+    if isinstance(gate, (int, float)) and not isinstance(gate, bool) and isinstance(a, torch.Tensor):
+        gate = torch.tensor(float(gate), dtype=torch.float32, device=a.device)  # a constant gate (no gradient)
     _check_args(a, weight, bias, gate, residual, row_mask)
     chosen = resolve_backend("tanh_gated_linear", backend, a.device, supported=("triton",))
     if chosen == "reference":

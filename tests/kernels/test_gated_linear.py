@@ -254,3 +254,14 @@ def test_double_backward_raises_clearly(device):
     (da,) = torch.autograd.grad(tanh_gated_linear(a, w, b, g, r, backend="triton").sum(), a, create_graph=True)
     with pytest.raises(RuntimeError, match="tanh_gated_linear: double backward"):
         da.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_python_number_gate(device, backend):
+    """A constant gate given as a Python number equals the same 0-dim tensor gate."""
+    a, w, b, _, r = _inputs(7, 16, 9, torch.float32, device, "scalar")
+    out = tanh_gated_linear(a, w, b, 0.75, r, backend=backend)
+    assert_bitwise_equal(out, tanh_gated_linear(a, w, b, torch.tensor(0.75, device=device), r, backend=backend),
+                         what="float gate")
+    with pytest.raises(ValueError, match="gate must be a tensor"):
+        tanh_gated_linear(a, w, b, "0.75", r, backend=backend)
