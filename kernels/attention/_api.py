@@ -384,7 +384,9 @@ def _block_mask_for(q, k, varlen, causal, kv_start, kv_end, key_padding_mask, cu
     tensors = (kv_start, kv_end, key_padding_mask, cu_q, cu_k)
     key = None
     if all(t is None for t in tensors) and not _compiling():
-        key = (q.device, q.shape[1], k.shape[1], causal, interp)
+        # a mask built under inference_mode holds inference tensors, which autograd may not save: keep
+        # those apart, or an evaluation pass would break the training steps that follow it
+        key = (q.device, q.shape[1], k.shape[1], causal, interp, torch.is_inference_mode_enabled())
         cached = _DEFAULT_MASKS.get(key)
         if cached is not None:
             return cached

@@ -153,3 +153,15 @@ def test_double_backward_raises_clearly(device):
     (dq,) = torch.autograd.grad(flash_attention(q, k, v, backend="triton").sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="flash_attention: double backward"):
         dq.sum().backward()
+
+
+def test_training_after_an_inference_mode_pass(device, monkeypatch):
+    """An evaluation under torch.inference_mode must not leave inference tensors in the cache of default
+    block masks: the training step that follows saves the mask for backward."""
+    import mmfast.kernels.attention._api as api
+
+    monkeypatch.setattr(api, "_DEFAULT_MASKS", {})
+    q, k, v = qkv(2, 11, 13, 2, 2, 16, torch.float32, device)
+    with torch.inference_mode():
+        flash_attention(q, k, v, causal=True, backend="triton")
+    check_against_reference(q, k, v, causal=True)
