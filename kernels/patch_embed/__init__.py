@@ -17,7 +17,7 @@ import torch
 
 from .._dispatch import resolve_backend
 from ..reference import patch_embed_reference, tile_patch_embed_reference
-from ._launch import SUPPORTED_DTYPES, Plan, _PatchEmbedFn, compile_specs
+from ._launch import SUPPORTED_DTYPES, Plan, compile_specs, patch_embed_apply
 from ._pos import _POS_CACHE, _resolve_pos, resample_pos_embed  # noqa: F401 (_POS_CACHE: tests)
 
 __all__ = ["patch_embed", "tile_patch_embed", "resample_pos_embed", "vit_masked_patch_sampler",
@@ -132,7 +132,10 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
         out[b, 1 + j] = sum_{c,y,x} images[b, c, gy*P + y, gx*P + x] * weight[:, c, y, x] + bias + pos[j]
         out[b, 0] = cls_token + pos_cls
     fp32 accumulation (tf32 for fp32 inputs on GPU when torch.backends.cudnn.allow_tf32, as F.conv2d);
-    the epilogue adds in fp32 and rounds once. Differentiable in every tensor argument.
+    the epilogue adds in fp32 and rounds once. Differentiable in every tensor argument (once: double
+    backward raises). Traceable by ``torch.compile(fullgraph=True)`` (the kernels are custom ops
+    ``mmfast::patch_embed_fwd`` / ``_bwd`` with fake shapes; ``patch_index`` / ``keep_indices`` on CPU check
+    their range on the host, a graph break).
     """
     D, C, P = _check_images_weight(images, weight, 4)
     B, _, H, W = images.shape
@@ -180,7 +183,7 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
                 tile_used=None, ar_ids=None, keep=keep.view(B, M) if keep is not None else None, tiles=False)
     pos = pos.contiguous() if pos is not None else None
     pos_cls = pos_cls.contiguous() if pos_cls is not None else None
-    return _PatchEmbedFn.apply(images, weight, bias, pos, pos_cls, cls, mask_token, None, None, None, plan)
+    return patch_embed_apply(images, weight, bias, pos, pos_cls, cls, mask_token, None, None, None, plan)
 
 
 def tile_patch_embed(images, weight, bias=None, *, cls_token, pos_embed, pos_gate, tile_pos_embed, tile_embed,
@@ -244,7 +247,7 @@ def tile_patch_embed(images, weight, bias=None, *, cls_token, pos_embed, pos_gat
                 cl_order=images.stride(2) == 1 and C > 1, perm=None, src_idx=None, pos_idx=None, tok_mask=None,
                 tile_used=used.contiguous().view(-1).view(torch.uint8) if used is not None else None,
                 ar_ids=ar, keep=None, tiles=True)
-    out = _PatchEmbedFn.apply(images, weight, bias, pos_embed[1:].contiguous(), pos_embed[0].contiguous(), cls, None,
+    out = patch_embed_apply(images, weight, bias, pos_embed[1:].contiguous(), pos_embed[0].contiguous(), cls, None,
                               tile_pos_embed.reshape(R, T, N + 1, D).contiguous(),
                               tile_embed.reshape(R, T, D).contiguous(), coef, plan)
     return out.view(B, T, N + 1, D)

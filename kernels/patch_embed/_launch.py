@@ -2,6 +2,7 @@
 autograd Function (the Triton kernels themselves are in _triton.py)."""
 import math
 from collections import namedtuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -254,7 +255,7 @@ def _bwd_images(gout, images, weight, plan):
         patches.scatter_add_(1, plan.src_idx.view(G, plan.M, 1).long().expand(G, plan.M, K), rows)
         img = patches.view(plan.B, plan.GH, plan.GW, plan.C, plan.P, plan.P).permute(0, 3, 1, 4, 2, 5)
         img = img.reshape(plan.B, plan.C, plan.GH * plan.P, plan.GW * plan.P)[:, :, : plan.H, : plan.W]
-        return img.to(images.dtype)
+        return torch.empty_like(images).copy_(img)  # a fresh tensor laid out as images (the fake op's promise)
     dimg = _empty_like(images)
     NP = plan.GH * plan.GW
     inv = None
@@ -286,7 +287,8 @@ def _bwd_weight(gout, images, weight, want_bias, plan):
     cfg = _DW
     rows = G * plan.M
     if rows == 0:  # no tokens computed (empty batch, or MAE keeping none)
-        return torch.zeros_like(weight), (torch.zeros(D, device=gout.device) if want_bias else None)
+        return (torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype),
+                torch.zeros(D, device=gout.device) if want_bias else None)
     tiles = triton.cdiv(D, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n)
     splits = _dw_splits(gout.device, tiles, rows, cfg.block_k)
     per_split = triton.cdiv(triton.cdiv(rows, splits), cfg.block_k) * cfg.block_k
@@ -313,68 +315,143 @@ def _bwd_weight(gout, images, weight, want_bias, plan):
     return dw, db
 
 
-class _PatchEmbedFn(torch.autograd.Function):
-    """out = epilogue(gather(images) @ W^T): see patch_embed / tile_patch_embed for the math."""
+# ----------------------------------------------------------------------------------------------
+# Custom ops: torch.compile sees opaque calls with fake shapes (the launchers read data pointers and
+# strides, which fake tensors do not have). A Plan crosses the op boundary as its ints and its index
+# tensors; the small parameter gradients (reductions of dOut) stay plain PyTorch in the autograd formula.
 
-    @staticmethod
-    def forward(ctx, images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan):
-        out = _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan)
-        ctx.save_for_backward(images, weight, bias, pos, pos_cls, tile_pos, pre_tile, coef)
-        ctx.plan = plan
-        ctx.cls_dtype = cls.dtype if cls is not None else None
-        ctx.mask_dtype = mask_tok.dtype if mask_tok is not None else None
-        return out
+_PLAN_INTS = ("B", "T", "C", "P", "GH", "GW", "H", "W", "N", "M", "has_cls", "pad", "cl_order", "tiles")
+_PLAN_TENSORS = ("perm", "src_idx", "pos_idx", "tok_mask", "tile_used", "ar_ids")
 
-    @staticmethod
-    def backward(ctx, gout):
-        images, weight, bias, pos, pos_cls, tile_pos, pre_tile, coef = ctx.saved_tensors
-        plan = ctx.plan
-        needs = ctx.needs_input_grad
-        gout = gout.contiguous()
-        G, off, D = plan.B * plan.T, 1 if plan.has_cls else 0, weight.shape[0]
-        grads = [None] * 11
-        if needs[0]:
-            grads[0] = _bwd_images(gout, images, weight, plan)
-        if needs[1] or (bias is not None and needs[2]):
-            dw, db = _bwd_weight(gout, images, weight, bias is not None and needs[2], plan)
-            grads[1] = dw if needs[1] else None
-            grads[2] = db.to(bias.dtype) if db is not None else None
-        if not any(needs[3:10]):
-            return tuple(grads)
-        # reductions of dOut accumulate in fp32 without materializing an fp32 copy of it
-        go = gout
-        if plan.tile_used is not None:  # rows of unused tiles are constant zeros: no gradient flows
-            go = go * (plan.tile_used.view(G, 1, 1) != 0).to(go.dtype)
-        tok = go[:, off:]
-        c_pos = coef[0].float() if coef is not None else 1.0
-        tok_sum = None
-        if pos is not None and (needs[3] or needs[9]):
-            if plan.pos_idx is not None:
-                tok_sum = torch.zeros(pos.shape, device=go.device, dtype=torch.float32)
-                tok_sum.index_add_(0, plan.pos_idx.long(), tok.reshape(-1, D).float())
-            else:
-                tok_sum = tok.sum(0, dtype=torch.float32)
-            grads[3] = (c_pos * tok_sum).to(pos.dtype) if needs[3] else None
-        cls_sum = go[:, 0].sum(0, dtype=torch.float32) if plan.has_cls else None
-        if pos_cls is not None and needs[4]:
-            grads[4] = (c_pos * cls_sum).to(pos_cls.dtype)
-        if needs[5]:
-            grads[5] = cls_sum.to(ctx.cls_dtype)
-        if needs[6]:
-            masked = (plan.tok_mask.view(G, plan.M, 1) != 0).to(tok.dtype)
-            grads[6] = (tok * masked).sum((0, 1), dtype=torch.float32).to(ctx.mask_dtype)
-        if plan.tiles and (needs[7] or needs[8] or needs[9]):
-            T, R_TP = plan.T, plan.N + 1
-            S = torch.zeros(tile_pos.shape, device=go.device, dtype=torch.float32)
-            per_image = go.view(plan.B, T, R_TP, D)
-            for b0 in range(0, plan.B, 4):  # fp32 copies of a few images at a time, not of all of dOut
-                S.index_add_(0, plan.ar_ids[b0:b0 + 4].long(), per_image[b0:b0 + 4].float())
-            Q = S[:, :, 1:].sum(2)
-            if needs[7]:
-                grads[7] = (coef[1] * S).to(tile_pos.dtype)
-            if needs[8]:
-                grads[8] = (coef[2] * Q).to(pre_tile.dtype)
-            if needs[9]:
-                d_pos_coef = (pos.float() * tok_sum).sum() + (pos_cls.float() * cls_sum).sum()
-                grads[9] = torch.stack([d_pos_coef, (tile_pos.float() * S).sum(), (pre_tile.float() * Q).sum()])
+
+def _plan_args(plan):
+    return [int(getattr(plan, k)) for k in _PLAN_INTS], [getattr(plan, k) for k in _PLAN_TENSORS]
+
+
+def _plan_from(dims, index):
+    d = dict(zip(_PLAN_INTS, dims))
+    d.update(zip(_PLAN_TENSORS, index))
+    for k in ("has_cls", "pad", "cl_order", "tiles"):
+        d[k] = bool(d[k])
+    # MAE keep indices are the position indices (patch_embed passes the same tensor for both)
+    d["keep"] = d["pos_idx"].view(d["B"], d["M"]) if d["pos_idx"] is not None else None
+    return Plan(**d)
+
+
+@torch.library.custom_op("mmfast::patch_embed_fwd", mutates_args=())
+def _patch_embed_fwd_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        pos: Optional[torch.Tensor], pos_cls: Optional[torch.Tensor], cls: Optional[torch.Tensor],
+                        mask_tok: Optional[torch.Tensor], tile_pos: Optional[torch.Tensor],
+                        pre_tile: Optional[torch.Tensor], coef: Optional[torch.Tensor], perm: Optional[torch.Tensor],
+                        src_idx: Optional[torch.Tensor], pos_idx: Optional[torch.Tensor],
+                        tok_mask: Optional[torch.Tensor], tile_used: Optional[torch.Tensor],
+                        ar_ids: Optional[torch.Tensor], dims: List[int]) -> torch.Tensor:
+    plan = _plan_from(dims, (perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids))
+    return _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan)
+
+
+@_patch_embed_fwd_op.register_fake
+def _(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, perm, src_idx, pos_idx, tok_mask,
+      tile_used, ar_ids, dims):
+    plan = _plan_from(dims, (perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids))
+    return images.new_empty((plan.B * plan.T, (1 if plan.has_cls else 0) + plan.M, weight.shape[0]))
+
+
+@torch.library.custom_op("mmfast::patch_embed_bwd", mutates_args=())
+def _patch_embed_bwd_op(gout: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, perm: Optional[torch.Tensor],
+                        src_idx: Optional[torch.Tensor], pos_idx: Optional[torch.Tensor],
+                        tok_mask: Optional[torch.Tensor], tile_used: Optional[torch.Tensor],
+                        ar_ids: Optional[torch.Tensor], dims: List[int], need_dimg: bool, need_dw: bool,
+                        need_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_images, d_weight, d_bias fp32), 0-element tensors for those not needed."""
+    plan = _plan_from(dims, (perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids))
+    none = gout.new_empty(0)
+    dimg = _bwd_images(gout, images, weight, plan) if need_dimg else none
+    dw = db = none
+    if need_dw or need_db:
+        w, b = _bwd_weight(gout, images, weight, need_db, plan)
+        dw = w if need_dw else none
+        db = b if need_db else none
+    return dimg, dw, db
+
+
+@_patch_embed_bwd_op.register_fake
+def _(gout, images, weight, perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids, dims, need_dimg, need_dw, need_db):
+    none = gout.new_empty(0)
+    return (torch.empty_like(images) if need_dimg else none, weight.new_empty(weight.shape) if need_dw else none,
+            gout.new_empty((weight.shape[0],), dtype=torch.float32) if need_db else none)
+
+
+def _setup_context(ctx, inputs, output):
+    (images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, *index, dims) = inputs
+    ctx.save_for_backward(images, weight, bias, pos, pos_cls, tile_pos, pre_tile, coef, *index)
+    ctx.dims = dims
+    ctx.cls_dtype = cls.dtype if cls is not None else None
+    ctx.mask_dtype = mask_tok.dtype if mask_tok is not None else None
+
+
+def _backward(ctx, gout):
+    images, weight, bias, pos, pos_cls, tile_pos, pre_tile, coef, *index = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if torch.is_grad_enabled() and any(needs[:10]):
+        # the Triton gradients carry no graph: a second derivative would silently be zero
+        raise RuntimeError("patch_embed / tile_patch_embed do not support double backward (create_graph=True): "
+                           "their backward is hand-written")
+    plan = _plan_from(ctx.dims, index)
+    gout = gout.contiguous()
+    G, off, D = plan.B * plan.T, 1 if plan.has_cls else 0, weight.shape[0]
+    grads = [None] * 17
+    need_db = bias is not None and needs[2]
+    if needs[0] or needs[1] or need_db:
+        dimg, dw, db = _patch_embed_bwd_op(gout, images, weight, *index, list(ctx.dims), needs[0], needs[1], need_db)
+        grads[0] = dimg if needs[0] else None
+        grads[1] = dw if needs[1] else None
+        grads[2] = db.to(bias.dtype) if need_db else None
+    if not any(needs[3:10]):
         return tuple(grads)
+    # reductions of dOut accumulate in fp32 without materializing an fp32 copy of it
+    go = gout
+    if plan.tile_used is not None:  # rows of unused tiles are constant zeros: no gradient flows
+        go = go * (plan.tile_used.view(G, 1, 1) != 0).to(go.dtype)
+    tok = go[:, off:]
+    c_pos = coef[0].float() if coef is not None else 1.0
+    tok_sum = None
+    if pos is not None and (needs[3] or needs[9]):
+        if plan.pos_idx is not None:
+            tok_sum = torch.zeros(pos.shape, device=go.device, dtype=torch.float32)
+            tok_sum.index_add_(0, plan.pos_idx.long(), tok.reshape(-1, D).float())
+        else:
+            tok_sum = tok.sum(0, dtype=torch.float32)
+        grads[3] = (c_pos * tok_sum).to(pos.dtype) if needs[3] else None
+    cls_sum = go[:, 0].sum(0, dtype=torch.float32) if plan.has_cls else None
+    if pos_cls is not None and needs[4]:
+        grads[4] = (c_pos * cls_sum).to(pos_cls.dtype)
+    if needs[5]:
+        grads[5] = cls_sum.to(ctx.cls_dtype)
+    if needs[6]:
+        masked = (plan.tok_mask.view(G, plan.M, 1) != 0).to(tok.dtype)
+        grads[6] = (tok * masked).sum((0, 1), dtype=torch.float32).to(ctx.mask_dtype)
+    if plan.tiles and (needs[7] or needs[8] or needs[9]):
+        T, R_TP = plan.T, plan.N + 1
+        S = torch.zeros(tile_pos.shape, device=go.device, dtype=torch.float32)
+        per_image = go.view(plan.B, T, R_TP, D)
+        for b0 in range(0, plan.B, 4):  # fp32 copies of a few images at a time, not of all of dOut
+            S.index_add_(0, plan.ar_ids[b0:b0 + 4].long(), per_image[b0:b0 + 4].float())
+        Q = S[:, :, 1:].sum(2)
+        if needs[7]:
+            grads[7] = (coef[1] * S).to(tile_pos.dtype)
+        if needs[8]:
+            grads[8] = (coef[2] * Q).to(pre_tile.dtype)
+        if needs[9]:
+            d_pos_coef = (pos.float() * tok_sum).sum() + (pos_cls.float() * cls_sum).sum()
+            grads[9] = torch.stack([d_pos_coef, (tile_pos.float() * S).sum(), (pre_tile.float() * Q).sum()])
+    return tuple(grads)
+
+
+_patch_embed_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def patch_embed_apply(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan):
+    """out = epilogue(gather(images) @ W^T): see patch_embed / tile_patch_embed for the math."""
+    dims, index = _plan_args(plan)
+    return _patch_embed_fwd_op(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, *index, dims)

@@ -103,3 +103,33 @@ def test_timm_parity_when_installed():
     with torch.no_grad():
         expected = torch.cat([m.cls_token.expand(2, -1, -1), ref(x)], 1) + m.pos_embed
         assert torch.allclose(m(x), expected, atol=1e-5)
+
+
+def test_torch_compile_fullgraph(device):
+    """torch.compile(fullgraph=True) traces PatchEmbed (the kernels are custom ops with fake shapes), with
+    and without a token mask; forward and every gradient equal the eager module's bit for bit."""
+    m = PatchEmbed(28, 14, 3, 20, mask_token=True, backend="triton").to(device)
+    x = randn(2, 3, 28, 28, device=device)
+    token_mask = torch.tensor([[True, False, False, True], [False, False, True, False]], device=device)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for kw in ({}, {"token_mask": token_mask}):
+        results = []
+        for fn in (compiled, m):
+            xi = x.clone().requires_grad_()
+            m.zero_grad(set_to_none=True)
+            out = fn(xi, **kw)
+            out.backward(torch.linspace(-1, 1, out.numel(), device=device).view_as(out))
+            results.append([out, xi.grad] + [p.grad for p in m.parameters()])
+        for got, want in zip(*results):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert torch.equal(got, want), kw
+
+
+def test_double_backward_raises(device):
+    """The hand-written backward has no graph: create_graph=True raises instead of a silently zero Hessian."""
+    m = PatchEmbed(28, 14, 3, 20, backend="triton").to(device)
+    x = randn(1, 3, 28, 28, device=device).requires_grad_()
+    out = m(x)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
