@@ -106,7 +106,7 @@ class GatedCrossAttentionBlock(nn.Module):
         dh = self.dim_head
         h = self._norm(x, self.norm_attn_weight, self.norm_attn_bias)
         q = F.linear(h, self.wq).view(B, L, self.heads, dh)
-        kv = F.linear(media.reshape(B, T * n, -1), self.wkv)
+        kv = F.linear(media.reshape(B, T * n, media.shape[-1]), self.wkv)  # T = 0 (a text-only batch) is fine
         k = kv[..., : self.kv_heads * dh].view(B, T * n, self.kv_heads, dh)  # strided views: no copy
         v = kv[..., self.kv_heads * dh :].view(B, T * n, self.kv_heads, dh)
         if self.variant == "mllama":

@@ -255,3 +255,14 @@ def test_frozen_block_backward(device):
         grads.append((xs.grad, ms.grad))
     for (a, b), name in zip(zip(*grads), ("x", "media")):
         assert_bitwise_equal(a, b, what=f"frozen-block d_{name}")
+
+
+@pytest.mark.parametrize("variant", ["flamingo", "mllama"])
+def test_text_only_batch(device, variant):
+    """media with T = 0 images (a text-only batch): the same as images that no token sees."""
+    blk = _block(variant, device)
+    x = randn(2, 9, D, device=device)
+    no_loc = torch.zeros(2, 9, dtype=torch.bool, device=device)
+    none = blk(x, randn(2, 0, 3, D, device=device), no_loc)
+    unseen = blk(x, randn(2, 1, 3, D, device=device), no_loc)
+    assert_bitwise_equal(none, unseen, what=f"{variant} text-only batch")
