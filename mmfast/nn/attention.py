@@ -110,7 +110,9 @@ class MultiheadAttention(nn.Module):
             raise ValueError("packed x of shape (total, embed_dim) needs cu_seqlens_q (and cu_seqlens_k)")
         q, k, v = self._project(x, context)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            # CUDA autocast runs layer_norm in fp32 (and the norms' fp32 weights promote): attention runs in
+            # the projections' dtype, as without the norms
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         options = dict(kv_start=kv_start, kv_end=kv_end, key_padding_mask=key_padding_mask, block_mask=block_mask,
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                        max_seqlen_k=max_seqlen_k, softmax_scale=self.softmax_scale)

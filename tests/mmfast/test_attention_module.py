@@ -262,3 +262,17 @@ def test_block_mask_reused_across_layers_equals_intervals(backend):
         for layer in layers:
             torch.testing.assert_close(layer(x, vision, block_mask=bm), layer(x, vision, kv_start=s, kv_end=e),
                                        rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qk_norm", ["layernorm", "rmsnorm"])
+def test_qk_norm_in_fp32_under_autocast(qk_norm):
+    """CUDA autocast runs layer_norm in fp32, so the normed q / k come out fp32 while v stays bf16 (CPU
+    autocast keeps bf16, so the fp32 norm output is emulated here): attention runs in v's dtype."""
+    m = MultiheadAttention(32, 2, qk_norm=qk_norm, backend="reference").to(torch.bfloat16)
+    x = randn(2, 7, 32, dtype=torch.bfloat16)
+    plain = m(x, causal=True)
+    for norm in (m.q_norm, m.k_norm):
+        norm.register_forward_hook(lambda mod, args, out: out.float())
+    out = m(x, causal=True)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, plain)
