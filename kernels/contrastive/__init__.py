@@ -22,7 +22,6 @@ _distributed.py (collectives); this file holds validation, the autograd Function
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._dispatch import resolve_backend
 from . import _chunked, _triton
@@ -47,6 +46,11 @@ class _Config:
     pairs_total: int = 0
 
 
+def _no_autocast(device):
+    # the chunked path's matmuls are fp32 by design: an enclosing torch.autocast must not run them in bf16
+    return torch.autocast(device.type, enabled=False)
+
+
 class _SlicedContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, bias, at, bt, cfg):
@@ -57,8 +61,9 @@ class _SlicedContrastive(torch.autograd.Function):
         consts = torch.tensor([alpha, (1 - alpha) * eps / Nb, (1 - alpha) * eps / cfg.rows_total,
                                (1 - alpha) * (1 - eps), 1.0], dtype=torch.float32, device=dev)
         params = torch.cat([scale.detach().reshape(1).float(), bias.detach().reshape(1).float(), consts])
-        rows, colstats = cfg.impl.forward(a, b, at, bt, params, mode=cfg.mode, cols=cfg.symmetric and softmax,
-                                          smooth=eps > 0, diag_off=cfg.diag_off)
+        with _no_autocast(dev):
+            rows, colstats = cfg.impl.forward(a, b, at, bt, params, mode=cfg.mode, cols=cfg.symmetric and softmax,
+                                              smooth=eps > 0, diag_off=cfg.diag_off)
         P = cfg.pairs
         zeros_a = torch.zeros(Na, device=dev)
         # the O(N) assembly of the loss from the fp32 statistics runs in fp64: it sums N*M terms' worth
@@ -106,8 +111,12 @@ class _SlicedContrastive(torch.autograd.Function):
         return (total / denom).float()
 
     @staticmethod
-    @once_differentiable  # the backward is hand-written: a second derivative raises instead of being wrong
     def backward(ctx, grad):
+        if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+            # once_differentiable would hand back graph-less gradients when `grad` needs none (a scalar
+            # loss's ones): a gradient penalty on them would silently be zero
+            raise RuntimeError("contrastive_loss / siglip_loss do not support double backward (create_graph=True): "
+                               "their backward is hand-written")
         a, b, at, bt, params, rvec, cvec = ctx.saved_tensors
         cfg = ctx.cfg
         rvec, cvec = rvec.clone(), cvec.clone()
@@ -118,9 +127,10 @@ class _SlicedContrastive(torch.autograd.Function):
         coef = torch.maximum(rvec[2].abs().max(), cvec[2].abs().max())
         params = params.clone()
         params[_triton.PARAM_INDEX["gscale"]] = torch.where(coef > 0, torch.exp2(-torch.round(torch.log2(coef))), 1.0)
-        da, db, d_scale, d_bias = cfg.impl.backward(
-            a, b, at, bt, params, rvec, cvec, mode=cfg.mode, cols=cfg.symmetric and cfg.mode == MODE_SOFTMAX,
-            need_da=ctx.needs_input_grad[0], need_db=ctx.needs_input_grad[1], diag_off=cfg.diag_off)
+        with _no_autocast(a.device):
+            da, db, d_scale, d_bias = cfg.impl.backward(
+                a, b, at, bt, params, rvec, cvec, mode=cfg.mode, cols=cfg.symmetric and cfg.mode == MODE_SOFTMAX,
+                need_da=ctx.needs_input_grad[0], need_db=ctx.needs_input_grad[1], diag_off=cfg.diag_off)
         return (da, db, d_scale.to(params.dtype) if ctx.needs_input_grad[2] else None,
                 d_bias if ctx.needs_input_grad[3] else None, None, None, None)
 
