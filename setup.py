@@ -14,7 +14,7 @@ Environment flags (all optional; none of them touches the network or git):
 """
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,7 +71,10 @@ setup(
     version="0.1.0",
     description="Fused Triton/CUDA kernels for vision-language models",
     python_requires=">=3.9",
-    packages=["mmfast", "mmfast.nn", "mmfast.kernels", "mmfast.csrc"],
+    # kernels/ is installed as mmfast.kernels (a bare top-level `kernels` would collide with other projects)
+    packages=["mmfast", "mmfast.kernels", "mmfast.csrc"]
+    + [f"mmfast.{p}" for p in find_packages("mmfast")]
+    + [f"mmfast.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"mmfast": "mmfast", "mmfast.kernels": "kernels", "mmfast.csrc": "csrc"},
     package_data={"mmfast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
     install_requires=["torch>=2.3", "triton>=3.0", "ninja", "numpy"],
