@@ -165,3 +165,11 @@ def test_training_after_an_inference_mode_pass(device, monkeypatch):
     with torch.inference_mode():
         flash_attention(q, k, v, causal=True, backend="triton")
     check_against_reference(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7], ids=["scale0", "negative-scale"])
+def test_zero_and_negative_softmax_scale(device, scale):
+    """scale 0: uniform weights over the visible keys; a negative scale flips which key dominates (the
+    running max must be taken of the scaled scores)."""
+    q, k, v = qkv(1, 19, 23, 2, 1, 40, torch.float32, device)
+    check_against_reference(q, k, v, causal=True, softmax_scale=scale, dlse=True)
