@@ -282,13 +282,20 @@ def _bwd_images(gout, images, weight, plan):
     return dimg
 
 
+def _dw_like(weight, plan):
+    """An empty d_weight laid out as _bwd_weight returns it (channels-last problems: (D, P, P, C) memory)."""
+    D, C, P = weight.shape[0], plan.C, plan.P
+    if plan.cl_order:
+        return weight.new_empty((D, P, P, C)).permute(0, 3, 1, 2)
+    return weight.new_empty(weight.shape)
+
+
 def _bwd_weight(gout, images, weight, want_bias, plan):
     G, D, K = plan.B * plan.T, weight.shape[0], weight[0].numel()
     cfg = _DW
     rows = G * plan.M
     if rows == 0:  # no tokens computed (empty batch, or MAE keeping none)
-        return (torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype),
-                torch.zeros(D, device=gout.device) if want_bias else None)
+        return _dw_like(weight, plan).zero_(), (torch.zeros(D, device=gout.device) if want_bias else None)
     tiles = triton.cdiv(D, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n)
     splits = _dw_splits(gout.device, tiles, rows, cfg.block_k)
     per_split = triton.cdiv(triton.cdiv(rows, splits), cfg.block_k) * cfg.block_k
@@ -378,7 +385,8 @@ def _patch_embed_bwd_op(gout: torch.Tensor, images: torch.Tensor, weight: torch.
 @_patch_embed_bwd_op.register_fake
 def _(gout, images, weight, perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids, dims, need_dimg, need_dw, need_db):
     none = gout.new_empty(0)
-    return (torch.empty_like(images) if need_dimg else none, weight.new_empty(weight.shape) if need_dw else none,
+    plan = _plan_from(dims, (perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids))
+    return (torch.empty_like(images) if need_dimg else none, _dw_like(weight, plan) if need_dw else none,
             gout.new_empty((weight.shape[0],), dtype=torch.float32) if need_db else none)
 
 
