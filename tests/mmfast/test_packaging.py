@@ -1,5 +1,6 @@
 """A regular (non-editable) install ships every subpackage: the wheel holds each package directory."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,12 +16,15 @@ def _package_dirs(root, prefix):
 
 
 def test_wheel_contains_every_package(tmp_path):
+    # build from a clean copy: setuptools' build/ keeps files of earlier builds, which would hide a gap
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "results"))
     env = dict(os.environ, MMFAST_BUILD_EXT="0")
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), REPO], capture_output=True, text=True, env=env, cwd=tmp_path)
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
-    names = set(zipfile.ZipFile(tmp_path / wheel).namelist())
+    (wheel,) = [p for p in os.listdir(tmp_path / "dist") if p.endswith(".whl")]
+    names = set(zipfile.ZipFile(tmp_path / "dist" / wheel).namelist())
     expected = list(_package_dirs("mmfast", "mmfast")) + list(_package_dirs("kernels", "mmfast/kernels"))
     assert len(expected) >= 5
     missing = [p for p in expected if f"{p}/__init__.py" not in names]
