@@ -476,7 +476,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, kv_start=None,
             key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, compute_dtype=wide,
             return_lse=True,
         )
-        out = out.to(q.dtype)
+        out = out.to(q.dtype).contiguous()  # contiguous like the kernel's output (callers .view it)
         if not varlen and lse.shape[0] != q.shape[0]:
             lse = lse.expand(q.shape[0], -1, -1)
         return (out, lse.float()) if return_lse else out

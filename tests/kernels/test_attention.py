@@ -130,6 +130,9 @@ def test_reference_backend(device):
     out64, lse64 = attention_reference(q.double(), k.double(), v.double(), kv_start=start, kv_end=end, causal=True,
                                        return_lse=True)
     assert out.dtype == torch.bfloat16 and lse.shape == (2, 2, 17)
+    assert out.is_contiguous(), "out is contiguous on every backend (callers .view it to (B, L, H * D))"
+    out32 = flash_attention(q.float(), k.float(), v.float(), backend="reference")
+    assert out32.is_contiguous(), "fp32: the reference's own (B, H, L, D)-ordered result is made contiguous too"
     assert (out.double() - out64).abs().max() < 2e-2
     assert torch.equal(torch.isinf(lse), torch.isinf(lse64))
 
