@@ -39,6 +39,16 @@ def _vec(name, t, D, device):
     return t.reshape(D).contiguous()  # the kernels read D consecutive values
 
 
+def _floating(name, t, device):
+    """A parameter table or gate: a floating tensor on the images' device (shape checked by the caller)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got "
+                         f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but images are on {device}")
+    return t
+
+
 def _index(name, t, shape, high, device):
     if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must be an int32/int64 tensor of shape {tuple(shape)}, got "
@@ -144,6 +154,11 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
     N = GH * GW
     bias = _vec("bias", bias, D, device)
     cls = _vec("cls_token", cls_token, D, device)
+    if isinstance(pos_embed, (tuple, list)):  # the 2D (row table, column table) pair
+        for i, t in enumerate(pos_embed):
+            _floating(f"pos_embed[{i}]", t, device)
+    elif pos_embed is not None:
+        _floating("pos_embed", pos_embed, device)
     if interpolation not in ("bicubic", "bilinear"):
         raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
     if pos_resample not in ("timm", "hf", "hf_legacy"):
@@ -216,6 +231,9 @@ def tile_patch_embed(images, weight, bias=None, *, cls_token, pos_embed, pos_gat
     cls = _vec("cls_token", cls_token, D, device)
     if cls is None or pos_embed is None:
         raise ValueError("tile_patch_embed needs cls_token and pos_embed (Mllama's class_embedding and embedding)")
+    for name, t in (("pos_embed", pos_embed), ("tile_pos_embed", tile_pos_embed), ("tile_embed", tile_embed),
+                    ("pos_gate", pos_gate), ("tile_embed_gate", tile_embed_gate)):
+        _floating(name, t, device)
     if tuple(pos_embed.shape[-2:]) != (N + 1, D) or pos_embed.numel() != (N + 1) * D:
         raise ValueError(f"pos_embed must be (1 + N, D) = ({N + 1}, {D}), got {tuple(pos_embed.shape)}")
     pos_embed = pos_embed.reshape(N + 1, D)

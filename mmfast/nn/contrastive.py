@@ -105,6 +105,8 @@ class MoCoQueue(nn.Module):
         if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.shape[1] != self.queue.shape[1]:
             shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
             raise ValueError(f"keys must have shape (B, {self.queue.shape[1]}), got {shape}")
+        if not keys.is_floating_point():
+            raise ValueError(f"keys must be a floating tensor (features), got {keys.dtype}")
         if keys.device != self.queue.device:
             raise ValueError(f"keys are on {keys.device} but the queue is on {self.queue.device}")
 

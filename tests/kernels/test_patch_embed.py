@@ -159,6 +159,10 @@ def test_validation_errors():
         patch_embed(x, w, backend="cuda")
     with pytest.raises(ValueError, match="cls_token is on meta"):
         patch_embed(x, w, cls_token=torch.randn(8, device="meta"))
+    with pytest.raises(ValueError, match="pos_embed must be a floating tensor"):
+        patch_embed(x, w, pos_embed=torch.ones(4, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"pos_embed\[1\] must be a floating tensor"):
+        patch_embed(x, w, pos_embed=(torch.randn(2, 4), [[0.0] * 4] * 2))
 
 
 def test_triton_rejects_float64(device):

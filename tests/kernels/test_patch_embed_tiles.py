@@ -77,3 +77,11 @@ def test_tile_validation():
         tile_patch_embed(**dict(t, tile_pos_embed=t["tile_pos_embed"][:, :-1]), aspect_ratio_ids=torch.tensor([0]))
     with pytest.raises(ValueError, match="5-D"):
         tile_patch_embed(**dict(t, images=t["images"][0]), aspect_ratio_ids=torch.tensor([0]))
+    # tables and gates: floating tensors on the images' device (not an AttributeError, not silently ints)
+    for name, bad, msg in (("pos_embed", t["pos_embed"].tolist(), "pos_embed must be a floating tensor"),
+                           ("tile_pos_embed", None, "tile_pos_embed must be a floating tensor"),
+                           ("tile_embed", t["tile_embed"].long(), "tile_embed must be a floating tensor"),
+                           ("pos_gate", torch.ones(1, dtype=torch.long), "pos_gate must be a floating tensor"),
+                           ("tile_embed_gate", torch.zeros(1, device="meta"), "tile_embed_gate is on meta")):
+        with pytest.raises(ValueError, match=msg):
+            tile_patch_embed(**dict(t, **{name: bad}), aspect_ratio_ids=torch.tensor([0]))

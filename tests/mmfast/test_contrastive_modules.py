@@ -100,5 +100,7 @@ def test_queue_validation():
     q = MoCoQueue(4, 7)
     with pytest.raises(ValueError, match=r"keys must have shape \(B, 4\)"):
         q.enqueue(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="keys must be a floating tensor"):
+        q.enqueue(torch.ones(2, 4, dtype=torch.long))  # would be copied into the queue as feature values
     with pytest.raises(ValueError, match="positive ints"):
         MoCoQueue(0, 7)
