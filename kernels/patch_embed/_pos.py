@@ -25,10 +25,13 @@ def resample_pos_embed(table, new_grid, old_grid, *, interpolation="bicubic", mo
     hit = _POS_CACHE.get(key)
     if hit is not None:
         _POS_CACHE.move_to_end(key)
-        return hit
+        return hit[1]
     with torch.no_grad():
         out = resample_pos_embed_reference(table, new_grid, old_grid, interpolation=interpolation, mode=mode)
-    _POS_CACHE[key] = out
+    # the entry holds the source table too: while it lives, no other table can be allocated at its
+    # address (a freed table's block is reused at once, e.g. by the next checkpoint of an eval sweep, and
+    # would hit this entry with the old table's values)
+    _POS_CACHE[key] = (table, out)
     if len(_POS_CACHE) > _POS_CACHE_MAX:
         _POS_CACHE.popitem(last=False)
     return out

@@ -132,3 +132,19 @@ def test_resampled_table_is_cached_until_updated():
     assert r.requires_grad and pe_module.resample_pos_embed(leaf, (5, 5), (4, 4)) is not r
     r.sum().backward()
     assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
+def test_cache_not_fooled_by_a_reused_address():
+    """A freed table's memory is reused at once by the next one of its size (the next checkpoint of an
+    eval sweep): the cache must not serve the old table's resampling for it (it did: same address,
+    same version 0, same shape)."""
+    pe_module._POS_CACHE.clear()
+    for _ in range(8):
+        old = torch.randn(16, 8)
+        with torch.no_grad():
+            pe_module.resample_pos_embed(old, (5, 5), (4, 4))
+        del old
+        new = torch.randn(16, 8)
+        with torch.no_grad():
+            got = pe_module.resample_pos_embed(new, (5, 5), (4, 4))
+        assert torch.equal(got, resample_pos_embed_reference(new, (5, 5), (4, 4)))
