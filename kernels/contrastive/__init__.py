@@ -250,6 +250,8 @@ def contrastive_loss(a, b, logit_scale, *, normalize=False, label_smoothing=0.0,
 
     backend: "auto" (Triton on CUDA, the chunked PyTorch path on CPU), "triton", "reference" (the
     chunked PyTorch path; the naive materialising spec is kernels.reference.contrastive_loss_reference).
+    Traceable by ``torch.compile(fullgraph=True)`` (the Triton launchers are the custom ops
+    ``mmfast::contrastive_fwd`` / ``_bwd``); differentiable once (double backward raises).
     """
     _check_features("a", a, (2, 3))
     _check_features("b", b, (2,))

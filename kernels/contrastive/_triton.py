@@ -22,6 +22,8 @@ Deterministic: every output element is written by one program, partial sums are 
 Work: forward 1 GEMM-equivalent (N·M·D), backward 4 (each kernel recomputes the logits, then its own
 GEMM; D > 512 recomputes once more per extra D chunk): 5 against the 3 of an unfused, materialising loss.
 """
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -445,7 +447,7 @@ def _interp():
     return interpreting()
 
 
-def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
+def _forward_launch(a, b, at, bt, params, mode, cols, smooth, diag_off):
     """Row statistics [5, Na] (MODE 1: [1, Na]) and column statistics [4, Nb] (reduced partials)."""
     Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
     Q = a.shape[1] if a.dim() == 3 else 1
@@ -474,7 +476,7 @@ def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     return rows, colstats
 
 
-def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, diag_off=0):
+def _backward_launch(a, b, at, bt, params, rvec, cvec, mode, cols, need_da, need_db, diag_off):
     """(da, db, sum of G*raw, sum of G); da / db None when not needed."""
     Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
     Q = a.shape[1] if a.dim() == 3 else 1
@@ -501,6 +503,55 @@ def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, 
         grid_b = (triton.cdiv(Nb, cfg["BN"]), triton.cdiv(D, BD))
         _contrastive_bwd_db_kernel[grid_b](a, b, at_, bt_, params, rvec, cvec, db, Na, Nb, Q, D, diag_off, *strides, **common)
     return (da if need_da else None), db, red[0].double().sum().float(), red[1].double().sum().float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: torch.compile sees opaque calls with fake shapes (the launchers read data pointers and
+# strides, which fake tensors do not have); the autograd Function around them (in __init__.py) is
+# plain PyTorch. Absent outputs are 0-element tensors (custom ops return no None).
+
+
+@torch.library.custom_op("mmfast::contrastive_fwd", mutates_args=())
+def _contrastive_fwd_op(a: torch.Tensor, b: torch.Tensor, at: Optional[torch.Tensor], bt: Optional[torch.Tensor],
+                        params: torch.Tensor, mode: int, cols: bool, smooth: bool,
+                        diag_off: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    rows, colstats = _forward_launch(a, b, at, bt, params, mode, cols, smooth, diag_off)
+    return rows, (colstats if colstats is not None else rows.new_empty(0))
+
+
+@_contrastive_fwd_op.register_fake
+def _(a, b, at, bt, params, mode, cols, smooth, diag_off):
+    rows = a.new_empty((5 if mode == MODE_SOFTMAX else 1, a.shape[0]), dtype=torch.float32)
+    return rows, (rows.new_empty((4, b.shape[0])) if cols else rows.new_empty(0))
+
+
+@torch.library.custom_op("mmfast::contrastive_bwd", mutates_args=())
+def _contrastive_bwd_op(a: torch.Tensor, b: torch.Tensor, at: Optional[torch.Tensor], bt: Optional[torch.Tensor],
+                        params: torch.Tensor, rvec: torch.Tensor, cvec: torch.Tensor, mode: int, cols: bool,
+                        need_da: bool, need_db: bool, diag_off: int
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    da, db, d_scale, d_bias = _backward_launch(a, b, at, bt, params, rvec, cvec, mode, cols, need_da, need_db, diag_off)
+    return (da if da is not None else a.new_empty(0)), (db if db is not None else b.new_empty(0)), d_scale, d_bias
+
+
+@_contrastive_bwd_op.register_fake
+def _(a, b, at, bt, params, rvec, cvec, mode, cols, need_da, need_db, diag_off):
+    scalar = params.new_empty(())
+    return (a.new_empty(a.shape) if need_da else a.new_empty(0), b.new_empty(b.shape) if need_db else b.new_empty(0),
+            scalar, params.new_empty(()))
+
+
+def forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
+    """Row statistics [5, Na] (MODE 1: [1, Na]) and column statistics [4, Nb] or None."""
+    rows, colstats = _contrastive_fwd_op(a, b, at, bt, params, mode, cols, smooth, diag_off)
+    return rows, (colstats if cols else None)
+
+
+def backward(a, b, at, bt, params, rvec, cvec, *, mode, cols, need_da, need_db, diag_off=0):
+    """(da, db, sum of G*raw, sum of G); da / db None when not needed."""
+    da, db, d_scale, d_bias = _contrastive_bwd_op(a, b, at, bt, params, rvec, cvec, mode, cols, need_da, need_db,
+                                                  diag_off)
+    return (da if need_da else None), (db if need_db else None), d_scale, d_bias
 
 
 # ----------------------------------------------------------------------------------------------
