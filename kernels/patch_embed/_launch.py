@@ -372,22 +372,21 @@ def _patch_embed_bwd_op(gout: torch.Tensor, images: torch.Tensor, weight: torch.
                         need_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_images, d_weight, d_bias fp32), 0-element tensors for those not needed."""
     plan = _plan_from(dims, (perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids))
-    none = gout.new_empty(0)
-    dimg = _bwd_images(gout, images, weight, plan) if need_dimg else none
-    dw = db = none
+    dimg = _bwd_images(gout, images, weight, plan) if need_dimg else gout.new_empty(0)
+    dw, db = gout.new_empty(0), gout.new_empty(0)  # distinct tensors: a custom op's outputs may not alias
     if need_dw or need_db:
         w, b = _bwd_weight(gout, images, weight, need_db, plan)
-        dw = w if need_dw else none
-        db = b if need_db else none
+        dw = w if need_dw else dw
+        db = b if need_db else db
     return dimg, dw, db
 
 
 @_patch_embed_bwd_op.register_fake
 def _(gout, images, weight, perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids, dims, need_dimg, need_dw, need_db):
-    none = gout.new_empty(0)
     plan = _plan_from(dims, (perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids))
-    return (torch.empty_like(images) if need_dimg else none, _dw_like(weight, plan) if need_dw else none,
-            gout.new_empty((weight.shape[0],), dtype=torch.float32) if need_db else none)
+    return (torch.empty_like(images) if need_dimg else gout.new_empty(0),
+            _dw_like(weight, plan) if need_dw else gout.new_empty(0),
+            gout.new_empty((weight.shape[0],), dtype=torch.float32) if need_db else gout.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -6,7 +6,7 @@ import torch
 from numerics import randn
 from patch_embed_helpers import pe_launch
 
-from mmfast.kernels import interpreting
+from mmfast.kernels import interpreting, patch_embed
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
                                 reason="the ops run the Triton kernels: CUDA or TRITON_INTERPRET=1 (set by conftest on CPU)")
@@ -28,3 +28,25 @@ def test_opcheck(layout):
     torch.library.opcheck(pe_launch._patch_embed_fwd_op, (*leaves, None, None, None, None, None, None, *index, dims))
     gout = randn(B, 4, D, device=DEVICE)
     torch.library.opcheck(pe_launch._patch_embed_bwd_op, (gout, img.detach(), w.detach(), *index, dims, True, True, True))
+
+
+@pytest.mark.parametrize("trainable", ["images", "weight", "bias", "pos", "images+weight"])
+def test_gradient_subsets(trainable):
+    """Only some inputs need gradients: the backward op returns placeholders for the others (which must
+    not be one shared tensor: a custom op's outputs may not alias) and the needed ones match the
+    reference path."""
+    B, C, S, P, D = 2, 3, 28, 14, 20
+    base = dict(images=randn(B, C, S, S, device=DEVICE), weight=randn(D, C, P, P, device=DEVICE),
+                bias=randn(D, device=DEVICE), pos=randn(4, D, device=DEVICE))
+    dout = randn(B, 4, D, device=DEVICE)
+    grads = {}
+    for backend in ("triton", "reference"):
+        t = {k: v.clone().requires_grad_(k in trainable.split("+")) for k, v in base.items()}
+        out = patch_embed(t["images"], t["weight"], t["bias"], pos_embed=t["pos"], backend=backend)
+        out.backward(dout)
+        grads[backend] = {k: v.grad for k, v in t.items()}
+    for k in base:
+        got, want = grads["triton"][k], grads["reference"][k]
+        assert (got is None) == (k not in trainable.split("+")) and (want is None) == (got is None), k
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
