@@ -21,7 +21,10 @@ def resample_pos_embed(table, new_grid, old_grid, *, interpolation="bicubic", mo
     if torch.is_grad_enabled() and table.requires_grad:
         return resample_pos_embed_reference(table, new_grid, old_grid, interpolation=interpolation, mode=mode)
     key = (table.data_ptr(), table._version, tuple(table.shape), table.stride(), table.dtype, table.device,
-           tuple(old_grid), tuple(new_grid), interpolation, mode)
+           tuple(old_grid), tuple(new_grid), interpolation, mode,
+           # an entry made under inference_mode is an inference tensor, which autograd may not save
+           # (a frozen table, then training after an inference_mode eval): one entry per mode
+           torch.is_inference_mode_enabled())
     hit = _POS_CACHE.get(key)
     if hit is not None:
         _POS_CACHE.move_to_end(key)

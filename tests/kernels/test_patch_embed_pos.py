@@ -148,3 +148,17 @@ def test_cache_not_fooled_by_a_reused_address():
         with torch.no_grad():
             got = pe_module.resample_pos_embed(new, (5, 5), (4, 4))
         assert torch.equal(got, resample_pos_embed_reference(new, (5, 5), (4, 4)))
+
+
+def test_cache_entry_from_inference_mode_not_used_for_training(device):
+    """An inference_mode eval then a training step with a frozen table (trainable conv) at the same
+    resolution: the cached table of the eval is an inference tensor that autograd may not save (it
+    raised 'Inference tensors cannot be saved for backward')."""
+    pe_module._POS_CACHE.clear()
+    x, w = randn(1, 3, 12, 12, device=device), randn(8, 3, 2, 2, device=device).requires_grad_()
+    table = randn(16, 8, device=device)  # a 4 x 4 grid, resampled to the image's 6 x 6
+    with torch.inference_mode():
+        patch_embed(x, w, pos_embed=table, backend="triton")
+    out = patch_embed(x, w, pos_embed=table, backend="triton")
+    out.sum().backward()
+    assert w.grad is not None
