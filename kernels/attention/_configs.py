@@ -3,7 +3,9 @@
 No runtime autotuning: a small fixed table keyed by (pass, head-dim bucket, element size) keeps runs
 deterministic and first calls cheap, and lets the compile gate check every entry for sm_80 and sm_90.
 Kernel tiles divide the block-mask tile (MASK_TILE_GPU = 128 query rows x 64 keys), so one block mask
-serves every entry. The same table is used on sm_80 and sm_90 (checked on both by the gate).
+serves every entry. The same table is used on sm_80 and sm_90 (checked on both by the gate): the gate compiles
+every spec for both targets, so an sm_90-only entry could not be checked, and the sm_80-safe choices below
+were nowhere limited by sm_80's smaller shared memory (all <= 80 KB), only by its registers.
 Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast while still exercising the sub-tile loops
 (the dK/dV kernel steps through a mask tile's query rows, the dQ kernel through its keys).
 """
@@ -33,28 +35,50 @@ class TileConfig:
 # (pass, BLOCK_D bucket, bytes per element) -> config. Buckets: head dims padded to the next power of 2;
 # 16 and 32 use the 64 entry (smaller tiles of the same shape). fp32 operands take twice the registers /
 # shared memory of fp16/bf16, hence their own, smaller entries.
+#
+# 16-bit entries: the largest tiles (by compile-gate search, Triton 3.8, sm_80 and sm_90) that compile without
+# spills and keep <= 232 registers on the aligned specs (pow-2 and non-pow-2 head dims, varlen + key padding),
+# a margin for the GPU image's Triton 3.6. Bigger tiles mean fewer K/V (fwd, dQ) or Q/dO (dK/dV) re-reads and
+# fuller MMAs. Hard limits: MASK_TILE_GPU = 128 x 64 caps BLOCK_M at 128 and BLOCK_N at 64 (the tutorial's
+# dK/dV BLOCK_N1 = 128 cannot be used), and the kernels hold 2-D pointer tensors and (sm_80, mma.sync) dot
+# operands in registers, so sm_80 registers decide. Odd strides ("unaligned" gate rows) and head dims that
+# are no multiple of 16 (D=40) load without 16-byte vectors and sit at the 255 cap without spilling.
+# Comments: registers sm_80/sm_90 (pow-2 D; non-pow-2 D; varlen+kpm; unaligned) and shared memory sm_80/sm_90.
 _GPU_TABLE = {
+    # fwd D<=64: already the largest tile the mask allows; 165/120; D=40 255/225; vk 179/167; 48/64 KB
     ("fwd", 64, 2): TileConfig(128, 64, 8, 3),
+    # fwd D<=128: 128x64 spills on sm_80 (w8 and w4); 202/161; D=80 200/161; vk 204/177; unal 255/225; 64/80 KB
     ("fwd", 128, 2): TileConfig(128, 32, 8, 3),
-    ("fwd", 256, 2): TileConfig(32, 16, 8, 1),
+    # fwd D=256 (was 32x16 w8 s1): 182/144; D=192 174/143; vk 184/153; 50/64 KB. 64x32 reaches 235-243 and
+    # spills with odd strides; this entry too spills with odd strides (no gate row; s1 would not, but unpipelined)
+    ("fwd", 256, 2): TileConfig(64, 16, 8, 2),
     ("fwd", 64, 4): TileConfig(64, 32, 4, 2),
     ("fwd", 128, 4): TileConfig(32, 16, 4, 2),
     ("fwd", 256, 4): TileConfig(16, 16, 8, 1),
-    ("dkdv", 64, 2): TileConfig(32, 64, 8, 2),
-    ("dkdv", 128, 2): TileConfig(16, 64, 8, 2),
-    ("dkdv", 256, 2): TileConfig(16, 32, 8, 1),
+    # dK/dV D<=64 (was 32x64 w8 s2: 246-255 registers): 166/137; D=40 255/214; vk 202/137; 22/24 KB.
+    # 32x64 w4 and 64x64 spill; 32x32 w8 stays lower (<= 179) but re-reads Q/dO twice as often
+    ("dkdv", 64, 2): TileConfig(16, 64, 4, 3),
+    # dK/dV D<=128 (was 16x64): 204/191; D=80 207/210; vk 214/193; unal 255/255; 52/64 KB. 64x64 spills
+    ("dkdv", 128, 2): TileConfig(32, 64, 8, 2),
+    # dK/dV D=256 (was 16x32 s1): 195/191; D=192 198/194; vk 206/202; unal 255/255; 68-72 KB. 16x64 spills
+    ("dkdv", 256, 2): TileConfig(32, 32, 8, 2),
     ("dkdv", 64, 4): TileConfig(32, 32, 4, 2),
     ("dkdv", 128, 4): TileConfig(16, 32, 4, 2),
     ("dkdv", 256, 4): TileConfig(16, 32, 8, 1),
-    ("dq", 64, 2): TileConfig(32, 64, 4, 2),
-    ("dq", 128, 2): TileConfig(32, 64, 8, 2),
-    ("dq", 256, 2): TileConfig(16, 32, 8, 1),
+    # dQ D<=64 (was 32x64 w4; the tutorial's BLOCK_M2 x BLOCK_N2): 216/112; D=40 255/200; vk 222/127; 44/48 KB
+    ("dq", 64, 2): TileConfig(128, 32, 8, 2),
+    # dQ D<=128 (was s2): 164/163; D=80 166/165; vk 170/172; unal 255/253; 68 KB. Every BLOCK_M=64 tile
+    # (64x16, 64x32, 64x64; w4/w8; s1-s3) spills on sm_80 with odd strides, 128x32 / 128x16 too
+    ("dq", 128, 2): TileConfig(32, 64, 8, 3),
+    # dQ D=256 (was 16x32 s1): 158/158; D=192 160/128; vk 162/160; unal 255/255; 68-72 KB. 64x16 reaches 245
+    ("dq", 256, 2): TileConfig(32, 32, 8, 2),
     ("dq", 64, 4): TileConfig(64, 32, 4, 2),
     ("dq", 128, 4): TileConfig(32, 32, 4, 2),
     ("dq", 256, 4): TileConfig(16, 32, 8, 1),
-    ("pre", 64, 2): TileConfig(64, 0, 4, 1),
-    ("pre", 128, 2): TileConfig(32, 0, 4, 1),
-    ("pre", 256, 2): TileConfig(16, 0, 4, 1),
+    # Delta preprocess: a row reduction, 8192 elements per tile; <= 46 registers aligned, <= 168 unaligned
+    ("pre", 64, 2): TileConfig(128, 0, 4, 1),
+    ("pre", 128, 2): TileConfig(64, 0, 4, 1),
+    ("pre", 256, 2): TileConfig(32, 0, 4, 1),
     ("pre", 64, 4): TileConfig(32, 0, 4, 1),
     ("pre", 128, 4): TileConfig(16, 0, 4, 1),
     ("pre", 256, 4): TileConfig(16, 0, 4, 1),
