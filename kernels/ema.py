@@ -299,6 +299,17 @@ def _ema_update_cpp(ema_group, src_group, momentum):
     ext.ema_update_cpu(ema_group, src_group, weight)
 
 
+def _mark_written(tensors):
+    """The kernels write through raw pointers: bump autograd's version counters as an in-place torch op
+    would, so caches keyed on `._version` (e.g. a resampled position table) and autograd's saved-tensor
+    checks see the update."""
+    try:
+        torch._C._increment_version(tensors)
+    except TypeError:  # older torch takes one tensor at a time
+        for t in tensors:
+            torch._C._increment_version(t)
+
+
 _BACKEND_FNS = {"triton": _ema_update_triton, "cuda": _ema_update_cuda_ext, "cpp": _ema_update_cpp}
 
 
@@ -425,5 +436,6 @@ def ema_update_(ema_tensors, tensors, momentum, *, ema_buffers=(), buffers=(), b
     with torch.no_grad():
         for ema_group, src_group in groups.values():
             _BACKEND_FNS[chosen](ema_group, src_group, momentum)
+            _mark_written(ema_group)
         if buffer_pairs:
             torch._foreach_copy_([e for e, _ in buffer_pairs], [b for _, b in buffer_pairs])

@@ -95,6 +95,15 @@ def test_non_dense_ema_rejected(device, backend):
         ema_update_(ema, src, 0.9, backend=backend)
 
 
+def test_version_counters_bumped(device, backend):
+    # the kernels write through raw pointers; caches keyed on ._version (a resampled position table of a
+    # momentum encoder) must see the update as they would see torch's in-place ops
+    ema, src = _lists([(31,), (0,), (5, 7)], torch.float32, torch.bfloat16, device)
+    before = [e._version for e in ema]
+    ema_update_(ema, src, 0.9, backend=backend)
+    assert all(e._version > v for e, v in zip(ema[::2], before[::2])), [e._version for e in ema]
+
+
 def test_buffers_copied_in_same_call(device, backend):
     ema, src = _lists([(31,)], torch.float32, torch.float32, device)
     ema_bufs = [poison_(torch.empty(17, device=device)), torch.zeros((), dtype=torch.int64, device=device)]
