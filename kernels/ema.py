@@ -17,6 +17,7 @@ import triton.language as tl
 
 from ._aot import CompileSpec
 from ._dispatch import interpreting, resolve_backend, warn_once
+from ._triton_utils import round_to as _round_f32_to
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -44,21 +45,6 @@ def _fma_f32(a, b, c, EMULATE: tl.constexpr):
         return bits.to(tl.float64, bitcast=True).to(tl.float32)
     else:
         return tl.fma(a, b, c)
-
-
-@triton.jit
-def _round_f32_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """Round fp32 to DTYPE to nearest-even, as the GPU's cvt.rn does.
-
-    The interpreter truncates fp32 -> bf16 casts, so there we round on the bits ourselves.
-    """
-    if EMULATE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a (quiet) NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
 
 
 @triton.jit

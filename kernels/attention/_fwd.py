@@ -9,20 +9,10 @@ and LSE -inf instead of NaN. The kernel writes the base-2 LSE, which the backwar
 import triton
 import triton.language as tl
 
+from .._triton_utils import round_to as _cast
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-@triton.jit
-def _cast(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 -> DTYPE rounded to nearest-even; the interpreter truncates fp32 -> bf16, so round by hand there."""
-    if EMULATE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
 
 
 @triton.jit

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .._aot import CompileSpec
+from .._triton_utils import round_to as _round_to
 
 MODE_SOFTMAX = 0
 MODE_SIGMOID = 1
@@ -78,17 +79,6 @@ def _log1p(u):
     """log(1 + u) for u in [0, 1], accurate to a few ulps (Goldberg's trick; tl has no log1p)."""
     w = 1.0 + u
     return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
-
-
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """Round fp32 to DTYPE to nearest-even as the GPU does (the interpreter truncates to bf16)."""
-    if EMULATE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
 
 
 @triton.jit

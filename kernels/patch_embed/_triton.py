@@ -17,17 +17,7 @@ so their registers never overlap the GEMM's. A token row is one of:
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 -> DTYPE rounding to nearest-even (the interpreter truncates fp32 -> bf16 casts)."""
-    if EMULATE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
+from .._triton_utils import round_to as _round_to
 
 
 @triton.jit
