@@ -10,6 +10,7 @@ csrc/ema_cuda.cu), "cpp" (CPU C++/OpenMP, csrc/ema_cpu.cpp) and "reference" (tor
 """
 import itertools
 import math
+import operator
 
 import torch
 import triton
@@ -336,12 +337,37 @@ def _check_lists(ema_name, ema_tensors, src_name, tensors):
     return pairs
 
 
+_dtype_of, _device_of, _shape_of = (operator.attrgetter(a) for a in ("dtype", "device", "shape"))
+_requires_grad_of = operator.attrgetter("requires_grad")
+
+
 def _check_and_group(ema_tensors, tensors):
     """Validate the parameter lists and group them by launch: {(ema dtype, src dtype, aligned): ([ema], [src])}.
 
-    One pass, as cheap as possible per tensor: with ~300 tensors per call this Python loop, not the
-    kernel, is what a small model's update costs.
+    With ~300 tensors per call, this Python, not the kernel, is what a small model's update costs on
+    the host. The common case (plain contiguous tensors, one dtype per list, one device, 16-byte
+    aligned, no grad) is checked list-wise with C-level iteration; anything else, including every
+    error, takes the per-tensor loop, which names the offending tensor.
     """
+    ema, src = list(ema_tensors), list(tensors)
+    if (ema and len(ema) == len(src) and all(type(t) in _PLAIN_TENSOR_TYPES for t in ema)
+            and all(type(t) in _PLAIN_TENSOR_TYPES for t in src)):
+        ema_dtypes, src_dtypes = set(map(_dtype_of, ema)), set(map(_dtype_of, src))
+        devices = set(map(_device_of, ema)) | set(map(_device_of, src))
+        if (len(ema_dtypes) == 1 and len(src_dtypes) == 1 and len(devices) == 1
+                and ema_dtypes.issubset(_TL_DTYPES) and src_dtypes.issubset(_TL_DTYPES)
+                and list(map(_shape_of, ema)) == list(map(_shape_of, src))
+                and all(map(torch.Tensor.is_contiguous, ema)) and all(map(torch.Tensor.is_contiguous, src))
+                and not (torch.is_grad_enabled() and any(map(_requires_grad_of, ema)))):
+            if not all(map(torch.Tensor.numel, ema)):  # empty tensors need no work
+                ema, src = [e for e in ema if e.numel()], [s for s in src if s.numel()]
+            if not any(p & 15 for p in itertools.chain(map(torch.Tensor.data_ptr, ema), map(torch.Tensor.data_ptr, src))):
+                return ({(ema[0].dtype, src[0].dtype, True): (ema, src)} if ema else {}), next(iter(devices))
+    return _check_and_group_slow(ema, src)
+
+
+def _check_and_group_slow(ema_tensors, tensors):
+    """The per-tensor loop behind _check_and_group: handles every layout and names what is wrong."""
     ema_tensors, tensors = list(ema_tensors), list(tensors)
     if len(ema_tensors) != len(tensors):
         raise ValueError(f"ema_tensors and tensors must have the same length, got {len(ema_tensors)} and {len(tensors)}")
