@@ -1,4 +1,5 @@
 """ema_update_: every backend against the reference, bit for bit, on lists of odd-sized tensors."""
+import os
 import pytest
 import torch
 from numerics import (
@@ -272,3 +273,31 @@ def test_unaligned_views_share_a_call_with_aligned_tensors(device, backend):
     ema = [flat_ema[1:17000], flat_ema[17001:], randn(333, device=device)]
     src = [flat_src[1:17000], flat_src[17001:], randn(333, device=device)]
     _check_against_reference(ema, src, 0.97, backend)
+
+
+def test_cpp_avx2_path_on_avx512_machines():
+    # the extension picks AVX-512 where the CPU has it; its AVX2 path must stay bit-exact as well
+    script = """
+import torch
+from mmfast.kernels import ema_update_
+from mmfast.kernels.reference import ema_update_reference
+g = torch.Generator().manual_seed(0)
+for ed, sd in [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+               (torch.float16, torch.float16)]:
+    for m in (0.996, 0.25):
+        shapes = [(1,), (7,), (77, 3), (16385,), (40961,)]
+        ema = [torch.randn(s, generator=g).to(ed) for s in shapes]
+        src = [torch.randn(s, generator=g).to(sd) for s in shapes]
+        want = [e.clone() for e in ema]
+        ema_update_reference(want, src, m)
+        ema_update_(ema, src, m, backend="cpp")
+        assert all(torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                               b.view(torch.int16 if b.element_size() == 2 else torch.int32)) for a, b in zip(ema, want)), (ed, sd, m)
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MMFAST_EMA_NO_AVX512="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
