@@ -1,5 +1,6 @@
 """ema_update_: every backend against the reference, bit for bit, on lists of odd-sized tensors."""
 import os
+
 import pytest
 import torch
 from numerics import (
