@@ -20,6 +20,9 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+# reports are written by benchmarks/report.py; re-exported here for callers of the first version
+from .report import to_markdown, write_reports  # noqa: F401
+
 SUITES = {"ema": "benchmarks.ema", "attention": "benchmarks.attention", "contrastive": "benchmarks.contrastive",
           "patch_embed": "benchmarks.patch_embed", "gated": "benchmarks.gated"}
 MODES = ("smoke", "quick", "full")
@@ -320,7 +323,3 @@ def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=
 def default_out_dir(report):
     date = report["env"]["date"][:16].replace(":", "").replace("T", "-")
     return os.path.join(REPO_ROOT, "benchmarks", "results", f"{date}-{card_slug(report['env'])}")
-
-
-# Reporting lives in benchmarks/report.py; re-exported here for callers of the first version.
-from .report import to_markdown, write_reports  # noqa: E402,F401

@@ -359,10 +359,13 @@ def _check_and_group(ema_tensors, tensors):
                 and list(map(_shape_of, ema)) == list(map(_shape_of, src))
                 and all(map(torch.Tensor.is_contiguous, ema)) and all(map(torch.Tensor.is_contiguous, src))
                 and not (torch.is_grad_enabled() and any(map(_requires_grad_of, ema)))):
+            work_ema, work_src = ema, src
             if not all(map(torch.Tensor.numel, ema)):  # empty tensors need no work
-                ema, src = [e for e in ema if e.numel()], [s for s in src if s.numel()]
-            if not any(p & 15 for p in itertools.chain(map(torch.Tensor.data_ptr, ema), map(torch.Tensor.data_ptr, src))):
-                return ({(ema[0].dtype, src[0].dtype, True): (ema, src)} if ema else {}), next(iter(devices))
+                work_ema, work_src = [e for e in ema if e.numel()], [s for s in src if s.numel()]
+            ptrs = itertools.chain(map(torch.Tensor.data_ptr, work_ema), map(torch.Tensor.data_ptr, work_src))
+            if not any(p & 15 for p in ptrs):
+                groups = {(ema[0].dtype, src[0].dtype, True): (work_ema, work_src)} if work_ema else {}
+                return groups, next(iter(devices))
     return _check_and_group_slow(ema, src)
 
 
