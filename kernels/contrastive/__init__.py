@@ -4,16 +4,16 @@ logits matrix.
 Every loss needs, per row and per column of the logits, only a few statistics (log-sum-exp, the
 diagonal, sums for label smoothing, the teacher's log-sum-exp and teacher-weighted mean for
 distillation). The forward computes each logits tile once and produces the row statistics online and
-the column statistics as per-row-block partials; the backward recomputes tiles (deterministically: one
-kernel for da over row blocks, one for db over column blocks, no atomics).
+the column statistics as partials, one row of them per forward program; the backward recomputes tiles
+(deterministically: one kernel for da over row blocks, one for db over column blocks, no atomics).
 
 Extra memory beyond inputs, outputs and gradients (Triton), exactly: row statistics 5·Na and column
 statistics 4·Nb fp32 (3·Na + 3·Nb of them kept for the backward), and, for the symmetric loss only, the
-forward's column partials K·ceil(Na / BI)·Nb fp32, merged by a streaming kernel (no temporaries) and
-freed before the forward returns. BI = 128 rows per block for bf16/fp16 (64 for fp32; BLIP-2: that
-divided by Q rounded up to a power of two), K = 1 (+1 with label smoothing, +2 with a teacher): 32 MiB
-at N = 32,768 for plain bf16 CLIP, 1/128 of one fp32 logits matrix, and 128 MiB at N = 65,536 — not
-O(N), but N²/128 (the price of computing each tile once for both directions). normalize=True adds the normalised copies of a and b (as F.normalize does).
+forward's column partials K·P·Nb fp32, merged by a streaming kernel (no temporaries) and freed before the
+forward returns. P = the forward programs the GPU runs at once (its SM count; twice that for fp32), each
+looping over row blocks and merging its columns' statistics in place; K = 1 (+1 with label smoothing, +2
+with a teacher): O(N) — 16.5 MiB at N = 32,768 and 33 MiB at N = 65,536 for plain bf16 CLIP on a
+132-SM H100. normalize=True adds the normalised copies of a and b (as F.normalize does).
 The CPU path keeps a fixed-size chunk of logits instead (see _chunked.py): O(N) in all.
 
 Layout: _triton.py (kernels, launchers, compile specs), _chunked.py (the CPU / PyTorch path),

@@ -6,19 +6,22 @@ L_ij = s * raw_ij (+ bias for the sigmoid loss). A "tile" is R = BI*QP flattened
 a times BN rows of b; the max over queries is a reshape (BI, QP, BN) and a max over axis 1.
 
 Kernels:
-* ``_contrastive_fwd_kernel``: one program per block of BI rows of a, looping over all column blocks.
-  Per row, online (flash-attention style): log-sum-exp of L, and optionally the sum of L (label
-  smoothing), the diagonal, the teacher's log-sum-exp and the teacher-weighted mean of L (distillation).
-  Per (row block, column): the same statistics over the block's rows, written to a partial buffer of
-  ``K x ceil(Na / BI) x Nb`` fp32 (K = 1 plain, +1 with smoothing, +2 with a teacher) — so each
-  logits tile is computed once for both directions. MODE 1 (sigmoid) instead sums
-  -log sigmoid(z_ij L_ij) per row.
-* ``_contrastive_colreduce_kernel``: merges the partials over row blocks, streaming (no temporaries).
+* ``_contrastive_fwd_kernel``: P persistent programs (P = as many as the GPU runs at once: one per SM,
+  two for fp32), program p taking the blocks of BI rows p, p + P, ... of a, each looping over all
+  column blocks. Per row, online (flash-attention style): log-sum-exp of L, and optionally the sum of L
+  (label smoothing), the diagonal, the teacher's log-sum-exp and the teacher-weighted mean of L
+  (distillation). Per column: the same statistics over the program's rows, merged into the program's
+  own row of a partial buffer of ``K x P x Nb`` fp32 (K = 1 plain, +1 with smoothing, +2 with a
+  teacher), so each logits tile is computed once for both directions and the extra memory is O(Nb)
+  (16.5 MiB per statistic at Nb = 32k on a 132-SM H100) instead of growing with Na / BI. MODE 1
+  (sigmoid) instead sums -log sigmoid(z_ij L_ij) per row.
+* ``_contrastive_colreduce_kernel``: merges the P partials, streaming (no temporaries).
 * ``_contrastive_bwd_da_kernel``: grid (row blocks, D chunks); recomputes tiles along its rows, forms
   the loss gradient G_ij w.r.t. L_ij and accumulates da = s * G @ b (arg-max queries only), plus the
   per-row-block partial sums of G_ij * raw_ij (d scale) and G_ij (d bias).
 * ``_contrastive_bwd_db_kernel``: grid (column blocks, D chunks); the same tiles, db = s * G^T @ a.
-Deterministic: every output element is written by one program, partial sums are reduced by torch.
+Deterministic: every output element is written by one program in a fixed order, partial sums are reduced
+by torch (the forward's merge order depends on P, so on the GPU model, not on the run).
 Work: forward 1 GEMM-equivalent (N·M·D), backward 4 (each kernel recomputes the logits, then its own
 GEMM; D > 512 recomputes once more per extra D chunk): 5 against the 3 of an unfused, materialising loss.
 """
@@ -82,11 +85,18 @@ def _log1p(u):
 
 
 @triton.jit
+def _logaddexp(x, y):
+    """log(exp(x) + exp(y)) for x = -inf (an empty partial) or finite, y finite."""
+    m = tl.maximum(x, y)
+    return m + tl.log(tl.exp(x - m) + tl.exp(y - m))
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
     a_ptr, b_ptr, at_ptr, bt_ptr,  # features; at/bt: teacher features (same shapes) when TEACHER
     params_ptr,  # *fp32 [N_PARAMS]
     row_ptr,  # *fp32 [5, Na]: lse, sum, diag, teacher lse, teacher-weighted mean | MODE 1: [1, Na] loss sums
-    part_ptr,  # *fp32 [K, n_row_blocks, Nb] column partials (COLS only)
+    part_ptr,  # *fp32 [K, P, Nb] column partials, P = the number of programs (COLS only)
     Na, Nb, Q, D, n_rb, diag_off,
     s_an, s_aq, s_ad, s_bn, s_bd, s_tan, s_taq, s_tad, s_tbn, s_tbd,
     MODE: tl.constexpr, COLS: tl.constexpr, SMOOTH: tl.constexpr, TEACHER: tl.constexpr,
@@ -94,97 +104,115 @@ def _contrastive_fwd_kernel(
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    r = tl.arange(0, BI * QP)
-    img_flat = (pid * BI + r // QP).to(tl.int64)
-    q_flat = (r % QP).to(tl.int64)
-    img = pid * BI + tl.arange(0, BI).to(tl.int64)
-    row_ok = img < Na
+    n_prog = tl.num_programs(0)
     s = tl.load(params_ptr + P_SCALE)
     neg_inf = float("-inf")
-
-    m_i = tl.full((BI,), neg_inf, tl.float32)
-    l_i = tl.zeros((BI,), tl.float32)
-    sum_i = tl.zeros((BI,), tl.float32)
-    diag_i = tl.zeros((BI,), tl.float32)
-    tm_i = tl.full((BI,), neg_inf, tl.float32)
-    tl_i = tl.zeros((BI,), tl.float32)
-    w_i = tl.zeros((BI,), tl.float32)
-    loss_i = tl.zeros((BI,), tl.float32)
     if MODE == 1:
         bias = tl.load(params_ptr + P_BIAS)
-    plane = n_rb * Nb
-    for j0 in range(0, Nb, BN):
-        cols = j0 + tl.arange(0, BN).to(tl.int64)
-        col_ok = cols < Nb
-        raw, _ = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D, s_an, s_aq, s_ad, s_bn, s_bd,
-                           QP, BI, BN, BK, DOT_FP32, IEEE)
-        logits = s * raw
-        valid = row_ok[:, None] & col_ok[None, :]
-        is_diag = (img + diag_off)[:, None] == cols[None, :]
-        if MODE == 0:
-            lr = tl.where(col_ok[None, :], logits, neg_inf)
-            m_new = tl.maximum(m_i, tl.max(lr, axis=1))  # finite: every block has a valid column
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(lr - m_new[:, None]), axis=1)
-            m_i = m_new
-            lz = tl.where(valid, logits, 0.0)
-            diag_i += tl.sum(tl.where(is_diag, lz, 0.0), axis=1)
-            if SMOOTH:
-                sum_i += tl.sum(lz, axis=1)
-            if COLS:
-                lc = tl.where(row_ok[:, None], logits, neg_inf)
-                cm = tl.max(lc, axis=0)
-                cpart = cm + tl.log(tl.sum(tl.exp(lc - cm[None, :]), axis=0))
-                tl.store(part_ptr + pid * Nb + cols, cpart, mask=col_ok)
+    plane = n_prog * Nb
+    # this program's row of each column-partial plane: [lse, (sum), (teacher lse, teacher-weighted mean)]
+    own = part_ptr + pid * Nb
+    t_own = own + plane
+    if SMOOTH:
+        t_own += plane
+    for rb in range(pid, n_rb, n_prog):
+        r = tl.arange(0, BI * QP)
+        img_flat = (rb * BI + r // QP).to(tl.int64)
+        q_flat = (r % QP).to(tl.int64)
+        img = rb * BI + tl.arange(0, BI).to(tl.int64)
+        row_ok = img < Na
+        merge = rb >= n_prog  # the partials already hold earlier row blocks of this program
+        if COLS:
+            # order this block's read-modify-write of the partials after the previous block's stores,
+            # which other threads of the program may have made
+            tl.debug_barrier()
+        m_i = tl.full((BI,), neg_inf, tl.float32)
+        l_i = tl.zeros((BI,), tl.float32)
+        sum_i = tl.zeros((BI,), tl.float32)
+        diag_i = tl.zeros((BI,), tl.float32)
+        tm_i = tl.full((BI,), neg_inf, tl.float32)
+        tl_i = tl.zeros((BI,), tl.float32)
+        w_i = tl.zeros((BI,), tl.float32)
+        loss_i = tl.zeros((BI,), tl.float32)
+        for j0 in range(0, Nb, BN):
+            cols = j0 + tl.arange(0, BN).to(tl.int64)
+            col_ok = cols < Nb
+            old_ok = col_ok & merge
+            raw, _ = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D, s_an, s_aq, s_ad, s_bn, s_bd,
+                               QP, BI, BN, BK, DOT_FP32, IEEE)
+            logits = s * raw
+            valid = row_ok[:, None] & col_ok[None, :]
+            is_diag = (img + diag_off)[:, None] == cols[None, :]
+            if MODE == 0:
+                lr = tl.where(col_ok[None, :], logits, neg_inf)
+                m_new = tl.maximum(m_i, tl.max(lr, axis=1))  # finite: every block has a valid column
+                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(lr - m_new[:, None]), axis=1)
+                m_i = m_new
+                lz = tl.where(valid, logits, 0.0)
+                diag_i += tl.sum(tl.where(is_diag, lz, 0.0), axis=1)
                 if SMOOTH:
-                    tl.store(part_ptr + plane + pid * Nb + cols, tl.sum(lz, axis=0), mask=col_ok)
-            if TEACHER:
-                traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
-                                    s_tan, s_taq, s_tad, s_tbn, s_tbd, QP, BI, BN, BK, DOT_FP32, IEEE)
-                t = s * traw
-                tr = tl.where(col_ok[None, :], t, neg_inf)
-                tm_new = tl.maximum(tm_i, tl.max(tr, axis=1))
-                alpha_ = tl.exp(tm_i - tm_new)
-                e = tl.exp(tr - tm_new[:, None])
-                tl_i = tl_i * alpha_ + tl.sum(e, axis=1)
-                w_i = w_i * alpha_ + tl.sum(e * lz, axis=1)
-                tm_i = tm_new
+                    sum_i += tl.sum(lz, axis=1)
                 if COLS:
-                    tc = tl.where(row_ok[:, None], t, neg_inf)
-                    tcm = tl.max(tc, axis=0)
-                    ec = tl.exp(tc - tcm[None, :])
-                    tsum = tl.sum(ec, axis=0)
-                    base = part_ptr + plane + pid * Nb + cols
+                    lc = tl.where(row_ok[:, None], logits, neg_inf)
+                    cm = tl.max(lc, axis=0)
+                    cpart = cm + tl.log(tl.sum(tl.exp(lc - cm[None, :]), axis=0))
+                    old = tl.load(own + cols, mask=old_ok, other=neg_inf)
+                    tl.store(own + cols, _logaddexp(old, cpart), mask=col_ok)
                     if SMOOTH:
-                        base += plane
-                    tl.store(base, tcm + tl.log(tsum), mask=col_ok)
-                    tl.store(base + plane, tl.sum(ec * lz, axis=0) / tsum, mask=col_ok)
+                        old = tl.load(own + plane + cols, mask=old_ok, other=0.0)
+                        tl.store(own + plane + cols, old + tl.sum(lz, axis=0), mask=col_ok)
+                if TEACHER:
+                    traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
+                                        s_tan, s_taq, s_tad, s_tbn, s_tbd, QP, BI, BN, BK, DOT_FP32, IEEE)
+                    t = s * traw
+                    tr = tl.where(col_ok[None, :], t, neg_inf)
+                    tm_new = tl.maximum(tm_i, tl.max(tr, axis=1))
+                    alpha_ = tl.exp(tm_i - tm_new)
+                    e = tl.exp(tr - tm_new[:, None])
+                    tl_i = tl_i * alpha_ + tl.sum(e, axis=1)
+                    w_i = w_i * alpha_ + tl.sum(e * lz, axis=1)
+                    tm_i = tm_new
+                    if COLS:
+                        tc = tl.where(row_ok[:, None], t, neg_inf)
+                        tcm = tl.max(tc, axis=0)
+                        ec = tl.exp(tc - tcm[None, :])
+                        tsum = tl.sum(ec, axis=0)
+                        tlse = tcm + tl.log(tsum)
+                        w_x = tl.sum(ec * lz, axis=0) / tsum
+                        # merge (teacher lse, teacher-weighted mean) pairs: weights exp(lse - merged lse)
+                        old_lse = tl.load(t_own + cols, mask=old_ok, other=neg_inf)
+                        new_lse = _logaddexp(old_lse, tlse)
+                        tl.store(t_own + cols, new_lse, mask=col_ok)
+                        old_w = tl.load(t_own + plane + cols, mask=old_ok, other=0.0)
+                        w_new = old_w * tl.exp(old_lse - new_lse) + w_x * tl.exp(tlse - new_lse)
+                        tl.store(t_own + plane + cols, w_new, mask=col_ok)
+            else:
+                x = tl.where(is_diag, logits + bias, -(logits + bias))
+                # -log sigmoid(x) = max(-x, 0) + log1p(exp(-|x|))
+                nls = tl.maximum(-x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+                loss_i += tl.sum(tl.where(valid, nls, 0.0), axis=1)
+        if MODE == 0:
+            tl.store(row_ptr + img, m_i + tl.log(l_i), mask=row_ok)
+            tl.store(row_ptr + Na + img, sum_i, mask=row_ok)
+            tl.store(row_ptr + 2 * Na + img, diag_i, mask=row_ok)
+            if TEACHER:
+                tl.store(row_ptr + 3 * Na + img, tm_i + tl.log(tl_i), mask=row_ok)
+                tl.store(row_ptr + 4 * Na + img, w_i / tl_i, mask=row_ok)
         else:
-            x = tl.where(is_diag, logits + bias, -(logits + bias))
-            # -log sigmoid(x) = max(-x, 0) + log1p(exp(-|x|))
-            nls = tl.maximum(-x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-            loss_i += tl.sum(tl.where(valid, nls, 0.0), axis=1)
-    if MODE == 0:
-        tl.store(row_ptr + img, m_i + tl.log(l_i), mask=row_ok)
-        tl.store(row_ptr + Na + img, sum_i, mask=row_ok)
-        tl.store(row_ptr + 2 * Na + img, diag_i, mask=row_ok)
-        if TEACHER:
-            tl.store(row_ptr + 3 * Na + img, tm_i + tl.log(tl_i), mask=row_ok)
-            tl.store(row_ptr + 4 * Na + img, w_i / tl_i, mask=row_ok)
-    else:
-        tl.store(row_ptr + img, loss_i, mask=row_ok)
+            tl.store(row_ptr + img, loss_i, mask=row_ok)
 
 
 @triton.jit
 def _contrastive_colreduce_kernel(
-    part_ptr,  # *fp32 [K, n_rb, Nb] from the forward
+    part_ptr,  # *fp32 [K, n_part, Nb] from the forward
     col_ptr,  # *fp32 [4, Nb]: lse, sum, teacher lse, teacher-weighted mean
-    n_rb, Nb,
+    n_part, Nb,
     SMOOTH: tl.constexpr, TEACHER: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Merge the per-row-block column partials, streaming over row blocks (no temporaries)."""
+    """Merge the forward programs' column partials, streaming over them (no temporaries)."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     ok = cols < Nb
-    plane = n_rb * Nb
+    plane = n_part * Nb
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     e = tl.zeros((BLOCK,), tl.float32)
     total = tl.zeros((BLOCK,), tl.float32)
@@ -194,16 +222,16 @@ def _contrastive_colreduce_kernel(
     tbase = part_ptr + plane
     if SMOOTH:
         tbase += plane
-    for rb in range(0, n_rb):
-        x = tl.load(part_ptr + rb * Nb + cols, mask=ok, other=0.0)
+    for p in range(0, n_part):
+        x = tl.load(part_ptr + p * Nb + cols, mask=ok, other=0.0)
         m_new = tl.maximum(m, x)
         e = e * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
         if SMOOTH:
-            total += tl.load(part_ptr + plane + rb * Nb + cols, mask=ok, other=0.0)
+            total += tl.load(part_ptr + plane + p * Nb + cols, mask=ok, other=0.0)
         if TEACHER:
-            tx = tl.load(tbase + rb * Nb + cols, mask=ok, other=0.0)
-            wx = tl.load(tbase + plane + rb * Nb + cols, mask=ok, other=0.0)
+            tx = tl.load(tbase + p * Nb + cols, mask=ok, other=0.0)
+            wx = tl.load(tbase + plane + p * Nb + cols, mask=ok, other=0.0)
             tm_new = tl.maximum(tm, tx)
             scale_old = tl.exp(tm - tm_new)
             scale_new = tl.exp(tx - tm_new)
@@ -383,17 +411,20 @@ def _contrastive_bwd_db_kernel(
 # Launch configuration
 #
 # Forward: R = 128 flattened rows x BN = 64 columns per tile, K loop of 64 over D, 8 warps: the tile and
-# its fp32 temporaries (logits, exp, teacher) stay in registers (checked by the compile gate). The
-# partial-column buffer has ceil(Na / BI) rows, so the row block is kept large: N = 32k costs 32 MiB per
-# plane at BI = 128. Backward: 64 x 32 tiles and a D chunk of at most 512 in the accumulator
+# its fp32 temporaries (logits, exp, teacher) stay in registers (checked by the compile gate): 150-250
+# registers a thread, so one program fills an SM, and the forward launches one program per SM (PER_SM), each
+# looping over row blocks (P = SM count rows of column partials: O(Nb) memory; the same throughput as one
+# program per row block, which would run in waves of one per SM). With a teacher (two logits tiles and
+# the teacher's column merge) 64 columns spill on sm_90: 32. Backward: 64 x 32 tiles and a D chunk of at most 512 in the accumulator
 # (64 x 512 fp32 over 8 warps: 128 registers a thread; no spills per the compile gate), so CLIP's
 # D = 512 needs one pass; D > 512 recomputes the logits tile once per chunk (D = 768: twice).
-# fp32 inputs (exact "ieee" dots, twice the operand bytes) use half-size tiles.
+# fp32 inputs (exact "ieee" dots, twice the operand bytes) use half-size tiles (forward: 128 registers,
+# two programs per SM).
 
 _CONFIGS = {
-    "16bit": dict(fwd=dict(R=128, BN=64, BK=64, num_warps=8, num_stages=2),
+    "16bit": dict(fwd=dict(R=128, BN=64, BN_TEACHER=32, BK=64, num_warps=8, num_stages=2, PER_SM=1),
                   bwd=dict(R=64, BN=32, BK=64, BD_MAX=512, num_warps=8, num_stages=2)),
-    "fp32": dict(fwd=dict(R=64, BN=32, BK=32, num_warps=8, num_stages=2),
+    "fp32": dict(fwd=dict(R=64, BN=32, BN_TEACHER=32, BK=32, num_warps=8, num_stages=2, PER_SM=2),
                  bwd=dict(R=32, BN=32, BK=32, BD_MAX=128, num_warps=4, num_stages=2)),
 }
 
@@ -403,6 +434,9 @@ def _config(dtype):
 
 
 _COLREDUCE_BLOCK = 512  # columns per program of the partial-merging kernel (a stream, 4 warps)
+# Under the interpreter (tests), two forward programs: a test-sized batch already makes a program loop
+# over several row blocks and merge its column partials.
+_INTERPRETER_ROW_PROGRAMS = 2
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -415,6 +449,17 @@ def _empty(*args, **kwargs):
 
 def _next_pow2(x):
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def row_programs(n_rb, device, cfg):
+    """Forward programs: as many as fit on the GPU at once (capped by the row blocks there are)."""
+    if device.type != "cuda":
+        return min(n_rb, _INTERPRETER_ROW_PROGRAMS)
+    return min(n_rb, cfg["PER_SM"] * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def fwd_block_n(cfg, teacher):
+    return cfg["BN_TEACHER"] if teacher else cfg["BN"]
 
 
 def row_block(R, QP):
@@ -449,12 +494,13 @@ def _forward_launch(a, b, at, bt, params, mode, cols, smooth, diag_off):
     dev = a.device
     rows = _empty((5 if mode == MODE_SOFTMAX else 1, Na), device=dev, dtype=torch.float32)
     k = 1 + int(smooth) + 2 * int(teacher)
-    part = _empty((k, n_rb, Nb) if cols else (1,), device=dev, dtype=torch.float32)
+    n_prog = row_programs(n_rb, dev, cfg)
+    part = _empty((k, n_prog, Nb) if cols else (1,), device=dev, dtype=torch.float32)
     at_, bt_ = (at, bt) if teacher else (a, b)
-    _contrastive_fwd_kernel[(n_rb,)](
+    _contrastive_fwd_kernel[(n_prog,)](
         a, b, at_, bt_, params, rows, part, Na, Nb, Q, D, n_rb, diag_off,
         *_strides3(a), b.stride(0), b.stride(1), *_strides3(at_), bt_.stride(0), bt_.stride(1),
-        MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI, BN=cfg["BN"], BK=cfg["BK"],
+        MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI, BN=fwd_block_n(cfg, teacher), BK=cfg["BK"],
         DOT_FP32=_interp(), IEEE=a.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -462,7 +508,7 @@ def _forward_launch(a, b, at, bt, params, mode, cols, smooth, diag_off):
     if cols:
         colstats = _empty((4, Nb), device=dev, dtype=torch.float32)
         _contrastive_colreduce_kernel[(triton.cdiv(Nb, _COLREDUCE_BLOCK),)](
-            part, colstats, n_rb, Nb, SMOOTH=smooth, TEACHER=teacher, BLOCK=_COLREDUCE_BLOCK, num_warps=4)
+            part, colstats, n_prog, Nb, SMOOTH=smooth, TEACHER=teacher, BLOCK=_COLREDUCE_BLOCK, num_warps=4)
     return rows, colstats
 
 
@@ -592,7 +638,7 @@ def compile_specs():
     for smooth, teacher in ((False, False), (True, True)):
         c = dict(SMOOTH=smooth, TEACHER=teacher, BLOCK=_COLREDUCE_BLOCK)
         yield CompileSpec(kernel=_contrastive_colreduce_kernel,
-                          signature={"part_ptr": "*fp32", "col_ptr": "*fp32", "n_rb": "i64", "Nb": "i64",
+                          signature={"part_ptr": "*fp32", "col_ptr": "*fp32", "n_part": "i64", "Nb": "i64",
                                      "SMOOTH": "constexpr", "TEACHER": "constexpr", "BLOCK": "constexpr"},
                           constexprs=c, num_warps=4, divisibility={"part_ptr": 16, "col_ptr": 16},
                           label=f"smooth={smooth} teacher={teacher} BLOCK={_COLREDUCE_BLOCK}")
@@ -606,12 +652,12 @@ def compile_specs():
             ieee = dtype == torch.float32
             tag = f"{label} {_SIG[dtype]}"
             fwd_c = dict(MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=row_block(fwd["R"], QP),
-                         BN=fwd["BN"], BK=fwd["BK"], DOT_FP32=False, IEEE=ieee)
+                         BN=fwd_block_n(fwd, teacher), BK=fwd["BK"], DOT_FP32=False, IEEE=ieee)
             yield _spec(
                 _contrastive_fwd_kernel, ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "row_ptr", "part_ptr"),
                 ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, fwd_c, dtype,
                 num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
-                label=f"{tag} R={fwd['R']} BN={fwd['BN']} BK={fwd['BK']}")
+                label=f"{tag} R={fwd['R']} BN={fwd_c['BN']} BK={fwd['BK']}")
             bwd_c = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=row_block(bwd["R"], QP), BN=bwd["BN"],
                          BK=bwd["BK"], BD=bwd["BD_MAX"], DOT_FP32=False, IEEE=ieee, EMULATE=False)
             common = dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],

@@ -1,4 +1,5 @@
-"""The CPU (chunked) contrastive loss needs extra memory linear in the batch; the naive loss is quadratic.
+"""The CPU (chunked) contrastive loss and the Triton path need extra memory linear in the batch; the naive
+loss is quadratic.
 
 Memory is measured as the peak of live tensor storage created during forward + backward, tracked by a
 TorchDispatchMode (every op's outputs are counted once per storage until that storage is freed): an
@@ -6,11 +7,13 @@ exact count of what torch allocates, independent of the allocator and of other p
 """
 import weakref
 
+import pytest
 import torch
 from numerics import randn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from mmfast.kernels import interpreting
 from mmfast.kernels.contrastive import contrastive_loss
 from mmfast.kernels.reference import contrastive_loss_reference
 
@@ -66,3 +69,33 @@ def test_extra_memory_is_linear_in_batch(monkeypatch):
     # the same measurement catches the naive loss: quadratic (~16x) and several logits matrices
     naive_small, naive_large = _peak_bytes(contrastive_loss_reference, small), _peak_bytes(contrastive_loss_reference, large)
     assert naive_large > 10 * naive_small and naive_large > one_logits_matrix, (naive_small, naive_large)
+
+
+@pytest.mark.skipif(not interpreting(), reason="runs the Triton launchers on the CPU: needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("row_programs", [2, 10**6], ids=["2-programs", "one-per-row-block"])
+def test_triton_extra_memory_is_linear_in_batch(monkeypatch, row_programs):
+    """The Triton forward's buffers (row and column statistics, the column partials) are O(N): the
+    partials have one row per forward program, and the programs are bounded (the GPU's SM count; here
+    patched), however many row blocks the batch has. With one program per row block the partials are
+    ceil(N / 64) x N floats: quadratic, and caught by the same measurement. The launchers run inside a
+    custom op, which the dispatch mode above sees as one call, so their allocations are counted where
+    they are made (every buffer they write comes from ``_empty``)."""
+    import mmfast.kernels.contrastive._triton as triton_impl
+
+    monkeypatch.setattr(triton_impl, "_INTERPRETER_ROW_PROGRAMS", row_programs)
+    allocated = []
+    real_empty = triton_impl._empty
+    monkeypatch.setattr(triton_impl, "_empty", lambda *a, **k: allocated.append(real_empty(*a, **k)) or allocated[-1])
+
+    def forward_bytes(n):
+        allocated.clear()
+        a, b = randn(n, 8), randn(n, 8)
+        contrastive_loss(a, b, torch.tensor(2.0), normalize=True, backend="triton")
+        return sum(t.untyped_storage().nbytes() for t in allocated)
+
+    small, large = 150, 600  # fp32: 3 and 10 row blocks of 64
+    ours_small, ours_large = forward_bytes(small), forward_bytes(large)
+    if row_programs == 2:
+        assert ours_large <= 4 * ours_small, (ours_small, ours_large)
+    else:
+        assert ours_large > 5 * ours_small, (ours_small, ours_large)
