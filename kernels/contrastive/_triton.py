@@ -415,17 +415,22 @@ def _contrastive_bwd_db_kernel(
 # registers a thread, so one program fills an SM, and the forward launches one program per SM (PER_SM), each
 # looping over row blocks (P = SM count rows of column partials: O(Nb) memory; the same throughput as one
 # program per row block, which would run in waves of one per SM). With a teacher (two logits tiles and
-# the teacher's column merge) 64 columns spill on sm_90: 32. Backward: 64 x 32 tiles and a D chunk of at most 512 in the accumulator
-# (64 x 512 fp32 over 8 warps: 128 registers a thread; no spills per the compile gate), so CLIP's
-# D = 512 needs one pass; D > 512 recomputes the logits tile once per chunk (D = 768: twice).
-# fp32 inputs (exact "ieee" dots, twice the operand bytes) use half-size tiles (forward: 128 registers,
-# two programs per SM).
+# the teacher's column merge) 64 columns spill on sm_90: 32. Backward: 64 x 32 tiles and a D chunk of at
+# most 512 in the accumulator (64 x 512 fp32 over 8 warps: 128 registers a thread), so CLIP's D = 512
+# needs one pass; D > 512 recomputes the logits tile once per chunk (D = 768: twice). With a teacher the
+# K step is 32 (64 spills on sm_80 with Triton 3.6), in the forward too (see block_k). The backward kernels are built for one program per SM
+# and pass maxnreg=255: Triton 3.6's ptxas otherwise caps some of them (db with a 256 chunk) at 128
+# registers for a second program per SM, and spills (the fp32 backward, 4 warps, spills with it). fp32 inputs (exact "ieee" dots, twice the operand
+# bytes) use half-size tiles (forward: 128 registers, two programs per SM; K step 16: 32 spills on 3.6).
+# Every entry compiles without spills for sm_80 and sm_90 on Triton 3.6, 3.8 and 3.9 (the compile gate).
 
 _CONFIGS = {
-    "16bit": dict(fwd=dict(R=128, BN=64, BN_TEACHER=32, BK=64, num_warps=8, num_stages=2, PER_SM=1),
-                  bwd=dict(R=64, BN=32, BK=64, BD_MAX=512, num_warps=8, num_stages=2)),
-    "fp32": dict(fwd=dict(R=64, BN=32, BN_TEACHER=32, BK=32, num_warps=8, num_stages=2, PER_SM=2),
-                 bwd=dict(R=32, BN=32, BK=32, BD_MAX=128, num_warps=4, num_stages=2)),
+    "16bit": dict(BK=64, BK_TEACHER=32,
+                  fwd=dict(R=128, BN=64, BN_TEACHER=32, num_warps=8, num_stages=2, PER_SM=1),
+                  bwd=dict(R=64, BN=32, BD_MAX=512, num_warps=8, num_stages=2, maxnreg=255)),
+    "fp32": dict(BK=16, BK_TEACHER=16,
+                 fwd=dict(R=64, BN=32, BN_TEACHER=32, num_warps=8, num_stages=2, PER_SM=2),
+                 bwd=dict(R=32, BN=32, BD_MAX=128, num_warps=4, num_stages=2, maxnreg=None)),
 }
 
 
@@ -460,6 +465,13 @@ def row_programs(n_rb, device, cfg):
 
 def fwd_block_n(cfg, teacher):
     return cfg["BN_TEACHER"] if teacher else cfg["BN"]
+
+
+def block_k(dtype, teacher):
+    """The K step of the logits tile: one per dtype (and teacher) for the forward and the backward, so the
+    backward's recomputed logits are the forward's, summed in the same order, bit for bit."""
+    cfg = _config(dtype)
+    return cfg["BK_TEACHER"] if teacher else cfg["BK"]
 
 
 def row_block(R, QP):
@@ -500,7 +512,7 @@ def _forward_launch(a, b, at, bt, params, mode, cols, smooth, diag_off):
     _contrastive_fwd_kernel[(n_prog,)](
         a, b, at_, bt_, params, rows, part, Na, Nb, Q, D, n_rb, diag_off,
         *_strides3(a), b.stride(0), b.stride(1), *_strides3(at_), bt_.stride(0), bt_.stride(1),
-        MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI, BN=fwd_block_n(cfg, teacher), BK=cfg["BK"],
+        MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI, BN=fwd_block_n(cfg, teacher), BK=block_k(a.dtype, teacher),
         DOT_FP32=_interp(), IEEE=a.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -522,9 +534,9 @@ def _backward_launch(a, b, at, bt, params, rvec, cvec, mode, cols, need_da, need
     BD = bwd_block_d(D, cfg)
     teacher = at is not None
     at_, bt_ = (at, bt) if teacher else (a, b)
-    common = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=BI, BN=cfg["BN"], BK=cfg["BK"], BD=BD,
+    common = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=BI, BN=cfg["BN"], BK=block_k(a.dtype, teacher), BD=BD,
                   DOT_FP32=_interp(), IEEE=a.dtype == torch.float32, EMULATE=_interp(),
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
     strides = (*_strides3(a), b.stride(0), b.stride(1), *_strides3(at_), bt_.stride(0), bt_.stride(1))
     n_rb = triton.cdiv(Na, BI)
     da = _empty(a.shape, device=a.device, dtype=a.dtype)
@@ -652,21 +664,21 @@ def compile_specs():
             ieee = dtype == torch.float32
             tag = f"{label} {_SIG[dtype]}"
             fwd_c = dict(MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=row_block(fwd["R"], QP),
-                         BN=fwd_block_n(fwd, teacher), BK=fwd["BK"], DOT_FP32=False, IEEE=ieee)
+                         BN=fwd_block_n(fwd, teacher), BK=block_k(dtype, teacher), DOT_FP32=False, IEEE=ieee)
             yield _spec(
                 _contrastive_fwd_kernel, ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "row_ptr", "part_ptr"),
                 ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, fwd_c, dtype,
                 num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
-                label=f"{tag} R={fwd['R']} BN={fwd_c['BN']} BK={fwd['BK']}")
+                label=f"{tag} R={fwd['R']} BN={fwd_c['BN']} BK={fwd_c['BK']}")
             bwd_c = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=row_block(bwd["R"], QP), BN=bwd["BN"],
-                         BK=bwd["BK"], BD=bwd["BD_MAX"], DOT_FP32=False, IEEE=ieee, EMULATE=False)
-            common = dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
-                          label=f"{tag} R={bwd['R']} BN={bwd['BN']} BD={bwd['BD_MAX']}")
+                         BK=block_k(dtype, teacher), BD=bwd["BD_MAX"], DOT_FP32=False, IEEE=ieee, EMULATE=False)
+            common = dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"], options={"maxnreg": bwd["maxnreg"]} if bwd["maxnreg"] else None,
+                          label="")
             # the largest D chunk everywhere; the smaller chunks small D picks, for plain bf16 CLIP
             chunks = (bwd["BD_MAX"], 64, 128, 256) if (label, dtype) == ("clip", torch.bfloat16) else (bwd["BD_MAX"],)
             for bd in chunks:
                 c = dict(bwd_c, BD=bd)
-                common["label"] = f"{tag} R={bwd['R']} BN={bwd['BN']} BD={bd}"
+                common["label"] = f"{tag} R={bwd['R']} BN={bwd['BN']} BK={c['BK']} BD={bd}"
                 yield _spec(_contrastive_bwd_da_kernel, ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr",
                                                          "rvec_ptr", "cvec_ptr", "da_ptr", "red_ptr"),
                             ("Na", "Nb", "Q", "D", "n_rb", "diag_off") + _STRIDES, c, dtype, **common)
