@@ -15,8 +15,14 @@ reports spills), or on shared memory above the target's opt-in limit. CUDA sourc
 (not failed) when nvcc is missing.
 
 CLI: ``python -m mmfast compile-report [--arch 80,90] [--no-nvcc] [--json PATH] [--cu FILE ...]
-[--specs MODULE:FUNC ...] [--plain]``
+[--specs MODULE:FUNC ...] [--plain] [--triton VERSION]``
 (also ``python -m mmfast.compile_report``); the exit code is 1 when any row fails.
+
+``--triton VERSION`` runs the same report with another Triton: in a virtual environment kept under
+``$MMFAST_CACHE_DIR`` (default ``~/.cache/mmfast``) that sees this environment's packages (torch, mmfast)
+and has only ``triton==VERSION`` installed on top, from the configured package index. Register
+allocation differs between Triton releases (their ptxas and their passes): a config that fits on one
+can spill on another, and users run 3.6 (torch 2.11) through 3.9, so CI runs the gate on both ends.
 
 TRITON_INTERPRET=1 turns ``@triton.jit`` functions into interpreter objects that cannot be compiled,
 so ``main`` re-runs itself in a subprocess without it.
@@ -643,7 +649,50 @@ def _parse_args(argv):
                    help="check the specs returned by MODULE:FUNC (or FILE.py:FUNC) instead of all_compile_specs() "
                    "(repeatable)")
     p.add_argument("--plain", action="store_true", help="plain text table even if rich is installed")
+    p.add_argument("--triton", metavar="VERSION",
+                   help="run the report with this Triton release, in a cached virtual environment (see above)")
     return p.parse_args(argv)
+
+
+def _strip_triton_flag(argv):
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--triton":
+            skip = True
+        elif not a.startswith("--triton="):
+            out.append(a)
+    return out
+
+
+def triton_env(version):
+    """The python of a virtual environment with ``triton==version`` over this environment's packages
+    (created on first use; an unfinished one is never used: it is built in a temporary folder and renamed)."""
+    import venv
+
+    root = os.path.join(os.environ.get("MMFAST_CACHE_DIR") or os.path.expanduser("~/.cache/mmfast"))
+    final = os.path.join(root, f"triton-{version}")
+    python = os.path.join(final, "bin", "python")
+    if os.path.exists(python):
+        return python
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"triton-{version}-", dir=root)
+    try:
+        venv.EnvBuilder(system_site_packages=True, with_pip=False, clear=True).create(tmp)
+        # no pip of its own: this environment's pip installs into it
+        res = subprocess.run([sys.executable, "-m", "pip", "--python", os.path.join(tmp, "bin", "python"), "install",
+                              "-q", "--no-deps", f"triton=={version}"], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"could not install triton=={version}: {(res.stderr or res.stdout).strip()[-500:]}")
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: use its environment
+            pass
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return python
 
 
 def _reexec_without_interpreter(argv):
@@ -661,6 +710,17 @@ def main(argv=None):
     except ValueError:
         print(f"compile-report: bad --arch {args.arch!r}; expected e.g. 80,90", file=sys.stderr)
         return 2
+    if args.triton:
+        import triton
+
+        if triton.__version__ != args.triton:
+            try:
+                python = triton_env(args.triton)
+            except RuntimeError as exc:
+                print(f"compile-report: {exc}", file=sys.stderr)
+                return 3
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            return subprocess.call([python, "-m", "mmfast.compile_report", *_strip_triton_flag(argv)], env=env)
     if interpreting():
         if os.environ.get(_REEXEC_GUARD) == "1":
             print("compile-report: TRITON_INTERPRET is set; unset it to compile kernels", file=sys.stderr)
