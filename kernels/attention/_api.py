@@ -228,18 +228,19 @@ def _fwd_launch(q, k, v, meta, scale, varlen, max_q, max_k):
     lse = torch.empty((hq, q.shape[0]) if varlen else (batch, hq, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or batch == 0 or seqlen_q == 0:
         return out, lse.fill_(float("-inf"))
-    cfg = C.get_config("fwd", head_dim, q.dtype, interp)
     mask_m, mask_n = C.mask_tile(interp)
     full_num, full_idx, part_num, part_idx = meta.lists[:4]
     stride_nb, stride_ib, stride_im = meta.strides(full_num, full_idx)
-    grid = (triton.cdiv(seqlen_q, cfg.block_m), hq, batch)
-    _attention_fwd_kernel[grid](
+    args = (
         q, k, v, out, lse, meta.row_lo, meta.row_hi, meta.kpm, meta.cu_q, meta.cu_k,
         full_num, full_idx, part_num, part_idx,
         *_bh_strides(q, varlen), *_bh_strides(k, varlen), *_bh_strides(v, varlen), *_bh_strides(out, varlen),
         *_lse_strides(lse, varlen), meta.stride_rb, *meta.kpm_strides, stride_nb, stride_ib, stride_im,
         seqlen_q, seqlen_k, hq, hq // hkv, scale * 1.4426950408889634,
-        HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+    )
+    cfg = C.launch_config("fwd", _attention_fwd_kernel, args, head_dim, q.dtype, interp)
+    _attention_fwd_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
+        *args, HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         MASK_M=mask_m, MASK_N=mask_n, VARLEN=varlen, HAS_KPM=meta.kpm.dtype == torch.uint8, **_flags(q, interp),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -262,39 +263,43 @@ def _bwd_launch(do, q, k, v, out, lse, dlse, meta, scale, varlen, max_q, max_k):
     mask_m, mask_n = C.mask_tile(interp)
     flags = _flags(q, interp)
     delta = torch.empty_like(lse)
-    cfg = C.get_config("pre", head_dim, q.dtype, interp)
     has_dlse = dlse is not None
     if has_dlse and dlse.stride() != lse.stride():
         dlse = dlse.contiguous()
+    args = (out, do, dlse if has_dlse else lse, delta, *_bh_strides(out, varlen), *_bh_strides(do, varlen),
+            *_lse_strides(lse, varlen), seqlen_q, hq, meta.cu_q)
+    cfg = C.launch_config("pre", _attention_bwd_preprocess_kernel, args, head_dim, q.dtype, interp)
     _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
-        out, do, dlse if has_dlse else lse, delta, *_bh_strides(out, varlen), *_bh_strides(do, varlen),
-        *_lse_strides(lse, varlen), seqlen_q, hq, meta.cu_q,
-        HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, VARLEN=varlen, HAS_DLSE=has_dlse,
+        *args, HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, VARLEN=varlen, HAS_DLSE=has_dlse,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     common = dict(HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), MASK_M=mask_m, MASK_N=mask_n, VARLEN=varlen,
                   HAS_KPM=meta.kpm.dtype == torch.uint8, **flags)
     q_full_num, q_full_idx, q_part_num, q_part_idx = meta.lists[4:]
-    cfg = C.get_config("dkdv", head_dim, q.dtype, interp)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), hkv, batch)](
+    args = (
         q, k, v, do, lse, delta, dk, dv, meta.row_lo, meta.row_hi, meta.kpm, meta.cu_q, meta.cu_k,
         q_full_num, q_full_idx, q_part_num, q_part_idx,
         *_bh_strides(q, varlen), *_bh_strides(k, varlen), *_bh_strides(v, varlen), *_bh_strides(do, varlen),
         *_bh_strides(dk, varlen), *_bh_strides(dv, varlen), *_lse_strides(lse, varlen),
         meta.stride_rb, *meta.kpm_strides, *meta.strides(q_full_num, q_full_idx),
         seqlen_q, seqlen_k, hkv, hq // hkv, scale * 1.4426950408889634, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cfg = C.launch_config("dkdv", _attention_bwd_dkdv_kernel, args, head_dim, q.dtype, interp)
+    _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), hkv, batch)](
+        *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     full_num, full_idx, part_num, part_idx = meta.lists[:4]
-    cfg = C.get_config("dq", head_dim, q.dtype, interp)
-    _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
+    args = (
         q, k, v, do, lse, delta, dq, meta.row_lo, meta.row_hi, meta.kpm, meta.cu_q, meta.cu_k,
         full_num, full_idx, part_num, part_idx,
         *_bh_strides(q, varlen), *_bh_strides(k, varlen), *_bh_strides(v, varlen), *_bh_strides(do, varlen),
         *_bh_strides(dq, varlen), *_lse_strides(lse, varlen),
         meta.stride_rb, *meta.kpm_strides, *meta.strides(full_num, full_idx),
         seqlen_q, seqlen_k, hq, hq // hkv, scale * 1.4426950408889634, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cfg = C.launch_config("dq", _attention_bwd_dq_kernel, args, head_dim, q.dtype, interp)
+    _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
+        *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
 

@@ -53,11 +53,12 @@ def qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, device, var
     return q, k, v
 
 
-def check_against_reference(q, k, v, *, grads=True, dlse=False, **mask):
+def check_against_reference(q, k, v, *, grads=True, dlse=False, relayout=None, **mask):
     """Kernel (backend="triton") vs fp64 reference, with PyTorch in q's dtype as the yardstick:
-    out and lse by the 2x rule, dq / dk / dv by the 3x rule. Returns (out, lse, grads) of the kernel."""
+    out and lse by the 2x rule, dq / dk / dv by the 3x rule. Returns (out, lse, grads) of the kernel.
+    relayout(t): a copy of t in the memory layout the kernel should get (a clone may change odd layouts)."""
     device, dtype = q.device, q.dtype
-    leaves = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
+    leaves = [(relayout(t.detach()) if relayout else t.detach().clone()).requires_grad_(grads) for t in (q, k, v)]
     out, lse = flash_attention(*leaves, return_lse=True, backend="triton", **mask)
     assert out.shape == q.shape and out.dtype == dtype and lse.dtype == torch.float32
     exact = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]

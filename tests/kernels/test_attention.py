@@ -10,6 +10,7 @@ from attention_helpers import check_against_reference, qkv, random_intervals, ra
 from numerics import FLOAT_DTYPES, assert_bitwise_equal, dtype_id, randn
 
 from mmfast.kernels import flash_attention
+from mmfast.kernels.attention import _configs as C
 from mmfast.kernels.reference import attention_reference
 
 # (batch, Lq, Lk, Hq, Hkv, D, mask): one row per case, chosen to cover sizes, head dims and masks
@@ -98,6 +99,70 @@ def test_strided_views_of_fused_qkv(device):
     q2, k2, v2 = bhld.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2)
     check_against_reference(q2, k2, v2)
     assert out.is_contiguous()
+
+
+def _odd_layout(x, kind):
+    """x (B, L, H, D) re-laid so Triton's JIT cannot prove 16-byte alignment: one element off, a head stride of
+    D + 8, or an odd row stride (e.g. a slice of a larger fused buffer)."""
+    b, l, h, d = x.shape
+    if kind == "offset-by-one":
+        y = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
+    elif kind == "head-stride-D+8":
+        y = torch.empty(b, l, h, d + 8, dtype=x.dtype, device=x.device)[..., :d]
+    else:  # "odd-row-stride"
+        row = h * d + 1
+        y = torch.empty(b * l * row, dtype=x.dtype, device=x.device).as_strided(x.shape, (l * row, row, d, 1))
+    return y.copy_(x)
+
+
+def _record_configs(monkeypatch):
+    """Spy on the launchers' tile choice: (pass, aligned?, the GPU table entry chosen) per launch. The unaligned
+    entries' tiles (32 x 32) divide the interpreter's mask tile, so on the CPU they run as chosen: the odd-stride
+    tests below execute the GPU's unaligned tiles; every other launch keeps the interpreter's tiles."""
+    seen = []
+    real = C.launch_config
+
+    def spy(pass_, kernel, args, head_dim, dtype, interpreter):
+        aligned = C.is_aligned(kernel, head_dim, args)
+        gpu = C.get_config(pass_, head_dim, dtype, False, aligned)
+        seen.append((pass_, aligned, gpu))
+        unaligned_entry = any(gpu is entry for entry in C._GPU_UNALIGNED_TABLE.values())
+        return gpu if unaligned_entry else real(pass_, kernel, args, head_dim, dtype, interpreter)
+
+    monkeypatch.setattr(C, "launch_config", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind, head_dim", [("offset-by-one", 128), ("head-stride-D+8", 128), ("odd-row-stride", 128),
+                                            ("head-stride-D+8", 256)])
+def test_odd_strides_use_the_unaligned_tiles(device, kind, head_dim, monkeypatch):
+    """Inputs without 16-byte alignment (what the JIT specialises on) get the smaller unaligned GPU entries for
+    the passes that read them (fwd, dK/dV; dQ has none and keeps its entry; the Delta pass reads only fresh
+    tensors), and are still correct with those tiles."""
+    seen = _record_configs(monkeypatch)
+    q, k, v = qkv(2, 19, 37, 2, 1, head_dim, torch.bfloat16, device)
+    start, end = random_intervals(2, 19, 37, device)
+    check_against_reference(q, k, v, causal=True, kv_start=start, kv_end=end, relayout=lambda t: _odd_layout(t, kind))
+    chosen = {pass_: (aligned, cfg) for pass_, aligned, cfg in seen}
+    assert set(chosen) == {"fwd", "pre", "dkdv", "dq"}
+    assert chosen["fwd"] == (False, C._GPU_UNALIGNED_TABLE[("fwd", head_dim, 2)])
+    assert chosen["dkdv"] == (False, C._GPU_UNALIGNED_TABLE[("dkdv", head_dim, 2)])
+    assert chosen["dq"] == (False, C._GPU_TABLE[("dq", head_dim, 2)])
+    assert chosen["pre"] == (True, C._GPU_TABLE[("pre", head_dim, 2)])
+
+
+@pytest.mark.parametrize("head_dim, heads", [(128, 2), (80, 1), (40, 2)])
+def test_aligned_inputs_keep_the_aligned_tiles(device, head_dim, heads, monkeypatch):
+    """Contiguous inputs, and fused-QKV slices whose offsets and strides are multiples of 16 elements, keep the
+    aligned entries; at D = 40 the head stride (40) is odd for every input and the aligned specs do not assume
+    it divisible (compile_specs), so it does not count."""
+    seen = _record_configs(monkeypatch)
+    fused = randn(1, 7, 3, heads, head_dim, dtype=torch.bfloat16, device=device)
+    q, k, v = (t.requires_grad_() for t in fused.unbind(2))
+    flash_attention(q, k, v, causal=True, backend="triton").sum().backward()
+    assert [pass_ for pass_, _, _ in seen] == ["fwd", "pre", "dkdv", "dq"]
+    for pass_, aligned, cfg in seen:
+        assert aligned and cfg == C.get_config(pass_, head_dim, torch.bfloat16, False), pass_
 
 
 def test_backward_is_deterministic(device):
