@@ -4,7 +4,7 @@ reference by the numerics rule."""
 import pytest
 import torch
 from contrastive_helpers import VARIANTS, check_against_reference, make_inputs, run
-from numerics import assert_bitwise_equal, dtype_id, poison_, randn
+from numerics import assert_bitwise_equal, assert_close_by_rule, dtype_id, poison_, randn
 
 import mmfast.kernels.contrastive._chunked as chunked
 import mmfast.kernels.contrastive._triton as triton_impl
@@ -110,25 +110,36 @@ def test_triton_deterministic():
 @pytest.mark.parametrize("op", ["contrastive", "siglip"])
 def test_saturated_logits_stay_finite(op, backend):
     """Logits of ±several thousand (unnormalised features, scale 100): softmax / sigmoid saturate, the
-    loss and gradients stay finite and match fp64."""
+    loss and gradients stay finite and match fp64 as closely as the naive fp32 computation does.
+
+    The yardstick matters here: an fp32 logit of ~1e4 is only known to ~1e-3, and where two logits of a
+    row (or a logit and the sigmoid's bias) nearly tie, the gradient moves by that much times s·|b| ~ 1e3,
+    so one sample of PyTorch's fp32 error is no bound (it failed a few seeds in a hundred, for the chunked
+    path and the kernels alike). Over 80 seeds the worst error relative to the largest gradient was
+    1.4e-5 for the naive fp32 loss, 1.4e-5 (chunked) and 8.8e-5 (Triton) for ours: the floor is 5e-4 of
+    the largest reference value, still far below what a wrong gradient (off by O(1)) would give."""
     a, b = randn(19, 40, device=DEVICE, scale=10.0), randn(23, 40, device=DEVICE, scale=10.0)
     t = torch.tensor(100.0, device=DEVICE)
-    kw = dict(log_scale=False, backend=backend)
-    leaves = [x.clone().requires_grad_() for x in (a, b, t)]
-    leaves64 = [x.double().requires_grad_() for x in (a, b, t)]
-    if op == "siglip":
-        bias = torch.tensor(-10.0, device=DEVICE)
-        loss = siglip_loss(*leaves, bias, **kw)
-        want = siglip_loss_reference(*leaves64, bias.double(), log_scale=False)
-    else:
-        loss = contrastive_loss(*leaves, label_smoothing=0.1, **kw)
-        want = contrastive_loss_reference(*leaves64, label_smoothing=0.1, log_scale=False)
-    loss.backward()
-    want.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(x.grad).all() for x in leaves)
-    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-3)
-    for x, y in zip(leaves, leaves64):
-        torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-3)
+    bias = torch.tensor(-10.0, device=DEVICE)
+
+    def loss_and_grads(fn, dtype, **kw):
+        leaves = [x.detach().to(dtype).clone().requires_grad_() for x in (a, b, t)]
+        if op == "siglip":
+            loss = fn(*leaves, bias.to(dtype), log_scale=False, **kw)
+        else:
+            loss = fn(*leaves, label_smoothing=0.1, log_scale=False, **kw)
+        loss.backward()
+        return [loss.detach()] + [x.grad for x in leaves]
+
+    ours_fn, naive_fn = (siglip_loss, siglip_loss_reference) if op == "siglip" else (contrastive_loss,
+                                                                                     contrastive_loss_reference)
+    ours = loss_and_grads(ours_fn, torch.float32, backend=backend)
+    naive32 = loss_and_grads(naive_fn, torch.float32)
+    want = loss_and_grads(naive_fn, torch.float64)
+    assert all(torch.isfinite(x).all() for x in ours)
+    for name, got, torch32, ref in zip(("loss", "da", "db", "dscale"), ours, naive32, want):
+        assert_close_by_rule(got, ref, torch32, factor=3.0, floor=5e-4 * ref.abs().max().item() + 1e-6,
+                             what=f"{op} {backend} {name}")
 
 
 @needs_triton
