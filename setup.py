@@ -79,7 +79,8 @@ setup(
     package_data={"mmfast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
     install_requires=["torch>=2.3", "triton>=3.0", "ninja", "numpy"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "rich", "matplotlib"],
+        # timm and open_clip: the tests compare against their PatchEmbed / position resampling / ClipLoss
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch"],
         "hf": ["transformers", "timm", "open_clip_torch"],
     },
     ext_modules=ext_modules,
