@@ -121,7 +121,9 @@ def _contrastive_fwd_kernel(
         q_flat = (r % QP).to(tl.int64)
         img = rb * BI + tl.arange(0, BI).to(tl.int64)
         row_ok = img < Na
-        merge = rb >= n_prog  # the partials already hold earlier row blocks of this program
+        # the partials already hold earlier row blocks of this program (a block, not a scalar: Triton 3.9's
+        # interpreter cannot load under a block mask combined with a scalar one)
+        merge = (tl.zeros((BN,), tl.int32) + rb) >= n_prog
         if COLS:
             # order this block's read-modify-write of the partials after the previous block's stores,
             # which other threads of the program may have made
