@@ -412,18 +412,23 @@ def _contrastive_bwd_db_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 #
-# Forward: R = 128 flattened rows x BN = 64 columns per tile, K loop of 64 over D, 8 warps: the tile and
-# its fp32 temporaries (logits, exp, teacher) stay in registers (checked by the compile gate): 150-250
-# registers a thread, so one program fills an SM, and the forward launches one program per SM (PER_SM), each
-# looping over row blocks (P = SM count rows of column partials: O(Nb) memory; the same throughput as one
-# program per row block, which would run in waves of one per SM). With a teacher (two logits tiles and
-# the teacher's column merge) 64 columns spill on sm_90: 32. Backward: 64 x 32 tiles and a D chunk of at
-# most 512 in the accumulator (64 x 512 fp32 over 8 warps: 128 registers a thread), so CLIP's D = 512
-# needs one pass; D > 512 recomputes the logits tile once per chunk (D = 768: twice). With a teacher the
-# K step is 32 (64 spills on sm_80 with Triton 3.6), in the forward too (see block_k). The backward kernels are built for one program per SM
-# and pass maxnreg=255: Triton 3.6's ptxas otherwise caps some of them (db with a 256 chunk) at 128
-# registers for a second program per SM, and spills (the fp32 backward, 4 warps, spills with it). fp32 inputs (exact "ieee" dots, twice the operand
-# bytes) use half-size tiles (forward: 128 registers, two programs per SM; K step 16: 32 spills on 3.6).
+# Forward: R = 128 flattened rows x BN = 64 columns per tile, K loop of 64 over D, 8 warps: the tile and its
+# fp32 temporaries (logits, exp, teacher) stay in registers (checked by the compile gate): 150-250 registers
+# a thread, so one program fills an SM, and the forward launches one program per SM (PER_SM), each looping
+# over row blocks (P = SM count rows of column partials: O(Nb) memory; the same throughput as one program
+# per row block, which would run in waves of one per SM). With a teacher (two logits tiles and the teacher's
+# column merge) 64 columns spill on sm_90: 32.
+#
+# Backward: 64 x 32 tiles and a D chunk of at most 512 in the accumulator (64 x 512 fp32 over 8 warps: 128
+# registers a thread), so CLIP's D = 512 needs one pass; D > 512 recomputes the logits tile once per chunk
+# (D = 768: twice). With a teacher the K step is 32 (64 spills on sm_80 with Triton 3.6), in the forward too
+# (see block_k). The backward kernels are built for one program per SM and pass maxnreg=255: Triton 3.6's
+# ptxas otherwise caps some of them (db with a 256 chunk) at 128 registers for a second program per SM, and
+# spills. The fp32 backward (4 warps) goes without it: with it, ptxas took 255 registers and spilled.
+#
+# fp32 inputs (exact "ieee" dots, twice the operand bytes) use half-size tiles (forward: 128 registers, two
+# programs per SM; K step 16: 32 spills on 3.6).
+#
 # Every entry compiles without spills for sm_80 and sm_90 on Triton 3.6, 3.8 and 3.9 (the compile gate).
 
 _CONFIGS = {
@@ -514,7 +519,8 @@ def _forward_launch(a, b, at, bt, params, mode, cols, smooth, diag_off):
     _contrastive_fwd_kernel[(n_prog,)](
         a, b, at_, bt_, params, rows, part, Na, Nb, Q, D, n_rb, diag_off,
         *_strides3(a), b.stride(0), b.stride(1), *_strides3(at_), bt_.stride(0), bt_.stride(1),
-        MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI, BN=fwd_block_n(cfg, teacher), BK=block_k(a.dtype, teacher),
+        MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI, BN=fwd_block_n(cfg, teacher),
+        BK=block_k(a.dtype, teacher),
         DOT_FP32=_interp(), IEEE=a.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -536,7 +542,8 @@ def _backward_launch(a, b, at, bt, params, rvec, cvec, mode, cols, need_da, need
     BD = bwd_block_d(D, cfg)
     teacher = at is not None
     at_, bt_ = (at, bt) if teacher else (a, b)
-    common = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=BI, BN=cfg["BN"], BK=block_k(a.dtype, teacher), BD=BD,
+    common = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=BI, BN=cfg["BN"], BK=block_k(a.dtype, teacher),
+                  BD=BD,
                   DOT_FP32=_interp(), IEEE=a.dtype == torch.float32, EMULATE=_interp(),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["maxnreg"])
     strides = (*_strides3(a), b.stride(0), b.stride(1), *_strides3(at_), bt_.stride(0), bt_.stride(1))
@@ -674,7 +681,8 @@ def compile_specs():
                 label=f"{tag} R={fwd['R']} BN={fwd_c['BN']} BK={fwd_c['BK']}")
             bwd_c = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=row_block(bwd["R"], QP), BN=bwd["BN"],
                          BK=block_k(dtype, teacher), BD=bwd["BD_MAX"], DOT_FP32=False, IEEE=ieee, EMULATE=False)
-            common = dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"], options={"maxnreg": bwd["maxnreg"]} if bwd["maxnreg"] else None,
+            common = dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
+                          options={"maxnreg": bwd["maxnreg"]} if bwd["maxnreg"] else None,
                           label="")
             # the largest D chunk everywhere; the smaller chunks small D picks, for plain bf16 CLIP
             chunks = (bwd["BD_MAX"], 64, 128, 256) if (label, dtype) == ("clip", torch.bfloat16) else (bwd["BD_MAX"],)

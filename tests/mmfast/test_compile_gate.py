@@ -425,7 +425,8 @@ def test_gate_passes_on_other_triton_releases(version, tmp_path):
     res = _python(["-m", "mmfast.compile_report", "--triton", version, "--no-nvcc", "--json", str(path)], timeout=1800)
     if res.returncode == 3 and "could not install" in res.stderr:
         pytest.skip(f"triton=={version} cannot be installed here (no package index?): {res.stderr.strip()[-300:]}")
-    assert res.returncode == 0, f"compile-report with Triton {version} failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, (f"compile-report with Triton {version} failed:\n"
+                                 f"{res.stdout[-6000:]}\n{res.stderr[-3000:]}")
     report = json.loads(path.read_text())
     assert report["triton"] == version
     rows = [r for r in report["rows"] if r["source"] == "triton"]
