@@ -99,3 +99,19 @@ def test_triton_extra_memory_is_linear_in_batch(monkeypatch, row_programs):
         assert ours_large <= 4 * ours_small, (ours_small, ours_large)
     else:
         assert ours_large > 5 * ours_small, (ours_small, ours_large)
+
+
+def test_row_programs_on_a_gpu_is_bounded_by_its_sms(monkeypatch):
+    """The CUDA branch of the forward's grid size (no GPU here: the device properties are stood in for):
+    one program per SM (two for fp32, whose programs fit two to an SM), never more than the row blocks."""
+    import types
+
+    import mmfast.kernels.contrastive._triton as triton_impl
+
+    h100 = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h100)
+    cuda = torch.device("cuda", 0)
+    bf16, fp32 = triton_impl._config(torch.bfloat16)["fwd"], triton_impl._config(torch.float32)["fwd"]
+    assert triton_impl.row_programs(256, cuda, bf16) == 132  # N = 32k: the partials are 132 x N, not 256 x N
+    assert triton_impl.row_programs(100, cuda, bf16) == 100
+    assert triton_impl.row_programs(10**6, cuda, fp32) == 264
