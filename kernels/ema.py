@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._aot import CompileSpec
 from ._dispatch import interpreting, resolve_backend, warn_once
-from ._triton_utils import round_to as _round_f32_to
+from ._triton_utils import round_to
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -97,14 +97,14 @@ def _ema_update_fwd_kernel(
             src_ptrs = tl.multiple_of(src_ptrs, 16)
         e = tl.load(ema_ptrs).to(tl.float32)
         s = tl.load(src_ptrs).to(tl.float32)
-        tl.store(ema_ptrs, _round_f32_to(_lerp(e, s, w, small, one_minus_w, EMULATE), EMA_DTYPE, EMULATE))
+        tl.store(ema_ptrs, round_to(_lerp(e, s, w, small, one_minus_w, EMULATE), EMA_DTYPE, EMULATE))
     if full < stop:
         offs = start + full + lanes
         mask = offs < n
         e = tl.load(ema + offs, mask=mask).to(tl.float32)
         s = tl.load(src + offs, mask=mask).to(tl.float32)
         out = _lerp(e, s, w, small, one_minus_w, EMULATE)
-        tl.store(ema + offs, _round_f32_to(out, EMA_DTYPE, EMULATE), mask=mask)
+        tl.store(ema + offs, round_to(out, EMA_DTYPE, EMULATE), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ._aot import CompileSpec
 from ._dispatch import interpreting, resolve_backend
-from .ema import _round_f32_to
+from ._triton_utils import round_to
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -122,7 +122,7 @@ def _tanh_gated_linear_fwd_kernel(
     if HAS_ROW_MASK:
         out = tl.where(dead[:, None], res, out)
     out_ptrs = out_ptr + (m0 * N + n0) + (lm[:, None] * N + ln[None, :])
-    tl.store(out_ptrs, _round_f32_to(out, OUT_DTYPE, EMULATE), mask=mask)
+    tl.store(out_ptrs, round_to(out, OUT_DTYPE, EMULATE), mask=mask)
 
 
 @triton.jit
@@ -165,9 +165,9 @@ def _tanh_gated_linear_bwd_da_kernel(
             # a per-channel scale cannot move past the reduction over N: scale dy in the prologue and
             # round it to the input dtype, as the MMA wants (PyTorch rounds dy·tanh g the same way)
             s = tl.load(s_ptr + nt * BLOCK_N + offs_n, mask=offs_n < n_left, other=0.0)
-            dy = _round_f32_to(dy.to(tl.float32) * s[None, :], IN_DTYPE, EMULATE)
+            dy = round_to(dy.to(tl.float32) * s[None, :], IN_DTYPE, EMULATE)
         elif CAST_DY:  # an fp32 residual stream over 16-bit GEMM inputs: round dy for the MMA
-            dy = _round_f32_to(dy.to(tl.float32), IN_DTYPE, EMULATE)
+            dy = round_to(dy.to(tl.float32), IN_DTYPE, EMULATE)
         w = tl.load(w_ptrs, mask=(offs_n[:, None] < n_left) & mask_k[None, :], other=0.0)
         acc = _dot(dy, w, acc, DOT_FP32, PRECISION)
         dy_ptrs += BLOCK_N * stride_dyn
@@ -177,7 +177,7 @@ def _tanh_gated_linear_bwd_da_kernel(
     if HAS_ROW_MASK:
         acc = tl.where(dead[:, None], 0.0, acc)
     mask = mask_m[:, None] & mask_k[None, :]
-    tl.store(da_ptr + rows[:, None] * K + ks[None, :], _round_f32_to(acc, IN_DTYPE, EMULATE), mask=mask)
+    tl.store(da_ptr + rows[:, None] * K + ks[None, :], round_to(acc, IN_DTYPE, EMULATE), mask=mask)
 
 
 @triton.jit
@@ -224,7 +224,7 @@ def _tanh_gated_linear_bwd_dw_kernel(
         dyt = tl.load(dyt_ptrs, mask=mask_n[:, None] & live[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=live[:, None] & mask_k[None, :], other=0.0)
         if CAST_DY:
-            acc = _dot(_round_f32_to(dyt.to(tl.float32), IN_DTYPE, EMULATE), a, acc, DOT_FP32, PRECISION)
+            acc = _dot(round_to(dyt.to(tl.float32), IN_DTYPE, EMULATE), a, acc, DOT_FP32, PRECISION)
         else:
             acc = _dot(dyt, a, acc, DOT_FP32, PRECISION)
         if NEED_DBIAS or (NEED_DGATE and HAS_BIAS):
@@ -242,10 +242,10 @@ def _tanh_gated_linear_bwd_dw_kernel(
         else:
             dw = acc * s[:, None]
         mask = mask_n[:, None] & mask_k[None, :]
-        tl.store(dw_ptr + cols[:, None] * K + ks[None, :], _round_f32_to(dw, IN_DTYPE, EMULATE), mask=mask)
+        tl.store(dw_ptr + cols[:, None] * K + ks[None, :], round_to(dw, IN_DTYPE, EMULATE), mask=mask)
     if NEED_DBIAS:
         if first_k:
-            tl.store(dbias_ptr + offs_n, _round_f32_to(colsum * s, IN_DTYPE, EMULATE), mask=mask_n)
+            tl.store(dbias_ptr + offs_n, round_to(colsum * s, IN_DTYPE, EMULATE), mask=mask_n)
     if NEED_DGATE:
         w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)

@@ -9,7 +9,8 @@ the saved base-2 LSE as exp2(s·log2e − lse₂); a row that saw nothing has LS
 import triton
 import triton.language as tl
 
-from ._fwd import _cast, _dot_operand
+from .._triton_utils import round_to
+from ._fwd import _dot_operand
 
 
 @triton.jit
@@ -91,10 +92,10 @@ def _dkdv_inner(
                 visible = visible & kpm_keep[:, None]
             pT = tl.where(visible, pT, 0.0)
         do_op = _dot_operand(do, DOT_FP32)
-        dv += tl.dot(_dot_operand(_cast(pT, do.dtype, EMULATE), DOT_FP32), do_op, input_precision=PRECISION)
+        dv += tl.dot(_dot_operand(round_to(pT, do.dtype, EMULATE), DOT_FP32), do_op, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do_op), input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(_dot_operand(_cast(dsT, qT.dtype, EMULATE), DOT_FP32), tl.trans(_dot_operand(qT, DOT_FP32)),
+        dk += tl.dot(_dot_operand(round_to(dsT, qT.dtype, EMULATE), DOT_FP32), tl.trans(_dot_operand(qT, DOT_FP32)),
                      input_precision=PRECISION)
     return dk, dv
 
@@ -187,9 +188,9 @@ def _attention_bwd_dkdv_kernel(
         )
     dk *= sm_scale
     tl.store(DK + dk_base + kv_h.to(tl.int64) * stride_dkh + cols * stride_dkn + offs_d[None, :],
-             _cast(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
+             round_to(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
     tl.store(DV + dv_base + kv_h.to(tl.int64) * stride_dvh + cols * stride_dvn + offs_d[None, :],
-             _cast(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+             round_to(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
 
 
 @triton.jit
@@ -225,7 +226,7 @@ def _dq_inner(
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, _dot_operand(vT, DOT_FP32), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(_dot_operand(_cast(ds, kT.dtype, EMULATE), DOT_FP32), tl.trans(kT_op), input_precision=PRECISION)
+        dq += tl.dot(_dot_operand(round_to(ds, kT.dtype, EMULATE), DOT_FP32), tl.trans(kT_op), input_precision=PRECISION)
     return dq
 
 
@@ -309,5 +310,5 @@ def _attention_bwd_dq_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, True, HAS_KPM, DOT_FP32, EMULATE, PRECISION,
     )
     dq *= sm_scale
-    tl.store(DQ + dq_base + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :], _cast(dq, DQ.dtype.element_ty, EMULATE),
+    tl.store(DQ + dq_base + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :], round_to(dq, DQ.dtype.element_ty, EMULATE),
              mask=ld)

@@ -9,7 +9,7 @@ and LSE -inf instead of NaN. The kernel writes the base-2 LSE, which the backwar
 import triton
 import triton.language as tl
 
-from .._triton_utils import round_to as _cast
+from .._triton_utils import round_to
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -69,7 +69,7 @@ def _fwd_inner(
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        p_low = _cast(p, v.dtype, EMULATE)
+        p_low = round_to(p, v.dtype, EMULATE)
         acc = acc * alpha[:, None] + tl.dot(_dot_operand(p_low, DOT_FP32), _dot_operand(v, DOT_FP32),
                                             input_precision=PRECISION)
         m_i = m_new
@@ -159,5 +159,5 @@ def _attention_fwd_kernel(
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = (Out + o_base + h.to(tl.int64) * stride_oh + start_m.to(tl.int64) * stride_om
               + offs_mt[:, None] * stride_om + offs_d[None, :])
-    tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, EMULATE), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, round_to(out, Out.dtype.element_ty, EMULATE), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + l_base + h.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .._aot import CompileSpec
-from .._triton_utils import round_to as _round_to
+from .._triton_utils import round_to
 
 MODE_SOFTMAX = 0
 MODE_SIGMOID = 1
@@ -343,7 +343,7 @@ def _contrastive_bwd_da_kernel(
         gq = _expand_queries(g * gscale, arg, QP, BI, BN)
         y = tl.load(b_ptr + cols[:, None] * s_bn + d[None, :] * s_bd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
-            gq = _round_to(gq, y.dtype, EMULATE).to(tl.float32)
+            gq = round_to(gq, y.dtype, EMULATE).to(tl.float32)
             y = y.to(tl.float32)
         else:
             gq = gq.to(y.dtype)
@@ -353,7 +353,7 @@ def _contrastive_bwd_da_kernel(
             acc = tl.dot(gq, y, acc)
     out_ok = (img_flat < Na) & (q_flat < Q)
     tl.store(da_ptr + (img_flat[:, None] * Q + q_flat[:, None]) * D + d[None, :],
-             _round_to((s / gscale) * acc, da_ptr.dtype.element_ty, EMULATE), mask=out_ok[:, None] & d_ok[None, :])
+             round_to((s / gscale) * acc, da_ptr.dtype.element_ty, EMULATE), mask=out_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
         tl.store(red_ptr + pid, tl.sum(red_scale, axis=0))
         tl.store(red_ptr + n_rb + pid, tl.sum(red_bias, axis=0))
@@ -397,7 +397,7 @@ def _contrastive_bwd_db_kernel(
         x = tl.load(a_ptr + img_flat[:, None] * s_an + q_flat[:, None] * s_aq + d[None, :] * s_ad,
                     mask=((img_flat < Na) & (q_flat < Q))[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
-            gq = _round_to(gq, x.dtype, EMULATE).to(tl.float32)
+            gq = round_to(gq, x.dtype, EMULATE).to(tl.float32)
             x = x.to(tl.float32)
         else:
             gq = gq.to(x.dtype)
@@ -405,7 +405,7 @@ def _contrastive_bwd_db_kernel(
             acc = tl.dot(tl.trans(gq), x, acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(gq), x, acc)
-    tl.store(db_ptr + cols[:, None] * D + d[None, :], _round_to((s / gscale) * acc, db_ptr.dtype.element_ty, EMULATE),
+    tl.store(db_ptr + cols[:, None] * D + d[None, :], round_to((s / gscale) * acc, db_ptr.dtype.element_ty, EMULATE),
              mask=col_ok[:, None] & d_ok[None, :])
 
 

@@ -17,7 +17,7 @@ so their registers never overlap the GEMM's. A token row is one of:
 import triton
 import triton.language as tl
 
-from .._triton_utils import round_to as _round_to
+from .._triton_utils import round_to
 
 
 @triton.jit
@@ -132,7 +132,7 @@ def _patch_embed_fwd_kernel(
         if HAS_TILE_MASK:
             usedc = tl.load(tile_used + gc, mask=is_cls, other=0) != 0
             val = tl.where(usedc[:, None], val, 0.0)
-        tl.store(out + (gc.to(tl.int64) * (M + OFF) * D)[:, None] + d[None, :], _round_to(val, OUT_DTYPE, EMULATE),
+        tl.store(out + (gc.to(tl.int64) * (M + OFF) * D)[:, None] + d[None, :], round_to(val, OUT_DTYPE, EMULATE),
                  mask=cm)
     else:
         r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -194,7 +194,7 @@ def _patch_embed_fwd_kernel(
         if HAS_TILE_MASK:
             acc = tl.where(used[:, None], acc, 0.0)
         out_row = (g * (M + OFF) + OFF + j).to(tl.int64)
-        tl.store(out + (out_row * D)[:, None] + d[None, :], _round_to(acc, OUT_DTYPE, EMULATE), mask=tm)
+        tl.store(out + (out_row * D)[:, None] + d[None, :], round_to(acc, OUT_DTYPE, EMULATE), mask=tm)
 
 
 @triton.jit
@@ -261,7 +261,7 @@ def _patch_embed_bwd_dx_kernel(
     if PAD:
         smask = smask & ((gy[:, None] + py[None, :]) < H) & ((gx[:, None] + px[None, :]) < W)
     tl.store((dimg + x_off)[:, None] + _k_offsets(c, py, px, inner, s_ic, s_ih, s_iw, CL_ORDER, X_RUN, ALIGN)[None, :],
-             _round_to(acc, OUT_DTYPE, EMULATE), mask=smask)
+             round_to(acc, OUT_DTYPE, EMULATE), mask=smask)
 
 
 @triton.jit
