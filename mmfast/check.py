@@ -40,11 +40,15 @@ def _require_backend(backend):
             raise RuntimeError("mmfast._C was built without CUDA")
 
 
-def run_checks(device=None, families=FAMILIES):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _check_families(families):
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
-        raise ValueError(f"unknown kernel families {unknown}; choose from {FAMILIES}")
+        raise ValueError(f"unknown kernel families {unknown}; choose from {', '.join(FAMILIES)}")
+
+
+def run_checks(device=None, families=FAMILIES):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_families(families)
     cases = [case for family in families for case in importlib.import_module(f"mmfast.checks.{family}").cases(device)]
     results = []
     for op, backend, dtype, shape, run in progress(cases, f"checking {len(cases)} cases on {device}"):
@@ -67,8 +71,10 @@ def main(argv=None):
                         help=f"comma-separated kernel families to check (default: all of {', '.join(FAMILIES)})")
     args = parser.parse_args(argv)
     families = FAMILIES if args.only is None else tuple(f.strip() for f in args.only.split(",") if f.strip())
-    if set(families) - set(FAMILIES):
-        parser.error(f"--only: unknown families {sorted(set(families) - set(FAMILIES))}; choose from {', '.join(FAMILIES)}")
+    try:
+        _check_families(families)
+    except ValueError as exc:
+        parser.error(f"--only: {exc}")
     device, results = run_checks(args.device, families)
     rows = [
         (r.op, r.backend, r.dtype, r.shape, f"{r.max_error:.2e}", f"{r.tolerance:.2e}",

@@ -671,7 +671,7 @@ def triton_env(version):
     (created on first use; an unfinished one is never used: it is built in a temporary folder and renamed)."""
     import venv
 
-    root = os.path.join(os.environ.get("MMFAST_CACHE_DIR") or os.path.expanduser("~/.cache/mmfast"))
+    root = os.environ.get("MMFAST_CACHE_DIR") or os.path.expanduser("~/.cache/mmfast")
     final = os.path.join(root, f"triton-{version}")
     python = os.path.join(final, "bin", "python")
     if os.path.exists(python):
@@ -695,11 +695,11 @@ def triton_env(version):
     return python
 
 
-def _reexec_without_interpreter(argv):
+def _rerun(argv, python=sys.executable):
+    """This report in a child process without TRITON_INTERPRET (with another Python: another Triton)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env[_REEXEC_GUARD] = "1"
-    print("compile-report: TRITON_INTERPRET is set; re-running without it", file=sys.stderr)
-    return subprocess.call([sys.executable, "-m", "mmfast.compile_report", *argv], env=env)
+    return subprocess.call([python, "-m", "mmfast.compile_report", *argv], env=env)
 
 
 def main(argv=None):
@@ -719,13 +719,13 @@ def main(argv=None):
             except RuntimeError as exc:
                 print(f"compile-report: {exc}", file=sys.stderr)
                 return 3
-            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            return subprocess.call([python, "-m", "mmfast.compile_report", *_strip_triton_flag(argv)], env=env)
+            return _rerun(_strip_triton_flag(argv), python)
     if interpreting():
         if os.environ.get(_REEXEC_GUARD) == "1":
             print("compile-report: TRITON_INTERPRET is set; unset it to compile kernels", file=sys.stderr)
             return 2
-        return _reexec_without_interpreter(argv)
+        print("compile-report: TRITON_INTERPRET is set; re-running without it", file=sys.stderr)
+        return _rerun(argv)
 
     start = time.perf_counter()
     specs = None
