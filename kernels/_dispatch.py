@@ -1,66 +1,90 @@
-"""Backend selection shared by every public op.
+"""Backend selection: one meaning of ``backend=`` for every public op.
 
-``backend="auto"`` resolves, in order: the ``MMFAST_BACKEND`` environment variable (when set to
-something other than ``auto``), then the op's preference for the tensors' device: Triton (or the CUDA
-extension) on CUDA tensors, the PyTorch reference on CPU tensors. ``MMFAST_BACKEND=triton`` together
-with ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors through Triton's interpreter.
+- ``"reference"``: the readable PyTorch spec in ``kernels/reference.py``, on any device, any floating
+  dtype including float64 (what "check numerics against reference PyTorch" runs).
+- ``"triton"``: the Triton kernels (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 through
+  Triton's interpreter). fp16 / bf16 / fp32.
+- ``"cuda"`` / ``"cpp"``: the C++ extension ``mmfast._C`` on CUDA / CPU tensors (the EMA).
+- ``"chunked"``: a memory-bounded PyTorch implementation (the contrastive losses: O(N) extra memory
+  where the reference materialises the N x M logits).
+- ``"auto"``: ``MMFAST_BACKEND`` when set (and implemented by the op), else on CUDA tensors the first
+  available of the op's accelerated backends in its order of preference (``kernels/_registry.py``:
+  the CUDA extension where the op has one and it is built, else Triton); on CPU tensors the reference.
+  ``python -m mmfast info`` prints, per op, what auto runs here and why each other backend cannot.
 """
 import os
-import warnings
 
-import torch
+from ._common import interpreting, warn_once  # noqa: F401  (re-exported: the families import them from here)
+from ._registry import accelerated_backends
 
-BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
-
-_warned = set()
+BACKENDS = ("auto", "triton", "cuda", "cpp", "chunked", "reference")
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+def _extension(with_cuda):
+    """(module or None, why not) for the already-built extension; never starts a build."""
+    from mmfast._ext import loaded_extension
+
+    module, reason = loaded_extension()
+    if module is not None and with_cuda and not module.with_cuda():
+        return None, "mmfast._C was built without CUDA"
+    return module, reason
 
 
-def warn_once(key, message):
-    """Warn once per process and key: fallbacks must be visible but not flood a training log."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+def unavailable_reason(backend, device):
+    """None when `backend` can run on tensors of `device` here, else the reason it cannot."""
+    if backend in ("reference", "chunked"):
+        return None
+    if backend == "triton":
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+            return None
+        return (f"needs CUDA tensors, or TRITON_INTERPRET=1 (set before importing mmfast.kernels) to run on the "
+                f"CPU through Triton's interpreter; got {device.type} tensors")
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"needs CUDA tensors, got {device.type} tensors"
+        return _extension(with_cuda=True)[1]
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"is the CPU C++ implementation and needs CPU tensors, got {device.type} tensors"
+        return _extension(with_cuda=False)[1]
+    return f"is not a backend; choose from {BACKENDS}"
 
 
-def resolve_backend(op, backend, device, supported):
-    """Return the concrete backend for `op` on `device`.
+def auto_backend(op, device):
+    """What ``backend="auto"`` runs for `op` on tensors of `device` (ignoring MMFAST_BACKEND)."""
+    if device.type == "cuda":
+        for backend in accelerated_backends(op):
+            if backend != "chunked" and unavailable_reason(backend, device) is None:
+                return backend
+    return "reference"
 
-    `supported` lists the accelerated backends the op implements, in order of preference on CUDA; the
-    reference is always available.
-    Raises ValueError for unknown names and for a backend that cannot run on `device`.
+
+def resolve_backend(op, backend, device):
+    """Return the concrete backend for public op `op` on `device`.
+
+    Raises ValueError for unknown names, for a backend `op` does not implement and for one that cannot
+    run on `device`. The C++ backends are resolved by the op itself (it may build the extension or fall
+    back with a one-time warning); the others are checked here.
     """
+    choices = ("auto", "reference") + tuple(accelerated_backends(op))
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{op}: backend must be one of {choices}, got {backend!r}")
     if backend == "auto":
         env = os.environ.get("MMFAST_BACKEND", "auto")
         if env not in BACKENDS:
             raise ValueError(f"MMFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
-        if env != "auto" and env in supported:
+        if env != "auto" and env in choices:
             backend = env
     if backend == "auto":
-        if device.type == "cuda":
-            return supported[0]
-        return "reference"
-    if backend == "reference":
-        return backend
-    if backend not in supported:
-        raise ValueError(f"{op}: backend {backend!r} is not implemented; choose from {('auto',) + tuple(supported)}")
-    if backend == "triton" and device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before importing "
-            f"mmfast.kernels) to run the kernels on the CPU through Triton's interpreter; got device {device}"
-        )
-    if backend == "cuda" and device.type != "cuda":
+        return auto_backend(op, device)
+    if backend not in choices:
+        raise ValueError(f"{op}: backend {backend!r} is not implemented; choose from {choices}")
+    if backend in ("triton", "reference", "chunked"):
+        reason = unavailable_reason(backend, device)
+        if reason:
+            raise ValueError(f"{op}: backend={backend!r} {reason}")
+    elif backend == "cuda" and device.type != "cuda":
         raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got device {device}")
-    if backend == "cpp" and device.type != "cpu":
+    elif backend == "cpp" and device.type != "cpu":
         raise ValueError(f"{op}: backend='cpp' is the CPU C++ implementation and needs CPU tensors, got {device}")
     return backend
-
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()

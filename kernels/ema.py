@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import CompileSpec
+from ._registry import CompileSpec
 from ._dispatch import interpreting, resolve_backend, warn_once
-from ._triton_utils import round_to
+from ._common import round_to
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -438,7 +438,7 @@ def ema_update_(ema_tensors, tensors, momentum, *, ema_buffers=(), buffers=(), b
         if not buffer_pairs:
             return
         device = buffer_pairs[0][0].device
-    chosen = resolve_backend("ema_update_", backend, device, supported=("triton", "cuda", "cpp"))
+    chosen = resolve_backend("ema_update_", backend, device)
     if chosen == "reference":
         from .reference import ema_update_reference
 

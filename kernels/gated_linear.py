@@ -38,9 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import CompileSpec
+from ._registry import CompileSpec
 from ._dispatch import interpreting, resolve_backend
-from ._triton_utils import round_to
+from ._common import round_to
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -599,7 +599,7 @@ def tanh_gated_linear(a, weight, bias, gate, residual, *, row_mask=None, backend
     if isinstance(gate, (int, float)) and not isinstance(gate, bool) and isinstance(a, torch.Tensor):
         gate = torch.tensor(float(gate), dtype=torch.float32, device=a.device)  # a constant gate (no gradient)
     _check_args(a, weight, bias, gate, residual, row_mask)
-    chosen = resolve_backend("tanh_gated_linear", backend, a.device, supported=("triton",))
+    chosen = resolve_backend("tanh_gated_linear", backend, a.device)
     if chosen == "reference":
         from .reference import tanh_gated_linear_reference
 

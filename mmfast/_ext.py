@@ -83,6 +83,20 @@ def extension_status():
     return True, f"{module.__name__} ({'CUDA+CPU' if getattr(module, 'with_cuda', lambda: False)() else 'CPU only'})"
 
 
+def loaded_extension():
+    """(module, None) when the extension is loaded or prebuilt, else (None, why); never starts a build."""
+    if _state["module"] is not None:
+        return _state["module"], None
+    if _state["error"] is not None:
+        return None, _state["error"]
+    try:
+        from mmfast import _C
+
+        return _C, None
+    except ImportError:
+        return None, "mmfast._C is not built (backend='cpp' / 'cuda' builds it on first use; or MMFAST_BUILD_EXT=1 pip install)"
+
+
 def extension_error():
     """Why the extension is unavailable (None when it loaded or was never asked for)."""
     return _state["error"]

@@ -1,6 +1,6 @@
 """GPU-readiness gate: compile every kernel ahead of time for sm_80 / sm_90 and check its resources.
 
-Runs without a GPU. For each Triton spec of ``mmfast.kernels._aot.all_compile_specs()`` and each
+Runs without a GPU. For each Triton spec of ``mmfast.kernels._registry.all_compile_specs()`` and each
 target it calls ``triton.compile`` (target ``GPUTarget("cuda", cc, 32)``), then reads
 
 * registers, local memory and stack from ``cuobjdump --dump-resource-usage`` on the cubin,
@@ -514,7 +514,7 @@ def check_cuda_source(source, targets, nvcc=None, workdir=None):
 
 
 def _triton_specs():
-    from mmfast.kernels._aot import all_compile_specs
+    from mmfast.kernels._registry import all_compile_specs
 
     return list(all_compile_specs())
 

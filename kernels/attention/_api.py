@@ -458,7 +458,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, kv_start=None,
     softmax_scale = float(softmax_scale)
     if not math.isfinite(softmax_scale):  # inf / nan would turn every row into NaN
         raise ValueError(f"flash_attention: softmax_scale must be finite, got {softmax_scale}")
-    chosen = resolve_backend("flash_attention", backend, q.device, supported=("triton",))
+    chosen = resolve_backend("flash_attention", backend, q.device)
     if block_mask is not None:
         _check_block_mask(block_mask, q, k, varlen, (causal, kv_start, kv_end, key_padding_mask, cu_seqlens_q,
                                                      cu_seqlens_k, max_seqlen_q, max_seqlen_k))

@@ -9,7 +9,7 @@ the saved base-2 LSE as exp2(s·log2e − lse₂); a row that saw nothing has LS
 import triton
 import triton.language as tl
 
-from .._triton_utils import round_to
+from .._common import round_to
 from ._fwd import _dot_operand
 
 

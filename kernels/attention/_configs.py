@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._aot import CompileSpec
+from .._registry import CompileSpec
 from ._blockmask import MASK_TILE_GPU, MASK_TILE_INTERPRETER
 from ._bwd import _attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_bwd_preprocess_kernel
 from ._fwd import _attention_fwd_kernel

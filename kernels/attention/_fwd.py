@@ -9,7 +9,7 @@ and LSE -inf instead of NaN. The kernel writes the base-2 LSE, which the backwar
 import triton
 import triton.language as tl
 
-from .._triton_utils import round_to
+from .._common import round_to
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -181,7 +181,7 @@ def _scale_tensor(name, x, device, log_scale, max_scale):
 
 
 def _impl(op, backend, device):
-    chosen = resolve_backend(op, backend, device, supported=("triton",))
+    chosen = resolve_backend(op, backend, device)
     return _triton if chosen == "triton" else _chunked
 
 

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._aot import CompileSpec
-from .._triton_utils import round_to
+from .._registry import CompileSpec
+from .._common import round_to
 
 MODE_SOFTMAX = 0
 MODE_SIGMOID = 1

@@ -181,7 +181,7 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
             raise ValueError(f"keep_indices must be (B, N_keep) = ({B}, n), got "
                              f"{tuple(keep_indices.shape) if isinstance(keep_indices, torch.Tensor) else keep_indices}")
         keep = src = _index("keep_indices", keep_indices, tuple(keep_indices.shape), N, device)
-    chosen = resolve_backend("patch_embed", backend, device, supported=("triton",))
+    chosen = resolve_backend("patch_embed", backend, device)
     if chosen == "reference":
         return patch_embed_reference(images, weight, bias, pos_embed=pos, pos_cls=pos_cls, cls_token=cls,
                                      token_mask=token_mask, mask_token=mask_token, patch_index=patch_index,
@@ -252,7 +252,7 @@ def tile_patch_embed(images, weight, bias=None, *, cls_token, pos_embed, pos_gat
     if tile_mask is not None:
         used = _bool_mask("tile_mask", tile_mask.reshape(B, -1) if isinstance(tile_mask, torch.Tensor) else tile_mask,
                           (B, T), device)
-    chosen = resolve_backend("tile_patch_embed", backend, device, supported=("triton",))
+    chosen = resolve_backend("tile_patch_embed", backend, device)
     if chosen == "reference":
         return tile_patch_embed_reference(images, weight, bias, cls_token=cls, pos_embed=pos_embed, pos_gate=pos_gate,
                                           tile_pos_embed=tile_pos_embed.reshape(R, -1),

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._aot import CompileSpec
+from .._registry import CompileSpec
 from .._dispatch import interpreting
 from ._triton import _patch_embed_bwd_dw_kernel, _patch_embed_bwd_dx_kernel, _patch_embed_fwd_kernel
 

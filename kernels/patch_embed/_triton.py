@@ -17,7 +17,7 @@ so their registers never overlap the GEMM's. A token row is one of:
 import triton
 import triton.language as tl
 
-from .._triton_utils import round_to
+from .._common import round_to
 
 
 @triton.jit

@@ -253,11 +253,11 @@ def test_dtensor_local_shards():
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     import mmfast._ext as ext
-    from mmfast.kernels import _dispatch
+    from mmfast.kernels import _common
 
     monkeypatch.setattr(ext, "load_extension", lambda required=False: None)
     monkeypatch.setattr(ext, "extension_error", lambda: "no compiler (test)")
-    monkeypatch.setattr(_dispatch, "_warned", set())
+    monkeypatch.setattr(_common, "_warned", set())
     ema, src = _lists([(10,)], torch.float32, torch.float32, "cpu")
     with pytest.warns(RuntimeWarning, match=r"no compiler \(test\).*falls back to 'reference'"):
         _check_against_reference(ema, src, 0.9, "cpp")

@@ -45,7 +45,7 @@ BAD_KERNELS = '''
 import triton
 import triton.language as tl
 
-from mmfast.kernels._aot import CompileSpec
+from mmfast.kernels._registry import CompileSpec
 
 
 @triton.jit
@@ -156,7 +156,7 @@ def expected_specs():
     """(kernel name, label) of every spec, computed in a process where the kernels are real JITFunctions."""
     return [tuple(x) for x in _run_script("""
         import json
-        from mmfast.kernels._aot import all_compile_specs
+        from mmfast.kernels._registry import all_compile_specs
         print(json.dumps([[s.name, s.label] for s in all_compile_specs()]))
     """)]
 
