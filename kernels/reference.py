@@ -15,19 +15,21 @@ def ema_update_reference(ema_tensors, tensors, momentum, *, ema_buffers=(), buff
     bit: with w = 1 − m rounded to fp32 and arithmetic in fp32 (the "opmath" of fp16/bf16),
     ``ema + w·(θ − ema)`` when |w| < 0.5 and ``θ − (θ − ema)·(1 − w)`` otherwise, each a single fused
     multiply-add, rounded once to the EMA's dtype. Pairs of different dtypes are computed in fp32.
+    float64 (on either side of a pair) is computed in float64, with w = 1 − m in float64.
     `momentum` is a Python float or a 0-dim tensor.
     """
-    weight = 1.0 - momentum if not isinstance(momentum, torch.Tensor) else 1.0 - momentum.float()
     groups = defaultdict(lambda: ([], []))
     for e, t in zip(ema_tensors, tensors):
         groups[(e.dtype, t.dtype)][0].append(e)
         groups[(e.dtype, t.dtype)][1].append(t)
     for (ema_dtype, src_dtype), (ema_group, src_group) in groups.items():
+        opmath = torch.float64 if torch.float64 in (ema_dtype, src_dtype) else torch.float32
+        weight = 1.0 - momentum.to(opmath) if isinstance(momentum, torch.Tensor) else 1.0 - momentum
         if ema_dtype == src_dtype:
             torch._foreach_lerp_(ema_group, src_group, weight)
         else:
-            wide = [e.float() for e in ema_group]
-            torch._foreach_lerp_(wide, [t.float() for t in src_group], weight)
+            wide = [e.to(opmath) for e in ema_group]
+            torch._foreach_lerp_(wide, [t.to(opmath) for t in src_group], weight)
             torch._foreach_copy_(ema_group, wide)
     if len(ema_buffers):
         torch._foreach_copy_(list(ema_buffers), list(buffers))

@@ -5,6 +5,9 @@ import torch
 from torch import nn
 
 from mmfast.kernels import ema_update_
+from mmfast.kernels.ema._launch import check_backend_name, check_momentum
+
+_EMA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class MomentumEncoder(nn.Module):
@@ -15,19 +18,31 @@ class MomentumEncoder(nn.Module):
     Its state_dict holds only the copy (under ``ema.``), so it round-trips through save/load.
 
     Args:
-        model: the online model; it is referenced, not registered, so its parameters are not duplicated
-            in this module's state_dict or parameters().
-        momentum: default m for ``update()``; a float or a 0-dim tensor (e.g. a schedule on the GPU).
-        ema_dtype: optional dtype for the copy's floating parameters (e.g. torch.float32 EMA of a bf16 model).
-        backend: forwarded to ``ema_update_``.
+        model: the online model (an ``nn.Module``); it is referenced, not registered, so its parameters
+            are not duplicated in this module's state_dict or parameters().
+        momentum: default m in [0, 1] for ``update()``; a float or a 0-dim floating tensor (e.g. a
+            schedule on the GPU, range-checked on its device).
+        ema_dtype: optional dtype for the copy's floating parameters: torch.float32, float16, bfloat16
+            (e.g. an fp32 EMA of a bf16 model) or float64 (backend="reference" only).
+        backend: forwarded to ``ema_update_``: "auto", "triton", "cuda", "cpp" or "reference".
+
+    Raises ValueError naming the argument when one is not of the form above.
     """
 
     def __init__(self, model: nn.Module, momentum=0.999, *, ema_dtype=None, backend="auto"):
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"MomentumEncoder: model must be a torch.nn.Module, got {type(model).__name__}")
+        momentum = check_momentum(momentum, op="MomentumEncoder")
+        if ema_dtype is not None and ema_dtype not in _EMA_DTYPES:
+            names = ", ".join(str(d) for d in _EMA_DTYPES)
+            raise ValueError(f"MomentumEncoder: ema_dtype must be None or one of {names}, got {ema_dtype!r}")
+        check_backend_name(backend, op="MomentumEncoder")
         self.ema = copy.deepcopy(model)
         if ema_dtype is not None:
             for p in self.ema.parameters():
-                p.data = p.data.to(ema_dtype)
+                if p.is_floating_point():
+                    p.data = p.data.to(ema_dtype)
         self.ema.requires_grad_(False)
         object.__setattr__(self, "_online", model)  # not a submodule: no duplicate parameters
         self.momentum = momentum
@@ -42,7 +57,7 @@ class MomentumEncoder(nn.Module):
 
     @torch.no_grad()
     def update(self, momentum=None):
-        """One EMA step with `momentum` (default: the constructor's)."""
+        """One EMA step with `momentum` (default: the constructor's), checked as ``ema_update_`` checks it."""
         m = self.momentum if momentum is None else momentum
         ema_update_(
             list(self.ema.parameters()),

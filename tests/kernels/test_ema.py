@@ -1,5 +1,6 @@
 """ema_update_: every backend against the reference, bit for bit, on lists of odd-sized tensors."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from numerics import (
     randn,
 )
 
-import mmfast.kernels.ema as ema_module
-from mmfast.kernels import ema_update_
+from mmfast.kernels import _common, _dispatch, ema_update_
+from mmfast.kernels.ema import _launch
 from mmfast.kernels.reference import ema_update_reference
 
 BACKENDS = {"cpu": ("triton", "cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
@@ -39,7 +40,8 @@ def _check_against_reference(ema, src, momentum, backend, **kwargs):
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        pairs = [(d, b) for d in devices for b in BACKENDS[d]]
+        # Triton runs CPU tensors only through its interpreter (the default without a GPU)
+        pairs = [(d, b) for d in devices for b in BACKENDS[d] if d == "cuda" or b != "triton" or _common.interpreting()]
         metafunc.parametrize("device,backend", pairs, ids=[f"{d}-{b}" for d, b in pairs])
 
 
@@ -129,7 +131,7 @@ def test_low_precision_error_within_rule(device, backend, dtype):
 
 
 def test_one_launch_per_dtype_group(monkeypatch):
-    if not torch.cuda.is_available() and not ema_module.interpreting():
+    if not torch.cuda.is_available() and not _common.interpreting():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     launches = []
@@ -139,8 +141,8 @@ def test_one_launch_per_dtype_group(monkeypatch):
             launches.append(grid)
             return real[grid]
 
-    real = ema_module._ema_update_fwd_kernel
-    monkeypatch.setattr(ema_module, "_ema_update_fwd_kernel", CountingKernel())
+    real = _launch.ema_update_kernel
+    monkeypatch.setattr(_launch, "ema_update_kernel", CountingKernel())
     ema = [randn(n, device=device) for n in (5, 70000, 9)] + [randn(n, dtype=torch.bfloat16, device=device) for n in (3, 4)]
     src = [randn(n, device=device) for n in (5, 70000, 9)] + [randn(n, dtype=torch.bfloat16, device=device) for n in (3, 4)]
     ema_update_(ema, src, 0.99, backend="triton")
@@ -158,35 +160,84 @@ def test_tensor_momentum_tracks_value_changes(device, backend):
 
 class TestValidation:
     def test_length_mismatch(self):
-        with pytest.raises(ValueError, match="same length"):
+        with pytest.raises(ValueError, match="ema_tensors and tensors must have the same length"):
             ema_update_([torch.zeros(3)], [], 0.9)
 
     def test_shape_mismatch(self):
         with pytest.raises(ValueError, match=r"ema_tensors\[1\] has shape \(3,\) but tensors\[1\] has \(4,\)"):
             ema_update_([torch.zeros(2), torch.zeros(3)], [torch.zeros(2), torch.zeros(4)], 0.9)
 
-    @pytest.mark.parametrize("dtype", [torch.float64, torch.int32], ids=dtype_id)
-    def test_unsupported_dtype(self, dtype):
-        with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-            ema_update_([torch.zeros(2, dtype=dtype)], [torch.zeros(2, dtype=dtype)], 0.9)
+    @pytest.mark.parametrize("dtype", [torch.int32, torch.complex64], ids=dtype_id)
+    @pytest.mark.parametrize("side", ["ema_tensors", "tensors"])
+    def test_unsupported_dtype_named(self, side, dtype):
+        ema, src = [torch.zeros(2), torch.zeros(3)], [torch.zeros(2), torch.zeros(3)]
+        (ema if side == "ema_tensors" else src)[1] = torch.zeros(3, dtype=dtype)
+        with pytest.raises(ValueError, match=rf"{side}\[1\] must be float32, float16 or bfloat16 \(or float64"):
+            ema_update_(ema, src, 0.9, backend="reference")
 
-    @pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
+    @pytest.mark.parametrize("arg", ["ema_tensors", "tensors", "ema_buffers", "buffers"])
+    def test_bare_tensor_instead_of_list(self, arg):
+        """A bare tensor iterates over its rows: accepted before, as if each row were a parameter."""
+        kwargs = dict(ema_tensors=[torch.zeros(2, 3)], tensors=[torch.ones(2, 3)], ema_buffers=[torch.zeros(2, 3)],
+                      buffers=[torch.ones(2, 3)])
+        kwargs[arg] = kwargs[arg][0]
+        with pytest.raises(ValueError, match=rf"{arg} must be a list or tuple of tensors, got a single tensor"):
+            ema_update_(kwargs.pop("ema_tensors"), kwargs.pop("tensors"), 0.9, backend="reference", **kwargs)
+
+    @pytest.mark.parametrize("arg", ["ema_tensors", "tensors", "ema_buffers", "buffers"])
+    def test_not_a_sequence(self, arg):
+        kwargs = dict(ema_tensors=[torch.zeros(2)], tensors=[torch.ones(2)], ema_buffers=[], buffers=[])
+        kwargs[arg] = 3
+        with pytest.raises(ValueError, match=rf"{arg} must be a list or tuple of tensors, got int"):
+            ema_update_(kwargs.pop("ema_tensors"), kwargs.pop("tensors"), 0.9, **kwargs)
+
+    def test_generators_are_sequences(self):
+        ema, src = [torch.zeros(3)], [torch.ones(3)]
+        ema_update_((e for e in ema), iter(src), 0.5, backend="reference")
+        assert torch.equal(ema[0], torch.full((3,), 0.5))
+
+    def test_non_tensor_element_named(self):
+        with pytest.raises(ValueError, match=r"ema_tensors\[1\] and tensors\[1\] must be tensors, got list and Tensor"):
+            ema_update_([torch.zeros(2), [0.0]], [torch.zeros(2), torch.zeros(1)], 0.9)
+
+    def test_devices_named(self):
+        meta = torch.zeros(2, device="meta")
+        with pytest.raises(ValueError, match=r"ema_tensors\[0\] is on cpu but tensors\[0\] is on meta"):
+            ema_update_([torch.zeros(2)], [meta], 0.9)
+
+    @pytest.mark.parametrize("momentum", [-0.1, 1.5, 2], ids=["m-0.1", "m1.5", "m2-int"])
     def test_momentum_out_of_range(self, momentum):
-        with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"ema_update_: momentum must be in \[0, 1\]"):
             ema_update_([torch.zeros(2)], [torch.zeros(2)], momentum)
 
-    @pytest.mark.parametrize("momentum", [torch.tensor([0.9]), torch.tensor(1), "0.9", True])
+    @pytest.mark.parametrize("momentum", [float("nan"), float("inf")], ids=["nan", "inf"])
+    def test_momentum_not_finite(self, momentum):
+        with pytest.raises(ValueError, match="ema_update_: momentum must be finite"):
+            ema_update_([torch.zeros(2)], [torch.zeros(2)], momentum)
+
+    @pytest.mark.parametrize("momentum", [torch.tensor([0.9]), torch.tensor(1), "0.9", True, None],
+                             ids=["1-d", "int-tensor", "str", "bool", "None"])
     def test_momentum_bad_type(self, momentum):
         with pytest.raises(ValueError, match="momentum must be a float or a 0-dim floating tensor"):
             ema_update_([torch.zeros(2)], [torch.zeros(2)], momentum)
 
+    def test_momentum_checked_with_nothing_to_update(self):
+        with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+            ema_update_([], [], 1.5)
+
     def test_requires_grad_leaf(self):
-        with pytest.raises(ValueError, match="requires grad"):
+        with pytest.raises(ValueError, match=r"ema_tensors\[0\] requires grad"):
             ema_update_([torch.zeros(2, requires_grad=True)], [torch.zeros(2)], 0.9)
 
-    def test_unknown_backend(self):
-        with pytest.raises(ValueError, match="backend must be one of"):
-            ema_update_([torch.zeros(2)], [torch.zeros(2)], 0.9, backend="fast")
+    @pytest.mark.parametrize("params", [[torch.zeros(2)], []], ids=["tensors", "empty"])
+    def test_unknown_backend(self, params):
+        """Named even when there is nothing to update (before, an empty call returned without a look)."""
+        with pytest.raises(ValueError, match="ema_update_: backend must be one of"):
+            ema_update_(params, list(params), 0.9, backend="fast")
+
+    def test_backend_of_another_op(self):
+        with pytest.raises(ValueError, match="backend"):
+            ema_update_([torch.zeros(2)], [torch.zeros(2)], 0.9, backend="chunked")
 
     def test_triton_on_cpu_without_interpreter(self, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -197,12 +248,88 @@ class TestValidation:
         with pytest.raises(ValueError, match="ema_buffers and buffers must have the same length"):
             ema_update_([torch.zeros(2)], [torch.zeros(2)], 0.9, ema_buffers=[torch.zeros(1)], buffers=[])
 
+    def test_buffer_shape_named(self):
+        with pytest.raises(ValueError, match=r"ema_buffers\[0\] has shape \(1,\) but buffers\[0\] has \(2,\)"):
+            ema_update_([torch.zeros(2)], [torch.zeros(2)], 0.9, ema_buffers=[torch.zeros(1)], buffers=[torch.zeros(2)])
+
+
+class TestTensorMomentum:
+    """A tensor momentum is range-checked on its device (torch._assert_async): on the CPU at once, on CUDA
+    as a device-side assert; no host sync. Before, torch.tensor(1.5) silently extrapolated."""
+
+    @pytest.mark.parametrize("value", [1.5, -0.25, float("nan"), float("inf")], ids=["1.5", "-0.25", "nan", "inf"])
+    def test_out_of_range_raises(self, backend, device, value):
+        if device != "cpu":
+            pytest.skip("a CUDA device-side assert poisons the CUDA context; the check is the same code")
+        ema, src = _lists([(5,)], torch.float32, torch.float32, device)
+        before = ema[0].clone()
+        with pytest.raises(RuntimeError, match=r"ema_update_: momentum must be finite and in \[0, 1\]"):
+            ema_update_(ema, src, torch.tensor(value), backend=backend)
+        assert_bitwise_equal(ema[0], before, what="EMA untouched by a rejected call")
+
+    @pytest.mark.parametrize("value", [0.0, 1.0], ids=["0", "1"])
+    def test_edges_accepted(self, backend, device, value):
+        ema, src = _lists([(5,)], torch.float32, torch.float32, device)
+        _check_against_reference(ema, src, torch.tensor(value, device=device), backend)
+
+
+class TestFloat64:
+    """float64 runs on the reference only; the kernels and the C++ backends refuse it by name."""
+
+    @pytest.mark.parametrize("pair", [("fp64", "fp64"), ("fp64", "fp32"), ("fp32", "fp64"), ("fp64", "bf16")],
+                             ids=lambda p: f"{p[0]}<-{p[1]}")
+    @pytest.mark.parametrize("momentum", [0.996, 0.25, "tensor"], ids=["m0.996", "m0.25", "m-tensor"])
+    @pytest.mark.parametrize("chosen", ["reference", "auto"])
+    def test_reference_matches_float64_math(self, pair, momentum, chosen, monkeypatch):
+        monkeypatch.delenv("MMFAST_BACKEND", raising=False)
+        dtypes = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
+        shapes = [(1,), (77,), (197, 3)]
+        ema, src = _lists(shapes, dtypes[pair[0]], dtypes[pair[1]], "cpu")
+        m = torch.tensor(0.9931, dtype=torch.float64) if momentum == "tensor" else momentum
+        m64 = float(m)
+        exact = [e.double() * m64 + s.double() * (1 - m64) for e, s in zip(ema, src)]
+        scale = [e.double().abs() * m64 + s.double().abs() * (1 - m64) for e, s in zip(ema, src)]
+        ema_update_(ema, src, m, backend=chosen)
+        for got, want, size in zip(ema, exact, scale):
+            assert got.dtype == dtypes[pair[0]]
+            if got.dtype == torch.float64:
+                assert ((got - want).abs() <= 1e-13 * size).all(), (got - want).abs().max()
+            else:  # rounded once from the float64 result
+                assert_bitwise_equal(got, want.to(got.dtype), what="rounded float64 result")
+
+    @pytest.mark.parametrize("side", ["ema_tensors", "tensors"])
+    def test_kernels_reject_float64_by_name(self, backend, device, side):
+        ema, src = _lists([(3,), (4,)], torch.float32, torch.float32, device)
+        (ema if side == "ema_tensors" else src)[1] = randn(4, dtype=torch.float64, device=device)
+        if backend == "reference":
+            _check_against_reference(ema, src, 0.9, backend)
+            return
+        before = [e.clone() for e in ema]
+        with pytest.raises(ValueError, match=rf"ema_update_: {side}\[1\] must be float16, bfloat16 or float32 "
+                                             r"on this backend, got torch.float64; float64 runs on backend='reference'"):
+            ema_update_(ema, src, 0.9, backend=backend)
+        for e, b in zip(ema, before):
+            assert_bitwise_equal(e, b, what="nothing written before the dtype check")
+
+
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_autocast_changes_nothing(device, backend, src_dtype):
+    """An in-place update outside autocast's op lists: the same bits with autocast on as off."""
+    ema, src = _lists([(77,), (3, 5)], torch.float32, src_dtype, device)
+    plain = [e.clone() for e in ema]
+    ema_update_(plain, src, 0.99, backend=backend)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ema_update_(ema, src, 0.99, backend=backend)
+    for got, want in zip(ema, plain):
+        assert got.dtype == torch.float32
+        assert_bitwise_equal(got, want, what="under autocast")
+
 
 class TestDispatch:
     def _spy(self, monkeypatch):
         chosen = []
         for name in ("triton", "cpp", "cuda"):
-            monkeypatch.setitem(ema_module._BACKEND_FNS, name, lambda *a, _n=name: chosen.append(_n))
+            monkeypatch.setitem(_launch.BACKEND_FNS, name, lambda *a, _n=name: chosen.append(_n))
         import mmfast.kernels.reference as reference
 
         monkeypatch.setattr(reference, "ema_update_reference", lambda *a, **k: chosen.append("reference"))
@@ -214,18 +341,102 @@ class TestDispatch:
         ema_update_([torch.zeros(2)], [torch.ones(2)], 0.9)
         assert chosen == ["reference"]
 
-    def test_env_selects_triton_for_auto(self, monkeypatch):
-        monkeypatch.setenv("MMFAST_BACKEND", "triton")
+    @pytest.mark.parametrize("env,expected", [("triton", "triton"), ("cpp", "cpp"), ("reference", "reference"),
+                                              ("chunked", "reference"), ("auto", "reference")])
+    def test_env_selects_the_backend_of_auto(self, monkeypatch, env, expected):
+        """MMFAST_BACKEND replaces auto when ema_update_ implements it; another op's backend is ignored."""
+        monkeypatch.setenv("MMFAST_BACKEND", env)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         chosen = self._spy(monkeypatch)
         ema_update_([torch.zeros(2)], [torch.ones(2)], 0.9)
-        assert chosen == ["triton"]
+        assert chosen == [expected]
+
+    def test_env_cuda_on_cpu_tensors_is_an_error(self, monkeypatch):
+        monkeypatch.setenv("MMFAST_BACKEND", "cuda")
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+            ema_update_([torch.zeros(2)], [torch.ones(2)], 0.9)
+
+    def test_env_unknown_value(self, monkeypatch):
+        monkeypatch.setenv("MMFAST_BACKEND", "fast")
+        with pytest.raises(ValueError, match="MMFAST_BACKEND must be one of"):
+            ema_update_([torch.zeros(2)], [torch.ones(2)], 0.9)
 
     def test_explicit_backend_beats_env(self, monkeypatch):
         monkeypatch.setenv("MMFAST_BACKEND", "triton")
         chosen = self._spy(monkeypatch)
         ema_update_([torch.zeros(2)], [torch.ones(2)], 0.9, backend="cpp")
         assert chosen == ["cpp"]
+
+    @pytest.mark.parametrize("built,expected", [("cuda", "cuda"), ("cpu-only", "triton"), ("none", "triton")])
+    def test_auto_on_cuda_prefers_a_built_cuda_extension(self, monkeypatch, built, expected):
+        """auto on CUDA: registry order (cuda, triton, cpp), the extension only when already built with
+        CUDA; auto never starts a build."""
+        import mmfast._ext as ext
+
+        class Built:
+            @staticmethod
+            def with_cuda():
+                return built == "cuda"
+
+        state = (None, "not built (test)") if built == "none" else (Built(), None)
+        monkeypatch.setattr(ext, "loaded_extension", lambda: state)
+        monkeypatch.setattr(ext, "load_extension", lambda required=False: pytest.fail("auto started a build"))
+        monkeypatch.delenv("MMFAST_BACKEND", raising=False)
+        assert _dispatch.accelerated_backends("ema_update_") == ("cuda", "triton", "cpp")
+        assert _dispatch.resolve_backend("ema_update_", "auto", torch.device("cuda")) == expected
+
+
+class TestExtensionFallbacks:
+    """'cuda' -> 'triton' and 'cpp' -> 'reference' when the extension cannot be had, warned once."""
+
+    @pytest.fixture(autouse=True)
+    def fresh_warnings(self, monkeypatch):
+        monkeypatch.setattr(_common, "_warned", set())
+
+    def _no_extension(self, monkeypatch):
+        import mmfast._ext as ext
+
+        monkeypatch.setattr(ext, "load_extension", lambda required=False: None)
+        monkeypatch.setattr(ext, "extension_error", lambda: "no compiler (test)")
+
+    def test_cpp_falls_back_to_reference_once(self, monkeypatch):
+        self._no_extension(monkeypatch)
+        ema, src = _lists([(10,)], torch.float32, torch.float32, "cpu")
+        with pytest.warns(RuntimeWarning, match=r"no compiler \(test\).*backend='cpp' falls back to 'reference'"):
+            _check_against_reference(ema, src, 0.9, "cpp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _check_against_reference(ema, src, 0.9, "cpp")  # warned once only
+
+    def test_cuda_falls_back_to_triton_once(self, monkeypatch):
+        if not _common.interpreting():
+            pytest.skip("runs the CUDA launcher on CPU tensors through Triton's interpreter")
+        self._no_extension(monkeypatch)
+        ema, src = _lists([(10,), (16385,)], torch.float32, torch.bfloat16, "cpu")
+        expected = [e.clone() for e in ema]
+        ema_update_reference(expected, src, 0.9)
+        with pytest.warns(RuntimeWarning, match=r"no compiler \(test\).*backend='cuda' falls back to 'triton'"):
+            _launch._launch_cuda_ext(ema, src, 0.9)
+        for got, want in zip(ema, expected):
+            assert_bitwise_equal(got, want, what="cuda -> triton fallback")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _launch._launch_cuda_ext(ema, src, 0.9)
+
+    def test_cuda_with_a_cpu_only_build_falls_back_to_triton(self, monkeypatch):
+        if not _common.interpreting():
+            pytest.skip("runs the CUDA launcher on CPU tensors through Triton's interpreter")
+        import mmfast._ext as ext
+
+        class CpuOnly:
+            @staticmethod
+            def with_cuda():
+                return False
+
+        monkeypatch.setattr(ext, "load_extension", lambda required=False: CpuOnly())
+        ema, src = _lists([(10,)], torch.float32, torch.float32, "cpu")
+        with pytest.warns(RuntimeWarning, match="built without CUDA; backend='cuda' falls back to 'triton'"):
+            _launch._launch_cuda_ext(ema, src, 0.9)
 
 
 def test_dtensor_local_shards():
@@ -249,23 +460,6 @@ def test_dtensor_local_shards():
     finally:
         if created:
             dist.destroy_process_group()
-
-
-def test_missing_extension_falls_back_with_one_warning(monkeypatch):
-    import mmfast._ext as ext
-    from mmfast.kernels import _common
-
-    monkeypatch.setattr(ext, "load_extension", lambda required=False: None)
-    monkeypatch.setattr(ext, "extension_error", lambda: "no compiler (test)")
-    monkeypatch.setattr(_common, "_warned", set())
-    ema, src = _lists([(10,)], torch.float32, torch.float32, "cpu")
-    with pytest.warns(RuntimeWarning, match=r"no compiler \(test\).*falls back to 'reference'"):
-        _check_against_reference(ema, src, 0.9, "cpp")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _check_against_reference(ema, src, 0.9, "cpp")  # warned once only
 
 
 def test_unaligned_views_share_a_call_with_aligned_tensors(device, backend):

@@ -76,3 +76,56 @@ def test_structure_change_is_an_error(online):
     online.add_module("extra", nn.Linear(2, 2))
     with pytest.raises(ValueError, match="no longer match"):
         enc._check_structure()
+
+
+class TestArguments:
+    """Every constructor argument is checked, naming it (before: a non-module raised AttributeError deep
+    in deepcopy's caller, momentum=1.5 and backend="fast" were accepted until the first update)."""
+
+    def test_model_must_be_a_module(self):
+        with pytest.raises(ValueError, match="MomentumEncoder: model must be a torch.nn.Module, got list"):
+            MomentumEncoder([nn.Linear(2, 2)])
+
+    @pytest.mark.parametrize("momentum", [1.5, -0.1, float("nan")], ids=["1.5", "-0.1", "nan"])
+    def test_momentum_out_of_range(self, online, momentum):
+        with pytest.raises(ValueError, match=r"MomentumEncoder: momentum must be (finite|in \[0, 1\])"):
+            MomentumEncoder(online, momentum)
+
+    @pytest.mark.parametrize("momentum", ["0.9", torch.tensor([0.9]), torch.tensor(1)], ids=["str", "1-d", "int-tensor"])
+    def test_momentum_bad_type(self, online, momentum):
+        with pytest.raises(ValueError, match="MomentumEncoder: momentum must be a float or a 0-dim floating tensor"):
+            MomentumEncoder(online, momentum)
+
+    def test_tensor_momentum_checked_on_its_device(self, online):
+        with pytest.raises(RuntimeError, match=r"MomentumEncoder: momentum must be finite and in \[0, 1\]"):
+            MomentumEncoder(online, torch.tensor(1.5))
+
+    @pytest.mark.parametrize("ema_dtype", [torch.int32, "float32", torch.float8_e4m3fn], ids=["int32", "str", "fp8"])
+    def test_ema_dtype(self, online, ema_dtype):
+        with pytest.raises(ValueError, match="MomentumEncoder: ema_dtype must be None or one of"):
+            MomentumEncoder(online, ema_dtype=ema_dtype)
+
+    @pytest.mark.parametrize("backend", ["fast", "chunked", None])
+    def test_backend(self, online, backend):
+        with pytest.raises(ValueError, match="MomentumEncoder: backend must be one of"):
+            MomentumEncoder(online, backend=backend)
+
+    def test_update_momentum_checked(self, online):
+        enc = MomentumEncoder(online)
+        with pytest.raises(ValueError, match=r"ema_update_: momentum must be in \[0, 1\]"):
+            enc.update(1.5)
+        with pytest.raises(RuntimeError, match=r"ema_update_: momentum must be finite and in \[0, 1\]"):
+            enc.update(torch.tensor(1.5))
+
+
+def test_float64_copy_on_the_reference(online):
+    """A float64 EMA runs on backend="reference" (auto on the CPU); the kernels refuse it by name."""
+    enc = MomentumEncoder(online, momentum=0.9, ema_dtype=torch.float64)
+    before = [p.clone() for p in enc.ema.parameters()]
+    enc.update()
+    for got, old, p in zip(enc.ema.parameters(), before, online.parameters()):
+        assert got.dtype == torch.float64
+        want = old * 0.9 + p.double() * 0.1
+        assert ((got - want).abs() <= 1e-13 * (old.abs() + p.double().abs())).all()
+    with pytest.raises(ValueError, match=r"ema_tensors\[0\] must be float16, bfloat16 or float32 on this backend"):
+        MomentumEncoder(online, ema_dtype=torch.float64, backend="cpp").update()
