@@ -50,10 +50,10 @@ GPU_CONFIGS = (
     Config("da", "16-bit", True, _tiles("da", 128, 128, 64), 8, 3, "the forward's tile, reducing over N"),
     Config("dw", "16-bit", True, _tiles("dw", 128, 64, 64), 8, 3,
            "K tile 64: the gate gradient keeps a W tile beside the accumulator"),
-    # aligned, TF32: an fp32 operand is twice the bytes of a 16-bit one, so the reduction step is halved
-    Config("fwd", "tf32", True, _tiles("fwd", 128, 64, 32), 8, 3, "half the 16-bit tile's bytes per stage"),
-    Config("da", "tf32", True, _tiles("da", 128, 64, 32), 8, 3, "half the 16-bit tile's bytes per stage"),
-    Config("dw", "tf32", True, _tiles("dw", 128, 64, 32), 8, 3, "half the 16-bit reduction step"),
+    # aligned, TF32: an fp32 element is twice the bytes of a 16-bit one, so the tiles are halved
+    Config("fwd", "tf32", True, _tiles("fwd", 128, 64, 32), 8, 3, "half the 16-bit columns and K step"),
+    Config("da", "tf32", True, _tiles("da", 128, 64, 32), 8, 3, "half the 16-bit columns and N step"),
+    Config("dw", "tf32", True, _tiles("dw", 128, 64, 32), 8, 3, "half the 16-bit M step"),
     # unaligned: no asynchronous copies, so no pipelining (2 stages) and 64 x 64 tiles held in registers
     Config("fwd", "16-bit", False, _tiles("fwd", 64, 64, 32), 4, 2, "register-resident 64x64 tile"),
     Config("da", "16-bit", False, _tiles("da", 64, 64, 32), 4, 2, "register-resident 64x64 tile"),
@@ -63,13 +63,14 @@ GPU_CONFIGS = (
     Config("da", "tf32", False, _tiles("da", 64, 64, 16), 4, 2, "register-resident tile, half the N step"),
     Config("dw", "tf32", False, _tiles("dw", 64, 64, 16), 8, 2, "the 16-bit config with half the M step"),
     # IEEE fp32 (FMA dots, no tensor cores): a thread keeps its rows of A and columns of B for the whole
-    # reduction step beside its accumulators, so the step is 8 deep
-    Config("fwd", "ieee", True, _tiles("fwd", 128, 64, 8), 8, 3, "FMA dot: 32 accumulators a thread, 8-deep K step"),
-    Config("da", "ieee", True, _tiles("da", 128, 64, 8), 8, 3, "the forward's FMA tile, reducing over N"),
-    Config("dw", "ieee", True, _tiles("dw", 128, 64, 8), 8, 3, "the forward's FMA tile, reducing over M"),
-    Config("fwd", "ieee", False, _tiles("fwd", 64, 64, 8), 8, 2, "64 rows: 128 would need 184-252 registers"),
-    Config("da", "ieee", False, _tiles("da", 64, 64, 8), 4, 2, "4 warps: with 8 Triton 3.9 keeps a stack frame"),
-    Config("dw", "ieee", False, _tiles("dw", 64, 64, 8), 8, 2, "with 4 warps it needs 249 registers on sm_80"),
+    # reduction step beside its accumulators, so the step is 16 deep (the least tl.dot takes on Triton 3.6)
+    Config("fwd", "ieee", True, _tiles("fwd", 128, 64, 16), 8, 2,
+           "FMA dot: 32 accumulators a thread; 2 stages: with 3 Triton 3.9 spills 4 B on sm_90"),
+    Config("da", "ieee", True, _tiles("da", 128, 64, 16), 8, 3, "the forward's FMA tile, reducing over N"),
+    Config("dw", "ieee", True, _tiles("dw", 128, 64, 16), 8, 3, "the forward's FMA tile, reducing over M"),
+    Config("fwd", "ieee", False, _tiles("fwd", 64, 64, 16), 8, 2, "64 rows: 128 need 204-255 registers"),
+    Config("da", "ieee", False, _tiles("da", 64, 64, 16), 8, 2, "64 rows, as the forward"),
+    Config("dw", "ieee", False, _tiles("dw", 64, 32, 16), 4, 2, "32 K columns: 64 x 64 spills on every Triton"),
 )
 _BY_KEY = {(c.kernel, c.operands, c.aligned): c for c in GPU_CONFIGS}
 

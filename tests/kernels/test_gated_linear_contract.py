@@ -304,3 +304,17 @@ def test_reference_matches_eager_chain_bitwise(device):
     a, w, b, g, r = _inputs(7, 16, 64, device, torch.bfloat16, (64,))
     assert_bitwise_equal(tanh_gated_linear_reference(a, w, b, g.reshape(1, 1, 64), r), eager_chain(a, w, b, g, r),
                          what="reference")
+
+
+def test_check_float64_mode():
+    """`python -m mmfast check --dtype float64`: only backend="reference" cases, in float64, and the
+    tanh_gated_linear ones pass against the eager chain at 1e-10 relative."""
+    from mmfast.checks.gated_linear import cases
+
+    rows = list(cases(torch.device("cpu"), torch.float64))
+    assert rows and all(backend == "reference" and dtype == "fp64" for _, backend, dtype, _, _ in rows)
+    ops = [row for row in rows if row[0] == "tanh_gated_linear"]
+    assert len(ops) == 2
+    for op, _, _, shape, run in ops:
+        err, tol, _, ok = run()
+        assert ok and err <= tol, f"{op} {shape}: {err:.2e} > {tol:.2e}"
