@@ -119,34 +119,38 @@ def _round_tf32(x):
     return ((bits + 0x1000) & -0x2000).view(torch.float32)
 
 
-def _precision_run(device):
+def _precision_run(device, precision):
+    """(out, d_a) of the op under `precision`, each with the fp64 chain, the fp64 chain on TF32-rounded GEMM
+    operands and PyTorch's fp32 chain (always under "highest": the IEEE yardstick)."""
     M, K, N = 61, 1000, 80
     a, w, b, g, r = _inputs(M, K, N, device, torch.float32, (N,))
     dy = randn(M, N, device=device)
     leaves = [t.clone().requires_grad_() for t in (a, w, b, g, r)]
-    out = tanh_gated_linear(*leaves, backend="triton")
-    (da,) = torch.autograd.grad(out, leaves[:1], dy)
+    torch.set_float32_matmul_precision(precision)
+    try:
+        out = tanh_gated_linear(*leaves, backend="triton")
+        (da,) = torch.autograd.grad(out, leaves[:1], dy)
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
-    def chain(a_, w_, dy_):
+    def chain(a_, w_):
         wide = [a_.double().requires_grad_(), w_.double(), b.double(), g.double(), r.double()]
         o = eager_chain(*wide)
-        return o, torch.autograd.grad(o, wide[:1], dy_.double())[0]
+        return o, torch.autograd.grad(o, wide[:1], dy.double())[0]
 
-    exact, exact_da = chain(a, w, dy)
-    # TF32 inputs to both GEMMs (for d_a: dy·tanh g and W)
-    s = torch.tanh(g.double())
-    tf32, _ = chain(_round_tf32(a), _round_tf32(w), dy)
-    tf32_da = (_round_tf32((dy.double() * s).float()).double() @ _round_tf32(w).double())
+    exact, exact_da = chain(a, w)
+    tf32, _ = chain(_round_tf32(a), _round_tf32(w))
+    # d_a's GEMM takes dy·tanh g (rounded to TF32) and W
+    tf32_da = _round_tf32(dy.double() * torch.tanh(g.double())).double() @ _round_tf32(w).double()
     fp32 = eager_chain(a, w, b, g, r)
-    wide = a.clone().requires_grad_()
-    fp32_da = torch.autograd.grad(eager_chain(wide, w, b, g, r), wide, dy)[0]
+    leaf = a.clone().requires_grad_()
+    fp32_da = torch.autograd.grad(eager_chain(leaf, w, b, g, r), leaf, dy)[0]
     return (out, exact, tf32, fp32), (da, exact_da, tf32_da, fp32_da)
 
 
 def test_fp32_highest_is_ieee(device, matmul_precision):
     """"highest" (torch's default): IEEE fp32 dots, within 2x (3x: d_a) of PyTorch's fp32 error."""
-    matmul_precision("highest")
-    (out, exact, _, fp32), (da, exact_da, _, fp32_da) = _precision_run(device)
+    (out, exact, _, fp32), (da, exact_da, _, fp32_da) = _precision_run(device, "highest")
     assert_close_by_rule(out, exact, fp32, what="highest out")
     assert_close_by_rule(da, exact_da, fp32_da, factor=3.0, what="highest d_a")
 
@@ -154,8 +158,7 @@ def test_fp32_highest_is_ieee(device, matmul_precision):
 def test_fp32_high_is_tf32(device, matmul_precision):
     """"high": TF32 dots. The error is TF32's (that of the fp64 chain on TF32-rounded operands), far
     above fp32's: the setting reaches the kernels, forward and backward."""
-    matmul_precision("high")
-    for what, (ours, exact, tf32, fp32) in zip(("out", "d_a"), _precision_run(device)):
+    for what, (ours, exact, tf32, fp32) in zip(("out", "d_a"), _precision_run(device, "high")):
         err = (ours.double() - exact).abs().max().item()
         tf32_err = (tf32 - exact).abs().max().item()
         fp32_err = (fp32.double() - exact).abs().max().item()
