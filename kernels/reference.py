@@ -297,115 +297,23 @@ def siglip_loss_reference(a, b, logit_scale, logit_bias, *, normalize=False, log
 
 
 # ----------------------------------------------------------------------------------------------
-# Tanh-gated cross-attention (Flamingo, Llama 3.2 Vision, Idefics)
+# Tanh-gated linear (the gated residuals of Flamingo, Llama 3.2 Vision, Idefics)
 
 
 def tanh_gated_linear_reference(a, weight, bias, gate, residual, *, row_mask=None):
-    """``residual + tanh(gate) · (a @ weightᵀ + bias)``, as Flamingo / Hugging Face Mllama and Idefics write
-    the gated residual (``x + self.attn_gate.tanh() * self.o_proj(h)``).
+    """``residual + torch.tanh(gate) * F.linear(a, weight, bias)``, as Flamingo, Hugging Face Mllama and
+    Idefics write the gated residual (``x + self.attn_gate.tanh() * self.o_proj(h)``): the same ops, so
+    the same dtypes under type promotion and autocast.
 
     `gate` is a scalar (one element) or a per-output-channel vector (N elements, Idefics'
-    ``alpha_type="vector"``). `row_mask` (bool, a.shape[:-1] or (M,)): True zeroes that row's update
-    (Llama 3.2's full-text-row mask), so the row's output is the residual.
+    ``alpha_type="vector"``, (N,) or (1, 1, N): flattened to (N,) so that the output keeps the residual's
+    shape; a gate with dimensions keeps them, as they decide the promotion). `row_mask` (bool,
+    a.shape[:-1] or (M,)): True zeroes that row's update (Llama 3.2's full-text-row mask), so the row's
+    output is the residual.
     """
     update = torch.nn.functional.linear(a, weight, bias)
-    gate = gate.reshape(-1) if gate.numel() > 1 else gate.reshape(())
-    update = torch.tanh(gate).to(update.dtype) * update
+    gate = gate if gate.dim() <= 1 else gate.reshape(-1)
+    update = torch.tanh(gate) * update
     if row_mask is not None:
         update = update.masked_fill(row_mask.reshape(*a.shape[:-1], 1), 0.0)
     return residual + update
-
-
-def _hf_rms_norm(x, weight, eps):
-    """Hugging Face's MllamaTextRMSNorm: normalise in fp32, cast back, then scale."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def gated_xattn_dense_reference(x, media, media_locations, p, *, heads, kv_heads=None, variant="flamingo",
-                                only_attend_immediate_media=True, eps=None, media_padding_mask=None):
-    """Flamingo's GATED XATTN-DENSE block, as lucidrains/flamingo-pytorch writes it (variant="flamingo"), or
-    Hugging Face's MllamaCrossAttentionDecoderLayer (variant="mllama").
-
-    x (B, L, D); media (B, T, n, D_media); media_locations (B, L) marks each image's placeholder token;
-    `p` maps the parameter names of ``mmfast.nn.GatedCrossAttentionBlock`` to tensors. The media mask is
-    Flamingo's: ``text_time = cumsum(media_locations)``, a token sees image t iff text_time == t (or
-    >= t without ``only_attend_immediate_media``); tokens with text_time 0 attend to nothing (output 0).
-    Mllama: RMSNorm, qk-norm per head, GQA (``repeat_kv``), SiLU-gated MLP whose output is multiplied by
-    the full-text-row mask (rows that see no image). Its attention rows that see no image are 0 here
-    (Meta's llama-models; Hugging Face instead lets such rows attend to every key), so those rows keep
-    exactly their input.
-    """
-    F = torch.nn.functional
-    mllama = variant == "mllama"
-    eps = eps if eps is not None else (1e-6 if mllama else 1e-5)
-    B, L, D = x.shape
-    T, n = media.shape[1], media.shape[2]
-    kv_heads = kv_heads or heads
-
-    def norm(t, w, b):
-        return _hf_rms_norm(t, w, eps) if mllama else F.layer_norm(t, (D,), w, b, eps)
-
-    h = norm(x, p["norm_attn_weight"], p.get("norm_attn_bias"))
-    q = F.linear(h, p["wq"])
-    k, v = F.linear(media.reshape(B, T * n, -1), p["wkv"]).chunk(2, dim=-1)
-    q = q.view(B, L, heads, -1).transpose(1, 2)
-    k = k.reshape(B, T * n, kv_heads, -1).transpose(1, 2)
-    v = v.reshape(B, T * n, kv_heads, -1).transpose(1, 2)
-    if mllama:
-        q = _hf_rms_norm(q, p["q_norm_weight"], eps)
-        k = _hf_rms_norm(k, p["k_norm_weight"], eps)
-    k = k.repeat_interleave(heads // kv_heads, dim=1)
-    v = v.repeat_interleave(heads // kv_heads, dim=1)
-    sim = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, L, T·n)
-    text_time = media_locations.to(torch.int64).cumsum(dim=-1)  # images at or before each token
-    media_time = torch.arange(T, device=x.device).repeat_interleave(n) + 1
-    op = torch.eq if only_attend_immediate_media else torch.ge
-    visible = op(text_time[:, None, :, None], media_time[None, None, None, :])
-    if media_padding_mask is not None:
-        visible = visible & ~media_padding_mask[:, None, None, :]
-    sim = sim.masked_fill(~visible, -torch.finfo(sim.dtype).max)
-    attn = sim.softmax(dim=-1)
-    attn = attn.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)  # text before any image: no media
-    out = (attn @ v).transpose(1, 2).reshape(B, L, -1)
-    x = x + torch.tanh(p["attn_gate"]).to(x.dtype) * F.linear(out, p["wo"])
-    h = norm(x, p["norm_ff_weight"], p.get("norm_ff_bias"))
-    if mllama:
-        gate_proj, up_proj = F.linear(h, p["w_in"]).chunk(2, dim=-1)
-        ff = F.linear(F.silu(gate_proj) * up_proj, p["w_out"])
-        full_text_row_masked_out_mask = visible.any(dim=-1)[:, 0, :, None].to(ff.dtype)
-        ff = full_text_row_masked_out_mask * ff
-    else:
-        ff = F.linear(F.gelu(F.linear(h, p["w_in"])), p["w_out"])
-    return x + torch.tanh(p["ff_gate"]).to(x.dtype) * ff
-
-
-def perceiver_resampler_reference(x, p, *, depth, heads):
-    """Flamingo's Perceiver resampler as lucidrains/flamingo-pytorch writes it: per layer
-    ``latents = attn(LN(x), LN(latents)) + latents`` with keys/values from ``cat(LN(x), LN(latents))``,
-    then ``latents = FFN(latents) + latents`` (LN → Linear → GELU → Linear); final LayerNorm.
-
-    x (B, n, D) or (B, T, n, D) (video: time embeddings ``p["time_pos_emb"][:T]`` added per frame);
-    `p` maps ``mmfast.nn.PerceiverResampler``'s parameter names to tensors. Returns (B, T, latents, D).
-    """
-    F = torch.nn.functional
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    B, T, n, D = x.shape
-    if p.get("time_pos_emb") is not None:
-        x = x + p["time_pos_emb"][:T]
-    latents = p["latents"].expand(B, T, -1, -1)
-    for i in range(depth):
-        g = lambda name: p[f"layers.{i}.{name}"]  # noqa: E731
-        xm = F.layer_norm(x, (D,), g("norm_media_weight"), g("norm_media_bias"))
-        ln = F.layer_norm(latents, (D,), g("norm_latents_weight"), g("norm_latents_bias"))
-        q = F.linear(ln, g("wq"))
-        kv_input = torch.cat((xm, ln), dim=-2)
-        k, v = F.linear(kv_input, g("wkv")).chunk(2, dim=-1)
-        q, k, v = (t.reshape(B, T, t.shape[2], heads, -1).permute(0, 3, 1, 2, 4) for t in (q, k, v))
-        sim = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-        out = (sim.softmax(dim=-1) @ v).permute(0, 2, 3, 1, 4).reshape(B, T, -1, q.shape[1] * q.shape[-1])
-        latents = F.linear(out, g("wo")) + latents
-        h = F.layer_norm(latents, (D,), g("norm_ff_weight"), g("norm_ff_bias"))
-        latents = F.linear(F.gelu(F.linear(h, g("w1"))), g("w2")) + latents
-    return F.layer_norm(latents, (D,), p["norm_weight"], p["norm_bias"])

@@ -1,8 +1,8 @@
 """Flamingo's GATED XATTN-DENSE block (and Llama 3.2 Vision's / Idefics' variants) and the Perceiver
 resampler, built on ``flash_attention`` (interval masks) and ``tanh_gated_linear`` (fused gated residual).
 
-The modules hold parameters and call the functional ops; the readable specs they are tested against are
-``gated_xattn_dense_reference`` and ``perceiver_resampler_reference`` in ``mmfast.kernels.reference``.
+The modules hold parameters and call the functional ops; the readable specs they are tested against,
+``gated_xattn_dense_reference`` and ``perceiver_resampler_reference``, are at the bottom of this file.
 """
 import math
 
@@ -11,9 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfast.kernels import flash_attention, tanh_gated_linear
-from mmfast.kernels.attention.masks import media_intervals
+from mmfast.kernels._common import check_choice, check_int, check_scalar
+from mmfast.kernels.attention.masks import MEDIA_MODES, media_intervals
 
 VARIANTS = ("flamingo", "mllama")
+# the backends both functional ops implement (flash_attention and tanh_gated_linear)
+MODULE_BACKENDS = ("auto", "triton", "reference")
+
+
+def _optional_int(op, name, value, lo=1):
+    return None if value is None else check_int(op, name, value, lo=lo)
 
 
 def _rms_norm(x, weight, eps):
@@ -40,7 +47,7 @@ class GatedCrossAttentionBlock(nn.Module):
     with bias-free gate, residual and row mask in the epilogue, and the gates' gradients inside the
     backward GEMMs); attention is ``flash_attention`` with the media intervals (no dense (L, T·n) mask,
     KV blocks outside a row tile's images are skipped); rows that see no image skip their out-projection
-    tiles. The up-projection and activation stay as torch ops (see kernels/gated_linear.py).
+    tiles. The up-projection and activation stay as torch ops (see kernels/gated_linear/__init__.py).
 
     forward(x (B, L, D), media (B, T, n, D_media) — n visual tokens per image, T images per sample —,
     media_locations (B, L) bool/int marking each image's placeholder token, or explicit
@@ -51,14 +58,30 @@ class GatedCrossAttentionBlock(nn.Module):
     def __init__(self, dim, heads, dim_head=None, *, dim_media=None, kv_heads=None, ff_mult=4, hidden=None,
                  variant="flamingo", gate="scalar", media_mode=None, eps=None, backend="auto"):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if gate not in ("scalar", "vector"):
-            raise ValueError(f"gate must be 'scalar' or 'vector', got {gate!r}")
+        op = "GatedCrossAttentionBlock"
+        check_int(op, "dim", dim, lo=1)
+        check_int(op, "heads", heads, lo=1)
+        _optional_int(op, "dim_head", dim_head)
+        if dim_head is None and dim < heads:
+            raise ValueError(f"{op}: dim ({dim}) must be at least heads ({heads}) when dim_head is not given "
+                             f"(dim_head = dim // heads)")
+        _optional_int(op, "dim_media", dim_media)
+        _optional_int(op, "kv_heads", kv_heads)
+        check_scalar(op, "ff_mult", ff_mult, lo=0, lo_open=True)
+        _optional_int(op, "hidden", hidden)
+        if hidden is None and int(dim * ff_mult) < 1:
+            raise ValueError(f"{op}: ff_mult ({ff_mult}) gives an FFN of int(dim * ff_mult) = 0 channels")
+        check_choice(op, "variant", variant, VARIANTS)
+        check_choice(op, "gate", gate, ("scalar", "vector"))
+        if media_mode is not None:
+            check_choice(op, "media_mode", media_mode, MEDIA_MODES)
+        if eps is not None:
+            check_scalar(op, "eps", eps, lo=0, lo_open=True)
+        check_choice(op, "backend", backend, MODULE_BACKENDS)
         self.variant, self.heads = variant, heads
         self.kv_heads = kv_heads or heads
         if heads % self.kv_heads:
-            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({self.kv_heads})")
+            raise ValueError(f"{op}: heads ({heads}) must be a multiple of kv_heads ({self.kv_heads})")
         self.dim_head = dim_head or dim // heads
         self.media_mode = media_mode or ("most_recent" if variant == "flamingo" else "most_recent_group")
         self.eps = eps if eps is not None else (1e-5 if variant == "flamingo" else 1e-6)
@@ -120,9 +143,9 @@ class GatedCrossAttentionBlock(nn.Module):
         no_image = kv_end <= kv_start
         if no_image.dim() == 1:
             no_image = no_image.expand(B, L)
-        # weights in the activations' dtype (a no-op unless under autocast, whose matmuls do the same); the
-        # residual stream x keeps its own dtype (fp32 under autocast: the update is added in fp32)
-        x = tanh_gated_linear(o.reshape(B, L, -1), self.wo.to(o.dtype), None, self.attn_gate, x, row_mask=no_image,
+        # under autocast tanh_gated_linear casts o and the weight as F.linear would; the residual stream x
+        # keeps its own dtype (fp32 under autocast: the update is added in fp32)
+        x = tanh_gated_linear(o.reshape(B, L, -1), self.wo, None, self.attn_gate, x, row_mask=no_image,
                               backend=self.backend)
         h = self._norm(x, self.norm_ff_weight, self.norm_ff_bias)
         if self.variant == "mllama":
@@ -131,8 +154,7 @@ class GatedCrossAttentionBlock(nn.Module):
         else:
             act = F.gelu(F.linear(h, self.w_in))
         row_mask = no_image if self.variant == "mllama" else None
-        return tanh_gated_linear(act, self.w_out.to(act.dtype), None, self.ff_gate, x, row_mask=row_mask,
-                                 backend=self.backend)
+        return tanh_gated_linear(act, self.w_out, None, self.ff_gate, x, row_mask=row_mask, backend=self.backend)
 
 
 class PerceiverResampler(nn.Module):
@@ -157,6 +179,17 @@ class PerceiverResampler(nn.Module):
     def __init__(self, dim, depth, heads=8, dim_head=64, num_latents=64, num_time_embeds=None, ff_mult=4,
                  backend="auto"):
         super().__init__()
+        op = "PerceiverResampler"
+        check_int(op, "dim", dim, lo=1)
+        check_int(op, "depth", depth, lo=1)
+        check_int(op, "heads", heads, lo=1)
+        check_int(op, "dim_head", dim_head, lo=1)
+        check_int(op, "num_latents", num_latents, lo=1)
+        _optional_int(op, "num_time_embeds", num_time_embeds)
+        check_scalar(op, "ff_mult", ff_mult, lo=0, lo_open=True)
+        if int(dim * ff_mult) < 1:
+            raise ValueError(f"{op}: ff_mult ({ff_mult}) gives an FFN of int(dim * ff_mult) = 0 channels")
+        check_choice(op, "backend", backend, MODULE_BACKENDS)
         self.heads, self.dim_head, self.backend = heads, dim_head, backend
         inner, hidden = heads * dim_head, int(dim * ff_mult)
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
@@ -208,3 +241,97 @@ class PerceiverResampler(nn.Module):
             lat = F.linear(F.gelu(F.linear(h, layer.w1)), layer.w2) + lat
         out = F.layer_norm(lat, (D,), self.norm_weight, self.norm_bias)
         return out.view(B, T, -1, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# References: the readable specs the modules are tested against (the eager code of the models they
+# replace, with the same parameter names as the modules)
+
+
+def gated_xattn_dense_reference(x, media, media_locations, p, *, heads, kv_heads=None, variant="flamingo",
+                                only_attend_immediate_media=True, eps=None, media_padding_mask=None):
+    """Flamingo's GATED XATTN-DENSE block, as lucidrains/flamingo-pytorch writes it (variant="flamingo"), or
+    Hugging Face's MllamaCrossAttentionDecoderLayer (variant="mllama").
+
+    x (B, L, D); media (B, T, n, D_media); media_locations (B, L) marks each image's placeholder token;
+    `p` maps the parameter names of ``mmfast.nn.GatedCrossAttentionBlock`` to tensors. The media mask is
+    Flamingo's: ``text_time = cumsum(media_locations)``, a token sees image t iff text_time == t (or
+    >= t without ``only_attend_immediate_media``); tokens with text_time 0 attend to nothing (output 0).
+    Mllama: RMSNorm, qk-norm per head, GQA (``repeat_kv``), SiLU-gated MLP whose output is multiplied by
+    the full-text-row mask (rows that see no image). Its attention rows that see no image are 0 here
+    (Meta's llama-models; Hugging Face instead lets such rows attend to every key), so those rows keep
+    exactly their input.
+    """
+    F = torch.nn.functional
+    mllama = variant == "mllama"
+    eps = eps if eps is not None else (1e-6 if mllama else 1e-5)
+    B, L, D = x.shape
+    T, n = media.shape[1], media.shape[2]
+    kv_heads = kv_heads or heads
+
+    def norm(t, w, b):
+        return _rms_norm(t, w, eps) if mllama else F.layer_norm(t, (D,), w, b, eps)
+
+    h = norm(x, p["norm_attn_weight"], p.get("norm_attn_bias"))
+    q = F.linear(h, p["wq"])
+    k, v = F.linear(media.reshape(B, T * n, -1), p["wkv"]).chunk(2, dim=-1)
+    q = q.view(B, L, heads, -1).transpose(1, 2)
+    k = k.reshape(B, T * n, kv_heads, -1).transpose(1, 2)
+    v = v.reshape(B, T * n, kv_heads, -1).transpose(1, 2)
+    if mllama:
+        q = _rms_norm(q, p["q_norm_weight"], eps)
+        k = _rms_norm(k, p["k_norm_weight"], eps)
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    v = v.repeat_interleave(heads // kv_heads, dim=1)
+    sim = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, L, T·n)
+    text_time = media_locations.to(torch.int64).cumsum(dim=-1)  # images at or before each token
+    media_time = torch.arange(T, device=x.device).repeat_interleave(n) + 1
+    op = torch.eq if only_attend_immediate_media else torch.ge
+    visible = op(text_time[:, None, :, None], media_time[None, None, None, :])
+    if media_padding_mask is not None:
+        visible = visible & ~media_padding_mask[:, None, None, :]
+    sim = sim.masked_fill(~visible, -torch.finfo(sim.dtype).max)
+    attn = sim.softmax(dim=-1)
+    attn = attn.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)  # text before any image: no media
+    out = (attn @ v).transpose(1, 2).reshape(B, L, -1)
+    x = x + torch.tanh(p["attn_gate"]) * F.linear(out, p["wo"])
+    h = norm(x, p["norm_ff_weight"], p.get("norm_ff_bias"))
+    if mllama:
+        gate_proj, up_proj = F.linear(h, p["w_in"]).chunk(2, dim=-1)
+        ff = F.linear(F.silu(gate_proj) * up_proj, p["w_out"])
+        full_text_row_masked_out_mask = visible.any(dim=-1)[:, 0, :, None].to(ff.dtype)
+        ff = full_text_row_masked_out_mask * ff
+    else:
+        ff = F.linear(F.gelu(F.linear(h, p["w_in"])), p["w_out"])
+    return x + torch.tanh(p["ff_gate"]) * ff
+
+
+def perceiver_resampler_reference(x, p, *, depth, heads):
+    """Flamingo's Perceiver resampler as lucidrains/flamingo-pytorch writes it: per layer
+    ``latents = attn(LN(x), LN(latents)) + latents`` with keys/values from ``cat(LN(x), LN(latents))``,
+    then ``latents = FFN(latents) + latents`` (LN → Linear → GELU → Linear); final LayerNorm.
+
+    x (B, n, D) or (B, T, n, D) (video: time embeddings ``p["time_pos_emb"][:T]`` added per frame);
+    `p` maps ``mmfast.nn.PerceiverResampler``'s parameter names to tensors. Returns (B, T, latents, D).
+    """
+    F = torch.nn.functional
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    B, T, n, D = x.shape
+    if p.get("time_pos_emb") is not None:
+        x = x + p["time_pos_emb"][:T]
+    latents = p["latents"].expand(B, T, -1, -1)
+    for i in range(depth):
+        g = lambda name: p[f"layers.{i}.{name}"]  # noqa: E731
+        xm = F.layer_norm(x, (D,), g("norm_media_weight"), g("norm_media_bias"))
+        ln = F.layer_norm(latents, (D,), g("norm_latents_weight"), g("norm_latents_bias"))
+        q = F.linear(ln, g("wq"))
+        kv_input = torch.cat((xm, ln), dim=-2)
+        k, v = F.linear(kv_input, g("wkv")).chunk(2, dim=-1)
+        q, k, v = (t.reshape(B, T, t.shape[2], heads, -1).permute(0, 3, 1, 2, 4) for t in (q, k, v))
+        sim = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+        out = (sim.softmax(dim=-1) @ v).permute(0, 2, 3, 1, 4).reshape(B, T, -1, q.shape[1] * q.shape[-1])
+        latents = F.linear(out, g("wo")) + latents
+        h = F.layer_norm(latents, (D,), g("norm_ff_weight"), g("norm_ff_bias"))
+        latents = F.linear(F.gelu(F.linear(h, g("w1"))), g("w2")) + latents
+    return F.layer_norm(latents, (D,), p["norm_weight"], p["norm_bias"])

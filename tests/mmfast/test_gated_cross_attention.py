@@ -1,5 +1,5 @@
-"""GatedCrossAttentionBlock and PerceiverResampler against their references (kernels/reference.py) with the
-same weights: outputs and every gradient (both gates included) by the 2x / 3x rule against fp64.
+"""GatedCrossAttentionBlock and PerceiverResampler against their references (the eager models, at the bottom of
+mmfast/nn/gated_cross_attention.py) with the same weights: outputs and every gradient (both gates included) by the 2x / 3x rule against fp64.
 
 Both modules run their Triton backends (flash_attention, tanh_gated_linear; the interpreter on CPU).
 """
@@ -7,8 +7,8 @@ import pytest
 import torch
 from numerics import assert_bitwise_equal, assert_close_by_rule, dtype_id, generator, randn
 
-from mmfast.kernels.reference import gated_xattn_dense_reference, perceiver_resampler_reference
 from mmfast.nn import GatedCrossAttentionBlock, PerceiverResampler
+from mmfast.nn.gated_cross_attention import gated_xattn_dense_reference, perceiver_resampler_reference
 
 D, HEADS = 64, 4
 KV_HEADS = {"flamingo": None, "mllama": 2}
@@ -188,11 +188,63 @@ def test_resampler_video_frames(device):
     _resampler_check(device, randn(2, 3, 11, 32, device=device), 4)
 
 
-def test_validation_errors():
-    with pytest.raises(ValueError, match="variant"):
-        GatedCrossAttentionBlock(D, HEADS, variant="idefics3")
-    with pytest.raises(ValueError, match="kv_heads"):
-        GatedCrossAttentionBlock(D, HEADS, kv_heads=3)
+def _arg_id(change):
+    return "-".join(f"{k}={v}" for k, v in change.items())
+
+
+BLOCK_BAD_ARGS = [
+    (dict(dim=0), "dim must be in"),
+    (dict(dim=64.0), "dim must be an int"),
+    (dict(heads=0), "heads must be in"),
+    (dict(heads=None), "heads must be an int"),
+    (dict(dim=3, heads=4), "dim .3. must be at least heads"),
+    (dict(dim_head=0), "dim_head must be in"),
+    (dict(dim_media=-1), "dim_media must be in"),
+    (dict(kv_heads=0), "kv_heads must be in"),
+    (dict(kv_heads=3), "heads .4. must be a multiple of kv_heads"),
+    (dict(ff_mult=0), "ff_mult must be in"),
+    (dict(ff_mult=float("nan")), "ff_mult must be finite"),
+    (dict(ff_mult=0.001), "ff_mult .0.001. gives an FFN"),
+    (dict(hidden=0), "hidden must be in"),
+    (dict(variant="idefics3"), "variant must be one of"),
+    (dict(gate="matrix"), "gate must be one of"),
+    (dict(media_mode="nearest"), "media_mode must be one of"),
+    (dict(eps=0.0), "eps must be in"),
+    (dict(eps=-1e-5), "eps must be in"),
+    (dict(backend="cuda"), "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("change,message", BLOCK_BAD_ARGS, ids=[_arg_id(c) for c, _ in BLOCK_BAD_ARGS])
+def test_block_constructor_validation(change, message):
+    kwargs = dict(dict(dim=D, heads=HEADS), **change)
+    dim, heads = kwargs.pop("dim"), kwargs.pop("heads")
+    with pytest.raises(ValueError, match=f"GatedCrossAttentionBlock: {message}"):
+        GatedCrossAttentionBlock(dim, heads, **kwargs)
+
+
+RESAMPLER_BAD_ARGS = [
+    (dict(dim=0), "dim must be in"),
+    (dict(depth=0), "depth must be in"),
+    (dict(depth=2.0), "depth must be an int"),
+    (dict(heads=0), "heads must be in"),
+    (dict(dim_head=-16), "dim_head must be in"),
+    (dict(num_latents=0), "num_latents must be in"),
+    (dict(num_time_embeds=0), "num_time_embeds must be in"),
+    (dict(ff_mult=-1), "ff_mult must be in"),
+    (dict(ff_mult=float("inf")), "ff_mult must be finite"),
+    (dict(backend="chunked"), "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("change,message", RESAMPLER_BAD_ARGS, ids=[_arg_id(c) for c, _ in RESAMPLER_BAD_ARGS])
+def test_resampler_constructor_validation(change, message):
+    kwargs = dict(dict(dim=32, depth=1, heads=2, dim_head=16), **change)
+    with pytest.raises(ValueError, match=f"PerceiverResampler: {message}"):
+        PerceiverResampler(**kwargs)
+
+
+def test_forward_validation_errors():
     blk = GatedCrossAttentionBlock(D, HEADS)
     x, media = torch.randn(1, 5, D), torch.randn(1, 1, 2, D)
     with pytest.raises(ValueError, match="media_locations"):
@@ -204,10 +256,12 @@ def test_validation_errors():
 
 
 @pytest.mark.parametrize("variant", ["flamingo", "mllama"])
-def test_block_under_autocast(device, variant):
-    """fp32 parameters and residual stream under bf16 autocast: the fused ops take the autocast GEMM
-    inputs, the output stays fp32, and it matches the reference run under the same autocast."""
-    blk = _block(variant, device)
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_block_under_autocast(device, variant, gate):
+    """fp32 parameters and residual stream under bf16 autocast: the block gives the dtype the eager reference
+    gives under the same autocast (fp32: the residual stream), values by the rule, and every gradient in
+    its parameter's dtype."""
+    blk = _block(variant, device, gate)
     x = randn(2, 29, D, device=device)
     media = randn(2, 3, 4, D, device=device)
     loc = _locations(2, 29, (2, 1), device)
@@ -217,10 +271,33 @@ def test_block_under_autocast(device, variant):
         same = gated_xattn_dense_reference(x, media, loc, p, heads=HEADS, kv_heads=KV_HEADS[variant], variant=variant)
     exact = gated_xattn_dense_reference(x.double(), media.double(), loc, {k: v.double() for k, v in p.items()},
                                         heads=HEADS, kv_heads=KV_HEADS[variant], variant=variant)
-    assert out.dtype == torch.float32
+    assert out.dtype == same.dtype == torch.float32
     assert_close_by_rule(out, exact, same, what=f"{variant} autocast")
     out.sum().backward()
-    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in blk.parameters())
+    for name, q in blk.named_parameters():
+        assert q.grad is not None and q.grad.dtype == q.dtype and torch.isfinite(q.grad).all(), name
+
+
+@pytest.mark.parametrize("model", ["bf16", "fp32-autocast"])
+def test_resampler_dtypes(device, model):
+    """The resampler returns what its eager reference returns: bf16 for a bf16 model, fp32 under bf16
+    autocast (the final LayerNorm runs in fp32 there), values by the rule; gradients in the parameters'
+    dtypes."""
+    torch.manual_seed(generator().initial_seed() % 2**31)
+    rs = PerceiverResampler(32, depth=2, heads=2, dim_head=16, num_latents=8, ff_mult=2, backend="triton").to(device)
+    x = randn(2, 13, 32, device=device)
+    if model == "bf16":
+        rs, x = rs.to(torch.bfloat16), x.to(torch.bfloat16)
+    p = dict(rs.named_parameters())
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=model != "bf16"):
+        out = rs(x)
+        same = perceiver_resampler_reference(x, p, depth=2, heads=2)
+    exact = perceiver_resampler_reference(x.double(), {k: v.double() for k, v in p.items()}, depth=2, heads=2)
+    assert out.dtype == same.dtype == (torch.bfloat16 if model == "bf16" else torch.float32)
+    assert_close_by_rule(out, exact, same, what=f"resampler {model}")
+    out.float().sum().backward()
+    for name, q in rs.named_parameters():
+        assert q.grad is not None and q.grad.dtype == q.dtype and torch.isfinite(q.grad).all(), name
 
 
 def test_block_torch_compile_fullgraph(device):

@@ -1,4 +1,5 @@
-"""Gated suite: the tanh-gated residual GEMM and whole gated cross-attention blocks, bf16, fwd and fwd+bwd.
+"""gated_linear suite: the tanh-gated residual GEMM and whole gated cross-attention blocks, bf16, fwd and
+fwd+bwd.
 
 Workloads (``full`` / ``quick`` on CUDA; the issue's shapes):
 
@@ -10,8 +11,8 @@ Workloads (``full`` / ``quick`` on CUDA; the issue's shapes):
   resampler latents, batch 8, GELU FFN x4) and a Llama-3.2-11B-like cross-attention layer (d 4096,
   32/8 heads, SwiGLU 14336, 2048 text tokens, 4 tiles x 1601 vision tokens, batch 1): ours
   (``mmfast.nn.GatedCrossAttentionBlock``) vs the eager reference block
-  (``kernels.reference.gated_xattn_dense_reference``: dense masked softmax, as lucidrains / Hugging Face
-  write it) and vs that reference under ``torch.compile`` (skipped with the reason when it fails;
+  (``mmfast.nn.gated_cross_attention.gated_xattn_dense_reference``: dense masked softmax, as
+  lucidrains / Hugging Face write it) and vs that reference under ``torch.compile`` (skipped with the reason when it fails;
   CUDA only). Targets (fwd+bwd): >= 1.5x eager, >= 1.15x torch.compile.
 
 FLOPs count useful work: 2·M·N·K per GEMM (x3 for fwd+bwd), attention 4·D·H per visible
@@ -180,7 +181,7 @@ def _block_inputs(s):
 
 
 def _block_reference_fn(s):
-    from mmfast.kernels.reference import gated_xattn_dense_reference
+    from mmfast.nn.gated_cross_attention import gated_xattn_dense_reference
 
     blk = s["blk"]
     return lambda: gated_xattn_dense_reference(s["x"], s["media"], s["loc"], s["params"], heads=blk.heads,
@@ -194,7 +195,7 @@ def _block_eager(s):
 def _block_compiled(s):
     if s["x"].device.type != "cuda":
         raise Skip("torch.compile case runs on CUDA only (on the CPU the inductor build would dominate the run)")
-    from mmfast.kernels.reference import gated_xattn_dense_reference
+    from mmfast.nn.gated_cross_attention import gated_xattn_dense_reference
 
     blk = s["blk"]
     compiled = torch.compile(gated_xattn_dense_reference)
