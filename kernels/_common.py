@@ -193,7 +193,9 @@ def check_scalar(op, name, value, *, lo=-math.inf, hi=math.inf, lo_open=False, h
             ok = ok & lo_ok(v).all()
         if hi < math.inf:
             ok = ok & hi_ok(v).all()
-        torch._assert_async(ok, f"{op}: {name} must be {'finite and ' if finite else ''}in {interval}")
+        bounded = lo > -math.inf or hi < math.inf
+        want = " and ".join(w for w in ("finite" if finite else "", f"in {interval}" if bounded else "") if w)
+        torch._assert_async(ok, f"{op}: {name} must be {want}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{op}: {name} must be a number or a tensor, got {type(value).__name__} {value!r}")
