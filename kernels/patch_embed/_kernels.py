@@ -180,7 +180,8 @@ def _patch_embed_fwd_kernel(
             acc = tl.where(masked[:, None], mv[None, :], acc)
         if TILES:
             tile = tl.load(ar_ids + g // T, mask=in_tok, other=0) * T + g % T
-            tp = tl.load(tile_pos + ((tile.to(tl.int64) * tile_pos_rows + 1 + posj) * D)[:, None] + d[None, :], mask=tm, other=0.0)
+            tp_rows = (tile.to(tl.int64) * tile_pos_rows + 1 + posj) * D
+            tp = tl.load(tile_pos + tp_rows[:, None] + d[None, :], mask=tm, other=0.0)
             acc += c_tile * tp.to(tl.float32)
             pt = tl.load(pre_tile + (tile.to(tl.int64) * D)[:, None] + d[None, :], mask=tm, other=0.0)
             acc += c_pre * pt.to(tl.float32)
@@ -250,7 +251,8 @@ def _patch_embed_bwd_dx_kernel(
     smask = row_ok[:, None] & k_ok[None, :]
     if PAD:
         smask = smask & ((gy[:, None] + py[None, :]) < H) & ((gx[:, None] + px[None, :]) < W)
-    tl.store((dimg + x_off)[:, None] + _k_offsets(c, py, px, inner, stride_ic, stride_ih, stride_iw, CL_ORDER, IMG_DENSE, ALIGN)[None, :],
+    tl.store((dimg + x_off)[:, None]
+             + _k_offsets(c, py, px, inner, stride_ic, stride_ih, stride_iw, CL_ORDER, IMG_DENSE, ALIGN)[None, :],
              round_to(acc, OUT_DTYPE, EMULATE), mask=smask)
 
 
@@ -260,7 +262,8 @@ def _patch_embed_bwd_dw_kernel(
     G, M, T, GW, H, W, D, K, ROWS_PER_SPLIT,
     stride_ib, stride_it, stride_ic, stride_ih, stride_iw,
     C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN_LEN: tl.constexpr, IMG_DENSE: tl.constexpr,
-    ALIGN: tl.constexpr, PAD: tl.constexpr, OFF: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
+    ALIGN: tl.constexpr, PAD: tl.constexpr, OFF: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):

@@ -23,10 +23,11 @@ def resample_pos_embed(table, new_grid, old_grid, *, interpolation="bicubic", mo
     op = "resample_pos_embed"
     old_grid, new_grid = _grid_pair(op, "old_grid", old_grid), _grid_pair(op, "new_grid", new_grid)
     if not isinstance(table, torch.Tensor) or table.dim() != 2 or not table.is_floating_point():
-        raise ValueError(f"{op}: table must be a floating (N_old, D) tensor, got "
-                         f"{(table.dtype, tuple(table.shape)) if isinstance(table, torch.Tensor) else type(table).__name__}")
+        got = (table.dtype, tuple(table.shape)) if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"{op}: table must be a floating (N_old, D) tensor, got {got}")
     if table.shape[0] != old_grid[0] * old_grid[1]:
-        raise ValueError(f"{op}: table has {table.shape[0]} rows but old_grid={old_grid} has {old_grid[0] * old_grid[1]}")
+        raise ValueError(f"{op}: table has {table.shape[0]} rows but old_grid={old_grid} has "
+                         f"{old_grid[0] * old_grid[1]}")
     check_choice(op, "interpolation", interpolation, INTERPOLATIONS)
     check_choice(op, "mode", mode, POS_RESAMPLE_MODES)
     if old_grid == new_grid:
@@ -121,7 +122,8 @@ def _resolve_pos(pos_embed, grid, D, has_cls, pos_grid, interpolation, mode):
         return table.reshape(gh * gw, D), None
     table = pos_embed[0] if pos_embed.dim() == 3 and pos_embed.shape[0] == 1 else pos_embed
     if table.dim() != 2 or table.shape[1] != D:
-        raise ValueError(f"patch_embed: pos_embed must be (L, D) or (1, L, D) with D = {D}, got {tuple(pos_embed.shape)}")
+        raise ValueError(f"patch_embed: pos_embed must be (L, D) or (1, L, D) with D = {D}, got "
+                         f"{tuple(pos_embed.shape)}")
     L = table.shape[0]
     old, has_cls_row = _table_grid(L, grid, pos_grid)
     if has_cls_row and not has_cls:

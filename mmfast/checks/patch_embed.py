@@ -45,7 +45,8 @@ def _eager(kind, images, weight, cls_token, pos_embed, bias=None, mask_token=Non
         B, T = images.shape[:2]
         x = F.conv2d(images.flatten(0, 1), weight, stride=P).flatten(2).transpose(1, 2)
         N, D = x.shape[1:]
-        x = x.reshape(B, T, N, D) + F.embedding(aspect_ratio_ids, tile_embed).reshape(B, T, 1, D) * tile_embed_gate.tanh()
+        x = x.reshape(B, T, N, D)
+        x = x + F.embedding(aspect_ratio_ids, tile_embed).reshape(B, T, 1, D) * tile_embed_gate.tanh()
         x = torch.cat([cls_token.expand(B * T, 1, D), x.reshape(B * T, N, D)], 1).reshape(B, T, N + 1, D)
         x = x + ((1 - pos_gate.tanh()) * pos_embed).view(1, 1, N + 1, D)
         x = x + pos_gate.tanh() * F.embedding(aspect_ratio_ids, tile_pos_embed).reshape(B, T, N + 1, D)

@@ -97,15 +97,19 @@ class PatchEmbed(nn.Module):
         k = tuple(conv.kernel_size)
         if (k[0] != k[1] or tuple(conv.stride) != k or tuple(conv.dilation) != (1, 1) or conv.groups != 1
                 or conv.padding not in ((0, 0), 0) or conv.padding_mode != "zeros"):
-            raise ValueError(f"{_OP}.from_conv: conv must be a P x P, stride-P convolution without padding, dilation or groups, got "
+            raise ValueError(f"{_OP}.from_conv: conv must be a P x P, stride-P convolution without padding, dilation "
+                             "or groups, got "
                              f"kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}, "
                              f"dilation {conv.dilation}, groups {conv.groups}")
         return cls(img_size, k[0], conv.in_channels, conv.out_channels, proj=conv, **kwargs)
 
     def forward(self, x, *, token_mask=None, patch_index=None, keep_indices=None):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{_OP}: x must be a (B, C, H, W) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match img_size {self.img_size}; construct with "
-                             "dynamic_img_size=True to resample the position table")
+            raise ValueError(f"{_OP}: input size {tuple(x.shape[-2:])} does not match img_size {self.img_size}; "
+                             "construct with dynamic_img_size=True to resample the position table")
         mask_token = None
         if token_mask is not None:
             if self.mask_token is None:

@@ -102,6 +102,12 @@ def _assert_rule(got, got_g, exact, exact_g, same, same_g, factors=(2.0, 3.0)):
         assert_close_by_rule(got_g[k], exact_g[k], same_g[k], factor=factors[1], floor=floor, what=f"d_{k}")
 
 
+def _upstream_grad(op, masters, fixed):
+    """A random dOut of the op's output shape (fp64)."""
+    shape = _ours(op, "reference", **{k: v.cpu() for k, v in fixed.items()})(**masters).shape
+    return randn(*shape, dtype=torch.float64)
+
+
 def _fixed(device):
     return dict(aspect_ratio_ids=torch.randint(0, R, (B,), generator=generator()).to(device))
 
@@ -129,7 +135,7 @@ def test_fp32_highest_is_ieee(device, matmul_precision, op):
     matmul_precision("highest")
     masters = _vit_masters() if op == "patch_embed" else _tile_masters()
     fixed = {} if op == "patch_embed" else _fixed(device)
-    gout = randn(*_ours(op, "reference", **{k: v.cpu() for k, v in fixed.items()})(**masters).shape, dtype=torch.float64)
+    gout = _upstream_grad(op, masters, fixed)
     fp32 = {k: torch.float32 for k in masters}
     got, got_g = _fwd_bwd(_ours(op, "triton", **fixed), masters, fp32, device, gout.float())
     quantized = {k: v.float().double() for k, v in masters.items()}
@@ -145,7 +151,7 @@ def test_fp32_high_is_tf32(device, matmul_precision, op):
     computation on TF32-rounded operands), far above fp32's, which proves the setting reaches the kernels."""
     masters = _vit_masters() if op == "patch_embed" else _tile_masters()
     fixed = {} if op == "patch_embed" else _fixed(device)
-    gout = randn(*_ours(op, "reference", **{k: v.cpu() for k, v in fixed.items()})(**masters).shape, dtype=torch.float64)
+    gout = _upstream_grad(op, masters, fixed)
     gout = gout.float()
     fp32, fp64 = {k: torch.float32 for k in masters}, {k: torch.float64 for k in masters}
     quantized = {k: v.float().double() for k, v in masters.items()}
@@ -197,6 +203,11 @@ def test_autocast_matches_eager_chain(device, op, backend, params):
     exact, exact_g = _fwd_bwd(eager, exact_in, {k: torch.float64 for k in masters}, device,
                               gout.to(got.dtype).double())
     _assert_rule(got, got_g, exact, exact_g, same, same_g)
+    if backend == "triton" and got.dtype == torch.float32:
+        # fp32 tokens from bf16-rounded conv operands (fp32 accumulation): far closer to the exact math on
+        # the rounded operands than to the one on the fp32 operands, so the cast did happen
+        unrounded, _ = _fwd_bwd(eager, masters, {k: torch.float64 for k in masters}, device, gout.double())
+        assert 10 * max_abs_error(got, exact) < max_abs_error(got, unrounded)
 
 
 # ----------------------------------------------------------------------------------------------
