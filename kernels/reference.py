@@ -174,6 +174,8 @@ def patch_embed_reference(images, weight, bias=None, *, pos_embed=None, pos_cls=
       x = conv2d(images, weight, bias, stride=P).flatten(2).transpose(1, 2)
       x = x.gather(patch_index); x = where(token_mask, mask_token, x); x = x + pos_embed
       x = x.gather(keep_indices); x = cat([cls_token + pos_cls, x])
+    Dtypes promote as in timm's / Hugging Face's chains: bf16 patches (conv2d under autocast) plus fp32
+    tables give fp32 tokens.
     """
     import torch.nn.functional as F
 
@@ -187,15 +189,15 @@ def patch_embed_reference(images, weight, bias=None, *, pos_embed=None, pos_cls=
     if patch_index is not None:
         x = torch.gather(x, 1, patch_index.long()[..., None].expand(B, N, D))
     if token_mask is not None:
-        x = torch.where(token_mask[..., None], mask_token.to(x.dtype).view(1, 1, D), x)
+        x = torch.where(token_mask[..., None], mask_token.view(1, 1, D), x)
     if pos_embed is not None:
-        x = x + pos_embed.to(x.dtype).view(1, N, D)
+        x = x + pos_embed.view(1, N, D)
     if keep_indices is not None:
         x = torch.gather(x, 1, keep_indices.long()[..., None].expand(-1, -1, D))
     if cls_token is not None:
-        c = cls_token.to(x.dtype).view(1, 1, D)
+        c = cls_token.view(1, 1, D)
         if pos_cls is not None:
-            c = c + pos_cls.to(x.dtype).view(1, 1, D)
+            c = c + pos_cls.view(1, 1, D)
         x = torch.cat([c.expand(B, 1, D), x], dim=1)
     return x
 
@@ -209,7 +211,8 @@ def tile_patch_embed_reference(images, weight, bias=None, *, cls_token, pos_embe
     tile_embed (R, T * D) (MllamaPrecomputedAspectRatioEmbedding, gated); aspect_ratio_ids (B,).
       x = conv2d(tiles).flatten(2).transpose(1, 2) + tanh(tile_embed_gate) * tile_embed[ar, t]
       x = cat([cls_token, x]) + (1 - tanh(pos_gate)) * pos_embed + tanh(pos_gate) * tile_pos_embed[ar, t]
-    Rows of tiles with tile_mask[b, t] == 0 are zeros (mmfast does not compute them). Returns (B, T, 1 + N, D).
+    Rows of tiles with tile_mask[b, t] == 0 are zeros (mmfast does not compute them). Returns (B, T, 1 + N, D)
+    in the dtype the Mllama chain promotes to (bf16 patches plus fp32 tables: fp32).
     """
     import torch.nn.functional as F
 
@@ -219,11 +222,11 @@ def tile_patch_embed_reference(images, weight, bias=None, *, cls_token, pos_embe
     N, D = x.shape[1], x.shape[2]
     x = x.reshape(B, T, N, D)
     pre = tile_embed[aspect_ratio_ids.long()].reshape(B, T, 1, D)
-    x = x + (pre * tile_embed_gate.tanh()).to(x.dtype)
-    x = torch.cat([cls_token.to(x.dtype).view(1, 1, 1, D).expand(B, T, 1, D), x], dim=2)
-    x = x + ((1 - pos_gate.tanh()) * pos_embed).to(x.dtype).view(1, 1, N + 1, D)
+    x = x + pre * tile_embed_gate.tanh()
+    x = torch.cat([cls_token.view(1, 1, 1, D).expand(B, T, 1, D), x], dim=2)
+    x = x + ((1 - pos_gate.tanh()) * pos_embed).view(1, 1, N + 1, D)
     tile_pos = tile_pos_embed[aspect_ratio_ids.long()].reshape(B, T, N + 1, D)
-    x = x + (pos_gate.tanh() * tile_pos).to(x.dtype)
+    x = x + pos_gate.tanh() * tile_pos
     if tile_mask is not None:
         x = x * tile_mask.to(x.dtype).view(B, T, 1, 1)
     return x

@@ -1,123 +1,121 @@
-"""Launch side of the fused patch embedding: configurations, compile specs, launchers and the
-autograd Function (the Triton kernels themselves are in _triton.py)."""
+"""Launch side of the fused patch embedding: argument validation, allocation, the three kernel launches
+(forward, d_images, d_weight + d_bias), the custom ops with their fake implementations, and the autograd
+formula (the small parameter gradients are reductions of dOut done with PyTorch)."""
+import functools
 import math
 from collections import namedtuple
 from typing import List, Optional, Tuple
 
 import torch
 import triton
-import triton.language as tl
 
-from .._registry import CompileSpec
-from .._dispatch import interpreting
-from ._triton import _patch_embed_bwd_dw_kernel, _patch_embed_bwd_dx_kernel, _patch_embed_fwd_kernel
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+from .._common import TL_DTYPES, check_triton_dtype, kernel_flags, no_double_backward
+from ._configs import dw_config, dw_splits, dx_config, fwd_config, run_len
+from ._kernels import _patch_embed_bwd_dw_kernel, _patch_embed_bwd_dx_kernel, _patch_embed_fwd_kernel
 
 # ----------------------------------------------------------------------------------------------
-# Launch configuration (sm_80 and sm_90 alike: the op is small and gather-bound, so one tile shape
-# per kernel serves both; a smaller one for tiny problems keeps more programs in flight).
-
-Config = namedtuple("Config", "block_m block_n block_k num_warps num_stages")
-# Sizes are bounded by registers, not shared memory: the gathered A tile needs per-row 64-bit bases
-# and the epilogue loads 2D tiles of position rows, so 128x128 tiles spill (compile-report).
-_FWD_LARGE = Config(128, 64, 32, 8, 3)
-_FWD_SMALL = Config(64, 64, 32, 4, 2)
-_FWD_TILES = Config(64, 64, 32, 8, 3)  # two more epilogue tables (tile position, pre-tile)
-_DX = Config(128, 64, 32, 8, 3)  # rows = image patches, n = K, k = D
-_DX_FP32 = Config(64, 64, 32, 8, 3)  # fp32 tiles are twice the bytes: 128 rows spill on sm_80
-_DW = Config(128, 64, 32, 8, 3)  # m = D, n = K, k = rows
+# Validation (every message names the op and the argument)
 
 
-def _fwd_config(rows, d, tiles):
-    if tiles:
-        return _FWD_TILES
-    return _FWD_LARGE if rows >= 4096 and d >= 128 else _FWD_SMALL
+def _shape(t):
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _dw_splits(device, tiles, rows, block_r):
-    if device.type != "cuda":
-        return min(2, triton.cdiv(rows, block_r))  # exercise the split path cheaply under the interpreter
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(rows, 4 * block_r)))
+def check_images_weight(op, images, weight, dims):
+    """images (B, C, H, W) or (B, T, C, H, W), weight (D, C, P, P) of the same dtype: -> (D, C, P)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != dims:
+        shape = "(B, C, H, W)" if dims == 4 else "(B, T, C, H, W)"
+        raise ValueError(f"{op}: images must be a {dims}-D tensor {shape}, got {_shape(images)}")
+    if not images.is_floating_point():
+        raise ValueError(f"{op}: images must be a floating tensor, got {images.dtype}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"{op}: weight must be (D, C, P, P) as nn.Conv2d stores it, got {_shape(weight)}")
+    if weight.dtype != images.dtype:
+        raise ValueError(f"{op}: weight dtype {weight.dtype} must match images dtype {images.dtype} (as F.conv2d)")
+    if weight.device != images.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but images are on {images.device}")
+    C = images.shape[-3]
+    if weight.shape[1] != C:
+        raise ValueError(f"{op}: weight has {weight.shape[1]} input channels but images have C = {C}")
+    if weight.shape[-1] == 0 or weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight must have D >= 1 and P >= 1, got {tuple(weight.shape)}")
+    return weight.shape[0], C, weight.shape[-1]
 
 
-def compile_specs():
-    """Every kernel x config x dtype the launchers choose (main feature combinations)."""
-    fwd_sig = {n: "*fp32" for n in ("img", "w", "bias", "pos", "pos_cls", "cls", "mask_tok", "tile_pos", "pre_tile",
-                                    "ar_ids", "coef", "perm", "src_idx", "pos_idx", "tok_mask", "tile_used", "out")}
-    # int arguments below 2**31 are passed as i32 by Triton's launcher: compile what runs
-    fwd_sig.update({n: "i32" for n in ("G", "M", "T", "GW", "H", "W", "D", "K", "R_TP", "s_ib", "s_it", "s_ic", "s_ih",
-                                       "s_iw", "s_wd", "s_wc", "s_wh", "s_ww")})
-    fwd_const = ("C", "P", "CL_ORDER", "RUN", "X_RUN", "W_RUN", "ALIGN", "PAD", "HAS_BIAS", "HAS_POS", "HAS_POS_CLS", "HAS_CLS", "HAS_MASK", "HAS_PERM",
-                 "HAS_SRC", "HAS_POS_IDX", "TILES", "HAS_TILE_MASK", "OUT_DTYPE", "DOT_FP32", "EMULATE", "ALLOW_TF32",
-                 "BLOCK_M", "BLOCK_N", "BLOCK_K")
-    fwd_sig.update({n: "constexpr" for n in fwd_const})
-    dx_sig = {"dout": "*fp32", "w": "*fp32", "inv": "*i32", "tok_mask": "*u8", "tile_used": "*u8", "dimg": "*fp32"}
-    dx_sig.update({n: "i32" for n in ("G", "M", "NP", "T", "GW", "H", "W", "D", "K", "s_ib", "s_it", "s_ic", "s_ih",
-                                      "s_iw", "s_wd", "s_wc", "s_wh", "s_ww")})
-    dx_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "RUN", "X_RUN", "W_RUN", "ALIGN", "PAD", "OFF", "HAS_INV", "HAS_MASK", "HAS_TILE_MASK",
-                                            "OUT_DTYPE", "DOT_FP32", "EMULATE", "ALLOW_TF32", "BLOCK_M", "BLOCK_N",
-                                            "BLOCK_K")})
-    dw_sig = {"dout": "*fp32", "img": "*fp32", "perm": "*i32", "src_idx": "*i32", "tok_mask": "*u8",
-              "tile_used": "*u8", "dw_part": "*fp32", "db_part": "*fp32"}
-    dw_sig.update({n: "i32" for n in ("G", "M", "T", "GW", "H", "W", "D", "K", "ROWS_PER_SPLIT", "s_ib", "s_it", "s_ic",
-                                      "s_ih", "s_iw")})
-    dw_sig.update({n: "constexpr" for n in ("C", "P", "CL_ORDER", "RUN", "X_RUN", "ALIGN", "PAD", "OFF", "HAS_PERM", "HAS_SRC", "HAS_MASK",
-                                            "HAS_TILE_MASK", "HAS_BIAS", "DOT_FP32", "ALLOW_TF32", "BLOCK_D", "BLOCK_K",
-                                            "BLOCK_R")})
+def vector(op, name, t, D, device, dtype=None):
+    """None, or a floating (D,) / (1, D) / (1, 1, D) tensor -> a contiguous (D,) view."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or t.numel() != D or not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating tensor with D = {D} elements ((D,), (1, D) or (1, 1, D)), "
+                         f"got {(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but images are on {device}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{op}: {name} dtype {t.dtype} must match images dtype {dtype} (as F.conv2d)")
+    return t.reshape(D).contiguous()  # the kernels read D consecutive values
 
-    def typed(sig, dtype, names):
-        s = dict(sig)
-        for n in names:
-            s[n] = "*" + _SIG[dtype]
-        return s
 
-    # (dtype, label, P, C, channels-last order, cls, mask, tiles, forward configs): every config the
-    # launchers choose appears; 16-bit dtypes x feature mixes are sampled (the code shape is the same)
-    variants = [
-        (torch.bfloat16, "vit-b16 cls", 16, 3, False, True, False, False, (_FWD_LARGE, _FWD_SMALL)),
-        (torch.bfloat16, "clip-l14 cls nhwc", 14, 3, True, True, False, False, (_FWD_LARGE,)),
-        (torch.bfloat16, "vit-b16 masked", 16, 3, False, True, True, False, (_FWD_LARGE,)),
-        (torch.bfloat16, "mllama tiles", 14, 3, False, True, False, True, (_FWD_TILES,)),
-        (torch.float16, "vit-b16 cls", 16, 3, False, True, False, False, (_FWD_LARGE,)),
-        (torch.float32, "vit-b16 cls", 16, 3, False, True, False, False, (_FWD_LARGE,)),
-    ]
-    for dtype, label, P, C, cl, has_cls, has_mask, tiles, fwd_configs in variants:
-        # 224/336/560-pixel images: pixel runs start at multiples of gcd(P [* C], 16 bytes)
-        run = triton.cdiv(P * C, 16) * 16 if cl else triton.next_power_of_2(P)
-        layout = dict(RUN=run, X_RUN=True, ALIGN=math.gcd(P * C if cl else P, 16 // dtype.itemsize))
-        for cfg in fwd_configs:
-            sig = typed(fwd_sig, dtype, ("img", "w", "bias", "pos", "pos_cls", "cls", "mask_tok", "tile_pos",
-                                         "pre_tile", "out"))
-            sig.update(ar_ids="*i32", coef="*fp32", perm="*i32", src_idx="*i32", pos_idx="*i32", tok_mask="*u8",
-                       tile_used="*u8")
-            yield CompileSpec(
-                kernel=_patch_embed_fwd_kernel, signature=sig,
-                constexprs=dict(C=C, P=P, CL_ORDER=cl, **layout, W_RUN=True, PAD=False, HAS_BIAS=not tiles, HAS_POS=True,
-                                HAS_POS_CLS=has_cls, HAS_CLS=has_cls, HAS_MASK=has_mask, HAS_PERM=has_mask,
-                                HAS_SRC=False, HAS_POS_IDX=False, TILES=tiles, HAS_TILE_MASK=tiles,
-                                OUT_DTYPE=_TL_DTYPES[dtype], DOT_FP32=False, EMULATE=False, ALLOW_TF32=True,
-                                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                label=f"fwd {_SIG[dtype]} {label} P={P} BLOCK={cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps}")
-        dx = _DX_FP32 if dtype == torch.float32 else _DX
-        yield CompileSpec(
-            kernel=_patch_embed_bwd_dx_kernel, signature=typed(dx_sig, dtype, ("dout", "w", "dimg")),
-            constexprs=dict(C=C, P=P, CL_ORDER=cl, **layout, W_RUN=True, PAD=False, OFF=1, HAS_INV=False, HAS_MASK=has_mask,
-                            HAS_TILE_MASK=tiles, OUT_DTYPE=_TL_DTYPES[dtype], DOT_FP32=False, EMULATE=False,
-                            ALLOW_TF32=True, BLOCK_M=dx.block_m, BLOCK_N=dx.block_n, BLOCK_K=dx.block_k),
-            num_warps=dx.num_warps, num_stages=dx.num_stages,
-            label=f"bwd d_images {_SIG[dtype]} {label} P={P} BLOCK={dx.block_m}x{dx.block_n}x{dx.block_k}")
-        yield CompileSpec(
-            kernel=_patch_embed_bwd_dw_kernel, signature=typed(dw_sig, dtype, ("dout", "img")),
-            constexprs=dict(C=C, P=P, CL_ORDER=cl, **layout, PAD=False, OFF=1, HAS_PERM=False, HAS_SRC=False,
-                            HAS_MASK=has_mask, HAS_TILE_MASK=tiles, HAS_BIAS=not tiles, DOT_FP32=False,
-                            ALLOW_TF32=True, BLOCK_D=_DW.block_m, BLOCK_K=_DW.block_n, BLOCK_R=_DW.block_k),
-            num_warps=_DW.num_warps, num_stages=_DW.num_stages,
-            label=f"bwd d_weight {_SIG[dtype]} {label} P={P} BLOCK={_DW.block_m}x{_DW.block_n}x{_DW.block_k}")
+def floating(op, name, t, device):
+    """A parameter table or gate: a floating tensor on the images' device (shape checked by the caller)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating tensor, got "
+                         f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but images are on {device}")
+    return t
+
+
+def index(op, name, t, shape, high, device):
+    """An int32 / int64 tensor of `shape` with values in [0, high) -> a flat contiguous int32 copy.
+
+    CPU tensors are checked on the host; CUDA tensors by a device-side assert (no host sync in the
+    training step, and no out-of-bounds gather)."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must be an int32/int64 tensor of shape {tuple(shape)}, got "
+                         f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but images are on {device}")
+    if t.numel():
+        if t.device.type == "cpu":
+            if int(t.min()) < 0 or int(t.max()) >= high:
+                raise ValueError(f"{op}: {name} values must lie in [0, {high})")
+        else:
+            torch._assert_async((t.min() >= 0) & (t.max() < high), f"{op}: {name} values must lie in [0, {high})")
+    return t.to(torch.int32).contiguous().view(-1)
+
+
+def bool_mask(op, name, t, shape, device):
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{op}: {name} must be a bool (or integer 0/1) tensor of shape {tuple(shape)}, got "
+                         f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but images are on {device}")
+    return t.bool()
+
+
+def patch_grid(op, H, W, P, dynamic_pad):
+    """(gh, gw) of an H x W image in P x P patches (ceil with dynamic_pad: right/bottom zero padding)."""
+    if dynamic_pad:
+        return -(-H // P), -(-W // P)
+    if H % P or W % P:
+        raise ValueError(f"{op}: image size {H}x{W} is not divisible by the patch size P = {P}; resize/crop it or pass "
+                         "dynamic_pad=True (right/bottom zero padding, as timm's dynamic_img_pad)")
+    return H // P, W // P
+
+
+def output_dtype(images_dtype, *tables):
+    """The dtype the replaced eager chain returns: the convolution's (the images') dtype promoted with the
+    dtypes of the tables, tokens and gates it adds or concatenates (timm's and Hugging Face's chains
+    promote, so under autocast bf16 patches plus fp32 tables give fp32 tokens)."""
+    return functools.reduce(torch.promote_types, [t.dtype for t in tables if t is not None], images_dtype)
+
+
+def check_triton_tensors(op, **tensors):
+    """The Triton kernels take fp16 / bf16 / fp32 tensors: a float64 one raises ValueError naming it."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            check_triton_dtype(op, name, t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,25 +135,13 @@ def _empty_like(t):
     return torch.empty_like(t)
 
 
-def _dot_fp32(dtype):
-    # the interpreter's tl.dot mishandles 16-bit operands; fp32 operands holding the same values are exact
-    return interpreting() and dtype != torch.float32
-
-
-def _allow_tf32():
-    return bool(torch.backends.cudnn.allow_tf32)
-
-
-def _run(plan):
-    """Padded length of one contiguous pixel run (see _k_split): NCHW px in a row, channels-last (px, c)."""
-    if plan.cl_order:
-        return triton.cdiv(plan.P * plan.C, 16) * 16
-    return triton.next_power_of_2(plan.P)
+def _run_len(plan):
+    return run_len(plan.P, plan.C, plan.cl_order)
 
 
 def _k_padded(plan):
     """Length of the kernels' reduction space: runs x padded run length."""
-    return (plan.P if plan.cl_order else plan.C * plan.P) * _run(plan)
+    return (plan.P if plan.cl_order else plan.C * plan.P) * _run_len(plan)
 
 
 def _dense_run(t, plan):
@@ -179,8 +165,9 @@ def _align(t, plan):
 
 
 def _run_weight(weight, plan):
-    """The weight with its pixel runs contiguous: a channels-last problem reads (D, P, P, C) rows, so
-    its (D, C, P, P) weight is viewed through a permuted copy (D*K elements, made per call)."""
+    """The weight with its pixel runs contiguous (the kernels assume it): a channels-last problem reads
+    (D, P, P, C) rows, so its (D, C, P, P) weight is viewed through a permuted copy (D*K elements, made
+    per call)."""
     if _dense_run(weight, plan):
         return weight
     if plan.cl_order:
@@ -206,23 +193,22 @@ def _check_int32(images, weight, plan):
             raise ValueError(f"patch_embed: {what} = {value} does not fit the kernels' int32 indexing")
 
 
-def _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan):
+def _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan, out_dtype):
     _check_int32(images, weight, plan)
     G, D, K = plan.B * plan.T, weight.shape[0], weight[0].numel()
     off = 1 if plan.has_cls else 0
-    out = _empty(G, off + plan.M, D, device=images.device, dtype=images.dtype)
-    cfg = _fwd_config(G * plan.M, D, plan.tiles)
-    dummy = out
+    out = _empty(G, off + plan.M, D, device=images.device, dtype=out_dtype)
+    flags = kernel_flags(images.dtype)  # read at launch: torch.get_float32_matmul_precision() now
+    cfg = fwd_config(G * plan.M, D, plan.tiles, images.dtype, flags["PRECISION"])
     # token tiles, then the [CLS] tiles of the same launch
     m_tiles = triton.cdiv(G * plan.M, cfg.block_m) + (triton.cdiv(G, cfg.block_m) if plan.has_cls else 0)
     grid = (m_tiles * triton.cdiv(D, cfg.block_n),)
-
     if grid[0] == 0:  # no images
         return out
     weight = _run_weight(weight, plan)
 
-    def ptr(t):
-        return dummy if t is None else t
+    def ptr(t):  # absent tensors: any valid pointer, never read (their HAS_* flag is off)
+        return out if t is None else t
 
     _patch_embed_fwd_kernel[grid](
         images, weight, ptr(bias), ptr(pos), ptr(pos_cls), ptr(cls), ptr(mask_tok), ptr(tile_pos), ptr(pre_tile),
@@ -230,12 +216,11 @@ def _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, 
         ptr(plan.tile_used), out,
         G, plan.M, plan.T, plan.GW, plan.H, plan.W, D, K, plan.N + 1,
         *_image_strides(images, plan.tiles), *weight.stride(),
-        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, RUN=_run(plan), X_RUN=_dense_run(images, plan), W_RUN=True,
-        ALIGN=_align(images, plan), PAD=plan.pad, HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_POS_CLS=pos_cls is not None, HAS_CLS=plan.has_cls,
-        HAS_MASK=plan.tok_mask is not None, HAS_PERM=plan.perm is not None, HAS_SRC=plan.src_idx is not None,
-        HAS_POS_IDX=plan.pos_idx is not None, TILES=plan.tiles, HAS_TILE_MASK=plan.tile_used is not None,
-        OUT_DTYPE=_TL_DTYPES[images.dtype], DOT_FP32=_dot_fp32(images.dtype), EMULATE=interpreting(),
-        ALLOW_TF32=_allow_tf32(),
+        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, RUN_LEN=_run_len(plan), IMG_DENSE=_dense_run(images, plan),
+        ALIGN=_align(images, plan), PAD=plan.pad, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+        HAS_POS_CLS=pos_cls is not None, HAS_CLS=plan.has_cls, HAS_MASK=plan.tok_mask is not None,
+        HAS_PERM=plan.perm is not None, HAS_SRC=plan.src_idx is not None, HAS_POS_IDX=plan.pos_idx is not None,
+        TILES=plan.tiles, HAS_TILE_MASK=plan.tile_used is not None, OUT_DTYPE=TL_DTYPES[out_dtype], **flags,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -262,7 +247,8 @@ def _bwd_images(gout, images, weight, plan):
     if plan.keep is not None:
         inv = torch.full((G, NP), -1, dtype=torch.int32, device=gout.device)
         inv.scatter_(1, plan.keep.long(), torch.arange(plan.M, dtype=torch.int32, device=gout.device).expand(G, -1))
-    cfg = _DX_FP32 if images.dtype == torch.float32 else _DX
+    flags = kernel_flags(images.dtype)
+    cfg = dx_config(images.dtype, flags["PRECISION"])
     grid = (triton.cdiv(G * NP, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n),)
     if grid[0] == 0:
         return dimg
@@ -272,11 +258,10 @@ def _bwd_images(gout, images, weight, plan):
         plan.tile_used if plan.tile_used is not None else gout, dimg,
         G, plan.M, NP, plan.T, plan.GW, plan.H, plan.W, D, K,
         *_image_strides(dimg, plan.tiles), *weight.stride(),
-        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, RUN=_run(plan), X_RUN=_dense_run(dimg, plan), W_RUN=True,
+        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, RUN_LEN=_run_len(plan), IMG_DENSE=_dense_run(dimg, plan),
         ALIGN=_align(dimg, plan), PAD=plan.pad, OFF=off, HAS_INV=inv is not None,
         HAS_MASK=plan.tok_mask is not None, HAS_TILE_MASK=plan.tile_used is not None,
-        OUT_DTYPE=_TL_DTYPES[images.dtype], DOT_FP32=_dot_fp32(images.dtype), EMULATE=interpreting(),
-        ALLOW_TF32=_allow_tf32(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        OUT_DTYPE=TL_DTYPES[images.dtype], **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dimg
@@ -292,12 +277,13 @@ def _dw_like(weight, plan):
 
 def _bwd_weight(gout, images, weight, want_bias, plan):
     G, D, K = plan.B * plan.T, weight.shape[0], weight[0].numel()
-    cfg = _DW
+    flags = kernel_flags(images.dtype)
+    cfg = dw_config(images.dtype, flags["PRECISION"])
     rows = G * plan.M
     if rows == 0:  # no tokens computed (empty batch, or MAE keeping none)
         return _dw_like(weight, plan).zero_(), (torch.zeros(D, device=gout.device) if want_bias else None)
     tiles = triton.cdiv(D, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n)
-    splits = _dw_splits(gout.device, tiles, rows, cfg.block_k)
+    splits = dw_splits(gout.device, tiles, rows, cfg.block_k)
     per_split = triton.cdiv(triton.cdiv(rows, splits), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(rows, per_split)
     dw_part = _empty(splits, D, K, device=gout.device, dtype=torch.float32)
@@ -308,10 +294,11 @@ def _bwd_weight(gout, images, weight, want_bias, plan):
         dw_part, db_part,
         G, plan.M, plan.T, plan.GW, plan.H, plan.W, D, K, per_split,
         *_image_strides(images, plan.tiles),
-        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, RUN=_run(plan), X_RUN=_dense_run(images, plan),
-        ALIGN=_align(images, plan), PAD=plan.pad, OFF=1 if plan.has_cls else 0, HAS_PERM=plan.perm is not None, HAS_SRC=plan.src_idx is not None, HAS_MASK=plan.tok_mask is not None,
-        HAS_TILE_MASK=plan.tile_used is not None, HAS_BIAS=want_bias, DOT_FP32=_dot_fp32(images.dtype),
-        ALLOW_TF32=_allow_tf32(), BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_R=cfg.block_k,
+        C=plan.C, P=plan.P, CL_ORDER=plan.cl_order, RUN_LEN=_run_len(plan), IMG_DENSE=_dense_run(images, plan),
+        ALIGN=_align(images, plan), PAD=plan.pad, OFF=1 if plan.has_cls else 0, HAS_PERM=plan.perm is not None,
+        HAS_SRC=plan.src_idx is not None, HAS_MASK=plan.tok_mask is not None,
+        HAS_TILE_MASK=plan.tile_used is not None, HAS_BIAS=want_bias, **flags,
+        BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_R=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     dw = dw_part.sum(0)
@@ -352,16 +339,16 @@ def _patch_embed_fwd_op(images: torch.Tensor, weight: torch.Tensor, bias: Option
                         pre_tile: Optional[torch.Tensor], coef: Optional[torch.Tensor], perm: Optional[torch.Tensor],
                         src_idx: Optional[torch.Tensor], pos_idx: Optional[torch.Tensor],
                         tok_mask: Optional[torch.Tensor], tile_used: Optional[torch.Tensor],
-                        ar_ids: Optional[torch.Tensor], dims: List[int]) -> torch.Tensor:
+                        ar_ids: Optional[torch.Tensor], dims: List[int], out_dtype: torch.dtype) -> torch.Tensor:
     plan = _plan_from(dims, (perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids))
-    return _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan)
+    return _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan, out_dtype)
 
 
 @_patch_embed_fwd_op.register_fake
 def _(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, perm, src_idx, pos_idx, tok_mask,
-      tile_used, ar_ids, dims):
+      tile_used, ar_ids, dims, out_dtype):
     plan = _plan_from(dims, (perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids))
-    return images.new_empty((plan.B * plan.T, (1 if plan.has_cls else 0) + plan.M, weight.shape[0]))
+    return images.new_empty((plan.B * plan.T, (1 if plan.has_cls else 0) + plan.M, weight.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("mmfast::patch_embed_bwd", mutates_args=())
@@ -370,7 +357,7 @@ def _patch_embed_bwd_op(gout: torch.Tensor, images: torch.Tensor, weight: torch.
                         tok_mask: Optional[torch.Tensor], tile_used: Optional[torch.Tensor],
                         ar_ids: Optional[torch.Tensor], dims: List[int], need_dimg: bool, need_dw: bool,
                         need_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_images, d_weight, d_bias fp32), 0-element tensors for those not needed."""
+    """(d_images, d_weight, d_bias fp32), 0-element tensors for those not needed; gout in the images' dtype."""
     plan = _plan_from(dims, (perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids))
     dimg = _bwd_images(gout, images, weight, plan) if need_dimg else gout.new_empty(0)
     dw, db = gout.new_empty(0), gout.new_empty(0)  # distinct tensors: a custom op's outputs may not alias
@@ -389,8 +376,12 @@ def _(gout, images, weight, perm, src_idx, pos_idx, tok_mask, tile_used, ar_ids,
             gout.new_empty((weight.shape[0],), dtype=torch.float32) if need_db else gout.new_empty(0))
 
 
+# the backward's GEMM gradients carry no graph: gradients of gradients through them raise
+_patch_embed_bwd_op.register_autograd(no_double_backward("patch_embed / tile_patch_embed"))
+
+
 def _setup_context(ctx, inputs, output):
-    (images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, *index, dims) = inputs
+    (images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, *index, dims, out_dtype) = inputs
     ctx.save_for_backward(images, weight, bias, pos, pos_cls, tile_pos, pre_tile, coef, *index)
     ctx.dims = dims
     ctx.cls_dtype = cls.dtype if cls is not None else None
@@ -400,17 +391,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, gout):
     images, weight, bias, pos, pos_cls, tile_pos, pre_tile, coef, *index = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    if torch.is_grad_enabled() and any(needs[:10]):
-        # the Triton gradients carry no graph: a second derivative would silently be zero
-        raise RuntimeError("patch_embed / tile_patch_embed do not support double backward (create_graph=True): "
-                           "their backward is hand-written")
     plan = _plan_from(ctx.dims, index)
     gout = gout.contiguous()
     G, off, D = plan.B * plan.T, 1 if plan.has_cls else 0, weight.shape[0]
-    grads = [None] * 17
+    grads = [None] * 18
     need_db = bias is not None and needs[2]
     if needs[0] or needs[1] or need_db:
-        dimg, dw, db = _patch_embed_bwd_op(gout, images, weight, *index, list(ctx.dims), needs[0], needs[1], need_db)
+        # the convolution's output gradient in its own dtype, as conv2d's backward sees it in the eager
+        # chain (where fp32 tables promoted the sum: the promotion's backward rounds dOut to the images' dtype)
+        dimg, dw, db = _patch_embed_bwd_op(gout.to(images.dtype), images, weight, *index, list(ctx.dims), needs[0],
+                                           needs[1], need_db)
         grads[0] = dimg if needs[0] else None
         grads[1] = dw if needs[1] else None
         grads[2] = db.to(bias.dtype) if need_db else None
@@ -439,9 +429,9 @@ def _backward(ctx, gout):
         masked = (plan.tok_mask.view(G, plan.M, 1) != 0).to(tok.dtype)
         grads[6] = (tok * masked).sum((0, 1), dtype=torch.float32).to(ctx.mask_dtype)
     if plan.tiles and (needs[7] or needs[8] or needs[9]):
-        T, R_TP = plan.T, plan.N + 1
+        T, rows_per_tile = plan.T, plan.N + 1
         S = torch.zeros(tile_pos.shape, device=go.device, dtype=torch.float32)
-        per_image = go.view(plan.B, T, R_TP, D)
+        per_image = go.view(plan.B, T, rows_per_tile, D)
         for b0 in range(0, plan.B, 4):  # fp32 copies of a few images at a time, not of all of dOut
             S.index_add_(0, plan.ar_ids[b0:b0 + 4].long(), per_image[b0:b0 + 4].float())
         Q = S[:, :, 1:].sum(2)
@@ -458,7 +448,8 @@ def _backward(ctx, gout):
 _patch_embed_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def patch_embed_apply(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan):
-    """out = epilogue(gather(images) @ W^T): see patch_embed / tile_patch_embed for the math."""
+def patch_embed_apply(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan, out_dtype):
+    """out = epilogue(gather(images) @ W^T) in out_dtype: see patch_embed / tile_patch_embed for the math."""
     dims, index = _plan_args(plan)
-    return _patch_embed_fwd_op(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, *index, dims)
+    return _patch_embed_fwd_op(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, *index,
+                               dims, out_dtype)

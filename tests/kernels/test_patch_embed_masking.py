@@ -24,7 +24,7 @@ def _tensors(P=16, C=3, D=24, grid=(3, 5), B=3):
 def test_token_mask(device, dtype, ratio):
     t = _tensors()
     mask = torch.rand(3, 15, generator=generator()) < ratio
-    out, _ = check_against_reference(patch_embed, t, dtype, device, token_mask=mask.to(device))
+    out, _ = check_against_reference(patch_embed, t, dtype, device, token_mask=mask.to(device), pos_grid=(3, 5))
 
 
 def test_token_mask_tiles_skip_gemm(device):
@@ -32,7 +32,8 @@ def test_token_mask_tiles_skip_gemm(device):
     the outputs of the masked rows are exactly mask_token + pos (no pixel contributes)."""
     t = _tensors(P=14, D=16, grid=(6, 7), B=4)
     mask = torch.rand(4, 42, generator=generator()) < 0.6
-    out, exact = check_against_reference(patch_embed, t, torch.float32, device, token_mask=mask.to(device), grads=False)
+    out, exact = check_against_reference(patch_embed, t, torch.float32, device, token_mask=mask.to(device), grads=False,
+                                         pos_grid=(6, 7))
     expected = (t["mask_token"] + t["pos_embed"][1:][None]).expand(4, 42, 16)[mask]
     assert torch.allclose(out[:, 1:][mask.to(device)].double().cpu(), expected, atol=1e-6)
 
@@ -41,7 +42,7 @@ def test_random_other_patch(device):
     t = _tensors()
     token_mask, patch_index, target = pe_module.vit_masked_patch_sampler(3, 15, generator=generator())
     check_against_reference(patch_embed, t, torch.float32, device, token_mask=token_mask.to(device),
-                            patch_index=patch_index.to(device))
+                            patch_index=patch_index.to(device), pos_grid=(3, 5))
 
 
 def test_patch_index_duplicates_accumulate_image_grads(device):
@@ -56,7 +57,7 @@ def test_mae_keep_indices(device, dtype):
     t = _tensors(grid=(4, 5))
     del t["mask_token"]
     keep, restore = pe_module.mae_keep_indices(3, 20, mask_ratio=0.75, generator=generator())
-    out, _ = check_against_reference(patch_embed, t, dtype, device, keep_indices=keep.to(device))
+    out, _ = check_against_reference(patch_embed, t, dtype, device, keep_indices=keep.to(device), pos_grid=(4, 5))
     assert out.shape == (3, 1 + 5, 24)
 
 

@@ -25,7 +25,8 @@ def test_opcheck(layout):
                           tile_used=None, ar_ids=None, keep=None, tiles=False)
     dims, index = pe_launch._plan_args(plan)
     leaves = [t.requires_grad_() for t in (img, w, bias, pos)]
-    torch.library.opcheck(pe_launch._patch_embed_fwd_op, (*leaves, None, None, None, None, None, None, *index, dims))
+    torch.library.opcheck(pe_launch._patch_embed_fwd_op,
+                          (*leaves, None, None, None, None, None, None, *index, dims, torch.float32))
     gout = randn(B, 4, D, device=DEVICE)
     torch.library.opcheck(pe_launch._patch_embed_bwd_op, (gout, img.detach(), w.detach(), *index, dims, True, True, True))
 

@@ -162,3 +162,45 @@ def test_cache_entry_from_inference_mode_not_used_for_training(device):
     out = patch_embed(x, w, pos_embed=table, backend="triton")
     out.sum().backward()
     assert w.grad is not None
+
+
+@pytest.mark.parametrize("cls", [False, True], ids=["patch-rows", "cls-row"])
+def test_table_grid_not_told_by_its_size_needs_pos_grid(cls):
+    """A 4x4 table on a 2x8 image has as many rows as the image's tokens (16, or 17 with a [CLS] row), but
+    its grid differs: timm resamples it. Without pos_grid it was used as-is; now it raises, and with
+    pos_grid=(4, 4) it is resampled as timm does."""
+    P, D = 4, 6
+    x, w = randn(2, 3, 2 * P, 8 * P, dtype=torch.float64), randn(D, 3, P, P, dtype=torch.float64)
+    table = randn(1, 16 + cls, D, dtype=torch.float64)
+    kw = dict(cls_token=randn(D, dtype=torch.float64)) if cls else {}
+    with pytest.raises(ValueError, match="pass pos_grid"):
+        patch_embed(x, w, pos_embed=table, **kw, backend="reference")
+    got = patch_embed(x, w, pos_embed=table, pos_grid=(4, 4), **kw, backend="reference")
+    conv = F.conv2d(x, w, stride=P).flatten(2).transpose(1, 2)
+    expected = _timm_resample_abs_pos_embed(table, (2, 8), (4, 4), num_prefix_tokens=int(cls))
+    if cls:
+        expected = torch.cat([expected[:, :1] + kw["cls_token"], expected[:, 1:] + conv[:1]], 1)
+    else:
+        expected = expected + conv[:1]
+    torch.testing.assert_close(got[:1], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows,grid,table_grid", [
+    (16, (4, 4), None),  # square image grid: a square table of its size is on it
+    (17, (4, 4), None),
+    (16, (5, 5), None),  # a square table on another grid: resampled
+    (15, (3, 5), (3, 5)),  # a non-square table: 3x5, 5x3 or 1x15 cannot be told apart
+    (12, (3, 5), (3, 4)),
+], ids=["4x4-on-4x4", "4x4+cls-on-4x4", "4x4-on-5x5", "15-on-3x5", "12-on-3x5"])
+def test_table_grid_from_size(rows, grid, table_grid):
+    """Without pos_grid only a square table (s*s rows, or s*s + 1 with a [CLS] row) tells its grid."""
+    P, D = 2, 4
+    x, w = randn(1, 3, grid[0] * P, grid[1] * P), randn(D, 3, P, P)
+    table, cls = randn(rows, D), randn(D)
+    if table_grid is None:
+        out = patch_embed(x, w, pos_embed=table, cls_token=cls, backend="reference")
+    else:
+        with pytest.raises(ValueError, match="pass pos_grid"):
+            patch_embed(x, w, pos_embed=table, cls_token=cls, backend="reference")
+        out = patch_embed(x, w, pos_embed=table, cls_token=cls, pos_grid=table_grid, backend="reference")
+    assert out.shape == (1, 1 + grid[0] * grid[1], D)

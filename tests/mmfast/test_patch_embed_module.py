@@ -127,9 +127,57 @@ def test_torch_compile_fullgraph(device):
 
 
 def test_double_backward_raises(device):
-    """The hand-written backward has no graph: create_graph=True raises instead of a silently zero Hessian."""
+    """The hand-written backward has no graph: a gradient of a gradient through the convolution raises
+    instead of a silently zero Hessian (the first gradient, with create_graph=True, is fine)."""
     m = PatchEmbed(28, 14, 3, 20, backend="triton").to(device)
     x = randn(1, 3, 28, 28, device=device).requires_grad_()
     out = m(x)
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+
+
+_BAD_CONSTRUCTOR_ARGS = [  # (argument, value, expected message)
+    ("img_size", -224, r"img_size must be in \[1, inf\]"),
+    ("img_size", (224, 0), r"img_size\[1\] must be in"),
+    ("img_size", 224.0, "img_size must be an int"),
+    ("img_size", 225, "must be a multiple of patch_size"),
+    ("patch_size", 0, r"patch_size must be in \[1, inf\]"),
+    ("patch_size", (16, 8), "patch_size must be square"),
+    ("patch_size", (16, 16, 1), "patch_size must be an int or a pair"),
+    ("in_chans", 0, "in_chans must be in"),
+    ("embed_dim", -8, "embed_dim must be in"),
+    ("bias", "yes", "bias must be True or False"),
+    ("class_token", 1, "class_token must be True or False"),
+    ("no_embed_class", None, "no_embed_class must be True or False"),
+    ("mask_token", "no", "mask_token must be True or False"),
+    ("dynamic_img_size", 0, "dynamic_img_size must be True or False"),
+    ("dynamic_img_pad", "", "dynamic_img_pad must be True or False"),
+    ("pos_embed", "sincos", "pos_embed must be one of"),
+    ("interpolation", "nearest", "interpolation must be one of"),
+    ("pos_resample", "torch", "pos_resample must be one of"),
+    ("backend", "cuda", "backend must be one of"),
+    ("proj", torch.nn.Linear(3, 8), "proj must be None or an nn.Conv2d"),
+]
+
+
+@pytest.mark.parametrize("arg,value,match", _BAD_CONSTRUCTOR_ARGS,
+                         ids=[f"{arg}={type(value).__name__ if arg == 'proj' else repr(value)}"
+                              for arg, value, _ in _BAD_CONSTRUCTOR_ARGS])
+def test_constructor_validates_arguments(arg, value, match):
+    """Every constructor argument is checked, naming it (img_size=-224 was accepted, patch_size=0 raised
+    ZeroDivisionError)."""
+    args = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=8)
+    args[arg] = value
+    with pytest.raises(ValueError, match=match):
+        PatchEmbed(**args)
+
+
+def test_dynamic_img_pad_allows_any_img_size():
+    assert PatchEmbed(225, 16, 3, 8, dynamic_img_pad=True).grid_size == (15, 15)
+
+
+def test_forward_validates_input():
+    m = PatchEmbed(32, 16, 3, 8)
+    with pytest.raises(ValueError, match=r"x must be a \(B, C, H, W\) tensor"):
+        m(torch.randn(3, 32, 32))

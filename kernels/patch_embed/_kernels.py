@@ -17,21 +17,21 @@ so their registers never overlap the GEMM's. A token row is one of:
 import triton
 import triton.language as tl
 
-from .._common import round_to
+from .._common import dot, round_to
 
 
 @triton.jit
-def _k_split(kp, C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN: tl.constexpr):
+def _k_split(kp, C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN_LEN: tl.constexpr):
     """Reduction index -> (channel, row in patch, column in patch, index in run, valid).
 
-    The reduction runs over runs of pixels that are contiguous in memory, each padded to RUN so that the
-    compiler sees the contiguity (from kp % RUN) and vectorizes the gather; padded columns are masked
-    off. NCHW: one run per (c, py), px in [0, P), RUN = next power of two >= P (14/16 of the MMA work
-    for P = 14). Channels-last: one run per py over (px, c) interleaved, P*C values, RUN = P*C rounded
+    The reduction runs over runs of pixels that are contiguous in memory, each padded to RUN_LEN so that the
+    compiler sees the contiguity (from kp % RUN_LEN) and vectorizes the gather; padded columns are masked
+    off. NCHW: one run per (c, py), px in [0, P), RUN_LEN = next power of two >= P (14/16 of the MMA work
+    for P = 14). Channels-last: one run per py over (px, c) interleaved, P*C values, RUN_LEN = P*C rounded
     up to 16 (48 for P = 16, C = 3: no padding; 48 for 42 with P = 14).
     """
-    inner = kp % RUN
-    run = kp // RUN
+    inner = kp % RUN_LEN
+    run = kp // RUN_LEN
     if CL_ORDER:
         return inner % C, run, inner // C, inner, (inner < P * C) & (run < P)
     else:
@@ -39,21 +39,21 @@ def _k_split(kp, C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN: 
 
 
 @triton.jit
-def _k_offsets(c, py, px, inner, s_c, s_h, s_w, CL_ORDER: tl.constexpr, DENSE_RUN: tl.constexpr,
+def _k_offsets(c, py, px, inner, stride_c, stride_h, stride_w, CL_ORDER: tl.constexpr, DENSE: tl.constexpr,
                ALIGN: tl.constexpr):
-    """Element offsets of reduction columns. DENSE_RUN (checked by the launcher: NCHW s_w == 1;
-    channels-last s_c == 1 and s_w == C) writes them as run base + index in run, which the compiler
-    sees as contiguous; ALIGN > 1 also declares the run bases multiples of ALIGN (launcher-checked)."""
-    if DENSE_RUN:
+    """Element offsets of reduction columns. DENSE (checked by the launcher: NCHW stride_w == 1;
+    channels-last stride_c == 1 and stride_w == C) writes them as run base + index in run, which the
+    compiler sees as contiguous; ALIGN > 1 also declares the run bases multiples of ALIGN (launcher-checked)."""
+    if DENSE:
         if CL_ORDER:
-            base = py * s_h
+            base = py * stride_h
         else:
-            base = c * s_c + py * s_h
+            base = c * stride_c + py * stride_h
         if ALIGN > 1:
             base = tl.multiple_of(base, ALIGN)
         return base + inner
     else:
-        return c * s_c + py * s_h + px * s_w
+        return c * stride_c + py * stride_h + px * stride_w
 
 
 @triton.jit
@@ -88,14 +88,14 @@ def _decode_token_rows(r, n_tok_rows, M, perm, src_idx, pos_idx, tok_mask, tile_
 def _patch_embed_fwd_kernel(
     img, w, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, ar_ids, coef,
     perm, src_idx, pos_idx, tok_mask, tile_used, out,
-    G, M, T, GW, H, W, D, K, R_TP,
-    s_ib, s_it, s_ic, s_ih, s_iw,
-    s_wd, s_wc, s_wh, s_ww,
-    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN: tl.constexpr, X_RUN: tl.constexpr,
-    W_RUN: tl.constexpr, ALIGN: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_POS_CLS: tl.constexpr, HAS_CLS: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr, HAS_POS_IDX: tl.constexpr,
-    TILES: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
-    OUT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    G, M, T, GW, H, W, D, K, tile_pos_rows,
+    stride_ib, stride_it, stride_ic, stride_ih, stride_iw,
+    stride_wd, stride_wc, stride_wh, stride_ww,
+    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN_LEN: tl.constexpr, IMG_DENSE: tl.constexpr,
+    ALIGN: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_POS_CLS: tl.constexpr,
+    HAS_CLS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr,
+    HAS_POS_IDX: tl.constexpr, TILES: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -126,7 +126,7 @@ def _patch_embed_fwd_kernel(
         val = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + cv[None, :]
         if TILES:
             arc = tl.load(ar_ids + gc // T, mask=is_cls, other=0)
-            tpc = ((arc * T + gc % T).to(tl.int64) * R_TP) * D
+            tpc = ((arc * T + gc % T).to(tl.int64) * tile_pos_rows) * D
             tpv = tl.load(tile_pos + tpc[:, None] + d[None, :], mask=cm, other=0.0)
             val += c_tile * tpv.to(tl.float32)
         if HAS_TILE_MASK:
@@ -141,33 +141,29 @@ def _patch_embed_fwd_kernel(
             HAS_PERM, HAS_SRC, HAS_POS_IDX, HAS_MASK, HAS_TILE_MASK)
         gy0 = (src // GW) * P
         gx0 = (src % GW) * P
-        row_off = ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy0.to(tl.int64) * s_ih
-                   + gx0.to(tl.int64) * s_iw)
+        row_off = ((g // T).to(tl.int64) * stride_ib + (g % T).to(tl.int64) * stride_it + gy0.to(tl.int64) * stride_ih
+                   + gx0.to(tl.int64) * stride_iw)
         if ALIGN > 1:
             row_off = tl.multiple_of(row_off, ALIGN)
         a_rows = img + row_off
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # tiles without a single GEMM row (masked tokens sorted last, unused tiles) skip the loop
-        KP: tl.constexpr = P * RUN if CL_ORDER else C * P * RUN
+        K_PADDED: tl.constexpr = P * RUN_LEN if CL_ORDER else C * P * RUN_LEN
         any_gemm = tl.max(gemm.to(tl.int32), axis=0) > 0
-        k_hi = tl.where(any_gemm, KP, 0)
+        k_hi = tl.where(any_gemm, K_PADDED, 0)
         for k0 in range(0, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            c, py, px, inner, k_ok = _k_split(k, C, P, CL_ORDER, RUN)
+            c, py, px, inner, k_ok = _k_split(k, C, P, CL_ORDER, RUN_LEN)
             a_mask = gemm[:, None] & k_ok[None, :]
             if PAD:  # right/bottom zero padding: pixels past the image read as 0
                 a_mask = a_mask & ((gy0[:, None] + py[None, :]) < H) & ((gx0[:, None] + px[None, :]) < W)
-            a_cols = _k_offsets(c, py, px, inner, s_ic, s_ih, s_iw, CL_ORDER, X_RUN, ALIGN)
+            a_cols = _k_offsets(c, py, px, inner, stride_ic, stride_ih, stride_iw, CL_ORDER, IMG_DENSE, ALIGN)
             a = tl.load(a_rows[:, None] + a_cols[None, :], mask=a_mask, other=0.0)
-            w_off = d[None, :] * s_wd + _k_offsets(c, py, px, inner, s_wc, s_wh, s_ww, CL_ORDER, W_RUN, 1)[:, None]
+            # the launcher hands the weight over with dense pixel runs (a permuted copy if needed)
+            w_off = d[None, :] * stride_wd + _k_offsets(c, py, px, inner, stride_wc, stride_wh, stride_ww, CL_ORDER,
+                                                        True, 1)[:, None]
             b = tl.load(w + w_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if ALLOW_TF32:
-                acc = tl.dot(a, b, acc)  # tf32 for fp32 operands, like cuDNN convolutions by default
-            else:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = dot(a, b, acc, PRECISION, EMULATE)
 
         # epilogue: bias for GEMM rows, mask token for masked rows, then the position terms; the rows are
         # decoded again (a few cached loads) rather than kept live in registers through the K loop
@@ -184,7 +180,8 @@ def _patch_embed_fwd_kernel(
             acc = tl.where(masked[:, None], mv[None, :], acc)
         if TILES:
             tile = tl.load(ar_ids + g // T, mask=in_tok, other=0) * T + g % T
-            tp = tl.load(tile_pos + ((tile.to(tl.int64) * R_TP + 1 + posj) * D)[:, None] + d[None, :], mask=tm, other=0.0)
+            tp_rows = (tile.to(tl.int64) * tile_pos_rows + 1 + posj) * D
+            tp = tl.load(tile_pos + tp_rows[:, None] + d[None, :], mask=tm, other=0.0)
             acc += c_tile * tp.to(tl.float32)
             pt = tl.load(pre_tile + (tile.to(tl.int64) * D)[:, None] + d[None, :], mask=tm, other=0.0)
             acc += c_pre * pt.to(tl.float32)
@@ -201,19 +198,19 @@ def _patch_embed_fwd_kernel(
 def _patch_embed_bwd_dx_kernel(
     dout, w, inv, tok_mask, tile_used, dimg,
     G, M, NP, T, GW, H, W, D, K,
-    s_ib, s_it, s_ic, s_ih, s_iw,
-    s_wd, s_wc, s_wh, s_ww,
-    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN: tl.constexpr, X_RUN: tl.constexpr,
-    W_RUN: tl.constexpr, ALIGN: tl.constexpr, PAD: tl.constexpr, OFF: tl.constexpr, HAS_INV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
-    OUT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, EMULATE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    stride_ib, stride_it, stride_ic, stride_ih, stride_iw,
+    stride_wd, stride_wc, stride_wh, stride_ww,
+    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN_LEN: tl.constexpr, IMG_DENSE: tl.constexpr,
+    ALIGN: tl.constexpr, PAD: tl.constexpr, OFF: tl.constexpr, HAS_INV: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_TILE_MASK: tl.constexpr, OUT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """d_images: rows = every image patch (g, p), columns = k; dA = dOut[token of (g, p)] @ W, stored
     through the image strides. Patches do not overlap and every patch is a row, so every pixel is
     written exactly once (zeros for patches no token read) and no accumulation is needed."""
     pid = tl.program_id(0)
-    KP: tl.constexpr = P * RUN if CL_ORDER else C * P * RUN
-    num_n = tl.cdiv(KP, BLOCK_N)
+    K_PADDED: tl.constexpr = P * RUN_LEN if CL_ORDER else C * P * RUN_LEN
+    num_n = tl.cdiv(K_PADDED, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -234,33 +231,28 @@ def _patch_embed_bwd_dx_kernel(
     d_rows = dout + (g * (M + OFF) + OFF + j).to(tl.int64) * D
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    c, py, px, inner, k_ok = _k_split(k, C, P, CL_ORDER, RUN)
-    w_cols = _k_offsets(c, py, px, inner, s_wc, s_wh, s_ww, CL_ORDER, W_RUN, 1)
+    c, py, px, inner, k_ok = _k_split(k, C, P, CL_ORDER, RUN_LEN)
+    w_cols = _k_offsets(c, py, px, inner, stride_wc, stride_wh, stride_ww, CL_ORDER, True, 1)  # dense weight runs
     any_live = tl.max(live.to(tl.int32), axis=0) > 0
     d_hi = tl.where(any_live, D, 0)
     for d0 in range(0, d_hi, BLOCK_K):
         dd = d0 + tl.arange(0, BLOCK_K)
         dd_ok = dd < D
         a = tl.load(d_rows[:, None] + dd[None, :], mask=live[:, None] & dd_ok[None, :], other=0.0)
-        b = tl.load(w + dd[:, None] * s_wd + w_cols[None, :], mask=dd_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if ALLOW_TF32:
-            acc = tl.dot(a, b, acc)  # tf32 for fp32 operands, like cuDNN convolutions by default
-        else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+        b = tl.load(w + dd[:, None] * stride_wd + w_cols[None, :], mask=dd_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = dot(a, b, acc, PRECISION, EMULATE)
 
     gy = (p // GW) * P
     gx = (p % GW) * P
-    x_off = ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy.to(tl.int64) * s_ih
-             + gx.to(tl.int64) * s_iw)
+    x_off = ((g // T).to(tl.int64) * stride_ib + (g % T).to(tl.int64) * stride_it + gy.to(tl.int64) * stride_ih
+             + gx.to(tl.int64) * stride_iw)
     if ALIGN > 1:
         x_off = tl.multiple_of(x_off, ALIGN)
     smask = row_ok[:, None] & k_ok[None, :]
     if PAD:
         smask = smask & ((gy[:, None] + py[None, :]) < H) & ((gx[:, None] + px[None, :]) < W)
-    tl.store((dimg + x_off)[:, None] + _k_offsets(c, py, px, inner, s_ic, s_ih, s_iw, CL_ORDER, X_RUN, ALIGN)[None, :],
+    tl.store((dimg + x_off)[:, None]
+             + _k_offsets(c, py, px, inner, stride_ic, stride_ih, stride_iw, CL_ORDER, IMG_DENSE, ALIGN)[None, :],
              round_to(acc, OUT_DTYPE, EMULATE), mask=smask)
 
 
@@ -268,25 +260,26 @@ def _patch_embed_bwd_dx_kernel(
 def _patch_embed_bwd_dw_kernel(
     dout, img, perm, src_idx, tok_mask, tile_used, dw_part, db_part,
     G, M, T, GW, H, W, D, K, ROWS_PER_SPLIT,
-    s_ib, s_it, s_ic, s_ih, s_iw,
-    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN: tl.constexpr, X_RUN: tl.constexpr,
-    ALIGN: tl.constexpr, PAD: tl.constexpr, OFF: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    stride_ib, stride_it, stride_ic, stride_ih, stride_iw,
+    C: tl.constexpr, P: tl.constexpr, CL_ORDER: tl.constexpr, RUN_LEN: tl.constexpr, IMG_DENSE: tl.constexpr,
+    ALIGN: tl.constexpr, PAD: tl.constexpr, OFF: tl.constexpr, HAS_PERM: tl.constexpr, HAS_SRC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_TILE_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """d_weight (and d_bias): dW[d, k] = sum over GEMM rows of dOut[row, d] * A[row, k], split over
     row ranges; each split writes its own fp32 partial (summed by the launcher: deterministic)."""
     pid_dk = tl.program_id(0)
     split = tl.program_id(1)
-    KP: tl.constexpr = P * RUN if CL_ORDER else C * P * RUN
-    num_k = tl.cdiv(KP, BLOCK_K)
+    K_PADDED: tl.constexpr = P * RUN_LEN if CL_ORDER else C * P * RUN_LEN
+    num_k = tl.cdiv(K_PADDED, BLOCK_K)
     pid_d = pid_dk // num_k
     pid_k = pid_dk % num_k
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     d_ok = d < D
-    c, py, px, inner, k_ok = _k_split(k, C, P, CL_ORDER, RUN)
-    kofs = _k_offsets(c, py, px, inner, s_ic, s_ih, s_iw, CL_ORDER, X_RUN, ALIGN)
+    c, py, px, inner, k_ok = _k_split(k, C, P, CL_ORDER, RUN_LEN)
+    kofs = _k_offsets(c, py, px, inner, stride_ic, stride_ih, stride_iw, CL_ORDER, IMG_DENSE, ALIGN)
     n_tok = G * M
     acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -302,8 +295,8 @@ def _patch_embed_bwd_dw_kernel(
         go = tl.load(d_rows[None, :] + d[:, None], mask=gemm[None, :] & d_ok[:, None], other=0.0)
         gy0 = (src // GW) * P
         gx0 = (src % GW) * P
-        row_off = ((g // T).to(tl.int64) * s_ib + (g % T).to(tl.int64) * s_it + gy0.to(tl.int64) * s_ih
-                   + gx0.to(tl.int64) * s_iw)
+        row_off = ((g // T).to(tl.int64) * stride_ib + (g % T).to(tl.int64) * stride_it + gy0.to(tl.int64) * stride_ih
+                   + gx0.to(tl.int64) * stride_iw)
         if ALIGN > 1:
             row_off = tl.multiple_of(row_off, ALIGN)
         a_rows = img + row_off
@@ -313,13 +306,7 @@ def _patch_embed_bwd_dw_kernel(
         a = tl.load(a_rows[:, None] + kofs[None, :], mask=a_mask, other=0.0)
         if HAS_BIAS:
             bacc += tl.sum(go.to(tl.float32), axis=1)
-        if DOT_FP32:
-            go = go.to(tl.float32)
-            a = a.to(tl.float32)
-        if ALLOW_TF32:
-            acc = tl.dot(go, a, acc)  # tf32 for fp32 operands, like cuDNN convolutions by default
-        else:
-            acc = tl.dot(go, a, acc, input_precision="ieee")
+        acc = dot(go, a, acc, PRECISION, EMULATE)
     # dense column of the weight gradient: (c, py, px) in the weight's order, or (py, px, c) channels-last
     kd = (py * P + px) * C + c if CL_ORDER else (c * P + py) * P + px
     part = dw_part + split.to(tl.int64) * D * K
