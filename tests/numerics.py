@@ -6,14 +6,17 @@ done by PyTorch in the kernel's dtype, plus a tiny floor (3x for gradients, as f
 Fresh random inputs every run; the seed is printed in pytest's header and in every failure so a run
 can be replayed with MMFAST_TEST_SEED=<seed>.
 
-bf16 under Triton's interpreter: the interpreter (3.8/3.9) multiplies the raw uint16 bits in `tl.dot`
-on bf16 operands, so its bf16 dot results are garbage. Kernels with `tl.dot` therefore take a
-constexpr DOT_FP32 that, under the interpreter only, feeds tl.dot fp32 operands holding the
-bf16-rounded values: bf16 x bf16 products are exact in fp32 and the GPU's bf16 MMA accumulates in fp32,
-so the test still checks everything bf16 around the dot (loads, casts, rounding of outputs) against the
-bf16 PyTorch computation; the bf16 MMA itself is covered by the CUDA run of the same tests and by the
-compile gate. Kernels without tl.dot (EMA) run bf16 through the interpreter unchanged, except that the
-interpreter truncates fp32->bf16 casts, which the kernels correct (see kernels/ema.py).
+Triton's interpreter differs from the GPU in three ways, all corrected in one place,
+kernels/_common.py, under the EMULATE constexpr (true only under the interpreter):
+- `tl.dot` on bf16 operands multiplies the raw uint16 bits (garbage): `_common.dot` widens 16-bit
+  operands to fp32 (16-bit products are exact in fp32 and the GPU's MMA accumulates in fp32, so this is
+  what the tensor cores compute);
+- `tl.dot` ignores `input_precision`: for "tf32" `_common.dot` rounds fp32 operands to TF32 first, so
+  the tests see the GPU's TF32 numerics when torch.get_float32_matmul_precision() is "high";
+- fp32 -> bf16 casts truncate: `_common.round_to` rounds to nearest-even on the bits.
+So every test checks everything around the dot (loads, casts, output rounding) against the same-dtype
+PyTorch computation; the MMA instructions themselves are covered by the compile gate and by the CUDA run
+of the same tests.
 """
 import os
 import random
