@@ -271,6 +271,7 @@ def test_gate_reruns_itself_without_triton_interpret(bad_kernels):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "without it" in res.stderr
     assert "PASSED: 2 ok" in res.stdout
+    assert "[2/2] sm_80" in res.stderr  # progress, one line per compiled row on a non-terminal
 
 
 def test_run_refuses_under_triton_interpret(monkeypatch):
@@ -408,29 +409,44 @@ def test_plain_table_has_one_line_per_row():
 
 
 # ----------------------------------------------------------------------------------------------
-# The gate on the Triton releases at both ends of what we support: 3.6 (torch 2.11, the GPU image) and
-# 3.9. Each release has its own ptxas and passes, so a config that fits with one can spill with another.
+# Other Triton releases. The gate on them (`compile-report --triton 3.6.0` etc.) and `mmfast check` with
+# their interpreters are CI steps (.ci/run): they install those releases. Here: the cached environment
+# they run in is keyed by what it layers over and sees this environment's packages.
 
-OTHER_TRITONS = ("3.6.0", "3.9.0")
+
+def test_triton_env_key_follows_the_environment(monkeypatch):
+    import importlib.metadata
+
+    key = cr.triton_env_key("3.9.0")
+    assert key == cr.triton_env_key("3.9.0") and key != cr.triton_env_key("3.6.0")
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.11.0" if name == "torch" else real(name))
+    assert cr.triton_env_key("3.9.0") != key  # another torch: another environment
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "executable", "/elsewhere/bin/python")
+    assert cr.triton_env_key("3.9.0") != key  # layered over another python
+
+
+def test_triton_3_6_gets_a_numpy_its_interpreter_takes():
+    assert cr._extra_pins("3.6.0") == ["numpy<2.3"]
+    assert cr._extra_pins("3.9.0") == [] and cr._extra_pins("3.60.0") == []
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", OTHER_TRITONS)
-def test_gate_passes_on_other_triton_releases(version, tmp_path):
-    import triton
+def test_layered_env_sees_this_environments_packages(tmp_path):
+    """A venv over this one imports mmfast.kernels from where this environment does: an editable install's
+    mapping of kernels/ to mmfast.kernels is not visible from a venv layered over a venv by itself."""
+    python = cr.layered_env(str(tmp_path / "env"))
+    code = "import mmfast.kernels, mmfast.benchmarks, torch, sys; print(mmfast.kernels.__file__, torch.__version__, sys.prefix)"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    res = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    kernels_file, torch_version, prefix = res.stdout.split()
+    import mmfast.kernels
+    import torch
 
-    if triton.__version__ == version:
-        pytest.skip(f"Triton {version} is this environment's own: the full gate above covers it")
-    path = tmp_path / "report.json"
-    res = _python(["-m", "mmfast.compile_report", "--triton", version, "--no-nvcc", "--json", str(path)], timeout=1800)
-    if res.returncode == 3 and "could not install" in res.stderr:
-        pytest.skip(f"triton=={version} cannot be installed here (no package index?): {res.stderr.strip()[-300:]}")
-    assert res.returncode == 0, (f"compile-report with Triton {version} failed:\n"
-                                 f"{res.stdout[-6000:]}\n{res.stderr[-3000:]}")
-    report = json.loads(path.read_text())
-    assert report["triton"] == version
-    rows = [r for r in report["rows"] if r["source"] == "triton"]
-    assert rows and all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert os.path.realpath(kernels_file) == os.path.realpath(mmfast.kernels.__file__)
+    assert torch_version == torch.__version__ and os.path.realpath(prefix) == os.path.realpath(tmp_path / "env")
 
 
 def test_triton_flag_is_not_passed_on():
