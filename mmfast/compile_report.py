@@ -90,15 +90,6 @@ def _sm(cc):
     return f"sm_{cc}"
 
 
-def interpreting():
-    """Whether Triton interprets kernels here: the one rule of ``mmfast.kernels._common``. Importing it
-    imports mmfast.kernels, whose kernels become interpreter objects under TRITON_INTERPRET=1; that only
-    happens in a process that then refuses (``run``) or re-executes itself without it (``main``)."""
-    from mmfast.kernels._common import interpreting as rule
-
-    return rule()
-
-
 # ----------------------------------------------------------------------------------------------
 # Tools
 
@@ -549,6 +540,10 @@ def run(targets=(80, 90), include_cuda_sources=True, specs=None, cu_files=None, 
     ``on_start(spec, cc)`` is called before each Triton compile and ``progress(row)`` after each row
     (nvcc rows from the background thread, once per file).
     """
+    # the one rule (mmfast.kernels._common); importing it imports mmfast.kernels, whose kernels become
+    # interpreter objects under TRITON_INTERPRET=1: this process then refuses
+    from mmfast.kernels._common import interpreting
+
     if interpreting():
         raise RuntimeError(
             "compile_report needs real @triton.jit kernels but TRITON_INTERPRET is set; "
@@ -883,6 +878,10 @@ def main(argv=None):
                 print(f"compile-report: {exc}", file=sys.stderr)
                 return 3
             return _rerun(_strip_triton_flag(argv), python)
+    # the one rule (mmfast.kernels._common); under TRITON_INTERPRET=1 importing it turns this process's
+    # kernels into interpreter objects, so the report runs in a child process without it
+    from mmfast.kernels._common import interpreting
+
     if interpreting():
         if os.environ.get(_REEXEC_GUARD) == "1":
             print("compile-report: TRITON_INTERPRET is set; unset it to compile kernels", file=sys.stderr)
