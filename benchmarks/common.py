@@ -26,8 +26,7 @@ from .report import to_markdown, write_reports  # noqa: F401
 MODES = ("smoke", "quick", "full")
 # names the command line also accepts: the suite of the gated linear family was called "gated"
 ALIASES = {"gated": "gated_linear"}
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(HERE)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def source_checkout():
@@ -54,14 +53,6 @@ def suite_module(name):
     from mmfast.kernels._registry import family
 
     return family(suite_name(name)).benchmarks
-
-
-def __getattr__(name):
-    # SUITES (suite -> module name) is computed on first use: reading the registry imports mmfast.kernels,
-    # which must not happen before TRITON_INTERPRET is decided
-    if name == "SUITES":
-        return {n: f"mmfast.benchmarks.{n}" for n in suite_names()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Skip(Exception):

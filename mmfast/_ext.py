@@ -174,7 +174,11 @@ def _wait_for_lock(path, timeout):
         time.sleep(min(0.2, max(0.01, timeout - waited)))
 
 
-def _jit_build():
+class _NoBuild(RuntimeError):
+    """The extension is not built and building it is not allowed."""
+
+
+def _jit_build(allow_build=True):
     import torch
 
     flavour = _flavour()
@@ -185,6 +189,8 @@ def _jit_build():
             return _import_library(name, library)
         except ImportError:  # e.g. a library cut short by a killed build: build it again
             pass
+    if not allow_build:
+        raise _NoBuild("mmfast._C is not built and MMFAST_NO_JIT=1 forbids building it")
     src, sources = _sources(flavour)
     sources = [s for s in sources if s.endswith((".cpp", ".cu"))]
     # No -std flag: torch's own (-std=c++20, which ATen >= 2.10 requires) applies.
@@ -225,15 +231,12 @@ def load_extension(required=False):
 
                 _state["module"] = _C
             except ImportError:
-                if os.environ.get("MMFAST_NO_JIT", "0") == "1":
-                    _state["error"] = "mmfast._C is not built and MMFAST_NO_JIT=1 forbids building it"
-                else:
-                    try:
-                        _state["module"] = _jit_build()
-                    except TimeoutError as exc:
-                        _state["error"] = str(exc)
-                    except Exception as exc:  # compiler missing, build failure: report, don't crash imports
-                        _state["error"] = f"building mmfast._C failed: {type(exc).__name__}: {exc}"
+                try:
+                    _state["module"] = _jit_build(allow_build=os.environ.get("MMFAST_NO_JIT", "0") != "1")
+                except (TimeoutError, _NoBuild) as exc:
+                    _state["error"] = str(exc)
+                except Exception as exc:  # compiler missing, build failure: report, don't crash imports
+                    _state["error"] = f"building mmfast._C failed: {type(exc).__name__}: {exc}"
     if _state["module"] is None and required:
         raise RuntimeError(_state["error"])
     return _state["module"]
