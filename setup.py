@@ -76,7 +76,8 @@ setup(
     packages=["mmfast", "mmfast.kernels", "mmfast.csrc", "mmfast.benchmarks"]
     + [f"mmfast.{p}" for p in find_packages("mmfast")]
     + [f"mmfast.kernels.{p}" for p in find_packages("kernels")],
-    package_dir={"mmfast": "mmfast", "mmfast.kernels": "kernels", "mmfast.csrc": "csrc", "mmfast.benchmarks": "benchmarks"},
+    package_dir={"mmfast": "mmfast", "mmfast.kernels": "kernels", "mmfast.csrc": "csrc",
+                 "mmfast.benchmarks": "benchmarks"},
     package_data={"mmfast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
     install_requires=["torch>=2.3", "triton>=3.0", "ninja", "numpy"],
     extras_require={

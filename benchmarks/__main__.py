@@ -46,7 +46,8 @@ def summary(report):
     for suite in report["suites"]:
         rows = [r for r in report["rows"] if r.get("suite") == suite]
         ok = [r for r in rows if r.get("ms")]
-        lines.append(f"{suite}: {len(ok)} of {len(rows)} cases timed" + (f", {len(rows) - len(ok)} skipped" if len(ok) < len(rows) else ""))
+        skipped = f", {len(rows) - len(ok)} skipped" if len(ok) < len(rows) else ""
+        lines.append(f"{suite}: {len(ok)} of {len(rows)} cases timed{skipped}")
         for workload in dict.fromkeys(r["workload"] for r in rows):
             ours = [r for r in ok if r["workload"] == workload and r["case"].startswith("mmfast")]
             if not ours:
@@ -56,7 +57,8 @@ def summary(report):
             roof = f", {best['pct_roofline']:.0f}% of roofline" if best.get("pct_roofline") is not None else ""
             lines.append(f"  {workload}: {best['case']} {best['ms']:.3f} ms{roof}" + (f" ({ups})" if ups else ""))
     if report["env"].get("triton_interpreter"):
-        lines.append("Triton kernels ran through Triton's interpreter (TRITON_INTERPRET=1): their timings are not GPU speed.")
+        lines.append("Triton kernels ran through Triton's interpreter (TRITON_INTERPRET=1): "
+                     "their timings are not GPU speed.")
     return "\n".join(lines)
 
 

@@ -359,5 +359,8 @@ def default_out_dir(report):
     """benchmarks/results/<date>-<card> in a source checkout, else ./mmfast-benchmarks/<date>-<card>."""
     date = report["env"]["date"][:16].replace(":", "").replace("T", "-")
     checkout = source_checkout()
-    root = os.path.join(checkout, "benchmarks", "results") if checkout else os.path.join(os.getcwd(), "mmfast-benchmarks")
+    if checkout:
+        root = os.path.join(checkout, "benchmarks", "results")
+    else:
+        root = os.path.join(os.getcwd(), "mmfast-benchmarks")
     return os.path.join(root, f"{date}-{card_slug(report['env'])}")

@@ -2,7 +2,9 @@
 
 Here: the gate's machinery on one family and on kernels that must fail. The gate over every family with
 every supported Triton release (3.6, 3.8, 3.9) is a CI step (.ci/run); run it yourself with
-`python -m mmfast compile-report`. The gate compiles real @triton.jit kernels, which TRITON_INTERPRET=1 (set by tests/conftest.py on
+`python -m mmfast compile-report`.
+
+The gate compiles real @triton.jit kernels, which TRITON_INTERPRET=1 (set by tests/conftest.py on
 CPU-only machines) forbids, so everything that compiles runs in a subprocess without TRITON_INTERPRET.
 The parsers and the pass/fail rules are tested in-process on recorded tool output.
 """
@@ -453,7 +455,8 @@ def test_layered_env_sees_this_environments_packages(tmp_path):
     """A venv over this one imports mmfast.kernels from where this environment does: an editable install's
     mapping of kernels/ to mmfast.kernels is not visible from a venv layered over a venv by itself."""
     python = cr.layered_env(str(tmp_path / "env"))
-    code = "import mmfast.kernels, mmfast.benchmarks, torch, sys; print(mmfast.kernels.__file__, torch.__version__, sys.prefix)"
+    code = ("import mmfast.kernels, mmfast.benchmarks, torch, sys; "
+            "print(mmfast.kernels.__file__, torch.__version__, sys.prefix)")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     res = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
