@@ -1,7 +1,8 @@
 """Build and install mmfast.
 
-`kernels/` is installed as the subpackage `mmfast.kernels` and `csrc/` ships inside the package as
-`mmfast/csrc` so that a missing extension can be JIT-built on first use.
+`kernels/` is installed as the subpackage `mmfast.kernels`, `benchmarks/` as `mmfast.benchmarks` (so that
+`python -m mmfast bench` runs the suites outside a source checkout), and `csrc/` ships inside the package
+as `mmfast/csrc` so that a missing extension can be JIT-built on first use.
 
 Environment flags (all optional; none of them touches the network or git):
   MMFAST_BUILD_EXT=1        build the C++/CUDA extension `mmfast._C` now (default: skip; it is then
@@ -72,10 +73,11 @@ setup(
     description="Fused Triton/CUDA kernels for vision-language models",
     python_requires=">=3.9",
     # kernels/ is installed as mmfast.kernels (a bare top-level `kernels` would collide with other projects)
-    packages=["mmfast", "mmfast.kernels", "mmfast.csrc"]
+    packages=["mmfast", "mmfast.kernels", "mmfast.csrc", "mmfast.benchmarks"]
     + [f"mmfast.{p}" for p in find_packages("mmfast")]
     + [f"mmfast.kernels.{p}" for p in find_packages("kernels")],
-    package_dir={"mmfast": "mmfast", "mmfast.kernels": "kernels", "mmfast.csrc": "csrc"},
+    package_dir={"mmfast": "mmfast", "mmfast.kernels": "kernels", "mmfast.csrc": "csrc",
+                 "mmfast.benchmarks": "benchmarks"},
     package_data={"mmfast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
     install_requires=["torch>=2.3", "triton>=3.0", "ninja", "numpy"],
     extras_require={

@@ -1,8 +1,11 @@
-"""python -m benchmarks [--suite ema,attention,...] [--quick | --smoke] [--budget-s N] [--out DIR]
-                        [--device cpu|cuda] [--compare OLD.json [--new NEW.json]]
+"""python -m mmfast bench [--suite ema,attention,...] [--quick | --smoke] [--budget-s N] [--out DIR]
+                         [--device cpu|cuda] [--compare OLD.json [--new NEW.json]]
+(`python -m benchmarks` in a source checkout is the same command)
 
-Runs the suites (default: all), writes report.json / report.md / time.png / roofline.png to --out
-(default benchmarks/results/<date>-<card>/). With --compare, also compares against an earlier
+Runs the suites (default: all; one per kernel family of mmfast.kernels._registry), writes report.json,
+report.md, time.png and roofline.png to --out (default: benchmarks/results/<date>-<card>/ in a source
+checkout, ./mmfast-benchmarks/<date>-<card>/ otherwise), lists the files it wrote and prints a short
+summary (the full tables are in report.md). With --compare, also compares against an earlier
 report.json and exits 1 when a case regressed beyond noise; with --compare and --new, compares two
 existing reports without running anything.
 """
@@ -11,20 +14,9 @@ import json
 import os
 import sys
 
-import torch
 
-from .common import SUITES, default_out_dir, run_suite
-from .report import compare, compare_markdown, to_markdown, write_reports
-
-
-def _suites(values):
-    names = [n.strip() for v in values or ["all"] for n in v.split(",") if n.strip()]
-    if "all" in names:
-        return sorted(SUITES)
-    unknown = [n for n in names if n not in SUITES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)} or 'all'")
-    return list(dict.fromkeys(names))
+def _names(values):
+    return [n.strip() for v in values or ["all"] for n in v.split(",") if n.strip()]
 
 
 def _load(path):
@@ -32,53 +24,95 @@ def _load(path):
         return json.load(f)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser(prog):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", action="append", metavar="NAMES",
-                    help=f"comma-separated suites, repeatable: {', '.join(sorted(SUITES))} or all (default)")
+                    help="comma-separated suites, repeatable: the kernel families (ema, attention, contrastive, "
+                    "patch_embed, gated_linear; `python -m mmfast info` lists them) or all (default)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer repeats: fits a short GPU lease")
     size.add_argument("--smoke", action="store_true", help="tiny sizes on any device: proves every case runs (seconds)")
     ap.add_argument("--budget-s", type=float, help="wall-clock budget; cases past it are reported as skipped")
-    ap.add_argument("--out", help="report directory (default: benchmarks/results/<date>-<card>)")
+    ap.add_argument("--out", help="report directory (default: see above)")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     ap.add_argument("--compare", metavar="OLD.json", help="compare with an earlier report; exit 1 on a regression")
     ap.add_argument("--new", metavar="NEW.json", help="with --compare: compare this report instead of running")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def summary(report):
+    """A few lines for the terminal: per suite, cases timed and skipped, and per workload our fastest case."""
+    lines = []
+    for suite in report["suites"]:
+        rows = [r for r in report["rows"] if r.get("suite") == suite]
+        ok = [r for r in rows if r.get("ms")]
+        skipped = f", {len(rows) - len(ok)} skipped" if len(ok) < len(rows) else ""
+        lines.append(f"{suite}: {len(ok)} of {len(rows)} cases timed{skipped}")
+        for workload in dict.fromkeys(r["workload"] for r in rows):
+            ours = [r for r in ok if r["workload"] == workload and r["case"].startswith("mmfast")]
+            if not ours:
+                continue
+            best = min(ours, key=lambda r: r["ms"])
+            ups = ", ".join(f"{v:.2f}x vs {k}" for k, v in best.get("speedup", {}).items())
+            roof = f", {best['pct_roofline']:.0f}% of roofline" if best.get("pct_roofline") is not None else ""
+            lines.append(f"  {workload}: {best['case']} {best['ms']:.3f} ms{roof}" + (f" ({ups})" if ups else ""))
+    if report["env"].get("triton_interpreter"):
+        lines.append("Triton kernels ran through Triton's interpreter (TRITON_INTERPRET=1): "
+                     "their timings are not GPU speed.")
+    return "\n".join(lines)
+
+
+def main(argv=None, prog="python -m benchmarks"):
+    ap = _parser(prog)
+    args = ap.parse_args(argv)  # before any torch import: --help answers at once
     if args.new and not args.compare:
         ap.error("--new needs --compare OLD.json")
     if args.compare and args.new:
+        from mmfast.benchmarks.report import compare, compare_markdown
+
         old, new = _load(args.compare), _load(args.new)
         rows = compare(old, new)
         print(compare_markdown(rows, old, new))
         return 1 if any(r["verdict"].startswith("regression") for r in rows) else 0
-    try:
-        suites = _suites(args.suite)
-    except argparse.ArgumentTypeError as exc:
-        ap.error(str(exc))
+
+    import torch
+
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     if mode == "smoke" and (args.device == "cpu" or not torch.cuda.is_available()):
         # smoke proves every case runs, ours included: Triton kernels go through the interpreter off the GPU.
-        # Set before any suite imports mmfast.kernels (Triton decides at @jit time whether to interpret).
+        # Set before the registry imports mmfast.kernels (Triton decides at @jit time whether to interpret).
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    from mmfast.benchmarks.common import default_out_dir, run_suite, suite_name, suite_names
+    from mmfast.benchmarks.report import compare, compare_markdown, write_reports
+
+    names = [suite_name(n) for n in _names(args.suite)]
+    known = suite_names()
+    suites = list(known) if "all" in names else list(dict.fromkeys(names))
+    unknown = [n for n in suites if n not in known]
+    if unknown:
+        ap.error(f"unknown suite(s) {unknown}; choose from {', '.join(known)} or all")
     report = run_suite(suites, mode=mode, device=args.device, budget_s=args.budget_s)
     out = args.out or default_out_dir(report)
-    write_reports(report, out)
+    written = write_reports(report, out)
     print()
-    print(to_markdown(report))
-    print(f"wrote {out}/report.json and {out}/report.md")
+    print(summary(report))
+    status = 0
     if args.compare:
         old = _load(args.compare)
         rows = compare(old, report)
         text = compare_markdown(rows, old, report)
-        with open(os.path.join(out, "compare.md"), "w") as f:
+        path = os.path.join(out, "compare.md")
+        with open(path, "w") as f:
             f.write(text + "\n")
-        print(text)
-        return 1 if any(r["verdict"].startswith("regression") for r in rows) else 0
-    return 0
+        written.append(path)
+        print("\n".join(line for line in text.splitlines() if "| regression" in line or "regression(s)" in line))
+        status = 1 if any(r["verdict"].startswith("regression") for r in rows) else 0
+    print("wrote:")
+    for path in written:
+        print(f"  {path}")
+    return status
 
 
 if __name__ == "__main__":

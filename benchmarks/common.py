@@ -1,13 +1,13 @@
-"""Benchmark machinery shared by `python -m benchmarks` and the pytest-benchmark tests.
+"""Benchmark machinery shared by `python -m mmfast bench` (`python -m benchmarks` in a checkout) and the
+pytest-benchmark tests.
 
-A suite module (e.g. benchmarks/ema.py) exposes `workloads(mode, device) -> [Workload]`. A Workload
-builds its tensors once and carries its Cases; both runners iterate these same definitions, so a case
-is defined in exactly one place.
+The suites are the kernel families of ``mmfast.kernels._registry.FAMILIES``: family NAME's suite is
+``benchmarks/NAME.py``, installed as ``mmfast.benchmarks.NAME``. A suite module exposes
+`workloads(mode, device) -> [Workload]`. A Workload builds its tensors once and carries its Cases; both
+runners iterate these same definitions, so a case is defined in exactly one place.
 """
 import datetime
 import gc
-import importlib
-import json
 import os
 import platform
 import re
@@ -23,10 +23,36 @@ import torch
 # reports are written by benchmarks/report.py; re-exported here for callers of the first version
 from .report import to_markdown, write_reports  # noqa: F401
 
-SUITES = {"ema": "benchmarks.ema", "attention": "benchmarks.attention", "contrastive": "benchmarks.contrastive",
-          "patch_embed": "benchmarks.patch_embed", "gated": "benchmarks.gated"}
 MODES = ("smoke", "quick", "full")
+# names the command line also accepts: the suite of the gated linear family was called "gated"
+ALIASES = {"gated": "gated_linear"}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def source_checkout():
+    """The repository root when these benchmarks run from a source checkout (git, benchmarks/results),
+    None when they run installed as mmfast.benchmarks."""
+    if os.path.isfile(os.path.join(REPO_ROOT, "setup.py")) and os.path.isdir(os.path.join(REPO_ROOT, "kernels")):
+        return REPO_ROOT
+    return None
+
+
+def suite_names():
+    """Every suite, in the registry's order (imports mmfast.kernels: set TRITON_INTERPRET before)."""
+    from mmfast.kernels._registry import NAMES
+
+    return NAMES
+
+
+def suite_name(name):
+    """The registry's name for a suite name given on the command line (aliases accepted)."""
+    return ALIASES.get(name, name)
+
+
+def suite_module(name):
+    from mmfast.kernels._registry import family
+
+    return family(suite_name(name)).benchmarks
 
 
 class Skip(Exception):
@@ -153,7 +179,7 @@ def measure_ceilings(device, mode):
 
 def _run(cmd, timeout=10):
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=source_checkout())
         return res.stdout.strip() if res.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -162,6 +188,9 @@ def _run(cmd, timeout=10):
 def environment(device):
     import triton
 
+    from mmfast.kernels._common import interpreting
+
+    checkout = source_checkout() is not None
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
@@ -170,10 +199,13 @@ def environment(device):
         "triton": triton.__version__,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        # Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1): their timings are not GPU speed
+        "triton_interpreter": interpreting(),
         # BENCH_GIT_COMMIT: for copies of the tree that travel without .git (e.g. to a lent GPU machine)
-        "git_commit": (_run(["git", "rev-parse", "HEAD"]) if shutil.which("git") else None) or os.environ.get("BENCH_GIT_COMMIT"),
+        "git_commit": (_run(["git", "rev-parse", "HEAD"]) if checkout and shutil.which("git") else None)
+        or os.environ.get("BENCH_GIT_COMMIT"),
     }
-    if env["git_commit"]:
+    if env["git_commit"] and checkout:
         env["git_dirty"] = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"]))
     try:
         import mmfast
@@ -296,6 +328,11 @@ def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    suites = [suite_name(s) for s in suites]
+    known = suite_names()
+    unknown = [s for s in suites if s not in known]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {unknown}; choose from {', '.join(known)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.monotonic()
     deadline = None if budget_s is None else start + budget_s
@@ -306,9 +343,7 @@ def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=
         f"{ceilings['matmul_TFLOPs']:.2f} TFLOP/s")
     rows, workload_info = [], []
     for suite in suites:
-        if suite not in SUITES:
-            raise ValueError(f"unknown suite {suite!r}; choose from {sorted(SUITES)}")
-        wls = importlib.import_module(SUITES[suite]).workloads(mode, device)
+        wls = suite_module(suite).workloads(mode, device)
         workload_info += [{"suite": suite, "workload": w.name, "bytes_per_call": w.bytes_per_call,
                            "baselines": w.baselines, **w.info} for w in wls]
         rows += [dict(r, suite=suite) for r in run_workloads(wls, device, mode, ceilings, deadline, log)]
@@ -321,5 +356,11 @@ def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=
 
 
 def default_out_dir(report):
+    """benchmarks/results/<date>-<card> in a source checkout, else ./mmfast-benchmarks/<date>-<card>."""
     date = report["env"]["date"][:16].replace(":", "").replace("T", "-")
-    return os.path.join(REPO_ROOT, "benchmarks", "results", f"{date}-{card_slug(report['env'])}")
+    checkout = source_checkout()
+    if checkout:
+        root = os.path.join(checkout, "benchmarks", "results")
+    else:
+        root = os.path.join(os.getcwd(), "mmfast-benchmarks")
+    return os.path.join(root, f"{date}-{card_slug(report['env'])}")

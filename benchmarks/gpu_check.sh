@@ -48,7 +48,7 @@ TAILS=""
   echo
   python - <<'EOF' 2>&1 || nvidia-smi -L 2>&1 || echo "- (no environment: python or nvidia-smi failed)"
 import torch
-from benchmarks.common import environment
+from mmfast.benchmarks.common import environment
 env = environment("cuda" if torch.cuda.is_available() else "cpu")
 for key in ("card", "driver", "capability", "gpu_memory_GiB", "cuda_runtime", "torch", "triton", "python", "git_commit", "date"):
     print(f"- {key}: {env.get(key)}")
@@ -68,7 +68,7 @@ step pytest_cuda    150 180 python -m pytest tests -x -q -m cuda -p no:cacheprov
 step pytest_all     180 120 python -m pytest tests -q -p no:cacheprovider -o faulthandler_timeout=90
 step compile_report  60 100 python -m mmfast compile-report
 left=$(( END - $(date +%s) ))
-step bench "$left" 0 python -m benchmarks --suite all --quick --out "$OUT_DIR" --budget-s $(( left > 60 ? left - 40 : 20 ))
+step bench "$left" 0 python -m mmfast bench --suite all --quick --out "$OUT_DIR" --budget-s $(( left > 60 ? left - 40 : 20 ))
 
 echo "(pytest exit 5: no tests collected; 124/137: killed by timeout)" >>"$SUMMARY"
 echo "$TAILS" >>"$SUMMARY"

@@ -25,6 +25,9 @@ def _header(report):
              "FLOPs; % roof: the roofline floor max(bytes / copy, FLOPs / matmul) over the time, with the binding "
              "ceiling (mem / flop); extra MiB: peak memory a call allocates beyond its inputs (CUDA); "
              "x: speed-up over that baseline case, measured in the same run."]
+    if env.get("triton_interpreter"):
+        lines.append("- **Triton's interpreter** ran the Triton kernels (TRITON_INTERPRET=1): their timings are not GPU "
+                     "speed; they only show that every case runs.")
     if report["device"] == "cpu":
         lines.append("- CPU: `copy_` also reads its destination before writing it (write-allocate), so in-place "
                      "updates can pass 100% of copy bandwidth; a busy machine shows as min ms far below ms.")
@@ -59,18 +62,122 @@ def to_markdown(report):
 
 
 def write_reports(report, out_dir):
-    """report.json, report.md and (with matplotlib) time.png and roofline.png in out_dir."""
+    """report.json, report.md and (with matplotlib) time.png and roofline.png in out_dir; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
+    written = [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")]
+    with open(written[0], "w") as f:
         json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
+    with open(written[1], "w") as f:
         f.write(to_markdown(report) + "\n")
-    plot(report, out_dir)
+    return written + plot(report, out_dir)
+
+
+DPI = 110
+
+
+def _interpreted(report):
+    return bool(report["env"].get("triton_interpreter"))
+
+
+def _grid(plt, heights, width, ncols=2):
+    """A figure with one panel per entry of `heights` (in inches), in `ncols` columns (1 for one panel);
+    returns (fig, axes), unused cells switched off."""
+    ncols = 1 if len(heights) == 1 else ncols
+    nrows = -(-len(heights) // ncols)
+    rows = [max(heights[r * ncols:(r + 1) * ncols]) for r in range(nrows)]
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, sum(rows) + 0.8), squeeze=False,
+                             gridspec_kw={"height_ratios": rows})
+    flat = list(axes.flat)
+    for ax in flat[len(heights):]:
+        ax.axis("off")
+    return fig, flat[:len(heights)]
+
+
+def _suptitle(fig, report, what, note=""):
+    env = report["env"]
+    title = f"{what}: {env.get('card')} ({report['device']}), mode {report['mode']}" + (f"\n{note}" if note else "")
+    if _interpreted(report):
+        title += ("\nTriton kernels ran through Triton's interpreter (TRITON_INTERPRET=1, no GPU): "
+                  "their timings are not GPU speed")
+    fig.suptitle(title, fontsize=11, color="firebrick" if _interpreted(report) else "black")
+
+
+def time_figure(plt, report, ok):
+    """One panel per suite: a row per workload, a marker per case (log ms); no lines between cases."""
+    suites = list(dict.fromkeys(r.get("suite", "") for r in ok))
+    workloads = {s: list(dict.fromkeys(r["workload"] for r in ok if r.get("suite", "") == s)) for s in suites}
+    fig, axes = _grid(plt, [0.42 * len(workloads[s]) + 1.3 for s in suites], width=7.6)
+    markers = "o^sDvP<>Xh"
+    for ax, suite in zip(axes, suites):
+        rows = [r for r in ok if r.get("suite", "") == suite]
+        names = workloads[suite]
+        cases = list(dict.fromkeys(r["case"] for r in rows))
+        ours = [c for c in cases if c.startswith("mmfast")]
+        peers = [c for c in cases if c not in ours]
+        for i, case in enumerate(ours + peers):
+            pts = [(names.index(r["workload"]), r["ms"]) for r in rows if r["case"] == case]
+            offset = (i - (len(cases) - 1) / 2) * min(0.6 / max(len(cases), 1), 0.12)  # dodge: no overlaps
+            mine = case in ours
+            ax.scatter([p[1] for p in pts], [p[0] + offset for p in pts], label=case, zorder=3,
+                       marker="*" if mine else markers[i % len(markers)], s=110 if mine else 36,
+                       edgecolors="black" if mine else "none", linewidths=0.6)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=8)
+        ax.set_ylim(len(names) - 0.5, -0.5)
+        for y in range(len(names) - 1):
+            ax.axhline(y + 0.5, color="0.85", linewidth=0.8)
+        ax.grid(axis="x", which="major", color="0.9")
+        ax.set_xlabel("ms per call (log scale; left is faster)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_title(suite, fontsize=10, loc="left", fontweight="bold")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+                  title="★ mmfast", title_fontsize=7)
+    _suptitle(fig, report, "time per call")
+    fig.tight_layout()
+    return fig
+
+
+def roofline_figure(plt, report, roof):
+    """One heat map per suite: workloads x cases, each cell the % of the roofline floor reached."""
+    import numpy as np
+
+    suites = list(dict.fromkeys(r.get("suite", "") for r in roof))
+    shapes = {}
+    for s in suites:
+        rows = [r for r in roof if r.get("suite", "") == s]
+        cases = list(dict.fromkeys(r["case"] for r in rows))
+        cases = [c for c in cases if c.startswith("mmfast")] + [c for c in cases if not c.startswith("mmfast")]
+        shapes[s] = (list(dict.fromkeys(r["workload"] for r in rows)), cases, rows)
+    width = max(0.62 * len(c) for _, c, _ in shapes.values()) + 2.6
+    fig, axes = _grid(plt, [0.36 * len(w) + 1.9 for w, _, _ in shapes.values()], width=width)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.92")
+    for ax, suite in zip(axes, suites):
+        names, cases, rows = shapes[suite]
+        data = np.full((len(names), len(cases)), np.nan)
+        for r in rows:
+            data[names.index(r["workload"]), cases.index(r["case"])] = r["pct_roofline"]
+        ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+        for r in rows:
+            y, x = names.index(r["workload"]), cases.index(r["case"])
+            pct = r["pct_roofline"]
+            label = f"{pct:.0f}" + ("f" if r.get("bound") == "compute" else "")
+            ax.text(x, y, label, ha="center", va="center", fontsize=8, color="black" if pct > 60 else "white")
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=8)
+        ax.set_title(suite, fontsize=10, loc="left", fontweight="bold")
+    _suptitle(fig, report, "% of roofline", "cell: max(bytes / copy bandwidth, FLOPs / matmul peak) over the time; "
+              "f: the matmul peak binds; brighter is closer")
+    fig.tight_layout()
+    return fig
 
 
 def plot(report, out_dir):
-    """time.png: ms per case across the workloads of each suite (log scale, one line per method);
-    roofline.png: % of the roofline floor per case. Returns the files written ([] without matplotlib)."""
+    """time.png: ms per call, a row per workload and a marker per case, a panel per suite;
+    roofline.png: % of the roofline floor per workload and case (heat maps). Returns the files written
+    ([] without matplotlib)."""
     try:  # optional: only when matplotlib is installed
         import matplotlib
 
@@ -81,38 +188,14 @@ def plot(report, out_dir):
     ok = [r for r in report["rows"] if r.get("ms")]
     if not ok:
         return []
-    written = []
-    suites = list(dict.fromkeys(r.get("suite", "") for r in ok))
-    fig, axes = plt.subplots(len(suites), 1, figsize=(11, 3.6 * len(suites)), squeeze=False)
-    for ax, suite in zip(axes[:, 0], suites):
-        rows = [r for r in ok if r.get("suite", "") == suite]
-        workloads = list(dict.fromkeys(r["workload"] for r in rows))
-        for case in dict.fromkeys(r["case"] for r in rows):
-            pts = [(workloads.index(r["workload"]), r["ms"]) for r in rows if r["case"] == case]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case,
-                    linewidth=2.5 if case.startswith("mmfast") else 1.2)
-        ax.set_xticks(range(len(workloads)))
-        ax.set_xticklabels(workloads, rotation=20, ha="right", fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel("ms per call")
-        ax.set_title(f"{suite} on {report['env'].get('card')}")
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    written.append(os.path.join(out_dir, "time.png"))
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    figures = {"time.png": time_figure(plt, report, ok)}
     roof = [r for r in ok if r.get("pct_roofline") is not None]
     if roof:
-        fig, ax = plt.subplots(figsize=(10, 0.22 * len(roof) + 1.2))
-        colors = ["tab:blue" if r.get("bound") == "memory" else "tab:orange" for r in roof]
-        ax.barh([f"{r['workload']} | {r['case']}" for r in roof], [r["pct_roofline"] for r in roof], color=colors)
-        ax.axvline(100, color="k", linestyle="--")
-        ax.set_xlabel("% of roofline (blue: copy bandwidth binds, orange: matmul peak binds)")
-        ax.tick_params(axis="y", labelsize=6)
-        ax.invert_yaxis()
-        fig.tight_layout()
-        written.append(os.path.join(out_dir, "roofline.png"))
-        fig.savefig(written[-1], dpi=100)
+        figures["roofline.png"] = roofline_figure(plt, report, roof)
+    written = []
+    for name, fig in figures.items():
+        written.append(os.path.join(out_dir, name))
+        fig.savefig(written[-1], dpi=DPI)
         plt.close(fig)
     return written
 

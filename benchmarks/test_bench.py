@@ -5,7 +5,6 @@ the smoke size (set BENCH_MODE=smoke|quick|full to choose). Lives under benchmar
 (the project's testpaths) never collects it.
 """
 import functools
-import importlib
 import os
 
 import pytest
@@ -13,12 +12,11 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from benchmarks.common import SUITES, prepare  # noqa: E402
+from mmfast.benchmarks.common import prepare, suite_module, suite_names  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODE = os.environ.get("BENCH_MODE", "quick" if DEVICE == "cuda" else "smoke")
-WORKLOADS = {(suite, w.name): w for suite in sorted(SUITES)
-             for w in importlib.import_module(SUITES[suite]).workloads(MODE, DEVICE)}
+WORKLOADS = {(suite, w.name): w for suite in suite_names() for w in suite_module(suite).workloads(MODE, DEVICE)}
 PARAMS = [pytest.param(key, c, id=f"{key[0]}-{key[1].replace(' ', '-')}-{c.name}")
           for key, w in WORKLOADS.items() for c in w.cases]
 

@@ -1,18 +1,17 @@
 """`python -m mmfast check`: every op against its reference at small, realistic shapes on this device.
 
-On a CPU-only machine the Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1 is set by
-the CLI before mmfast.kernels is imported). Exit status is non-zero if any case fails.
+On a CPU-only machine the Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1 is set
+before mmfast.kernels is imported). `--dtype float64` runs only backend="reference", in float64, against
+an independent float64 torch formulation of each op. Exit status is non-zero if any case fails.
 """
-import importlib
+import inspect
+import os
 from dataclasses import dataclass
 
-import torch
-
-from ._table import print_table, progress
-
-# One module per kernel family under mmfast/checks/, each with `cases(device)` yielding
-# (op, backend, dtype, shape, run) where run() -> (max_error, tolerance, bitwise, passed).
-FAMILIES = ("ema", "attention", "contrastive", "patch_embed", "gated_linear")
+# The families come from mmfast.kernels._registry.FAMILIES; family NAME's cases live in
+# mmfast/checks/NAME.py as `cases(device, dtype=None)` yielding (op, backend, dtype, shape, run) where
+# run() -> (max_error, tolerance, bitwise, passed).
+DTYPES = ("float64",)
 
 
 @dataclass
@@ -40,48 +39,106 @@ def _require_backend(backend):
             raise RuntimeError("mmfast._C was built without CUDA")
 
 
+def family_names():
+    from mmfast.kernels._registry import NAMES
+
+    return NAMES
+
+
 def _check_families(families):
-    unknown = sorted(set(families) - set(FAMILIES))
+    names = family_names()
+    unknown = sorted(set(families) - set(names))
     if unknown:
-        raise ValueError(f"unknown kernel families {unknown}; choose from {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown kernel families {unknown}; choose from {', '.join(names)}")
 
 
-def run_checks(device=None, families=FAMILIES):
+def _family_cases(name, device, dtype):
+    """The family's cases, or one failing row that says why it has none for `dtype`."""
+    from mmfast.kernels._registry import family
+
+    fam = family(name)
+    module = fam.checks
+    if dtype is None:
+        return list(module.cases(device))
+    if "dtype" not in inspect.signature(module.cases).parameters:
+        reason = (f"mmfast.checks.{name}.cases(device) takes no dtype: family {name!r} has no "
+                  f"{str(dtype).replace('torch.', '')} check yet")
+
+        def missing():
+            raise NotImplementedError(reason)
+
+        return [(op, "reference", str(dtype).replace("torch.", ""), "—", missing) for op in fam.ops]
+    return list(module.cases(device, dtype=dtype))
+
+
+def run_checks(device=None, families=None, dtype=None):
+    import torch
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    families = family_names() if families is None else tuple(families)
     _check_families(families)
-    cases = [case for family in families for case in importlib.import_module(f"mmfast.checks.{family}").cases(device)]
+    cases = [case for name in families for case in _family_cases(name, device, dtype)]
     results = []
-    for op, backend, dtype, shape, run in progress(cases, f"checking {len(cases)} cases on {device}"):
+    from ._table import progress
+
+    for op, backend, case_dtype, shape, run in progress(cases, f"checking {len(cases)} cases on {device}"):
         try:
             _require_backend(backend)
             err, tol, bitwise, ok = run()
-            results.append(CheckResult(op, backend, dtype, shape, err, tol, bitwise, ok))
+            results.append(CheckResult(op, backend, case_dtype, shape, err, tol, bitwise, ok))
         except Exception as exc:  # a crash is a failed check, reported in the table
-            results.append(CheckResult(op, backend, dtype, shape, float("nan"), float("nan"), False, False,
+            results.append(CheckResult(op, backend, case_dtype, shape, float("nan"), float("nan"), False, False,
                                        f"{type(exc).__name__}: {exc}"))
     return device, results
 
 
-def main(argv=None):
+def _parser():
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mmfast check", description=__doc__)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                        help="default: cuda when available, else cpu")
     parser.add_argument("--only", default=None, metavar="FAMILIES",
-                        help=f"comma-separated kernel families to check (default: all of {', '.join(FAMILIES)})")
-    args = parser.parse_args(argv)
-    families = FAMILIES if args.only is None else tuple(f.strip() for f in args.only.split(",") if f.strip())
-    try:
-        _check_families(families)
-    except ValueError as exc:
-        parser.error(f"--only: {exc}")
-    device, results = run_checks(args.device, families)
+                        help="comma-separated kernel families to check (default: every family of "
+                        "mmfast.kernels._registry; `python -m mmfast info` lists them)")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="float64: run backend='reference' in float64 against an independent float64 torch "
+                        "formulation (what checking a model's numerics in float64 runs)")
+    return parser
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)  # before any torch import: --help answers at once
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    if not torch.cuda.is_available():
+        # before mmfast.kernels is imported: Triton decides at @jit time whether to interpret
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    families = None if args.only is None else tuple(f.strip() for f in args.only.split(",") if f.strip())
+    if families is not None:
+        try:
+            _check_families(families)
+        except ValueError as exc:
+            parser.error(f"--only: {exc}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    device, results = run_checks(args.device, families, dtype)
     rows = [
         (r.op, r.backend, r.dtype, r.shape, f"{r.max_error:.2e}", f"{r.tolerance:.2e}",
          "yes" if r.bitwise else "no", "PASS" if r.passed else "FAIL " + r.detail)
         for r in results
     ]
-    mode = "" if device.type == "cuda" else " (Triton through the interpreter)"
+    if dtype is not None:
+        mode = f", {args.dtype}: backend='reference' against an independent {args.dtype} formulation"
+    else:
+        from mmfast.kernels._common import interpreting
+
+        mode = " (Triton through the interpreter)" if device.type == "cpu" and interpreting() else ""
+    from ._table import print_table
+
     print_table(f"mmfast check on {device}{mode}", ["op", "backend", "dtype", "shape", "max error vs fp64",
                                                     "tolerance", "bitwise = reference", "result"], rows)
     failed = sum(not r.passed for r in results)

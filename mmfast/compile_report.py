@@ -19,13 +19,16 @@ CLI: ``python -m mmfast compile-report [--arch 80,90] [--no-nvcc] [--json PATH] 
 (also ``python -m mmfast.compile_report``); the exit code is 1 when any row fails.
 
 ``--triton VERSION`` runs the same report with another Triton: in a virtual environment kept under
-``$MMFAST_CACHE_DIR`` (default ``~/.cache/mmfast``) that sees this environment's packages (torch, mmfast)
-and has only ``triton==VERSION`` installed on top, from the configured package index. Register
+``$MMFAST_CACHE_DIR`` (default ``~/.cache/mmfast``) that sees this environment's packages (torch, mmfast,
+an editable install's mapping included) and has only ``triton==VERSION`` installed on top (and
+``numpy<2.3`` for 3.6), from the configured package index; its folder is keyed by the environment it
+layers over (python, torch, import path, mmfast's source) and the Triton release. Register
 allocation differs between Triton releases (their ptxas and their passes): a config that fits on one
 can spill on another, and users run 3.6 (torch 2.11) through 3.9, so CI runs the gate on both ends.
 
 TRITON_INTERPRET=1 turns ``@triton.jit`` functions into interpreter objects that cannot be compiled,
-so ``main`` re-runs itself in a subprocess without it.
+so ``main`` re-runs itself in a subprocess without it. Progress goes to stderr (a rich bar on a terminal,
+one line per row otherwise); the table to stdout.
 """
 import argparse
 import contextlib
@@ -58,7 +61,6 @@ SHARED_LIMITS = {
 }
 
 _COUNTER = itertools.count()
-_TRUTHY = ("1", "true", "yes", "on", "y")
 _REEXEC_GUARD = "MMFAST_COMPILE_REPORT_REEXEC"
 
 
@@ -86,10 +88,6 @@ class Row:
 
 def _sm(cc):
     return f"sm_{cc}"
-
-
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,19 +391,13 @@ def cuda_sources():
 
 
 def _cpp_extension():
-    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" warning."""
-    import logging
-
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """torch.utils.cpp_extension without its "No CUDA runtime is found" warning (None without torch)."""
     try:
-        import torch.utils.cpp_extension as cpp_extension
+        from mmfast._ext import cpp_extension
+
+        return cpp_extension()
     except ImportError:
         return None
-    finally:
-        logger.setLevel(level)
-    return cpp_extension
 
 
 def _torch_include_paths():
@@ -540,12 +532,18 @@ def load_specs(ref):
     return list(getattr(module, func)())
 
 
-def run(targets=(80, 90), include_cuda_sources=True, specs=None, cu_files=None, progress=None):
+def run(targets=(80, 90), include_cuda_sources=True, specs=None, cu_files=None, progress=None, on_start=None):
     """Check every Triton spec (``specs``, default all_compile_specs()) and CUDA source for each target.
 
     nvcc runs in a background thread (one file at a time) while Triton compiles in this thread; Triton
     compiles run one at a time (triton.compile is not documented as thread-safe and CI has 2 cores).
+    ``on_start(spec, cc)`` is called before each Triton compile and ``progress(row)`` after each row
+    (nvcc rows from the background thread, once per file).
     """
+    # the one rule (mmfast.kernels._common); importing it imports mmfast.kernels, whose kernels become
+    # interpreter objects under TRITON_INTERPRET=1: this process then refuses
+    from mmfast.kernels._common import interpreting
+
     if interpreting():
         raise RuntimeError(
             "compile_report needs real @triton.jit kernels but TRITON_INTERPRET is set; "
@@ -563,13 +561,19 @@ def run(targets=(80, 90), include_cuda_sources=True, specs=None, cu_files=None, 
 
             def _nvcc_all():
                 for path in files:
-                    cuda_rows.extend(check_cuda_source(path, targets, nvcc=nvcc, workdir=workdir))
+                    rows = check_cuda_source(path, targets, nvcc=nvcc, workdir=workdir)
+                    cuda_rows.extend(rows)
+                    if progress:
+                        for row in rows:
+                            progress(row)
 
             worker = threading.Thread(target=_nvcc_all, name="mmfast-nvcc", daemon=True)
             worker.start()
         rows = []
         for spec in specs:
             for cc in targets:
+                if on_start:
+                    on_start(spec, cc)
                 row = check_spec(spec, cc, workdir=workdir)
                 rows.append(row)
                 if progress:
@@ -578,6 +582,56 @@ def run(targets=(80, 90), include_cuda_sources=True, specs=None, cu_files=None, 
             worker.join()
             rows.extend(cuda_rows)
     return rows
+
+
+class Progress:
+    """Progress on stderr while the report compiles: a rich bar naming the kernel, config and target being
+    compiled when stderr is a terminal and rich is installed, else one plain line per finished row (CI
+    logs). The table itself goes to stdout."""
+
+    def __init__(self, total, plain=False, file=None):
+        self.total, self.done, self.file = total, 0, file or sys.stderr
+        self._lock = threading.Lock()
+        self._bar = None
+        if not plain and getattr(self.file, "isatty", lambda: False)():
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+                self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=Console(file=self.file), transient=True)
+                self._task = self._bar.add_task("compiling", total=total)
+            except ImportError:
+                self._bar = None
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.stop()
+
+    def start(self, spec, cc):
+        if self._bar is not None:
+            label = f" {spec.label}" if spec.label else ""
+            self._bar.update(self._task, description=f"{spec.name}{label} for {_sm(cc)}")
+
+    def __call__(self, row):
+        with self._lock:
+            if row.source == "triton":
+                self.done += 1
+            if self._bar is not None:
+                if row.source == "triton":
+                    self._bar.advance(self._task)
+                if row.failed:
+                    self._bar.console.print(f"FAIL {row.kernel} {row.config} {row.target}: {row.reason}")
+                return
+            count = f"[{self.done:>{len(str(self.total))}}/{self.total}]" if row.source == "triton" else "[nvcc]"
+            regs = "" if row.registers is None else f", {row.registers} registers"
+            print(f"{count} {row.target} {row.kernel} {row.config}: {row.status}{regs}, {row.seconds:.1f} s"
+                  + (f" ({row.reason})" if row.failed else ""), file=self.file, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,25 +720,129 @@ def _strip_triton_flag(argv):
     return out
 
 
-def triton_env(version):
-    """The python of a virtual environment with ``triton==version`` over this environment's packages
-    (created on first use; an unfinished one is never used: it is built in a temporary folder and renamed)."""
+# Triton 3.6's interpreter converts numpy arrays in a way numpy >= 2.3 refuses ("only 0-dimensional arrays
+# can be converted to Python scalars"): its environment gets an older numpy as well.
+TRITON_EXTRA_PINS = {"3.6": ["numpy<2.3"]}
+_PACKAGES = ("mmfast", "mmfast.kernels", "mmfast.csrc", "mmfast.benchmarks")
+
+
+def _source_dirs():
+    """Where this environment imports mmfast's packages from (without importing mmfast.kernels)."""
+    import importlib.util
+
+    dirs = {}
+    for name in _PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            dirs[name] = os.path.realpath(list(spec.submodule_search_locations)[0])
+    return dirs
+
+
+def _parent_paths():
+    """This environment's import path, without the standard library (the child has its own) and without
+    the script's folder or working directory that python puts first."""
+    stdlib = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}
+    out = []
+    for entry in sys.path[0 if getattr(sys.flags, "safe_path", False) else 1:]:
+        real = os.path.realpath(entry) if entry else ""
+        if not entry or not os.path.isdir(real) or real in stdlib or real.endswith("lib-dynload"):
+            continue
+        if real not in out:
+            out.append(real)
+    return out
+
+
+def _extra_pins(version):
+    return next((pins for prefix, pins in TRITON_EXTRA_PINS.items() if version.startswith(prefix + ".")), [])
+
+
+def triton_env_key(version):
+    """What a cached environment depends on: the environment it layers over (its python, prefix and
+    import path, torch), where mmfast comes from, and the Triton release with its pins."""
+    import hashlib
+    import importlib.metadata
+
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "none"
+    parts = [os.path.realpath(sys.executable), sys.prefix, sys.version, f"torch {torch_version}",
+             f"triton {version}", *_extra_pins(version), *(f"{k}={v}" for k, v in sorted(_source_dirs().items())),
+             *_parent_paths()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def _layer_files(site_packages):
+    """Make a child environment see this one: its import path (a .pth that adds each entry, running the
+    .pth files there, e.g. an editable install's finder), and mmfast's packages where this environment
+    finds them (a finder first on sys.meta_path: an editable install's mapping of kernels/ to mmfast.kernels
+    does not carry over to a venv layered over a venv)."""
+    lines = ["import site, sys"]
+    for path in _parent_paths():
+        if os.path.basename(path) in ("site-packages", "dist-packages"):
+            lines.append(f"site.addsitedir({path!r})")
+        else:
+            lines.append(f"{path!r} in sys.path or sys.path.append({path!r})")
+    with open(os.path.join(site_packages, "_mmfast_layer.pth"), "w") as f:
+        # a .pth runs lines that start with "import"; one line so that the statements run in order
+        f.write("import _mmfast_layer\n")
+    with open(os.path.join(site_packages, "_mmfast_layer.py"), "w") as f:
+        f.write("\n".join(lines) + "\n" + f"""
+import importlib.util
+
+_DIRS = {_source_dirs()!r}
+
+
+class _MmfastSourceFinder:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        folder = _DIRS.get(name)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(name, folder + "/__init__.py",
+                                                      submodule_search_locations=[folder])
+
+
+sys.meta_path.insert(0, _MmfastSourceFinder)
+""")
+
+
+def layered_env(path, packages=()):
+    """Create a virtual environment at `path` over this one (see :func:`_layer_files`) with `packages`
+    installed on top (``pip install --no-deps`` by this environment's pip); returns its python."""
     import venv
 
+    venv.EnvBuilder(system_site_packages=False, with_pip=False, clear=True).create(path)
+    python = os.path.join(path, "bin", "python")
+    site_packages = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+    if packages:
+        # no pip of its own: this environment's pip installs into it
+        res = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
+                              *packages], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"could not install {' '.join(packages)}: {(res.stderr or res.stdout).strip()[-500:]}")
+    _layer_files(site_packages)
+    return python
+
+
+def triton_env(version):
+    """The python of a virtual environment with ``triton==version`` (and its pins) over this environment's
+    packages, cached under ``$MMFAST_CACHE_DIR`` (default ``~/.cache/mmfast``) in a folder keyed by
+    :func:`triton_env_key`. Created on first use; an unfinished one is never used: it is built in a
+    temporary folder and renamed."""
     root = os.environ.get("MMFAST_CACHE_DIR") or os.path.expanduser("~/.cache/mmfast")
-    final = os.path.join(root, f"triton-{version}")
+    final = os.path.join(root, f"triton-{version}-{triton_env_key(version)}")
     python = os.path.join(final, "bin", "python")
     if os.path.exists(python):
         return python
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"triton-{version}-", dir=root)
     try:
-        venv.EnvBuilder(system_site_packages=True, with_pip=False, clear=True).create(tmp)
-        # no pip of its own: this environment's pip installs into it
-        res = subprocess.run([sys.executable, "-m", "pip", "--python", os.path.join(tmp, "bin", "python"), "install",
-                              "-q", "--no-deps", f"triton=={version}"], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"could not install triton=={version}: {(res.stderr or res.stdout).strip()[-500:]}")
+        layered_env(tmp, [f"triton=={version}", *_extra_pins(version)])
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: use its environment
@@ -720,6 +878,10 @@ def main(argv=None):
                 print(f"compile-report: {exc}", file=sys.stderr)
                 return 3
             return _rerun(_strip_triton_flag(argv), python)
+    # the one rule (mmfast.kernels._common); under TRITON_INTERPRET=1 importing it turns this process's
+    # kernels into interpreter objects, so the report runs in a child process without it
+    from mmfast.kernels._common import interpreting
+
     if interpreting():
         if os.environ.get(_REEXEC_GUARD) == "1":
             print("compile-report: TRITON_INTERPRET is set; unset it to compile kernels", file=sys.stderr)
@@ -728,10 +890,14 @@ def main(argv=None):
         return _rerun(argv)
 
     start = time.perf_counter()
-    specs = None
+    print("compile-report: collecting the compile specs of every family ...", file=sys.stderr, flush=True)
     if args.specs:
         specs = [spec for ref in args.specs for spec in load_specs(ref)]
-    rows = run(targets=targets, include_cuda_sources=not args.no_nvcc, specs=specs, cu_files=args.cu)
+    else:
+        specs = _triton_specs()
+    with Progress(len(specs) * len(targets), plain=args.plain) as progress:
+        rows = run(targets=targets, include_cuda_sources=not args.no_nvcc, specs=specs, cu_files=args.cu,
+                   progress=progress, on_start=progress.start)
     elapsed = time.perf_counter() - start
     import triton
 

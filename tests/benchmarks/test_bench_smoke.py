@@ -1,17 +1,25 @@
 """The benchmark suites never rot: every suite runs at its smoke size on the CPU in CI.
 
-`python -m benchmarks --smoke` runs the same cases at tiny sizes through the reference / interpreter
+`python -m mmfast bench --smoke` runs the same cases at tiny sizes through the reference / interpreter
 paths; timings here mean nothing, the test checks that every case either runs or says why it cannot.
+The suites are the registry's families (mmfast.kernels._registry), installed as mmfast.benchmarks.
 """
 import json
 import os
 
 import pytest
 
-from benchmarks.common import SUITES, run_suite
+from mmfast.benchmarks.common import run_suite, suite_names
+from mmfast.kernels._registry import NAMES
 
 
-@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_one_suite_per_family():
+    assert tuple(suite_names()) == NAMES
+    for name in NAMES:
+        assert os.path.basename(__import__(f"mmfast.benchmarks.{name}", fromlist=["_"]).__file__) == f"{name}.py"
+
+
+@pytest.mark.parametrize("suite", suite_names())
 def test_suite_runs_at_smoke_size(suite, tmp_path):
     report = run_suite([suite], mode="smoke", out_dir=str(tmp_path), device="cpu", log=lambda *_: None)
     assert report["rows"], f"suite {suite} defines no cases"
