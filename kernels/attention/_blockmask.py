@@ -51,7 +51,8 @@ class AttentionBlockMask:
     """
 
     def __init__(self, **fields):
-        self.__dict__.update(fields)
+        for name, value in fields.items():  # (not __dict__.update: torch.compile traces setattr, not that)
+            setattr(self, name, value)
 
     @property
     def varlen(self):
@@ -270,6 +271,8 @@ def build_block_mask(seqlen_q=None, seqlen_k=None, *, causal=False, kv_start=Non
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"{op}: device must be a torch.device or a device string, got {device!r}") from exc
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device, as tensors report it
+        device = torch.device("cuda", torch.cuda.current_device())
     batch = check_mask_args(op, seqlen_q, seqlen_k, None, device, causal, kv_start, kv_end, key_padding_mask,
                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate=validate)
     mask_m, mask_n = tile if tile is not None else default_mask_tile(device)

@@ -40,31 +40,37 @@ _GPU_TABLE = {
     ("fwd", 64, "16-bit"): TileConfig(128, 64, 8, 3),  # the whole mask tile
     ("fwd", 128, "16-bit"): TileConfig(128, 32, 8, 3),  # 128 x 64 spills on sm_80
     ("fwd", 256, "16-bit"): TileConfig(64, 16, 8, 2),  # 64 x 32 reaches 235-243 registers
-    ("fwd", 64, "tf32"): TileConfig(64, 32, 4, 2),  # fp32 tiles take twice the registers of 16-bit ones
-    ("fwd", 128, "tf32"): TileConfig(32, 16, 4, 2),
-    ("fwd", 256, "tf32"): TileConfig(16, 16, 8, 1),
+    ("fwd", 64, "tf32"): TileConfig(64, 32, 4, 2),  # fp32 operands: twice the registers of 16-bit ones
+    ("fwd", 128, "tf32"): TileConfig(32, 16, 4, 2),  # a quarter of the 16-bit tile, for the same reason
+    ("fwd", 256, "tf32"): TileConfig(16, 16, 8, 1),  # the smallest MMA tile; one stage keeps 48 KB of shared memory
     ("dkdv", 64, "16-bit"): TileConfig(16, 64, 4, 2),  # 32 x 64 and 64 x 64 spill; BLOCK_N 64 is the mask tile's
     ("dkdv", 128, "16-bit"): TileConfig(32, 64, 8, 2),  # 64 x 64 spills
     ("dkdv", 256, "16-bit"): TileConfig(32, 32, 8, 2),  # 16 x 64 spills
-    ("dkdv", 64, "tf32"): TileConfig(32, 32, 4, 2),
-    ("dkdv", 128, "tf32"): TileConfig(16, 32, 4, 2),
-    ("dkdv", 256, "tf32"): TileConfig(16, 32, 8, 1),
+    ("dkdv", 64, "tf32"): TileConfig(32, 32, 4, 2),  # dK and dV accumulators of 32 keys in fp32
+    ("dkdv", 128, "tf32"): TileConfig(16, 32, 4, 2),  # ~210 registers already
+    ("dkdv", 256, "tf32"): TileConfig(16, 32, 8, 1),  # ~235 registers and 112 KB of shared memory
     ("dq", 64, "16-bit"): TileConfig(128, 32, 8, 2),  # the tutorial's dQ tile, grown to the mask tile's rows
     ("dq", 128, "16-bit"): TileConfig(32, 64, 8, 3),  # every BLOCK_M = 64 tile spills with odd strides on sm_80
     ("dq", 256, "16-bit"): TileConfig(32, 32, 8, 2),  # 64 x 16 reaches 245 registers
-    ("dq", 64, "tf32"): TileConfig(64, 32, 4, 2),
-    ("dq", 128, "tf32"): TileConfig(32, 32, 4, 2),
-    ("dq", 256, "tf32"): TileConfig(16, 32, 8, 1),
+    ("dq", 64, "tf32"): TileConfig(64, 32, 4, 2),  # at 255 registers on sm_80 without spilling
+    ("dq", 128, "tf32"): TileConfig(32, 32, 4, 2),  # ~170 registers, 72 KB
+    ("dq", 256, "tf32"): TileConfig(16, 32, 8, 1),  # ~250 registers
     ("pre", 64, "16-bit"): TileConfig(128, 0, 4, 1),  # a row reduction: 8192 elements per tile
-    ("pre", 128, "16-bit"): TileConfig(64, 0, 4, 1),
-    ("pre", 256, "16-bit"): TileConfig(32, 0, 4, 1),
-    ("pre", 64, "fp32"): TileConfig(32, 0, 4, 1),
-    ("pre", 128, "fp32"): TileConfig(16, 0, 4, 1),
-    ("pre", 256, "fp32"): TileConfig(16, 0, 4, 1),
+    ("pre", 128, "16-bit"): TileConfig(64, 0, 4, 1),  # the same 8192 elements
+    ("pre", 256, "16-bit"): TileConfig(32, 0, 4, 1),  # the same 8192 elements
+    ("pre", 64, "fp32"): TileConfig(32, 0, 4, 1),  # 2048 elements: ~40 registers
+    ("pre", 128, "fp32"): TileConfig(16, 0, 4, 1),  # 2048 elements
+    ("pre", 256, "fp32"): TileConfig(16, 0, 4, 1),  # 4096 elements: ~60 registers
 }
-# IEEE fp32 dots are FMA loops whose operands and products live in registers: where the TF32 tile would
-# spill, a smaller one. Keys not listed use the TF32 entry.
+# IEEE fp32 dots are FMA loops whose operands and products live in registers: where the TF32 tile spills, one
+# that does not (at most ~200 registers on sm_80 / sm_90). Keys not listed use the TF32 entry.
 _GPU_IEEE_TABLE = {
+    ("fwd", 64, "ieee"): TileConfig(64, 32, 8, 2),  # the TF32 tile with 8 warps: 4 spill
+    ("fwd", 128, "ieee"): TileConfig(32, 16, 8, 2),  # the TF32 tile with 8 warps: 4 spill on sm_90
+    ("dkdv", 64, "ieee"): TileConfig(16, 32, 4, 2),  # 32 x 32 spills with 4 and 8 warps
+    ("dkdv", 256, "ieee"): TileConfig(16, 16, 8, 1),  # 16 x 32 spills on sm_90
+    ("dq", 64, "ieee"): TileConfig(32, 16, 4, 2),  # 64 x 32 spills with 4 warps, reaches 244 registers with 8
+    ("dq", 128, "ieee"): TileConfig(16, 32, 4, 2),  # 32 x 32 spills with 4 and 8 warps, 32 x 16 on sm_90
 }
 
 # Inputs the JIT cannot prove 16-byte aligned (views at odd offsets, odd row / batch strides, head strides
@@ -75,6 +81,9 @@ _GPU_UNALIGNED_TABLE = {
     ("fwd", 256, "16-bit"): TileConfig(16, 16, 8, 2),  # 32 x 16 sits at 255 registers on sm_80
     ("dkdv", 128, "16-bit"): TileConfig(32, 32, 8, 2),  # 16 x 64 spills on 3.9 sm_90
     ("dkdv", 256, "16-bit"): TileConfig(16, 32, 8, 2),  # 32 x 32 spills
+    ("fwd", 256, "ieee"): TileConfig(16, 16, 8, 2),  # stage 1 spills on sm_90
+    ("dkdv", 128, "ieee"): TileConfig(16, 32, 8, 2),  # the aligned tile (4 warps) sits at 255 registers
+    ("dkdv", 256, "ieee"): TileConfig(16, 16, 8, 2),  # stage 1 spills on sm_80
 }
 
 _INTERPRETER_TABLE = {
@@ -193,7 +202,8 @@ def compile_specs():
     """Every table entry the launchers can pick: per pass, bf16 (fp16 shares its entries) at each bucket's
     largest head dim and, for the tl.dot passes, at a non-power-of-two one (40, 80); fp32 with TF32 and with
     IEEE dots; the optional features (varlen + key padding, dLSE) twice per pass; and the heaviest entries
-    without the alignment specialisation (views with odd strides), the unaligned table's among them.
+    without the alignment specialisation (views with odd strides), the unaligned table's among them: bf16 at
+    D = 128 and 256, fp32 TF32 at 256, fp32 IEEE at every bucket.
     Head dims <= 32 use the 64 entry with a narrower BLOCK_D: smaller than what is checked here."""
     specs = []
     for pass_ in KERNELS:
@@ -210,6 +220,7 @@ def compile_specs():
         if pass_ != "pre":
             specs.append(_spec(pass_, torch.bfloat16, 128, "ieee", aligned=False))
             specs.append(_spec(pass_, torch.bfloat16, 256, "ieee", aligned=False))
-            for precision in fp32_precisions:
-                specs.append(_spec(pass_, torch.float32, 256, precision, aligned=False))
+            specs.append(_spec(pass_, torch.float32, 256, "tf32", aligned=False))
+            for head_dim in (64, 128, 256):  # IEEE FMA loops: the heaviest register users at every head dim
+                specs.append(_spec(pass_, torch.float32, head_dim, "ieee", aligned=False))
     return specs

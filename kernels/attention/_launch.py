@@ -305,12 +305,15 @@ def _setup_context(ctx, inputs, output):
     q, k, v, row_lo, row_hi, kpm, cu_q, cu_k, lists, scale, max_q, max_k = inputs
     out, row_max, row_logsum = output
     ctx.mark_non_differentiable(row_max)
+    ctx.set_materialize_grads(False)  # an unused log-sum-exp passes None: the Delta pass then skips its load
     ctx.save_for_backward(q, k, v, out, row_max, row_logsum, row_lo, row_hi, kpm, cu_q, cu_k, *lists)
     ctx.scale, ctx.max_q, ctx.max_k = scale, max_q, max_k
 
 
 def _backward(ctx, dout, drow_max, dlogsum):
     q, k, v, out, row_max, row_logsum, row_lo, row_hi, kpm, cu_q, cu_k, *lists = ctx.saved_tensors
+    if dout is None:  # only the log-sum-exp was used
+        dout = torch.zeros_like(out)
     dq, dk, dv = _flash_attention_bwd_op(dout, dlogsum, q, k, v, out, row_max, row_logsum, row_lo, row_hi, kpm, cu_q,
                                          cu_k, lists, ctx.scale, ctx.max_q, ctx.max_k)
     # one entry per input: row_lo, row_hi, key_padding_mask, cu_seqlens_q/k, lists, scale, max_seqlen_q/k

@@ -241,3 +241,19 @@ def test_zero_and_negative_softmax_scale(device, scale):
     running max must be taken of the scaled scores)."""
     q, k, v = qkv(1, 19, 23, 2, 1, 40, torch.float32, device)
     check_against_reference(q, k, v, causal=True, softmax_scale=scale, dlse=True)
+
+
+def test_gradient_of_the_lse_alone(device):
+    """A loss on the log-sum-exp only (the output unused): the backward gets no output gradient and must
+    still give dq / dk = the softmax-weighted gradients, dv = 0."""
+    q, k, v = qkv(1, 13, 17, 2, 1, 32, torch.float32, device)
+    start, end = random_intervals(1, 13, 17, device, empty_rows=0.0)
+    grads = []
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        _, lse = flash_attention(*leaves, kv_start=start, kv_end=end, return_lse=True, backend=backend)
+        torch.where(torch.isinf(lse), 0.0, lse).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, got, want in zip(("dq", "dk"), *grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.all(grads[0][2] == 0) and grads[1][2] is None  # v does not reach the log-sum-exp
