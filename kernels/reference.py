@@ -123,7 +123,8 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, kv_start=N
         outs.append(out[0])
         lses.append(lse[0])
     out = torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape[:-1] + v.shape[-1:])
-    lse = torch.cat(lses, dim=-1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    lse = torch.cat(lses, dim=-1) if lses else q.new_zeros(q.shape[1], 0, dtype=lse_dtype)
     return (out, lse) if return_lse else out
 
 

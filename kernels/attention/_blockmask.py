@@ -16,6 +16,8 @@ config: build it once with `build_block_mask` and pass it to every layer that us
 """
 import torch
 
+from .._common import check_bool, check_int
+
 # Mask tile (query rows x keys). Kernel tiles divide these; see _configs.py.
 MASK_TILE_GPU = (128, 64)
 MASK_TILE_INTERPRETER = (32, 32)
@@ -49,7 +51,8 @@ class AttentionBlockMask:
     """
 
     def __init__(self, **fields):
-        self.__dict__.update(fields)
+        for name, value in fields.items():  # (not __dict__.update: torch.compile traces setattr, not that)
+            setattr(self, name, value)
 
     @property
     def varlen(self):
@@ -130,6 +133,98 @@ def _tile_flags(lo, hi, valid, seqlen_k, key_padding_mask, mask_m, mask_n, n_blo
     return visible, full
 
 
+def _check_int_tensor(op, name, t, shapes, device):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{op}: {name} must be an int32 tensor, got {got}")
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"{op}: {name} must have shape {' or '.join(str(s) for s in shapes)}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} like q, got {t.device}")
+
+
+def check_mask_args(op, seqlen_q, seqlen_k, batch, device, causal, kv_start, kv_end, key_padding_mask, cu_seqlens_q,
+                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate=True, total_q=None, total_k=None):
+    """The mask arguments of flash_attention / build_block_mask: types and shapes always; values (index
+    ranges, cu_seqlens; one device sync) when `validate` and not tracing. Returns the batch (None: unknown)."""
+    check_bool(op, "causal", causal)
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError(f"{op}: varlen needs both cu_seqlens_q and cu_seqlens_k")
+        if max_seqlen_q is None or max_seqlen_k is None:
+            raise ValueError(f"{op}: varlen needs max_seqlen_q and max_seqlen_k (ints) with cu_seqlens")
+        check_int(op, "max_seqlen_q", max_seqlen_q, lo=0)
+        check_int(op, "max_seqlen_k", max_seqlen_k, lo=0)
+        for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.numel() < 2:
+                raise ValueError(f"{op}: {name} must be a 1-D int32 tensor of batch + 1 offsets, got "
+                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+            if device is not None and t.device != device:
+                raise ValueError(f"{op}: {name} must be on {device} like q, got {t.device}")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+                             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+        if key_padding_mask is not None:
+            raise ValueError(f"{op}: key_padding_mask is for (B, L, H, D) inputs; with cu_seqlens, pack only the valid keys")
+        batch = cu_seqlens_q.numel() - 1
+    elif max_seqlen_q is not None or max_seqlen_k is not None:
+        raise ValueError(f"{op}: max_seqlen_q / max_seqlen_k go with cu_seqlens_q / cu_seqlens_k (packed inputs)")
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if t is None:
+            continue
+        if varlen:
+            if total_q is None:  # build_block_mask: the packed length comes from the intervals themselves
+                total_q = t.shape[0] if isinstance(t, torch.Tensor) and t.dim() == 1 else -1
+            shapes = [(total_q,)]
+        elif batch is not None:
+            shapes = [(seqlen_q,), (batch, seqlen_q)]
+        else:
+            shapes = [(seqlen_q,)] + ([(t.shape[0], seqlen_q)] if isinstance(t, torch.Tensor) and t.dim() == 2 else [])
+        _check_int_tensor(op, name, t, shapes, device)
+        if batch is None and t.dim() == 2:
+            batch = t.shape[0]
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"{op}: key_padding_mask must be a bool tensor (True marks a padded key)")
+        if batch is None:
+            batch = key_padding_mask.shape[0]
+        if tuple(key_padding_mask.shape) != (batch, seqlen_k):
+            raise ValueError(f"{op}: key_padding_mask must have shape {(batch, seqlen_k)}, got {tuple(key_padding_mask.shape)}")
+        if device is not None and key_padding_mask.device != device:
+            raise ValueError(f"{op}: key_padding_mask must be on {device} like q, got {key_padding_mask.device}")
+    if not validate or torch.compiler.is_compiling():
+        return batch
+    if varlen:
+        for name, t, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
+                                        ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
+            lengths = t[1:] - t[:-1]
+            first, last, shortest, most = torch.stack([t[0], t[-1], lengths.min(), lengths.max()]).tolist()
+            if first != 0 or shortest < 0:
+                raise ValueError(f"{op}: {name} must start at 0 and be non-decreasing, got {t.tolist()}")
+            if total is not None and last != total:
+                raise ValueError(f"{op}: {name}[-1] must equal the packed length {total}, got {last}")
+            if most > longest:
+                raise ValueError(f"{op}: max_seqlen_{name[-1]}={longest} is smaller than the longest sequence ({most})")
+    bounds = [(name, t) for name, t in (("kv_start", kv_start), ("kv_end", kv_end)) if t is not None and t.numel()]
+    if bounds:
+        if varlen:
+            seq = torch.repeat_interleave(torch.arange(batch, device=bounds[0][1].device),
+                                          (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long())
+            limit = (cu_seqlens_k[1:] - cu_seqlens_k[:-1])[seq]
+        else:
+            limit = seqlen_k
+        bad = [(t < 0) | (t > limit) for _, t in bounds]
+        if torch.stack([m.any() for m in bad]).any().item():  # one sync when all is well
+            for (name, t), m in zip(bounds, bad):
+                where = m.nonzero()
+                if where.numel():
+                    where = tuple(where[0].tolist())
+                    lk = seqlen_k if not varlen else "the key length of its sequence"
+                    raise ValueError(f"{op}: {name} must lie in [0, Lk] (Lk = {lk}), got {int(t[where])} at index {where}")
+    return batch
+
+
 def build_block_mask(seqlen_q=None, seqlen_k=None, *, causal=False, kv_start=None, kv_end=None, key_padding_mask=None,
                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, device=None,
                      tile=None, validate=True):
@@ -148,23 +243,38 @@ def build_block_mask(seqlen_q=None, seqlen_k=None, *, causal=False, kv_start=Non
         for layer in layers:
             x = layer(x, block_mask=bm)   # -> flash_attention(q, k, v, block_mask=bm)
     """
-    from ._api import _check_mask_args
-
+    op = "build_block_mask"
+    check_bool(op, "validate", validate)
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen:
+        if seqlen_q is not None or seqlen_k is not None:
+            raise ValueError(f"{op}: give seqlen_q / seqlen_k for (B, L, H, D) inputs or cu_seqlens_q / cu_seqlens_k "
+                             f"with max_seqlen_q / max_seqlen_k for packed ones, not both")
+    elif seqlen_q is None or seqlen_k is None:
+        raise ValueError(f"{op}: give seqlen_q and seqlen_k, or cu_seqlens_q / cu_seqlens_k with max_seqlen_q / max_seqlen_k")
+    else:
+        check_int(op, "seqlen_q", seqlen_q, lo=0)
+        check_int(op, "seqlen_k", seqlen_k, lo=0)
+    if tile is not None and not (isinstance(tile, (tuple, list)) and len(tile) == 2):
+        raise ValueError(f"{op}: tile must be a pair (query rows, keys) of positive ints, got {tile!r}")
+    if tile is not None:
+        check_int(op, "tile[0]", tile[0], lo=1)
+        check_int(op, "tile[1]", tile[1], lo=1)
     if device is None:
         for t in (kv_start, kv_end, key_padding_mask, cu_seqlens_q, cu_seqlens_k):
-            if t is not None:
+            if isinstance(t, torch.Tensor):
                 device = t.device
                 break
         else:
             device = torch.device("cpu")
-    device = torch.device(device)
-    if not varlen and (seqlen_q is None or seqlen_k is None):
-        raise ValueError("build_block_mask: give seqlen_q and seqlen_k, or cu_seqlens_q / cu_seqlens_k with max_seqlen_q / max_seqlen_k")
-    batch = _check_mask_args(
-        "build_block_mask", seqlen_q, seqlen_k, None, device, kv_start, kv_end, key_padding_mask,
-        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate=validate,
-    )
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{op}: device must be a torch.device or a device string, got {device!r}") from exc
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device, as tensors report it
+        device = torch.device("cuda", torch.cuda.current_device())
+    batch = check_mask_args(op, seqlen_q, seqlen_k, None, device, causal, kv_start, kv_end, key_padding_mask,
+                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate=validate)
     mask_m, mask_n = tile if tile is not None else default_mask_tile(device)
     if varlen:
         # packed lengths, so flash_attention can check q / k against them without a sync per call

@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._common import check_bool, check_choice, check_int
+
 __all__ = [
     "Intervals",
     "QFormerMasks",
@@ -60,9 +62,31 @@ class QFormerMasks(NamedTuple):
     itg: Intervals  # multimodal causal: queries see queries; text sees all queries + earlier text
 
 
-def _check_len(name, value, minimum=0):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def _check_device(op, device):
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{op}: device must be a torch.device or a device string, got {device!r}") from exc
+
+
+def _is_int_tensor(t):
+    return isinstance(t, torch.Tensor) and not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
+
+
+def _describe(t):
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_intervals(op, name, kv_start, kv_end):
+    """A (kv_start, kv_end) pair: integer tensors of one shape."""
+    for part, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if not _is_int_tensor(t):
+            raise ValueError(f"{op}: {name}{part} must be an integer tensor, got {_describe(t)}")
+    if kv_start.shape != kv_end.shape:
+        raise ValueError(f"{op}: {name}kv_start and {name}kv_end must have the same shape, got {tuple(kv_start.shape)} "
+                         f"and {tuple(kv_end.shape)}")
 
 
 def _finish(start, end):
@@ -88,9 +112,11 @@ def causal(seqlen_q, seqlen_k=None, *, device=None):
 
     Returns (kv_start, kv_end), each int32 of shape (seqlen_q,).
     """
-    _check_len("seqlen_q", seqlen_q)
+    op = "masks.causal"
+    check_int(op, "seqlen_q", seqlen_q, lo=0)
     seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
-    _check_len("seqlen_k", seqlen_k)
+    check_int(op, "seqlen_k", seqlen_k, lo=0)
+    device = _check_device(op, device)
     i = torch.arange(seqlen_q, device=device, dtype=torch.int64)
     end = (i + (seqlen_k - seqlen_q + 1)).clamp(0, seqlen_k)
     return _finish(torch.zeros_like(end), end)
@@ -103,21 +129,21 @@ def prefix_lm(n_prefix, seqlen, *, device=None):
     `n_prefix` is an int (one prefix length for the batch) → intervals of shape (seqlen,), or an integer
     tensor of shape (B,) (per-sample prefix lengths, e.g. different numbers of image tokens) → (B, seqlen).
     """
-    _check_len("seqlen", seqlen)
+    op = "masks.prefix_lm"
+    check_int(op, "seqlen", seqlen, lo=0)
+    device = _check_device(op, device)
     if isinstance(n_prefix, torch.Tensor):
-        if n_prefix.dim() != 1 or n_prefix.dtype.is_floating_point or n_prefix.dtype == torch.bool:
-            raise ValueError(f"n_prefix must be an int or an integer tensor of shape (B,), got "
-                             f"{n_prefix.dtype} of shape {tuple(n_prefix.shape)}")
+        if n_prefix.dim() != 1 or not _is_int_tensor(n_prefix):
+            raise ValueError(f"{op}: n_prefix must be an int or an integer tensor of shape (B,), got {_describe(n_prefix)}")
         if device is None:
             device = n_prefix.device
         n = n_prefix.to(device=device, dtype=torch.int64)
         if n.numel() and (n.min() < 0 or n.max() > seqlen):
-            raise ValueError(f"n_prefix must lie in [0, seqlen={seqlen}], got values in [{n.min().item()}, {n.max().item()}]")
+            raise ValueError(f"{op}: n_prefix must lie in [0, seqlen={seqlen}], got values in "
+                             f"[{n.min().item()}, {n.max().item()}]")
         n = n[:, None]
     else:
-        _check_len("n_prefix", n_prefix)
-        if n_prefix > seqlen:
-            raise ValueError(f"n_prefix={n_prefix} must be <= seqlen={seqlen}")
+        check_int(op, "n_prefix", n_prefix, lo=0, hi=seqlen)
         n = torch.tensor(n_prefix, device=device)
     end = torch.maximum(torch.arange(seqlen, device=device, dtype=torch.int64) + 1, n)
     return _finish(torch.zeros_like(end), end)
@@ -145,8 +171,10 @@ def qformer_masks(n_query, text_len, *, device=None):
 
     Padded text tokens are masked separately, through ``key_padding_mask``.
     """
-    _check_len("n_query", n_query)
-    _check_len("text_len", text_len)
+    op = "masks.qformer_masks"
+    check_int(op, "n_query", n_query, lo=0)
+    check_int(op, "text_len", text_len, lo=0)
+    device = _check_device(op, device)
     n = n_query + text_len
     i = torch.arange(n, device=device, dtype=torch.int64)
     is_query = i < n_query
@@ -190,13 +218,12 @@ def media_intervals(token_ids, image_token_id, tokens_per_image, mode="most_rece
     Returns intervals of the same shape as `token_ids`, against keys of length at least
     ``max_images * tokens_per_image``.
     """
-    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() not in (1, 2) or token_ids.dtype.is_floating_point:
-        raise ValueError("token_ids must be an integer tensor of shape (B, L) or (L,), got "
-                         + (f"{token_ids.dtype} of shape {tuple(token_ids.shape)}" if isinstance(token_ids, torch.Tensor)
-                            else type(token_ids).__name__))
-    _check_len("tokens_per_image", tokens_per_image, 1)
-    if mode not in MEDIA_MODES:
-        raise ValueError(f"mode must be one of {MEDIA_MODES}, got {mode!r}")
+    op = "masks.media_intervals"
+    if not _is_int_tensor(token_ids) or token_ids.dim() not in (1, 2):
+        raise ValueError(f"{op}: token_ids must be an integer tensor of shape (B, L) or (L,), got {_describe(token_ids)}")
+    check_int(op, "image_token_id", image_token_id)
+    check_int(op, "tokens_per_image", tokens_per_image, lo=1)
+    check_choice(op, "mode", mode, MEDIA_MODES)
     is_image = (token_ids == image_token_id).to(torch.int64)
     count = is_image.cumsum(-1)  # images at or before each token
     if mode == "most_recent":
@@ -220,22 +247,24 @@ def document_intervals(doc_ids=None, *, cu_seqlens=None, causal=False):
     ``[0, l0, l0 + l1, ...]`` of a packed (total,) sequence (→ intervals of shape (total,)). For varlen
     batches with separate query and key packing use `flash_attention`'s cu_seqlens_q / cu_seqlens_k.
     """
+    op = "masks.document_intervals"
     if (doc_ids is None) == (cu_seqlens is None):
-        raise ValueError("document_intervals: give exactly one of doc_ids and cu_seqlens")
+        raise ValueError(f"{op}: give exactly one of doc_ids and cu_seqlens")
+    check_bool(op, "causal", causal)
     if cu_seqlens is not None:
-        if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1
-                or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool):
-            raise ValueError("cu_seqlens must be a 1-D integer tensor [0, l0, l0 + l1, ...]")
+        if not _is_int_tensor(cu_seqlens) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"{op}: cu_seqlens must be a 1-D integer tensor [0, l0, l0 + l1, ...], got "
+                             f"{_describe(cu_seqlens)}")
         cu = cu_seqlens.to(torch.int64)
         if cu[0].item() != 0 or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_seqlens.tolist()}")
+            raise ValueError(f"{op}: cu_seqlens must start at 0 and be non-decreasing, got {cu_seqlens.tolist()}")
         total = int(cu[-1].item())
         i = torch.arange(total, device=cu.device, dtype=torch.int64)
         doc = torch.searchsorted(cu, i, right=True) - 1
         start, end = cu[doc], cu[doc + 1]
     else:
-        if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() not in (1, 2) or doc_ids.dtype.is_floating_point:
-            raise ValueError("doc_ids must be an integer tensor of shape (B, L) or (L,)")
+        if not _is_int_tensor(doc_ids) or doc_ids.dim() not in (1, 2):
+            raise ValueError(f"{op}: doc_ids must be an integer tensor of shape (B, L) or (L,), got {_describe(doc_ids)}")
         length = doc_ids.shape[-1]
         i = torch.arange(length, device=doc_ids.device, dtype=torch.int64).expand(doc_ids.shape)
         if length == 0:
@@ -256,8 +285,17 @@ def document_intervals(doc_ids=None, *, cu_seqlens=None, causal=False):
 def intersect(*masks):
     """The intersection of interval masks (broadcast to a common shape): row i sees a key only if every
     mask lets it, e.g. ``intersect(document_intervals(ids), causal(L))``."""
+    op = "masks.intersect"
     if not masks:
-        raise ValueError("intersect needs at least one (kv_start, kv_end) pair")
+        raise ValueError(f"{op}: needs at least one (kv_start, kv_end) pair")
+    for i, mask in enumerate(masks):
+        if not isinstance(mask, (tuple, list)) or len(mask) != 2:
+            raise ValueError(f"{op}: masks[{i}] must be a (kv_start, kv_end) pair, got {type(mask).__name__}")
+        _check_intervals(op, f"masks[{i}].", *mask)
+    try:
+        torch.broadcast_shapes(*(mask[0].shape for mask in masks))
+    except RuntimeError as exc:
+        raise ValueError(f"{op}: the masks' shapes do not broadcast: {[tuple(m[0].shape) for m in masks]}") from exc
     start, end = masks[0]
     for s, e in masks[1:]:
         start, end = torch.maximum(start, s), torch.minimum(end, e)
@@ -266,9 +304,9 @@ def intersect(*masks):
 
 def dense_mask(kv_start, kv_end, seqlen_k):
     """Dense boolean mask (..., Lq, seqlen_k) of an interval mask: True where query i sees key j."""
-    if kv_start.shape != kv_end.shape:
-        raise ValueError(f"kv_start and kv_end must have the same shape, got {tuple(kv_start.shape)} and {tuple(kv_end.shape)}")
-    _check_len("seqlen_k", seqlen_k)
+    op = "masks.dense_mask"
+    _check_intervals(op, "", kv_start, kv_end)
+    check_int(op, "seqlen_k", seqlen_k, lo=0)
     j = torch.arange(seqlen_k, device=kv_start.device)
     return (j >= kv_start[..., None]) & (j < kv_end[..., None])
 
@@ -277,13 +315,14 @@ def intervals_from_dense(mask):
     """Interval form of a dense boolean mask (..., Lq, Lk) whose rows each hold one contiguous run of
     True (or none); raises ValueError naming the first row that does not."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 2:
-        raise ValueError("mask must be a boolean tensor of shape (..., Lq, Lk)")
+        raise ValueError(f"masks.intervals_from_dense: mask must be a boolean tensor of shape (..., Lq, Lk), got "
+                         f"{_describe(mask)}")
     m = mask.to(torch.int64)
     count = m.sum(-1)
     start = torch.where(count > 0, m.argmax(-1), torch.zeros_like(count))
     end = start + count
     if not torch.equal(dense_mask(start, end, mask.shape[-1]), mask):
         bad = (dense_mask(start, end, mask.shape[-1]) != mask).any(-1).nonzero()[0].tolist()
-        raise ValueError(f"mask row {tuple(bad)} is not one contiguous range of visible keys; "
+        raise ValueError(f"masks.intervals_from_dense: mask row {tuple(bad)} is not one contiguous range of visible keys; "
                          "interval masks need one range per query row")
     return _finish(start, end)

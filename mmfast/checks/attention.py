@@ -1,5 +1,7 @@
 """`python -m mmfast check` cases for flash attention: one small case per kind of attention the seed
-models run, forward and backward, against the fp64 reference with the 2x rule (3x for gradients)."""
+models run, forward and backward, against the fp64 reference with the 2x rule (3x for gradients).
+With ``dtype=torch.float64``: the reference backend in float64 against F.scaled_dot_product_attention in
+float64 (an independent formulation), to 1e-10 relative."""
 import torch
 
 # name, (B, Lq, Lk, H, D), mask: small versions of ViT / CLIP text / Q-Former ITG / Flamingo cross-attention.
@@ -48,7 +50,59 @@ def _worst(errors):
     return max(errors, key=lambda et: et[0] / et[1])
 
 
-def cases(device):
+def _dense_mask(kw, B, Lq, Lk, device):
+    """The boolean (B, 1, Lq, Lk) mask of the mask arguments, for F.scaled_dot_product_attention."""
+    i = torch.arange(Lq, device=device)[:, None]
+    j = torch.arange(Lk, device=device)
+    mask = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
+    if kw.get("causal"):
+        mask = mask & (j <= i + Lk - Lq)
+    if "kv_start" in kw:
+        start, end = (t.reshape(-1, 1, Lq, 1).long() for t in (kw["kv_start"], kw["kv_end"]))
+        mask = mask & (j >= start) & (j < end)
+    return mask
+
+
+def _float64_cases(device):
+    import torch.nn.functional as F
+
+    from mmfast.kernels import flash_attention
+
+    for seed, (name, shape, mask) in enumerate(SHAPES):
+        B, Lq, Lk, H, D = shape
+        label = f"{name} B={B} L={Lq}" + (f"x{Lk}" if Lk != Lq else "") + f" H={H} D={D}"
+        for backward in (False, True):
+
+            def run(backward=backward, shape=shape, mask=mask, seed=seed):
+                q, k, v, do = _inputs(shape, torch.float64, device, seed)
+                kw = _mask_kwargs(mask, shape[0], shape[1], device)
+                dense = _dense_mask(kw, shape[0], shape[1], shape[2], device)
+                ours = lambda q, k, v: flash_attention(q, k, v, backend="reference", **kw)  # noqa: E731
+                sdpa = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+                    *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=dense).transpose(1, 2)
+                if backward:
+                    got, ref = _grads(ours, q, k, v, do), _grads(sdpa, q, k, v, do)
+                else:
+                    with torch.no_grad():
+                        got, ref = (ours(q, k, v),), (sdpa(q, k, v),)
+                if any(a.dtype != torch.float64 for a in got):
+                    return float("nan"), 0.0, False, False
+                err = max((a - r).abs().max().item() for a, r in zip(got, ref))
+                tol = 1e-10 * max(r.abs().max().item() for r in ref)
+                return err, tol, False, err <= tol
+
+            op = "flash_attention" + (".backward (dq, dk, dv)" if backward else "")
+            yield (op, "reference", "fp64", label + " vs SDPA fp64", run)
+
+
+def cases(device, dtype=None):
+    """dtype None: bf16 on the Triton and reference backends vs the fp64 reference; torch.float64: the
+    reference backend in float64 vs F.scaled_dot_product_attention."""
+    if dtype == torch.float64:
+        yield from _float64_cases(device)
+        return
+    if dtype is not None:
+        raise ValueError(f"attention checks: dtype must be None or torch.float64, got {dtype}")
     from mmfast.kernels import flash_attention
     from mmfast.kernels.reference import attention_reference
 

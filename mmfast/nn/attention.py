@@ -3,6 +3,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
+from mmfast.kernels._registry import accelerated_backends
+from mmfast.kernels.attention._configs import MAX_HEAD_DIM
+
 QK_NORMS = (False, True, "layernorm", "rmsnorm")
 
 
@@ -35,16 +39,26 @@ class MultiheadAttention(nn.Module):
     def __init__(self, embed_dim, num_heads, *, kv_dim=None, num_kv_heads=None, bias=True, qk_norm=False,
                  qk_norm_eps=1e-6, softmax_scale=None, backend="auto", device=None, dtype=None):
         super().__init__()
+        op = "MultiheadAttention"
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(op, name, value, lo=1)
+        if kv_dim is not None:
+            check_int(op, "kv_dim", kv_dim, lo=1)
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+            raise ValueError(f"{op}: embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} (GQA)")
-        if qk_norm not in QK_NORMS:
-            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
+            raise ValueError(f"{op}: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} (GQA)")
+        if embed_dim // num_heads > MAX_HEAD_DIM:
+            raise ValueError(f"{op}: the head dim embed_dim / num_heads = {embed_dim // num_heads} must be at most "
+                             f"{MAX_HEAD_DIM} (flash_attention's limit)")
+        check_bool(op, "bias", bias)
+        if not (isinstance(qk_norm, bool) or (isinstance(qk_norm, str) and qk_norm in QK_NORMS)):
+            raise ValueError(f"{op}: qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
+        check_scalar(op, "qk_norm_eps", qk_norm_eps, lo=0.0, lo_open=True)
+        if softmax_scale is not None:
+            check_scalar(op, "softmax_scale", softmax_scale)
+        check_choice(op, "backend", backend, ("auto", "reference") + accelerated_backends("flash_attention"))
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads

@@ -1,11 +1,16 @@
 """Shared helpers of the flash_attention tests: random masks and the 2x / 3x rule against fp64."""
-import contextlib
-
+import pytest
 import torch
 from numerics import assert_close_by_rule, generator, poison_, randn
 
-from mmfast.kernels import flash_attention
+from mmfast.kernels import flash_attention, interpreting
 from mmfast.kernels.reference import attention_reference
+
+
+def skip_unless_runs(backend, device):
+    """Skip a backend="triton" test on CPU tensors when Triton's interpreter is off (a CUDA machine)."""
+    if backend == "triton" and device.type != "cuda" and not interpreting():
+        pytest.skip("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
 
 
 def random_intervals(batch, seqlen_q, seqlen_k, device, empty_rows=0.1):
@@ -30,20 +35,6 @@ def random_padding(batch, seqlen_k, device):
     return (tail | scattered).to(device)
 
 
-@contextlib.contextmanager
-def tf32_like_kernel(dtype, device):
-    """On CUDA the kernel runs fp32 through TF32 tensor cores: so does the yardstick."""
-    if dtype != torch.float32 or device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, device, varlen=False):
     lead_q = (seqlen_q,) if varlen else (batch, seqlen_q)
     lead_k = (seqlen_k,) if varlen else (batch, seqlen_k)
@@ -65,8 +56,7 @@ def check_against_reference(q, k, v, *, grads=True, dlse=False, relayout=None, *
     mask = {key: val for key, val in mask.items() if not key.startswith("max_seqlen")}  # the reference needs none
     out64, lse64 = attention_reference(*exact, return_lse=True, **mask)
     same = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
-    with tf32_like_kernel(dtype, device):
-        out_t, lse_t = attention_reference(*same, return_lse=True, **mask)
+    out_t, lse_t = attention_reference(*same, return_lse=True, **mask)  # same fp32 matmul precision as the kernel
     assert_close_by_rule(out, out64, out_t, what="out")
     hidden = torch.isinf(lse64)
     assert torch.equal(torch.isinf(lse).cpu() & (lse < 0).cpu(), hidden.cpu()), "LSE must be -inf exactly on rows that see no key"
@@ -79,8 +69,7 @@ def check_against_reference(q, k, v, *, grads=True, dlse=False, relayout=None, *
         loss = lambda o, l: (o * dout.to(o.dtype)).sum() + ((l * g_lse.to(l.dtype)).sum() if dlse else 0)  # noqa: E731
         loss(out, lse).backward()
         loss(out64, lse64).backward()
-        with tf32_like_kernel(dtype, device):
-            loss(out_t, lse_t).backward()
+        loss(out_t, lse_t).backward()
         # fp32: the flash backward recomputes P from the stored LSE and takes Delta = rowsum(O·dO) from the
         # rounded output, where PyTorch differentiates its own softmax (exactly 0 for a row with one key):
         # a few fp32 ulps of the gradients' scale that the 3x rule on PyTorch's (sometimes exactly zero)
@@ -93,4 +82,4 @@ def check_against_reference(q, k, v, *, grads=True, dlse=False, relayout=None, *
     return out, lse, got_grads
 
 
-__all__ = ["check_against_reference", "poison_", "qkv", "random_intervals", "random_padding"]
+__all__ = ["check_against_reference", "poison_", "qkv", "random_intervals", "random_padding", "skip_unless_runs"]

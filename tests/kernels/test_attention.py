@@ -122,12 +122,12 @@ def _record_configs(monkeypatch):
     seen = []
     real = C.launch_config
 
-    def spy(pass_, kernel, args, head_dim, dtype, interpreter):
+    def spy(pass_, kernel, args, head_dim, dtype, precision, interpreter):
         aligned = C.is_aligned(kernel, head_dim, args)
-        gpu = C.get_config(pass_, head_dim, dtype, False, aligned)
+        gpu = C.get_config(pass_, head_dim, dtype, precision, aligned)
         seen.append((pass_, aligned, gpu))
         unaligned_entry = any(gpu is entry for entry in C._GPU_UNALIGNED_TABLE.values())
-        return gpu if unaligned_entry else real(pass_, kernel, args, head_dim, dtype, interpreter)
+        return gpu if unaligned_entry else real(pass_, kernel, args, head_dim, dtype, precision, interpreter)
 
     monkeypatch.setattr(C, "launch_config", spy)
     return seen
@@ -145,10 +145,10 @@ def test_odd_strides_use_the_unaligned_tiles(device, kind, head_dim, monkeypatch
     check_against_reference(q, k, v, causal=True, kv_start=start, kv_end=end, relayout=lambda t: _odd_layout(t, kind))
     chosen = {pass_: (aligned, cfg) for pass_, aligned, cfg in seen}
     assert set(chosen) == {"fwd", "pre", "dkdv", "dq"}
-    assert chosen["fwd"] == (False, C._GPU_UNALIGNED_TABLE[("fwd", head_dim, 2)])
-    assert chosen["dkdv"] == (False, C._GPU_UNALIGNED_TABLE[("dkdv", head_dim, 2)])
-    assert chosen["dq"] == (False, C._GPU_TABLE[("dq", head_dim, 2)])
-    assert chosen["pre"] == (True, C._GPU_TABLE[("pre", head_dim, 2)])
+    assert chosen["fwd"] == (False, C._GPU_UNALIGNED_TABLE[("fwd", head_dim, "16-bit")])
+    assert chosen["dkdv"] == (False, C._GPU_UNALIGNED_TABLE[("dkdv", head_dim, "16-bit")])
+    assert chosen["dq"] == (False, C._GPU_TABLE[("dq", head_dim, "16-bit")])
+    assert chosen["pre"] == (True, C._GPU_TABLE[("pre", head_dim, "16-bit")])
 
 
 @pytest.mark.parametrize("head_dim, heads", [(128, 2), (80, 1), (40, 2)])
@@ -162,7 +162,7 @@ def test_aligned_inputs_keep_the_aligned_tiles(device, head_dim, heads, monkeypa
     flash_attention(q, k, v, causal=True, backend="triton").sum().backward()
     assert [pass_ for pass_, _, _ in seen] == ["fwd", "pre", "dkdv", "dq"]
     for pass_, aligned, cfg in seen:
-        assert aligned and cfg == C.get_config(pass_, head_dim, torch.bfloat16, False), pass_
+        assert aligned and cfg == C.get_config(pass_, head_dim, torch.bfloat16, "ieee"), pass_
 
 
 def test_backward_is_deterministic(device):
@@ -226,9 +226,9 @@ def test_double_backward_raises_clearly(device):
 def test_training_after_an_inference_mode_pass(device, monkeypatch):
     """An evaluation under torch.inference_mode must not leave inference tensors in the cache of default
     block masks: the training step that follows saves the mask for backward."""
-    import mmfast.kernels.attention._api as api
+    import mmfast.kernels.attention._launch as launch
 
-    monkeypatch.setattr(api, "_DEFAULT_MASKS", {})
+    monkeypatch.setattr(launch, "_DEFAULT_MASKS", {})
     q, k, v = qkv(2, 11, 13, 2, 2, 16, torch.float32, device)
     with torch.inference_mode():
         flash_attention(q, k, v, causal=True, backend="triton")
@@ -241,3 +241,19 @@ def test_zero_and_negative_softmax_scale(device, scale):
     running max must be taken of the scaled scores)."""
     q, k, v = qkv(1, 19, 23, 2, 1, 40, torch.float32, device)
     check_against_reference(q, k, v, causal=True, softmax_scale=scale, dlse=True)
+
+
+def test_gradient_of_the_lse_alone(device):
+    """A loss on the log-sum-exp only (the output unused): the backward gets no output gradient and must
+    still give dq / dk = the softmax-weighted gradients, dv = 0."""
+    q, k, v = qkv(1, 13, 17, 2, 1, 32, torch.float32, device)
+    start, end = random_intervals(1, 13, 17, device, empty_rows=0.0)
+    grads = []
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        _, lse = flash_attention(*leaves, kv_start=start, kv_end=end, return_lse=True, backend=backend)
+        torch.where(torch.isinf(lse), 0.0, lse).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, got, want in zip(("dq", "dk"), *grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.all(grads[0][2] == 0) and grads[1][2] is None  # v does not reach the log-sum-exp

@@ -110,17 +110,36 @@ def test_intersect_and_from_dense():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: masks.causal(-1), "seqlen_q must be an int >= 0"),
-    (lambda: masks.prefix_lm(5, 3), "n_prefix=5 must be <= seqlen=3"),
+    (lambda: masks.causal(-1), r"masks.causal: seqlen_q must be in \[0, inf\], got -1"),
+    (lambda: masks.causal(4, 2.0), "seqlen_k must be an int"),
+    (lambda: masks.causal(4, device="gpu:x"), "device must be"),
+    (lambda: masks.prefix_lm(5, 3), r"n_prefix must be in \[0, 3\], got 5"),
     (lambda: masks.prefix_lm(torch.tensor([4]), 3), r"n_prefix must lie in \[0, seqlen=3\]"),
+    (lambda: masks.prefix_lm(torch.tensor([1.0]), 3), "n_prefix must be an int or an integer tensor"),
+    (lambda: masks.qformer_masks(True, 3), "n_query must be an int"),
+    (lambda: masks.qformer_masks(2, -3), "text_len must be in"),
     (lambda: masks.media_intervals(torch.tensor([1.0]), 9, 2), "token_ids must be an integer tensor"),
-    (lambda: masks.media_intervals(torch.tensor([1]), 9, 0), "tokens_per_image must be an int >= 1"),
+    (lambda: masks.media_intervals(torch.tensor([1]), "<image>", 2), "image_token_id must be an int"),
+    (lambda: masks.media_intervals(torch.tensor([1]), 9, 0), r"tokens_per_image must be in \[1, inf\]"),
     (lambda: masks.media_intervals(torch.tensor([1]), 9, 2, mode="nearest"), "mode must be one of"),
     (lambda: masks.document_intervals(), "exactly one of doc_ids and cu_seqlens"),
     (lambda: masks.document_intervals(cu_seqlens=torch.tensor([0, 3, 2])), "non-decreasing"),
-    (lambda: masks.dense_mask(torch.zeros(3), torch.zeros(4), 5), "same shape"),
-], ids=["causal-negative", "prefix-too-long", "prefix-tensor-out-of-range", "media-float-ids", "media-zero-tokens",
-        "media-bad-mode", "documents-no-input", "documents-not-monotone", "dense-shape-mismatch"])
+    (lambda: masks.document_intervals(torch.tensor([0, 0, 1]), causal="yes"), "causal must be True or False"),
+    (lambda: masks.document_intervals(torch.tensor([0.0, 1.0])), "doc_ids must be an integer tensor"),
+    (lambda: masks.intersect(), "at least one"),
+    (lambda: masks.intersect(masks.causal(3), torch.zeros(3)), r"masks\[1\] must be a \(kv_start, kv_end\) pair"),
+    (lambda: masks.intersect(masks.causal(3), (torch.zeros(3), torch.ones(3))), r"masks\[1\].kv_start must be an integer"),
+    (lambda: masks.intersect(masks.causal(3), masks.causal(4)), "do not broadcast"),
+    (lambda: masks.dense_mask(torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int32), 5), "same shape"),
+    (lambda: masks.dense_mask(torch.zeros(3), torch.zeros(3), 5), "kv_start must be an integer tensor"),
+    (lambda: masks.dense_mask(*masks.causal(3), -5), "seqlen_k must be in"),
+    (lambda: masks.intervals_from_dense(torch.ones(3, 3)), "mask must be a boolean tensor"),
+], ids=["causal-negative", "causal-float-length", "causal-bad-device", "prefix-too-long", "prefix-tensor-out-of-range",
+        "prefix-float-tensor", "qformer-bool", "qformer-negative", "media-float-ids", "media-str-token",
+        "media-zero-tokens", "media-bad-mode", "documents-no-input", "documents-not-monotone", "documents-causal-str",
+        "documents-float-ids", "intersect-nothing", "intersect-not-a-pair", "intersect-float-bounds",
+        "intersect-shapes", "dense-shape-mismatch", "dense-float-bounds", "dense-negative-length",
+        "from-dense-not-bool"])
 def test_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call()

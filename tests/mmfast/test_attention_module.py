@@ -231,8 +231,22 @@ def test_varlen_packed_equals_padded_batch(backend):
     (lambda: MultiheadAttention(48, 4)(randn(3, 48)), "needs cu_seqlens_q"),
     (lambda: MultiheadAttention.from_torch(nn.MultiheadAttention(48, 4, dropout=0.1)), "dropout"),
     (lambda: MultiheadAttention.from_torch(nn.MultiheadAttention(48, 4, add_bias_kv=True)), "add_bias_kv"),
+    (lambda: MultiheadAttention(0, 4), r"embed_dim must be in \[1, inf\], got 0"),
+    (lambda: MultiheadAttention(48.0, 4), "embed_dim must be an int"),
+    (lambda: MultiheadAttention(48, True), "num_heads must be an int"),
+    (lambda: MultiheadAttention(48, 4, num_kv_heads=-2), "num_kv_heads must be in"),
+    (lambda: MultiheadAttention(48, 4, kv_dim=0), "kv_dim must be in"),
+    (lambda: MultiheadAttention(1028, 2), "head dim embed_dim / num_heads = 514 must be at most 256"),
+    (lambda: MultiheadAttention(48, 4, bias="yes"), "bias must be True or False"),
+    (lambda: MultiheadAttention(48, 4, qk_norm=1), "qk_norm must be one of"),
+    (lambda: MultiheadAttention(48, 4, qk_norm_eps=0.0), r"qk_norm_eps must be in \(0.0, inf\]"),
+    (lambda: MultiheadAttention(48, 4, qk_norm_eps=float("nan")), "qk_norm_eps must be finite"),
+    (lambda: MultiheadAttention(48, 4, softmax_scale=float("inf")), "softmax_scale must be finite"),
+    (lambda: MultiheadAttention(48, 4, backend="cuda"), r"backend must be one of \('auto', 'reference', 'triton'\)"),
 ], ids=["heads-divide", "gqa-multiple", "qk-norm-name", "cross-needs-context", "context-width", "x-width",
-        "packed-needs-cu-seqlens", "torch-dropout", "torch-bias-kv"])
+        "packed-needs-cu-seqlens", "torch-dropout", "torch-bias-kv", "embed-dim-zero", "embed-dim-float",
+        "heads-bool", "kv-heads-negative", "kv-dim-zero", "head-dim-too-large", "bias-str", "qk-norm-int",
+        "eps-zero", "eps-nan", "scale-inf", "backend-cuda"])
 def test_bad_input_raises(make, match):
     with pytest.raises(ValueError, match=match):
         make()

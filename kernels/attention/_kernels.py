@@ -1,0 +1,416 @@
+"""Flash attention kernels: the forward, and the backward in three passes (Delta, dK/dV, dQ).
+
+Every kernel runs one program per tile of one head of one batch entry: grid axis 0 the tiles, axis 1 the
+heads, axis 2 the batch (each axis may reach 65535; B·H alone could exceed it). Which KV blocks a query
+tile visits (and back) comes from the block mask (``_blockmask.py``): first its list of full blocks, read
+without any mask work, then its partial ones, masked per element (row ranges, key padding, sequence end).
+
+Scores ``s = scale · q·k`` are rounded as PyTorch rounds them; everything that follows works at the
+magnitude of ``s - m`` (``m`` the row max), never at the magnitude of ``s`` (hundreds or thousands for
+unnormalised features, where an fp32 ulp is 1e-4 - 1e-3 and would come back in every probability):
+``p = exp2((s - m) · log2 e)``, and the forward saves each row's statistics apart, ``m`` and ``ln l``
+(``l`` the sum of the ``p``), so that the backward recomputes ``p = exp2((s - m - ln l) · log2 e)`` without
+ever forming the log-sum-exp ``m + ln l``. Accumulators are fp32. A row that sees no key keeps
+``m = -inf``, ``l = 0``: output 0, log-sum-exp -inf, zero gradients, never NaN.
+
+The backward is deterministic (no atomics): each dK/dV program owns one KV tile of one KV head and loops
+over the query heads of its GQA group and the query blocks that see it (the block mask's transposed
+lists); each dQ program owns one query tile and loops over its visible KV blocks.
+"""
+import triton
+import triton.language as tl
+
+from .._common import LOG2E as _LOG2E
+from .._common import dot, round_to
+
+LOG2E = tl.constexpr(_LOG2E)
+
+
+@triton.jit
+def _sequence(b, cu_seqlens, seqlen, VARLEN: tl.constexpr):
+    """Batch entry `b` on one side (queries or keys): (batch index, first row, number of rows).
+
+    (B, L, H, D) tensors: batch `b`, rows from 0, `seqlen` rows. Packed (total, H, D) tensors: the batch
+    index is 0 (the launcher passes batch strides 0 too) and the rows are cu_seqlens[b] .. cu_seqlens[b + 1].
+    A tensor's offset is then ``batch * stride_xb + first * stride_xm``.
+    """
+    if VARLEN:
+        first = tl.load(cu_seqlens + b).to(tl.int64)
+        seqlen = (tl.load(cu_seqlens + b + 1) - first).to(tl.int32)
+        batch = 0
+    else:
+        first = 0
+        batch = b.to(tl.int64)
+    return batch, first, seqlen
+
+
+@triton.jit
+def _row_stats(max_ptrs, logsum_ptrs, mask):
+    """A row's softmax max and log-sum, for p = exp(s - max - logsum). A row that saw no key (max -inf) and
+    a row past the sequence's end read max = +inf, so that their probabilities are 0, not exp(+inf)."""
+    row_max = tl.load(max_ptrs, mask=mask, other=float("inf"))
+    row_max = tl.where(row_max == float("-inf"), float("inf"), row_max)
+    return row_max, tl.load(logsum_ptrs, mask=mask, other=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, blocks, num_blocks,
+    offs_n, offs_d, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """Online softmax over the KV blocks listed at `blocks` (MASKED: the partial ones, masked per element)."""
+    STEPS: tl.constexpr = MASK_N // BLOCK_N  # kernel tiles per mask tile
+    d_ok = offs_d < HEAD_DIM
+    for t in range(0, num_blocks * STEPS):
+        start_n = tl.load(blocks + t // STEPS) * MASK_N + (t % STEPS) * BLOCK_N
+        # the tile's start goes into the 64-bit scalar pointer; tile-local offsets stay int32
+        kT_ptrs = k_ptr + start_n.to(tl.int64) * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None])
+        v_ptrs = v_ptr + start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
+        cols = start_n + offs_n
+        if MASKED:
+            col_ok = cols < seqlen_k
+            kT = tl.load(kT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        qk = dot(q, kT, None, PRECISION, EMULATE) * sm_scale
+        if MASKED:
+            visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+            if HAS_KPM:
+                padded = tl.load(kpm_ptr + cols * stride_kpmn, mask=col_ok, other=1)
+                visible = visible & (padded == 0)[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
+            # rows with nothing visible yet: subtract 0 instead of -inf so exp2 gives 0, not NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2((qk - m_use[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_use) * LOG2E)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(round_to(p, v.dtype, EMULATE), v, None, PRECISION, EMULATE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, Out, RowMax, RowLogSum, RowLo, RowHi, KPM, CuQ, CuK, FullNum, FullIdx, PartNum, PartIdx,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_statb, stride_stath, stride_rangeb, stride_kpmb, stride_kpmn, stride_numb, stride_idxb, stride_idxm,
+    seqlen_q, seqlen_k, group, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+    PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """Out = softmax(scale · Q Kᵀ) V over the visible keys; RowMax / RowLogSum: each row's m and ln l."""
+    tl.static_assert(MASK_M % BLOCK_M == 0)
+    tl.static_assert(MASK_N % BLOCK_N == 0)
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    batch, q_first, seqlen_q = _sequence(b, CuQ, seqlen_q, VARLEN)
+    _, k_first, seqlen_k = _sequence(b, CuK, seqlen_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    kv_h = h // group
+    offs_mt = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_mt
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen_q
+    d_ok = offs_d < HEAD_DIM
+    q_ptr = Q + batch * stride_qb + q_first * stride_qm + h.to(tl.int64) * stride_qh + start_m.to(tl.int64) * stride_qm
+    q = tl.load(q_ptr + offs_mt[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_ptr = K + batch * stride_kb + k_first * stride_kn + kv_h.to(tl.int64) * stride_kh
+    v_ptr = V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh
+    kpm_ptr = KPM + b.to(tl.int64) * stride_kpmb
+    range_off = batch * stride_rangeb + q_first
+    row_lo = tl.load(RowLo + range_off + offs_m, mask=row_ok, other=0)
+    row_hi = tl.load(RowHi + range_off + offs_m, mask=row_ok, other=0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_block = start_m // MASK_M
+    num = b.to(tl.int64) * stride_numb + m_block
+    idx = b.to(tl.int64) * stride_idxb + m_block.to(tl.int64) * stride_idxm
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, FullIdx + idx, tl.load(FullNum + num),
+        offs_n, offs_d, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, sm_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, False, HAS_KPM, PRECISION, EMULATE,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, PartIdx + idx, tl.load(PartNum + num),
+        offs_n, offs_d, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, sm_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, True, HAS_KPM, PRECISION, EMULATE,
+    )
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_ptrs = (Out + batch * stride_ob + q_first * stride_om + h.to(tl.int64) * stride_oh
+              + start_m.to(tl.int64) * stride_om + offs_mt[:, None] * stride_om + offs_d[None, :])
+    tl.store(o_ptrs, round_to(out, Out.dtype.element_ty, EMULATE), mask=row_ok[:, None] & d_ok[None, :])
+    stat_off = batch * stride_statb + q_first + h.to(tl.int64) * stride_stath + offs_m
+    tl.store(RowMax + stat_off, m_i, mask=row_ok)  # -inf on rows that saw nothing
+    tl.store(RowLogSum + stat_off, tl.log(tl.where(empty, 1.0, l_i)), mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    Out, DOut, DLogSum, Delta, CuQ,
+    stride_ob, stride_om, stride_oh,
+    stride_dob, stride_dom, stride_doh,
+    stride_statb, stride_stath,
+    seqlen_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    """Delta = rowsum(O·dO) − dLSE, dLSE the gradient reaching the op's log-sum-exp (HAS_DLSE)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    batch, q_first, seqlen_q = _sequence(b, CuQ, seqlen_q, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(Out + batch * stride_ob + q_first * stride_om + h.to(tl.int64) * stride_oh + rows * stride_om
+                + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DOut + batch * stride_dob + q_first * stride_dom + h.to(tl.int64) * stride_doh + rows * stride_dom
+                 + offs_d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    stat_off = batch * stride_statb + q_first + h.to(tl.int64) * stride_stath + offs_m
+    if HAS_DLSE:
+        # DLogSum is the gradient of ln l, the log-sum-exp less the (constant) row max: dS_ij += P_ij · dlogsum
+        delta -= tl.load(DLogSum + stat_off, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(Delta + stat_off, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_ptrs0, do_ptrs0, stride_qm, stride_dom, max_ptr, logsum_ptr, delta_ptr, row_lo_ptr, row_hi_ptr,
+    blocks, num_blocks, offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """dK, dV of one KV tile from the query blocks listed at `blocks` (transposed: the tile's keys are rows)."""
+    STEPS: tl.constexpr = MASK_M // BLOCK_M  # kernel tiles per mask tile
+    d_ok = offs_d < HEAD_DIM
+    for t in range(0, num_blocks * STEPS):
+        start_m = tl.load(blocks + t // STEPS) * MASK_M + (t % STEPS) * BLOCK_M
+        rows = start_m + offs_m0
+        row_ok = rows < seqlen_q
+        rows64 = rows.to(tl.int64)
+        qT = tl.load(q_ptrs0 + rows64[None, :] * stride_qm, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs0 + rows64[:, None] * stride_dom, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        row_max, row_logsum = _row_stats(max_ptr + rows, logsum_ptr + rows, row_ok)
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        qkT = dot(k, qT, None, PRECISION, EMULATE)
+        pT = tl.math.exp2((qkT * sm_scale - row_max[None, :] - row_logsum[None, :]) * LOG2E)
+        if MASKED:
+            lo = tl.load(row_lo_ptr + rows, mask=row_ok, other=0)
+            hi = tl.load(row_hi_ptr + rows, mask=row_ok, other=0)
+            visible = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
+            if HAS_KPM:
+                visible = visible & kpm_keep[:, None]
+            pT = tl.where(visible, pT, 0.0)
+        dv += dot(round_to(pT, do.dtype, EMULATE), do, None, PRECISION, EMULATE)
+        dpT = dot(v, tl.trans(do), None, PRECISION, EMULATE)
+        dsT = pT * (dpT - delta[None, :])
+        dk += dot(round_to(dsT, qT.dtype, EMULATE), tl.trans(qT), None, PRECISION, EMULATE)
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DOut, RowMax, RowLogSum, Delta, DK, DV, RowLo, RowHi, KPM, CuQ, CuK, FullNum, FullIdx, PartNum, PartIdx,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    stride_statb, stride_stath, stride_rangeb, stride_kpmb, stride_kpmn, stride_numb, stride_idxb, stride_idxm,
+    seqlen_q, seqlen_k, group, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+    PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """dK = scale · Σ dSᵀ Q and dV = Σ Pᵀ dO for one KV tile of one KV head, over its query heads and blocks."""
+    tl.static_assert(MASK_M % BLOCK_M == 0)
+    tl.static_assert(MASK_N % BLOCK_N == 0)
+    pid_n = tl.program_id(0)
+    kv_h = tl.program_id(1)
+    b = tl.program_id(2)
+    batch, q_first, seqlen_q = _sequence(b, CuQ, seqlen_q, VARLEN)
+    _, k_first, seqlen_k = _sequence(b, CuK, seqlen_k, VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < seqlen_k
+    d_ok = offs_d < HEAD_DIM
+    cols = offs_n[:, None].to(tl.int64)
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + batch * stride_kb + k_first * stride_kn + kv_h.to(tl.int64) * stride_kh + cols * stride_kn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh + cols * stride_vn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HAS_KPM:
+        kpm_keep = tl.load(KPM + b.to(tl.int64) * stride_kpmb + offs_n * stride_kpmn, mask=col_ok, other=1) == 0
+    else:
+        kpm_keep = col_ok
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    n_block = start_n // MASK_N
+    num = b.to(tl.int64) * stride_numb + n_block
+    idx = b.to(tl.int64) * stride_idxb + n_block.to(tl.int64) * stride_idxm
+    full_num = tl.load(FullNum + num)
+    part_num = tl.load(PartNum + num)
+    range_off = batch * stride_rangeb + q_first
+    for g in range(0, group):
+        h = (kv_h * group + g).to(tl.int64)
+        q_ptrs0 = Q + batch * stride_qb + q_first * stride_qm + h * stride_qh + offs_d[:, None]
+        do_ptrs0 = DOut + batch * stride_dob + q_first * stride_dom + h * stride_doh + offs_d[None, :]
+        stat_off = batch * stride_statb + q_first + h * stride_stath
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_ptrs0, do_ptrs0, stride_qm, stride_dom, RowMax + stat_off, RowLogSum + stat_off,
+            Delta + stat_off, RowLo + range_off, RowHi + range_off, FullIdx + idx, full_num,
+            offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
+            HEAD_DIM, BLOCK_M, MASK_M, False, HAS_KPM, PRECISION, EMULATE,
+        )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_ptrs0, do_ptrs0, stride_qm, stride_dom, RowMax + stat_off, RowLogSum + stat_off,
+            Delta + stat_off, RowLo + range_off, RowHi + range_off, PartIdx + idx, part_num,
+            offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
+            HEAD_DIM, BLOCK_M, MASK_M, True, HAS_KPM, PRECISION, EMULATE,
+        )
+    dk *= sm_scale
+    tl.store(DK + batch * stride_dkb + k_first * stride_dkn + kv_h.to(tl.int64) * stride_dkh + cols * stride_dkn
+             + offs_d[None, :], round_to(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
+    tl.store(DV + batch * stride_dvb + k_first * stride_dvn + kv_h.to(tl.int64) * stride_dvh + cols * stride_dvn
+             + offs_d[None, :], round_to(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, row_max, row_logsum, delta, row_lo, row_hi, k_ptrs0, v_ptrs0, stride_kn, stride_vn,
+    kpm_ptr, stride_kpmn, blocks, num_blocks, offs_n, offs_d, seqlen_k, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """dQ of one query tile from the KV blocks listed at `blocks`."""
+    STEPS: tl.constexpr = MASK_N // BLOCK_N  # kernel tiles per mask tile
+    d_ok = offs_d < HEAD_DIM
+    for t in range(0, num_blocks * STEPS):
+        start_n = tl.load(blocks + t // STEPS).to(tl.int64) * MASK_N + (t % STEPS) * BLOCK_N
+        cols = start_n + offs_n
+        if MASKED:
+            col_ok = cols < seqlen_k
+            ld_mask = col_ok[None, :] & d_ok[:, None]
+        else:
+            ld_mask = d_ok[:, None]
+        kT = tl.load(k_ptrs0 + cols[None, :] * stride_kn, mask=ld_mask, other=0.0)
+        vT = tl.load(v_ptrs0 + cols[None, :] * stride_vn, mask=ld_mask, other=0.0)
+        qk = dot(q, kT, None, PRECISION, EMULATE)
+        p = tl.math.exp2((qk * sm_scale - row_max[:, None] - row_logsum[:, None]) * LOG2E)
+        if MASKED:
+            visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+            if HAS_KPM:
+                padded = tl.load(kpm_ptr + cols * stride_kpmn, mask=col_ok, other=1)
+                visible = visible & (padded == 0)[None, :]
+            p = tl.where(visible, p, 0.0)
+        dp = dot(do, vT, None, PRECISION, EMULATE)
+        ds = p * (dp - delta[:, None])
+        dq += dot(round_to(ds, kT.dtype, EMULATE), tl.trans(kT), None, PRECISION, EMULATE)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DOut, RowMax, RowLogSum, Delta, DQ, RowLo, RowHi, KPM, CuQ, CuK, FullNum, FullIdx, PartNum, PartIdx,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dqb, stride_dqm, stride_dqh,
+    stride_statb, stride_stath, stride_rangeb, stride_kpmb, stride_kpmn, stride_numb, stride_idxb, stride_idxm,
+    seqlen_q, seqlen_k, group, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+    PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """dQ = scale · Σ dS K for one query tile of one head, over its visible KV blocks."""
+    tl.static_assert(MASK_M % BLOCK_M == 0)
+    tl.static_assert(MASK_N % BLOCK_N == 0)
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    batch, q_first, seqlen_q = _sequence(b, CuQ, seqlen_q, VARLEN)
+    _, k_first, seqlen_k = _sequence(b, CuK, seqlen_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    kv_h = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen_q
+    d_ok = offs_d < HEAD_DIM
+    rows = offs_m[:, None].to(tl.int64)
+    ld = row_ok[:, None] & d_ok[None, :]
+    h64 = h.to(tl.int64)
+    q = tl.load(Q + batch * stride_qb + q_first * stride_qm + h64 * stride_qh + rows * stride_qm + offs_d[None, :],
+                mask=ld, other=0.0)
+    do = tl.load(DOut + batch * stride_dob + q_first * stride_dom + h64 * stride_doh + rows * stride_dom
+                 + offs_d[None, :], mask=ld, other=0.0)
+    stat_off = batch * stride_statb + q_first + h64 * stride_stath + offs_m
+    row_max, row_logsum = _row_stats(RowMax + stat_off, RowLogSum + stat_off, row_ok)
+    delta = tl.load(Delta + stat_off, mask=row_ok, other=0.0)
+    range_off = batch * stride_rangeb + q_first
+    row_lo = tl.load(RowLo + range_off + offs_m, mask=row_ok, other=0)
+    row_hi = tl.load(RowHi + range_off + offs_m, mask=row_ok, other=0)
+    k_ptrs0 = K + batch * stride_kb + k_first * stride_kn + kv_h.to(tl.int64) * stride_kh + offs_d[:, None]
+    v_ptrs0 = V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh + offs_d[:, None]
+    kpm_ptr = KPM + b.to(tl.int64) * stride_kpmb
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_block = start_m // MASK_M
+    num = b.to(tl.int64) * stride_numb + m_block
+    idx = b.to(tl.int64) * stride_idxb + m_block.to(tl.int64) * stride_idxm
+    dq = _dq_inner(
+        dq, q, do, row_max, row_logsum, delta, row_lo, row_hi, k_ptrs0, v_ptrs0, stride_kn, stride_vn,
+        kpm_ptr, stride_kpmn, FullIdx + idx, tl.load(FullNum + num), offs_n, offs_d, seqlen_k, sm_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, False, HAS_KPM, PRECISION, EMULATE,
+    )
+    dq = _dq_inner(
+        dq, q, do, row_max, row_logsum, delta, row_lo, row_hi, k_ptrs0, v_ptrs0, stride_kn, stride_vn,
+        kpm_ptr, stride_kpmn, PartIdx + idx, tl.load(PartNum + num), offs_n, offs_d, seqlen_k, sm_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, True, HAS_KPM, PRECISION, EMULATE,
+    )
+    dq *= sm_scale
+    tl.store(DQ + batch * stride_dqb + q_first * stride_dqm + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
+             round_to(dq, DQ.dtype.element_ty, EMULATE), mask=ld)
