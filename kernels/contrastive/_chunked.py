@@ -114,7 +114,8 @@ def _grad_chunk(logits, t, part, rows, colstats, params, *, mode, cols, n_row_te
     c, Nb = logits.shape
     dev = logits.device
     diag = _diag_mask(part.start, c, Nb, diag_off, dev)
-    cr = torch.where(torch.arange(part.start, part.stop, device=dev)[:, None] < n_row_terms, params[PARAM["coef_row"]], 0.0)
+    rows_on = torch.arange(part.start, part.stop, device=dev)[:, None] < n_row_terms
+    cr = torch.where(rows_on, params[PARAM["coef_row"]], 0.0)
     if mode != MODE_SOFTMAX:
         x = torch.where(diag, logits + params[PARAM["bias"]], -(logits + params[PARAM["bias"]]))
         sig = torch.sigmoid(-x)

@@ -75,7 +75,9 @@ def check_equal_sizes(n, group, what):
 
 
 def _device_for(group):
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def combine_column_stats(colstats, group):

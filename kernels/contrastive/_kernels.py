@@ -137,8 +137,8 @@ def _contrastive_fwd_kernel(
             cols = j0 + tl.arange(0, BN).to(tl.int64)
             col_ok = cols < Nb
             old_ok = col_ok & merge
-            raw, _ = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
-                               stride_an, stride_aq, stride_ad, stride_bn, stride_bd, QP, BI, BN, BK, PRECISION, EMULATE)
+            raw, _ = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D, stride_an, stride_aq, stride_ad,
+                               stride_bn, stride_bd, QP, BI, BN, BK, PRECISION, EMULATE)
             logits = s * raw
             valid = row_ok[:, None] & col_ok[None, :]
             is_diag = (img + diag_off)[:, None] == cols[None, :]
@@ -314,6 +314,34 @@ def _expand_queries(g, arg, QP: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr
 
 
 @triton.jit
+def _flat_rows(row0, Na, BI: tl.constexpr, QP: tl.constexpr):
+    """The tile's BI images from row0: (image, query) of each of its BI·QP flattened rows, and the images."""
+    r = tl.arange(0, BI * QP)
+    return (row0 + r // QP).to(tl.int64), (r % QP).to(tl.int64), row0 + tl.arange(0, BI).to(tl.int64)
+
+
+@triton.jit
+def _tile_gradient(a_ptr, b_ptr, at_ptr, bt_ptr, params_ptr, row_ptr, col_ptr, row0, cols, s, Na, Nb, Q, D,
+                   n_row_terms, n_col_terms, diag_off, stride_an, stride_aq, stride_ad, stride_bn, stride_bd,
+                   stride_atn, stride_atq, stride_atd, stride_btn, stride_btd, MODE: tl.constexpr, COLS: tl.constexpr,
+                   TEACHER: tl.constexpr, QP: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """(raw, arg-max query, G) of the tile of images row0.. and columns `cols`: the forward's logits recomputed
+    (same K step: the same values, bit for bit), the teacher's with them, then the loss gradient."""
+    img_flat, q_flat, img = _flat_rows(row0, Na, BI, QP)
+    raw, arg = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
+                         stride_an, stride_aq, stride_ad, stride_bn, stride_bd, QP, BI, BN, BK, PRECISION, EMULATE)
+    t = raw
+    if TEACHER:
+        traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D, stride_atn, stride_atq, stride_atd,
+                            stride_btn, stride_btd, QP, BI, BN, BK, PRECISION, EMULATE)
+        t = s * traw
+    g = _grad_tile(s * raw, t, img, cols, img < Na, cols < Nb, params_ptr, row_ptr, col_ptr, Na, Nb, n_row_terms,
+                   n_col_terms, diag_off, MODE, COLS, TEACHER)
+    return raw, arg, g
+
+
+@triton.jit
 def _contrastive_bwd_da_kernel(
     a_ptr, b_ptr, at_ptr, bt_ptr, params_ptr, row_ptr, col_ptr,
     da_ptr,  # [Na, Q, D] (Q = 1: [Na, D]) contiguous, input dtype
@@ -327,11 +355,7 @@ def _contrastive_bwd_da_kernel(
 ):
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    r = tl.arange(0, BI * QP)
-    img_flat = (pid * BI + r // QP).to(tl.int64)
-    q_flat = (r % QP).to(tl.int64)
-    img = pid * BI + tl.arange(0, BI).to(tl.int64)
-    row_ok = img < Na
+    img_flat, q_flat, img = _flat_rows(pid * BI, Na, BI, QP)
     s = tl.load(params_ptr + P_SCALE)
     gscale = tl.load(params_ptr + P_GSCALE)
     d = pid_d * BD + tl.arange(0, BD).to(tl.int64)
@@ -342,17 +366,10 @@ def _contrastive_bwd_da_kernel(
     for j0 in range(0, Nb, BN):
         cols = j0 + tl.arange(0, BN).to(tl.int64)
         col_ok = cols < Nb
-        # recompute the forward's logits tile (same K step: the same values, bit for bit)
-        raw, arg = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
-                             stride_an, stride_aq, stride_ad, stride_bn, stride_bd, QP, BI, BN, BK, PRECISION, EMULATE)
-        t = raw
-        if TEACHER:
-            traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
-                                stride_atn, stride_atq, stride_atd, stride_btn, stride_btd,
-                                QP, BI, BN, BK, PRECISION, EMULATE)
-            t = s * traw
-        g = _grad_tile(s * raw, t, img, cols, row_ok, col_ok, params_ptr, row_ptr, col_ptr, Na, Nb,
-                       n_row_terms, n_col_terms, diag_off, MODE, COLS, TEACHER)
+        raw, arg, g = _tile_gradient(a_ptr, b_ptr, at_ptr, bt_ptr, params_ptr, row_ptr, col_ptr, pid * BI, cols, s,
+                                     Na, Nb, Q, D, n_row_terms, n_col_terms, diag_off, stride_an, stride_aq, stride_ad,
+                                     stride_bn, stride_bd, stride_atn, stride_atq, stride_atd, stride_btn, stride_btd,
+                                     MODE, COLS, TEACHER, QP, BI, BN, BK, PRECISION, EMULATE)
         if pid_d == 0:
             red_scale += tl.sum(tl.where(g != 0.0, g * raw, 0.0), axis=1)  # raw is -inf nowhere valid
             if MODE == 1:  # the softmax losses take no bias
@@ -390,22 +407,12 @@ def _contrastive_bwd_db_kernel(
     d = pid_d * BD + tl.arange(0, BD).to(tl.int64)
     d_ok = d < D
     acc = tl.zeros((BN, BD), dtype=tl.float32)
-    r = tl.arange(0, BI * QP)
     for i0 in range(0, Na, BI):
-        img_flat = (i0 + r // QP).to(tl.int64)
-        q_flat = (r % QP).to(tl.int64)
-        img = i0 + tl.arange(0, BI).to(tl.int64)
-        row_ok = img < Na
-        raw, arg = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
-                             stride_an, stride_aq, stride_ad, stride_bn, stride_bd, QP, BI, BN, BK, PRECISION, EMULATE)
-        t = raw
-        if TEACHER:
-            traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
-                                stride_atn, stride_atq, stride_atd, stride_btn, stride_btd,
-                                QP, BI, BN, BK, PRECISION, EMULATE)
-            t = s * traw
-        g = _grad_tile(s * raw, t, img, cols, row_ok, col_ok, params_ptr, row_ptr, col_ptr, Na, Nb,
-                       n_row_terms, n_col_terms, diag_off, MODE, COLS, TEACHER)
+        raw, arg, g = _tile_gradient(a_ptr, b_ptr, at_ptr, bt_ptr, params_ptr, row_ptr, col_ptr, i0, cols, s,
+                                     Na, Nb, Q, D, n_row_terms, n_col_terms, diag_off, stride_an, stride_aq, stride_ad,
+                                     stride_bn, stride_bd, stride_atn, stride_atq, stride_atd, stride_btn, stride_btd,
+                                     MODE, COLS, TEACHER, QP, BI, BN, BK, PRECISION, EMULATE)
+        img_flat, q_flat, _ = _flat_rows(i0, Na, BI, QP)
         gq = _expand_queries(g * gscale, arg, QP, BI, BN)
         x = tl.load(a_ptr + img_flat[:, None] * stride_an + q_flat[:, None] * stride_aq + d[None, :] * stride_ad,
                     mask=((img_flat < Na) & (q_flat < Q))[:, None] & d_ok[None, :], other=0.0)

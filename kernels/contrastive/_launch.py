@@ -195,8 +195,8 @@ def triton_backward(a, b, at, bt, params, rows, colstats, *, mode, cols, n_row_t
     teacher = at is not None
     at_, bt_ = (at, bt) if teacher else (a, b)
     col_arg = colstats if colstats is not None else rows  # not read without COLS
-    common = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=BI, BN=bwd["BN"], BK=block_k(a.dtype, teacher), BD=BD,
-                  **kernel_flags(a.dtype), num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
+    common = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=BI, BN=bwd["BN"], BK=block_k(a.dtype, teacher),
+                  BD=BD, **kernel_flags(a.dtype), num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
                   maxnreg=bwd["maxnreg"])
     strides = _feature_strides(a, b, at_, bt_)
     n_row_blocks = triton.cdiv(Na, BI)
@@ -286,8 +286,8 @@ def _contrastive_fwd_op(a: torch.Tensor, b: torch.Tensor, at: Optional[torch.Ten
     eps = label_smoothing
     cols = symmetric and mode == MODE_SOFTMAX
     coef_row, _, coef_col, _ = _term_weights(mode, symmetric, num_pairs, Na, size)
-    consts = [alpha, (1 - alpha) * eps / Nb, (1 - alpha) * eps / (Na * size), (1 - alpha) * (1 - eps), coef_row, coef_col,
-              1.0]
+    consts = [alpha, (1 - alpha) * eps / Nb, (1 - alpha) * eps / (Na * size), (1 - alpha) * (1 - eps), coef_row,
+              coef_col, 1.0]
     params = torch.cat([scale.detach().reshape(1).to(cdt), bias.detach().reshape(1).to(cdt),
                         torch.tensor(consts, dtype=cdt, device=a.device)])
     forward, _ = _IMPLS[impl]
@@ -400,7 +400,8 @@ def run_contrastive_loss(a, b, logit_scale, *, normalize, label_smoothing, symme
         for name, t, ref in (("a_teacher", a_teacher, a), ("b_teacher", b_teacher, b)):
             check_pair(op, name, t, name[0], ref)
             if t.shape != ref.shape:
-                raise ValueError(f"{op}: {name} must have the shape of {name[0]}, {tuple(ref.shape)}, got {tuple(t.shape)}")
+                raise ValueError(f"{op}: {name} must have the shape of {name[0]}, {tuple(ref.shape)}, got "
+                                 f"{tuple(t.shape)}")
         if alpha == 0:
             a_teacher = b_teacher = None  # no distillation term: skip the teacher's tiles
     logit_scale = scalar_tensor(op, "logit_scale", logit_scale, a)
@@ -410,9 +411,10 @@ def run_contrastive_loss(a, b, logit_scale, *, normalize, label_smoothing, symme
     if chosen == "reference":
         from ..reference import contrastive_loss_reference
 
-        return contrastive_loss_reference(a, b, logit_scale, normalize=normalize, label_smoothing=eps, symmetric=symmetric,
-                                          num_pairs=pairs, a_teacher=a_teacher, b_teacher=b_teacher, alpha=alpha,
-                                          log_scale=log_scale, max_scale=max_scale, group=group)
+        return contrastive_loss_reference(a, b, logit_scale, normalize=normalize, label_smoothing=eps,
+                                          symmetric=symmetric, num_pairs=pairs, a_teacher=a_teacher,
+                                          b_teacher=b_teacher, alpha=alpha, log_scale=log_scale, max_scale=max_scale,
+                                          group=group)
     bias = torch.zeros((), device=a.device, dtype=stats_dtype(a.dtype))
     return sliced_loss(a, b, multiplier(logit_scale, log_scale, max_scale), bias, a_teacher, b_teacher,
                        mode=MODE_SOFTMAX, symmetric=symmetric, label_smoothing=eps, alpha=alpha, num_pairs=pairs,

@@ -27,14 +27,16 @@ def _make(label, kw, n, extra, q, d, dtype, device, g):
         return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
 
     rows_a = n + (extra if "num_pairs" in kw else 0)
-    scalar = lambda v: torch.tensor(v, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)  # noqa: E731
+    def scalar(v):
+        return torch.tensor(v, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
     x = {"a": rnd(rows_a, q, d) if q > 1 else rnd(rows_a, d), "b": rnd(n + extra, d),
          "t": scalar(1 / 0.07 if not kw.get("log_scale", True) else math.log(1 / 0.07))}
     if "alpha" in kw:
         x["at"], x["bt"] = rnd(*x["a"].shape), rnd(*x["b"].shape)
     if label == "SigLIP":
         x["bias"] = scalar(-5.0)
-    if dtype in (torch.bfloat16, torch.float16):  # normalised in the dtype, so the fp64 reference sees the same features
+    if dtype in (torch.bfloat16, torch.float16):  # normalised in the dtype: the fp64 reference sees the same features
         for k in ("a", "b", "at", "bt"):
             if k in x:
                 x[k] = torch.nn.functional.normalize(x[k], dim=-1)
@@ -124,7 +126,8 @@ def cases(device, dtype=None):
     for backend in ("triton", "chunked"):
         for label, kw, n, extra, q, d in _CASES:
             # fp32 too for CLIP through Triton; everything else in bf16 (keeps the check to a few seconds)
-            for dt in ((torch.float32, torch.bfloat16) if backend == "triton" and label == "CLIP" else (torch.bfloat16,)):
+            dtypes = (torch.float32, torch.bfloat16) if backend == "triton" and label == "CLIP" else (torch.bfloat16,)
+            for dt in dtypes:
 
                 def run(backend=backend, label=label, kw=kw, n=n, extra=extra, q=q, d=d, dt=dt):
                     x = _make(label, kw, n, extra, q, d, dt, device, torch.Generator().manual_seed(0))

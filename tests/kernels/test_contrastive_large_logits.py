@@ -13,7 +13,7 @@ a row (its error is ulp(|L|) times the tie's sensitivity), so it can be far belo
 PyTorch computes s·a·bᵀ equally validly as (s·a)·bᵀ, s·(a·bᵀ), a·(s·b)ᵀ or (√s·a)·(√s·b)ᵀ, each rounding
 the tie differently; the yardstick is the worst of the four. Measured on the naive formulas over 1,200
 draws: the split statistics stay at ≤ 1.4x the yardstick at every magnitude, the fp32 lse reaches
-600x, failing about one draw in three from |L| ≈ 2,000 up (so the four draws per case below catch it).
+600x, failing about one draw in three from |L| ≈ 2,000 up (the four draws per case below catch it).
 """
 import math
 
