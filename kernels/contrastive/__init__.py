@@ -7,13 +7,14 @@ the column statistics as partials, one row of them per forward program; the back
 (deterministically: one kernel for da over row blocks, one for db over column blocks, no atomics).
 
 Extra memory beyond inputs, outputs and gradients (Triton), exactly: row statistics 4·Na fp32 (7·Na with a
-teacher) and column statistics 3·Nb (6·Nb), kept for the backward with a coefficient per row and column
-(Na + Nb); for the symmetric loss only, the forward's column partials K·P·Nb fp32, merged by a streaming
-kernel and freed before the forward returns. P = the forward programs the GPU runs at once (its SM count;
-twice that for fp32), each looping over row blocks and merging its columns' statistics in place; K = 2 (max
-and sum of exp) +1 with label smoothing +3 with a teacher: O(N) — 33 MiB at N = 32,768 and 66 MiB at
-N = 65,536 for plain bf16 CLIP on a 132-SM H100. normalize=True adds the normalised copies of a and b (as
-F.normalize does). backend="chunked" keeps a fixed-size chunk of logits instead (see _chunked.py): O(N) in all.
+teacher) and column statistics 3·Nb (6·Nb), kept for the backward; for the symmetric loss only, the
+forward's column partials K·P·Nb fp32, merged by a streaming kernel and freed before the forward returns.
+P = the forward programs the GPU runs at once (its SM count; twice that for fp32), each looping over row
+blocks and merging its columns' statistics in place; K = 2 (max and sum of exp) +1 with label smoothing +3
+with a teacher: O(N) — 33 MiB at N = 32,768 and 66 MiB at N = 65,536 for plain bf16 CLIP on a 132-SM H100
+(the max kept apart from the sum doubles the 16.5 MiB of one log-sum-exp plane: the price of accurate
+gradients at large logits). normalize=True adds the normalised copies of a and b (as F.normalize does).
+backend="chunked" keeps a fixed-size chunk of logits instead (see _chunked.py): O(N) in all.
 
 Layout: _kernels.py (the Triton kernels), _configs.py (launch configs, compile specs), _launch.py
 (validation, launchers, custom ops and their autograd), _chunked.py (the chunked PyTorch path),
