@@ -238,6 +238,13 @@ def tile_patch_embed_reference(images, weight, bias=None, *, cls_token, pos_embe
 # Contrastive losses: the naive forms that materialise the logits (what the kernels must equal)
 
 
+def _contrastive_scalar(x, like):
+    """A Python number as a 0-dim tensor on `like`'s device, in fp32 (fp64 for fp64 features); tensors pass."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.tensor(float(x), device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+
+
 def _contrastive_scale(logit_scale, log_scale, max_scale):
     s = logit_scale.exp() if log_scale else logit_scale
     return s.clamp(max=max_scale) if max_scale is not None else s
@@ -250,10 +257,18 @@ def _similarity(a, b):
     return a @ b.T
 
 
+def _gather_global_batch(group, *tensors):
+    """Distributed: every rank's rows, concatenated (with gradient for those that require it; DDP's gradient
+    convention: each rank computes the same global loss and the gather's backward sums over ranks)."""
+    from .contrastive._distributed import all_gather_rows
+
+    return [None if t is None else all_gather_rows(t, group, with_grad=True) for t in tensors]
+
+
 def contrastive_loss_reference(a, b, logit_scale, *, normalize=False, label_smoothing=0.0, symmetric=True,
                                num_pairs=None, a_teacher=None, b_teacher=None, alpha=0.0, log_scale=True,
-                               max_scale=100.0):
-    """CLIP / MoCo / ALBEF / BLIP / BLIP-2 contrastive loss, computed in the inputs' dtype.
+                               max_scale=100.0, group=None):
+    """CLIP / MoCo / ALBEF / BLIP / BLIP-2 contrastive loss, materialising the logits.
 
     logits = s · sim(a, b) with s = exp(logit_scale) clamped to max_scale (log_scale=False: s =
     logit_scale). Row i < P (P = num_pairs, default a's rows) has target distribution
@@ -261,12 +276,21 @@ def contrastive_loss_reference(a, b, logit_scale, *, normalize=False, label_smoo
     s · sim(a_teacher, b_teacher) without gradient; the loss per row is −Σ_j target_ij·log_softmax_ij.
     Columns j < P likewise over all rows. loss = (mean rows + mean columns)/2, or mean rows when not
     symmetric. As open_clip's ClipLoss (+ label smoothing, queues, ALBEF's soft targets, BLIP-2's max).
+
+    Dtypes as the chain it specifies, ``F.cross_entropy(s * a @ b.T, labels)`` under autocast: the logits in
+    the features' dtype (the matmul's), the softmax and the loss in fp32 (fp64 for fp64 features).
+    group: a process group; each rank passes its rows, the loss of the global batch (all ranks' rows,
+    gathered) is returned on every rank.
     """
     nf = torch.nn.functional
+    if group is not None:
+        a, b, a_teacher, b_teacher = _gather_global_batch(group, a, b, a_teacher, b_teacher)
+        num_pairs = None
     if normalize:
         a, b = nf.normalize(a, dim=-1), nf.normalize(b, dim=-1)
-    s = _contrastive_scale(logit_scale, log_scale, max_scale)
-    logits = s.to(a.dtype) * _similarity(a, b)
+    cdt = torch.promote_types(a.dtype, torch.float32)
+    s = _contrastive_scale(_contrastive_scalar(logit_scale, a), log_scale, max_scale)
+    logits = (s.to(a.dtype) * _similarity(a, b)).to(cdt)
     P = a.shape[0] if num_pairs is None else num_pairs
     teacher = None
     if alpha > 0:
@@ -274,7 +298,7 @@ def contrastive_loss_reference(a, b, logit_scale, *, normalize=False, label_smoo
             at, bt = a_teacher, b_teacher
             if normalize:
                 at, bt = nf.normalize(at, dim=-1), nf.normalize(bt, dim=-1)
-            teacher = s.detach().to(a.dtype) * _similarity(at, bt)
+            teacher = (s.detach().to(a.dtype) * _similarity(at, bt)).to(cdt)
 
     def direction(lg, tg):
         n, m = lg.shape
@@ -289,14 +313,21 @@ def contrastive_loss_reference(a, b, logit_scale, *, normalize=False, label_smoo
     return (rows + cols) / 2
 
 
-def siglip_loss_reference(a, b, logit_scale, logit_bias, *, normalize=False, log_scale=True, max_scale=100.0):
-    """SigLIP: −(1/N) Σ_ij log σ(z_ij (s·<a_i, b_j> + bias)), z = +1 on the diagonal, −1 elsewhere."""
+def siglip_loss_reference(a, b, logit_scale, logit_bias, *, normalize=False, log_scale=True, max_scale=100.0,
+                          group=None):
+    """SigLIP: −(1/N) Σ_ij log σ(z_ij (s·<a_i, b_j> + bias)), z = +1 on the diagonal, −1 elsewhere.
+
+    The logits in the features' dtype, log σ and the loss in fp32 (fp64 for fp64 features); group: as
+    contrastive_loss_reference (N the global batch)."""
     nf = torch.nn.functional
+    if group is not None:
+        a, b = _gather_global_batch(group, a, b)
     if normalize:
         a, b = nf.normalize(a, dim=-1), nf.normalize(b, dim=-1)
-    s = _contrastive_scale(logit_scale, log_scale, max_scale)
-    logits = s.to(a.dtype) * (a @ b.T) + logit_bias.to(a.dtype)
-    z = 2 * torch.eye(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device) - 1
+    cdt = torch.promote_types(a.dtype, torch.float32)
+    s = _contrastive_scale(_contrastive_scalar(logit_scale, a), log_scale, max_scale)
+    logits = (s.to(a.dtype) * (a @ b.T) + _contrastive_scalar(logit_bias, a).to(a.dtype)).to(cdt)
+    z = 2 * torch.eye(a.shape[0], b.shape[0], dtype=cdt, device=a.device) - 1
     return -nf.logsigmoid(z * logits).sum() / a.shape[0]
 
 

@@ -2,15 +2,25 @@
 
 Design (see contrastive_loss's docstring for why not Inf-CL's ring): each rank all-gathers b (with
 gradient) and computes its own rows of a against every column, so every logits tile of the global
-matrix is computed exactly once across ranks. The column statistics (log-sum-exp etc., O(N) floats)
-are combined with two all-reduces; the gradient of the gathered b is summed back to its owners.
+matrix is computed exactly once across ranks. The column statistics (max and log-sum of exp etc., O(N)
+values) are combined with two or three all-reduces; the gradient of the gathered b is summed back to its owners.
+The custom ops take the group by name (their schema has no process-group type): :func:`group_by_name`.
 """
 import torch
 import torch.distributed as dist
 
+from ._kernels import COL
+
 
 def world(group):
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def group_by_name(name):
+    """The process group of ``group.group_name`` (what torch's functional collectives resolve names with)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
 
 
 class _AllGatherRows(torch.autograd.Function):
@@ -65,24 +75,33 @@ def check_equal_sizes(n, group, what):
 
 
 def _device_for(group):
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def combine_column_stats(colstats, group):
-    """Merge per-rank column statistics [lse, sum, teacher lse, teacher-weighted mean] in place, with
-    three all-reduces of O(N) floats."""
-    lse, csum, tlse, w = colstats
-    m = torch.stack([lse, tlse])
+    """Merge the ranks' column statistics (``_kernels.COL_STATS``: max and log of the sum of exp, sum, and with
+    a teacher its max and log-sum and the teacher-weighted mean) in place, with two all-reduces of O(N) values
+    (three with a teacher). Max and log-sum stay apart, as on one GPU: each rank's sum is rescaled to the
+    global max, exp((max_r − max) + log_sum_r), where max_r − max is exact when the term matters."""
+    teacher = colstats.shape[0] == len(COL)
+    maxima = [COL["max"], COL["t_max"]] if teacher else [COL["max"]]
+    m = colstats[maxima].clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    sums = torch.stack([torch.exp(lse - m[0]), csum, torch.exp(tlse - m[1])])
-    dist.all_reduce(sums, group=group)
-    tl_global = m[1] + torch.log(sums[2])
-    wt = torch.exp(tlse - tl_global) * w
-    dist.all_reduce(wt, group=group)
-    colstats[0] = m[0] + torch.log(sums[0])
-    colstats[1] = sums[1]
-    colstats[2] = tl_global
-    colstats[3] = wt
+    terms = [torch.exp((colstats[COL["max"]] - m[0]) + colstats[COL["log_sum"]]), colstats[COL["sum"]]]
+    if teacher:
+        terms.append(torch.exp((colstats[COL["t_max"]] - m[1]) + colstats[COL["t_log_sum"]]))
+    terms = torch.stack(terms)
+    dist.all_reduce(terms, group=group)
+    colstats[COL["max"]], colstats[COL["log_sum"]], colstats[COL["sum"]] = m[0], torch.log(terms[0]), terms[1]
+    if teacher:
+        t_log_sum = torch.log(terms[2])
+        # the teacher-weighted means, weighted by each rank's share of the teacher's global sum of exp
+        share = torch.exp((colstats[COL["t_max"]] - m[1]) + (colstats[COL["t_log_sum"]] - t_log_sum))
+        means = share * colstats[COL["t_mean"]]
+        dist.all_reduce(means, group=group)
+        colstats[COL["t_max"]], colstats[COL["t_log_sum"]], colstats[COL["t_mean"]] = m[1], t_log_sum, means
     return colstats
 
 

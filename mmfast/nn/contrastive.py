@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from mmfast.kernels import contrastive_loss, siglip_loss
+from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
+from mmfast.kernels._registry import accelerated_backends
 
 
 class ContrastiveLoss(nn.Module):
@@ -21,15 +23,28 @@ class ContrastiveLoss(nn.Module):
         init_logit_bias: SigLIP's initial bias (-10).
         learnable: whether the temperature (and bias) are trained.
         normalize, label_smoothing, symmetric, alpha, max_scale, group, backend: forwarded to the op.
+
+    Every argument is validated here (ValueError naming it), as the op would at the first call.
     """
 
     def __init__(self, kind="clip", *, init_logit_scale=None, init_logit_bias=-10.0, learnable=True, normalize=True,
                  label_smoothing=0.0, symmetric=True, alpha=0.0, max_scale=100.0, group=None, backend="auto"):
         super().__init__()
-        if kind not in ("clip", "siglip"):
-            raise ValueError(f"kind must be 'clip' or 'siglip', got {kind!r}")
+        name = "ContrastiveLoss"
+        check_choice(name, "kind", kind, ("clip", "siglip"))
         if init_logit_scale is None:
             init_logit_scale = math.log(1 / 0.07) if kind == "clip" else math.log(10.0)
+        check_scalar(name, "init_logit_scale", init_logit_scale)
+        check_scalar(name, "init_logit_bias", init_logit_bias)
+        for flag, value in (("learnable", learnable), ("normalize", normalize), ("symmetric", symmetric)):
+            check_bool(name, flag, value)
+        check_scalar(name, "label_smoothing", label_smoothing, lo=0.0, hi=1.0, hi_open=True)
+        check_scalar(name, "alpha", alpha, lo=0.0, hi=1.0)
+        if max_scale is not None:
+            check_scalar(name, "max_scale", max_scale, lo=0.0, lo_open=True)
+        check_choice(name, "backend", backend, ("auto", "reference") + accelerated_backends("contrastive_loss"))
+        if kind == "siglip" and (label_smoothing or alpha):
+            raise ValueError(f"{name}: kind='siglip' takes no label_smoothing or alpha, got {label_smoothing}, {alpha}")
         self.kind = kind
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learnable)
         if kind == "siglip":
@@ -67,8 +82,10 @@ class MoCoQueue(nn.Module):
 
     def __init__(self, dim, size, *, dtype=torch.float32, device=None, group=None):
         super().__init__()
-        if not (isinstance(dim, int) and dim > 0 and isinstance(size, int) and size > 0):
-            raise ValueError(f"dim and size must be positive ints, got dim={dim!r}, size={size!r}")
+        check_int("MoCoQueue", "dim", dim, lo=1)
+        check_int("MoCoQueue", "size", size, lo=1)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"MoCoQueue: dtype must be a floating torch dtype, got {dtype!r}")
         queue = nn.functional.normalize(torch.randn(size, dim, device=device, dtype=torch.float32), dim=1)
         self.register_buffer("queue", queue.to(dtype))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))

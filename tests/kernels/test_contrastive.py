@@ -1,13 +1,15 @@
 """contrastive_loss / siglip_loss: Triton kernels (through the interpreter on CPU) and the chunked
 PyTorch path, every variant, forward and gradients (a, b, logit_scale, logit_bias) vs the fp64 naive
-reference by the numerics rule."""
+reference by the numerics rule; backend dispatch. Arguments, autocast, precision and float64:
+test_contrastive_api.py."""
 import pytest
 import torch
 from contrastive_helpers import VARIANTS, check_against_reference, make_inputs, run
 from numerics import assert_bitwise_equal, assert_close_by_rule, dtype_id, poison_, randn
 
 import mmfast.kernels.contrastive._chunked as chunked
-import mmfast.kernels.contrastive._triton as triton_impl
+import mmfast.kernels.contrastive._launch as launch
+import mmfast.kernels.reference as reference
 from mmfast.kernels import interpreting
 from mmfast.kernels.contrastive import contrastive_loss, siglip_loss
 from mmfast.kernels.reference import contrastive_loss_reference, siglip_loss_reference
@@ -15,12 +17,13 @@ from mmfast.kernels.reference import contrastive_loss_reference, siglip_loss_ref
 needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
                                   reason="needs CUDA or TRITON_INTERPRET=1 (the chunked path is tested regardless)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ALL_BACKENDS = ["reference", "chunked"] + (["triton"] if torch.cuda.is_available() or interpreting() else [])
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the Triton launchers allocate starts as NaN, so an unwritten element fails."""
-    monkeypatch.setattr(triton_impl, "_empty", lambda *a, **k: poison_(torch.empty(*a, **k)))
+    monkeypatch.setattr(launch, "_empty", lambda *a, **k: poison_(torch.empty(*a, **k)))
 
 
 @pytest.fixture
@@ -49,7 +52,7 @@ def test_triton_matches_reference(variant, N, D, dtype):
 @pytest.mark.parametrize("N,D", SHAPES, ids=[f"N{n}-D{d}" for n, d in SHAPES])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_chunked_matches_reference(variant, N, D, dtype, small_chunks):
-    check_against_reference(variant, N, D, dtype, "reference")
+    check_against_reference(variant, N, D, dtype, "chunked")
 
 
 @needs_triton
@@ -64,7 +67,7 @@ def test_triton_wide_features(variant, N, D):
 @pytest.mark.parametrize("variant,D", [("clip", 512), ("albef-queues-distill", 64), ("blip2-q5", 64), ("siglip", 64)])
 def test_chunked_large_batch(variant, D):
     """N = 1000 with the default chunk size (several chunks of whole rows)."""
-    check_against_reference(variant, 1000, D, torch.float32, "reference")
+    check_against_reference(variant, 1000, D, torch.float32, "chunked")
 
 
 @needs_triton
@@ -106,7 +109,7 @@ def test_triton_deterministic():
         assert_bitwise_equal(first[1][k], second[1][k], f"d{k}")
 
 
-@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if torch.cuda.is_available() or interpreting() else []))
+@pytest.mark.parametrize("backend", ["chunked"] + (["triton"] if torch.cuda.is_available() or interpreting() else []))
 @pytest.mark.parametrize("op", ["contrastive", "siglip"])
 def test_saturated_logits_stay_finite(op, backend):
     """Logits of ±several thousand (unnormalised features, scale 100): softmax / sigmoid saturate, the
@@ -151,17 +154,17 @@ def test_fp16_tiny_upstream_gradient():
     b = torch.nn.functional.normalize(randn(129, 32, device=DEVICE), dim=-1).half()
     t = torch.tensor(2.5, device=DEVICE)
     grads = {}
-    for backend in ("triton", "reference", "fp64"):
+    for backend in ("triton", "chunked", "fp64"):
         x, y = (a.double(), b.double()) if backend == "fp64" else (a.clone(), b.clone())
         x.requires_grad_(), y.requires_grad_()
         loss = (contrastive_loss_reference(x, y, t.double()) if backend == "fp64"
-                else contrastive_loss(x, y, t, backend=backend if DEVICE == "cpu" or backend == "triton" else "reference"))
+                else contrastive_loss(x, y, t, backend=backend))
         (loss * 1e-4).backward()
         grads[backend] = (x.grad, y.grad)
     for i, name in enumerate("ab"):
         exact = grads["fp64"][i]
         err = (grads["triton"][i].double() - exact).abs().max().item()
-        err_fp32_g = (grads["reference"][i].double() - exact).abs().max().item()
+        err_fp32_g = (grads["chunked"][i].double() - exact).abs().max().item()
         assert err <= 3 * err_fp32_g + 1e-9, f"d{name}: {err:.3e} vs chunked {err_fp32_g:.3e}"
 
 
@@ -170,12 +173,13 @@ def test_backends_agree_without_grad_on_b(small_chunks):
     a = randn(9, 33).requires_grad_()
     b = randn(9 + 20, 33)
     t = torch.tensor(14.0, requires_grad=True)
-    loss = contrastive_loss(a, b, t, symmetric=False, log_scale=False, normalize=True, backend="reference")
+    loss = contrastive_loss(a, b, t, symmetric=False, log_scale=False, normalize=True, backend="chunked")
     loss.backward()
     assert b.grad is None and a.grad is not None and t.grad is not None
 
 
-def test_label_smoothing_matches_cross_entropy():
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_label_smoothing_matches_cross_entropy(backend):
     """ε-smoothing equals torch's cross_entropy(label_smoothing=ε), the BLIP convention."""
     a, b = randn(20, 16, dtype=torch.float64).float(), randn(20, 16, dtype=torch.float64).float()
     t = torch.tensor(1.5)
@@ -183,11 +187,11 @@ def test_label_smoothing_matches_cross_entropy():
     labels = torch.arange(20)
     ce = torch.nn.functional.cross_entropy
     want = (ce(logits, labels, label_smoothing=0.1) + ce(logits.T, labels, label_smoothing=0.1)) / 2
-    got = contrastive_loss(a, b, t, label_smoothing=0.1)
+    got = contrastive_loss(a, b, t, label_smoothing=0.1, backend=backend)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if torch.cuda.is_available() or interpreting() else []))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_matches_open_clip_cliploss(backend):
     """open_clip's ClipLoss where installed (the naive reference above encodes the same math)."""
     open_clip_loss = pytest.importorskip("open_clip.loss", reason="open_clip is not installed; "
@@ -196,95 +200,35 @@ def test_matches_open_clip_cliploss(backend):
     b = torch.nn.functional.normalize(randn(37, 64, device=DEVICE), dim=-1)
     t = torch.tensor(2.5, device=DEVICE)
     want = open_clip_loss.ClipLoss()(a, b, t.exp())
-    got = contrastive_loss(a, b, t, backend=backend if DEVICE == "cpu" else "triton")
+    got = contrastive_loss(a, b, t, backend=backend)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-class TestValidation:
-    def test_scale_on_other_device(self):
-        with pytest.raises(ValueError, match="logit_scale is on meta but the features are on cpu"):
-            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor(1.0, device="meta"))
-
-    def test_non_2d_b(self):
-        with pytest.raises(ValueError, match=r"b must have shape \(N, D\)"):
-            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 2, 4), 1.0)
-
-    def test_a_4d(self):
-        with pytest.raises(ValueError, match=r"a must have shape \(N, D\) or \(N, Q, D\)"):
-            contrastive_loss(torch.zeros(3, 1, 1, 4), torch.zeros(3, 4), 1.0)
-
-    def test_feature_size_mismatch(self):
-        with pytest.raises(ValueError, match="same feature size D"):
-            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 5), 1.0)
-
-    def test_fewer_columns_than_rows(self):
-        with pytest.raises(ValueError, match="M >= N"):
-            contrastive_loss(torch.zeros(5, 4), torch.zeros(3, 4), 1.0)
-        with pytest.raises(ValueError, match="M >= N"):
-            siglip_loss(torch.zeros(5, 4), torch.zeros(3, 4), 1.0, 0.0)
-
-    @pytest.mark.parametrize("dtype", [torch.float64, torch.int64], ids=dtype_id)
-    def test_dtype(self, dtype):
-        with pytest.raises(ValueError, match="a must be float32, float16 or bfloat16"):
-            contrastive_loss(torch.zeros(3, 4, dtype=dtype), torch.zeros(3, 4, dtype=dtype), 1.0)
-
-    def test_mixed_dtypes(self):
-        with pytest.raises(ValueError, match="same dtype"):
-            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.bfloat16), 1.0)
-
-    def test_devices(self):
-        with pytest.raises(ValueError, match="one device"):
-            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4, device="meta"), 1.0)
-
-    def test_empty(self):
-        with pytest.raises(ValueError, match="non-empty"):
-            contrastive_loss(torch.zeros(0, 4), torch.zeros(3, 4), 1.0)
-
-    @pytest.mark.parametrize("scale", [torch.zeros(2), torch.tensor(1), "1.0"], ids=["two-elements", "int", "str"])
-    def test_logit_scale(self, scale):
-        with pytest.raises(ValueError, match="logit_scale must be a float or a floating tensor with one element"):
-            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4), scale)
-
-    @pytest.mark.parametrize("kw,match", [
-        (dict(num_pairs=4), r"num_pairs must be an int in \[1, 3\]"),
-        (dict(num_pairs=0), r"num_pairs must be an int in \[1, 3\]"),
-        (dict(label_smoothing=1.0), r"label_smoothing must be a float in \[0, 1\)"),
-        (dict(alpha=0.4), "alpha > 0 needs the teacher"),
-        (dict(alpha=1.5), r"alpha must be a float in \[0, 1\]"),
-        (dict(a_teacher=torch.zeros(3, 4)), "must be given together"),
-        (dict(a_teacher=torch.zeros(2, 4), b_teacher=torch.zeros(3, 4), alpha=0.4), r"a_teacher must have the shape of a"),
-    ], ids=["pairs-too-many", "pairs-zero", "smoothing", "alpha-no-teacher", "alpha-range", "one-teacher", "teacher-shape"])
-    def test_options(self, kw, match):
-        with pytest.raises(ValueError, match=match):
-            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4), 1.0, **kw)
-
-    def test_group_without_init(self):
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            pytest.skip("a process group is already initialized in this process")
-        with pytest.raises(ValueError, match="torch.distributed is not initialized"):
-            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4), 1.0, group=object())
-
-    def test_triton_on_cpu_without_interpreter(self, monkeypatch):
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-            contrastive_loss(torch.zeros(3, 4), torch.zeros(3, 4), 1.0, backend="triton")
 
 
 class TestDispatch:
     def _spy(self, monkeypatch):
         chosen = []
-        for name, mod in (("triton", triton_impl), ("reference", chunked)):
-            real = mod.forward
-            monkeypatch.setattr(mod, "forward", lambda *a, _n=name, _r=real, **k: (chosen.append(_n), _r(*a, **k))[1])
+        for name in ("triton", "chunked"):
+            forward, backward = launch._IMPLS[name]
+            spy = lambda *a, _n=name, _f=forward, **k: (chosen.append(_n), _f(*a, **k))[1]  # noqa: E731
+            monkeypatch.setitem(launch._IMPLS, name, (spy, backward))
+        for name in ("contrastive_loss_reference", "siglip_loss_reference"):
+            real = getattr(reference, name)
+            monkeypatch.setattr(reference, name, lambda *a, _r=real, **k: (chosen.append("reference"), _r(*a, **k))[1])
         return chosen
 
-    def test_auto_on_cpu_is_chunked(self, monkeypatch):
+    @pytest.mark.parametrize("op", ["contrastive", "siglip"])
+    def test_auto_on_cpu_is_the_reference(self, monkeypatch, op):
         monkeypatch.delenv("MMFAST_BACKEND", raising=False)
         chosen = self._spy(monkeypatch)
-        contrastive_loss(randn(4, 8), randn(4, 8), 1.0)
+        a, b = randn(4, 8), randn(4, 8)
+        contrastive_loss(a, b, 1.0) if op == "contrastive" else siglip_loss(a, b, 1.0, -1.0)
         assert chosen == ["reference"]
+
+    @pytest.mark.parametrize("backend", ALL_BACKENDS)
+    def test_backend_runs_what_it_names(self, monkeypatch, backend):
+        chosen = self._spy(monkeypatch)
+        contrastive_loss(randn(4, 8, device=DEVICE), randn(4, 8, device=DEVICE), 1.0, backend=backend)
+        assert chosen == [backend]
 
     @needs_triton
     def test_env_selects_triton(self, monkeypatch):
@@ -292,3 +236,16 @@ class TestDispatch:
         chosen = self._spy(monkeypatch)
         siglip_loss(randn(4, 8, device=DEVICE), randn(4, 8, device=DEVICE), 1.0, -1.0)
         assert chosen == ["triton"]
+
+    @pytest.mark.parametrize("op", ["contrastive", "siglip"])
+    def test_reference_backend_is_the_naive_spec(self, op):
+        """backend="reference" returns what kernels.reference computes, bit for bit (options passed through)."""
+        a, b, at, bt = randn(6, 8), randn(9, 8), randn(6, 8), randn(9, 8)
+        if op == "siglip":
+            got = siglip_loss(a, b, 1.5, -2.0, normalize=True, backend="reference")
+            want = reference.siglip_loss_reference(a, b, torch.tensor(1.5), torch.tensor(-2.0), normalize=True)
+        else:
+            kw = dict(normalize=True, label_smoothing=0.1, alpha=0.4, num_pairs=5, log_scale=False, max_scale=12.0)
+            got = contrastive_loss(a, b, 14.0, a_teacher=at, b_teacher=bt, backend="reference", **kw)
+            want = reference.contrastive_loss_reference(a, b, torch.tensor(14.0), a_teacher=at, b_teacher=bt, **kw)
+        assert_bitwise_equal(got, want, "loss")

@@ -75,9 +75,9 @@ def test_matches_single_process(world, tmp_path):
     n = LOCAL * world
     tensors = {"a": randn(n, D), "a3": randn(n, Q, D), "b": randn(n, D), "at": randn(n, D), "bt": randn(n, D),
                "t": torch.tensor(2.3), "bias": torch.tensor(-2.0)}
-    # the Triton kernels through the interpreter in the 2-process run (slow), the chunked path in both
-    # (gloo tensors live on the CPU: Triton runs there only through the interpreter)
-    backends = ("reference", "triton") if world == 2 and interpreting() else ("reference",)
+    # the Triton kernels through the interpreter in the 2-process run (slow), the chunked path and the
+    # reference in both (gloo tensors live on the CPU: Triton runs there only through the interpreter)
+    backends = ("reference", "chunked") + (("triton",) if world == 2 and interpreting() else ())
     mp.spawn(_worker, args=(world, _free_port(), tensors, backends, str(tmp_path)), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for backend in backends:

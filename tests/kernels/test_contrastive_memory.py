@@ -1,5 +1,5 @@
-"""The CPU (chunked) contrastive loss and the Triton path need extra memory linear in the batch; the naive
-loss is quadratic.
+"""The chunked contrastive loss and the Triton path need extra memory linear in the batch; the naive
+loss (backend="reference") is quadratic.
 
 Memory is measured as the peak of live tensor storage created during forward + backward, tracked by a
 TorchDispatchMode (every op's outputs are counted once per storage until that storage is freed): an
@@ -51,7 +51,7 @@ def _peak_bytes(fn, n, d=32):
 
 
 def _ours(a, b, t, **kw):
-    return contrastive_loss(a, b, t, backend="reference", **kw)
+    return contrastive_loss(a, b, t, backend="chunked", **kw)
 
 
 def test_extra_memory_is_linear_in_batch(monkeypatch):
@@ -80,12 +80,13 @@ def test_triton_extra_memory_is_linear_in_batch(monkeypatch, row_programs):
     ceil(N / 64) x N floats: quadratic, and caught by the same measurement. The launchers run inside a
     custom op, which the dispatch mode above sees as one call, so their allocations are counted where
     they are made (every buffer they write comes from ``_empty``)."""
-    import mmfast.kernels.contrastive._triton as triton_impl
+    import mmfast.kernels.contrastive._configs as configs
+    import mmfast.kernels.contrastive._launch as launch
 
-    monkeypatch.setattr(triton_impl, "_INTERPRETER_ROW_PROGRAMS", row_programs)
+    monkeypatch.setattr(configs, "INTERPRETER_ROW_PROGRAMS", row_programs)
     allocated = []
-    real_empty = triton_impl._empty
-    monkeypatch.setattr(triton_impl, "_empty", lambda *a, **k: allocated.append(real_empty(*a, **k)) or allocated[-1])
+    real_empty = launch._empty
+    monkeypatch.setattr(launch, "_empty", lambda *a, **k: allocated.append(real_empty(*a, **k)) or allocated[-1])
 
     def forward_bytes(n):
         allocated.clear()
@@ -106,12 +107,12 @@ def test_row_programs_on_a_gpu_is_bounded_by_its_sms(monkeypatch):
     one program per SM (two for fp32, whose programs fit two to an SM), never more than the row blocks."""
     import types
 
-    import mmfast.kernels.contrastive._triton as triton_impl
+    from mmfast.kernels.contrastive._configs import config, row_programs
 
     h100 = types.SimpleNamespace(multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h100)
     cuda = torch.device("cuda", 0)
-    bf16, fp32 = triton_impl._config(torch.bfloat16)["fwd"], triton_impl._config(torch.float32)["fwd"]
-    assert triton_impl.row_programs(256, cuda, bf16) == 132  # N = 32k: the partials are 132 x N, not 256 x N
-    assert triton_impl.row_programs(100, cuda, bf16) == 100
-    assert triton_impl.row_programs(10**6, cuda, fp32) == 264
+    bf16, fp32 = config(torch.bfloat16)["fwd"], config(torch.float32)["fwd"]
+    assert row_programs(256, cuda, bf16) == 132  # N = 32k: the partials are 132 x N, not 256 x N
+    assert row_programs(100, cuda, bf16) == 100
+    assert row_programs(10**6, cuda, fp32) == 264

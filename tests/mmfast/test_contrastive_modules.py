@@ -41,8 +41,6 @@ def test_siglip_kind():
     loss.backward()
     assert loss_fn.logit_bias.grad is not None
     torch.testing.assert_close(loss.detach(), siglip_loss(a, b, math.log(10), -10.0, normalize=True))
-    with pytest.raises(ValueError, match="kind must be"):
-        ContrastiveLoss("infonce")
 
 
 def test_frozen_temperature():
@@ -102,5 +100,29 @@ def test_queue_validation():
         q.enqueue(torch.zeros(3, 5))
     with pytest.raises(ValueError, match="keys must be a floating tensor"):
         q.enqueue(torch.ones(2, 4, dtype=torch.long))  # would be copied into the queue as feature values
-    with pytest.raises(ValueError, match="positive ints"):
+    with pytest.raises(ValueError, match=r"MoCoQueue: dim must be in \[1, inf\], got 0"):
         MoCoQueue(0, 7)
+    with pytest.raises(ValueError, match="MoCoQueue: size must be an int"):
+        MoCoQueue(4, 7.0)
+    with pytest.raises(ValueError, match="MoCoQueue: dtype must be a floating torch dtype"):
+        MoCoQueue(4, 7, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kind="infonce"), r"kind must be one of \('clip', 'siglip'\)"),
+    (dict(init_logit_scale=math.nan), "init_logit_scale must be finite"),
+    (dict(kind="siglip", init_logit_bias=math.inf), "init_logit_bias must be finite"),
+    (dict(learnable="yes"), "learnable must be True or False"),
+    (dict(normalize=1), "normalize must be True or False"),
+    (dict(symmetric=None), "symmetric must be True or False"),
+    (dict(label_smoothing=1.0), r"label_smoothing must be in \[0.0, 1.0\)"),
+    (dict(alpha=-0.1), r"alpha must be in \[0.0, 1.0\]"),
+    (dict(max_scale=0), r"max_scale must be in \(0.0, inf\]"),
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(kind="siglip", alpha=0.4), "kind='siglip' takes no label_smoothing or alpha"),
+], ids=["kind", "scale-nan", "bias-inf", "learnable", "normalize", "symmetric", "smoothing", "alpha", "max-scale",
+        "backend", "siglip-alpha"])
+def test_contrastive_loss_validation(kw, match):
+    """The constructor validates every argument, naming it (before, a bad value surfaced at the first call)."""
+    with pytest.raises(ValueError, match="ContrastiveLoss: " + match):
+        ContrastiveLoss(**kw)

@@ -1,0 +1,134 @@
+"""Launch configurations of the contrastive kernels, and the compile gate's specs derived from them.
+
+Every entry compiles without spills for sm_80 and sm_90 on Triton 3.6, 3.8 and 3.9 (the compile gate:
+``python -m mmfast compile-report --specs mmfast.kernels.contrastive:compile_specs``).
+"""
+import torch
+import triton
+
+from .._common import DTYPE_NAMES
+from .._registry import CompileSpec, derive_signature
+from ._kernels import (MODE_SIGMOID, MODE_SOFTMAX, _contrastive_bwd_da_kernel, _contrastive_bwd_db_kernel,
+                       _contrastive_colreduce_kernel, _contrastive_fwd_kernel)
+
+# Per operand width. R = flattened (image, query) rows of a tile, BN = its columns, BK = its K step (one
+# per dtype and teacher, shared by the forward and the backward, so the backward recomputes the forward's
+# logits bit for bit), BD_MAX = the backward's widest D chunk.
+CONFIGS = {
+    "16bit": dict(
+        BK=64,  # 64-wide K steps of the bf16 / fp16 tensor-core dots
+        BK_TEACHER=32,  # with a teacher (two logits tiles) 64 spills on sm_80 with Triton 3.6
+        # the tile and its fp32 temporaries stay in registers (150-250 a thread): one program fills an SM,
+        # so the forward runs one persistent program per SM, each looping over row blocks
+        fwd=dict(R=128, BN=64, num_warps=8, num_stages=2, PER_SM=1,
+                 BN_TEACHER=32),  # the teacher's tile and column merge: 64 columns spill on sm_90
+        # 64 x 512 fp32 accumulator over 8 warps (128 registers a thread): CLIP's D = 512 in one pass;
+        # maxnreg=255: Triton 3.6's ptxas otherwise caps some at 128 registers (for 2 programs / SM) and spills
+        bwd=dict(R=64, BN=32, BD_MAX=512, num_warps=8, num_stages=2, maxnreg=255),
+    ),
+    # fp32 operands (IEEE FMA dots, or TF32 under "high"): twice the operand bytes, half-size tiles
+    "fp32": dict(
+        BK=16,  # 32 spills on Triton 3.6
+        BK_TEACHER=16,
+        fwd=dict(R=64, BN=32, num_warps=8, num_stages=2, PER_SM=2,  # 128 registers: two programs per SM
+                 BN_TEACHER=32),
+        # maxnreg=255: without it ptxas spills (IEEE db on sm_80, TF32 da on sm_90 with Triton 3.9)
+        bwd=dict(R=32, BN=32, BD_MAX=128, num_warps=4, num_stages=2, maxnreg=255),
+    ),
+}
+COLREDUCE_BLOCK = 512  # columns per program of the partial-merging kernel (a stream, 4 warps)
+# Under the interpreter (tests), two forward programs: a test-sized batch already makes a program loop over
+# several row blocks and merge its column partials.
+INTERPRETER_ROW_PROGRAMS = 2
+
+
+def config(dtype):
+    return CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
+
+
+def row_programs(n_row_blocks, device, fwd):
+    """Forward programs: as many as fit on the GPU at once (capped by the row blocks there are)."""
+    if device.type != "cuda":
+        return min(n_row_blocks, INTERPRETER_ROW_PROGRAMS)
+    return min(n_row_blocks, fwd["PER_SM"] * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def fwd_block_n(fwd, teacher):
+    return fwd["BN_TEACHER"] if teacher else fwd["BN"]
+
+
+def block_k(dtype, teacher):
+    cfg = config(dtype)
+    return cfg["BK_TEACHER"] if teacher else cfg["BK"]
+
+
+def row_block(R, QP):
+    """Images per block: R flattened rows, at least one image (QP > R: one image of QP rows)."""
+    return max(1, R // QP)
+
+
+def bwd_block_d(D, bwd):
+    return max(16, min(bwd["BD_MAX"], triton.next_power_of_2(D)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile-gate specs
+
+# (label, mode, cols, smooth, teacher, Q): CLIP, MoCo (rows only), the heaviest softmax variant (smoothing +
+# teacher), BLIP-2 (Q = 32) and SigLIP, in bf16; CLIP also in fp16 and fp32 (IEEE and TF32). Other flag
+# combinations only remove work.
+VARIANTS = (
+    ("clip", MODE_SOFTMAX, True, False, False, 1),
+    ("moco", MODE_SOFTMAX, False, False, False, 1),
+    ("smooth+teacher", MODE_SOFTMAX, True, True, True, 1),
+    ("blip2-q32", MODE_SOFTMAX, True, False, False, 32),
+    ("siglip", MODE_SIGMOID, False, False, False, 1),
+)
+DTYPES = ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32"))
+
+# What Triton's JIT specialises for contiguous features with D a multiple of 16 (the shapes that matter:
+# 512, 768, 1024): unit feature strides become constexpr 1, pointers and the other strides are 16-aligned.
+_UNIT_STRIDES = dict(stride_ad=1, stride_bd=1, stride_atd=1, stride_btd=1)
+_DIVISIBLE = ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "row_ptr", "part_ptr", "col_ptr", "da_ptr", "db_ptr",
+              "red_ptr", "stride_an", "stride_aq", "stride_bn", "stride_atn", "stride_atq", "stride_btn", "D")
+_FP32_POINTERS = ("params_ptr", "row_ptr", "part_ptr", "col_ptr", "red_ptr")
+_FEATURE_POINTERS = ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "da_ptr", "db_ptr")
+_INTS = ("Na", "Nb", "Q", "D", "n_row_blocks", "n_row_terms", "n_col_terms", "diag_off", "n_part")
+
+
+def _spec(kernel, constexprs, dtype, label, **launch):
+    types = {"stride_*": "i64", **{n: "i64" for n in _INTS}, **{n: "*fp32" for n in _FP32_POINTERS},
+             **{n: "*" + DTYPE_NAMES[dtype] for n in _FEATURE_POINTERS}, **{n: "constexpr" for n in _UNIT_STRIDES}}
+    signature = derive_signature(kernel, types)
+    constexprs = {**constexprs, **{n: v for n, v in _UNIT_STRIDES.items() if n in signature}}
+    return CompileSpec(kernel=kernel, signature=signature, constexprs=constexprs, label=label,
+                       divisibility={n: 16 for n in _DIVISIBLE if n in signature}, **launch)
+
+
+def compile_specs():
+    """The forward, da and db kernels of every variant above at the launch configs the launchers use (the
+    largest D chunk, and for plain bf16 CLIP the smaller chunks small D picks), and the column merge."""
+    for smooth, teacher in ((False, False), (True, True)):
+        yield _spec(_contrastive_colreduce_kernel, dict(SMOOTH=smooth, TEACHER=teacher, BLOCK=COLREDUCE_BLOCK),
+                    torch.float32, f"smooth={smooth} teacher={teacher} BLOCK={COLREDUCE_BLOCK}", num_warps=4)
+    for dtype, precision in DTYPES:
+        cfg = config(dtype)
+        fwd, bwd = cfg["fwd"], cfg["bwd"]
+        for label, mode, cols, smooth, teacher, Q in VARIANTS:
+            if dtype != torch.bfloat16 and label != "clip":
+                continue
+            QP = triton.next_power_of_2(Q)
+            tag = f"{label} {DTYPE_NAMES[dtype]}" + (f" {precision}" if dtype == torch.float32 else "")
+            flags = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BK=block_k(dtype, teacher), PRECISION=precision,
+                         EMULATE=False)
+            fwd_c = dict(flags, SMOOTH=smooth, BI=row_block(fwd["R"], QP), BN=fwd_block_n(fwd, teacher))
+            yield _spec(_contrastive_fwd_kernel, fwd_c, dtype, f"{tag} R={fwd['R']} BN={fwd_c['BN']} BK={fwd_c['BK']}",
+                        num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])
+            launch = dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
+                          options={"maxnreg": bwd["maxnreg"]} if bwd["maxnreg"] else {})
+            chunks = (bwd["BD_MAX"], 64, 128, 256) if (label, dtype) == ("clip", torch.bfloat16) else (bwd["BD_MAX"],)
+            for bd in chunks:
+                c = dict(flags, BI=row_block(bwd["R"], QP), BN=bwd["BN"], BD=bd)
+                what = f"{tag} R={bwd['R']} BN={bwd['BN']} BK={c['BK']} BD={bd}"
+                yield _spec(_contrastive_bwd_da_kernel, c, dtype, what, **launch)
+                yield _spec(_contrastive_bwd_db_kernel, c, dtype, what, **launch)
