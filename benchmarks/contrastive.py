@@ -81,7 +81,9 @@ def _mmfast(case):
         from mmfast.kernels import contrastive_loss
 
         a, b, t = _features(state)
-        fn = _step(lambda x, y, s: contrastive_loss(x, y, s), a, b, t)
+        # on the CPU auto would run the naive reference; the chunked path is what the kernels compute
+        backend = "auto" if a.is_cuda else "chunked"
+        fn = _step(lambda x, y, s: contrastive_loss(x, y, s, backend=backend), a, b, t)
         return fn
 
     return make
