@@ -63,14 +63,15 @@ _GPU_TABLE = {
     ("pre", 256, "fp32"): TileConfig(16, 0, 4, 1),  # 4096 elements: ~60 registers
 }
 # IEEE fp32 dots are FMA loops whose operands and products live in registers: where the TF32 tile spills, one
-# that does not (at most ~200 registers on sm_80 / sm_90). Keys not listed use the TF32 entry.
+# that does not (on Triton 3.6, 3.8 and 3.9; at most ~200 registers). Keys not listed use the TF32 entry.
 _GPU_IEEE_TABLE = {
     ("fwd", 64, "ieee"): TileConfig(64, 32, 8, 2),  # the TF32 tile with 8 warps: 4 spill
-    ("fwd", 128, "ieee"): TileConfig(32, 16, 8, 2),  # the TF32 tile with 8 warps: 4 spill on sm_90
+    ("fwd", 128, "ieee"): TileConfig(16, 16, 4, 2),  # 32 x 16 spills on 3.6 (8 warps) or on sm_90 (4 warps)
+    ("fwd", 256, "ieee"): TileConfig(16, 16, 4, 1),  # the TF32 tile (8 warps) spills on 3.6 sm_90
     ("dkdv", 64, "ieee"): TileConfig(16, 32, 4, 2),  # 32 x 32 spills with 4 and 8 warps
     ("dkdv", 256, "ieee"): TileConfig(16, 16, 8, 1),  # 16 x 32 spills on sm_90
     ("dq", 64, "ieee"): TileConfig(32, 16, 4, 2),  # 64 x 32 spills with 4 warps, reaches 244 registers with 8
-    ("dq", 128, "ieee"): TileConfig(16, 32, 4, 2),  # 32 x 32 spills with 4 and 8 warps, 32 x 16 on sm_90
+    ("dq", 128, "ieee"): TileConfig(16, 32, 8, 2),  # 32 x 32 spills; with 4 warps 16 x 32 spills on 3.9 sm_90
 }
 
 # Inputs the JIT cannot prove 16-byte aligned (views at odd offsets, odd row / batch strides, head strides
@@ -81,7 +82,7 @@ _GPU_UNALIGNED_TABLE = {
     ("fwd", 256, "16-bit"): TileConfig(16, 16, 8, 2),  # 32 x 16 sits at 255 registers on sm_80
     ("dkdv", 128, "16-bit"): TileConfig(32, 32, 8, 2),  # 16 x 64 spills on 3.9 sm_90
     ("dkdv", 256, "16-bit"): TileConfig(16, 32, 8, 2),  # 32 x 32 spills
-    ("fwd", 256, "ieee"): TileConfig(16, 16, 8, 2),  # stage 1 spills on sm_90
+    ("fwd", 256, "ieee"): TileConfig(16, 16, 8, 2),  # the aligned tile (4 warps) sits at 252 - 255 registers
     ("dkdv", 128, "ieee"): TileConfig(16, 32, 8, 2),  # the aligned tile (4 warps) sits at 255 registers
     ("dkdv", 256, "ieee"): TileConfig(16, 16, 8, 2),  # stage 1 spills on sm_80
 }

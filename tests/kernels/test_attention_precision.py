@@ -139,3 +139,27 @@ def test_large_scores_within_the_rule(device, matmul_precision, dtype, magnitude
         yardstick = max((eager[i], delta_form[i - 2]), key=lambda t: max_abs_error(t, exact[i]))
         assert_close_by_rule(ours[i], exact[i], yardstick, factor=3.0, what=name)
     assert_close_by_rule(ours[4], exact[4], eager[4], factor=3.0, what="dv")
+
+
+@pytest.mark.parametrize("setting, precision", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_launchers_choose_tiles_for_the_precision(device, matmul_precision, monkeypatch, setting, precision):
+    """The fp32 launchers read the setting at launch time and pick the tiles compiled for that precision (IEEE
+    FMA loops take more registers than TF32 MMAs: their own table entries)."""
+    from mmfast.kernels.attention import _configs as C
+
+    skip_unless_runs("triton", device)
+    seen = []
+    real = C.launch_config
+
+    def spy(pass_, kernel, args, head_dim, dtype, chosen, interpreter):
+        seen.append((pass_, chosen))
+        return real(pass_, kernel, args, head_dim, dtype, chosen, interpreter)
+
+    monkeypatch.setattr(C, "launch_config", spy)
+    matmul_precision(setting)
+    q, k, v = (t.requires_grad_() for t in qkv(1, 9, 11, 2, 1, 64, torch.float32, device))
+    flash_attention(q, k, v, causal=True, backend="triton").sum().backward()
+    assert seen == [(pass_, precision) for pass_ in ("fwd", "pre", "dkdv", "dq")]
+    assert C.get_config("fwd", 64, torch.float32, "ieee") == C._GPU_IEEE_TABLE[("fwd", 64, "ieee")]
+    assert C.get_config("fwd", 64, torch.float32, "tf32") == C._GPU_TABLE[("fwd", 64, "tf32")]
+    assert C.get_config("fwd", 64, torch.bfloat16, "ieee") == C._GPU_TABLE[("fwd", 64, "16-bit")]
