@@ -202,10 +202,11 @@ def environment(device):
         # Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1): their timings are not GPU speed
         "triton_interpreter": interpreting(),
         # BENCH_GIT_COMMIT: for copies of the tree that travel without .git (e.g. to a lent GPU machine)
-        "git_commit": (_run(["git", "rev-parse", "HEAD"]) if checkout and shutil.which("git") else None)
-        or os.environ.get("BENCH_GIT_COMMIT"),
+        # (first: a copy may sit inside some other repository, whose HEAD is not this tree's)
+        "git_commit": os.environ.get("BENCH_GIT_COMMIT")
+        or (_run(["git", "rev-parse", "HEAD"]) if checkout and shutil.which("git") else None),
     }
-    if env["git_commit"] and checkout:
+    if env["git_commit"] and checkout and not os.environ.get("BENCH_GIT_COMMIT"):
         env["git_dirty"] = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"]))
     try:
         import mmfast

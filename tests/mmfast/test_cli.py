@@ -84,7 +84,7 @@ def test_check_float64_runs_only_the_reference_and_passes():
     """Every family's float64 mode: backend='reference' in float64 against an independent float64 torch
     formulation (issue 12, item 3)."""
     _, results = check.run_checks("cpu", dtype=torch.float64)
-    assert {r.op for r in results} == set(OPS)
+    assert set(OPS) <= {r.op for r in results}, "every op of the registry has a float64 case"
     failed = [(r.op, r.backend, r.dtype, r.detail) for r in results if not r.passed]
     assert not failed, failed
     assert {r.backend for r in results} == {"reference"}
