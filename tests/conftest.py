@@ -26,6 +26,14 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture
+def matmul_precision():
+    """torch.set_float32_matmul_precision for one test; the setting is restored afterwards."""
+    saved = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device; the same logic runs on the CPU path in this suite")
     for item in items:

@@ -9,14 +9,6 @@ from mmfast.kernels import flash_attention
 from mmfast.kernels.reference import attention_reference
 
 
-@pytest.fixture
-def matmul_precision():
-    """Set torch's fp32 matmul precision for one test, restored afterwards."""
-    old = torch.get_float32_matmul_precision()
-    yield torch.set_float32_matmul_precision
-    torch.set_float32_matmul_precision(old)
-
-
 def _tf32(x):
     """Round fp32 to TF32 (10 mantissa bits, to nearest with ties away, as cvt.rna.tf32.f32), as float64."""
     bits = x.detach().float().contiguous().view(torch.int32)

@@ -218,14 +218,6 @@ def test_autocast_matches_the_eager_chain(op, backend):
         assert_close_by_rule(g, x, e, factor=factor, what=f"{op} {backend} {name} under autocast")
 
 
-@pytest.fixture
-def matmul_precision():
-    """torch.set_float32_matmul_precision for one test, restored afterwards."""
-    saved = torch.get_float32_matmul_precision()
-    yield torch.set_float32_matmul_precision
-    torch.set_float32_matmul_precision(saved)
-
-
 def _tf32(x):
     """x rounded to TF32 (10 mantissa bits, to nearest, ties away), as the tensor cores read fp32."""
     bits = x.view(torch.int32)

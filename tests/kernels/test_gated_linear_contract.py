@@ -106,13 +106,6 @@ def test_autocast_matches_eager_chain(device, backend, gate, residual_dtype):
 # fp32 matmul precision: torch.get_float32_matmul_precision(), read at launch
 
 
-@pytest.fixture
-def matmul_precision():
-    before = torch.get_float32_matmul_precision()
-    yield torch.set_float32_matmul_precision
-    torch.set_float32_matmul_precision(before)
-
-
 def _round_tf32(x):
     """fp32 -> TF32 (10 mantissa bits), round to nearest, ties away: what the kernels' TF32 dots do."""
     bits = x.float().contiguous().view(torch.int32)

@@ -116,13 +116,6 @@ def _fixed(device):
 # fp32 matmul precision
 
 
-@pytest.fixture
-def matmul_precision():
-    before = torch.get_float32_matmul_precision()
-    yield torch.set_float32_matmul_precision
-    torch.set_float32_matmul_precision(before)
-
-
 def _tf32(t):
     """Round fp32 values to TF32 (10 mantissa bits, to nearest, ties away), as cvt.rna.tf32.f32 does."""
     bits = t.to(torch.float32).view(torch.int32)
