@@ -14,7 +14,7 @@
 """
 import os
 
-from ._common import interpreting, warn_once  # noqa: F401  (re-exported: the families import them from here)
+from ._common import interpreting
 from ._registry import accelerated_backends
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "chunked", "reference")

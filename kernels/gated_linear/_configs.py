@@ -16,7 +16,6 @@ Every config compiles with 0 spills on Triton 3.6, 3.8 and 3.9 for sm_80 and sm_
 from dataclasses import dataclass
 
 import torch
-import triton.language as tl
 
 from .._common import DTYPE_NAMES, TL_DTYPES
 from .._registry import CompileSpec, derive_signature

@@ -101,7 +101,7 @@ def _float64_case(kind):
         grad = torch.randn(_eager(kind, **t, **extra).shape, generator=g, dtype=torch.float64)
         ours = _run(kind, t, extra, torch.float64, "cpu", "reference", grad)
         want = _run_eager(kind, t, extra, grad)
-        err = tol = 0.0
+        err = 0.0
         ok = True
         for o, w in zip(ours, want):
             scale = max(w.abs().max().item(), 1e-300)
@@ -127,7 +127,7 @@ def _case(kind, dtype, device):
         exact = _run(kind, quant, extra, torch.float64, "cpu", "reference", grad)
         ours = _run(kind, t, extra, dtype, device, "triton", grad)
         same = _run(kind, t, extra, dtype, device, "reference", grad)
-        err = tol = 0.0
+        err = 0.0
         ok = True
         for i, (o, e, s) in enumerate(zip(ours, exact, same)):
             factor = 2.0 if i == 0 else 3.0  # output 2x, gradients 3x PyTorch's error in dtype
