@@ -33,7 +33,6 @@ TRITON_DTYPES = tuple(TL_DTYPES)
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels work in base 2
-LN2 = 0.6931471805599453
 
 _TRUE = ("1", "true", "yes", "on", "y")
 

@@ -30,24 +30,26 @@ def _extension(with_cuda):
     return module, reason
 
 
-def unavailable_reason(backend, device):
-    """None when `backend` can run on tensors of `device` here, else the reason it cannot."""
-    if backend in ("reference", "chunked"):
-        return None
-    if backend == "triton":
-        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
-            return None
+def _device_reason(backend, device):
+    """None when tensors of `device` suit `backend` at all, else why not (the extension aside)."""
+    if backend == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
         return (f"needs CUDA tensors, or TRITON_INTERPRET=1 (set before importing mmfast.kernels) to run on the "
                 f"CPU through Triton's interpreter; got {device.type} tensors")
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"needs CUDA tensors, got {device.type} tensors"
-        return _extension(with_cuda=True)[1]
-    if backend == "cpp":
-        if device.type != "cpu":
-            return f"is the CPU C++ implementation and needs CPU tensors, got {device.type} tensors"
-        return _extension(with_cuda=False)[1]
-    return f"is not a backend; choose from {BACKENDS}"
+    if backend == "cuda" and device.type != "cuda":
+        return f"needs CUDA tensors, got {device.type} tensors"
+    if backend == "cpp" and device.type != "cpu":
+        return f"is the CPU C++ implementation and needs CPU tensors, got {device.type} tensors"
+    if backend not in BACKENDS:
+        return f"is not a backend; choose from {BACKENDS}"
+    return None
+
+
+def unavailable_reason(backend, device):
+    """None when `backend` can run on tensors of `device` here, else the reason it cannot."""
+    reason = _device_reason(backend, device)
+    if reason is None and backend in ("cuda", "cpp"):
+        reason = _extension(with_cuda=backend == "cuda")[1]
+    return reason
 
 
 def auto_backend(op, device):
@@ -79,12 +81,8 @@ def resolve_backend(op, backend, device):
         return auto_backend(op, device)
     if backend not in choices:
         raise ValueError(f"{op}: backend {backend!r} is not implemented; choose from {choices}")
-    if backend in ("triton", "reference", "chunked"):
-        reason = unavailable_reason(backend, device)
-        if reason:
-            raise ValueError(f"{op}: backend={backend!r} {reason}")
-    elif backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got device {device}")
-    elif backend == "cpp" and device.type != "cpu":
-        raise ValueError(f"{op}: backend='cpp' is the CPU C++ implementation and needs CPU tensors, got {device}")
+    # the extension itself is the op's to resolve (it may build it, or fall back with a warning)
+    reason = _device_reason(backend, device)
+    if reason:
+        raise ValueError(f"{op}: backend={backend!r} {reason}")
     return backend
