@@ -216,7 +216,7 @@ def autocast_op(*names):
     in `names` (a tensor, or a list / tuple of tensors) that is not float64 is cast to the autocast
     dtype — what torch's autocast does for "lower precision" ops such as ``F.linear``, ``F.conv2d`` and
     ``F.scaled_dot_product_attention`` — and the op body runs with autocast off, so its own dtype rules
-    (outputs, reductions) decide the rest. Off autocast it costs one check per call.
+    (outputs, reductions) decide the rest. Off autocast it costs two flag reads per call.
     """
 
     def wrap(fn):
@@ -224,6 +224,9 @@ def autocast_op(*names):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            # the common case first: no autocast anywhere, no argument binding on the hot path
+            if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+                return fn(*args, **kwargs)
             bound = sig.bind(*args, **kwargs)
             device_type = None
             for name in names:
