@@ -1,0 +1,57 @@
+"""Swap mmfast's kernels into models users already have: `patch`, `unpatch`, `verify`.
+
+Each integration (``mmfast.swap.transformers``, ``.timm``, ``.open_clip``) is a module with
+``NAME``, ``claims(model) -> bool`` (is this model one of ours to patch; cheap, imports nothing heavy)
+and ``patch(model, options, state)`` which swaps per instance through ``_core.set_instance_attr`` /
+``replace_forward``, records rows in ``state.report`` and undo steps in ``state.undo``.
+"""
+import importlib
+
+from ._core import SwapOptions, SwapReport, SwapRow, check_model, model_name, patch_state, begin, unpatch_model
+
+INTEGRATIONS = ("transformers", "timm", "open_clip")
+
+__all__ = ["SwapOptions", "SwapReport", "SwapRow", "patch", "unpatch"]
+
+
+def _integration(name):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def patch(model, *, attention=True, patch_embed=True, gated=True, loss=True, ema=True, backend="auto"):
+    """Swap mmfast kernels into `model` in place (per instance) and return a `SwapReport`.
+
+    Parameters, buffers and ``state_dict`` keys stay the same objects, so optimisers and PEFT / LoRA
+    wrappers keep working. Idempotent: patching a patched model with the same options returns its report;
+    with other options it is unpatched first. A model no integration claims is left unchanged, with the
+    reason in the report's ``message``. `unpatch` undoes everything.
+    """
+    check_model(model)
+    options = SwapOptions(attention, patch_embed, gated, loss, ema, backend)
+    state = patch_state(model)
+    if state is not None:
+        if state.options == options:
+            return state.report
+        unpatch_model(model)
+    report = SwapReport(model_name(model))
+    for name in INTEGRATIONS:
+        integration = _integration(name)
+        if integration.claims(model):
+            report.integration = name
+            state = begin(model, report, options)
+            try:
+                integration.patch(model, options, state)
+            except BaseException:
+                unpatch_model(model)  # never half-patched
+                raise
+            return report
+    report.message = (f"{report.model} is not a model mmfast knows how to patch (integrations: "
+                      f"{', '.join(INTEGRATIONS)}); nothing was changed")
+    return report
+
+
+def unpatch(model):
+    """Undo `patch`: every swapped module and setting back to its original. Returns whether the model
+    was patched."""
+    check_model(model)
+    return unpatch_model(model)

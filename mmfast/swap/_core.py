@@ -1,0 +1,155 @@
+"""Per-instance swapping: what every integration (transformers, timm, open_clip) shares.
+
+A swap never touches a class or a module-level function of torch or of the integrated library: it sets
+attributes on one instance (``module.forward`` in the instance ``__dict__``, a config field) and records
+how to undo each, so `unpatch` restores the model exactly and a model built afterwards is untouched.
+Parameters, buffers and ``state_dict`` keys are never replaced.
+"""
+import dataclasses
+import types
+
+import torch
+
+_SAVED = "_mmfast_saved"      # on a swapped module: {attribute: original instance value or _MISSING}
+_STATE = "_mmfast_patch"      # on a patched model: the PatchState
+_MISSING = object()
+
+
+@dataclasses.dataclass
+class SwapRow:
+    """One module the swap looked at: where it is, what ran there, what runs now (or why nothing)."""
+    path: str
+    was: str
+    now: str
+    note: str = ""
+
+
+@dataclasses.dataclass
+class SwapReport:
+    """What `mmfast.patch` did to one model.
+
+    ``swapped`` lists the modules that now run mmfast kernels, ``left`` the ones looked at and left
+    alone with the reason, ``fallbacks`` counts calls that a swapped module handed back to the original
+    path at run time (a mask or option mmfast cannot express), keyed by reason.
+    """
+    model: str
+    integration: str = ""
+    swapped: list = dataclasses.field(default_factory=list)
+    left: list = dataclasses.field(default_factory=list)
+    fallbacks: dict = dataclasses.field(default_factory=dict)
+    message: str = ""
+
+    def add(self, path, was, now, note=""):
+        self.swapped.append(SwapRow(path, was, now, note))
+
+    def leave(self, path, was, why):
+        self.left.append(SwapRow(path, was, "unchanged", why))
+
+    def count_fallback(self, reason):
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+
+    def __str__(self):
+        lines = [f"mmfast.patch({self.model}): {len(self.swapped)} swapped, {len(self.left)} left alone"
+                 + (f" [{self.integration}]" if self.integration else "")]
+        if self.message:
+            lines.append(self.message)
+        width = max((len(r.path) for r in self.swapped + self.left), default=0)
+        for r in self.swapped:
+            lines.append(f"  {r.path or '<model>':<{width}}  {r.was} -> {r.now}" + (f"  ({r.note})" if r.note else ""))
+        for r in self.left:
+            lines.append(f"  {r.path or '<model>':<{width}}  {r.was}: left alone, {r.note}")
+        for reason, n in self.fallbacks.items():
+            lines.append(f"  fallback to the original path, {n} call(s): {reason}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapOptions:
+    """Which families `mmfast.patch` swaps in, and the backend the swapped modules pass to the kernels."""
+    attention: bool = True
+    patch_embed: bool = True
+    gated: bool = True
+    loss: bool = True
+    ema: bool = True
+    backend: str = "auto"
+
+
+@dataclasses.dataclass
+class PatchState:
+    report: SwapReport
+    options: SwapOptions
+    undo: list = dataclasses.field(default_factory=list)   # callables, run last-in first-out
+
+
+def set_instance_attr(module, name, value):
+    """Set ``module.<name> = value`` on this instance only, remembering the original for `restore`."""
+    saved = module.__dict__.setdefault(_SAVED, {})
+    if name not in saved:
+        saved[name] = module.__dict__.get(name, _MISSING)
+    object.__setattr__(module, name, value)
+
+
+def replace_forward(module, forward):
+    """Run ``forward(module, *args, **kwargs)`` for this instance's calls (bound like a method)."""
+    set_instance_attr(module, "forward", types.MethodType(forward, module))
+
+
+def original(module, name="forward"):
+    """The attribute as it was before the swap (the class's bound method for ``forward``)."""
+    saved = module.__dict__.get(_SAVED, {})
+    value = saved.get(name, _MISSING)
+    if value is _MISSING:
+        return getattr(type(module), name).__get__(module, type(module))
+    return value
+
+
+def is_swapped(module):
+    return bool(module.__dict__.get(_SAVED))
+
+
+def restore(module):
+    """Undo every `set_instance_attr` on this module."""
+    saved = module.__dict__.pop(_SAVED, {})
+    for name, value in saved.items():
+        if value is _MISSING:
+            module.__dict__.pop(name, None)
+        else:
+            object.__setattr__(module, name, value)
+
+
+def patch_state(model):
+    return model.__dict__.get(_STATE)
+
+
+def begin(model, report, options):
+    state = PatchState(report, options)
+    model.__dict__[_STATE] = state
+    return state
+
+
+def unpatch_model(model):
+    """Restore every swapped module of `model` and run the integration's undo steps. Returns whether
+    anything was patched."""
+    state = model.__dict__.pop(_STATE, None)
+    for module in model.modules():
+        restore(module)
+    if state is not None:
+        for step in reversed(state.undo):
+            step()
+    return state is not None
+
+
+def module_path(model, target):
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise ValueError("module not found in model")
+
+
+def model_name(model):
+    return type(model).__module__.split(".")[0] + "." + type(model).__qualname__
+
+
+def check_model(model):
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"mmfast.patch: model must be a torch.nn.Module, got {type(model).__name__}")
