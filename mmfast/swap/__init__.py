@@ -8,10 +8,11 @@ and ``patch(model, options, state)`` which swaps per instance through ``_core.se
 import importlib
 
 from ._core import SwapOptions, SwapReport, SwapRow, check_model, model_name, patch_state, begin, unpatch_model
+from .verify import verify  # binds the function over the submodule's name: mmfast.swap.verify is the function
 
 INTEGRATIONS = ("transformers", "timm", "open_clip")
 
-__all__ = ["SwapOptions", "SwapReport", "SwapRow", "patch", "unpatch"]
+__all__ = ["SwapOptions", "SwapReport", "SwapRow", "patch", "unpatch", "verify"]
 
 
 def _integration(name):

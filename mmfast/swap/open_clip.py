@@ -357,3 +357,39 @@ def _siglip_loss_forward(self, image_features, text_features, logit_scale, logit
     loss = siglip_loss(image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias,
                        log_scale=False, max_scale=None, group=group, backend=self._mmfast_backend)
     return {"contrastive_loss": loss} if output_dict else loss
+
+
+# --- inputs for mmfast.verify ------------------------------------------------------------------------------
+
+def example_inputs(model, *, seed=0, batch=2):
+    """Inputs for `mmfast.verify`: images at the tower's size and / or token ids (one row padded after its
+    middle), or features, scale (and bias) for the losses."""
+    from open_clip.loss import ClipLoss, SigLipLoss
+
+    from .timm import _dtype_device
+
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(model, (ClipLoss, SigLipLoss)):
+        a, b = (F.normalize(torch.randn(2 * batch, 16, generator=g), dim=-1) for _ in range(2))
+        if isinstance(model, SigLipLoss):
+            return a, b, torch.tensor(10.0), torch.tensor(-10.0)
+        return a, b, torch.tensor(1 / 0.07)
+    dtype, device = _dtype_device(model)
+    visual = getattr(model, "visual", model if hasattr(model, "conv1") or hasattr(model, "trunk") else None)
+    text = getattr(model, "text", model)
+    length = getattr(model, "context_length", getattr(text, "context_length", None))
+    vocab = getattr(model, "vocab_size", getattr(text, "vocab_size", None))
+    inputs = []
+    if visual is not None:
+        size = getattr(visual, "image_size", None)
+        size = (size, size) if isinstance(size, int) else tuple(size or ())
+        if len(size) != 2:
+            raise ValueError(f"mmfast.verify: cannot tell {type(visual).__name__}'s image size; pass inputs=")
+        inputs.append(torch.randn(batch, 3, *size, generator=g).to(device, dtype))
+    if length is not None and vocab is not None and (visual is None or hasattr(model, "visual")):
+        ids = torch.randint(1, vocab, (batch, length), generator=g)
+        ids[0, length // 2 + 1:] = getattr(text, "pad_id", 0)
+        inputs.append(ids.to(device))
+    if not inputs:
+        raise ValueError(f"mmfast.verify: cannot generate inputs for {type(model).__name__}; pass inputs=")
+    return tuple(inputs)

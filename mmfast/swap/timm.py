@@ -353,3 +353,26 @@ def _ema_apply_update_no_buffers_(self, model, decay):
     _ema_lerp(self, list(self.module.parameters()), list(model.parameters()), decay)
     for ema_b, model_b in zip(self.module.buffers(), model.buffers()):
         ema_b.copy_(model_b.to(device=self.device))
+
+
+# --- inputs for mmfast.verify ------------------------------------------------------------------------------
+
+def _dtype_device(model):
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    return (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+
+
+def example_inputs(model, *, seed=0, batch=2):
+    """(images,) at the model's input size, in its dtype and on its device, for `mmfast.verify`."""
+    _, PatchEmbed, _, ModelEmaV3 = _timm_classes()
+    net = model.module if isinstance(model, ModelEmaV3) else model
+    embed = next((m for m in net.modules() if isinstance(m, PatchEmbed)), None)
+    if embed is not None and embed.img_size is not None:
+        shape = (embed.proj.in_channels, *embed.img_size)
+    else:
+        shape = tuple((getattr(net, "pretrained_cfg", None) or {}).get("input_size", ()))
+    if len(shape) != 3:
+        raise ValueError(f"mmfast.verify: cannot tell {type(net).__name__}'s input size; pass inputs=")
+    dtype, device = _dtype_device(net)
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, *shape, generator=g).to(device, dtype),)
