@@ -77,7 +77,7 @@ def patch(model, options, state):
             set_instance_attr(module, "forward", replace)
             report.add(path, "nn.MultiheadAttention", "mmfast flash_attention",
                        "causal buffer verified" if owner is not None else "")
-        elif isinstance(module, TextTransformer) and options.attention:
+        elif isinstance(module, TextTransformer) and options.attention and hasattr(type(module), "_embeds"):
             _configure(module, options, report)
             set_instance_attr(module, "_mmfast_causal", causal_owners.get(path))
             set_instance_attr(module, "_mmfast_pad", _PadMask())
@@ -179,12 +179,13 @@ def _text_embeds(self, text):
     x, mask = original(self, "_embeds")(text)
     pad = self._mmfast_pad
     pad.mask = _nothing
-    if mask is not None and mask is not self.attn_mask and (self.use_pad_mask or self.cls_emb is not None):
+    if mask is not None and mask is not self.attn_mask and (getattr(self, "use_pad_mask", False)
+                                                            or self.cls_emb is not None):
         # what open_clip's _build_additive_mask encodes, read from the same token ids
         valid = text != self.pad_id
         if self.cls_emb is not None:
             ones = valid.new_ones(valid.shape[0], 1)
-            valid = torch.cat([valid, ones] if self.correct_cls_mask else [ones, valid], 1)
+            valid = torch.cat([valid, ones] if getattr(self, "correct_cls_mask", False) else [ones, valid], 1)
         causal = self.attn_mask is not None
         if causal and (self._mmfast_causal is None or not self._mmfast_causal.ok()):
             return x, mask
@@ -264,6 +265,8 @@ def _mha_forward(self, query, key, value, key_padding_mask=None, need_weights=Tr
 # --- visual patch embedding --------------------------------------------------------------------------------
 
 def _visual_blocker(vit):
+    if not hasattr(type(vit), "_embeds"):
+        return "open_clip < 3.0: no VisionTransformer._embeds to swap"
     conv = vit.conv1
     k = tuple(conv.kernel_size)
     if type(conv) is not torch.nn.Conv2d or k[0] != k[1] or tuple(conv.stride) != k or tuple(conv.padding) != (0, 0) \

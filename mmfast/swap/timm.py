@@ -83,7 +83,10 @@ def swap_modules(root, prefix, options, report):
     for path, module in root.named_modules():
         full = prefix + path
         if isinstance(module, Attention) and type(module).forward is Attention.forward:
-            if options.attention:
+            unknown = set(module._modules) - _ATTENTION_PARTS
+            if unknown:  # a timm release that added a feature this swap does not reproduce
+                report.leave(full, "timm Attention", f"unknown parts {sorted(unknown)}")
+            elif options.attention:
                 _configure(module, options, report)
                 set_instance_attr(module, "forward", types.MethodType(_attention_forward, module))
                 report.add(full, "timm Attention (SDPA)", "mmfast flash_attention")
@@ -100,6 +103,9 @@ def swap_modules(root, prefix, options, report):
                 report.leave(full, f"timm {type(module).__name__}", why)
         elif _library(module) == "timm" and "Attention" in type(module).__name__:
             report.leave(full, f"timm {type(module).__name__}", "not in the swap table (its own attention code)")
+
+
+_ATTENTION_PARTS = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"}
 
 
 def _configure(module, options, report):
@@ -321,7 +327,8 @@ def _swap_ema(ema, options, report):
 def _ema_lerp(ema, ema_values, model_values, decay):
     from mmfast.kernels import ema_update_
 
-    rounded = [i for i, e in enumerate(ema_values) if ema.stochastic_rounding and e.dtype == torch.bfloat16]
+    stochastic = getattr(ema, "stochastic_rounding", False)  # timm >= 1.0.2x
+    rounded = [i for i, e in enumerate(ema_values) if stochastic and e.dtype == torch.bfloat16]
     if rounded:  # timm's stochastic rounding has no mmfast counterpart; it keeps its own RNG stream
         ema._foreach_lerp_([ema_values[i] for i in rounded], [model_values[i] for i in rounded], weight=1. - decay)
         keep = sorted(set(range(len(ema_values))) - set(rounded))
