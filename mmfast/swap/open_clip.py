@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ._core import original, set_instance_attr
-from .timm import _configure, _fallback, _library
+from .timm import _configure, _fallback, _library, join
 
 NAME = "open_clip"
 
@@ -60,7 +60,7 @@ def patch(model, options, state):
             if ctx.ok():
                 causal_owners[path] = ctx
             else:
-                report.leave(path + ".attn_mask", "float mask buffer", "not the causal mask: masks run torch's path")
+                report.leave(join(path, "attn_mask"), "float mask buffer", "not the causal mask: masks run torch's path")
     for path, module in model.named_modules():
         if isinstance(module, torch.nn.MultiheadAttention) and type(module).forward is torch.nn.MultiheadAttention.forward:
             if not options.attention:
@@ -85,15 +85,15 @@ def patch(model, options, state):
         elif isinstance(module, VisionTransformer):
             why = _visual_blocker(module) if options.patch_embed else "patch_embed=False"
             if why:
-                report.leave(path + ".conv1", "open_clip conv1 + class/positional embedding", why)
+                report.leave(join(path, "conv1"), "open_clip conv1 + class/positional embedding", why)
                 continue
             _configure(module, options, report)
             set_instance_attr(module, "_embeds", types.MethodType(_visual_embeds, module))
-            report.add(path + ".conv1", "open_clip conv1 + class/positional embedding", "mmfast patch_embed")
+            report.add(join(path, "conv1"), "open_clip conv1 + class/positional embedding", "mmfast patch_embed")
         elif isinstance(module, (ClipLoss, SigLipLoss)):
             _swap_loss(path, module, options, report, ClipLoss, SigLipLoss)
         elif isinstance(module, TimmModel):
-            timm_swap.swap_modules(module.trunk, path + ".trunk.", options, report)
+            timm_swap.swap_modules(module.trunk, join(path, "trunk."), options, report)
         elif type(module).__name__ == "HFTextEncoder":
             report.leave(path, "open_clip HFTextEncoder", "a transformers model: patch it with the transformers "
                          "integration (mmfast.patch(model.text.transformer))")

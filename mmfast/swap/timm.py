@@ -37,6 +37,10 @@ def _timm_classes():
     return Attention, PatchEmbed, VisionTransformer, ModelEmaV3
 
 
+def join(path, name):
+    return f"{path}.{name}" if path else name
+
+
 def _library(obj):
     return type(obj).__module__.split(".")[0]
 
@@ -76,10 +80,10 @@ def swap_modules(root, prefix, options, report):
             if why is None:
                 _swap_vit_embed(module, options, report)
                 fused_embeds.add(id(module.patch_embed))
-                report.add(prefix + path + ("." if path else "") + "patch_embed", "timm PatchEmbed + _pos_embed",
+                report.add(prefix + join(path, "patch_embed"), "timm PatchEmbed + _pos_embed",
                            "mmfast patch_embed", "conv, positions, prefix tokens in one launch")
             else:
-                report.leave(prefix + path + ("." if path else "") + "_pos_embed", "timm _pos_embed", why)
+                report.leave(prefix + join(path, "_pos_embed"), "timm _pos_embed", why)
     for path, module in root.named_modules():
         full = prefix + path
         if isinstance(module, Attention) and type(module).forward is Attention.forward:
