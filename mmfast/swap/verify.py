@@ -68,7 +68,7 @@ class VerifyResult:
 
 
 def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=True, gated=True, loss=True, ema=True,
-           train=False, seed=0, file=sys.stdout):
+           train=False, seed=0, quiet=False, file=None):
     """Run `model` unpatched and patched on `inputs`, forward and backward, and compare both with float64.
 
     Args:
@@ -80,7 +80,7 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
         train: run in training mode (dropout and the like active: the three runs then differ by their random
             draws; the default runs in eval mode).
         seed: seeds the generated inputs and the backward's output weights.
-        file: where the result is printed (None: not printed).
+        quiet: do not print the result; file: where it is printed (default: sys.stdout at call time).
 
     Returns a `VerifyResult` (``.passed``, ``.rows``, ``.report``, ``.modules``; ``str()`` is what is printed).
     A model no integration claims gets its report's message and no rows (``passed`` is False).
@@ -92,6 +92,8 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
         raise ValueError(f"mmfast.verify: inputs must be a tensor, a tuple / list or a dict, got {type(inputs).__name__}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"mmfast.verify: seed must be an int, got {seed!r}")
+    if not isinstance(quiet, bool):
+        raise ValueError(f"mmfast.verify: quiet must be True or False, got {quiet!r}")
     if not isinstance(train, bool):
         raise ValueError(f"mmfast.verify: train must be True or False, got {train!r}")
     work = copy.deepcopy(model)
@@ -103,14 +105,15 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
     result = VerifyResult(report)
     if not report.integration:
         result.message = "nothing to verify: the model is not patched"
-        return _emit(result, file)
+        return _emit(result, quiet, file)
     del probe
     if inputs is None:
         from . import _integration
 
         integration = _integration(report.integration)
         if not hasattr(integration, "example_inputs"):
-            raise ValueError(f"mmfast.verify: the {report.integration} integration generates no inputs; pass inputs=")
+            raise ValueError(f"mmfast.verify: the {report.integration} integration generates no inputs for "
+                             f"{report.model}; pass inputs=")
         inputs = integration.example_inputs(work, seed=seed)
     args, kwargs = _split(inputs)
     reference = copy.deepcopy(work).to(torch.float64)
@@ -125,12 +128,12 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
     result.rows = _compare(ref, base, ours)
     if not result.rows:
         result.message = "the model returned no floating output and no gradient to compare"
-    return _emit(result, file)
+    return _emit(result, quiet, file)
 
 
-def _emit(result, file):
-    if file is not None:
-        print(result, file=file)
+def _emit(result, quiet, file):
+    if not quiet:
+        print(result, file=file if file is not None else sys.stdout)
     return result
 
 
