@@ -150,3 +150,14 @@ def test_model_ema_v3_inner_model_is_patched_too():
     ema = ModelEmaV3(vit())
     report = mmfast.patch(ema, backend="reference")
     assert {r.path for r in report.swapped} == {"", "module.patch_embed", "module.blocks.0.attn"}
+
+
+def test_forward_intermediates_fuses_the_embedding_too():
+    model = vit(reg_tokens=1)
+    x = images()
+    ref = model.forward_intermediates(x, return_prefix_tokens=True)
+    mmfast.patch(model, backend="reference")
+    out = model.forward_intermediates(x, return_prefix_tokens=True)
+    assert (out[0] - ref[0]).abs().max().item() <= 1e-12
+    for (o, p), (r, q) in zip(out[1], ref[1]):
+        assert (o - r).abs().max().item() <= 1e-12 and (p - q).abs().max().item() <= 1e-12
