@@ -16,8 +16,8 @@ NAME = "timm"
 TABLE = (
     ("timm.layers.Attention (VisionTransformer blocks)", "mmfast.kernels.flash_attention",
      "fused qkv read in place, q/k norm, gate, scale_norm kept; attn_mask None, is_causal, or a bool key-padding "
-     "mask (B, 1, 1, N) run the kernel; other masks and attention dropout while training call timm's forward "
-     "(counted as a fallback)"),
+     "mask (B, 1, 1, N) run the kernel (a query row whose keys are all masked gets 0 where SDPA gives NaN); "
+     "other masks and attention dropout while training call timm's forward (counted as a fallback)"),
     ("timm.layers.PatchEmbed + VisionTransformer._pos_embed", "mmfast.kernels.patch_embed",
      "inside forward_features / forward_intermediates: conv + bias + position table (resampled for "
      "dynamic_img_size, dynamic_img_pad) + [CLS] in one launch, register tokens and no_embed_class handled; "
@@ -53,7 +53,8 @@ def claims(model):
         return True
     if root in ("transformers", "open_clip"):
         return False
-    return any(_library(m) == "timm" for m in model.modules())
+    libraries = {_library(m) for m in model.modules()}
+    return "timm" in libraries and "open_clip" not in libraries  # open_clip's integration handles its timm towers
 
 
 def patch(model, options, state):
@@ -133,8 +134,9 @@ def _attention_blocker(module, x, attn_mask, is_causal):
     if is_causal:
         return "attn_mask together with is_causal"
     B, N = x.shape[0], x.shape[1]
-    if attn_mask.dtype != torch.bool or tuple(attn_mask.shape) not in ((B, 1, 1, N), (B, 1, N), (B, N)):
-        return f"attn_mask {attn_mask.dtype} {tuple(attn_mask.shape)} is not a bool key-padding mask"
+    # only (B, 1, 1, N) broadcasts over heads and queries as a key mask (SDPA aligns shapes from the right)
+    if attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != (B, 1, 1, N):
+        return f"attn_mask {attn_mask.dtype} {tuple(attn_mask.shape)} is not a bool key-padding mask (B, 1, 1, N)"
     return None
 
 
