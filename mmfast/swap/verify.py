@@ -72,7 +72,8 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
     """Run `model` unpatched and patched on `inputs`, forward and backward, and compare both with float64.
 
     Args:
-        model: any nn.Module; it is not modified (the runs use deep copies).
+        model: any nn.Module; it is not modified (the runs use deep copies; a patched model is unpatched for the
+            copy and patched again with the same options, which gives it a new report).
         inputs: a tensor (one positional argument), a tuple / list (positional arguments) or a dict (keyword
             arguments); None: the claiming integration's ``example_inputs(model)`` (images at the model's size,
             token ids with a padded row for text towers).
@@ -96,8 +97,16 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
         raise ValueError(f"mmfast.verify: quiet must be True or False, got {quiet!r}")
     if not isinstance(train, bool):
         raise ValueError(f"mmfast.verify: train must be True or False, got {train!r}")
-    work = copy.deepcopy(model)
-    unpatch(work)
+    state = _core.patch_state(model)
+    if state is not None:
+        # a deep copy would share the patch's undo steps with `model`: unpatch the model itself, copy, patch again
+        unpatch(model)
+        try:
+            work = copy.deepcopy(model)
+        finally:
+            patch(model, **dataclasses.asdict(state.options))
+    else:
+        work = copy.deepcopy(model)
     work.train(train)
     probe = copy.deepcopy(work)
     report = patch(probe, attention=attention, patch_embed=patch_embed, gated=gated, loss=loss, ema=ema,

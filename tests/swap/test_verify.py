@@ -100,3 +100,12 @@ def test_verify_validates_its_arguments():
         mmfast.verify(vit(), inputs=3)
     with pytest.raises(ValueError, match="seed"):
         mmfast.verify(vit(), seed=1.5)
+
+
+def test_verify_a_patched_model_compares_against_the_unpatched_one():
+    model = vit()
+    mmfast.patch(model, attention=False, backend="reference")
+    result = mmfast.verify(model, backend="reference", quiet=True)
+    assert result.passed and {row[0] for row in result.modules} == {"<model>", "patch_embed", "blocks.0.attn"}
+    state = mmfast.swap._core.patch_state(model)
+    assert state is not None and not state.options.attention  # patched again as the user had it
