@@ -60,9 +60,11 @@ def patch(model, options, state):
             if ctx.ok():
                 causal_owners[path] = ctx
             else:
-                report.leave(join(path, "attn_mask"), "float mask buffer", "not the causal mask: masks run torch's path")
+                report.leave(join(path, "attn_mask"), "float mask buffer",
+                             "not the causal mask: masks run torch's path")
     for path, module in model.named_modules():
-        if isinstance(module, torch.nn.MultiheadAttention) and type(module).forward is torch.nn.MultiheadAttention.forward:
+        MHA = torch.nn.MultiheadAttention
+        if isinstance(module, MHA) and type(module).forward is MHA.forward:
             if not options.attention:
                 report.leave(path, "nn.MultiheadAttention", "attention=False")
                 continue

@@ -90,7 +90,8 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
 
     _core.check_model(model)
     if inputs is not None and not isinstance(inputs, (torch.Tensor, tuple, list, dict)):
-        raise ValueError(f"mmfast.verify: inputs must be a tensor, a tuple / list or a dict, got {type(inputs).__name__}")
+        raise ValueError("mmfast.verify: inputs must be a tensor, a tuple / list or a dict, got "
+                         f"{type(inputs).__name__}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"mmfast.verify: seed must be an int, got {seed!r}")
     if not isinstance(quiet, bool):
@@ -219,12 +220,14 @@ def _max_error(tensors, refs):
 
 
 def _row(kind, name, ours, base, ref, factor):
-    bad_nan = sum(int((torch.isnan(t.double().cpu()) & ~torch.isnan(r.double().cpu())).sum()) for t, r in zip(ours, ref))
+    bad_nan = sum(int((torch.isnan(t.double().cpu()) & ~torch.isnan(r.double().cpu())).sum())
+                  for t, r in zip(ours, ref))
     err, torch_err = _max_error(ours, ref), _max_error(base, ref)
     dtype = ours[0].dtype
     tol = factor * torch_err + floor(dtype)
     note = f"{bad_nan} NaN the float64 run lacks" if bad_nan else ""
-    return VerifyRow(kind, name, str(dtype).replace("torch.", ""), err, torch_err, tol, err <= tol and not bad_nan, note)
+    passed = err <= tol and not bad_nan
+    return VerifyRow(kind, name, str(dtype).replace("torch.", ""), err, torch_err, tol, passed, note)
 
 
 def _compare(ref, base, ours):
@@ -304,7 +307,8 @@ class _Counting:
             rows.append((path, ", ".join(self.saved[key]), self.calls[key],
                          ", ".join(f"{n} x{c}" for n, c in sorted(ops.items())) or "-"))
         if "(backward)" in self.ops:
-            rows.append(("(backward)", "", "", ", ".join(f"{n} x{c}" for n, c in sorted(self.ops["(backward)"].items()))))
+            backward = sorted(self.ops["(backward)"].items())
+            rows.append(("(backward)", "", "", ", ".join(f"{n} x{c}" for n, c in backward)))
         return rows
 
 

@@ -21,7 +21,8 @@ def clip(**vision):
 
 def text_tower(**kw):
     torch.manual_seed(0)
-    return TextTransformer(context_length=L, vocab_size=VOCAB, width=32, heads=2, layers=1, output_dim=16, **kw).double()
+    return TextTransformer(context_length=L, vocab_size=VOCAB, width=32, heads=2, layers=1, output_dim=16,
+                           **kw).double()
 
 
 def inputs():
