@@ -120,7 +120,7 @@ def main(argv=None):
 
         return check_main(rest)
     if command == "verify":
-        from .swap.verify_cli import main as verify_main
+        from .verify_cli import main as verify_main
 
         return verify_main(rest)
     if command == "bench":

@@ -7,7 +7,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import mmfast
 from mmfast.swap import timm as timm_swap
-from mmfast.swap.verify_cli import main, parse_overrides
+from mmfast.verify_cli import main, parse_overrides
 
 
 def vit(dtype=torch.float32):

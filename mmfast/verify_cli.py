@@ -1,5 +1,6 @@
 """`python -m mmfast verify MODEL_OR_CONFIG`: build a model (random weights unless a checkpoint is given), then
-`mmfast.verify` it: unpatched vs patched vs float64, forward and backward, and what ran where.
+`mmfast.verify` it: unpatched vs patched vs float64, forward and backward, and what ran where. Lives outside
+mmfast.swap (which imports torch) so that `--help` imports nothing heavy.
 
 MODEL_OR_CONFIG is, in this order: a local directory (a Hugging Face config, with or without weights), a timm
 model name (``timm.list_models()``), an open_clip model name (``open_clip.list_models()``), or a Hugging Face
@@ -139,7 +140,7 @@ def main(argv=None):
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    from .verify import verify
+    from .swap.verify import verify
 
     try:
         result = verify(model, backend=args.backend, seed=args.seed, train=args.train)
