@@ -79,11 +79,14 @@ def patch(model, options, state):
             set_instance_attr(module, "forward", replace)
             report.add(path, "nn.MultiheadAttention", "mmfast flash_attention",
                        "causal buffer verified" if owner is not None else "")
-        elif isinstance(module, TextTransformer) and options.attention and hasattr(type(module), "_embeds"):
+        elif isinstance(module, TextTransformer) and options.attention and hasattr(type(module), "_embeds") and (
+                getattr(module, "use_pad_mask", False) or module.cls_emb is not None):
             _configure(module, options, report)
             set_instance_attr(module, "_mmfast_causal", causal_owners.get(path))
             set_instance_attr(module, "_mmfast_pad", _PadMask())
             set_instance_attr(module, "_embeds", types.MethodType(_text_embeds, module))
+            report.add(join(path, "_embeds"), "open_clip TextTransformer pad / [CLS] mask",
+                       "key_padding_mask for flash_attention", "the additive mask is still built, for anyone else")
         elif isinstance(module, VisionTransformer):
             why = _visual_blocker(module) if options.patch_embed else "patch_embed=False"
             if why:

@@ -20,8 +20,9 @@ TABLE = (
      "other masks and attention dropout while training call timm's forward (counted as a fallback)"),
     ("timm.layers.PatchEmbed + VisionTransformer._pos_embed", "mmfast.kernels.patch_embed",
      "inside forward_features / forward_intermediates: conv + bias + position table (resampled for "
-     "dynamic_img_size, dynamic_img_pad) + [CLS] in one launch, register tokens and no_embed_class handled; "
-     "PatchEmbed called on its own: conv + bias through the kernel, then timm's norm and output format"),
+     "dynamic_img_size, dynamic_img_pad) + [CLS] in one launch, register tokens and no_embed_class handled "
+     "(forward hooks on patch_embed see those tokens there); PatchEmbed called on its own: conv + bias through "
+     "the kernel, then timm's norm and output format"),
     ("timm.utils.ModelEmaV3.apply_update_ / apply_update_no_buffers_", "mmfast.kernels.ema_update_",
      "same-dtype pairs bit-identical to timm's _foreach_lerp_; bf16 EMA tensors with stochastic_rounding stay "
      "on timm's stochastic rounding; an EMA on another device (foreach off) runs timm's loop"),
