@@ -161,3 +161,11 @@ def test_forward_intermediates_fuses_the_embedding_too():
     assert (out[0] - ref[0]).abs().max().item() <= 1e-12
     for (o, p), (r, q) in zip(out[1], ref[1]):
         assert (o - r).abs().max().item() <= 1e-12 and (p - q).abs().max().item() <= 1e-12
+
+
+def test_an_attention_with_parts_we_do_not_know_is_left_alone():
+    model = vit()
+    model.blocks[0].attn.rope = torch.nn.Identity()  # as a future timm feature would appear
+    report = mmfast.patch(model, backend="reference")
+    assert [(r.path, r.note) for r in report.left] == [("blocks.0.attn", "unknown parts ['rope']")]
+    assert not forward_is_swapped(model.blocks[0].attn)
