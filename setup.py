@@ -84,6 +84,10 @@ setup(
         # timm and open_clip: the tests compare against their PatchEmbed / position resampling / ClipLoss
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch"],
         "hf": ["transformers", "timm", "open_clip_torch"],
+        # mmfast.patch's timm / open_clip integrations (mmfast/swap/timm.py, open_clip.py): tested with timm
+        # 1.0.31 and open_clip_torch 3.3.0; a module whose layout differs from the swap table is left alone
+        "timm": ["timm>=1.0,<1.1"],
+        "open_clip": ["open_clip_torch>=3.0,<3.4", "timm>=1.0,<1.1"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,4 +1,4 @@
-"""mmfast command line: `python -m mmfast {info,check,compile-report,bench}`.
+"""mmfast command line: `python -m mmfast {info,check,compile-report,bench,verify}`.
 
 Nothing heavy is imported before a subcommand has parsed its arguments, so `--help` answers at once.
 """
@@ -10,6 +10,7 @@ COMMANDS = {
     "check": "run every op against its reference on this device and print a table (exit 1 on failure)",
     "compile-report": "compile every Triton kernel config and csrc/*.cu for sm_80/sm_90; fail on spills",
     "bench": "the benchmark suites (mmfast.benchmarks; `python -m benchmarks` in a source checkout)",
+    "verify": "build a model (HF config dir, timm / open_clip name), patch it, compare with the unpatched run",
 }
 
 
@@ -118,6 +119,10 @@ def main(argv=None):
         from .check import main as check_main
 
         return check_main(rest)
+    if command == "verify":
+        from .verify_cli import main as verify_main
+
+        return verify_main(rest)
     if command == "bench":
         from mmfast.benchmarks.__main__ import main as bench_main
 

@@ -8,14 +8,21 @@ and ``patch(model, options, state)`` which swaps per instance through ``_core.se
 import importlib
 
 from ._core import SwapOptions, SwapReport, SwapRow, check_model, model_name, patch_state, begin, unpatch_model
+from .verify import verify  # binds the function over the submodule's name: mmfast.swap.verify is the function
 
 INTEGRATIONS = ("transformers", "timm", "open_clip")
 
-__all__ = ["SwapOptions", "SwapReport", "SwapRow", "patch", "unpatch"]
+__all__ = ["SwapOptions", "SwapReport", "SwapRow", "patch", "unpatch", "verify"]
 
 
 def _integration(name):
-    return importlib.import_module(f"{__name__}.{name}")
+    """The integration module, or None where this checkout lacks it (integrations land one by one)."""
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        return None
 
 
 def patch(model, *, attention=True, patch_embed=True, gated=True, loss=True, ema=True, backend="auto"):
@@ -36,7 +43,7 @@ def patch(model, *, attention=True, patch_embed=True, gated=True, loss=True, ema
     report = SwapReport(model_name(model))
     for name in INTEGRATIONS:
         integration = _integration(name)
-        if integration.claims(model):
+        if integration is not None and integration.claims(model):
             report.integration = name
             state = begin(model, report, options)
             try:

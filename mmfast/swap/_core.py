@@ -12,7 +12,23 @@ import torch
 
 _SAVED = "_mmfast_saved"      # on a swapped module: {attribute: original instance value or _MISSING}
 _STATE = "_mmfast_patch"      # on a patched model: the PatchState
-_MISSING = object()
+
+
+class _Missing:
+    """'No instance attribute before the swap'; one object even across copy.deepcopy of a patched model
+    (ModelEmaV3 deep-copies the model it averages), so `original` / `restore` recognise it in the copy."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 @dataclasses.dataclass

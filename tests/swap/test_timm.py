@@ -1,0 +1,171 @@
+"""mmfast.patch on timm models: a tiny VisionTransformer (float64, backend="reference") before vs after, the
+masks, unpatch / repatch / isolation, and ModelEmaV3 against timm's own update."""
+import copy
+
+import pytest
+import torch
+from swap_helpers import assert_bitwise, assert_same, forward_is_swapped, run
+from timm.models.vision_transformer import VisionTransformer
+from timm.utils import ModelEmaV3
+
+import mmfast
+
+CONFIGS = {
+    "cls": {},
+    "reg-tokens": {"reg_tokens": 2},
+    "no-embed-class": {"no_embed_class": True},
+    "no-embed-class-reg": {"no_embed_class": True, "reg_tokens": 1},
+    "no-cls-avgpool": {"class_token": False, "global_pool": "avg"},
+    "qk-norm": {"qk_norm": True},
+    "dynamic-size": {"dynamic_img_size": True},
+    "dynamic-pad-reg": {"dynamic_img_size": True, "dynamic_img_pad": True, "reg_tokens": 1},
+}
+
+
+def vit(**kw):
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                             **kw).double()
+
+
+def images(h=16, w=16, b=2):
+    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kw", CONFIGS.values(), ids=CONFIGS.keys())
+def test_outputs_and_grads_before_vs_after(kw):
+    model = vit(**kw)
+    sizes = [(16, 16)] + ([(24, 12), (20, 13)] if kw.get("dynamic_img_size") else [])
+    sizes = [s for s in sizes if kw.get("dynamic_img_pad") or (s[0] % 4 == 0 and s[1] % 4 == 0)]
+    before = [run(model, images(*s)) for s in sizes]
+    report = mmfast.patch(model, backend="reference")
+    assert [r.path for r in report.swapped] == ["patch_embed", "blocks.0.attn"]
+    for s, b in zip(sizes, before):
+        assert_same(run(model, images(*s)), b, f"{kw} at {s}")
+    assert not report.fallbacks
+
+
+@pytest.mark.parametrize("mask", ["causal", "key-padding"])
+def test_attention_masks(mask):
+    model = vit(reg_tokens=1)
+    x = images()
+    N = 1 + 1 + 16
+    kw = {"is_causal": True} if mask == "causal" else {
+        "attn_mask": torch.tensor([[True] * N, [True] * (N - 5) + [False] * 5]).view(2, 1, 1, N)}
+    before = run(model, x, method="forward_features", **kw)
+    report = mmfast.patch(model, backend="reference")
+    assert_same(run(model, x, method="forward_features", **kw), before, mask)
+    assert not report.fallbacks
+
+
+def test_unrecognised_mask_falls_back_and_is_counted():
+    model = vit()
+    x = images()
+    float_mask = torch.zeros(2, 1, 17, 17, dtype=torch.float64)
+    float_mask[..., -3:] = -1.0  # a real additive bias: not expressible as padding
+    ref = model.forward_features(x, attn_mask=float_mask)
+    report = mmfast.patch(model, backend="reference")
+    assert torch.equal(model.forward_features(x, attn_mask=float_mask), ref)
+    assert sum(report.fallbacks.values()) == 1 and "not a bool key-padding mask" in next(iter(report.fallbacks))
+
+
+def test_patch_embed_called_alone_keeps_timm_meaning():
+    model = vit(dynamic_img_size=True)
+    x = images(16, 12)
+    ref = model.patch_embed(x)  # NHWC, no positions
+    mmfast.patch(model, backend="reference")
+    out = model.patch_embed(x)
+    assert out.shape == ref.shape and (out - ref).abs().max().item() <= 1e-12
+
+
+def test_unpatch_is_bitwise_and_patch_twice_is_a_noop():
+    model = vit(reg_tokens=1)
+    x = images()
+    ref = run(model, x)
+    report = mmfast.patch(model, backend="reference")
+    forward = model.blocks[0].attn.forward
+    assert mmfast.patch(model, backend="reference") is report
+    assert model.blocks[0].attn.forward is forward and len(report.swapped) == 2
+    assert mmfast.unpatch(model)
+    assert not any(forward_is_swapped(m) for m in model.modules())
+    assert "_pos_embed" not in model.__dict__
+    assert_bitwise(run(model, x), ref, "after unpatch")
+    assert not mmfast.unpatch(model)
+
+
+def test_state_dict_and_parameters_untouched_and_later_models_untouched():
+    model = vit()
+    params = [id(p) for p in model.parameters()]
+    keys = list(model.state_dict())
+    mmfast.patch(model, backend="reference")
+    assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == keys
+    other = vit()
+    assert not any(forward_is_swapped(m) for m in other.modules())
+    assert type(other.blocks[0].attn).forward is not None and "_pos_embed" not in other.__dict__
+
+
+def test_deepcopy_of_a_patched_model_swaps_the_copy():
+    model = vit()
+    x = images()
+    ref = run(model, x)
+    mmfast.patch(model, backend="reference")
+    twin = copy.deepcopy(model)
+    assert twin.blocks[0].attn.forward.__self__ is twin.blocks[0].attn
+    assert twin.patch_embed._mmfast_vit is twin
+    assert_same(run(twin, x), ref, "deep copy")
+
+
+def test_disabled_families_are_left_with_the_reason():
+    report = mmfast.patch(vit(), attention=False, backend="reference")
+    assert [r.path for r in report.swapped] == ["patch_embed"]
+    assert [(r.path, r.note) for r in report.left] == [("blocks.0.attn", "attention=False")]
+
+
+def _perturbed(model, seed):
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return other
+
+
+@pytest.mark.parametrize("kw", [{}, {"exclude_buffers": True}, {"use_warmup": True}, {"dtype": torch.bfloat16}],
+                         ids=["foreach", "no-buffers", "warmup", "bf16-stochastic-rounding"])
+def test_model_ema_v3_update_equals_timm(kw):
+    model = vit().float()
+    ours, theirs = ModelEmaV3(model, decay=0.9, **kw), ModelEmaV3(model, decay=0.9, **kw)
+    report = mmfast.patch(ours, backend="reference")
+    assert report.swapped[0].now == "mmfast ema_update_" and report.integration == "timm"
+    for step in range(3):
+        source = _perturbed(model, step)
+        ours.update(source, step=step + 5)
+        theirs.update(source, step=step + 5)
+    for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(ours.module.pos_embed, model.pos_embed)  # the update did move the EMA
+
+
+def test_model_ema_v3_inner_model_is_patched_too():
+    ema = ModelEmaV3(vit())
+    report = mmfast.patch(ema, backend="reference")
+    assert {r.path for r in report.swapped} == {"", "module.patch_embed", "module.blocks.0.attn"}
+
+
+def test_forward_intermediates_fuses_the_embedding_too():
+    model = vit(reg_tokens=1)
+    x = images()
+    ref = model.forward_intermediates(x, return_prefix_tokens=True)
+    mmfast.patch(model, backend="reference")
+    out = model.forward_intermediates(x, return_prefix_tokens=True)
+    assert (out[0] - ref[0]).abs().max().item() <= 1e-12
+    for (o, p), (r, q) in zip(out[1], ref[1]):
+        assert (o - r).abs().max().item() <= 1e-12 and (p - q).abs().max().item() <= 1e-12
+
+
+def test_an_attention_with_parts_we_do_not_know_is_left_alone():
+    model = vit()
+    model.blocks[0].attn.rope = torch.nn.Identity()  # as a future timm feature would appear
+    report = mmfast.patch(model, backend="reference")
+    assert [(r.path, r.note) for r in report.left] == [("blocks.0.attn", "unknown parts ['rope']")]
+    assert not forward_is_swapped(model.blocks[0].attn)
