@@ -1,0 +1,59 @@
+"""Process-group setup (torchrun's environment) and the DDP / FSDP2 wrappers the training loop uses."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched_world():
+    """WORLD_SIZE from torchrun's environment (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env():
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) if launched by it; returns (rank, world, device)."""
+    world = launched_world()
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def wrap(model, parallel, device, units=()):
+    """`model` for `parallel`: "none" (as is), "ddp" (DistributedDataParallel) or "fsdp" (FSDP2: ``fully_shard``
+    on each of `units`, then on the root, over a 1-D mesh of every rank)."""
+    if parallel == "none":
+        return model
+    if not dist.is_initialized():
+        raise ValueError(f"parallel={parallel!r} needs torch.distributed initialised (launch with torchrun)")
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for unit in units:
+            fully_shard(unit, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    raise ValueError(f"parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
+
+
+def rank_rows(n_local, rank):
+    """This rank's rows of a global batch of n_local * world rows."""
+    return slice(rank * n_local, (rank + 1) * n_local)
+
+
+def full_tensor(t):
+    """A DTensor's full value (FSDP2 shards), a plain tensor unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
