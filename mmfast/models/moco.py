@@ -175,7 +175,7 @@ class MoCo(nn.Module):
             head = nn.Sequential(nn.Linear(feature_dim, mlp_dim), nn.ReLU(inplace=True), nn.Linear(mlp_dim, dim))
             self.predictor = None
         self.base_encoder = _Tower(backbone, head)
-        self.momentum_encoder = MomentumEncoder(self.base_encoder, momentum, backend=ema_backend)
+        self.momentum_encoder = MomentumEncoder(self.base_encoder, momentum, backend=ema_backend, copy_buffers=False)
         self.queue = MoCoQueue(dim, queue_size) if version == "v2" else None
         self.group = None
         self.set_group(group)
@@ -268,6 +268,7 @@ class MoCo(nn.Module):
         config = dict(version="v3", dim=dim, mlp_dim=mlp_dim, projector_layers=len(linear),
                       predictor_last_bn=f"predictor.{pred_linear[-1] + 1}.running_mean" in sd)
         model = cls(backbone, sd["base_encoder.head.0.weight"].shape[1], **config, **kwargs)
+        model.to(sd["predictor.0.weight"].dtype)  # the checkpoint's precision, not the default dtype's
         rename = backbone_keys or (lambda key: key)
         mapped = {}
         for key, value in sd.items():
