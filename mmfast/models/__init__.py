@@ -2,5 +2,6 @@
 Hugging Face / timm / open_clip models they convert from."""
 from ._common import BaseModelOutputWithPooling, CLIPOutput, MaskedPatchOutput, ModelOutput
 from .vit import ViT
+from .clip import CLIP, TextTransformer
 
-__all__ = ["BaseModelOutputWithPooling", "CLIPOutput", "MaskedPatchOutput", "ModelOutput", "ViT"]
+__all__ = ["BaseModelOutputWithPooling", "CLIPOutput", "MaskedPatchOutput", "ModelOutput", "TextTransformer", "ViT", "CLIP"]
