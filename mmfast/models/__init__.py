@@ -3,5 +3,6 @@ Hugging Face / timm / open_clip models they convert from."""
 from ._common import BaseModelOutputWithPooling, CLIPOutput, MaskedPatchOutput, ModelOutput
 from .vit import ViT
 from .clip import CLIP, TextTransformer
+from ._presets import PRESETS, create_model
 
-__all__ = ["BaseModelOutputWithPooling", "CLIPOutput", "MaskedPatchOutput", "ModelOutput", "TextTransformer", "ViT", "CLIP"]
+__all__ = ["BaseModelOutputWithPooling", "CLIPOutput", "MaskedPatchOutput", "ModelOutput", "TextTransformer", "ViT", "CLIP", "PRESETS", "create_model"]
