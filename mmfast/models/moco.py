@@ -107,7 +107,10 @@ class _Tower(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, x):
-        return self.head(self.backbone(x))
+        features = self.backbone(x)
+        if not isinstance(features, torch.Tensor):  # mmfast / HF models return an output with the readout
+            features = features.pooler_output
+        return self.head(features)
 
 
 @dataclass
@@ -135,8 +138,9 @@ class MoCo(nn.Module):
     ``momentum`` there (e.g. :func:`cosine_momentum`) or the constructor's default.
 
     Args:
-        backbone: an ``nn.Module`` (B, ...) -> (B, feature_dim).
-        feature_dim: the backbone's output size.
+        backbone: an ``nn.Module`` (B, ...) -> (B, feature_dim), or -> an output whose ``pooler_output`` is
+            that (e.g. :class:`mmfast.models.ViT` with ``num_classes=0``).
+        feature_dim: the backbone's output size (None: its ``embed_dim`` or ``num_features`` attribute).
         version: "v2" or "v3".
         dim, mlp_dim: output and hidden sizes of the MLP heads (v3: 256, 4096; v2: 128, feature_dim).
         projector_layers: v3 projector depth (3 for ViT, 2 for ResNet in moco-v3).
@@ -147,7 +151,7 @@ class MoCo(nn.Module):
         backend: forwarded to ``contrastive_loss``; ema_backend to ``MomentumEncoder``.
     """
 
-    def __init__(self, backbone, feature_dim, *, version="v3", dim=256, mlp_dim=None, projector_layers=3,
+    def __init__(self, backbone, feature_dim=None, *, version="v3", dim=256, mlp_dim=None, projector_layers=3,
                  predictor_last_bn=True, queue_size=65536, temperature=None, momentum=None, group=None,
                  backend="auto", ema_backend="auto"):
         super().__init__()
@@ -155,6 +159,8 @@ class MoCo(nn.Module):
         if not isinstance(backbone, nn.Module):
             raise ValueError(f"{name}: backbone must be a torch.nn.Module, got {type(backbone).__name__}")
         check_choice(name, "version", version, ("v2", "v3"))
+        if feature_dim is None:
+            feature_dim = getattr(backbone, "embed_dim", None) or getattr(backbone, "num_features", None)
         check_int(name, "feature_dim", feature_dim, lo=1)
         check_int(name, "dim", dim, lo=1)
         mlp_dim = (4096 if version == "v3" else feature_dim) if mlp_dim is None else mlp_dim
@@ -242,13 +248,15 @@ class MoCo(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict, backbone, *, backbone_keys: Optional[Callable[[str], str]] = None,
-                        **kwargs):
+                        convert: Optional[Callable[[nn.Module], nn.Module]] = None, **kwargs):
         """A v3 MoCo from a moco-v3 checkpoint (``module.base_encoder.*``, ``module.momentum_encoder.*``,
         ``module.predictor.*``; the ``{"state_dict": ...}`` file itself is accepted too).
 
         `backbone` is the model the base encoder's non-head keys load into; `backbone_keys` maps a moco-v3
         backbone key (without the ``base_encoder.`` prefix) to the backbone's name (default: unchanged, e.g.
-        a timm VisionTransformer with ``head = Identity``). dim, mlp_dim, feature_dim, projector depth and
+        a timm VisionTransformer with ``head = Identity``, which moco-v3's vits.py subclasses). `convert`, if
+        given, then replaces both loaded backbones by ``convert(backbone)``, e.g. ``ViT.from_timm`` to run the
+        timm ViT of a moco-v3 checkpoint on mmfast's kernels. dim, mlp_dim, feature_dim, projector depth and
         the predictor's last BN are read from the weights; other keyword arguments go to the constructor
         (temperature, momentum, group, backend). Loads strictly: a missing or unexpected key raises.
         """
@@ -289,4 +297,9 @@ class MoCo(nn.Module):
             raise ValueError(f"MoCo.from_state_dict: keys do not match: missing {missing[:8]}, unexpected "
                              f"{unexpected[:8]}")
         model.load_state_dict(mapped, strict=True)
+        if convert is not None:
+            model.base_encoder.backbone = convert(model.base_encoder.backbone)
+            ema = model.momentum_encoder.ema
+            ema.backbone = convert(ema.backbone).requires_grad_(False)
+            model.momentum_encoder._check_structure()
         return model

@@ -4,15 +4,14 @@ A :class:`TrainTask` is all the training loop knows of a model. Batches are made
 seeded generator as the *global* batch and sliced per rank, so W ranks see exactly what one process sees on
 the concatenated batch (synthetic data, or rows sampled from a ``--data`` file of tensors).
 
-clip, albef and blip are registered by name with the module they need; until that module exists in this
-checkout, building them raises a clear error (see ``_missing``).
+albef and blip are registered by name with the module they need; until that module exists in this checkout
+and its task is wired here, building them raises a clear error (see ``_missing``).
 """
 import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
 import torch
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -34,38 +33,30 @@ class TrainTask:
 
 
 # ----------------------------------------------------------------------------------------------
-# MoCo (v3 form) on a small backbone
-
-class PatchMeanEncoder(nn.Module):
-    """A stand-in backbone for tiny runs: patchify conv, GELU, mean over patches, LayerNorm -> (B, width)."""
-
-    def __init__(self, in_chans=3, width=32, patch=4):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, width, patch, stride=patch)
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, x):
-        return self.norm(nn.functional.gelu(self.proj(x)).flatten(2).mean(-1))
-
+# MoCo (v3, or v2 with a queue) on mmfast's ViT
 
 MOCO_PRESETS = {
-    # name: (image size, backbone width, dim, mlp_dim, version)
-    "tiny": dict(image=16, width=32, dim=16, mlp_dim=32, version="v3"),
-    "tiny-v2": dict(image=16, width=32, dim=16, mlp_dim=32, version="v2", queue_size=64),
+    # moco-v3 ViT recipe at test size (ViT backbone, 3-layer projector, predictor); tiny-v2: MoCo v2 with a queue
+    "tiny": dict(vit=dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), dim=16, mlp_dim=32,
+                 version="v3"),
+    "tiny-v2": dict(vit=dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), dim=16, mlp_dim=32,
+                    version="v2", queue_size=64),
+    # moco-v3's ViT-S/16 and ViT-B/16 (dim 256, mlp_dim 4096)
+    "vit-s/16": dict(vit=dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=12), dim=256,
+                     mlp_dim=4096, version="v3"),
+    "vit-b/16": dict(vit=dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12), dim=256,
+                     mlp_dim=4096, version="v3"),
 }
-
-
-def _moco_backbone(p):
-    return PatchMeanEncoder(3, p["width"], 4), p["width"]
 
 
 def _moco_build(preset, backend):
     from mmfast.models.moco import MoCo
+    from mmfast.models.vit import ViT
 
     p = MOCO_PRESETS[preset]
-    backbone, width = _moco_backbone(p)
+    vit = ViT(**p["vit"], num_classes=0, backend=backend)
     extra = dict(queue_size=p["queue_size"]) if "queue_size" in p else {}
-    return MoCo(backbone, width, version=p["version"], dim=p["dim"], mlp_dim=p["mlp_dim"], backend=backend, **extra)
+    return MoCo(vit, version=p["version"], dim=p["dim"], mlp_dim=p["mlp_dim"], backend=backend, **extra)
 
 
 def _two_views(images, generator):
@@ -79,7 +70,7 @@ def _two_views(images, generator):
 
 
 def _moco_batch(preset, n, generator, data=None):
-    s = MOCO_PRESETS[preset]["image"]
+    s = MOCO_PRESETS[preset]["vit"]["img_size"]
     if data is not None:
         images = data["images"][torch.randint(0, data["images"].shape[0], (n,), generator=generator)].float()
     else:
@@ -98,6 +89,56 @@ def _moco_loss(model, batch, step, total_steps):
 def _moco_units(model):
     units = [model.base_encoder, model.momentum_encoder.ema]
     return units + ([model.predictor] if model.predictor is not None else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP on mmfast.models.CLIP (its named presets)
+
+CLIP_PRESETS = {"tiny": "clip-tiny-test", "vit-b/32": "clip-vit-b/32", "vit-b/16": "clip-vit-b/16",
+                "vit-l/14": "clip-vit-l/14", "siglip-b/16": "siglip-b/16-224"}
+
+
+def _clip_sizes(preset):
+    from mmfast.models import PRESETS
+
+    args = PRESETS[CLIP_PRESETS[preset]][1]
+    return args["vision"]["img_size"], args["text"]["vocab_size"], args["text"]["max_len"]
+
+
+def _clip_build(preset, backend):
+    from mmfast.models import create_model
+
+    return create_model(CLIP_PRESETS[preset], backend=backend)
+
+
+def _clip_batch(preset, n, generator, data=None):
+    """Random images and captions: random tokens, the highest id as EOT (the argmax rule of CLIP's legacy
+    configs), zero padding after it with attention_mask 0; or rows of data {'images', 'input_ids',
+    'attention_mask'}."""
+    size, vocab, max_len = _clip_sizes(preset)
+    if data is not None:
+        idx = torch.randint(0, data["images"].shape[0], (n,), generator=generator)
+        return data["images"][idx].float(), data["input_ids"][idx], data["attention_mask"][idx]
+    images = torch.randn(n, 3, size, size, generator=generator)
+    lengths = torch.randint(2, max_len + 1, (n,), generator=generator)
+    ids = torch.randint(3, vocab - 1, (n, max_len), generator=generator)
+    pos = torch.arange(max_len)
+    ids = torch.where(pos == (lengths - 1)[:, None], vocab - 1, ids)
+    mask = (pos < lengths[:, None]).long()
+    return images, ids * mask, mask
+
+
+def _clip_loss(model, batch, step, total_steps):
+    images, ids, mask = batch
+    return model(input_ids=ids, pixel_values=images, attention_mask=mask, return_loss=True).loss
+
+
+def _clip_set_group(model, group):
+    model.contrastive.group = group
+
+
+def _clip_units(model):
+    return [model.vision_model, model.text_model]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +163,9 @@ def _placeholder(name, module, branch):
 
 
 TASKS: Dict[str, TrainTask] = {
-    "clip": _placeholder("clip", "mmfast.models.clip", "wt-vitclip"),
+    "clip": TrainTask(name="clip", module="mmfast.models.clip", build=_clip_build, batch=_clip_batch,
+                      loss=_clip_loss, presets=tuple(CLIP_PRESETS), set_group=_clip_set_group,
+                      shard_units=_clip_units),
     "moco": TrainTask(name="moco", module="mmfast.models.moco", build=_moco_build, batch=_moco_batch,
                       loss=_moco_loss, presets=tuple(MOCO_PRESETS),
                       set_group=lambda model, group: model.set_group(group), shard_units=_moco_units),

@@ -12,7 +12,8 @@ from numerics import SEED, assert_close_by_rule, randn
 from torch import nn
 
 from mmfast.kernels import interpreting
-from mmfast.models.moco import MoCo, build_mlp, cosine_momentum
+from mmfast.models import MoCo, ViT
+from mmfast.models.moco import build_mlp, cosine_momentum
 
 B, C, S, WIDTH, DIM, MLP = 6, 3, 8, 24, 16, 20
 
@@ -156,7 +157,8 @@ def _tiny_vit(num_classes):
         img_size=S, patch_size=4, embed_dim=WIDTH, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=num_classes)
 
 
-def test_from_state_dict_moco_v3_checkpoint():
+@pytest.mark.parametrize("convert", [None, "vit"], ids=["timm-backbone", "mmfast-vit"])
+def test_from_state_dict_moco_v3_checkpoint(convert):
     torch.manual_seed(SEED)
     ref = _MoCoV3Reference(_tiny_vit(num_classes=10), DIM, MLP, 0.2).double()
     with torch.no_grad():  # a trained checkpoint: momentum encoder != base encoder
@@ -164,10 +166,12 @@ def test_from_state_dict_moco_v3_checkpoint():
             p.add_(0.1 * torch.randn_like(p))
     ref(*_views(), 0.9)  # BN running statistics away from their initial values
     checkpoint = {"epoch": 1, "state_dict": {"module." + k: v.clone() for k, v in ref.state_dict().items()}}
-    model = MoCo.from_state_dict(checkpoint, _tiny_vit(num_classes=0), temperature=0.2, backend="reference")
+    model = MoCo.from_state_dict(checkpoint, _tiny_vit(num_classes=0), temperature=0.2, backend="reference",
+                                 convert=ViT.from_timm if convert else None)
+    assert isinstance(model.base_encoder.backbone, ViT) == bool(convert)
     assert (model.predictor[0].weight.shape, len(model.base_encoder.head)) == ((MLP, DIM), 8)
     ours = model.state_dict()
-    for key, value in ref.state_dict().items():
+    for key, value in ref.state_dict().items() if convert is None else ():
         prefix, rest = key.split(".", 1)
         mapped = key if prefix == "predictor" else (
             ("base_encoder." if prefix == "base_encoder" else "momentum_encoder.ema.")
