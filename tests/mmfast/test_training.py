@@ -1,0 +1,109 @@
+"""The training entry point: `python -m mmfast train` runs; 2 gloo processes (DDP and FSDP2) give the loss,
+gradients and momentum-encoder weights of one process on the concatenated batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from numerics import SEED
+
+from mmfast.__main__ import main
+from mmfast.training import train
+from mmfast.training.distributed import full_tensor, wrap
+from mmfast.training.loop import build, make_batch
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in this torch")
+
+LOCAL, WORLD, LR = 3, 2, 0.5
+# (task, preset, parallel): MoCo v3 (kernel's distributed loss, BN synced over the group) and v2 (queue)
+CASES = [("moco", "tiny", "ddp"), ("moco", "tiny", "fsdp"), ("moco", "tiny-v2", "ddp"), ("moco", "tiny-v2", "fsdp")]
+
+
+def _run(task_name, preset, parallel, rank, world, seed):
+    """Two SGD steps in float64; returns the losses, the step-2 gradients and the key encoder after step 2."""
+    task, model = build(task_name, preset, backend="reference", seed=seed)
+    model = model.double()
+    if world > 1:
+        task.set_group(model, dist.group.WORLD)
+    model = wrap(model, parallel, torch.device("cpu"), task.shard_units(model))
+    inner = getattr(model, "module", model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    losses = []
+    for step in range(2):
+        batch = tuple(t.double() for t in make_batch(task, preset, LOCAL * WORLD // world, rank, world, step, seed))
+        opt.zero_grad()
+        loss = task.loss(model, batch, step, 4)
+        loss.backward()
+        losses.append(loss.detach())
+        if step == 0:
+            opt.step()
+    grads = {n: full_tensor(p.grad) for n, p in inner.named_parameters() if p.grad is not None}
+    ema = [full_tensor(p.detach()) for p in inner.momentum_encoder.ema.parameters()]
+    sharded = parallel == "fsdp" and all(hasattr(p, "to_local") for p in inner.momentum_encoder.ema.parameters())
+    return torch.stack(losses), grads, ema, sharded
+
+
+def _worker(rank, world, port, seed, out_dir):
+    torch.set_num_threads(1)  # two processes on a shared CPU: no oversubscription
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {case: _run(*case, rank, world, seed) for case in CASES}
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "rank0.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_on_the_concatenated_batch(tmp_path):
+    mp.spawn(_worker, args=(WORLD, _free_port(), SEED, str(tmp_path)), nprocs=WORLD, join=True)
+    results = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    for case in CASES:
+        losses, grads, ema, sharded = results[case]
+        ref_losses, ref_grads, ref_ema, _ = _run(*case[:2], "none", 0, 1, SEED)
+        what = "/".join(case)
+        assert case[2] != "fsdp" or sharded, f"{what}: the key encoder's parameters are not FSDP shards"
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-10, atol=1e-12, msg=f"{what}: losses")
+        assert grads.keys() == ref_grads.keys() and len(grads) > 10
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-12, msg=f"{what}: grad {name}")
+        for i, (e, r) in enumerate(zip(ema, ref_ema)):
+            torch.testing.assert_close(e, r, rtol=1e-10, atol=1e-12, msg=f"{what}: key encoder parameter {i}")
+
+
+def test_cli_train_moco_runs(tmp_path, capsys):
+    png = tmp_path / "loss.png"
+    assert main(["train", "moco", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--plot", str(png),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "train moco: 2 steps" in out
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_clip_one_step():
+    losses = train("clip", steps=1, batch_size=4, progress=False, log=lambda s: None)
+    assert len(losses) == 1 and torch.isfinite(torch.tensor(losses)).all()
+
+
+@pytest.mark.parametrize("model", ["albef", "blip"])
+def test_unwired_models_fail_clearly(model, capsys):
+    assert main(["train", model, "--steps", "1", "--no-plot", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"train {model}:" in err and f"mmfast.models.{model}" in err
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(steps=0), "steps"), (dict(batch_size=1.5), "batch_size"),
+                                          (dict(lr=-1.0), "lr"), (dict(parallel="zero"), "parallel"),
+                                          (dict(preset="huge"), "preset")],
+                         ids=["steps", "batch_size", "lr", "parallel", "preset"])
+def test_train_validation(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        train("moco", **kwargs)
