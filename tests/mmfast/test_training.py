@@ -50,6 +50,9 @@ def _worker(rank, world, port, seed, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {case: _run(*case, rank, world, seed) for case in CASES}
+        # the loop itself (AdamW, float32), as `torchrun -m mmfast train moco --parallel fsdp` runs it
+        results["train"] = train("moco", steps=2, batch_size=LOCAL, parallel="fsdp", backend="reference", seed=seed,
+                                 progress=False, log=lambda s: None)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "rank0.pt"))
     finally:
@@ -65,6 +68,9 @@ def _free_port():
 def test_two_processes_match_one_on_the_concatenated_batch(tmp_path):
     mp.spawn(_worker, args=(WORLD, _free_port(), SEED, str(tmp_path)), nprocs=WORLD, join=True)
     results = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    single = train("moco", steps=2, batch_size=LOCAL * WORLD, backend="reference", seed=SEED, progress=False,
+                   log=lambda s: None)
+    torch.testing.assert_close(results["train"], single, rtol=1e-5, atol=1e-6, msg="train(parallel='fsdp') losses")
     for case in CASES:
         losses, grads, ema, sharded = results[case]
         ref_losses, ref_grads, ref_ema, _ = _run(*case[:2], "none", 0, 1, SEED)
@@ -86,6 +92,12 @@ def test_cli_train_moco_runs(tmp_path, capsys):
     assert "train moco: 2 steps" in out
     pytest.importorskip("matplotlib")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_moco_from_data():
+    images = torch.rand(10, 3, 16, 16)
+    losses = train("moco", steps=1, batch_size=4, data={"images": images}, progress=False, log=lambda s: None)
+    assert len(losses) == 1 and torch.isfinite(torch.tensor(losses)).all()
 
 
 def test_train_clip_one_step():
