@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
-import torch
+# torch is imported inside the functions: `python -m mmfast train --help` reads this registry without it
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ def _moco_build(preset, backend):
 
 def _two_views(images, generator):
     """Stand-in augmentation (random horizontal flip + Gaussian noise per view): enough to make two views."""
+    import torch
+
     views = []
     for _ in range(2):
         flip = torch.rand(images.shape[0], generator=generator) < 0.5
@@ -70,6 +72,8 @@ def _two_views(images, generator):
 
 
 def _moco_batch(preset, n, generator, data=None):
+    import torch
+
     s = MOCO_PRESETS[preset]["vit"]["img_size"]
     if data is not None:
         images = data["images"][torch.randint(0, data["images"].shape[0], (n,), generator=generator)].float()
@@ -115,6 +119,8 @@ def _clip_batch(preset, n, generator, data=None):
     """Random images and captions: random tokens, the highest id as EOT (the argmax rule of CLIP's legacy
     configs), zero padding after it with attention_mask 0; or rows of data {'images', 'input_ids',
     'attention_mask'}."""
+    import torch
+
     size, vocab, max_len = _clip_sizes(preset)
     if data is not None:
         idx = torch.randint(0, data["images"].shape[0], (n,), generator=generator)
