@@ -42,9 +42,17 @@ def wrap(model, parallel, device, units=()):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        from mmfast.nn import MomentumEncoder
+
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         for unit in units:
             fully_shard(unit, mesh=mesh)
+        # an EMA copy inside its online model's unit would be updated in the unsharded (gathered) tensors,
+        # which FSDP frees without writing back: the update would be lost silently
+        for name, m in model.named_modules():
+            if isinstance(m, MomentumEncoder) and not any(m.ema is u for u in units):
+                raise ValueError(f"parallel='fsdp': the MomentumEncoder {name!r} needs its .ema among the units "
+                                 "sharded before the root (TrainTask.shard_units)")
         return fully_shard(model, mesh=mesh)
     raise ValueError(f"parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
 

@@ -41,6 +41,9 @@ def train(task_name, *, preset="tiny", steps=10, batch_size=8, lr=1e-3, parallel
     parallel = parallel or ("ddp" if world > 1 else "none")
     if parallel not in ("none", "ddp", "fsdp"):
         raise ValueError(f"train: parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
+    task = get_task(task_name)
+    if parallel not in task.parallel:
+        raise ValueError(f"train {task_name}: parallel must be one of {task.parallel} for this model, got {parallel!r}")
     task, model = build(task_name, preset, backend=backend, seed=seed, device=device)
     if parallel != "none":
         import torch.distributed as dist

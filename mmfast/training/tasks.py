@@ -4,8 +4,8 @@ A :class:`TrainTask` is all the training loop knows of a model. Batches are made
 seeded generator as the *global* batch and sliced per rank, so W ranks see exactly what one process sees on
 the concatenated batch (synthetic data, or rows sampled from a ``--data`` file of tensors).
 
-albef and blip are registered by name with the module they need; until that module exists in this checkout
-and its task is wired here, building them raises a clear error (see ``_missing``).
+albef and blip need mmfast.models.albef / .blip (branch wt-albefblip); until those modules exist in this
+checkout, building them raises a clear error naming the module and the branch (see ``_import``).
 """
 import importlib
 from dataclasses import dataclass
@@ -19,7 +19,9 @@ class TrainTask:
     """build(preset, backend) -> model; batch(preset, n, generator, data) -> tuple of tensors (global batch,
     first dim n); loss(model, batch, step, total_steps) -> 0-dim loss (model may be DDP/FSDP-wrapped);
     set_group(model, group); shard_units(model) -> submodules that get their own ``fully_shard`` before the
-    root; presets: the preset names build accepts."""
+    root (every MomentumEncoder's ``ema`` and the online modules it follows must be among them, so that the
+    EMA update sees shards on both sides); presets: the preset names build accepts (albef / blip: checked
+    against the model module's PRESETS when built); parallel: the modes the task supports."""
 
     name: str
     module: str
@@ -29,6 +31,7 @@ class TrainTask:
     presets: Tuple[str, ...]
     set_group: Callable = lambda model, group: None
     shard_units: Callable = lambda model: []
+    parallel: Tuple[str, ...] = ("none", "ddp", "fsdp")
     notes: str = ""
 
 
@@ -148,24 +151,62 @@ def _clip_units(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Models written elsewhere: registered by name, built once their module is in the checkout
+# ALBEF / BLIP pre-training (written on wt-albefblip): `Class.from_preset(name, backend=)` and
+# `forward(pixel_values, input_ids, attention_mask).loss`; built once their module is in the checkout
 
-def _missing(name, module, branch):
-    def fail(*args, **kwargs):
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise RuntimeError(f"train {name}: {module} is not in this checkout ({exc}); it is written on branch "
-                               f"{branch} and its training task is wired here once merged") from None
-        raise RuntimeError(f"train {name}: {module} exists but its training task is not wired yet "
-                           f"(mmfast/training/tasks.py: TASKS[{name!r}])")
-    return fail
+def _import(name, module, branch):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeError(f"train {name}: {module} is not in this checkout ({exc}); it is written on branch "
+                           f"{branch} and its training task runs once that branch is merged") from None
 
 
-def _placeholder(name, module, branch):
-    fail = _missing(name, module, branch)
-    return TrainTask(name=name, module=module, build=fail, batch=fail, loss=fail, presets=("tiny",),
-                     notes=f"not wired: needs {module} ({branch})")
+def _vl_config(name, module, cls_name, preset):
+    import inspect
+
+    mod = _import(name, module, "wt-albefblip")
+    cls = getattr(mod, cls_name)
+    if preset not in mod.PRESETS:
+        raise ValueError(f"train {name}: preset must be one of {tuple(mod.PRESETS)}, got {preset!r}")
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return cls, {**defaults, **mod.PRESETS[preset]}
+
+
+def _vl_task(name, module, cls_name, presets):
+    def build(preset, backend):
+        cls, _ = _vl_config(name, module, cls_name, preset)
+        return cls.from_preset(preset, backend=backend)
+
+    def batch(preset, n, generator, data=None):
+        """Random images and captions: [CLS] random non-special tokens [SEP], zero padding (attention_mask 0);
+        or rows of data {'images', 'input_ids', 'attention_mask'}."""
+        import torch
+
+        if data is not None:
+            idx = torch.randint(0, data["images"].shape[0], (n,), generator=generator)
+            return data["images"][idx].float(), data["input_ids"][idx], data["attention_mask"][idx]
+        _, cfg = _vl_config(name, module, cls_name, preset)
+        size, length = cfg["image_size"], min(16, cfg["max_positions"])
+        special = {v for k, v in cfg.items() if k.endswith("token_id") and isinstance(v, int)}
+        allowed = torch.tensor([t for t in range(cfg["vocab_size"]) if t not in special])
+        images = torch.randn(n, 3, size, size, generator=generator)
+        ids = allowed[torch.randint(0, len(allowed), (n, length), generator=generator)]
+        lengths = torch.randint(3, length + 1, (n,), generator=generator)
+        pos = torch.arange(length)
+        ids[:, 0] = cfg["cls_token_id"]
+        ids = torch.where(pos == (lengths - 1)[:, None], cfg["sep_token_id"], ids)
+        mask = (pos < lengths[:, None]).long()
+        return images, torch.where(mask.bool(), ids, cfg["pad_token_id"]), mask
+
+    def loss(model, batch, step, total_steps):
+        images, ids, mask = batch
+        return model(images, ids, mask).loss
+
+    return TrainTask(name=name, module=module, build=build, batch=batch, loss=loss, presets=presets,
+                     parallel=("none", "ddp"),
+                     notes="ITC per rank (no process group in the model yet); FSDP not wired")
 
 
 TASKS: Dict[str, TrainTask] = {
@@ -175,8 +216,8 @@ TASKS: Dict[str, TrainTask] = {
     "moco": TrainTask(name="moco", module="mmfast.models.moco", build=_moco_build, batch=_moco_batch,
                       loss=_moco_loss, presets=tuple(MOCO_PRESETS),
                       set_group=lambda model, group: model.set_group(group), shard_units=_moco_units),
-    "albef": _placeholder("albef", "mmfast.models.albef", "wt-albefblip"),
-    "blip": _placeholder("blip", "mmfast.models.blip", "wt-albefblip"),
+    "albef": _vl_task("albef", "mmfast.models.albef", "ALBEF", ("tiny", "base")),
+    "blip": _vl_task("blip", "mmfast.models.blip", "BLIP", ("tiny", "base", "large")),
 }
 
 

@@ -1,5 +1,6 @@
 """The training entry point: `python -m mmfast train` runs; 2 gloo processes (DDP and FSDP2) give the loss,
 gradients and momentum-encoder weights of one process on the concatenated batch."""
+import importlib.util
 import os
 import socket
 
@@ -50,6 +51,11 @@ def _worker(rank, world, port, seed, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {case: _run(*case, rank, world, seed) for case in CASES}
+        try:  # FSDP2 without the key encoder as its own unit would lose the EMA update: refused
+            wrap(build("moco", "tiny", backend="reference", seed=seed)[1], "fsdp", torch.device("cpu"), [])
+            results["guard"] = None
+        except ValueError as exc:
+            results["guard"] = str(exc)
         # the loop itself (AdamW, float32), as `torchrun -m mmfast train moco --parallel fsdp` runs it
         results["train"] = train("moco", steps=2, batch_size=LOCAL, parallel="fsdp", backend="reference", seed=seed,
                                  progress=False, log=lambda s: None)
@@ -68,6 +74,7 @@ def _free_port():
 def test_two_processes_match_one_on_the_concatenated_batch(tmp_path):
     mp.spawn(_worker, args=(WORLD, _free_port(), SEED, str(tmp_path)), nprocs=WORLD, join=True)
     results = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert results["guard"] and "MomentumEncoder" in results["guard"]
     single = train("moco", steps=2, batch_size=LOCAL * WORLD, backend="reference", seed=SEED, progress=False,
                    log=lambda s: None)
     torch.testing.assert_close(results["train"], single, rtol=1e-5, atol=1e-6, msg="train(parallel='fsdp') losses")
@@ -106,10 +113,15 @@ def test_train_clip_one_step():
 
 
 @pytest.mark.parametrize("model", ["albef", "blip"])
-def test_unwired_models_fail_clearly(model, capsys):
-    assert main(["train", model, "--steps", "1", "--no-plot", "--no-progress"]) == 1
+def test_albef_blip_train_or_fail_clearly(model, capsys):
+    """Written on another branch: one step when mmfast.models.<model> is here, else a message naming it."""
+    present = importlib.util.find_spec(f"mmfast.models.{model}") is not None
+    rc = main(["train", model, "--steps", "1", "--batch-size", "4", "--no-plot", "--no-progress"])
     err = capsys.readouterr().err
-    assert f"train {model}:" in err and f"mmfast.models.{model}" in err
+    if present:
+        assert rc == 0, err
+    else:
+        assert rc == 1 and f"train {model}:" in err and f"mmfast.models.{model} is not in this checkout" in err
 
 
 @pytest.mark.parametrize("kwargs, name", [(dict(steps=0), "steps"), (dict(batch_size=1.5), "batch_size"),
