@@ -5,12 +5,14 @@ updated shard-locally); the loss is :func:`mmfast.kernels.contrastive_loss` in i
 (``log_scale=False``, scale 1/τ, rows only), distributed through the kernel's process-group path (v3) or
 with the keys of every rank gathered in front of the queue (v2).
 
-Shuffled BN (MoCo v1/v2's remedy for batch statistics leaking which key is the positive) is **not**
-implemented. A ViT backbone needs none (LayerNorm). The BatchNorm layers of the MLP heads built here are
-synchronised over ``group`` (:class:`GroupBatchNorm1d`, as moco-v3 converts its heads to SyncBatchNorm),
-so a run on W ranks equals one process on the concatenated batch. BatchNorm inside a backbone you pass in
-is left as it is: per rank (per process) statistics, i.e. the leak shuffled BN exists to prevent; convert
-it with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (CUDA) as moco-v3 does for ResNets.
+BatchNorm. A ViT backbone needs nothing (LayerNorm). The BatchNorm layers of the MLP heads built here are
+synchronised over ``group`` (:class:`GroupBatchNorm1d`, as moco-v3 converts its heads to SyncBatchNorm), so
+a run on W ranks equals one process on the concatenated batch. BatchNorm inside a backbone you pass in is
+left as it is: per-process statistics, through which a query's batch can tell which key is its positive.
+Remedies: v2 ``shuffle_bn=True`` with a process group (MoCo v1/v2's shuffled BN: the key encoder sees a
+batch mixed across ranks, then the keys are put back in order; in one process it does nothing — MoCo's
+own code needs DDP for it too), or ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` on the backbone
+(CUDA) as moco-v3 does for ResNets.
 """
 import math
 from dataclasses import dataclass
@@ -113,6 +115,15 @@ class _Tower(nn.Module):
         return self.head(features)
 
 
+def _gather(x, group):
+    """cat of every rank's x (no gradient: keys and key-encoder inputs)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
 @dataclass
 class MoCoOutput:
     loss: torch.Tensor
@@ -147,12 +158,14 @@ class MoCo(nn.Module):
         predictor_last_bn: v3 predictor ends with BN (ViT: True; ResNet: False).
         queue_size: v2's K.
         temperature, momentum: T and the default m (v3: 0.2, 0.99; v2: 0.2, 0.999).
+        shuffle_bn: v2 only: compute the keys on a batch shuffled across the ranks of `group` (see the module
+            docstring); no effect without a group.
         group: a process group for distributed training (None: single process).
         backend: forwarded to ``contrastive_loss``; ema_backend to ``MomentumEncoder``.
     """
 
     def __init__(self, backbone, feature_dim=None, *, version="v3", dim=256, mlp_dim=None, projector_layers=3,
-                 predictor_last_bn=True, queue_size=65536, temperature=None, momentum=None, group=None,
+                 predictor_last_bn=True, queue_size=65536, temperature=None, momentum=None, shuffle_bn=False, group=None,
                  backend="auto", ema_backend="auto"):
         super().__init__()
         name = "MoCo"
@@ -168,6 +181,11 @@ class MoCo(nn.Module):
         check_int(name, "projector_layers", projector_layers, lo=1)
         check_bool(name, "predictor_last_bn", predictor_last_bn)
         check_int(name, "queue_size", queue_size, lo=1)
+        check_bool(name, "shuffle_bn", shuffle_bn)
+        if shuffle_bn and version != "v2":
+            raise ValueError(f"{name}: shuffle_bn is MoCo v2's remedy (v3 synchronises its BatchNorm instead), got "
+                             f"version={version!r}")
+        self.shuffle_bn = shuffle_bn
         temperature = _DEFAULTS[version]["temperature"] if temperature is None else temperature
         momentum = _DEFAULTS[version]["momentum"] if momentum is None else momentum
         check_scalar(name, "temperature", temperature, lo=0.0, lo_open=True)
@@ -212,10 +230,25 @@ class MoCo(nn.Module):
         q = self.base_encoder(x1)
         with torch.no_grad():
             self.momentum_encoder.update(momentum)
-            k = nn.functional.normalize(self.momentum_encoder(x2), dim=1)
+            keys = self._shuffled_keys(x2) if self.shuffle_bn and self.group is not None else self.momentum_encoder(x2)
+            k = nn.functional.normalize(keys, dim=1)
         loss, k_all = self._v2_loss(q, k)
         self.queue.enqueue(k_all)
         return MoCoOutput(loss=loss, q=q, k=k)
+
+    def _shuffled_keys(self, x):
+        """MoCo's _batch_shuffle_ddp / _batch_unshuffle_ddp: encode this rank's slice of a random permutation of
+        the global batch (drawn on rank 0 and broadcast), gather the keys and return this rank's in order."""
+        import torch.distributed as dist
+
+        group, n = self.group, x.shape[0]
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        x_all = _gather(x, group)
+        perm = torch.randperm(world * n, device=x.device) if rank == 0 else torch.empty(world * n, dtype=torch.long,
+                                                                                          device=x.device)
+        dist.broadcast(perm, dist.get_global_rank(group, 0), group=group)
+        k_all = _gather(self.momentum_encoder(x_all[perm[rank * n:(rank + 1) * n]]), group)
+        return k_all[torch.argsort(perm)[rank * n:(rank + 1) * n]]
 
     def _v3_loss(self, q, k):
         t = self.temperature
@@ -229,12 +262,10 @@ class MoCo(nn.Module):
         if self.group is not None:
             import torch.distributed as dist
 
-            rank = dist.get_rank(self.group)
-            parts = [torch.empty_like(k) for _ in range(dist.get_world_size(self.group))]
-            dist.all_gather(parts, k.contiguous(), group=self.group)
-            k_all = torch.cat(parts)
+            rank, n = dist.get_rank(self.group), k.shape[0]
+            k_all = _gather(k, self.group)
             # own keys first: row i's positive is column i
-            keys = torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1:])
+            keys = torch.cat([k, k_all[:rank * n], k_all[(rank + 1) * n:]])
         b = self.queue.with_keys(keys)
         loss = contrastive_loss(q, b, 1.0 / self.temperature, normalize=True, symmetric=False, log_scale=False,
                                 max_scale=None, backend=self.backend)

@@ -43,7 +43,7 @@ MOCO_PRESETS = {
     "tiny": dict(vit=dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), dim=16, mlp_dim=32,
                  version="v3"),
     "tiny-v2": dict(vit=dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), dim=16, mlp_dim=32,
-                    version="v2", queue_size=64),
+                    version="v2", queue_size=64, shuffle_bn=True),
     # moco-v3's ViT-S/16 and ViT-B/16 (dim 256, mlp_dim 4096)
     "vit-s/16": dict(vit=dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=12), dim=256,
                      mlp_dim=4096, version="v3"),
@@ -58,7 +58,7 @@ def _moco_build(preset, backend):
 
     p = MOCO_PRESETS[preset]
     vit = ViT(**p["vit"], num_classes=0, backend=backend)
-    extra = dict(queue_size=p["queue_size"]) if "queue_size" in p else {}
+    extra = {k: p[k] for k in ("queue_size", "shuffle_bn") if k in p}
     return MoCo(vit, version=p["version"], dim=p["dim"], mlp_dim=p["mlp_dim"], backend=backend, **extra)
 
 

@@ -18,7 +18,8 @@ from mmfast.training.loop import build, make_batch
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in this torch")
 
 LOCAL, WORLD, LR = 3, 2, 0.5
-# (task, preset, parallel): MoCo v3 (kernel's distributed loss, BN synced over the group) and v2 (queue)
+# (task, preset, parallel): MoCo v3 (kernel's distributed loss, BN synced over the group) and v2 (queue, shuffled
+# BN: the keys come back in order, so the run equals one process)
 CASES = [("moco", "tiny", "ddp"), ("moco", "tiny", "fsdp"), ("moco", "tiny-v2", "ddp"), ("moco", "tiny-v2", "fsdp")]
 
 
@@ -46,11 +47,27 @@ def _run(task_name, preset, parallel, rank, world, seed):
     return torch.stack(losses), grads, ema, sharded
 
 
+def _key_encoder_sees_shuffled_batches(rank, world, seed):
+    """MoCo v2 shuffle_bn: the key encoder's input is not this rank's x2 (in 3 steps at least once: a random
+    permutation of 6 rows keeps a rank's 3 rows in place with probability 1/120)."""
+    task, model = build("moco", "tiny-v2", backend="reference", seed=seed)
+    task.set_group(model, dist.group.WORLD)
+    seen = []
+    model.momentum_encoder.ema.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    moved = []
+    for step in range(3):
+        batch = make_batch(task, "tiny-v2", LOCAL, rank, world, step, seed)
+        task.loss(model, batch, step, 3)
+        moved.append(not torch.equal(seen[-1], batch[1]))
+    return any(moved)
+
+
 def _worker(rank, world, port, seed, out_dir):
     torch.set_num_threads(1)  # two processes on a shared CPU: no oversubscription
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {case: _run(*case, rank, world, seed) for case in CASES}
+        results["shuffled"] = _key_encoder_sees_shuffled_batches(rank, world, seed)
         try:  # FSDP2 without the key encoder as its own unit would lose the EMA update: refused
             wrap(build("moco", "tiny", backend="reference", seed=seed)[1], "fsdp", torch.device("cpu"), [])
             results["guard"] = None
@@ -75,6 +92,7 @@ def test_two_processes_match_one_on_the_concatenated_batch(tmp_path):
     mp.spawn(_worker, args=(WORLD, _free_port(), SEED, str(tmp_path)), nprocs=WORLD, join=True)
     results = torch.load(tmp_path / "rank0.pt", weights_only=False)
     assert results["guard"] and "MomentumEncoder" in results["guard"]
+    assert results["shuffled"], "shuffle_bn: the key encoder saw this rank's own batch every time"
     single = train("moco", steps=2, batch_size=LOCAL * WORLD, backend="reference", seed=SEED, progress=False,
                    log=lambda s: None)
     torch.testing.assert_close(results["train"], single, rtol=1e-5, atol=1e-6, msg="train(parallel='fsdp') losses")

@@ -191,7 +191,8 @@ def test_from_state_dict_rejects_other_checkpoints():
 @pytest.mark.parametrize("kwargs, name", [
     (dict(version="v4"), "version"), (dict(dim=0), "dim"), (dict(temperature=0.0), "temperature"),
     (dict(momentum=1.5), "momentum"), (dict(queue_size=0), "queue_size"), (dict(backend="cuda"), "backend"),
-], ids=["version", "dim", "temperature", "momentum", "queue_size", "backend"])
+    (dict(shuffle_bn=True), "shuffle_bn"),
+], ids=["version", "dim", "temperature", "momentum", "queue_size", "backend", "shuffle_bn-v3"])
 def test_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
         MoCo(_backbone(), WIDTH, **kwargs)
