@@ -164,7 +164,7 @@ class MoCo(nn.Module):
         backend: forwarded to ``contrastive_loss``; ema_backend to ``MomentumEncoder``.
     """
 
-    def __init__(self, backbone, feature_dim=None, *, version="v3", dim=256, mlp_dim=None, projector_layers=3,
+    def __init__(self, backbone, feature_dim=None, *, version="v3", dim=None, mlp_dim=None, projector_layers=3,
                  predictor_last_bn=True, queue_size=65536, temperature=None, momentum=None, shuffle_bn=False, group=None,
                  backend="auto", ema_backend="auto"):
         super().__init__()
@@ -175,6 +175,7 @@ class MoCo(nn.Module):
         if feature_dim is None:
             feature_dim = getattr(backbone, "embed_dim", None) or getattr(backbone, "num_features", None)
         check_int(name, "feature_dim", feature_dim, lo=1)
+        dim = (256 if version == "v3" else 128) if dim is None else dim
         check_int(name, "dim", dim, lo=1)
         mlp_dim = (4096 if version == "v3" else feature_dim) if mlp_dim is None else mlp_dim
         check_int(name, "mlp_dim", mlp_dim, lo=1)
