@@ -53,7 +53,12 @@ def wrap(model, parallel, device, units=()):
             if isinstance(m, MomentumEncoder) and not any(m.ema is u for u in units):
                 raise ValueError(f"parallel='fsdp': the MomentumEncoder {name!r} needs its .ema among the units "
                                  "sharded before the root (TrainTask.shard_units)")
-        return fully_shard(model, mesh=mesh)
+        # fully_shard refuses 0-dim parameters (CLIP's logit_scale): they stay replicated, their gradients
+        # averaged by average_replicated_grads after each backward, as DDP would
+        scalars = [p for p in model.parameters() if p.dim() == 0 and not hasattr(p, "to_local")]
+        model = fully_shard(model, mesh=mesh, ignored_params=set(scalars) or None)
+        model._mmfast_replicated = scalars
+        return model
     raise ValueError(f"parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
 
 
@@ -65,3 +70,13 @@ def rank_rows(n_local, rank):
 def full_tensor(t):
     """A DTensor's full value (FSDP2 shards), a plain tensor unchanged."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def average_replicated_grads(model):
+    """Average over the ranks the gradients of the parameters FSDP2 left replicated (see wrap)."""
+    params = [p for p in getattr(model, "_mmfast_replicated", ()) if p.grad is not None]
+    if params:
+        grads = torch.stack([p.grad.reshape(()) for p in params])
+        dist.all_reduce(grads)
+        for p, g in zip(params, grads / dist.get_world_size()):
+            p.grad.copy_(g)

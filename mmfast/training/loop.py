@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from .distributed import init_from_env, rank_rows, wrap
+from .distributed import average_replicated_grads, init_from_env, rank_rows, wrap
 from .tasks import get_task
 
 
@@ -60,6 +60,7 @@ def train(task_name, *, preset="tiny", steps=10, batch_size=8, lr=1e-3, parallel
             loss = task.loss(model, batch, step, steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_replicated_grads(model)
             opt.step()
             losses.append(float(loss.detach()))
             bar.advance(losses[-1])

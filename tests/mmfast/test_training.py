@@ -12,19 +12,21 @@ from numerics import SEED
 
 from mmfast.__main__ import main
 from mmfast.training import train
-from mmfast.training.distributed import full_tensor, wrap
+from mmfast.training.distributed import average_replicated_grads, full_tensor, wrap
 from mmfast.training.loop import build, make_batch
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in this torch")
 
 LOCAL, WORLD, LR = 3, 2, 0.5
 # (task, preset, parallel): MoCo v3 (kernel's distributed loss, BN synced over the group) and v2 (queue, shuffled
-# BN: the keys come back in order, so the run equals one process)
-CASES = [("moco", "tiny", "ddp"), ("moco", "tiny", "fsdp"), ("moco", "tiny-v2", "ddp"), ("moco", "tiny-v2", "fsdp")]
+# BN: the keys come back in order, so the run equals one process), CLIP (its 0-dim logit_scale stays replicated
+# under FSDP2, its gradient averaged by the loop)
+CASES = [("moco", "tiny", "ddp"), ("moco", "tiny", "fsdp"), ("moco", "tiny-v2", "ddp"), ("moco", "tiny-v2", "fsdp"),
+         ("clip", "tiny", "ddp"), ("clip", "tiny", "fsdp")]
 
 
 def _run(task_name, preset, parallel, rank, world, seed):
-    """Two SGD steps in float64; returns the losses, the step-2 gradients and the key encoder after step 2."""
+    """Two SGD steps in float64; returns the losses, the step-2 gradients and the key encoder after step 2 (MoCo)."""
     task, model = build(task_name, preset, backend="reference", seed=seed)
     model = model.double()
     if world > 1:
@@ -34,14 +36,18 @@ def _run(task_name, preset, parallel, rank, world, seed):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     losses = []
     for step in range(2):
-        batch = tuple(t.double() for t in make_batch(task, preset, LOCAL * WORLD // world, rank, world, step, seed))
+        batch = tuple(t.double() if t.is_floating_point() else t
+                      for t in make_batch(task, preset, LOCAL * WORLD // world, rank, world, step, seed))
         opt.zero_grad()
         loss = task.loss(model, batch, step, 4)
         loss.backward()
+        average_replicated_grads(model)
         losses.append(loss.detach())
         if step == 0:
             opt.step()
     grads = {n: full_tensor(p.grad) for n, p in inner.named_parameters() if p.grad is not None}
+    if task_name != "moco":
+        return torch.stack(losses), grads, [], True
     ema = [full_tensor(p.detach()) for p in inner.momentum_encoder.ema.parameters()]
     sharded = parallel == "fsdp" and all(hasattr(p, "to_local") for p in inner.momentum_encoder.ema.parameters())
     return torch.stack(losses), grads, ema, sharded
