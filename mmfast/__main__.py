@@ -1,4 +1,4 @@
-"""mmfast command line: `python -m mmfast {info,check,compile-report,bench,verify}`.
+"""mmfast command line: `python -m mmfast {info,check,compile-report,bench,verify,train}`.
 
 Nothing heavy is imported before a subcommand has parsed its arguments, so `--help` answers at once.
 """
@@ -11,6 +11,7 @@ COMMANDS = {
     "compile-report": "compile every Triton kernel config and csrc/*.cu for sm_80/sm_90; fail on spills",
     "bench": "the benchmark suites (mmfast.benchmarks; `python -m benchmarks` in a source checkout)",
     "verify": "build a model (HF config dir, timm / open_clip name), patch it, compare with the unpatched run",
+    "train": "train clip|moco|albef|blip (--preset tiny --steps N); one process or torchrun with DDP / FSDP2",
 }
 
 
@@ -127,6 +128,10 @@ def main(argv=None):
         from mmfast.benchmarks.__main__ import main as bench_main
 
         return bench_main(rest, prog="python -m mmfast bench")
+    if command == "train":
+        from .training import main as train_main
+
+        return train_main(rest)
     from .compile_report import main as report_main
 
     return report_main(rest)

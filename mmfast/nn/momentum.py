@@ -25,11 +25,13 @@ class MomentumEncoder(nn.Module):
         ema_dtype: optional dtype for the copy's floating parameters: torch.float32, float16, bfloat16
             (e.g. an fp32 EMA of a bf16 model) or float64 (backend="reference" only).
         backend: forwarded to ``ema_update_``: "auto", "triton", "cuda", "cpp" or "reference".
+        copy_buffers: whether ``update`` copies the buffers (True); False keeps the copy's own (MoCo's key
+            encoder keeps the BatchNorm statistics of its own forward passes).
 
     Raises ValueError naming the argument when one is not of the form above.
     """
 
-    def __init__(self, model: nn.Module, momentum=0.999, *, ema_dtype=None, backend="auto"):
+    def __init__(self, model: nn.Module, momentum=0.999, *, ema_dtype=None, backend="auto", copy_buffers=True):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"MomentumEncoder: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -38,6 +40,9 @@ class MomentumEncoder(nn.Module):
             names = ", ".join(str(d) for d in _EMA_DTYPES)
             raise ValueError(f"MomentumEncoder: ema_dtype must be None or one of {names}, got {ema_dtype!r}")
         check_backend_name(backend, op="MomentumEncoder")
+        if not isinstance(copy_buffers, bool):
+            raise ValueError(f"MomentumEncoder: copy_buffers must be True or False, got {copy_buffers!r}")
+        self.copy_buffers = copy_buffers
         self.ema = copy.deepcopy(model)
         if ema_dtype is not None:
             for p in self.ema.parameters():
@@ -63,8 +68,8 @@ class MomentumEncoder(nn.Module):
             list(self.ema.parameters()),
             [p.detach() for p in self._online.parameters()],
             m,
-            ema_buffers=list(self.ema.buffers()),
-            buffers=list(self._online.buffers()),
+            ema_buffers=list(self.ema.buffers()) if self.copy_buffers else [],
+            buffers=list(self._online.buffers()) if self.copy_buffers else [],
             backend=self.backend,
         )
 

@@ -16,7 +16,7 @@ import mmfast.kernels as kernels
 from mmfast import check
 from mmfast.kernels._registry import FAMILIES, OPS
 
-SUBCOMMANDS = ("check", "bench", "info", "compile-report", "verify")
+SUBCOMMANDS = ("check", "bench", "info", "compile-report", "verify", "train")
 
 
 def _run(*args, timeout=600, env=None):

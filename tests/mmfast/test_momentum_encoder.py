@@ -36,6 +36,18 @@ def test_update_matches_reference_and_copies_buffers(online):
         assert_bitwise_equal(got, want, what="buffer")
 
 
+def test_copy_buffers_false_keeps_the_copys_own_statistics(online):
+    enc = MomentumEncoder(online, momentum=0.5, copy_buffers=False)  # MoCo's key encoder
+    enc(torch.randn(2, 3, 9, 9))  # the copy's BN statistics move on their own
+    own = [b.clone() for b in enc.ema.buffers()]
+    online(torch.randn(2, 3, 9, 9))
+    enc.update()
+    for got, want in zip(enc.ema.buffers(), own):
+        assert_bitwise_equal(got, want, what="the copy's buffer")
+    with pytest.raises(ValueError, match="copy_buffers"):
+        MomentumEncoder(online, copy_buffers=1)
+
+
 def test_copy_has_no_grads_and_owns_only_its_parameters(online):
     enc = MomentumEncoder(online)
     assert all(not p.requires_grad for p in enc.parameters())

@@ -1,0 +1,128 @@
+"""The training loop: one process or many (torchrun + DDP / FSDP2), a progress bar and a loss plot."""
+import math
+import time
+
+import torch
+
+from .distributed import average_replicated_grads, init_from_env, rank_rows, wrap
+from .tasks import get_task
+
+
+def make_batch(task, preset, n_local, rank, world, step, seed, data=None, device="cpu"):
+    """This rank's rows of the global batch of `step` (every rank draws the same global batch)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    batch = task.batch(preset, n_local * world, gen, data)
+    rows = rank_rows(n_local, rank)
+    return tuple(t[rows].to(device) for t in batch)
+
+
+def build(task_name, preset="tiny", *, backend="auto", seed=0, device="cpu"):
+    task = get_task(task_name)
+    if preset not in task.presets:
+        raise ValueError(f"train {task_name}: preset must be one of {task.presets}, got {preset!r}")
+    torch.manual_seed(seed)  # every rank builds the same initial weights
+    return task, task.build(preset, backend).to(device)
+
+
+def train(task_name, *, preset="tiny", steps=10, batch_size=8, lr=1e-3, parallel=None, backend="auto", seed=0,
+          data=None, progress=True, plot=None, log=print):
+    """Train `task_name` for `steps` steps; returns the list of losses (the global batch's, on every rank).
+
+    parallel: None (DDP when launched by torchrun with several processes, else "none"), "none", "ddp" or
+    "fsdp". batch_size is per rank. data: None (synthetic) or a dict of tensors (see ``tasks``). plot: a
+    PNG path for the loss curve (rank 0; skipped with a note when matplotlib is missing).
+    """
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+            raise ValueError(f"train: {name} must be a positive int, got {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"train: lr must be a positive number, got {lr!r}")
+    rank, world, device = init_from_env()
+    parallel = parallel or ("ddp" if world > 1 else "none")
+    if parallel not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"train: parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
+    task = get_task(task_name)
+    if parallel not in task.parallel:
+        raise ValueError(f"train {task_name}: parallel must be one of {task.parallel} for this model, got {parallel!r}")
+    task, model = build(task_name, preset, backend=backend, seed=seed, device=device)
+    if parallel != "none":
+        import torch.distributed as dist
+
+        task.set_group(model, dist.group.WORLD)
+    model = wrap(model, parallel, device, task.shard_units(model))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses = []
+    bar = _progress(progress and rank == 0, f"{task_name} ({preset}, {world} x {parallel})", steps)
+    start = time.perf_counter()
+    try:
+        for step in range(steps):
+            batch = make_batch(task, preset, batch_size, rank, world, step, seed, data, device)
+            loss = task.loss(model, batch, step, steps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            average_replicated_grads(model)
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.advance(losses[-1])
+    finally:
+        bar.close()
+    if rank == 0:
+        rate = steps * batch_size * world / (time.perf_counter() - start)
+        log(f"train {task_name}: {steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f} ({rate:.1f} samples/s)")
+        if plot:
+            _plot(losses, plot, f"{task_name} ({preset}), {world} process(es), {parallel}", log)
+    return losses
+
+
+class _NoBar:
+    def advance(self, loss):
+        pass
+
+    def close(self):
+        pass
+
+
+class _RichBar:
+    def __init__(self, title, steps):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+        self.progress.start()
+        self.task = self.progress.add_task(title, total=steps, loss="-")
+
+    def advance(self, loss):
+        self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")
+
+    def close(self):
+        self.progress.stop()
+
+
+def _progress(enabled, title, steps):
+    if not enabled:
+        return _NoBar()
+    try:
+        return _RichBar(title, steps)
+    except ImportError:  # rich is a dev dependency: the loop runs without a bar
+        return _NoBar()
+
+
+def _plot(losses, path, title, log):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log(f"train: matplotlib is not installed, no loss plot written to {path}")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, marker="o" if len(losses) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    log(f"train: loss plot written to {path}")

@@ -1,0 +1,227 @@
+"""The trainable models: name -> how to build one from a preset, make a batch, and compute its loss.
+
+A :class:`TrainTask` is all the training loop knows of a model. Batches are made on every rank from one
+seeded generator as the *global* batch and sliced per rank, so W ranks see exactly what one process sees on
+the concatenated batch (synthetic data, or rows sampled from a ``--data`` file of tensors).
+
+albef and blip need mmfast.models.albef / .blip (branch wt-albefblip); until those modules exist in this
+checkout, building them raises a clear error naming the module and the branch (see ``_import``).
+"""
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+# torch is imported inside the functions: `python -m mmfast train --help` reads this registry without it
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """build(preset, backend) -> model; batch(preset, n, generator, data) -> tuple of tensors (global batch,
+    first dim n); loss(model, batch, step, total_steps) -> 0-dim loss (model may be DDP/FSDP-wrapped);
+    set_group(model, group); shard_units(model) -> submodules that get their own ``fully_shard`` before the
+    root (every MomentumEncoder's ``ema`` and the online modules it follows must be among them, so that the
+    EMA update sees shards on both sides); presets: the preset names build accepts (albef / blip: checked
+    against the model module's PRESETS when built); parallel: the modes the task supports."""
+
+    name: str
+    module: str
+    build: Callable
+    batch: Callable
+    loss: Callable
+    presets: Tuple[str, ...]
+    set_group: Callable = lambda model, group: None
+    shard_units: Callable = lambda model: []
+    parallel: Tuple[str, ...] = ("none", "ddp", "fsdp")
+    notes: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# MoCo (v3, or v2 with a queue) on mmfast's ViT
+
+MOCO_PRESETS = {
+    # moco-v3 ViT recipe at test size (ViT backbone, 3-layer projector, predictor); tiny-v2: MoCo v2 with a queue
+    "tiny": dict(vit=dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), dim=16, mlp_dim=32,
+                 version="v3"),
+    "tiny-v2": dict(vit=dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), dim=16, mlp_dim=32,
+                    version="v2", queue_size=64, shuffle_bn=True),
+    # moco-v3's ViT-S/16 and ViT-B/16 (dim 256, mlp_dim 4096)
+    "vit-s/16": dict(vit=dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=12), dim=256,
+                     mlp_dim=4096, version="v3"),
+    "vit-b/16": dict(vit=dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12), dim=256,
+                     mlp_dim=4096, version="v3"),
+}
+
+
+def _moco_build(preset, backend):
+    from mmfast.models.moco import MoCo
+    from mmfast.models.vit import ViT
+
+    p = MOCO_PRESETS[preset]
+    vit = ViT(**p["vit"], num_classes=0, backend=backend)
+    extra = {k: p[k] for k in ("queue_size", "shuffle_bn") if k in p}
+    return MoCo(vit, version=p["version"], dim=p["dim"], mlp_dim=p["mlp_dim"], backend=backend, **extra)
+
+
+def _two_views(images, generator):
+    """Stand-in augmentation (random horizontal flip + Gaussian noise per view): enough to make two views."""
+    import torch
+
+    views = []
+    for _ in range(2):
+        flip = torch.rand(images.shape[0], generator=generator) < 0.5
+        v = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        views.append(v + 0.1 * torch.randn(images.shape, generator=generator))
+    return tuple(views)
+
+
+def _moco_batch(preset, n, generator, data=None):
+    import torch
+
+    s = MOCO_PRESETS[preset]["vit"]["img_size"]
+    if data is not None:
+        images = data["images"][torch.randint(0, data["images"].shape[0], (n,), generator=generator)].float()
+    else:
+        images = torch.randn(n, 3, s, s, generator=generator)
+    return _two_views(images, generator)
+
+
+def _moco_loss(model, batch, step, total_steps):
+    from mmfast.models.moco import cosine_momentum
+
+    inner = getattr(model, "module", model)  # DDP keeps the model under .module; FSDP2 is the model itself
+    m = cosine_momentum(step, total_steps, inner.momentum_encoder.momentum)
+    return model(*batch, momentum=m).loss
+
+
+def _moco_units(model):
+    units = [model.base_encoder, model.momentum_encoder.ema]
+    return units + ([model.predictor] if model.predictor is not None else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP on mmfast.models.CLIP (its named presets)
+
+CLIP_PRESETS = {"tiny": "clip-tiny-test", "vit-b/32": "clip-vit-b/32", "vit-b/16": "clip-vit-b/16",
+                "vit-l/14": "clip-vit-l/14", "siglip-b/16": "siglip-b/16-224"}
+
+
+def _clip_sizes(preset):
+    from mmfast.models import PRESETS
+
+    args = PRESETS[CLIP_PRESETS[preset]][1]
+    return args["vision"]["img_size"], args["text"]["vocab_size"], args["text"]["max_len"]
+
+
+def _clip_build(preset, backend):
+    from mmfast.models import create_model
+
+    return create_model(CLIP_PRESETS[preset], backend=backend)
+
+
+def _clip_batch(preset, n, generator, data=None):
+    """Random images and captions: random tokens, the highest id as EOT (the argmax rule of CLIP's legacy
+    configs), zero padding after it with attention_mask 0; or rows of data {'images', 'input_ids',
+    'attention_mask'}."""
+    import torch
+
+    size, vocab, max_len = _clip_sizes(preset)
+    if data is not None:
+        idx = torch.randint(0, data["images"].shape[0], (n,), generator=generator)
+        return data["images"][idx].float(), data["input_ids"][idx], data["attention_mask"][idx]
+    images = torch.randn(n, 3, size, size, generator=generator)
+    lengths = torch.randint(2, max_len + 1, (n,), generator=generator)
+    ids = torch.randint(3, vocab - 1, (n, max_len), generator=generator)
+    pos = torch.arange(max_len)
+    ids = torch.where(pos == (lengths - 1)[:, None], vocab - 1, ids)
+    mask = (pos < lengths[:, None]).long()
+    return images, ids * mask, mask
+
+
+def _clip_loss(model, batch, step, total_steps):
+    images, ids, mask = batch
+    return model(input_ids=ids, pixel_values=images, attention_mask=mask, return_loss=True).loss
+
+
+def _clip_set_group(model, group):
+    model.contrastive.group = group
+
+
+def _clip_units(model):
+    return [model.vision_model, model.text_model]
+
+
+# ----------------------------------------------------------------------------------------------
+# ALBEF / BLIP pre-training (written on wt-albefblip): `Class.from_preset(name, backend=)` and
+# `forward(pixel_values, input_ids, attention_mask).loss`; built once their module is in the checkout
+
+def _import(name, module, branch):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeError(f"train {name}: {module} is not in this checkout ({exc}); it is written on branch "
+                           f"{branch} and its training task runs once that branch is merged") from None
+
+
+def _vl_config(name, module, cls_name, preset):
+    import inspect
+
+    mod = _import(name, module, "wt-albefblip")
+    cls = getattr(mod, cls_name)
+    if preset not in mod.PRESETS:
+        raise ValueError(f"train {name}: preset must be one of {tuple(mod.PRESETS)}, got {preset!r}")
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return cls, {**defaults, **mod.PRESETS[preset]}
+
+
+def _vl_task(name, module, cls_name, presets):
+    def build(preset, backend):
+        cls, _ = _vl_config(name, module, cls_name, preset)
+        return cls.from_preset(preset, backend=backend)
+
+    def batch(preset, n, generator, data=None):
+        """Random images and captions: [CLS] random non-special tokens [SEP], zero padding (attention_mask 0);
+        or rows of data {'images', 'input_ids', 'attention_mask'}."""
+        import torch
+
+        if data is not None:
+            idx = torch.randint(0, data["images"].shape[0], (n,), generator=generator)
+            return data["images"][idx].float(), data["input_ids"][idx], data["attention_mask"][idx]
+        _, cfg = _vl_config(name, module, cls_name, preset)
+        size, length = cfg["image_size"], min(16, cfg["max_positions"])
+        special = {v for k, v in cfg.items() if k.endswith("token_id") and isinstance(v, int)}
+        allowed = torch.tensor([t for t in range(cfg["vocab_size"]) if t not in special])
+        images = torch.randn(n, 3, size, size, generator=generator)
+        ids = allowed[torch.randint(0, len(allowed), (n, length), generator=generator)]
+        lengths = torch.randint(3, length + 1, (n,), generator=generator)
+        pos = torch.arange(length)
+        ids[:, 0] = cfg["cls_token_id"]
+        ids = torch.where(pos == (lengths - 1)[:, None], cfg["sep_token_id"], ids)
+        mask = (pos < lengths[:, None]).long()
+        return images, torch.where(mask.bool(), ids, cfg["pad_token_id"]), mask
+
+    def loss(model, batch, step, total_steps):
+        images, ids, mask = batch
+        return model(images, ids, mask).loss
+
+    return TrainTask(name=name, module=module, build=build, batch=batch, loss=loss, presets=presets,
+                     parallel=("none", "ddp"),
+                     notes="ITC per rank (no process group in the model yet); FSDP not wired")
+
+
+TASKS: Dict[str, TrainTask] = {
+    "clip": TrainTask(name="clip", module="mmfast.models.clip", build=_clip_build, batch=_clip_batch,
+                      loss=_clip_loss, presets=tuple(CLIP_PRESETS), set_group=_clip_set_group,
+                      shard_units=_clip_units),
+    "moco": TrainTask(name="moco", module="mmfast.models.moco", build=_moco_build, batch=_moco_batch,
+                      loss=_moco_loss, presets=tuple(MOCO_PRESETS),
+                      set_group=lambda model, group: model.set_group(group), shard_units=_moco_units),
+    "albef": _vl_task("albef", "mmfast.models.albef", "ALBEF", ("tiny", "base")),
+    "blip": _vl_task("blip", "mmfast.models.blip", "BLIP", ("tiny", "base", "large")),
+}
+
+
+def get_task(name):
+    if name not in TASKS:
+        raise ValueError(f"train: model must be one of {tuple(TASKS)}, got {name!r}")
+    return TASKS[name]
