@@ -69,3 +69,16 @@ def test_wheel_contains_every_package(tmp_path):
     same = run("-m", "mmfast", "bench", "--compare", str(tmp_path / "r.json"), "--new", str(tmp_path / "r.json"))
     assert same.returncode == 0 and "0 regression(s)" in same.stdout, same.stdout + same.stderr
 
+
+
+def test_top_level_kernels_from_a_checkout_is_an_empty_package():
+    """From a checkout, `kernels/` is importable as a top-level `kernels` (Hugging Face's kernel-hub package
+    name, which transformers imports to probe it). That copy must register no op (a second registration of
+    the mmfast:: ops corrupts the dispatcher) and must not look like a usable hub package."""
+    code = ("import sys; import kernels, mmfast.kernels; "
+            "print(kernels.__all__, [m for m in sys.modules if m.startswith('kernels.')], "
+            "getattr(kernels, '__version__', 'N/A'))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["[]", "[]", "N/A"], res.stdout
