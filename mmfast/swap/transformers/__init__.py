@@ -13,8 +13,9 @@ Only model types in `TABLE` are patched, and only when every sub-config's type i
 model is left untouched with the reason in the report. After ``import mmfast.swap.transformers`` and
 `register()`, ``from_pretrained(..., attn_implementation="mmfast")`` works as well.
 
-Supported: transformers >= 5.0 (the AttentionMaskInterface / ``set_attn_implementation`` API this relies
-on; tested with 5.24).
+Supported: transformers >= 5.24, < 6 (`SUPPORTED`; the mask builder contract with q_length / q_offset
+and ``set_attn_implementation`` per sub-config; tested with 5.24). 4.5x builds masks from
+``cache_position`` and is not supported. Outside the range a model is left unchanged with that message.
 """
 import dataclasses
 import inspect
@@ -24,6 +25,7 @@ from typing import Callable, Optional
 from .. import _core
 
 NAME = "transformers"
+SUPPORTED = ((5, 24), (6, 0))   # [low, high)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +98,6 @@ def _configs(model):
     return list(found.values())
 
 
-def _unknown_types(configs):
-    return sorted({c.model_type for c in configs if c.model_type not in TABLE})
-
-
 def _uses_interface(cls):
     """Whether the class's forward dispatches through ALL_ATTENTION_FUNCTIONS (an attention layer)."""
     forward = inspect.unwrap(cls.forward)
@@ -134,12 +132,34 @@ def _patch_attention(model, configs, options, state):
                          "mmfast.kernels.flash_attention")
 
 
+def _version_problem():
+    import transformers
+
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED
+    if not low <= version < high:
+        return (f"transformers {transformers.__version__} is outside the range mmfast supports "
+                f"(>= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))})")
+    return None
+
+
+def _why_not(configs):
+    problem = _version_problem()
+    if problem:
+        return problem
+    unknown = sorted({c.model_type for c in configs if c.model_type not in TABLE})
+    if unknown:
+        return (f"transformers model type(s) {', '.join(map(repr, unknown))} not in mmfast's table "
+                f"(known: {', '.join(sorted(TABLE))})")
+    return None
+
+
 def patch(model, options, state):
     configs = _configs(model)
-    unknown = _unknown_types(configs)
-    if unknown:
-        state.report.message = (f"transformers model type(s) {', '.join(map(repr, unknown))} not in mmfast's table "
-                                f"(known: {', '.join(sorted(TABLE))}); nothing was changed")
+    problem = _why_not(configs)
+    if problem:
+        # leave the model exactly as it was: not even the patch state stays on it
+        state.report.message = problem + "; nothing was changed"
         _core.unpatch_model(model)
         return
     entries = [TABLE[c.model_type] for c in configs]
