@@ -4,8 +4,9 @@
 
 - attention: registers "mmfast" in ``transformers.AttentionInterface`` (`_attention.mmfast_attention`) and
   in ``masking_utils.AttentionMaskInterface`` (`_masks.build_mask`: without it transformers hands the
-  attention no padding mask at all), then ``model.set_attn_implementation("mmfast")``; the previous
-  implementation of every (sub-)config is restored by `unpatch`;
+  attention no padding mask at all), then ``model.set_attn_implementation("mmfast")`` on private copies of
+  the model's configs (the originals, shared with any model built from them, are never modified;
+  `unpatch` puts them back);
 - patch embeddings (`_embeddings`) and contrastive losses (`_losses`): ``forward`` replaced per instance;
 - model-specific modules that bypass the interface: the entry's ``extra`` function.
 
@@ -17,6 +18,7 @@ Supported: transformers >= 5.24, < 6 (`SUPPORTED`; the mask builder contract wit
 and ``set_attn_implementation`` per sub-config; tested with 5.24). 4.5x builds masks from
 ``cache_position`` and is not supported. Outside the range a model is left unchanged with that message.
 """
+import copy
 import dataclasses
 import inspect
 import sys
@@ -105,18 +107,29 @@ def _uses_interface(cls):
     return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
 
+def _private_configs(model, configs):
+    """Give the model its own copies of its configs before setting the implementation on them.
+
+    transformers shares config objects (``CLIPModel(config)`` keeps ``config``, and its sub-models the
+    sub-configs): setting "mmfast" on them would leak into any model built from them later. Each module's
+    ``config`` attribute is swapped per instance (restored by unpatch), the sharing inside the model kept.
+    """
+    memo = {}
+    for config in configs:
+        copy.deepcopy(config, memo)
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if config is not None and id(config) in memo:
+            _core.set_instance_attr(module, "config", memo[id(config)])
+    return [memo[id(c)] for c in configs]
+
+
 def _patch_attention(model, configs, options, state):
     from ._attention import CTX, NAME as ATTN, AttentionContext
 
     register()
-    saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs]
     before = {id(c): c._attn_implementation for c in configs}
-
-    def undo():
-        for config, value in saved:
-            config._attn_implementation_internal = value
-
-    state.undo.append(undo)
+    before = {id(new): before[id(old)] for old, new in zip(configs, _private_configs(model, configs))}
     model.set_attn_implementation(ATTN)
     ctx = AttentionContext(options.backend, state.report)
     for path, module in model.named_modules():
