@@ -43,7 +43,8 @@ def siglip():
 
 def blip2_retrieval():
     cfg = transformers.Blip2Config(
-        vision_config=VISION, qformer_config=dict(WIDTH, vocab_size=100, encoder_hidden_size=32, max_position_embeddings=32),
+        vision_config=VISION, qformer_config=dict(WIDTH, vocab_size=100, encoder_hidden_size=32, max_position_embeddings=32,
+                            use_qformer_text_input=True),
         text_config=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
                          vocab_size=100, word_embed_proj_dim=32),
         num_query_tokens=4, image_text_hidden_size=16)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import hf_models as hf  # noqa: F401  (skips without transformers)
+import hf_models as hf  # (skips without transformers)
 from numerics import assert_close_by_rule, randn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers import masking_utils as mu
@@ -141,13 +141,19 @@ def test_fallbacks_are_exact_and_counted(case):
     assert sum(layer.report.fallbacks.values()) == 1, layer.report.fallbacks
 
 
-def test_packed_sequences_through_varlen():
-    """cu_seq_lens (DataCollatorWithFlattening): one row of three sequences = three separate causal calls."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_packed_sequences_through_varlen(backend):
+    """cu_seq_lens (DataCollatorWithFlattening): one row of three sequences = three separate causal calls;
+    on "triton" (the interpreter on CPU) the varlen kernel path runs."""
     layer = Layer(True, groups=2)
+    layer.__dict__[_attention.CTX] = AttentionContext(backend, layer.report)
     lens = [3, 5, 2]
     q, k, v = qkv(1, 4, 2, sum(lens), sum(lens))
     cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
-    got, _ = mmfast_attention(layer, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+    with hf.OpCounter() as ops:
+        got, _ = mmfast_attention(layer, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5,
+                                  max_length_k=5)
+    assert ops.counts["flash_attention_fwd"] == (backend == "triton")
     parts = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         parts.append(sdpa_attention_forward(layer, *(t[:, :, a:b] for t in (q, k, v)), None, is_causal=True)[0])
