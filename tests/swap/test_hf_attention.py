@@ -118,7 +118,6 @@ def test_dense_masks():
 def test_fallbacks_are_exact_and_counted(case):
     layer = Layer(True)
     q, k, v = qkv(2, 2, 2, 6, 6)
-    kw = {}
     mask = None
     if case == "float-bias":
         mask = randn(2, 1, 6, 6)

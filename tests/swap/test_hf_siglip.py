@@ -2,6 +2,7 @@
 import pytest
 
 import hf_models as hf
+import mmfast
 
 KEYS = ("loss", "logits_per_text", "text_model_output.last_hidden_state", "vision_model_output.last_hidden_state")
 
@@ -30,3 +31,11 @@ def test_siglip_triton_interpreter_runs_mmfast_ops():
     # siglip_loss runs the contrastive family's custom ops (one kernel pair for both losses)
     assert ops.counts["contrastive_loss_fwd"] == 1 and ops.counts["contrastive_loss_bwd"] == 1, ops.counts
     assert ops.counts["flash_attention_fwd"] == 2 and ops.counts["patch_embed_fwd"] == 1, ops.counts
+
+
+def test_siglip_other_size_without_interpolation_raises():
+    """The original fails on the table's shape there; the swap must not resample silently instead."""
+    model = hf.siglip().vision_model
+    mmfast.patch(model, backend="reference")
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        model(pixel_values=hf.pixels(1, 24))
