@@ -93,3 +93,13 @@ def test_float_bias_mask_falls_back_and_is_counted():
     assert report.fallbacks == {"float attention mask with a bias (values other than 0 and the dtype's min / -inf)": 2}
     assert torch.equal(got, stock)
     assert "fallback" in str(report)
+
+
+def test_transformers_outside_the_supported_range_is_refused(monkeypatch):
+    from mmfast.swap import transformers as integration
+
+    monkeypatch.setattr(integration, "SUPPORTED", ((9, 0), (10, 0)))
+    model = hf.clip()
+    report = mmfast.patch(model)
+    assert "outside the range" in report.message and not report.swapped
+    assert model.config._attn_implementation == "sdpa" and not mmfast.unpatch(model)

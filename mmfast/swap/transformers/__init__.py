@@ -20,9 +20,10 @@ and ``set_attn_implementation`` per sub-config; tested with 5.24). 4.5x builds m
 """
 import copy
 import dataclasses
+import importlib
 import inspect
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 from .. import _core
 
@@ -36,12 +37,15 @@ class Entry:
 
     attention: its attention layers call ``AttentionInterface`` (set attn_implementation "mmfast").
     embeddings / loss: swap the `_embeddings` / `_losses` modules found in it.
-    extra: ``fn(model, options, state)`` for modules that bypass the interface (per-model files).
+    extra: the name of a sibling module (e.g. "_mllama") whose ``patch(model, options, state)`` swaps the
+        modules that bypass the interface; imported only when such a model is patched, after the
+        attention implementation is set (so it may call `_attention.mmfast_attention` itself).
+    note: a line for the report's message.
     """
     attention: bool = True
     embeddings: bool = False
     loss: bool = False
-    extra: Optional[Callable] = None
+    extra: Optional[str] = None
     note: str = ""
 
 
@@ -56,11 +60,11 @@ TABLE = {
     "blip-2": Entry(note="no ITC loss in transformers' BLIP-2; Q-Former runs fp32 attention"),
     "blip_2_vision_model": Entry(),
     "blip_2_qformer": Entry(),
-    "opt": Entry(note="OPT passes scaling=1.0 (pre-scaled queries)"),
+    "opt": Entry(),
     "llama": Entry(),
     "llava": Entry(embeddings=True),
     "llava_next": Entry(embeddings=True),
-    # BLIP (v1), Mllama, Idefics: per-model files add entries with extra=<module>.patch
+    # BLIP (v1), Mllama, Idefics: entries with extra="_blip" / "_mllama" / "_idefics" (their own files)
 }
 
 
@@ -185,7 +189,7 @@ def patch(model, options, state):
     if options.loss and any(e.loss for e in entries):
         _losses.patch(model, options, state)
     for extra in dict.fromkeys(e.extra for e in entries if e.extra is not None):
-        extra(model, options, state)
+        importlib.import_module(f"{__name__}.{extra}").patch(model, options, state)
     notes = [e.note for e in entries if e.note]
     if notes:
         state.report.message = "; ".join(dict.fromkeys(notes))
