@@ -3,16 +3,17 @@
 Parity: the stock model in fp64 is the reference; the stock fp32 model's error against it is the
 yardstick (tests/numerics.py rule: outputs 2x, gradients 3x); the patched fp32 model must stay within.
 """
-import copy
 import collections
+import copy
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmfast
 from numerics import assert_close_by_rule
 
-transformers = __import__("pytest").importorskip("transformers", reason="the transformers integration needs transformers")
+transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 
 WIDTH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 VISION = dict(WIDTH, image_size=16, patch_size=4)

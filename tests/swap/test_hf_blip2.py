@@ -2,6 +2,7 @@
 import torch
 
 import hf_models as hf
+import mmfast
 
 
 def test_blip2_retrieval_parity():
@@ -24,7 +25,7 @@ def test_blip2_qformer_stays_fp32_in_a_half_model():
                   use_image_text_matching_head=True)
     with torch.no_grad():
         stock = model(**inputs).logits_per_image
-        report = hf.mmfast.patch(model, backend="reference")
+        report = mmfast.patch(model, backend="reference")
         got = model(**inputs).logits_per_image
     assert any(r.path.startswith("qformer.") for r in report.swapped) and not report.fallbacks
     assert all(p.dtype == torch.float32 for p in model.qformer.parameters())
