@@ -42,14 +42,22 @@ def siglip():
     return seeded(lambda: transformers.SiglipModel(cfg).eval())
 
 
-def blip2_retrieval():
-    cfg = transformers.Blip2Config(
+def _blip2_config():
+    return transformers.Blip2Config(
         vision_config=VISION, qformer_config=dict(WIDTH, vocab_size=100, encoder_hidden_size=32, max_position_embeddings=32,
                             use_qformer_text_input=True),
         text_config=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
                          vocab_size=100, word_embed_proj_dim=32),
-        num_query_tokens=4, image_text_hidden_size=16)
-    return seeded(lambda: transformers.Blip2ForImageTextRetrieval(cfg).eval())
+        num_query_tokens=4, image_text_hidden_size=16, image_token_index=98)
+
+
+def blip2_retrieval():
+    return seeded(lambda: transformers.Blip2ForImageTextRetrieval(_blip2_config()).eval())
+
+
+def blip2_generation():
+    """Q-Former + OPT (which passes scaling=1.0: its queries are pre-scaled); 4 image tokens (id 98)."""
+    return seeded(lambda: transformers.Blip2ForConditionalGeneration(_blip2_config()).eval())
 
 
 def llava():

@@ -31,3 +31,14 @@ def test_blip2_qformer_stays_fp32_in_a_half_model():
     assert all(p.dtype == torch.float32 for p in model.qformer.parameters())
     assert got.dtype == stock.dtype == torch.float32
     torch.testing.assert_close(got, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_blip2_opt_left_padded_parity_and_generation():
+    model = hf.blip2_generation()
+    input_ids = torch.nn.functional.pad(torch.cat([torch.full((2, 4), 98), hf.ids(2, 5)], 1), (2, 0))
+    input_ids[0, :2] = 5
+    inputs = dict(pixel_values=hf.pixels(2), input_ids=input_ids, attention_mask=hf.left_padding([11, 9], 11))
+    stock = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    report = hf.assert_parity(model, inputs, ("logits",))
+    assert any(r.path.startswith("language_model.") for r in report.swapped) and not report.fallbacks
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), stock)
