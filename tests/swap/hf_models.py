@@ -62,7 +62,8 @@ def siglip():
 
 def _blip2_config():
     return transformers.Blip2Config(
-        vision_config=VISION, qformer_config=dict(WIDTH, vocab_size=100, encoder_hidden_size=32, max_position_embeddings=32,
+        vision_config=VISION,
+        qformer_config=dict(WIDTH, vocab_size=100, encoder_hidden_size=32, max_position_embeddings=32,
                             use_qformer_text_input=True),
         text_config=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
                          vocab_size=100, word_embed_proj_dim=32),
@@ -122,8 +123,9 @@ def forward_backward(model, inputs, keys, grads=True):
     out = model(**inputs)
     outs = {k: _select(out, k) for k in keys}
     if grads:
-        total = sum((o.double() * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)).sum()
-                    for i, o in enumerate(outs.values()))
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                   for i, o in enumerate(outs.values())]
+        total = sum((o.double() * w).sum() for o, w in zip(outs.values(), weights))
         total.backward()
     g = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return {k: v.detach().clone() for k, v in outs.items()}, g

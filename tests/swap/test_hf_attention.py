@@ -34,8 +34,8 @@ def check(layer, q, k, v, mask, ref_mask=None, **kw):
     got, weights = mmfast_attention(layer, q, k, v, mask, **kw)
     assert weights is None
     stock, _ = sdpa_attention_forward(layer, q, k, v, ref_mask, **kw)
-    ref, _ = sdpa_attention_forward(layer, q.double(), k.double(), v.double(),
-                                    ref_mask.double() if ref_mask is not None and ref_mask.is_floating_point() else ref_mask, **kw)
+    mask64 = ref_mask.double() if ref_mask is not None and ref_mask.is_floating_point() else ref_mask
+    ref, _ = sdpa_attention_forward(layer, q.double(), k.double(), v.double(), mask64, **kw)
     assert got.shape == stock.shape  # (B, Lq, H, D)
     assert_close_by_rule(got, ref, stock)
     return got
