@@ -1,0 +1,67 @@
+"""Helpers for the tests of the transformers modules mmfast patches per instance (BLIP, Mllama, Idefics)."""
+import contextlib
+import collections
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mmfast.swap as swap
+from mmfast.swap._core import SwapOptions, SwapReport, begin, model_name
+
+FP64_TOL = 1e-9  # patched vs eager, both in float64 on backend="reference": the same math, rounding apart
+
+
+def patch_with(patch_fn, model, backend="reference", **flags):
+    """Run one integration's patch function on `model` the way ``mmfast.patch`` does (state, report, undo)."""
+    report = SwapReport(model_name(model), integration="transformers")
+    state = begin(model, report, SwapOptions(backend=backend, **flags))
+    patch_fn(model, state.options, state)
+    return report
+
+
+def unpatch(model):
+    return swap.unpatch(model)
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("mmfast::"):
+            self.counts[name.split("::")[1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_mmfast_ops():
+    """Counts the mmfast custom ops (``mmfast::*``) the code inside runs, forward and backward."""
+    mode = _Counter()
+    with mode:
+        yield mode.counts
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(actual, expected, tol, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    err = (actual.detach().double() - expected.detach().double()).abs().max().item() if actual.numel() else 0.0
+    assert err <= tol, f"{what}: max error {err:.3e} > {tol:.0e}"
+
+
+def assert_grads_close(got, expected, tol, what=""):
+    assert got.keys() == expected.keys(), f"{what}: gradient sets differ: {sorted(got.keys() ^ expected.keys())}"
+    for name in expected:
+        scale = max(1.0, expected[name].abs().max().item())
+        assert_close(got[name], expected[name], tol * scale, f"{what} grad {name}")
+
+
+def rule_error(patched32, eager32, eager64):
+    """(patched fp32 error, eager fp32 error) against the fp64 eager result: the suite's tolerance rule
+    compares the first with twice the second."""
+    e64 = eager64.detach().double()
+    return ((patched32.detach().double() - e64).abs().max().item(), (eager32.detach().double() - e64).abs().max().item())
