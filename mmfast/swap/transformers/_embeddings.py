@@ -1,0 +1,91 @@
+"""Vision patch embeddings of transformers models through `mmfast.kernels.patch_embed`.
+
+Each swapped forward keeps the module's signature, checks and parameters (conv weight / bias, [CLS],
+position table, mask token) and reproduces ``interpolate_pos_encoding`` (bicubic, ``size=``,
+align_corners=False: patch_embed's ``pos_resample="hf"``) with the table's own square grid.
+"""
+import math
+
+from mmfast.kernels import patch_embed
+
+from .. import _core
+
+
+def _grid(rows):
+    side = int(math.isqrt(rows))
+    return (side, side)
+
+
+def _pos_grid(module, table_rows, height, width, interpolate):
+    """The table's grid as HF reads it: the configured grid, or the square one when it interpolates."""
+    size = module.image_size if isinstance(module.image_size, (tuple, list)) else (module.image_size,) * 2
+    patch = module.patch_size if isinstance(module.patch_size, (tuple, list)) else (module.patch_size,) * 2
+    if interpolate:
+        return _grid(table_rows)
+    return (size[0] // patch[0], size[1] // patch[1])
+
+
+def clip_forward(backend):
+    def forward(self, pixel_values, interpolate_pos_encoding=False):
+        _, _, height, width = pixel_values.shape
+        if not interpolate_pos_encoding and (height != self.image_size or width != self.image_size):
+            raise ValueError(
+                f"Input image size ({height}*{width}) doesn't match model ({self.image_size}*{self.image_size}).")
+        conv = self.patch_embedding
+        table = self.position_embedding.weight
+        return patch_embed(pixel_values.to(dtype=conv.weight.dtype), conv.weight, conv.bias, pos_embed=table,
+                           cls_token=self.class_embedding,
+                           pos_grid=_pos_grid(self, table.shape[0] - 1, height, width, interpolate_pos_encoding),
+                           pos_resample="hf", backend=backend)
+    return forward
+
+
+def siglip_forward(backend):
+    def forward(self, pixel_values, interpolate_pos_encoding=False):
+        _, _, height, width = pixel_values.shape
+        conv = self.patch_embedding
+        table = self.position_embedding.weight
+        return patch_embed(pixel_values.to(dtype=conv.weight.dtype), conv.weight, conv.bias, pos_embed=table,
+                           pos_grid=_pos_grid(self, table.shape[0], height, width, interpolate_pos_encoding),
+                           pos_resample="hf", backend=backend)
+    return forward
+
+
+def vit_forward(backend):
+    def forward(self, pixel_values, bool_masked_pos=None, interpolate_pos_encoding=False):
+        _, num_channels, height, width = pixel_values.shape
+        patches = self.patch_embeddings
+        if num_channels != patches.num_channels:
+            raise ValueError("Make sure that the channel dimension of the pixel values match with the one set in the "
+                             f"configuration. Expected {patches.num_channels} but got {num_channels}.")
+        if not interpolate_pos_encoding and (height != self.image_size[0] or width != self.image_size[1]):
+            raise ValueError(f"Input image size ({height}*{width}) doesn't match model"
+                             f" ({self.image_size[0]}*{self.image_size[1]}).")
+        table = self.position_embeddings
+        masked = {}
+        if bool_masked_pos is not None:
+            masked = dict(token_mask=bool_masked_pos.bool(), mask_token=self.mask_token)
+        conv = patches.projection
+        out = patch_embed(pixel_values, conv.weight, conv.bias, pos_embed=table, cls_token=self.cls_token,
+                          pos_grid=_pos_grid(self, table.shape[1] - 1, height, width, interpolate_pos_encoding),
+                          pos_resample="hf", backend=backend, **masked)
+        return self.dropout(out)
+    return forward
+
+
+# class name -> forward factory; the modules are found by class name and module, never reassigned
+TABLE = {
+    "CLIPVisionEmbeddings": clip_forward,
+    "SiglipVisionEmbeddings": siglip_forward,
+    "ViTEmbeddings": vit_forward,
+}
+
+
+def patch(model, options, state):
+    for path, module in model.named_modules():
+        cls = type(module)
+        factory = TABLE.get(cls.__name__)
+        if factory is None or not cls.__module__.startswith("transformers."):
+            continue
+        _core.replace_forward(module, factory(options.backend))
+        state.report.add(path, cls.__name__, "mmfast.kernels.patch_embed")
