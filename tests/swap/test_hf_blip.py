@@ -9,6 +9,8 @@ import copy
 import pytest
 import torch
 
+import mmfast
+
 pytest.importorskip("transformers")
 from transformers import BlipConfig, BlipForConditionalGeneration  # noqa: E402
 
@@ -92,21 +94,18 @@ def test_unpatch_restores_bitwise_and_other_models_untouched():
         assert torch.equal(model(**batch).logits, before)
 
 
-def test_patch_twice_is_a_noop_and_attention_false_leaves_all():
+def test_mmfast_patch_twice_is_a_noop_and_attention_false_leaves_all():
     model = tiny_blip()
-    report = patch_with(patch_blip, model)
+    report = mmfast.patch(model, backend="reference")
+    assert report.integration == "transformers" and len(report.swapped) == 5, str(report)
     forwards = {n: m.__dict__["forward"] for n, m in model.named_modules() if "forward" in m.__dict__}
-    patch_blip(model, report_options(model), model.__dict__["_mmfast_patch"])
+    assert mmfast.patch(model, backend="reference") is report
     assert {n: m.__dict__["forward"] for n, m in model.named_modules() if "forward" in m.__dict__} == forwards
-    assert len(report.swapped) == len(forwards) == 5
+    assert model.text_decoder.config._attn_implementation == "eager"  # BLIP keeps its eager masks
     fresh = tiny_blip()
     off = patch_with(patch_blip, fresh, attention=False)
     assert not off.swapped and len(off.left) == 5
     assert all("forward" not in m.__dict__ for m in fresh.modules())
-
-
-def report_options(model):
-    return model.__dict__["_mmfast_patch"].options
 
 
 def test_attention_weights_requested_fall_back_counted():

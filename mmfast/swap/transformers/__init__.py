@@ -17,6 +17,7 @@ Supported: transformers >= 5.0 (the AttentionMaskInterface / ``set_attn_implemen
 on; tested with 5.24).
 """
 import dataclasses
+import importlib
 import inspect
 import sys
 from typing import Callable, Optional
@@ -41,6 +42,19 @@ class Entry:
     note: str = ""
 
 
+def _bypass(module, fn):
+    """A per-model file's patch function, imported only when a model of that type is patched."""
+    def extra(model, options, state):
+        return getattr(importlib.import_module(f"{__name__}.{module}"), fn)(model, options, state)
+    extra.__name__ = fn
+    return extra
+
+
+# one object per model family: patch() runs each distinct extra once
+_BLIP = _bypass("_blip", "patch_blip")
+_MLLAMA = _bypass("_mllama", "patch_mllama")
+_IDEFICS = _bypass("_idefics", "patch_idefics")
+
 TABLE = {
     "vit": Entry(embeddings=True),
     "clip": Entry(embeddings=True, loss=True),
@@ -56,7 +70,17 @@ TABLE = {
     "llama": Entry(),
     "llava": Entry(embeddings=True),
     "llava_next": Entry(embeddings=True),
-    # BLIP (v1), Mllama, Idefics: per-model files add entries with extra=<module>.patch
+    # BLIP (v1): no attention layer uses the interface, and its text decoder adds the mask built for its
+    # config's implementation to eager scores: keep that implementation (attention=False)
+    "blip": Entry(attention=False, extra=_BLIP),
+    "blip_text_model": Entry(attention=False, extra=_BLIP),
+    "blip_vision_model": Entry(attention=False, extra=_BLIP),
+    "mllama": Entry(extra=_MLLAMA),
+    "mllama_text_model": Entry(extra=_MLLAMA),
+    "mllama_vision_model": Entry(extra=_MLLAMA),
+    "idefics": Entry(extra=_IDEFICS),
+    "idefics_vision": Entry(extra=_IDEFICS),
+    "idefics_perciever": Entry(extra=_IDEFICS),  # sic: transformers' spelling
 }
 
 
