@@ -8,8 +8,8 @@ one run of visible keys (left or right padding), so it becomes kv_start / kv_end
 feed the next token's prediction, so both their forward and their gradient must be the eager ones. The cross-attention receives no mask in transformers
 5.x (``BlipTextAttention`` drops ``encoder_attention_mask``), and that is what runs here too.
 """
-from .._core import is_swapped, original, replace_forward
-from ._bypass import Fallback, MaskMemo, attend, check_common, eager_rows, row_intervals, visible_keys
+from .._core import original
+from ._bypass import Fallback, MaskMemo, attend, check_common, eager_rows, row_intervals, swap_all, visible_keys
 
 TABLE = {  # class name -> (what it was, what runs now)
     "BlipAttention": ("eager softmax attention (vision, fused qkv)", "mmfast flash_attention"),
@@ -108,19 +108,8 @@ def patch_blip(model, options, state):
     """Swap every BLIP (v1) attention of `model` (any Blip* model: captioning, VQA, retrieval)."""
     from transformers.models.blip import modeling_blip, modeling_blip_text
 
-    kinds = {modeling_blip.BlipAttention: _vision_forward, modeling_blip_text.BlipTextSelfAttention: _text_forward}
-    forwards = {}
-    for path, module in model.named_modules():
-        make = kinds.get(type(module))
-        if make is None:
-            continue
-        was, now = TABLE[type(module).__name__]
-        if not options.attention:
-            state.report.leave(path, was, "attention=False")
-            continue
-        if is_swapped(module):
-            continue
-        if make not in forwards:
-            forwards[make] = make(state)
-        replace_forward(module, forwards[make])
-        state.report.add(path, was, now)
+    kinds = {}
+    for cls, make in ((modeling_blip.BlipAttention, _vision_forward),
+                      (modeling_blip_text.BlipTextSelfAttention, _text_forward)):
+        kinds[cls] = (make, options.attention, "attention=False", *TABLE[cls.__name__])
+    swap_all(model, state, kinds)

@@ -11,7 +11,9 @@ import weakref
 
 import torch
 
-from mmfast.kernels import flash_attention
+from mmfast.kernels import flash_attention, tanh_gated_linear
+
+from .._core import replace_forward
 
 
 class Fallback(Exception):
@@ -123,3 +125,41 @@ def eager_rows(out, q, k, v, scale, mask, rows, softmax_dtype=None):
     s = torch.einsum("nhd,nkhd->nhk", q[b, i], k[b]) * scale + m[:, None, :]
     p = torch.softmax(s, dim=-1, dtype=softmax_dtype).to(v.dtype)
     return out.index_put((b, i), torch.einsum("nhk,nkhd->nhd", p, v[b]).to(out.dtype))
+
+
+def gated(a, linear, gate, residual, row_mask, fused, backend):
+    """``residual + tanh(gate) · linear(a)`` (update zeroed on `row_mask` rows), fused or as transformers
+    writes it."""
+    if fused:
+        return tanh_gated_linear(a, linear.weight, linear.bias, gate, residual, row_mask=row_mask, backend=backend)
+    update = linear(a)
+    if row_mask is not None:
+        update = update.masked_fill(row_mask[..., None], 0.0)
+    return residual + gate.tanh() * update
+
+
+def supersede(report, path):
+    """Drop the attention-interface rows of modules this file takes over (the module itself, or the
+    cross_attn inside a replaced layer): the row added here says what runs there now."""
+    report.swapped[:] = [r for r in report.swapped if r.path not in (path, f"{path}.cross_attn")]
+
+
+def swap_all(model, state, kinds):
+    """Replace the forward of every module of `model` whose class is in `kinds`:
+    ``{cls: (make_forward(state), enabled, why_not, was, now)}``; a row in the report for each."""
+    forwards = {}
+    for path, module in model.named_modules():
+        kind = kinds.get(type(module))
+        if kind is None:
+            continue
+        make, enabled, why_not, was, now = kind
+        if not enabled:
+            state.report.leave(path, was, why_not)
+            continue
+        if "forward" in module.__dict__:  # already ours (patch is idempotent)
+            continue
+        if make not in forwards:
+            forwards[make] = make(state)
+        replace_forward(module, forwards[make])
+        supersede(state.report, path)
+        state.report.add(path, was, now)

@@ -21,10 +21,8 @@ them inline in ``MllamaVisionModel.forward`` (no module to swap without copying 
 """
 import torch
 
-from mmfast.kernels import tanh_gated_linear
-
-from .._core import is_swapped, original, replace_forward
-from ._bypass import Fallback, MaskMemo, attend, check_common, merge, visible_keys
+from .._core import original
+from ._bypass import Fallback, MaskMemo, attend, check_common, gated, merge, swap_all, visible_keys
 
 
 # ---- vision encoder ------------------------------------------------------------------------------
@@ -143,17 +141,6 @@ def _cross_core(self, hidden_states, cross_attention_states, cache, mask, plan, 
     return out.reshape(B, L, -1)
 
 
-def _gated(a, linear, gate, residual, row_mask, fused, backend):
-    """``residual + tanh(gate) · linear(a)`` (update zeroed on `row_mask` rows), fused or as transformers
-    writes it."""
-    if fused:
-        return tanh_gated_linear(a, linear.weight, linear.bias, gate, residual, row_mask=row_mask, backend=backend)
-    update = linear(a)
-    if row_mask is not None:
-        update = update.masked_fill(row_mask[..., None], 0.0)
-    return residual + gate.tanh() * update
-
-
 def _cross_layer_forward(state):
     options, memo, rows_memo = state.options, MaskMemo(), MaskMemo()
     backend = options.backend
@@ -182,12 +169,12 @@ def _cross_layer_forward(state):
         h = self.input_layernorm(hidden_states)
         o = _cross_core(attn, h, cross_attention_states, cache, cross_attention_mask, plan, options.attention,
                         backend, kwargs)
-        hidden_states = _gated(o, attn.o_proj, self.cross_attn_attn_gate, residual, None, options.gated, backend)
+        hidden_states = gated(o, attn.o_proj, self.cross_attn_attn_gate, residual, None, options.gated, backend)
         residual = hidden_states
         h = self.post_attention_layernorm(hidden_states)
         mlp = self.mlp
         act = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
-        return _gated(act, mlp.down_proj, self.cross_attn_mlp_gate, residual, row_mask, options.gated, backend)
+        return gated(act, mlp.down_proj, self.cross_attn_mlp_gate, residual, row_mask, options.gated, backend)
 
     return forward
 
@@ -206,25 +193,4 @@ def patch_mllama(model, options, state):
             " + ".join(filter(None, ["flash_attention (intervals + tile padding)" if options.attention else "",
                                      "tanh_gated_linear (o_proj, down_proj)" if options.gated else ""]))),
     }
-    forwards = {}
-    for path, module in model.named_modules():
-        row = rows.get(type(module))
-        if row is None:
-            continue
-        make, enabled, off, was, now = row
-        if not enabled:
-            state.report.leave(path, was, off)
-            continue
-        if is_swapped(module) and module.__dict__.get("forward") is not None:
-            continue
-        if make not in forwards:
-            forwards[make] = make(state)
-        replace_forward(module, forwards[make])
-        _supersede(state.report, path)
-        state.report.add(path, was, now)
-
-
-def _supersede(report, path):
-    """Drop the attention-interface rows of modules this file takes over (the module itself, or the
-    cross_attn inside a replaced layer): the row added here says what runs there now."""
-    report.swapped[:] = [r for r in report.swapped if r.path not in (path, f"{path}.cross_attn")]
+    swap_all(model, state, rows)

@@ -1,0 +1,127 @@
+"""Idefics (v1) through mmfast: the Perceiver resampler's attention and the gated cross-attention layers
+(image mask as intervals, tokens before any image gated out, float and per-channel gates through
+tanh_gated_linear).
+
+Tiny random configs (no downloads): 2 images per sample, 4 latents each, tokens before the first image.
+Parity in float64 on backend="reference"; one float32 run through the Triton interpreter with the
+tolerance rule and a count of the mmfast ops that ran.
+"""
+import copy
+
+import pytest
+import torch
+
+import mmfast
+
+pytest.importorskip("transformers")
+from transformers import IdeficsConfig, IdeficsForVisionText2Text  # noqa: E402
+
+from mmfast.swap.transformers._idefics import patch_idefics  # noqa: E402
+from hf_bypass_helpers import (FP64_TOL, assert_close, assert_grads_close, count_mmfast_ops, grads,  # noqa: E402
+                               patch_with, rule_error)
+
+
+def tiny_idefics(alpha_type="vector", seed=0):
+    torch.manual_seed(seed)
+    cfg = IdeficsConfig(
+        vocab_size=100, additional_vocab_size=2, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, cross_layer_interval=1, qk_layer_norms=True, alpha_initializer="ones",
+        alpha_type=alpha_type, freeze_text_layers=False, freeze_vision_layers=False,
+        use_resampler=True, max_position_embeddings=64,
+        vision_config=dict(embed_dim=32, image_size=16, patch_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=8, qk_layer_norms_perceiver=True))
+    model = IdeficsForVisionText2Text(cfg).eval()
+    with torch.no_grad():  # random gates of both signs (transformers' "normal" init fails for alpha_type="float")
+        for layer in model.model.gated_cross_attn_layers:
+            for alpha in (layer.alpha_cross_attn, layer.alpha_dense):
+                alpha.normal_(0.0, 0.7)
+    return model
+
+
+def inputs(dtype, text_padding=False):
+    g = torch.Generator().manual_seed(1)
+    B, L = 2, 8
+    iam = torch.zeros(B, L, 2, dtype=torch.long)
+    iam[:, 2:5, 0] = 1           # rows 0-1 see no image (gated out)
+    iam[:, 5:, 1] = 1
+    am = torch.ones(B, L, dtype=torch.long)
+    if text_padding:
+        am[1, :1] = 0
+    return dict(input_ids=torch.randint(3, 97, (B, L), generator=g), attention_mask=am, image_attention_mask=iam,
+                pixel_values=torch.randn(B, 2, 3, 16, 16, generator=g, dtype=torch.float64).to(dtype))
+
+
+def run(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    # transformers' Idefics loss views the logits as vocab_size wide, not vocab + additional: our own
+    ids = batch["input_ids"]
+    torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    return out.logits.detach(), grads(model)
+
+
+@pytest.mark.parametrize("alpha_type,flags", [("vector", {}), ("float", {}), ("float", dict(attention=False)),
+                                              ("vector", dict(gated=False))],
+                         ids=["vector-gates", "float-gates", "gated-only", "attention-only"])
+def test_forward_backward_match_transformers_fp64(alpha_type, flags):
+    model = tiny_idefics(alpha_type).double()
+    batch = inputs(torch.float64)
+    logits, g = run(model, batch)
+    report = patch_with(patch_idefics, model, **flags)
+    assert len(report.swapped) == (1 if flags.get("attention", True) else 0) + 2, str(report)
+    logits2, g2 = run(model, batch)
+    assert_close(logits2, logits, FP64_TOL, "logits")
+    assert_grads_close(g2, g, FP64_TOL)
+    assert not report.fallbacks, report.fallbacks
+
+
+def test_mmfast_patch_generation_identical_and_unpatch_bitwise():
+    model = tiny_idefics().double()
+    batch = inputs(torch.float64, text_padding=True)
+    with torch.no_grad():
+        before = model(**batch).logits
+    want = model.generate(**copy.deepcopy(batch), max_new_tokens=4, do_sample=False)
+    report = mmfast.patch(model, backend="reference")
+    assert sum("Idefics" in r.was and "(eager" in r.was or "float image" in r.was for r in report.swapped) == 3, str(report)
+    assert mmfast.patch(model, backend="reference") is report      # twice: a no-op
+    got = model.generate(**copy.deepcopy(batch), max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+    assert not any("Idefics" in reason for reason in report.fallbacks), report.fallbacks
+    other = tiny_idefics()
+    assert all("forward" not in m.__dict__ for m in other.modules())
+    assert mmfast.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+
+
+def test_gate_inconsistent_with_mask_falls_back_counted():
+    model = tiny_idefics().double()
+    layer = model.model.gated_cross_attn_layers[0]
+    x, img = torch.randn(1, 3, 32, dtype=torch.float64), torch.randn(1, 4, 32, dtype=torch.float64)
+    mask = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+    mask[:, :, 0] = torch.finfo(torch.float64).min     # row 0 sees no image ...
+    gate = torch.ones(1, 3, dtype=torch.float64)        # ... yet its gate lets the (uniform) attention through
+    want = layer(x, None, img, image_attention_mask=mask, cross_attention_gate=gate)
+    report = patch_with(patch_idefics, model)
+    got = layer(x, None, img, image_attention_mask=mask, cross_attention_gate=gate)
+    assert torch.equal(got, want)
+    assert list(report.fallbacks.values()) == [1] and "gate" in next(iter(report.fallbacks))
+
+
+def test_triton_interpreter_runs_mmfast_ops_within_rule():
+    model = tiny_idefics()
+    batch = inputs(torch.float32)
+    eager32, g32 = run(model, batch)
+    eager64, g64 = run(copy.deepcopy(model).double(), inputs(torch.float64))
+    patch_with(patch_idefics, model, backend="triton")
+    with count_mmfast_ops() as counts:
+        patched, gp = run(model, batch)
+    assert counts["flash_attention_fwd"] == 3 and counts["flash_attention_bwd"] == 3, dict(counts)  # perceiver + 2 layers
+    assert counts["tanh_gated_linear_fwd"] == 4, dict(counts)
+    err, eager_err = rule_error(patched, eager32, eager64)
+    assert err <= 2 * eager_err + 1e-6, (err, eager_err)
+    for name, ref in g64.items():
+        err, eager_err = rule_error(gp[name], g32[name], ref)
+        assert err <= 3 * eager_err + 1e-6 * max(1.0, ref.abs().max().item()), (name, err, eager_err)
