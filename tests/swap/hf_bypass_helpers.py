@@ -2,7 +2,6 @@
 import contextlib
 import collections
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmfast.swap as swap
@@ -65,3 +64,27 @@ def rule_error(patched32, eager32, eager64):
     compares the first with twice the second."""
     e64 = eager64.detach().double()
     return ((patched32.detach().double() - e64).abs().max().item(), (eager32.detach().double() - e64).abs().max().item())
+
+
+@contextlib.contextmanager
+def spy_kernels():
+    """Counts the calls the swapped forwards make to flash_attention / tanh_gated_linear (any backend):
+    proof, on backend="reference" where no custom op runs, that the parity compared mmfast's path."""
+    from mmfast.swap.transformers import _bypass
+
+    counts = collections.Counter()
+    saved = {name: getattr(_bypass, name) for name in ("flash_attention", "tanh_gated_linear")}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name, fn in saved.items():
+        setattr(_bypass, name, spy(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(_bypass, name, fn)

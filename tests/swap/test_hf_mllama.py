@@ -19,7 +19,7 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration  # noqa: E
 
 from mmfast.swap.transformers._mllama import patch_mllama  # noqa: E402
 from hf_bypass_helpers import (FP64_TOL, assert_close, assert_grads_close, count_mmfast_ops, grads,  # noqa: E402
-                               patch_with, rule_error, unpatch)
+                               patch_with, rule_error, spy_kernels)
 
 
 def tiny_mllama(seed=0):
@@ -72,7 +72,11 @@ def test_forward_backward_match_transformers_fp64(flags):
     report = patch_with(patch_mllama, model, **flags)
     n_vision = 2 if flags.get("attention", True) else 0
     assert len(report.swapped) == n_vision + 1, str(report)
-    logits2, g2 = run(model, batch)
+    with spy_kernels() as calls:
+        logits2, g2 = run(model, batch)
+    # vision: 2 layers x (real keys, padded keys); cross layer: visible + padded tiles (text-before-image rows)
+    assert calls["flash_attention"] == (6 if flags.get("attention", True) else 0)
+    assert calls["tanh_gated_linear"] == (2 if flags.get("gated", True) else 0)
     assert_close(logits2, logits, FP64_TOL, "logits")
     assert_grads_close(g2, g, FP64_TOL)
     assert not report.fallbacks, report.fallbacks
