@@ -88,3 +88,31 @@ def spy_kernels():
     finally:
         for name, fn in saved.items():
             setattr(_bypass, name, fn)
+
+
+def check_patch_generate_unpatch(make_model, batch, owned, max_new_tokens=4):
+    """Through `mmfast.patch` on a float64 model (backend "reference"): same logits, same greedy
+    generation, patching twice returns the same report, a model built afterwards is untouched, unpatch
+    restores the logits bit for bit, and none of `owned`'s modules fell back. Returns the report."""
+    import copy
+
+    import torch
+
+    import mmfast
+
+    model = make_model().double()
+    with torch.no_grad():
+        before = model(**batch).logits
+    want = model.generate(**copy.deepcopy(batch), max_new_tokens=max_new_tokens, do_sample=False)
+    report = mmfast.patch(model, backend="reference")
+    assert mmfast.patch(model, backend="reference") is report
+    with torch.no_grad():
+        assert_close(model(**batch).logits, before, FP64_TOL, "logits through mmfast.patch")
+    got = model.generate(**copy.deepcopy(batch), max_new_tokens=max_new_tokens, do_sample=False)
+    assert torch.equal(got, want)
+    assert not any(owned in reason for reason in report.fallbacks), report.fallbacks
+    assert all("forward" not in m.__dict__ for m in make_model().modules())
+    assert mmfast.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    return report

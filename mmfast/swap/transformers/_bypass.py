@@ -138,10 +138,29 @@ def gated(a, linear, gate, residual, row_mask, fused, backend):
     return residual + gate.tanh() * update
 
 
+def gated_residuals(layer, o, residual, attn_gate, mlp_gate, options, attn_rows=None, mlp_rows=None):
+    """The two gated residuals of a Llama-style cross-attention layer (Mllama's and Idefics' share the
+    names): ``x = residual + tanh(attn_gate)·o_proj(o)``; ``x + tanh(mlp_gate)·down(act(gate(h))·up(h))``
+    with h = post_attention_layernorm(x); `attn_rows` / `mlp_rows` zero those rows' updates."""
+    x = gated(o, layer.cross_attn.o_proj, attn_gate, residual, attn_rows, options.gated, options.backend)
+    h = layer.post_attention_layernorm(x)
+    mlp = layer.mlp
+    act = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
+    return gated(act, mlp.down_proj, mlp_gate, x, mlp_rows, options.gated, options.backend)
+
+
 def supersede(report, path):
     """Drop the attention-interface rows of modules this file takes over (the module itself, or the
     cross_attn inside a replaced layer): the row added here says what runs there now."""
     report.swapped[:] = [r for r in report.swapped if r.path not in (path, f"{path}.cross_attn")]
+
+
+def layer_kind(make, options, was, attention_now):
+    """`swap_all`'s entry for a cross-attention layer whose forward runs the attention and / or both
+    gated residuals through mmfast (each as the options allow)."""
+    now = " + ".join(filter(None, [attention_now if options.attention else "",
+                                   "tanh_gated_linear (o_proj, down_proj)" if options.gated else ""]))
+    return make, options.attention or options.gated, "attention=False and gated=False", was, now
 
 
 def swap_all(model, state, kinds):

@@ -16,7 +16,8 @@ runs the original code for that call, counted in the report.
 import torch
 
 from .._core import original
-from ._bypass import Fallback, MaskMemo, attend, check_common, gated, row_intervals, swap_all, visible_keys
+from ._bypass import (Fallback, MaskMemo, attend, check_common, gated_residuals, layer_kind, row_intervals, swap_all,
+                      visible_keys)
 
 
 def _perceiver_forward(state):
@@ -101,12 +102,7 @@ def _cross_layer_forward(state):
         residual = hidden_states
         h = self.input_layernorm(hidden_states)
         o = _cross_core(attn, h, image_hidden_states, image_attention_mask, plan, options.attention, backend, kwargs)
-        hidden_states = gated(o, attn.o_proj, self.alpha_cross_attn, residual, row_mask, options.gated, backend)
-        residual = hidden_states
-        h = self.post_attention_layernorm(hidden_states)
-        mlp = self.mlp
-        act = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
-        return gated(act, mlp.down_proj, self.alpha_dense, residual, None, options.gated, backend)
+        return gated_residuals(self, o, residual, self.alpha_cross_attn, self.alpha_dense, options, attn_rows=row_mask)
 
     return forward
 
@@ -119,10 +115,8 @@ def patch_idefics(model, options, state):
         perceiver.IdeficsPerceiverAttention: (
             _perceiver_forward, options.attention, "attention=False",
             "IdeficsPerceiverAttention (eager einsum softmax)", "mmfast flash_attention"),
-        hf.IdeficsGatedCrossAttentionLayer: (
-            _cross_layer_forward, options.attention or options.gated, "attention=False and gated=False",
-            "IdeficsGatedCrossAttentionLayer (float image mask, eager gates)",
-            " + ".join(filter(None, ["flash_attention (image intervals)" if options.attention else "",
-                                     "tanh_gated_linear (o_proj, down_proj)" if options.gated else ""]))),
+        hf.IdeficsGatedCrossAttentionLayer: layer_kind(
+            _cross_layer_forward, options, "IdeficsGatedCrossAttentionLayer (float image mask, eager gates)",
+            "flash_attention (image intervals)"),
     }
     swap_all(model, state, kinds)

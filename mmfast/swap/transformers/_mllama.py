@@ -22,7 +22,7 @@ them inline in ``MllamaVisionModel.forward`` (no module to swap without copying 
 import torch
 
 from .._core import original
-from ._bypass import Fallback, MaskMemo, attend, check_common, gated, merge, swap_all, visible_keys
+from ._bypass import Fallback, MaskMemo, attend, check_common, gated_residuals, merge, layer_kind, swap_all, visible_keys
 
 
 # ---- vision encoder ------------------------------------------------------------------------------
@@ -169,12 +169,8 @@ def _cross_layer_forward(state):
         h = self.input_layernorm(hidden_states)
         o = _cross_core(attn, h, cross_attention_states, cache, cross_attention_mask, plan, options.attention,
                         backend, kwargs)
-        hidden_states = gated(o, attn.o_proj, self.cross_attn_attn_gate, residual, None, options.gated, backend)
-        residual = hidden_states
-        h = self.post_attention_layernorm(hidden_states)
-        mlp = self.mlp
-        act = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
-        return gated(act, mlp.down_proj, self.cross_attn_mlp_gate, residual, row_mask, options.gated, backend)
+        return gated_residuals(self, o, residual, self.cross_attn_attn_gate, self.cross_attn_mlp_gate, options,
+                               mlp_rows=row_mask)
 
     return forward
 
@@ -187,10 +183,8 @@ def patch_mllama(model, options, state):
         hf.MllamaVisionAttention: (
             _vision_forward, options.attention, "attention=False",
             "MllamaVisionAttention (float m·mᵀ padding mask)", "mmfast flash_attention (real / padded keys, merged)"),
-        hf.MllamaCrossAttentionDecoderLayer: (
-            _cross_layer_forward, options.attention or options.gated, "attention=False and gated=False",
-            "MllamaCrossAttentionDecoderLayer (float cross mask, eager gates)",
-            " + ".join(filter(None, ["flash_attention (intervals + tile padding)" if options.attention else "",
-                                     "tanh_gated_linear (o_proj, down_proj)" if options.gated else ""]))),
+        hf.MllamaCrossAttentionDecoderLayer: layer_kind(
+            _cross_layer_forward, options, "MllamaCrossAttentionDecoderLayer (float cross mask, eager gates)",
+            "flash_attention (intervals + tile padding)"),
     }
     swap_all(model, state, rows)
