@@ -163,13 +163,14 @@ def layer_kind(make, options, was, attention_now):
     return make, options.attention or options.gated, "attention=False and gated=False", was, now
 
 
-def swap_all(model, state, kinds):
-    """Replace the forward of every module of `model` whose class is in `kinds`:
-    ``{cls: (make_forward(state), enabled, why_not, was, now)}``; a row in the report for each."""
+def swap_all(model, state, kinds, where=None):
+    """Replace the forward of every module of `model` whose class is in `kinds` (and, if given, for which
+    ``where(module)`` holds): ``{cls: (make_forward(state), enabled, why_not, was, now)}``; a row in the
+    report for each."""
     forwards = {}
     for path, module in model.named_modules():
         kind = kinds.get(type(module))
-        if kind is None:
+        if kind is None or (where is not None and not where(module)):
             continue
         make, enabled, why_not, was, now = kind
         if not enabled:

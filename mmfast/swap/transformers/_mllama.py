@@ -13,7 +13,7 @@
   (only the MLP branch is zeroed by ``full_text_row_masked_out_mask``). Those rows take
   ``attention(all keys)`` = merge of attention(visible) and attention(padded tiles). Both gated residuals
   run through ``tanh_gated_linear`` (o_proj / down_proj GEMM with gate, residual and the MLP's row mask
-  in its epilogue).
+  in its epilogue), and so do the vision global layers' ``gate_attn`` / ``gate_ffn`` residuals.
 
 Anything else (another mask form, dropout in training, attention weights requested) runs the original
 code for that call, counted in the report. The tile embeddings stay as they are: transformers computes
@@ -22,7 +22,7 @@ them inline in ``MllamaVisionModel.forward`` (no module to swap without copying 
 import torch
 
 from .._core import original
-from ._bypass import Fallback, MaskMemo, attend, check_common, gated_residuals, merge, layer_kind, swap_all, visible_keys
+from ._bypass import Fallback, MaskMemo, attend, check_common, gated, gated_residuals, merge, layer_kind, swap_all, visible_keys
 
 
 # ---- vision encoder ------------------------------------------------------------------------------
@@ -51,6 +51,22 @@ def _vision_attention(q, k, v, scale, pad, backend):
     return torch.where(pad[:, :, None, None], o_real, merge(o_real, lse_real, o_pad, lse_pad))
 
 
+def _vision_core(self, h, mask, pad, use_flash, backend):
+    """MllamaVisionAttention.forward up to (not including) o_proj: (B, L, H·D)."""
+    B, L, _ = h.shape
+    shape = (B, L, self.num_heads, self.head_dim)
+    q, k, v = (proj(h).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    if use_flash:
+        out = _vision_attention(q, k, v, self.scaling, pad, backend)
+    else:
+        from transformers.models.mllama import modeling_mllama as hf
+
+        interface = hf.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
+        out, _ = interface(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout=0.0,
+                           scaling=self.scaling)
+    return out.reshape(B, L, -1)
+
+
 def _vision_forward(state):
     backend, memo = state.options.backend, MaskMemo()
 
@@ -61,11 +77,30 @@ def _vision_forward(state):
         except Fallback as why:
             state.report.count_fallback(f"MllamaVisionAttention: {why}")
             return original(self)(hidden_states, attention_mask=attention_mask, **kwargs)
-        B, L, _ = hidden_states.shape
-        shape = (B, L, self.num_heads, self.head_dim)
-        q, k, v = (proj(hidden_states).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = _vision_attention(q, k, v, self.scaling, pad, backend)
-        return self.o_proj(out.reshape(B, L, -1)), None
+        return self.o_proj(_vision_core(self, hidden_states, attention_mask, pad, True, backend)), None
+
+    return forward
+
+
+def _gated_vision_layer_forward(state):
+    """The global encoder's layers: ``x + tanh(gate_attn)·o_proj(attn)``, ``x + tanh(gate_ffn)·fc2(act(fc1))``
+    through tanh_gated_linear."""
+    options, memo = state.options, MaskMemo()
+
+    def forward(self, hidden_states, attention_mask=None):
+        attn = self.self_attn
+        try:
+            check_common(attn, 0.0)
+            pad = None
+            if options.attention and attention_mask is not None:
+                pad = memo.get(attention_mask, _vision_plan)
+        except Fallback:  # counted once, by the swapped self_attn the original layer calls
+            return original(self)(hidden_states, attention_mask=attention_mask)
+        h = self.input_layernorm(hidden_states)
+        o = _vision_core(attn, h, attention_mask, pad, options.attention, options.backend)
+        x = gated(o, attn.o_proj, self.gate_attn, hidden_states, None, True, options.backend)
+        a = self.mlp.activation_fn(self.mlp.fc1(self.post_attention_layernorm(x)))
+        return gated(a, self.mlp.fc2, self.gate_ffn, x, None, True, options.backend)
 
     return forward
 
@@ -188,3 +223,8 @@ def patch_mllama(model, options, state):
             "flash_attention (intervals + tile padding)"),
     }
     swap_all(model, state, rows)
+    # the global encoder's gated layers (not the local ones: no gates there)
+    gated_rows = {hf.MllamaVisionEncoderLayer: (
+        _gated_vision_layer_forward, options.gated, "gated=False",
+        "MllamaVisionEncoderLayer (global, eager tanh gates)", "tanh_gated_linear (o_proj, fc2)")}
+    swap_all(model, state, gated_rows, where=lambda module: module.is_gated)
