@@ -120,3 +120,13 @@ def test_attention_weights_requested_fall_back_counted():
         got = model(**batch, output_attentions=True)
     assert torch.equal(got.logits, want.logits)
     assert sum(report.fallbacks.values()) == 5 and all("output_attentions" in r for r in report.fallbacks)
+
+
+def test_attention_dropout_in_training_falls_back_counted():
+    model = tiny_blip().double().train()
+    for m in model.modules():
+        if type(m).__name__ == "BlipTextSelfAttention":
+            m.dropout.p = 0.1
+    report = patch_with(patch_blip, model)
+    model(**inputs(torch.float64, "none"))
+    assert report.fallbacks == {"BlipTextSelfAttention: attention dropout > 0 in training": 4}, report.fallbacks
