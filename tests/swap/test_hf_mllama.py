@@ -39,21 +39,27 @@ def tiny_mllama(seed=0):
     return model
 
 
-def inputs(dtype, text_padding=False):
+def inputs(dtype, text_padding=False, two_images=False):
     g = torch.Generator().manual_seed(1)
-    B, L = 2, 8
+    B, L, M = 2, 8, (2 if two_images else 1)
     ids = torch.randint(3, 97, (B, L), generator=g)
     ids[:, 2] = 98
     am = torch.ones(B, L, dtype=torch.long)
     if text_padding:
         am[1, :1] = 0
-    xmask = torch.zeros(B, L, 1, 2, dtype=torch.long)
-    xmask[0, 2:, 0, :2] = 1      # rows 0-1: text before the image
-    xmask[1, 2:, 0, :1] = 1      # second sample: one tile of two used
+    xmask = torch.zeros(B, L, M, 2, dtype=torch.long)
+    if two_images:  # rows 5-7 see both images, with image 0's unused tile between them (sample 0)
+        ar_ids, ar_mask = torch.tensor([[1, 2], [3, 1]]), torch.tensor([[[1, 0], [1, 1]], [[1, 1], [1, 0]]])
+        ids[:, 5] = 98
+        xmask[:, 2:, 0] = ar_mask[:, None, 0]
+        xmask[:, 5:, 1] = ar_mask[:, None, 1]
+    else:
+        ar_ids, ar_mask = torch.tensor([[2], [1]]), torch.tensor([[[1, 1]], [[1, 0]]])
+        xmask[0, 2:, 0, :2] = 1      # rows 0-1: text before the image
+        xmask[1, 2:, 0, :1] = 1      # second sample: one tile of two used
     return dict(input_ids=ids, attention_mask=am,
-                pixel_values=torch.randn(B, 1, 2, 3, 16, 16, generator=g, dtype=torch.float64).to(dtype),
-                aspect_ratio_ids=torch.tensor([[2], [1]]), aspect_ratio_mask=torch.tensor([[[1, 1]], [[1, 0]]]),
-                cross_attention_mask=xmask)
+                pixel_values=torch.randn(B, M, 2, 3, 16, 16, generator=g, dtype=torch.float64).to(dtype),
+                aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask, cross_attention_mask=xmask)
 
 
 def run(model, batch):
@@ -63,10 +69,12 @@ def run(model, batch):
     return out.logits.detach(), grads(model)
 
 
-@pytest.mark.parametrize("flags", [dict(), dict(attention=False), dict(gated=False)], ids=["all", "gated-only", "attention-only"])
-def test_forward_backward_match_transformers_fp64(flags):
+@pytest.mark.parametrize("flags,two_images", [(dict(), False), (dict(attention=False), False),
+                                               (dict(gated=False), False), (dict(), True)],
+                         ids=["all", "gated-only", "attention-only", "all-two-images"])
+def test_forward_backward_match_transformers_fp64(flags, two_images):
     model = tiny_mllama().double()
-    batch = inputs(torch.float64)
+    batch = inputs(torch.float64, two_images=two_images)
     logits, g = run(model, batch)
     report = patch_with(patch_mllama, model, **flags)
     n_vision = 2 if flags.get("attention", True) else 0
