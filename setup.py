@@ -82,8 +82,11 @@ setup(
     install_requires=["torch>=2.3", "triton>=3.0", "ninja", "numpy"],
     extras_require={
         # timm and open_clip: the tests compare against their PatchEmbed / position resampling / ClipLoss
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch"],
-        "hf": ["transformers", "timm", "open_clip_torch"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch",
+                "transformers>=5.24,<6"],
+        # mmfast.swap.transformers: transformers 5.x from 5.24 (the mask builder contract it implements, with
+        # q_length / q_offset; tested with 5.24). 4.5x builds masks from cache_position: not supported.
+        "hf": ["transformers>=5.24,<6", "timm", "open_clip_torch"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

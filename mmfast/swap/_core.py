@@ -94,6 +94,20 @@ def replace_forward(module, forward):
     set_instance_attr(module, "forward", types.MethodType(forward, module))
 
 
+def replace_forwards_by_class(model, table, backend, report, library):
+    """For every module of `model` whose class comes from `library` (a top-level package name) and whose
+    class name is in `table` (name -> (factory, was, now)): ``replace_forward(module, factory(backend))``
+    and a report row."""
+    for path, module in model.named_modules():
+        cls = type(module)
+        entry = table.get(cls.__name__)
+        if entry is None or cls.__module__.split(".")[0] != library:
+            continue
+        factory, was, now = entry
+        replace_forward(module, factory(backend))
+        report.add(path, was, now)
+
+
 def original(module, name="forward"):
     """The attribute as it was before the swap (the class's bound method for ``forward``)."""
     saved = module.__dict__.get(_SAVED, {})

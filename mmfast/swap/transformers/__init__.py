@@ -4,8 +4,9 @@
 
 - attention: registers "mmfast" in ``transformers.AttentionInterface`` (`_attention.mmfast_attention`) and
   in ``masking_utils.AttentionMaskInterface`` (`_masks.build_mask`: without it transformers hands the
-  attention no padding mask at all), then ``model.set_attn_implementation("mmfast")``; the previous
-  implementation of every (sub-)config is restored by `unpatch`;
+  attention no padding mask at all), then ``model.set_attn_implementation("mmfast")`` on private copies of
+  the model's configs (the originals, shared with any model built from them, are never modified;
+  `unpatch` puts them back);
 - patch embeddings (`_embeddings`) and contrastive losses (`_losses`): ``forward`` replaced per instance;
 - model-specific modules that bypass the interface: the entry's ``extra`` function.
 
@@ -13,18 +14,21 @@ Only model types in `TABLE` are patched, and only when every sub-config's type i
 model is left untouched with the reason in the report. After ``import mmfast.swap.transformers`` and
 `register()`, ``from_pretrained(..., attn_implementation="mmfast")`` works as well.
 
-Supported: transformers >= 5.0 (the AttentionMaskInterface / ``set_attn_implementation`` API this relies
-on; tested with 5.24).
+Supported: transformers >= 5.24, < 6 (`SUPPORTED`; the mask builder contract with q_length / q_offset
+and ``set_attn_implementation`` per sub-config; tested with 5.24). 4.5x builds masks from
+``cache_position`` and is not supported. Outside the range a model is left unchanged with that message.
 """
+import copy
 import dataclasses
 import importlib
 import inspect
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 from .. import _core
 
 NAME = "transformers"
+SUPPORTED = ((5, 24), (6, 0))   # [low, high)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,27 +37,17 @@ class Entry:
 
     attention: its attention layers call ``AttentionInterface`` (set attn_implementation "mmfast").
     embeddings / loss: swap the `_embeddings` / `_losses` modules found in it.
-    extra: ``fn(model, options, state)`` for modules that bypass the interface (per-model files).
+    extra: the name of a sibling module (e.g. "_mllama") whose ``patch(model, options, state)`` swaps the
+        modules that bypass the interface; imported only when such a model is patched, after the
+        attention implementation is set (so it may call `_attention.mmfast_attention` itself).
+    note: a line for the report's message.
     """
     attention: bool = True
     embeddings: bool = False
     loss: bool = False
-    extra: Optional[Callable] = None
+    extra: Optional[str] = None
     note: str = ""
 
-
-def _bypass(module, fn):
-    """A per-model file's patch function, imported only when a model of that type is patched."""
-    def extra(model, options, state):
-        return getattr(importlib.import_module(f"{__name__}.{module}"), fn)(model, options, state)
-    extra.__name__ = fn
-    return extra
-
-
-# one object per model family: patch() runs each distinct extra once
-_BLIP = _bypass("_blip", "patch_blip")
-_MLLAMA = _bypass("_mllama", "patch_mllama")
-_IDEFICS = _bypass("_idefics", "patch_idefics")
 
 TABLE = {
     "vit": Entry(embeddings=True),
@@ -66,21 +60,21 @@ TABLE = {
     "blip-2": Entry(note="no ITC loss in transformers' BLIP-2; Q-Former runs fp32 attention"),
     "blip_2_vision_model": Entry(),
     "blip_2_qformer": Entry(),
-    "opt": Entry(note="OPT passes scaling=1.0 (pre-scaled queries)"),
+    "opt": Entry(),
     "llama": Entry(),
     "llava": Entry(embeddings=True),
     "llava_next": Entry(embeddings=True),
     # BLIP (v1): no attention layer uses the interface, and its text decoder adds the mask built for its
     # config's implementation to eager scores: keep that implementation (attention=False)
-    "blip": Entry(attention=False, extra=_BLIP),
-    "blip_text_model": Entry(attention=False, extra=_BLIP),
-    "blip_vision_model": Entry(attention=False, extra=_BLIP),
-    "mllama": Entry(extra=_MLLAMA),
-    "mllama_text_model": Entry(extra=_MLLAMA),
-    "mllama_vision_model": Entry(extra=_MLLAMA),
-    "idefics": Entry(extra=_IDEFICS),
-    "idefics_vision": Entry(extra=_IDEFICS),
-    "idefics_perciever": Entry(extra=_IDEFICS),  # sic: transformers' spelling
+    "blip": Entry(attention=False, extra="_blip"),
+    "blip_text_model": Entry(attention=False, extra="_blip"),
+    "blip_vision_model": Entry(attention=False, extra="_blip"),
+    "mllama": Entry(extra="_mllama"),
+    "mllama_text_model": Entry(extra="_mllama"),
+    "mllama_vision_model": Entry(extra="_mllama"),
+    "idefics": Entry(extra="_idefics"),
+    "idefics_vision": Entry(extra="_idefics"),
+    "idefics_perciever": Entry(extra="_idefics"),  # sic: transformers' spelling
 }
 
 
@@ -120,10 +114,6 @@ def _configs(model):
     return list(found.values())
 
 
-def _unknown_types(configs):
-    return sorted({c.model_type for c in configs if c.model_type not in TABLE})
-
-
 def _uses_interface(cls):
     """Whether the class's forward dispatches through ALL_ATTENTION_FUNCTIONS (an attention layer)."""
     forward = inspect.unwrap(cls.forward)
@@ -131,18 +121,29 @@ def _uses_interface(cls):
     return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
 
+def _private_configs(model, configs):
+    """Give the model its own copies of its configs before setting the implementation on them.
+
+    transformers shares config objects (``CLIPModel(config)`` keeps ``config``, and its sub-models the
+    sub-configs): setting "mmfast" on them would leak into any model built from them later. Each module's
+    ``config`` attribute is swapped per instance (restored by unpatch), the sharing inside the model kept.
+    """
+    memo = {}
+    for config in configs:
+        copy.deepcopy(config, memo)
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if config is not None and id(config) in memo:
+            _core.set_instance_attr(module, "config", memo[id(config)])
+    return [memo[id(c)] for c in configs]
+
+
 def _patch_attention(model, configs, options, state):
     from ._attention import CTX, NAME as ATTN, AttentionContext
 
     register()
-    saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs]
     before = {id(c): c._attn_implementation for c in configs}
-
-    def undo():
-        for config, value in saved:
-            config._attn_implementation_internal = value
-
-    state.undo.append(undo)
+    before = {id(new): before[id(old)] for old, new in zip(configs, _private_configs(model, configs))}
     model.set_attn_implementation(ATTN)
     ctx = AttentionContext(options.backend, state.report)
     for path, module in model.named_modules():
@@ -158,12 +159,34 @@ def _patch_attention(model, configs, options, state):
                          "mmfast.kernels.flash_attention")
 
 
+def _version_problem():
+    import transformers
+
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED
+    if not low <= version < high:
+        return (f"transformers {transformers.__version__} is outside the range mmfast supports "
+                f"(>= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))})")
+    return None
+
+
+def _why_not(configs):
+    problem = _version_problem()
+    if problem:
+        return problem
+    unknown = sorted({c.model_type for c in configs if c.model_type not in TABLE})
+    if unknown:
+        return (f"transformers model type(s) {', '.join(map(repr, unknown))} not in mmfast's table "
+                f"(known: {', '.join(sorted(TABLE))})")
+    return None
+
+
 def patch(model, options, state):
     configs = _configs(model)
-    unknown = _unknown_types(configs)
-    if unknown:
-        state.report.message = (f"transformers model type(s) {', '.join(map(repr, unknown))} not in mmfast's table "
-                                f"(known: {', '.join(sorted(TABLE))}); nothing was changed")
+    problem = _why_not(configs)
+    if problem:
+        # leave the model exactly as it was: not even the patch state stays on it
+        state.report.message = problem + "; nothing was changed"
         _core.unpatch_model(model)
         return
     entries = [TABLE[c.model_type] for c in configs]
@@ -176,7 +199,7 @@ def patch(model, options, state):
     if options.loss and any(e.loss for e in entries):
         _losses.patch(model, options, state)
     for extra in dict.fromkeys(e.extra for e in entries if e.extra is not None):
-        extra(model, options, state)
+        importlib.import_module(f"{__name__}.{extra}").patch(model, options, state)
     notes = [e.note for e in entries if e.note]
     if notes:
         state.report.message = "; ".join(dict.fromkeys(notes))

@@ -36,7 +36,7 @@ def _count(module, reason):
         ctx.report.count_fallback(reason)
     else:
         FALLBACKS[reason] = FALLBACKS.get(reason, 0) + 1
-    warn_once(("hf-attention-fallback", reason), f"mmfast attention: {reason}; this call runs PyTorch's SDPA")
+    warn_once(("hf-attention-fallback", reason), f"mmfast attention: {reason}; this call runs PyTorch (SDPA, or the eager math SDPA lacks)")
 
 
 def _dense(mask):

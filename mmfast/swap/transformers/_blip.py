@@ -113,3 +113,6 @@ def patch_blip(model, options, state):
                       (modeling_blip_text.BlipTextSelfAttention, _text_forward)):
         kinds[cls] = (make, options.attention, "attention=False", *TABLE[cls.__name__])
     swap_all(model, state, kinds)
+
+
+patch = patch_blip  # the entry point transformers' TABLE (extra="_blip") calls

@@ -16,7 +16,7 @@ def _grid(rows):
     return (side, side)
 
 
-def _pos_grid(module, table_rows, height, width, interpolate):
+def _pos_grid(module, table_rows, interpolate):
     """The table's grid as HF reads it: the configured grid, or the square one when it interpolates."""
     size = module.image_size if isinstance(module.image_size, (tuple, list)) else (module.image_size,) * 2
     patch = module.patch_size if isinstance(module.patch_size, (tuple, list)) else (module.patch_size,) * 2
@@ -35,7 +35,7 @@ def clip_forward(backend):
         table = self.position_embedding.weight
         return patch_embed(pixel_values.to(dtype=conv.weight.dtype), conv.weight, conv.bias, pos_embed=table,
                            cls_token=self.class_embedding,
-                           pos_grid=_pos_grid(self, table.shape[0] - 1, height, width, interpolate_pos_encoding),
+                           pos_grid=_pos_grid(self, table.shape[0] - 1, interpolate_pos_encoding),
                            pos_resample="hf", backend=backend)
     return forward
 
@@ -45,8 +45,13 @@ def siglip_forward(backend):
         _, _, height, width = pixel_values.shape
         conv = self.patch_embedding
         table = self.position_embedding.weight
+        grid = _pos_grid(self, table.shape[0], interpolate_pos_encoding)
+        if not interpolate_pos_encoding and (height // self.patch_size, width // self.patch_size) != grid:
+            # the original adds the table as is and fails on the shape: never resample silently
+            raise ValueError(f"Input image size ({height}*{width}) doesn't match model ({self.image_size}*"
+                             f"{self.image_size}); pass interpolate_pos_encoding=True to resample the positions")
         return patch_embed(pixel_values.to(dtype=conv.weight.dtype), conv.weight, conv.bias, pos_embed=table,
-                           pos_grid=_pos_grid(self, table.shape[0], height, width, interpolate_pos_encoding),
+                           pos_grid=grid,
                            pos_resample="hf", backend=backend)
     return forward
 
@@ -67,25 +72,19 @@ def vit_forward(backend):
             masked = dict(token_mask=bool_masked_pos.bool(), mask_token=self.mask_token)
         conv = patches.projection
         out = patch_embed(pixel_values, conv.weight, conv.bias, pos_embed=table, cls_token=self.cls_token,
-                          pos_grid=_pos_grid(self, table.shape[1] - 1, height, width, interpolate_pos_encoding),
+                          pos_grid=_pos_grid(self, table.shape[1] - 1, interpolate_pos_encoding),
                           pos_resample="hf", backend=backend, **masked)
         return self.dropout(out)
     return forward
 
 
-# class name -> forward factory; the modules are found by class name and module, never reassigned
-TABLE = {
-    "CLIPVisionEmbeddings": clip_forward,
-    "SiglipVisionEmbeddings": siglip_forward,
-    "ViTEmbeddings": vit_forward,
-}
+# class name -> (forward factory, was, now); modules found by class name, classes never reassigned
+TABLE = {name: (factory, name, "mmfast.kernels.patch_embed") for name, factory in (
+    ("CLIPVisionEmbeddings", clip_forward),
+    ("SiglipVisionEmbeddings", siglip_forward),
+    ("ViTEmbeddings", vit_forward),
+)}
 
 
 def patch(model, options, state):
-    for path, module in model.named_modules():
-        cls = type(module)
-        factory = TABLE.get(cls.__name__)
-        if factory is None or not cls.__module__.startswith("transformers."):
-            continue
-        _core.replace_forward(module, factory(options.backend))
-        state.report.add(path, cls.__name__, "mmfast.kernels.patch_embed")
+    _core.replace_forwards_by_class(model, TABLE, options.backend, state.report, "transformers")

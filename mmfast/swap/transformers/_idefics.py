@@ -120,3 +120,6 @@ def patch_idefics(model, options, state):
             "flash_attention (image intervals)"),
     }
     swap_all(model, state, kinds)
+
+
+patch = patch_idefics  # the entry point transformers' TABLE (extra="_idefics") calls

@@ -48,11 +48,4 @@ TABLE = {
 
 
 def patch(model, options, state):
-    for path, module in model.named_modules():
-        cls = type(module)
-        entry = TABLE.get(cls.__name__)
-        if entry is None or not cls.__module__.startswith("transformers."):
-            continue
-        factory, was, now = entry
-        _core.replace_forward(module, factory(options.backend))
-        state.report.add(path, was, now)
+    _core.replace_forwards_by_class(model, TABLE, options.backend, state.report, "transformers")

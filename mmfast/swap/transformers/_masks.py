@@ -140,13 +140,15 @@ def _from_dense(mask, batch, lq, lk):
         mask = mask[:, :1]
     m = mask[:, 0].expand(mask.shape[0], lq, lk)
     padded = ~m.any(dim=1)                                    # keys no row sees: key padding
-    filled = m | padded[:, None, :]
     idx = torch.arange(lk, device=m.device)
-    first = torch.where(filled, idx, lk).amin(-1)
-    last = torch.where(filled, idx, -1).amax(-1)
-    count = filled.sum(-1)
-    empty = ~m.any(-1)                                         # rows seeing nothing: output 0 as SDPA's
-    contiguous = (count == last - first + 1) | empty
+    first = torch.where(m, idx, lk).amin(-1)
+    last = torch.where(m, idx, -1).amax(-1)
+    empty = first > last                                      # rows seeing nothing: output 0 as SDPA's
+    # a row is one interval of the unpadded keys iff [first, last] holds only visible or padded keys
+    pads = torch.nn.functional.pad(padded.long().cumsum(-1), (1, 0))
+    lo, hi = first.clamp(max=lk - 1), (last + 1).clamp(min=0)
+    pads_inside = pads.gather(1, hi) - pads.gather(1, lo)
+    contiguous = empty | (m.sum(-1) + pads_inside == last - first + 1)
     if not bool(contiguous.all()):
         return None
     start = torch.where(empty, 0, first).to(torch.int32)

@@ -228,3 +228,6 @@ def patch_mllama(model, options, state):
         _gated_vision_layer_forward, options.gated, "gated=False",
         "MllamaVisionEncoderLayer (global, eager tanh gates)", "tanh_gated_linear (o_proj, fc2)")}
     swap_all(model, state, gated_rows, where=lambda module: module.is_gated)
+
+
+patch = patch_mllama  # the entry point transformers' TABLE (extra="_mllama") calls

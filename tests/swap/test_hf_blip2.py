@@ -1,0 +1,44 @@
+"""BLIP-2 through mmfast.patch: vision attention (fused qkv), Q-Former self / cross attention in fp32."""
+import torch
+
+import hf_models as hf
+import mmfast
+
+
+def test_blip2_retrieval_parity():
+    """ITC path: Q-Former queries cross-attend to the image; the text branch self-attends with padding."""
+    model = hf.blip2_retrieval()
+    inputs = dict(pixel_values=hf.pixels(2), input_ids=hf.ids(2, 7), attention_mask=hf.right_padding([7, 4], 7),
+                  use_image_text_matching_head=False)
+    report = hf.assert_parity(model, inputs, ("logits_per_image", "text_embeds", "image_embeds"))
+    kinds = {r.was.split(" ")[0] for r in report.swapped}
+    assert {"Blip2Attention", "Blip2QFormerMultiHeadAttention"} <= kinds, kinds
+    assert not report.fallbacks
+
+
+def test_blip2_qformer_stays_fp32_in_a_half_model():
+    """transformers keeps the Q-Former in fp32 (_keep_in_fp32_modules): the attention runs it in fp32."""
+    model = hf.blip2_retrieval()
+    model.vision_model.to(torch.bfloat16)
+    inputs = dict(pixel_values=hf.pixels(2).to(torch.bfloat16), input_ids=hf.ids(2, 7),
+                  attention_mask=hf.right_padding([7, 4], 7),
+                  use_image_text_matching_head=True)
+    with torch.no_grad():
+        stock = model(**inputs).logits_per_image
+        report = mmfast.patch(model, backend="reference")
+        got = model(**inputs).logits_per_image
+    assert any(r.path.startswith("qformer.") for r in report.swapped) and not report.fallbacks
+    assert all(p.dtype == torch.float32 for p in model.qformer.parameters())
+    assert got.dtype == stock.dtype == torch.float32
+    torch.testing.assert_close(got, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_blip2_opt_left_padded_parity_and_generation():
+    model = hf.blip2_generation()
+    input_ids = torch.nn.functional.pad(torch.cat([torch.full((2, 4), 98), hf.ids(2, 5)], 1), (2, 0))
+    input_ids[0, :2] = 5
+    inputs = dict(pixel_values=hf.pixels(2), input_ids=input_ids, attention_mask=hf.left_padding([11, 9], 11))
+    stock = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    report = hf.assert_parity(model, inputs, ("logits",))
+    assert any(r.path.startswith("language_model.") for r in report.swapped) and not report.fallbacks
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), stock)

@@ -1,0 +1,36 @@
+"""CLIP through mmfast.patch: attention (vision; text causal + padding), patch embedding, contrastive loss."""
+import pytest
+import hf_models as hf
+
+
+def _inputs(batch=3, length=9, lengths=(9, 6, 3), size=16):
+    return dict(input_ids=hf.ids(batch, length), attention_mask=hf.right_padding(lengths, length),
+                pixel_values=hf.pixels(batch, size), return_loss=True)
+
+
+KEYS = ("loss", "logits_per_text", "text_model_output.last_hidden_state", "vision_model_output.last_hidden_state")
+
+
+@pytest.mark.parametrize("lengths", [(9, 9, 9), (9, 6, 3)], ids=["unpadded", "padded"])
+def test_clip_parity(lengths):
+    model = hf.clip()
+    report = hf.assert_parity(model, _inputs(lengths=lengths), KEYS)
+    rows = {r.now for r in report.swapped}
+    assert rows == {"mmfast.kernels.flash_attention", "mmfast.kernels.patch_embed", "mmfast.kernels.contrastive_loss"}
+    assert not report.fallbacks
+
+
+def test_clip_interpolate_pos_encoding():
+    model = hf.clip()
+    inputs = dict(pixel_values=hf.pixels(2, size=24), interpolate_pos_encoding=True)
+    hf.assert_parity(model.vision_model, inputs, ("last_hidden_state", "pooler_output"))
+
+
+def test_clip_triton_interpreter_runs_mmfast_ops():
+    """One tiny CLIP through the Triton kernels (interpreter on CPU): attention, patch embedding, loss."""
+    with hf.OpCounter() as ops:  # the stock runs inside call no mmfast op
+        hf.assert_parity(hf.clip(), _inputs(), KEYS, backend="triton")
+    # 2 towers x 1 layer of attention, forward and backward; one patch embedding; one loss
+    assert ops.counts["flash_attention_fwd"] == 2 and ops.counts["flash_attention_bwd"] == 2, ops.counts
+    assert ops.counts["patch_embed_fwd"] == 1 and ops.counts["patch_embed_bwd"] == 1, ops.counts
+    assert ops.counts["contrastive_loss_fwd"] == 1 and ops.counts["contrastive_loss_bwd"] == 1, ops.counts
