@@ -20,14 +20,16 @@ class Fallback(Exception):
     """Raised inside a swapped forward: this call runs the original code; the message is the reason."""
 
 
+try:  # transformers 5.x records attention weights through hooks and a context variable
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # 4.x passes output_attentions down instead
+    _active_collector = None
+
+
 def weights_requested():
     """Whether the running forward records attention weights (``output_attentions=True``): only the
     original eager code has them to give."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # transformers 4.x passes output_attentions down instead
-        return False
-    collected = _active_collector.get()
+    collected = _active_collector.get() if _active_collector is not None else None
     return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
 
 
@@ -56,6 +58,12 @@ class MaskMemo:
         value = analyse(mask)
         self._ref, self._version, self._value = weakref.ref(mask), version, value
         return value
+
+
+def memo(state, key):
+    """The `MaskMemo` for `key` shared by every swapped module of one patched model (the local and
+    global vision layers see the same mask tensor)."""
+    return state.__dict__.setdefault("_mask_memos", {}).setdefault(key, MaskMemo())
 
 
 def visible_keys(mask, batch, seqlen_q, seqlen_k):

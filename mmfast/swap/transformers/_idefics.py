@@ -75,7 +75,7 @@ def _cross_core(self, h, image_hidden_states, mask, plan, use_flash, backend, kw
 
 
 def _cross_layer_forward(state):
-    options, memo, gate_memo = state.options, MaskMemo(), MaskMemo()
+    options, mask_memo, gate_memo = state.options, MaskMemo(), MaskMemo()
     backend = options.backend
 
     def forward(self, hidden_states, attention_mask=None, image_hidden_states=None, image_attention_mask=None,
@@ -93,7 +93,7 @@ def _cross_layer_forward(state):
             row_mask = gate_memo.get(cross_attention_gate, _gate_rows)
             plan = None
             if options.attention and image_attention_mask is not None:
-                plan = memo.get(image_attention_mask, _image_plan)
+                plan = mask_memo.get(image_attention_mask, _image_plan)
                 if not bool(((plan[1] > plan[0]) | row_mask).all()):
                     raise Fallback("a text token sees no image but its cross_attention_gate is not 0")
         except Fallback as why:

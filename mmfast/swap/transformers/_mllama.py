@@ -22,7 +22,8 @@ them inline in ``MllamaVisionModel.forward`` (no module to swap without copying 
 import torch
 
 from .._core import original
-from ._bypass import Fallback, MaskMemo, attend, check_common, gated, gated_residuals, merge, layer_kind, swap_all, visible_keys
+from ._bypass import (Fallback, MaskMemo, attend, check_common, gated, gated_residuals, layer_kind, memo, merge, swap_all,
+                      visible_keys)
 
 
 # ---- vision encoder ------------------------------------------------------------------------------
@@ -68,12 +69,12 @@ def _vision_core(self, h, mask, pad, use_flash, backend):
 
 
 def _vision_forward(state):
-    backend, memo = state.options.backend, MaskMemo()
+    backend, vision_memo = state.options.backend, memo(state, "mllama-vision")
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         try:
             check_common(self, 0.0)
-            pad = None if attention_mask is None else memo.get(attention_mask, _vision_plan)
+            pad = None if attention_mask is None else vision_memo.get(attention_mask, _vision_plan)
         except Fallback as why:
             state.report.count_fallback(f"MllamaVisionAttention: {why}")
             return original(self)(hidden_states, attention_mask=attention_mask, **kwargs)
@@ -85,7 +86,7 @@ def _vision_forward(state):
 def _gated_vision_layer_forward(state):
     """The global encoder's layers: ``x + tanh(gate_attn)·o_proj(attn)``, ``x + tanh(gate_ffn)·fc2(act(fc1))``
     through tanh_gated_linear."""
-    options, memo = state.options, MaskMemo()
+    options, vision_memo = state.options, memo(state, "mllama-vision")
 
     def forward(self, hidden_states, attention_mask=None):
         attn = self.self_attn
@@ -93,7 +94,7 @@ def _gated_vision_layer_forward(state):
             check_common(attn, 0.0)
             pad = None
             if options.attention and attention_mask is not None:
-                pad = memo.get(attention_mask, _vision_plan)
+                pad = vision_memo.get(attention_mask, _vision_plan)
         except Fallback:  # counted once, by the swapped self_attn the original layer calls
             return original(self)(hidden_states, attention_mask=attention_mask)
         h = self.input_layernorm(hidden_states)
@@ -177,7 +178,7 @@ def _cross_core(self, hidden_states, cross_attention_states, cache, mask, plan, 
 
 
 def _cross_layer_forward(state):
-    options, memo, rows_memo = state.options, MaskMemo(), MaskMemo()
+    options, cross_memo, rows_memo = state.options, MaskMemo(), MaskMemo()
     backend = options.backend
 
     def forward(self, hidden_states, cross_attention_states=None, cross_attention_mask=None, attention_mask=None,
@@ -189,7 +190,7 @@ def _cross_layer_forward(state):
             check_common(attn, attn.dropout if options.attention else 0.0)
             plan = None
             if options.attention and cross_attention_mask is not None:
-                plan = memo.get(cross_attention_mask, _cross_plan)
+                plan = cross_memo.get(cross_attention_mask, _cross_plan)
             row_mask = None
             if full_text_row_masked_out_mask is not None:
                 row_mask = rows_memo.get(full_text_row_masked_out_mask, _row_mask)
