@@ -78,6 +78,26 @@ def test_forward_backward_match_transformers_fp64(alpha_type, flags):
     assert not report.fallbacks, report.fallbacks
 
 
+@pytest.mark.parametrize("qk_norms", [False, True], ids=["plain", "qk-layernorm"])
+def test_perceiver_attention_matches_fp64(qk_norms):
+    from transformers.models.idefics.perceiver import IdeficsPerceiverAttention
+
+    torch.manual_seed(0)
+    attn = IdeficsPerceiverAttention(32, 2, 8, qk_norms).double()
+    context = torch.randn(3, 9, 32, dtype=torch.float64, requires_grad=True)
+    latents = torch.randn(3, 4, 32, dtype=torch.float64, requires_grad=True)
+    want = attn(context, latents)
+    want_grads = torch.autograd.grad(want.square().sum(), (context, latents, *attn.parameters()))
+    with spy_kernels() as calls:
+        patch_with(patch_idefics, attn)
+        got = attn(context, latents)
+    got_grads = torch.autograd.grad(got.square().sum(), (context, latents, *attn.parameters()))
+    assert calls["flash_attention"] == 1
+    assert_close(got, want, FP64_TOL, "perceiver output")
+    for g, w in zip(got_grads, want_grads):
+        assert_close(g, w, FP64_TOL, "perceiver gradient")
+
+
 def test_mmfast_patch_generation_identical_and_unpatch_bitwise():
     report = check_patch_generate_unpatch(tiny_idefics, inputs(torch.float64, text_padding=True), "Idefics")
     assert sum("eager einsum" in r.was or "float image" in r.was for r in report.swapped) == 3, str(report)
