@@ -2,8 +2,6 @@
 import contextlib
 import collections
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
 import mmfast.swap as swap
 from mmfast.swap._core import SwapOptions, SwapReport, begin, model_name
 
@@ -22,26 +20,6 @@ def unpatch(model):
     return swap.unpatch(model)
 
 
-class _Counter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.name()
-        if name.startswith("mmfast::"):
-            self.counts[name.split("::")[1]] += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def count_mmfast_ops():
-    """Counts the mmfast custom ops (``mmfast::*``) the code inside runs, forward and backward."""
-    mode = _Counter()
-    with mode:
-        yield mode.counts
-
-
 def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -57,13 +35,6 @@ def assert_grads_close(got, expected, tol, what=""):
     for name in expected:
         scale = max(1.0, expected[name].abs().max().item())
         assert_close(got[name], expected[name], tol * scale, f"{what} grad {name}")
-
-
-def rule_error(patched32, eager32, eager64):
-    """(patched fp32 error, eager fp32 error) against the fp64 eager result: the suite's tolerance rule
-    compares the first with twice the second."""
-    e64 = eager64.detach().double()
-    return ((patched32.detach().double() - e64).abs().max().item(), (eager32.detach().double() - e64).abs().max().item())
 
 
 @contextlib.contextmanager
