@@ -64,7 +64,17 @@ TABLE = {
     "llama": Entry(),
     "llava": Entry(embeddings=True),
     "llava_next": Entry(embeddings=True),
-    # BLIP (v1), Mllama, Idefics: entries with extra="_blip" / "_mllama" / "_idefics" (their own files)
+    # BLIP (v1): no attention layer uses the interface, and its text decoder adds the mask built for its
+    # config's implementation to eager scores: keep that implementation (attention=False)
+    "blip": Entry(attention=False, extra="_blip"),
+    "blip_text_model": Entry(attention=False, extra="_blip"),
+    "blip_vision_model": Entry(attention=False, extra="_blip"),
+    "mllama": Entry(extra="_mllama"),
+    "mllama_text_model": Entry(extra="_mllama"),
+    "mllama_vision_model": Entry(extra="_mllama"),
+    "idefics": Entry(extra="_idefics"),
+    "idefics_vision": Entry(extra="_idefics"),
+    "idefics_perciever": Entry(extra="_idefics"),  # sic: transformers' spelling
 }
 
 

@@ -1,0 +1,193 @@
+"""What the modules that bypass (or specialise) transformers' attention interface share: turning the
+additive masks they receive into ``flash_attention``'s interval / padding form, merging two attention
+calls by their log-sum-exps, and the checks that send a call back to the original code.
+
+The masks reach these modules already dense (B, 1, Lq, Lk), built by the model (BLIP's text decoder,
+Mllama's vision encoder and cross-attention, Idefics' image mask). Their structure is checked exactly
+once per mask tensor (the same tensor is handed to every layer, so `MaskMemo` keys the result on it):
+a mask that is not what mmfast can express exactly gives ``None`` and the call runs the original code.
+"""
+import weakref
+
+import torch
+
+from mmfast.kernels import flash_attention, tanh_gated_linear
+
+from .._core import replace_forward
+
+
+class Fallback(Exception):
+    """Raised inside a swapped forward: this call runs the original code; the message is the reason."""
+
+
+try:  # transformers 5.x records attention weights through hooks and a context variable
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # 4.x passes output_attentions down instead
+    _active_collector = None
+
+
+def weights_requested():
+    """Whether the running forward records attention weights (``output_attentions=True``): only the
+    original eager code has them to give."""
+    collected = _active_collector.get() if _active_collector is not None else None
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
+def check_common(module, dropout_p):
+    """The reasons common to every swapped attention for handing a call back."""
+    if weights_requested():
+        raise Fallback("attention weights requested (output_attentions)")
+    if module.training and dropout_p > 0:
+        raise Fallback("attention dropout > 0 in training")
+
+
+class MaskMemo:
+    """Remembers the analysis of the last mask tensor seen (same object, unmodified), so that the layers
+    of one forward analyse their shared mask once."""
+
+    def __init__(self):
+        self._ref, self._version, self._value = None, None, None
+
+    def get(self, mask, analyse):
+        try:
+            version = mask._version
+        except RuntimeError:  # inference tensors keep no version counter: analyse every time
+            return analyse(mask)
+        if self._ref is not None and self._ref() is mask and self._version == version:
+            return self._value
+        value = analyse(mask)
+        self._ref, self._version, self._value = weakref.ref(mask), version, value
+        return value
+
+
+def memo(state, key):
+    """The `MaskMemo` for `key` shared by every swapped module of one patched model (the local and
+    global vision layers see the same mask tensor)."""
+    return state.__dict__.setdefault("_mask_memos", {}).setdefault(key, MaskMemo())
+
+
+def visible_keys(mask, batch, seqlen_q, seqlen_k):
+    """(B, Lq, Lk) bool, True where the additive float `mask` lets query i see key j; None when the mask
+    is not float (a boolean mask added to eager scores would hide nothing), holds values other than 0 and
+    a hiding value (finfo.min or -inf), has per-head entries, or does not broadcast to (B, 1, Lq, Lk)."""
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            return None
+        mask = mask[:, 0]
+    if mask.dim() != 3:
+        return None
+    try:
+        mask = mask.expand(batch, seqlen_q, seqlen_k)
+    except RuntimeError:
+        return None
+    if not mask.is_floating_point():
+        return None
+    visible = mask == 0
+    hidden = mask <= torch.finfo(mask.dtype).min
+    if not bool((visible | hidden).all()):
+        return None
+    return visible
+
+
+def row_intervals(visible):
+    """Rows of `visible` (..., Lq, Lk) as intervals: (kv_start, kv_end) int32 with ``visible[..., i, j]``
+    iff ``kv_start[..., i] <= j < kv_end[..., i]``; None when a row is not one contiguous run."""
+    m = visible.to(torch.int32)
+    count = m.sum(-1, dtype=torch.int32)
+    start = torch.where(count > 0, m.argmax(-1).to(torch.int32), torch.zeros_like(count))
+    end = start + count
+    j = torch.arange(visible.shape[-1], device=visible.device, dtype=torch.int32)
+    if not torch.equal((j >= start[..., None]) & (j < end[..., None]), visible):
+        return None
+    return start, end
+
+
+def attend(q, k, v, scale, backend, **mask):
+    """flash_attention on (B, L, H, D) views (HF's (B, H, L, D) tensors transposed, no copy)."""
+    return flash_attention(q, k, v, softmax_scale=scale, backend=backend, **mask)
+
+
+def merge(o1, lse1, o2, lse2):
+    """Exact attention over the union of two disjoint key sets from the two partial results: each output
+    (B, L, H, D) weighted by exp(lse − lse_total), lse (B, H, L). Differentiable through the lses."""
+    total = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - total).transpose(1, 2).unsqueeze(-1)
+    w2 = torch.exp(lse2 - total).transpose(1, 2).unsqueeze(-1)
+    return (o1.to(w1.dtype) * w1 + o2.to(w2.dtype) * w2).to(o1.dtype)
+
+
+def to_blhd(x):
+    """HF's (B, H, L, D) → mmfast's (B, L, H, D), a view."""
+    return x.transpose(1, 2)
+
+
+def eager_rows(out, q, k, v, scale, mask, rows, softmax_dtype=None):
+    """`out` (B, Lq, H, D) with the rows marked in `rows` (B, Lq) recomputed by the eager formula
+    ``softmax(q kᵀ·scale + mask) v``. For rows that see no key: in eager code every score plus finfo.min
+    rounds to finfo.min, so the forward is a plain average of the values, while the backward is still
+    softmax's (a gradient reaches q and k); only the eager formula itself gives both. They are few
+    (left-padding queries), gathered, so this costs nothing like a dense pass."""
+    b, i = rows.nonzero(as_tuple=True)
+    mask = mask[:, 0] if mask.dim() == 4 else mask
+    m = mask.expand(rows.shape[0], rows.shape[1], k.shape[1])[b, i]  # (n, Lk)
+    s = torch.einsum("nhd,nkhd->nhk", q[b, i], k[b]) * scale + m[:, None, :]
+    p = torch.softmax(s, dim=-1, dtype=softmax_dtype).to(v.dtype)
+    return out.index_put((b, i), torch.einsum("nhk,nkhd->nhd", p, v[b]).to(out.dtype))
+
+
+def gated(a, linear, gate, residual, row_mask, fused, backend):
+    """``residual + tanh(gate) · linear(a)`` (update zeroed on `row_mask` rows), fused or as transformers
+    writes it."""
+    if fused:
+        return tanh_gated_linear(a, linear.weight, linear.bias, gate, residual, row_mask=row_mask, backend=backend)
+    update = linear(a)
+    if row_mask is not None:
+        update = update.masked_fill(row_mask[..., None], 0.0)
+    return residual + gate.tanh() * update
+
+
+def gated_residuals(layer, o, residual, attn_gate, mlp_gate, options, attn_rows=None, mlp_rows=None):
+    """The two gated residuals of a Llama-style cross-attention layer (Mllama's and Idefics' share the
+    names): ``x = residual + tanh(attn_gate)·o_proj(o)``; ``x + tanh(mlp_gate)·down(act(gate(h))·up(h))``
+    with h = post_attention_layernorm(x); `attn_rows` / `mlp_rows` zero those rows' updates."""
+    x = gated(o, layer.cross_attn.o_proj, attn_gate, residual, attn_rows, options.gated, options.backend)
+    h = layer.post_attention_layernorm(x)
+    mlp = layer.mlp
+    act = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
+    return gated(act, mlp.down_proj, mlp_gate, x, mlp_rows, options.gated, options.backend)
+
+
+def supersede(report, path):
+    """Drop the attention-interface rows of modules this file takes over (the module itself, or the
+    cross_attn inside a replaced layer): the row added here says what runs there now."""
+    report.swapped[:] = [r for r in report.swapped if r.path not in (path, f"{path}.cross_attn")]
+
+
+def layer_kind(make, options, was, attention_now):
+    """`swap_all`'s entry for a cross-attention layer whose forward runs the attention and / or both
+    gated residuals through mmfast (each as the options allow)."""
+    now = " + ".join(filter(None, [attention_now if options.attention else "",
+                                   "tanh_gated_linear (o_proj, down_proj)" if options.gated else ""]))
+    return make, options.attention or options.gated, "attention=False and gated=False", was, now
+
+
+def swap_all(model, state, kinds, where=None):
+    """Replace the forward of every module of `model` whose class is in `kinds` (and, if given, for which
+    ``where(module)`` holds): ``{cls: (make_forward(state), enabled, why_not, was, now)}``; a row in the
+    report for each."""
+    forwards = {}
+    for path, module in model.named_modules():
+        kind = kinds.get(type(module))
+        if kind is None or (where is not None and not where(module)):
+            continue
+        make, enabled, why_not, was, now = kind
+        if not enabled:
+            state.report.leave(path, was, why_not)
+            continue
+        if "forward" in module.__dict__:  # already ours (patch is idempotent)
+            continue
+        if make not in forwards:
+            forwards[make] = make(state)
+        replace_forward(module, forwards[make])
+        supersede(state.report, path)
+        state.report.add(path, was, now)
