@@ -8,7 +8,7 @@ import timm
 import torch
 import transformers
 from model_helpers import check_parity
-from numerics import assert_close_by_rule, generator, randn
+from numerics import generator, randn
 from torch import nn
 from torch.nn import functional as F
 
