@@ -173,18 +173,22 @@ def test_classifier_one_step_lowers_loss():
 
 
 def test_triton_interpreter_matches_reference():
-    """One tiny ViT through the Triton kernels (patch_embed, flash_attention) against the reference."""
+    """One tiny ViT through the Triton kernels (patch_embed with and without the masked-patch corruption,
+    flash_attention) against the reference: outputs and gradients."""
     torch.manual_seed(generator().initial_seed())
-    ref = ViT(16, 4, 3, 32, 1, 2, num_classes=3, backend="reference")
-    tri = ViT(16, 4, 3, 32, 1, 2, num_classes=3, backend="triton")
+    ref = ViT(16, 4, 3, 32, 1, 2, num_classes=3, mpp_bits=3, backend="reference")
+    tri = ViT(16, 4, 3, 32, 1, 2, num_classes=3, mpp_bits=3, backend="triton")
     tri.load_state_dict(ref.state_dict())
-    x = randn(2, 3, 16, 16)
+    x = torch.rand(2, 3, 16, 16, generator=generator())
+    seed = generator().initial_seed()
     outs = []
     for m in (ref, tri):
         xi = x.clone().requires_grad_()
-        out = m(xi, interpolate_pos_encoding=True)
-        out.logits.square().sum().backward()
-        outs.append((out.last_hidden_state, xi.grad, m.encoder.layers[0].attn.qkv.weight.grad))
+        out = m(xi)
+        mpp = m.masked_patch_prediction(xi, generator=torch.Generator().manual_seed(seed))
+        (out.logits.square().sum() + mpp.loss).backward()
+        outs.append((out.last_hidden_state, mpp.loss, xi.grad, m.encoder.layers[0].attn.qkv.weight.grad,
+                     m.patch_embed.mask_token.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
