@@ -217,16 +217,8 @@ class CLIP(nn.Module):
         if not (hasattr(hf_model, "vision_model") and hasattr(hf_model, "text_model")):
             raise ValueError(f"CLIP.from_hf expects a transformers CLIPModel or SiglipModel, got {name}")
         siglip = hasattr(hf_model, "logit_bias") and not hasattr(hf_model, "visual_projection")
-        vc, tc = hf_model.config.vision_config, hf_model.config.text_config
-        vm, tm = hf_model.vision_model, hf_model.text_model
-        if siglip and not getattr(vm, "use_head", True):
-            raise ValueError("CLIP.from_hf: a SigLIP vision tower without its pooling head has no image embedding")
-        common = dict(act=hf_activation(vc.hidden_act, "CLIP.from_hf"), norm_eps=vc.layer_norm_eps,
-                      mlp_dim=vc.intermediate_size)
-        vision = ViT(vc.image_size, vc.patch_size, vc.num_channels, vc.hidden_size, vc.num_hidden_layers,
-                     vc.num_attention_heads, patch_bias=siglip, class_token=not siglip,
-                     global_pool="map" if siglip else "token", pre_norm=not siglip,
-                     final_norm="all" if siglip else "pooled", pos_resample="hf", backend=backend, **common)
+        tc, vm, tm = hf_model.config.text_config, hf_model.vision_model, hf_model.text_model
+        vision, vision_pairs = vision_from_hf(vm, backend)
         text = TextTransformer(tc.vocab_size, tc.max_position_embeddings, tc.hidden_size, tc.num_hidden_layers,
                                tc.num_attention_heads, mlp_dim=tc.intermediate_size,
                                act=hf_activation(tc.hidden_act, "CLIP.from_hf"), norm_eps=tc.layer_norm_eps,
@@ -238,28 +230,11 @@ class CLIP(nn.Module):
                     loss="siglip" if siglip else "clip", max_scale=None, group=group, backend=backend)
         ref = hf_model.logit_scale
         model = model.to(dtype=ref.dtype, device=ref.device)
-        e = vm.embeddings
-        ours = model.vision_model
-        pairs = [("patch_embedding.weight", ours.patch_embed.proj.weight, e.patch_embedding.weight),
-                 ("patch_embedding.bias", ours.patch_embed.proj.bias, e.patch_embedding.bias),
-                 ("class_embedding", ours.patch_embed.cls_token, getattr(e, "class_embedding", None)),
-                 ("position_embedding", ours.patch_embed.pos_embed, e.position_embedding.weight),
-                 ("logit_scale", model.logit_scale, hf_model.logit_scale),
-                 ("logit_bias", model.logit_bias, getattr(hf_model, "logit_bias", None) if siglip else None)]
-        pairs += module_pairs("post_layernorm", ours.norm, vm.post_layernorm)
-        pairs += layer_pairs(ours.encoder, vm.encoder.layers, _HF_LAYER)
+        pairs = vision_pairs + [("logit_scale", model.logit_scale, hf_model.logit_scale),
+                                ("logit_bias", model.logit_bias, hf_model.logit_bias if siglip else None)]
         if siglip:
-            head, mine = vm.head, ours.attn_pool
-            pairs += [("head.probe", mine.probe, head.probe),
-                      ("head.attention.in_proj_weight", mine.attn.qkv.weight, head.attention.in_proj_weight),
-                      ("head.attention.in_proj_bias", mine.attn.qkv.bias, head.attention.in_proj_bias)]
-            pairs += module_pairs("head.out_proj", mine.attn.out, head.attention.out_proj)
-            pairs += module_pairs("head.layernorm", mine.norm, head.layernorm)
-            pairs += module_pairs("head.fc1", mine.mlp.fc1, head.mlp.fc1) + module_pairs("head.fc2", mine.mlp.fc2,
-                                                                                            head.mlp.fc2)
             pairs += module_pairs("text.head", model.text_model.head, tm.head)
         else:
-            pairs += module_pairs("pre_layrnorm", ours.norm_pre, vm.pre_layrnorm)
             pairs += [("visual_projection", model.visual_projection.weight, hf_model.visual_projection.weight),
                       ("text_projection", model.text_projection.weight, hf_model.text_projection.weight)]
         t = model.text_model
@@ -331,6 +306,44 @@ class CLIP(nn.Module):
         pairs += layer_pairs(model.text_model.encoder, tb, _OPEN_CLIP_LAYER)
         copy_weights(pairs, "CLIP.from_open_clip")
         return model
+
+
+def vision_from_hf(vm, backend="auto"):
+    """A `ViT` for a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` (the ``vision_model`` of
+    CLIPModel / SiglipModel; LLaVA's tower) and the (name, ours, theirs) weight pairs; the weights are
+    copied by the caller (``ViT.from_hf`` or ``CLIP.from_hf``). CLIP: bias-free patch conv, [CLS],
+    ``pre_layrnorm``, ``post_layernorm`` on the readout only; SigLIP: no [CLS], ``post_layernorm`` on every
+    token, attention-pool head."""
+    vc = vm.config
+    siglip = not hasattr(vm, "pre_layrnorm")
+    if siglip and not getattr(vm, "use_head", True):
+        raise ValueError("vision_from_hf: a SigLIP vision tower without its pooling head has no image embedding")
+    vision = ViT(vc.image_size, vc.patch_size, vc.num_channels, vc.hidden_size, vc.num_hidden_layers,
+                 vc.num_attention_heads, mlp_dim=vc.intermediate_size, act=hf_activation(vc.hidden_act, "from_hf"),
+                 norm_eps=vc.layer_norm_eps, patch_bias=siglip, class_token=not siglip,
+                 global_pool="map" if siglip else "token", pre_norm=not siglip, final_norm="all" if siglip else "pooled",
+                 pos_resample="hf", backend=backend)
+    e = vm.embeddings
+    vision = vision.to(dtype=e.patch_embedding.weight.dtype, device=e.patch_embedding.weight.device)
+    pe = vision.patch_embed
+    pairs = [("patch_embedding.weight", pe.proj.weight, e.patch_embedding.weight),
+             ("patch_embedding.bias", pe.proj.bias, e.patch_embedding.bias),
+             ("class_embedding", pe.cls_token, getattr(e, "class_embedding", None)),
+             ("position_embedding", pe.pos_embed, e.position_embedding.weight)]
+    pairs += module_pairs("post_layernorm", vision.norm, vm.post_layernorm)
+    pairs += layer_pairs(vision.encoder, vm.encoder.layers, _HF_LAYER)
+    if siglip:
+        head, mine = vm.head, vision.attn_pool
+        pairs += [("head.probe", mine.probe, head.probe),
+                  ("head.attention.in_proj_weight", mine.attn.qkv.weight, head.attention.in_proj_weight),
+                  ("head.attention.in_proj_bias", mine.attn.qkv.bias, head.attention.in_proj_bias)]
+        for name, ours, theirs in (("out_proj", mine.attn.out, head.attention.out_proj),
+                                   ("layernorm", mine.norm, head.layernorm), ("fc1", mine.mlp.fc1, head.mlp.fc1),
+                                   ("fc2", mine.mlp.fc2, head.mlp.fc2)):
+            pairs += module_pairs(f"head.{name}", ours, theirs)
+    else:
+        pairs += module_pairs("pre_layrnorm", vision.norm_pre, vm.pre_layrnorm)
+    return vision, pairs
 
 
 def _tower_args(kind, args, backend):

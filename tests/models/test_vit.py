@@ -51,6 +51,25 @@ def test_hf_parity_masked_and_no_qkv_bias():
                  *HF_PARAMS, what="ViT masked")
 
 
+def penultimate(out):
+    return out.hidden_states[-2]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_clip_vision_tower(kind):
+    """CLIPVisionModel / SiglipVisionModel (LLaVA's tower reads hidden_states[-2]) as a ViT."""
+    torch.manual_seed(generator().initial_seed())
+    args = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+                patch_size=4)
+    if kind == "clip":
+        hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**args)).eval()
+    else:
+        hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**args)).eval()
+    ours = ViT.from_hf(hf, backend="reference")
+    inputs = dict(pixel_values=randn(2, 3, 16, 16), output_hidden_states=True)
+    check_parity(ours, hf, inputs, ["last_hidden_state", "pooler_output", penultimate], what=f"{kind} vision")
+
+
 def test_to_hf_round_trip():
     ours = ViT(16, 4, 3, 32, 2, 2, qkv_bias=False, norm_eps=1e-12, pooler="tanh", backend="reference").eval()
     hf = ours.to_hf()
