@@ -10,7 +10,7 @@ from numerics import generator, randn
 from torch import nn
 from torch.nn import functional as F
 
-from mmfast.models import CLIP, create_model
+from mmfast.models import CLIP, PRESETS, create_model
 from mmfast.models.clip import eos_positions
 
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
@@ -113,6 +113,27 @@ def test_open_clip_parity(quick_gelu):
                  what="open_clip")
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_to_hf_round_trip(kind):
+    seeded()
+    if kind == "clip":
+        ours = create_model("clip-tiny-test", backend="reference", max_scale=None)
+    else:
+        hf = transformers.SiglipModel(transformers.SiglipConfig(vision_config=VISION, text_config=TEXT))
+        ours = CLIP.from_hf(hf, backend="reference")
+    back = ours.to_hf()
+    ids, mask = text_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=randn(3, 3, 16, 16), return_loss=True)
+    a, b = ours(**inputs), back(**inputs)
+    for field in FIELDS:
+        torch.testing.assert_close(a[field], b[field], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_hidden(a), text_hidden(b), rtol=1e-5, atol=1e-5)
+    oc = open_clip.model.CLIP(24, dict(layers=1, width=32, head_width=16, patch_size=4, image_size=16),
+                              dict(context_length=12, vocab_size=99, width=32, heads=2, layers=1))
+    with pytest.raises(ValueError, match="layout"):
+        CLIP.from_open_clip(oc).to_hf()
+
+
 def test_eos_positions():
     ids = torch.tensor([[1, 5, 9, 7, 0], [1, 9, 3, 9, 4]])
     assert eos_positions(ids, "eos", 2).tolist() == [2, 1]  # legacy: argmax of the ids (the first maximum)
@@ -171,9 +192,13 @@ def test_triton_interpreter_matches_reference(loss):
     contrastive / sigmoid loss; SigLIP's attention-pooling cross-attention) against the reference."""
     seeded()
     if loss == "clip":
-        model = create_model("clip-tiny-test", backend="reference")
+        args = PRESETS["clip-tiny-test"][1]
+        model = create_model("clip-tiny-test", backend="reference", vision=dict(args["vision"], depth=1),
+                             text=dict(args["text"], depth=1))
     else:
-        hf = transformers.SiglipModel(transformers.SiglipConfig(vision_config=VISION, text_config=TEXT))
+        one = dict(num_hidden_layers=1)
+        hf = transformers.SiglipModel(transformers.SiglipConfig(vision_config=dict(VISION, **one),
+                                                                text_config=dict(TEXT, **one)))
         model = CLIP.from_hf(hf, backend="reference")
     ids, mask = text_batch()
     images = randn(3, 3, 16, 16)
