@@ -69,14 +69,16 @@ def test_hf_clip_parity(eos_token_id, size):
     check_parity(ours, hf, inputs, FIELDS + [text_hidden, vision_hidden], *params, what=f"CLIP {eos_token_id}")
 
 
-def test_hf_siglip_parity():
+@pytest.mark.parametrize("size", [(16, 16), (24, 20)], ids=["native", "other-resolution"])
+def test_hf_siglip_parity(size):
     seeded()
     cfg = transformers.SiglipConfig(vision_config=VISION, text_config=TEXT)
     hf = transformers.SiglipModel(cfg).eval()
     ours = CLIP.from_hf(hf, backend="reference")
     assert ours.kind == "siglip" and ours.vision_model.attn_pool is not None
     ids, mask = text_batch()
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=randn(3, 3, 16, 16), return_loss=True)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=randn(3, 3, *size), return_loss=True,
+                  interpolate_pos_encoding=size != (16, 16))
     params = ([lambda m: m.vision_model.attn_pool.attn.qkv.weight, lambda m: m.logit_bias],
               [lambda m: m.vision_model.head.attention.in_proj_weight, lambda m: m.logit_bias])
     check_parity(ours, hf, inputs, FIELDS + [text_hidden, vision_hidden], *params, what="SigLIP")
