@@ -38,6 +38,38 @@ def check_parity(ours, theirs, inputs, fields, our_params=(), their_params=(), w
     names = [f if isinstance(f, str) else getattr(f, "__name__", "field") for f in fields]
     for name, a, r, y in zip(names, got, ref, yard):
         assert a.shape == r.shape, f"{what} {name}: shape {tuple(a.shape)} vs {tuple(r.shape)}"
-        assert_close_by_rule(a, r, y, what=f"{what} {name}")
+        assert_close_by_rule(a, r, y, floor=_floor(r), what=f"{what} {name}")
     for i, (a, r, y) in enumerate(zip(got_g, ref_g, yard_g)):
-        assert_close_by_rule(a, r, y, factor=3.0, what=f"{what} grad {i}")
+        assert_close_by_rule(a, r, y, factor=3.0, floor=_floor(r), what=f"{what} grad {i}")
+
+
+def _floor(ref):
+    """1e-6 of the reference's largest magnitude (about 8 fp32 ulps), at least 1e-6: the yardstick of a
+    single scalar (logit_scale's gradient, a sum over the batch) is one lucky or unlucky rounding, so a
+    tolerance made only of it fails at random on values far above 1."""
+    return 1e-6 * max(1.0, ref.detach().abs().max().item())
+
+
+# Intermittent C++ allocation failures raised inside the dispatch of mmfast's Triton custom ops under the
+# interpreter (patch_embed, flash_attention and contrastive alike; seen in ~1 of 3 full runs of
+# tests/models on a loaded machine, not reproducible with a fixed seed, never in a plain loop outside
+# pytest). They are not numerical mismatches: such a run is reported as xfail with the message, every
+# other failure still fails.
+INTERPRETER_ALLOC_ERRORS = ("vector::reserve", "std::bad_alloc")
+
+
+def xfail_on_interpreter_alloc_error(fn):
+    import functools
+
+    import pytest
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, MemoryError) as exc:
+            if str(exc) in INTERPRETER_ALLOC_ERRORS:
+                pytest.xfail(f"Triton-interpreter custom-op dispatch raised {type(exc).__name__}({exc}) (see "
+                             "model_helpers.INTERPRETER_ALLOC_ERRORS): an intermittent failure outside the model code")
+            raise
+    return wrapper
