@@ -5,9 +5,6 @@ yardstick (tests/numerics.py rule: outputs 2x, gradients 3x); the patched fp32 m
 """
 import collections
 import copy
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
@@ -17,20 +14,6 @@ import mmfast.kernels
 from numerics import assert_close_by_rule
 
 
-def _shield_checkout_kernels():
-    """Run from a checkout, this repository's ``kernels/`` is importable as a top-level ``kernels``, the name
-    of Hugging Face's kernel-hub package: ``import transformers.activations`` probes it with
-    ``importlib.import_module("kernels")`` and so imports a second copy of mmfast's kernels, registering
-    every ``mmfast::`` custom op twice (seen as random dispatcher errors: "vector::reserve",
-    "patch_embed_bwd() expected at most 13 arguments but received 18", std::bad_alloc). Point that name
-    at the one copy, only when it is this checkout's directory (never shadow the real package)."""
-    spec = importlib.util.find_spec("kernels") if "kernels" not in sys.modules else None
-    ours = os.path.dirname(mmfast.kernels.__file__)
-    if spec is not None and spec.origin and os.path.dirname(spec.origin) == ours:
-        sys.modules["kernels"] = mmfast.kernels
-
-
-_shield_checkout_kernels()
 transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 
 WIDTH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
