@@ -1,0 +1,6 @@
+"""mmfast.models: architectures assembled on mmfast's kernels (one file per architecture), drop-in for the
+Hugging Face / timm / open_clip models they convert from."""
+from ._common import BaseModelOutputWithPooling, CLIPOutput, MaskedPatchOutput, ModelOutput
+from .vit import ViT
+
+__all__ = ["BaseModelOutputWithPooling", "CLIPOutput", "MaskedPatchOutput", "ModelOutput", "ViT"]

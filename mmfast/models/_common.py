@@ -1,0 +1,84 @@
+"""Shared pieces of the model layer: HF-style output containers, presets, weight copying."""
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import torch
+
+
+class ModelOutput(OrderedDict):
+    """Hugging Face's ``ModelOutput`` contract without depending on transformers: fields by attribute and
+    by key, ``None`` fields left out of ``keys()`` / ``to_tuple()``, integer indexing over the set ones."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                super().__setitem__(f.name, value)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return dict(self.items())[key]
+        return self.to_tuple()[key]
+
+    def __setattr__(self, name, value):
+        if value is not None and name in {f.name for f in fields(self)}:
+            super().__setitem__(name, value)
+        super().__setattr__(name, value)
+
+    def to_tuple(self):
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+@dataclass(eq=False)
+class BaseModelOutputWithPooling(ModelOutput):
+    last_hidden_state: torch.Tensor = None
+    pooler_output: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple] = None
+    logits: Optional[torch.Tensor] = None
+
+
+@dataclass(eq=False)
+class MaskedPatchOutput(ModelOutput):
+    """ViT masked-patch prediction: loss over the chosen patches, logits (B, N, 2^(3 bits)) over the mean
+    colour bins, target (B, N) bin ids, target_mask (B, N) the patches predicted."""
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None
+    target: Optional[torch.Tensor] = None
+    target_mask: Optional[torch.Tensor] = None
+
+
+@dataclass(eq=False)
+class CLIPOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits_per_image: torch.Tensor = None
+    logits_per_text: torch.Tensor = None
+    text_embeds: torch.Tensor = None
+    image_embeds: torch.Tensor = None
+    text_model_output: Any = None
+    vision_model_output: Any = None
+
+
+def copy_weights(pairs, owner):
+    """Copy each (destination parameter, source tensor) with a shape check naming the owner."""
+    with torch.no_grad():
+        for name, dst, src in pairs:
+            if dst is None and src is None:
+                continue
+            if dst is None or src is None:
+                raise ValueError(f"{owner}: {name}: {'source' if dst is None else 'model'} has a tensor the other lacks")
+            src = src.detach()
+            if tuple(dst.shape) != tuple(src.shape):
+                if dst.numel() != src.numel():
+                    raise ValueError(f"{owner}: {name}: shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+                src = src.reshape(dst.shape)
+            dst.copy_(src)
+
+
+def linear_pairs(prefix, dst, src):
+    """(name, dst.weight, src.weight), (name, dst.bias, src.bias) for two nn.Linear-like modules."""
+    return [(f"{prefix}.weight", dst.weight, src.weight), (f"{prefix}.bias", dst.bias, getattr(src, "bias", None))]
+
+
+def parameter_count(model):
+    return sum(p.numel() for p in model.parameters())

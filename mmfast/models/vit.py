@@ -1,0 +1,380 @@
+"""ViT on mmfast's kernels: fused patch embedding (positions resampled in the kernel's epilogue, masked
+patches) + pre-norm encoder layers over flash_attention. Converts from / to Hugging Face ``ViTModel`` and
+from timm's ``VisionTransformer``."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmfast.kernels import patch_embed
+from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
+from mmfast.kernels.patch_embed import INTERPOLATIONS, POS_RESAMPLE_MODES, vit_masked_patch_sampler
+from mmfast.nn.patch_embed import PatchEmbed
+from mmfast.nn.transformer import ACTIVATIONS, AttentionPool, TransformerEncoder
+
+from ._common import BaseModelOutputWithPooling, MaskedPatchOutput, copy_weights
+
+_OP = "ViT"
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu",
+                  "relu": "relu"}
+
+
+def hf_activation(name, owner):
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"{owner}: hidden_act {name!r} is not supported (one of {sorted(HF_ACTIVATIONS)})")
+    return HF_ACTIVATIONS[name]
+
+
+def mean_colour_bins(pixel_values, patch_size, *, bits=3, value_range=(0.0, 1.0)):
+    """The ViT paper's masked-patch target: each patch's mean colour, each channel quantised to `bits`
+    bits over `value_range` -> one class id in [0, 2^(bits*C)) per patch, (B, N) int64."""
+    check_int("mean_colour_bins", "patch_size", patch_size, lo=1)
+    check_int("mean_colour_bins", "bits", bits, lo=1, hi=8)
+    lo, hi = value_range
+    if not hi > lo:
+        raise ValueError(f"mean_colour_bins: value_range must be (lo, hi) with hi > lo, got {value_range}")
+    levels = 2 ** bits
+    mean = F.avg_pool2d(pixel_values.detach().float(), patch_size)  # (B, C, gh, gw)
+    q = ((mean - lo) / (hi - lo) * levels).floor().clamp_(0, levels - 1).long()
+    weights = levels ** torch.arange(q.shape[1] - 1, -1, -1, device=q.device)  # first channel most significant
+    return (q * weights[None, :, None, None]).sum(1).flatten(1)
+
+
+class ViT(nn.Module):
+    """Vision Transformer: patch embedding (+ [CLS], 1D or 2D learned positions), pre-norm encoder, readout.
+
+    Args:
+        img_size, patch_size, in_chans, embed_dim, depth, num_heads: the usual sizes.
+        mlp_dim: MLP hidden width (default 4 * embed_dim); act: one of ``ACTIVATIONS``.
+        qkv_bias, patch_bias: biases of the qkv projection and the patch convolution (CLIP has none).
+        norm_eps: every LayerNorm's epsilon.
+        class_token: prepend [CLS]. global_pool: "token" ([CLS]), "avg" (mean of the patch tokens),
+            "map" (attention pooling, SigLIP) or "none".
+        pos_embed: "learn" (1D table of N [+ 1] rows), "learn_2d" (row and column tables of D/2 each,
+            concatenated; [CLS] gets none) or "none". no_embed_class: the 1D table covers only patches.
+        pre_norm: LayerNorm before the encoder (CLIP's ``pre_layrnorm``).
+        final_norm: "all" (norm every token: HF ViT, timm), "pooled" (norm only the readout: CLIP's
+            ``post_layernorm``, timm's ``fc_norm``) or "none".
+        pooler: None or "tanh" (HF ViTPooler: dense + tanh on the readout).
+        num_classes: a linear head on the readout giving ``logits`` (0: none).
+        mask_token: hold a [MASK] token (``bool_masked_pos``); mpp_bits: add the masked-patch prediction
+            head over 2^(3*bits) mean-colour classes (ViT paper: 3), see `masked_patch_prediction`.
+        backbone, backbone_channels, backbone_stride: hybrid ViT: `backbone` maps images to a
+            (B, backbone_channels, H/stride, W/stride) feature map whose cells (patch_size 1 by default)
+            are the tokens.
+        dynamic_img_size: resample the position table for any input size (timm); otherwise only with
+            ``interpolate_pos_encoding=True`` (Hugging Face).
+        pos_resample, interpolation: how the table is resampled ("timm" / "hf" / "hf_legacy").
+        backend: forwarded to patch_embed and flash_attention ("auto" | "triton" | "reference").
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, *,
+                 mlp_dim=None, act="gelu", qkv_bias=True, patch_bias=True, norm_eps=1e-6, class_token=True,
+                 global_pool="token", pos_embed="learn", no_embed_class=False, pre_norm=False, final_norm="all",
+                 pooler=None, num_classes=0, mask_token=False, mpp_bits=None, backbone=None, backbone_channels=None,
+                 backbone_stride=None, dynamic_img_size=False, pos_resample="timm", interpolation="bicubic",
+                 backend="auto"):
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("in_chans", in_chans)):
+            check_int(_OP, name, value, lo=1)
+        check_int(_OP, "depth", depth, lo=0)
+        check_int(_OP, "num_classes", num_classes, lo=0)
+        check_choice(_OP, "act", act, ACTIVATIONS)
+        check_choice(_OP, "global_pool", global_pool, ("token", "avg", "map", "none"))
+        check_choice(_OP, "pos_embed", pos_embed, ("learn", "learn_2d", "none"))
+        check_choice(_OP, "final_norm", final_norm, ("all", "pooled", "none"))
+        check_choice(_OP, "pooler", pooler, (None, "tanh"))
+        check_choice(_OP, "pos_resample", pos_resample, POS_RESAMPLE_MODES)
+        check_choice(_OP, "interpolation", interpolation, INTERPOLATIONS)
+        check_choice(_OP, "backend", backend, ("auto", "triton", "reference"))
+        check_scalar(_OP, "norm_eps", norm_eps, lo=0.0, lo_open=True)
+        for name, value in (("qkv_bias", qkv_bias), ("patch_bias", patch_bias), ("class_token", class_token),
+                            ("no_embed_class", no_embed_class), ("pre_norm", pre_norm), ("mask_token", mask_token),
+                            ("dynamic_img_size", dynamic_img_size)):
+            check_bool(_OP, name, value)
+        if global_pool == "token" and not class_token:
+            raise ValueError(f"{_OP}: global_pool='token' needs class_token=True")
+        if mpp_bits is not None:
+            check_int(_OP, "mpp_bits", mpp_bits, lo=1, hi=4)
+            if backbone is not None:
+                raise ValueError(f"{_OP}: the masked-patch head predicts pixel colours; it has no hybrid form")
+            mask_token = True
+        if backbone is not None:
+            if not isinstance(backbone, nn.Module):
+                raise ValueError(f"{_OP}: backbone must be an nn.Module, got {type(backbone).__name__}")
+            check_int(_OP, "backbone_channels", backbone_channels, lo=1)
+            check_int(_OP, "backbone_stride", backbone_stride, lo=1)
+            if img_size % backbone_stride:
+                raise ValueError(f"{_OP}: img_size {img_size} must be a multiple of backbone_stride {backbone_stride}")
+        self.backbone = backbone
+        self.backbone_stride = backbone_stride
+        grid_img = img_size // backbone_stride if backbone is not None else img_size
+        self.patch_embed = PatchEmbed(grid_img, patch_size, backbone_channels if backbone is not None else in_chans,
+                                      embed_dim, bias=patch_bias, class_token=class_token,
+                                      pos_embed="learn" if pos_embed == "learn" else "none",
+                                      no_embed_class=no_embed_class, mask_token=mask_token, dynamic_img_size=True,
+                                      interpolation=interpolation, pos_resample=pos_resample, backend=backend)
+        gh, gw = self.patch_embed.grid_size
+        if pos_embed == "learn_2d":
+            self.pos_embed_row = nn.Parameter(torch.randn(gh, embed_dim // 2) * 0.02)
+            self.pos_embed_col = nn.Parameter(torch.randn(gw, embed_dim - embed_dim // 2) * 0.02)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else None
+        self.encoder = TransformerEncoder(embed_dim, depth, num_heads, mlp_dim=mlp_dim, act=act, qkv_bias=qkv_bias,
+                                          norm_eps=norm_eps, backend=backend)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm != "none" else None
+        self.attn_pool = (AttentionPool(embed_dim, num_heads, mlp_dim=mlp_dim, act=act, norm_eps=norm_eps,
+                                        backend=backend) if global_pool == "map" else None)
+        self.pooler = nn.Linear(embed_dim, embed_dim) if pooler else None
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else None
+        self.mpp_head = nn.Linear(embed_dim, 2 ** (3 * mpp_bits)) if mpp_bits else None
+        self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
+        self.num_heads, self.depth = num_heads, depth
+        self.pos_embed_kind, self.global_pool, self.final_norm = pos_embed, global_pool, final_norm
+        self.dynamic_img_size, self.mpp_bits, self.backend = dynamic_img_size, mpp_bits, backend
+
+    @property
+    def num_prefix_tokens(self):
+        return self.patch_embed.num_prefix_tokens
+
+    def embed(self, pixel_values, *, bool_masked_pos=None, patch_index=None, interpolate_pos_encoding=None):
+        """Tokens (B, [1 +] N, D): one patch_embed launch (conv + bias + positions + [CLS] + [MASK])."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            raise ValueError(f"{_OP}: pixel_values must be a (B, C, H, W) tensor")
+        size = tuple(pixel_values.shape[-2:])
+        if not (interpolate_pos_encoding or self.dynamic_img_size) and size != (self.img_size, self.img_size):
+            raise ValueError(f"{_OP}: input image size {size} doesn't match the model's ({self.img_size}, "
+                             f"{self.img_size}); pass interpolate_pos_encoding=True to resample the positions")
+        x = pixel_values.to(self.patch_embed.proj.weight.dtype)
+        if self.backbone is not None:
+            x = self.backbone(x)
+            x = x[-1] if isinstance(x, (list, tuple)) else x  # timm's HybridEmbed: the last feature map
+        pe = self.patch_embed
+        if self.pos_embed_kind == "learn_2d":
+            pos, pos_grid = (self.pos_embed_row, self.pos_embed_col), None
+        else:
+            pos, pos_grid = pe.pos_embed, pe.grid_size if pe.pos_embed is not None else None
+        mask_token = None
+        if bool_masked_pos is not None:
+            if pe.mask_token is None:
+                raise ValueError(f"{_OP}: bool_masked_pos needs a mask token (construct with mask_token=True)")
+            mask_token = pe.mask_token
+        return patch_embed(x, pe.proj.weight, pe.proj.bias, pos_embed=pos, cls_token=pe.cls_token, pos_grid=pos_grid,
+                           interpolation=pe.interpolation, pos_resample=pe.pos_resample, token_mask=bool_masked_pos,
+                           mask_token=mask_token, patch_index=patch_index, backend=self.backend)
+
+    def pool(self, x):
+        if self.global_pool == "token":
+            return x[:, 0]
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(1)
+        if self.global_pool == "map":
+            return self.attn_pool(x)
+        return None
+
+    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, *, patch_index=None,
+                output_hidden_states=False, return_dict=True):
+        """HF ViTModel's inputs. Returns ``last_hidden_state`` (after the final norm when final_norm="all"),
+        ``pooler_output`` (the readout: normed when final_norm="pooled", through the tanh pooler when there
+        is one; HF's ViTModel without a pooler returns None there, we return the readout),
+        ``hidden_states`` when asked, and ``logits`` of the head when it exists."""
+        x = self.embed(pixel_values, bool_masked_pos=bool_masked_pos, patch_index=patch_index,
+                       interpolate_pos_encoding=interpolate_pos_encoding)
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
+        x = self.encoder(x, output_hidden_states=output_hidden_states)
+        states = None
+        if output_hidden_states:
+            x, states = x
+            states = tuple(states)
+        if self.final_norm == "all":
+            x = self.norm(x)
+        pooled = self.pool(x)
+        if pooled is not None and self.final_norm == "pooled":
+            pooled = self.norm(pooled)
+        if self.pooler is not None:
+            pooled = torch.tanh(self.pooler(pooled))
+        logits = self.head(pooled) if self.head is not None else None
+        out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states, logits=logits)
+        return out if return_dict else out.to_tuple()
+
+    def masked_patch_prediction(self, pixel_values, *, generator=None, mask_ratio=0.5, value_range=(0.0, 1.0)):
+        """The ViT paper's self-supervised objective: corrupt mask_ratio of the patches (80% [MASK], 10%
+        another patch of the image, 10% unchanged; drawn afresh per call, see vit_masked_patch_sampler)
+        through patch_embed's masking, and predict each chosen patch's 3-bit mean colour (512 classes for
+        3 channels) with cross-entropy. `value_range`: the pixel range the bins cover."""
+        if self.mpp_head is None:
+            raise ValueError(f"{_OP}: construct with mpp_bits=3 to add the masked-patch prediction head")
+        if pixel_values.shape[1] != 3:
+            raise ValueError(f"{_OP}: masked-patch prediction bins RGB colours; got {pixel_values.shape[1]} channels")
+        B, _, H, W = pixel_values.shape
+        P = self.patch_size
+        token_mask, patch_index, target_mask = vit_masked_patch_sampler(
+            B, (H // P) * (W // P), mask_ratio=mask_ratio, generator=generator, device=pixel_values.device)
+        hidden = self(pixel_values, bool_masked_pos=token_mask, patch_index=patch_index,
+                      interpolate_pos_encoding=True).last_hidden_state
+        logits = self.mpp_head(hidden[:, self.num_prefix_tokens:])
+        target = mean_colour_bins(pixel_values, P, bits=self.mpp_bits, value_range=value_range)
+        loss = F.cross_entropy(logits[target_mask].float(), target[target_mask])
+        return MaskedPatchOutput(loss=loss, logits=logits, target=target, target_mask=target_mask)
+
+    # ---- conversion -------------------------------------------------------------------------------------
+    def _layer_pairs(self, their_layers, names):
+        """(name, ours, theirs) for each encoder layer; `names` maps our part -> their attribute path."""
+        def get(module, path):
+            for part in path.split("."):
+                module = getattr(module, part)
+            return module
+
+        pairs = []
+        D = self.embed_dim
+        for i, (ours, theirs) in enumerate(zip(self.encoder.layers, their_layers)):
+            p = f"layers.{i}"
+            if "qkv" in names:
+                qkv = get(theirs, names["qkv"])
+                w, b = (qkv.weight, qkv.bias) if isinstance(qkv, nn.Linear) else (qkv.in_proj_weight, qkv.in_proj_bias)
+                pairs += [(f"{p}.qkv.weight", ours.attn.qkv.weight, w), (f"{p}.qkv.bias", ours.attn.qkv.bias, b)]
+            else:
+                for j, key in enumerate(("q", "k", "v")):
+                    lin = get(theirs, names[key])
+                    sl = slice(j * D, (j + 1) * D)
+                    pairs.append((f"{p}.{key}.weight", ours.attn.qkv.weight[sl], lin.weight))
+                    pairs.append((f"{p}.{key}.bias", None if ours.attn.qkv.bias is None else ours.attn.qkv.bias[sl],
+                                  lin.bias))
+            for ours_mod, key in ((ours.attn.out, "out"), (ours.norm1, "norm1"), (ours.norm2, "norm2"),
+                                  (ours.mlp.fc1, "fc1"), (ours.mlp.fc2, "fc2")):
+                theirs_mod = get(theirs, names[key])
+                pairs += [(f"{p}.{key}.weight", ours_mod.weight, theirs_mod.weight),
+                          (f"{p}.{key}.bias", ours_mod.bias, theirs_mod.bias)]
+        return pairs
+
+    _HF_LAYER = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "out": "attention.o_proj",
+                 "norm1": "layernorm_before", "norm2": "layernorm_after", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+    def _hf_pairs(self, vit, classifier):
+        e = vit.embeddings
+        pe = self.patch_embed
+        pairs = [("cls_token", pe.cls_token, e.cls_token), ("position_embeddings", pe.pos_embed, e.position_embeddings),
+                 ("projection.weight", pe.proj.weight, e.patch_embeddings.projection.weight),
+                 ("projection.bias", pe.proj.bias, e.patch_embeddings.projection.bias),
+                 ("mask_token", pe.mask_token, e.mask_token),
+                 ("layernorm.weight", self.norm.weight, vit.layernorm.weight),
+                 ("layernorm.bias", self.norm.bias, vit.layernorm.bias)]
+        if vit.pooler is not None:
+            pairs += [("pooler.weight", self.pooler.weight, vit.pooler.dense.weight),
+                      ("pooler.bias", self.pooler.bias, vit.pooler.dense.bias)]
+        if classifier is not None:
+            pairs += [("classifier.weight", self.head.weight, classifier.weight),
+                      ("classifier.bias", self.head.bias, classifier.bias)]
+        return pairs + self._layer_pairs(vit.layers, self._HF_LAYER)
+
+    @classmethod
+    def from_hf(cls, hf_model, *, backend="auto"):
+        """From a transformers ``ViTModel`` or ``ViTForImageClassification`` (weights copied; no download).
+        Positions are resampled with HF's math (``pos_resample="hf"``) under ``interpolate_pos_encoding``."""
+        vit, classifier = (hf_model.vit, hf_model.classifier) if hasattr(hf_model, "vit") else (hf_model, None)
+        if not hasattr(vit, "embeddings") or not hasattr(vit, "layers"):
+            raise ValueError(f"ViT.from_hf expects a transformers ViTModel / ViTForImageClassification, got "
+                             f"{type(hf_model).__name__}")
+        c = vit.config
+        if isinstance(classifier, nn.Identity):
+            classifier = None
+        model = cls(c.image_size, c.patch_size, c.num_channels, c.hidden_size, c.num_hidden_layers,
+                    c.num_attention_heads, mlp_dim=c.intermediate_size, act=hf_activation(c.hidden_act, "ViT.from_hf"),
+                    qkv_bias=c.qkv_bias, norm_eps=c.layer_norm_eps, pooler="tanh" if vit.pooler is not None else None,
+                    num_classes=classifier.out_features if classifier is not None else 0,
+                    mask_token=vit.embeddings.mask_token is not None, pos_resample="hf", backend=backend)
+        if vit.pooler is not None and getattr(c, "pooler_act", "tanh") != "tanh":
+            raise ValueError(f"ViT.from_hf: pooler_act {c.pooler_act!r} is not supported (tanh)")
+        model = model.to(dtype=vit.embeddings.cls_token.dtype, device=vit.embeddings.cls_token.device)
+        copy_weights(model._hf_pairs(vit, classifier), "ViT.from_hf")
+        return model
+
+    def to_hf(self):
+        """A transformers ``ViTModel`` with these weights (the HF layout: [CLS], 1D table, final norm on
+        every token, biased patch conv; the tanh pooler when this model has one)."""
+        from transformers import ViTConfig, ViTModel
+
+        if (self.pos_embed_kind != "learn" or self.patch_embed.cls_token is None or self.final_norm != "all"
+                or self.norm_pre is not None or self.backbone is not None or self.patch_embed.proj.bias is None
+                or self.patch_embed.no_embed_class or self.global_pool != "token"):
+            raise ValueError("ViT.to_hf: only the HF layout converts ([CLS] readout, 1D table with a [CLS] row, final "
+                             "norm on every token, no pre-norm, no backbone, biased patch conv)")
+        act = {v: k for k, v in HF_ACTIVATIONS.items() if k != "gelu_new"}[self.encoder.layers[0].mlp.act] \
+            if self.depth else "gelu"
+        layer = self.encoder.layers[0] if self.depth else None
+        config = ViTConfig(hidden_size=self.embed_dim, num_hidden_layers=self.depth, num_attention_heads=self.num_heads,
+                           intermediate_size=layer.mlp.fc1.out_features if layer else 4 * self.embed_dim,
+                           hidden_act=act, layer_norm_eps=self.norm.eps, image_size=self.img_size,
+                           patch_size=self.patch_size, num_channels=self.patch_embed.proj.in_channels,
+                           qkv_bias=layer.attn.qkv.bias is not None if layer else True)
+        hf = ViTModel(config, add_pooling_layer=self.pooler is not None,
+                      use_mask_token=self.patch_embed.mask_token is not None)
+        hf = hf.to(dtype=self.patch_embed.proj.weight.dtype, device=self.patch_embed.proj.weight.device)
+        copy_weights([(n, theirs, ours) for n, ours, theirs in self._hf_pairs(hf, None)], "ViT.to_hf")
+        return hf.eval()
+
+    _TIMM_LAYER = {"qkv": "attn.qkv", "out": "attn.proj", "norm1": "norm1", "norm2": "norm2", "fc1": "mlp.fc1",
+                   "fc2": "mlp.fc2"}
+
+    @classmethod
+    def from_timm(cls, vt, *, backend="auto"):
+        """From a timm ``VisionTransformer`` (weights copied; hybrid models share the backbone module).
+        Supported: [CLS] or not, token / avg pooling, norm / fc_norm, norm_pre, no_embed_class,
+        dynamic_img_size, qk_norm, any head. Not supported (ValueError): register tokens, layer scale,
+        attention-pool heads, patch dropout at train time is ignored."""
+        import timm.layers
+
+        owner = "ViT.from_timm"
+        if not hasattr(vt, "blocks") or not hasattr(vt, "patch_embed"):
+            raise ValueError(f"{owner} expects a timm VisionTransformer, got {type(vt).__name__}")
+        if getattr(vt, "reg_token", None) is not None:
+            raise ValueError(f"{owner}: register tokens are not supported")
+        if vt.global_pool not in ("token", "avg", ""):
+            raise ValueError(f"{owner}: global_pool {vt.global_pool!r} is not supported (token, avg)")
+        blk = vt.blocks[0] if len(vt.blocks) else None
+        if blk is not None and not (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)):
+            raise ValueError(f"{owner}: layer scale (init_values) is not supported")
+        act = "gelu"
+        if blk is not None:
+            a = blk.mlp.act
+            if isinstance(a, timm.layers.QuickGELU):
+                act = "quick_gelu"
+            elif isinstance(a, nn.GELU):
+                act = "gelu_tanh" if a.approximate == "tanh" else "gelu"
+            else:
+                raise ValueError(f"{owner}: MLP activation {type(a).__name__} is not supported")
+        pe = vt.patch_embed
+        backbone = getattr(pe, "backbone", None)
+        proj = pe.proj
+        P = proj.kernel_size[0]
+        img = pe.img_size[0]
+        stride = pe.feature_ratio[0] if backbone is not None else None
+        norm = vt.norm if isinstance(vt.norm, nn.LayerNorm) else None
+        fc_norm = vt.fc_norm if isinstance(vt.fc_norm, nn.LayerNorm) else None
+        final_norm = "all" if norm is not None else "pooled" if fc_norm is not None else "none"
+        eps = (norm or fc_norm or (blk.norm1 if blk is not None else None))
+        head = vt.head if isinstance(vt.head, nn.Linear) else None
+        model = cls(img, P, pe.proj.in_channels if backbone is None else pe.in_chans, vt.embed_dim, len(vt.blocks),
+                    blk.attn.num_heads if blk is not None else 1,
+                    mlp_dim=blk.mlp.fc1.out_features if blk is not None else None, act=act,
+                    qkv_bias=blk is None or blk.attn.qkv.bias is not None, patch_bias=proj.bias is not None,
+                    norm_eps=eps.eps if eps is not None else 1e-6, class_token=vt.cls_token is not None,
+                    global_pool=vt.global_pool or "none", pos_embed="learn" if vt.pos_embed is not None else "none",
+                    no_embed_class=vt.no_embed_class, pre_norm=isinstance(vt.norm_pre, nn.LayerNorm),
+                    final_norm=final_norm, num_classes=head.out_features if head is not None else 0,
+                    backbone=backbone, backbone_channels=proj.in_channels if backbone is not None else None,
+                    backbone_stride=stride, dynamic_img_size=bool(getattr(vt, "dynamic_img_size", False)),
+                    pos_resample="timm", backend=backend)
+        if blk is not None and getattr(blk.attn, "q_norm", None) is not None and not isinstance(blk.attn.q_norm,
+                                                                                                 nn.Identity):
+            raise ValueError(f"{owner}: qk_norm is not supported")
+        ref = proj.weight
+        model = model.to(dtype=ref.dtype, device=ref.device)
+        ours = model.patch_embed
+        pairs = [("cls_token", ours.cls_token, vt.cls_token), ("pos_embed", ours.pos_embed, vt.pos_embed),
+                 ("proj.weight", ours.proj.weight, proj.weight), ("proj.bias", ours.proj.bias, proj.bias)]
+        for name, mine, theirs in (("norm_pre", model.norm_pre, vt.norm_pre), ("norm", model.norm, norm or fc_norm),
+                                   ("head", model.head, head)):
+            if mine is not None:
+                pairs += [(f"{name}.weight", mine.weight, theirs.weight), (f"{name}.bias", mine.bias, theirs.bias)]
+        copy_weights(pairs + model._layer_pairs(vt.blocks, cls._TIMM_LAYER), owner)
+        return model

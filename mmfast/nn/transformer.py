@@ -1,0 +1,105 @@
+"""Shared transformer blocks: a pre-norm encoder layer (ViT / CLIP / SigLIP / timm / open_clip) over
+`MultiheadAttention`, its MLP, and attention pooling (SigLIP's MAP head)."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
+
+from .attention import MultiheadAttention
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu")
+
+
+def activation(name, x):
+    """The MLP activations of the models we convert from: exact GELU (ViT, timm, open_clip default),
+    tanh GELU (SigLIP's ``gelu_pytorch_tanh``), OpenAI CLIP's ``quick_gelu`` x * sigmoid(1.702 x), ReLU."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    return F.relu(x)
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> fc2 (timm's / HF's ``mlp.fc1`` / ``mlp.fc2`` names)."""
+
+    def __init__(self, dim, hidden_dim, *, act="gelu", bias=True, device=None, dtype=None):
+        super().__init__()
+        check_int("Mlp", "dim", dim, lo=1)
+        check_int("Mlp", "hidden_dim", hidden_dim, lo=1)
+        check_choice("Mlp", "act", act, ACTIVATIONS)
+        check_bool("Mlp", "bias", bias)
+        self.act = act
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.fc2(activation(self.act, self.fc1(x)))
+
+    def extra_repr(self):
+        return f"act={self.act!r}"
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm encoder layer: x + attn(norm1(x)); x + mlp(norm2(x)) (ViT, CLIP, SigLIP, timm's Block,
+    open_clip's ResidualAttentionBlock). Attention is `MultiheadAttention` (fused qkv, flash_attention);
+    ``forward(x, causal=, key_padding_mask=)`` — key_padding_mask (B, L) bool, True = padded key."""
+
+    def __init__(self, dim, num_heads, *, mlp_dim=None, act="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
+                 qk_norm=False, norm_eps=1e-6, backend="auto", device=None, dtype=None):
+        super().__init__()
+        check_int("TransformerLayer", "dim", dim, lo=1)
+        check_scalar("TransformerLayer", "norm_eps", norm_eps, lo=0.0, lo_open=True)
+        mlp_dim = 4 * dim if mlp_dim is None else mlp_dim
+        factory = {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **factory)
+        self.attn = MultiheadAttention(dim, num_heads, bias=qkv_bias, qk_norm=qk_norm, backend=backend, **factory)
+        if not proj_bias:
+            self.attn.out = nn.Linear(dim, dim, bias=False, **factory)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **factory)
+        self.mlp = Mlp(dim, mlp_dim, act=act, bias=mlp_bias, **factory)
+
+    def forward(self, x, *, causal=False, key_padding_mask=None):
+        x = x + self.attn(self.norm1(x), causal=causal, key_padding_mask=key_padding_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerEncoder(nn.Module):
+    """`depth` TransformerLayers (``layers.N``). ``forward(x, causal=, key_padding_mask=,
+    output_hidden_states=)`` returns the last hidden state, or (last, [input, after layer 1, ...]) — HF's
+    ``hidden_states`` tuple convention (embeddings first)."""
+
+    def __init__(self, dim, depth, num_heads, **layer_kwargs):
+        super().__init__()
+        check_int("TransformerEncoder", "depth", depth, lo=0)
+        self.layers = nn.ModuleList(TransformerLayer(dim, num_heads, **layer_kwargs) for _ in range(depth))
+
+    def forward(self, x, *, causal=False, key_padding_mask=None, output_hidden_states=False):
+        states = [x]
+        for layer in self.layers:
+            x = layer(x, causal=causal, key_padding_mask=key_padding_mask)
+            states.append(x)
+        return (x, states) if output_hidden_states else x
+
+
+class AttentionPool(nn.Module):
+    """Multihead attention pooling (SigLIP's / big_vision's MAP head): a learned probe attends to the
+    tokens, then a pre-norm residual MLP; returns the probe's output (B, dim). Parameters: ``probe``
+    (1, 1, dim), ``attn`` (a self-attention `MultiheadAttention` used with a context, so its fused qkv
+    weight is ``nn.MultiheadAttention.in_proj_weight``), ``norm``, ``mlp``."""
+
+    def __init__(self, dim, num_heads, *, mlp_dim=None, act="gelu_tanh", norm_eps=1e-6, backend="auto", device=None,
+                 dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.probe = nn.Parameter(torch.randn(1, 1, dim, **factory))
+        self.attn = MultiheadAttention(dim, num_heads, backend=backend, **factory)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, **factory)
+        self.mlp = Mlp(dim, 4 * dim if mlp_dim is None else mlp_dim, act=act, **factory)
+
+    def forward(self, x, *, key_padding_mask=None):
+        h = self.attn(self.probe.expand(x.shape[0], -1, -1), x, key_padding_mask=key_padding_mask)
+        return (h + self.mlp(self.norm(h)))[:, 0]
