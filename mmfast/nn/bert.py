@@ -161,7 +161,8 @@ class BertModel(nn.Module):
         backend: forwarded to ``flash_attention``.
 
     ``forward`` modes (LAVIS' names): "multimodal" (embeddings and every layer; cross-attention where
-    `encoder_hidden_states` is given), "text" (embeddings and the layers before ``cross_attention_from``),
+    `encoder_hidden_states` is given), "text" (embeddings and the layers before ``cross_attention_from``;
+    every layer, cross-attention skipped, when that is 0),
     "fusion" (the remaining layers on `encoder_embeds`, the text mode's output).
     """
 
@@ -217,7 +218,10 @@ class BertModel(nn.Module):
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be a (B, L) tensor, got {getattr(input_ids, 'shape', input_ids)}")
             x = self.embeddings(input_ids, position_ids=position_ids, token_type_ids=token_type_ids, past_length=past)
-            layers = range(self.cross_attention_from if mode == "text" else len(self.layers))
+            # "text" runs the layers below the fusion layers; with cross-attention in every layer (BLIP) it is
+            # the unimodal role of the whole stack
+            text_only = mode == "text" and self.cross_attention_from > 0
+            layers = range(self.cross_attention_from if text_only else len(self.layers))
         B, L = x.shape[:2]
         key_mask = _padding_mask(attention_mask, "attention_mask", B, past + L)
         context_mask = None
