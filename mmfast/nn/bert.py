@@ -59,6 +59,21 @@ def _padding_mask(attention_mask, name, batch, length):
     return attention_mask == 0
 
 
+def init_bert_weights(module, std=0.02):
+    """BERT's initialisation (HF ``BertPreTrainedModel._init_weights``): linear and embedding weights
+    N(0, std), biases and the padding row 0, LayerNorm 1 / 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def _heads(x, n, d):
     return x.unflatten(-1, (n, d))
 
@@ -198,6 +213,9 @@ class BertModel(nn.Module):
                       cross_attention_dim=cross_attention_dim if i >= cross_attention_from else None, **f)
             for i in range(num_layers))
         self.pooler = nn.Linear(hidden_size, hidden_size, **f) if pooler else None
+        if device is None or torch.device(device).type != "meta":
+            with torch.no_grad():
+                init_bert_weights(self)
 
     def forward(self, input_ids=None, attention_mask=None, *, position_ids=None, token_type_ids=None,
                 encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, causal=False,
@@ -250,6 +268,8 @@ class BertLMHead(nn.Module):
         self.transform = nn.Linear(hidden_size, hidden_size, **f)
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps, **f)
         self.decoder = nn.Linear(hidden_size, vocab_size, **f)
+        with torch.no_grad():
+            init_bert_weights(self)
         if tie_to is not None:
             self.decoder.weight = tie_to.weight
         self.act = ACTIVATIONS[activation]
