@@ -67,7 +67,8 @@ class BLIP(nn.Module):
     text_heads, intermediate_size, max_positions, text_eps); embed_dim (ITC projections, 256); queue_size
     (57600), momentum (0.995), alpha (0.4, distillation weight), label_smoothing (0.1, LM loss), temp (0.07,
     learnable, clamped to [0.001, 0.5]); token ids bos ([DEC]), enc ([ENC]), cls, sep (= EOS), pad;
-    tie_encoder_decoder (share all but self-attention); backend (the kernels').
+    tie_encoder_decoder (share all but self-attention); tie_word_embeddings (the LM head's weight is the
+    word embedding); backend (the kernels').
 
     Attribute names follow LAVIS: visual_encoder, text_encoder, text_decoder (+ lm_head), vision_proj,
     text_proj, itm_head, temp, image_queue / text_queue, and the momentum copies (``momentum_model``).
@@ -78,7 +79,7 @@ class BLIP(nn.Module):
                  intermediate_size=3072, max_positions=512, text_eps=1e-12, embed_dim=256, queue_size=57600,
                  momentum=0.995, alpha=0.4, label_smoothing=0.1, temp=0.07, bos_token_id=30522, enc_token_id=30523,
                  cls_token_id=101, sep_token_id=102, pad_token_id=0, parts=("itc", "itm", "lm"),
-                 use_momentum=True, tie_encoder_decoder=True, text_act="gelu", vision_act="gelu", pos_resample="hf",
+                 use_momentum=True, tie_encoder_decoder=True, tie_word_embeddings=True, text_act="gelu", vision_act="gelu", pos_resample="hf",
                  backend="auto"):
         super().__init__()
         if not set(parts) <= {"itc", "itm", "lm"} or not parts:
@@ -107,8 +108,9 @@ class BLIP(nn.Module):
             self.text_decoder = BertModel(**text)
             if tie_encoder_decoder and self.text_encoder is not None:
                 self._tie_encoder_decoder()
+            tie = self.text_decoder.embeddings.word_embeddings if tie_word_embeddings else None
             self.lm_head = BertLMHead(hidden_size, vocab_size, layer_norm_eps=text_eps, activation=text_act,
-                                      tie_to=self.text_decoder.embeddings.word_embeddings)
+                                      tie_to=tie)
         else:
             self.text_decoder = self.lm_head = None
         if "itc" in parts:
@@ -302,7 +304,8 @@ class BLIP(nn.Module):
             text_act=hf_activation(tc.hidden_act, "BLIP.from_hf"), embed_dim=c.image_text_hidden_size,
             label_smoothing=tc.label_smoothing, bos_token_id=tc.bos_token_id, enc_token_id=tc.bos_token_id,
             cls_token_id=tc.bos_token_id, sep_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id,
-            parts=("itc", "itm") if retrieval else ("lm",), use_momentum=False, backend=backend)
+            parts=("itc", "itm") if retrieval else ("lm",), use_momentum=False, backend=backend,
+            tie_word_embeddings=retrieval or _lm_head_is_tied(hf_model))
         ref = hf_model.vision_model.embeddings.patch_embedding.weight
         model = model.to(dtype=ref.dtype, device=ref.device)
         _load_hf_vision(model.visual_encoder, hf_model.vision_model)
@@ -317,6 +320,11 @@ class BLIP(nn.Module):
             model.text_decoder.load_state_dict(body, strict=True)
             model.lm_head.load_state_dict(head, strict=True)
         return model.eval()
+
+
+def _lm_head_is_tied(hf_model):
+    decoder = hf_model.text_decoder
+    return decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
 
 
 _HF_VISION_LAYER = {"qkv": "self_attn.qkv", "out": "self_attn.projection", "norm1": "layer_norm1",

@@ -95,18 +95,36 @@ GENERATE = {"greedy": {}, "greedy_max8": dict(max_length=8), "beam3": dict(num_b
             "beam3_early": dict(num_beams=3, early_stopping=True), "beam3_min5": dict(num_beams=3, min_length=5)}
 
 
+def _lively_captioner(vocab, seed, eos_bias):
+    """A random captioner whose captions vary: unit LayerNorms and large embeddings (else every step predicts
+    the same token) and a [SEP] bias that ends captions at different lengths."""
+    hf = _hf(BlipForConditionalGeneration, _config(vocab=vocab), seed=seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p)) if name.endswith("weight") else p.zero_()
+        embeddings = hf.text_decoder.bert.embeddings
+        embeddings.position_embeddings.weight.normal_(0, 2)
+        embeddings.word_embeddings.weight.normal_(0, 2)
+        bias = hf.text_decoder.cls.predictions.decoder.bias
+        bias.zero_()
+        bias[EOS] += eos_bias
+    return hf
+
+
 @pytest.fixture(scope="module")
 def captioner():
-    hf = _hf(BlipForConditionalGeneration, _config(vocab=12), seed=1)
-    with torch.no_grad():  # make [SEP] likely enough that captions end at different lengths
-        hf.text_decoder.cls.predictions.bias[EOS] += 2.0
+    hf = _lively_captioner(12, seed=3, eos_bias=6.0)
+    pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    lengths = (hf.generate(pixel_values=pixels, max_new_tokens=12) != EOS).sum(1)
+    assert len(set(lengths.tolist())) > 1, "captions of one length would make the comparisons weak"
     return hf, BLIP.from_hf(hf, backend="reference")
 
 
 @pytest.mark.parametrize("kwargs", GENERATE.values(), ids=GENERATE.keys())
 def test_captions_equal_hf_generate(captioner, kwargs):
     hf, ours = captioner
-    pixels = torch.randn(4, 3, 16, 16, generator=generator())
+    pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HF's note on the default max_length
         expected = hf.generate(pixel_values=pixels, **kwargs)
@@ -115,9 +133,7 @@ def test_captions_equal_hf_generate(captioner, kwargs):
 
 
 def test_beam_search_equals_exhaustive_search():
-    hf = _hf(BlipForConditionalGeneration, _config(vocab=6), seed=2)
-    with torch.no_grad():
-        hf.text_decoder.cls.predictions.bias[EOS] += 1.0
+    hf = _lively_captioner(6, seed=3, eos_bias=3.0)
     ours = BLIP.from_hf(hf, backend="reference")
     pixels = torch.randn(2, 3, 16, 16, generator=generator())
     new, lp = 3, 0.7
@@ -206,10 +222,10 @@ def test_capfilt_keeps_what_the_filter_accepts(captioner):
     _, cap = captioner
     pixels = torch.randn(3, 3, 16, 16, generator=generator())
     web = torch.randint(5, 12, (3, 6), generator=generator())
-    keep_all = capfilt(cap, filt, pixels, threshold=0.0, generator=generator(), web_input_ids=web,
+    keep_all = capfilt(cap, filt, pixels, threshold=0.0, max_length=8, generator=generator(), web_input_ids=web,
                        web_attention_mask=torch.ones_like(web))
     assert sorted((k, i) for k, i, _ in keep_all) == sorted((k, i) for k in ("synthetic", "web") for i in range(3))
-    assert capfilt(cap, filt, pixels, threshold=1.0, generator=generator()) == []
+    assert capfilt(cap, filt, pixels, threshold=1.0, max_length=8, generator=generator()) == []
 
 
 def test_base_preset_parameter_counts_match_hf():
