@@ -4,5 +4,9 @@ from ._common import BaseModelOutputWithPooling, CLIPOutput, MaskedPatchOutput, 
 from .albef import ALBEF
 from .blip import BLIP, BLIPForConditionalGeneration, BLIPForImageTextRetrieval, capfilt
 from .vit import ViT
+from .clip import CLIP, TextTransformer
+from ._presets import PRESETS, create_model
 
-__all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "BaseModelOutputWithPooling", "CLIPOutput", "MaskedPatchOutput", "ModelOutput", "ViT", "capfilt"]
+__all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "BaseModelOutputWithPooling",
+           "CLIPOutput", "MaskedPatchOutput", "ModelOutput", "TextTransformer", "ViT", "CLIP", "PRESETS", "capfilt",
+           "create_model"]

@@ -4,6 +4,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 
 class ModelOutput(OrderedDict):
@@ -75,9 +76,43 @@ def copy_weights(pairs, owner):
             dst.copy_(src)
 
 
-def linear_pairs(prefix, dst, src):
-    """(name, dst.weight, src.weight), (name, dst.bias, src.bias) for two nn.Linear-like modules."""
+def module_pairs(prefix, dst, src):
+    """(name, dst.weight, src.weight), (name, dst.bias, src.bias) for two nn.Linear / nn.LayerNorm-like modules."""
     return [(f"{prefix}.weight", dst.weight, src.weight), (f"{prefix}.bias", dst.bias, getattr(src, "bias", None))]
+
+
+def _get(module, path):
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def layer_pairs(encoder, their_layers, names):
+    """(name, ours, theirs) for each layer of a `TransformerEncoder`. `names` maps our parts (q, k, v or
+    qkv, out, norm1, norm2, fc1, fc2) to attribute paths in their layer; q / k / v land in slices of our
+    fused qkv (views, so the pairs also serve the reverse copy), ``qkv`` may be an nn.Linear (timm) or an
+    nn.MultiheadAttention (open_clip, its in_proj)."""
+    if len(encoder.layers) != len(their_layers):
+        raise ValueError(f"layer counts differ: {len(encoder.layers)} vs {len(their_layers)}")
+    pairs = []
+    for i, (ours, theirs) in enumerate(zip(encoder.layers, their_layers)):
+        p = f"layers.{i}"
+        qkv_w, qkv_b = ours.attn.qkv.weight, ours.attn.qkv.bias
+        if "qkv" in names:
+            qkv = _get(theirs, names["qkv"])
+            w, b = (qkv.weight, qkv.bias) if isinstance(qkv, nn.Linear) else (qkv.in_proj_weight, qkv.in_proj_bias)
+            pairs += [(f"{p}.qkv.weight", qkv_w, w), (f"{p}.qkv.bias", qkv_b, b)]
+        else:
+            D = qkv_w.shape[0] // 3
+            for j, key in enumerate(("q", "k", "v")):
+                lin = _get(theirs, names[key])
+                sl = slice(j * D, (j + 1) * D)
+                pairs += [(f"{p}.{key}.weight", qkv_w[sl], lin.weight),
+                          (f"{p}.{key}.bias", None if qkv_b is None else qkv_b[sl], lin.bias)]
+        for key, mine in (("out", ours.attn.out), ("norm1", ours.norm1), ("norm2", ours.norm2), ("fc1", ours.mlp.fc1),
+                          ("fc2", ours.mlp.fc2)):
+            pairs += module_pairs(f"{p}.{key}", mine, _get(theirs, names[key]))
+    return pairs
 
 
 def parameter_count(model):

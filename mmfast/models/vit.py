@@ -11,7 +11,7 @@ from mmfast.kernels.patch_embed import INTERPOLATIONS, POS_RESAMPLE_MODES, vit_m
 from mmfast.nn.patch_embed import PatchEmbed
 from mmfast.nn.transformer import ACTIVATIONS, AttentionPool, TransformerEncoder
 
-from ._common import BaseModelOutputWithPooling, MaskedPatchOutput, copy_weights
+from ._common import BaseModelOutputWithPooling, MaskedPatchOutput, copy_weights, layer_pairs
 
 _OP = "ViT"
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu",
@@ -217,35 +217,6 @@ class ViT(nn.Module):
         return MaskedPatchOutput(loss=loss, logits=logits, target=target, target_mask=target_mask)
 
     # ---- conversion -------------------------------------------------------------------------------------
-    def _layer_pairs(self, their_layers, names):
-        """(name, ours, theirs) for each encoder layer; `names` maps our part -> their attribute path."""
-        def get(module, path):
-            for part in path.split("."):
-                module = getattr(module, part)
-            return module
-
-        pairs = []
-        D = self.embed_dim
-        for i, (ours, theirs) in enumerate(zip(self.encoder.layers, their_layers)):
-            p = f"layers.{i}"
-            if "qkv" in names:
-                qkv = get(theirs, names["qkv"])
-                w, b = (qkv.weight, qkv.bias) if isinstance(qkv, nn.Linear) else (qkv.in_proj_weight, qkv.in_proj_bias)
-                pairs += [(f"{p}.qkv.weight", ours.attn.qkv.weight, w), (f"{p}.qkv.bias", ours.attn.qkv.bias, b)]
-            else:
-                for j, key in enumerate(("q", "k", "v")):
-                    lin = get(theirs, names[key])
-                    sl = slice(j * D, (j + 1) * D)
-                    pairs.append((f"{p}.{key}.weight", ours.attn.qkv.weight[sl], lin.weight))
-                    pairs.append((f"{p}.{key}.bias", None if ours.attn.qkv.bias is None else ours.attn.qkv.bias[sl],
-                                  lin.bias))
-            for ours_mod, key in ((ours.attn.out, "out"), (ours.norm1, "norm1"), (ours.norm2, "norm2"),
-                                  (ours.mlp.fc1, "fc1"), (ours.mlp.fc2, "fc2")):
-                theirs_mod = get(theirs, names[key])
-                pairs += [(f"{p}.{key}.weight", ours_mod.weight, theirs_mod.weight),
-                          (f"{p}.{key}.bias", ours_mod.bias, theirs_mod.bias)]
-        return pairs
-
     _HF_LAYER = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "out": "attention.o_proj",
                  "norm1": "layernorm_before", "norm2": "layernorm_after", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
@@ -264,7 +235,7 @@ class ViT(nn.Module):
         if classifier is not None:
             pairs += [("classifier.weight", self.head.weight, classifier.weight),
                       ("classifier.bias", self.head.bias, classifier.bias)]
-        return pairs + self._layer_pairs(vit.layers, self._HF_LAYER)
+        return pairs + layer_pairs(self.encoder, vit.layers, self._HF_LAYER)
 
     @classmethod
     def from_hf(cls, hf_model, *, backend="auto"):
@@ -376,5 +347,5 @@ class ViT(nn.Module):
                                    ("head", model.head, head)):
             if mine is not None:
                 pairs += [(f"{name}.weight", mine.weight, theirs.weight), (f"{name}.bias", mine.bias, theirs.bias)]
-        copy_weights(pairs + model._layer_pairs(vt.blocks, cls._TIMM_LAYER), owner)
+        copy_weights(pairs + layer_pairs(model.encoder, vt.blocks, cls._TIMM_LAYER), owner)
         return model

@@ -4,5 +4,6 @@ from .contrastive import ContrastiveLoss, MoCoQueue
 from .gated_cross_attention import GatedCrossAttentionBlock, PerceiverResampler
 from .momentum import MomentumEncoder
 from .patch_embed import PatchEmbed
+from .transformer import AttentionPool, Mlp, TransformerEncoder, TransformerLayer
 
-__all__ = ["ContrastiveLoss", "GatedCrossAttentionBlock", "MoCoQueue", "MomentumEncoder", "MultiheadAttention", "PatchEmbed", "PerceiverResampler"]
+__all__ = ["ContrastiveLoss", "GatedCrossAttentionBlock", "MoCoQueue", "MomentumEncoder", "MultiheadAttention", "PatchEmbed", "PerceiverResampler", "AttentionPool", "Mlp", "TransformerEncoder", "TransformerLayer"]

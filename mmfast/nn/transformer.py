@@ -57,8 +57,8 @@ class TransformerLayer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **factory)
         self.attn = MultiheadAttention(dim, num_heads, bias=qkv_bias, qk_norm=qk_norm, backend=backend, **factory)
-        if not proj_bias:
-            self.attn.out = nn.Linear(dim, dim, bias=False, **factory)
+        if proj_bias != qkv_bias:  # MultiheadAttention has one bias flag; HF ViT's qkv_bias=False keeps o_proj's
+            self.attn.out = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **factory)
         self.mlp = Mlp(dim, mlp_dim, act=act, bias=mlp_bias, **factory)
 

@@ -1,0 +1,43 @@
+"""Parity harness for the model tests: our model (fp32) against the library's own model in fp64 (the
+reference) with the library's fp32 run as the yardstick (tests/numerics.py's rule), outputs and
+gradients."""
+import copy
+
+import torch
+
+from numerics import assert_close_by_rule, generator
+
+
+def _run(model, inputs, fields, params, dtype, seed):
+    inputs = {k: v.to(dtype).requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in inputs.items()}
+    out = model(**inputs)
+    values = [out[f] if isinstance(f, str) else f(out) for f in fields]
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((v.double() * torch.randn(v.shape, generator=g, dtype=torch.float64)).sum() for v in values)
+    tensors = [t for t in inputs.values() if torch.is_tensor(t) and t.requires_grad]
+    groups = [p(model) for p in params]
+    groups = [tuple(g) if isinstance(g, (tuple, list)) else (g,) for g in groups]
+    flat = torch.autograd.grad(loss, tensors + [t for g in groups for t in g])
+    grads, i = list(flat[:len(tensors)]), len(tensors)
+    for g in groups:  # a tuple of their tensors stacks into our fused one
+        grads.append(torch.cat([t.reshape(-1) for t in flat[i:i + len(g)]]))
+        i += len(g)
+    return values, grads
+
+
+def check_parity(ours, theirs, inputs, fields, our_params=(), their_params=(), what=""):
+    """Compare `fields` (output names or callables on the output) and the gradients of a random linear
+    function of them w.r.t. the float inputs and the paired parameters (callables model -> tensor; their
+    side may return a tuple, concatenated: q / k / v against our fused qkv)."""
+    theirs64 = copy.deepcopy(theirs).double()
+    seed = generator().initial_seed()
+    got, got_g = _run(ours, inputs, fields, our_params, torch.float32, seed)
+    ref, ref_g = _run(theirs64, inputs, fields, their_params, torch.float64, seed)
+    yard, yard_g = _run(theirs, inputs, fields, their_params, torch.float32, seed)
+    names = [f if isinstance(f, str) else getattr(f, "__name__", "field") for f in fields]
+    for name, a, r, y in zip(names, got, ref, yard):
+        assert a.shape == r.shape, f"{what} {name}: shape {tuple(a.shape)} vs {tuple(r.shape)}"
+        assert_close_by_rule(a, r, y, what=f"{what} {name}")
+    for i, (a, r, y) in enumerate(zip(got_g, ref_g, yard_g)):
+        assert_close_by_rule(a, r, y, factor=3.0, what=f"{what} grad {i}")

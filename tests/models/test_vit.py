@@ -1,0 +1,200 @@
+"""mmfast.models.ViT: parity with transformers' ViTModel and timm's VisionTransformer (outputs and
+gradients, tiny random configs), other resolutions, 2D positions, hybrid input, the masked-patch
+objective, one optimiser step, the Triton path through the interpreter."""
+import functools
+
+import pytest
+import timm
+import torch
+import transformers
+from model_helpers import check_parity
+from numerics import assert_close_by_rule, generator, randn
+from torch import nn
+from torch.nn import functional as F
+
+from mmfast.models import ViT
+from mmfast.models.vit import mean_colour_bins
+
+
+def hf_vit(**overrides):
+    torch.manual_seed(generator().initial_seed())
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 image_size=16, patch_size=4, **overrides)
+    return transformers.ViTModel(cfg).eval()
+
+
+def hf_qkv_weight(model):
+    a = model.layers[0].attention
+    return a.q_proj.weight, a.k_proj.weight, a.v_proj.weight
+
+
+HF_PARAMS = ([lambda m: m.patch_embed.proj.weight, lambda m: m.encoder.layers[0].attn.qkv.weight],
+             [lambda m: m.embeddings.patch_embeddings.projection.weight, hf_qkv_weight])
+
+
+@pytest.mark.parametrize("size", [(16, 16), (24, 20)], ids=["native", "resampled"])
+def test_hf_parity(size):
+    hf = hf_vit()
+    ours = ViT.from_hf(hf, backend="reference")
+    inputs = dict(pixel_values=randn(2, 3, *size), interpolate_pos_encoding=size != (16, 16))
+    check_parity(ours, hf, inputs, ["last_hidden_state", "pooler_output"], *HF_PARAMS, what=f"ViT {size}")
+
+
+def test_hf_parity_masked_and_no_qkv_bias():
+    hf = hf_vit(qkv_bias=False)
+    hf = transformers.ViTModel(hf.config, use_mask_token=True).eval()
+    with torch.no_grad():
+        hf.embeddings.mask_token.normal_()
+    ours = ViT.from_hf(hf, backend="reference")
+    mask = torch.rand(2, 16, generator=generator()) < 0.5
+    check_parity(ours, hf, dict(pixel_values=randn(2, 3, 16, 16), bool_masked_pos=mask), ["last_hidden_state"],
+                 *HF_PARAMS, what="ViT masked")
+
+
+def test_to_hf_round_trip():
+    ours = ViT(16, 4, 3, 32, 2, 2, qkv_bias=False, norm_eps=1e-12, pooler="tanh", backend="reference").eval()
+    hf = ours.to_hf()
+    x = randn(2, 3, 16, 16)
+    a, b = ours(x), hf(pixel_values=x)
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="HF layout"):
+        ViT(16, 4, 3, 32, 1, 2, global_pool="avg").to_hf()
+
+
+def timm_vit(**kwargs):
+    torch.manual_seed(generator().initial_seed())
+    args = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    return timm.models.vision_transformer.VisionTransformer(**{**args, **kwargs}).eval()
+
+
+@pytest.mark.parametrize("kwargs,size", [
+    (dict(), (16, 16)),
+    (dict(global_pool="avg", class_token=False), (16, 16)),
+    (dict(dynamic_img_size=True, no_embed_class=True), (20, 12)),
+    (dict(pre_norm=True, act_layer=timm.layers.QuickGELU), (16, 16)),
+], ids=["token", "avg-no-cls", "dynamic-size-no-embed-class", "pre-norm-quick-gelu"])
+def test_timm_parity(kwargs, size):
+    vt = timm_vit(**kwargs)
+    ours = ViT.from_timm(vt, backend="reference")
+    _check_timm(vt, ours, randn(2, 3, *size), kwargs)
+
+
+class _TimmAsOutput(nn.Module):
+    """timm's forward_features / forward_head as an output with our field names, for check_parity."""
+
+    def __init__(self, vt):
+        super().__init__()
+        self.vt = vt
+
+    def forward(self, pixel_values):
+        feats = self.vt.forward_features(pixel_values)
+        return {"last_hidden_state": feats, "logits": self.vt.forward_head(feats)}
+
+
+def _check_timm(vt, ours, x, what):
+    wrapped = _TimmAsOutput(vt)
+    params = ([lambda m: m.patch_embed.proj.weight, lambda m: m.encoder.layers[0].attn.qkv.weight],
+              [lambda m: m.vt.patch_embed.proj.weight, lambda m: m.vt.blocks[0].attn.qkv.weight])
+    check_parity(ours, wrapped, dict(pixel_values=x), ["last_hidden_state", "logits"], *params, what=f"timm {what}")
+
+
+def test_timm_hybrid():
+    torch.manual_seed(generator().initial_seed())
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(8, 12, 3, stride=2, padding=1))
+    vt = timm_vit(img_size=32, patch_size=1, embed_layer=functools.partial(timm.layers.HybridEmbed, backbone=backbone))
+    ours = ViT.from_timm(vt, backend="reference")
+    assert ours.backbone is backbone and ours.patch_embed.grid_size == (8, 8)
+    _check_timm(vt, ours, randn(2, 3, 32, 32), "hybrid")
+
+
+def test_timm_rejects_layer_scale():
+    with pytest.raises(ValueError, match="layer scale"):
+        ViT.from_timm(timm_vit(init_values=0.1))
+
+
+def test_2d_positions():
+    """Token (i, j) gets conv(patch) + bias + cat(row[i], col[j]); other grids resample each table."""
+    m = ViT(16, 4, 3, 32, 0, 2, pos_embed="learn_2d", final_norm="none", backend="reference")
+    x = randn(2, 3, 16, 12)
+    tokens = m.embed(x, interpolate_pos_encoding=True)
+    conv = F.conv2d(x, m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=4).flatten(2).transpose(1, 2)
+    rows = F.interpolate(m.pos_embed_row.detach().t()[None, :, :, None], size=(4, 1), mode="bicubic",
+                         align_corners=False, antialias=True)[0, :, :, 0].t()
+    cols = F.interpolate(m.pos_embed_col.detach().t()[None, :, None, :], size=(1, 3), mode="bicubic",
+                         align_corners=False, antialias=True)[0, :, 0, :].t()
+    pos = torch.cat([rows[:, None].expand(4, 3, 16), cols[None].expand(4, 3, 16)], -1).reshape(12, 32)
+    torch.testing.assert_close(tokens[:, 1:], conv + pos, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens[:, 0], m.patch_embed.cls_token[0].expand(2, 32), rtol=0, atol=0)
+
+
+def test_other_size_needs_interpolate():
+    m = ViT(16, 4, 3, 32, 1, 2, backend="reference")
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        m(randn(1, 3, 20, 20))
+    assert m(randn(1, 3, 20, 20), interpolate_pos_encoding=True).last_hidden_state.shape == (1, 26, 32)
+
+
+def test_mean_colour_bins():
+    x = torch.zeros(1, 3, 8, 8)
+    x[:, 0, :4, :4] = 1.0            # patch 0: red saturated -> r bin 7
+    x[:, 2, 4:, 4:] = 0.3            # patch 3: blue 0.3 -> bin floor(2.4) = 2
+    x[:, 1, :4, 4:8] = 0.5           # patch 1: green 0.5 -> bin 4
+    torch.testing.assert_close(mean_colour_bins(x, 4), torch.tensor([[7 * 64, 4 * 8, 0, 2]]))
+
+
+def test_masked_patch_prediction_and_one_step():
+    torch.manual_seed(generator().initial_seed())
+    m = ViT(16, 4, 3, 32, 2, 2, mpp_bits=3, backend="reference")
+    x = torch.rand(4, 3, 16, 16, generator=generator())
+    out = m.masked_patch_prediction(x, generator=generator())
+    assert out.logits.shape == (4, 16, 512) and (out.target_mask.sum(1) == 8).all()
+    losses = []
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    for _ in range(2):
+        g = torch.Generator().manual_seed(0)  # the same corruption both times: a fixed batch
+        loss = m.masked_patch_prediction(x, generator=g).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[1] < losses[0]
+
+
+def test_classifier_one_step_lowers_loss():
+    torch.manual_seed(generator().initial_seed())
+    m = ViT(16, 4, 3, 32, 2, 2, num_classes=5, backend="reference")
+    x, y = randn(8, 3, 16, 16), torch.arange(8) % 5
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    before = F.cross_entropy(m(x).logits, y)
+    before.backward()
+    opt.step()
+    assert F.cross_entropy(m(x).logits, y).item() < before.item()
+
+
+def test_triton_interpreter_matches_reference():
+    """One tiny ViT through the Triton kernels (patch_embed, flash_attention) against the reference."""
+    torch.manual_seed(generator().initial_seed())
+    ref = ViT(16, 4, 3, 32, 1, 2, num_classes=3, backend="reference")
+    tri = ViT(16, 4, 3, 32, 1, 2, num_classes=3, backend="triton")
+    tri.load_state_dict(ref.state_dict())
+    x = randn(2, 3, 16, 16)
+    outs = []
+    for m in (ref, tri):
+        xi = x.clone().requires_grad_()
+        out = m(xi, interpolate_pos_encoding=True)
+        out.logits.square().sum().backward()
+        outs.append((out.last_hidden_state, xi.grad, m.encoder.layers[0].attn.qkv.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="global_pool"):
+        ViT(global_pool="max")
+    with pytest.raises(ValueError, match="class_token"):
+        ViT(class_token=False, global_pool="token")
+    with pytest.raises(ValueError, match="backbone_channels"):
+        ViT(backbone=nn.Identity())
+    with pytest.raises(ValueError, match="ViTModel"):
+        ViT.from_hf(nn.Linear(2, 2))
