@@ -20,7 +20,7 @@ from mmfast.nn.contrastive import MoCoQueue
 from mmfast.nn.momentum import MomentumEncoder
 
 from . import generation
-from ._common import ModelOutput, copy_weights
+from ._common import ModelOutput, copy_weights, layer_pairs
 from .objectives import itm_pairs, momentum_itc_loss, sample_hard_negatives
 from .vit import ViT, hf_activation
 
@@ -339,7 +339,7 @@ def _load_hf_vision(vit, hf_vision):
              ("patch_embedding.bias", pe.proj.bias, e.patch_embedding.bias),
              ("post_layernorm.weight", vit.norm.weight, hf_vision.post_layernorm.weight),
              ("post_layernorm.bias", vit.norm.bias, hf_vision.post_layernorm.bias)]
-    copy_weights(pairs + vit._layer_pairs(hf_vision.encoder.layers, _HF_VISION_LAYER), "BLIP.from_hf")
+    copy_weights(pairs + layer_pairs(vit.encoder, hf_vision.encoder.layers, _HF_VISION_LAYER), "BLIP.from_hf")
 
 
 class BLIPForImageTextRetrieval(BLIP):
