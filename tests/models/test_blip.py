@@ -200,7 +200,7 @@ def test_pretraining_step_lowers_the_loss():
     out = model(pixels, ids, mask, generator=torch.Generator().manual_seed(0))
     assert set(out.keys()) == {"loss", "loss_itc", "loss_itm", "loss_lm"} and torch.isfinite(out.loss)
     assert int(model.image_queue.ptr) == 4
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     out.loss.backward()
     opt.step()
     model.load_state_dict(state, strict=False)  # same queues and momentum copy: the same batch, the same targets
