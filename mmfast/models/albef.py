@@ -13,11 +13,9 @@ from torch.nn import functional as F
 
 from mmfast.kernels._common import check_int, check_scalar
 from mmfast.nn.bert import BertLMHead, BertModel, bert_state_dict_from_hf
-from mmfast.nn.contrastive import MoCoQueue
-from mmfast.nn.momentum import MomentumEncoder
 
 from ._common import ModelOutput
-from .objectives import distilled_mlm_loss, itm_pairs, mask_tokens, momentum_itc_loss, sample_hard_negatives
+from .objectives import add_momentum_model, distilled_mlm_loss, itm_pairs, mask_tokens, momentum_itc_loss, sample_hard_negatives
 from .vit import ViT
 
 _OP = "ALBEF"
@@ -80,11 +78,9 @@ class ALBEF(nn.Module):
         self.text_proj = nn.Linear(hidden_size, embed_dim)
         self.itm_head = nn.Linear(hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(float(temp)))
-        online = nn.ModuleDict(dict(visual_encoder=self.visual_encoder, text_encoder=self.text_encoder,
-                                    mlm_head=self.mlm_head, vision_proj=self.vision_proj, text_proj=self.text_proj))
-        self.momentum_model = MomentumEncoder(online, momentum, backend=backend)
-        self.image_queue = MoCoQueue(embed_dim, queue_size)
-        self.text_queue = MoCoQueue(embed_dim, queue_size)
+        add_momentum_model(self, embed_dim, queue_size, momentum, backend, visual_encoder=self.visual_encoder,
+                           text_encoder=self.text_encoder, mlm_head=self.mlm_head, vision_proj=self.vision_proj,
+                           text_proj=self.text_proj)
 
     @classmethod
     def from_preset(cls, name, **overrides):

@@ -16,12 +16,10 @@ from torch.nn import functional as F
 
 from mmfast.kernels._common import check_bool, check_int, check_scalar
 from mmfast.nn.bert import BertLMHead, BertModel, KVCache, bert_state_dict_from_hf
-from mmfast.nn.contrastive import MoCoQueue
-from mmfast.nn.momentum import MomentumEncoder
 
 from . import generation
 from ._common import ModelOutput, copy_weights, layer_pairs
-from .objectives import itm_pairs, momentum_itc_loss, sample_hard_negatives
+from .objectives import add_momentum_model, itm_pairs, momentum_itc_loss, sample_hard_negatives
 from .vit import ViT, hf_activation
 
 _OP = "BLIP"
@@ -120,11 +118,8 @@ class BLIP(nn.Module):
         self.itm_head = nn.Linear(hidden_size, 2) if "itm" in parts else None
         self.momentum_model = None
         if use_momentum and "itc" in parts:
-            online = nn.ModuleDict(dict(visual_encoder=self.visual_encoder, text_encoder=self.text_encoder,
-                                        vision_proj=self.vision_proj, text_proj=self.text_proj))
-            self.momentum_model = MomentumEncoder(online, momentum, backend=backend)
-            self.image_queue = MoCoQueue(embed_dim, queue_size)
-            self.text_queue = MoCoQueue(embed_dim, queue_size)
+            add_momentum_model(self, embed_dim, queue_size, momentum, backend, visual_encoder=self.visual_encoder,
+                               text_encoder=self.text_encoder, vision_proj=self.vision_proj, text_proj=self.text_proj)
 
     @classmethod
     def from_preset(cls, name, **overrides):

@@ -1,10 +1,21 @@
 """The vision-language pre-training objectives ALBEF and BLIP share (LAVIS' code, on mmfast's kernels):
 momentum ITC with queues and distillation, ITM hard-negative sampling, BERT masking and distilled MLM."""
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from mmfast.kernels import contrastive_loss
 from mmfast.kernels._common import check_scalar
+from mmfast.nn.contrastive import MoCoQueue
+from mmfast.nn.momentum import MomentumEncoder
+
+
+def add_momentum_model(model, embed_dim, queue_size, momentum, backend, **towers):
+    """Give `model` LAVIS' momentum machinery: ``momentum_model`` (an EMA copy of `towers`, reachable as
+    ``momentum_model.ema[name]``) and the feature queues ``image_queue`` / ``text_queue``."""
+    model.momentum_model = MomentumEncoder(nn.ModuleDict(towers), momentum, backend=backend)
+    model.image_queue = MoCoQueue(embed_dim, queue_size)
+    model.text_queue = MoCoQueue(embed_dim, queue_size)
 
 
 def momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, *, alpha=0.4,

@@ -90,9 +90,11 @@ def test_captioning_loss_logits_and_gradients_match_hf():
     assert_close_by_rule(got.image_embeds, ref.image_embeds, hf32.image_embeds, what="image_embeds")
 
 
-GENERATE = {"greedy": {}, "greedy_max8": dict(max_length=8), "beam3": dict(num_beams=3),
-            "beam2_lp0": dict(num_beams=2, length_penalty=0.0), "beam4_new6": dict(num_beams=4, max_new_tokens=6),
-            "beam3_early": dict(num_beams=3, early_stopping=True), "beam3_min5": dict(num_beams=3, min_length=5)}
+GENERATE = {"greedy": {}, "greedy_max8": dict(max_length=8), "beam3": dict(num_beams=3, max_new_tokens=10),
+            "beam2_lp0": dict(num_beams=2, length_penalty=0.0, max_new_tokens=10),
+            "beam4_new6": dict(num_beams=4, max_new_tokens=6),
+            "beam3_early": dict(num_beams=3, early_stopping=True, max_new_tokens=10),
+            "beam3_min5": dict(num_beams=3, min_length=5, max_new_tokens=10)}
 
 
 def _lively_captioner(vocab, seed, eos_bias):
