@@ -94,7 +94,9 @@ GENERATE = {"greedy": {}, "greedy_max8": dict(max_length=8), "beam3": dict(num_b
             "beam2_lp0": dict(num_beams=2, length_penalty=0.0, max_new_tokens=10),
             "beam4_new6": dict(num_beams=4, max_new_tokens=6),
             "beam3_early": dict(num_beams=3, early_stopping=True, max_new_tokens=10),
-            "beam3_min5": dict(num_beams=3, min_length=5, max_new_tokens=10)}
+            "beam3_min5": dict(num_beams=3, min_length=5, max_new_tokens=10),
+            "prompt_greedy": dict(input_ids=[[BOS, 5, 6, EOS]], max_new_tokens=8),
+            "prompt_beam3": dict(input_ids=[[BOS, 7, 5, EOS]], num_beams=3, max_new_tokens=8)}
 
 
 def _lively_captioner(vocab, seed, eos_bias):
@@ -127,10 +129,17 @@ def captioner():
 def test_captions_equal_hf_generate(captioner, kwargs):
     hf, ours = captioner
     pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def inputs():  # HF writes [DEC] into the prompt in place: each side gets its own copy
+        if "input_ids" not in kwargs:
+            return kwargs
+        ids = torch.tensor(kwargs["input_ids"]).repeat(4, 1)
+        return dict(kwargs, input_ids=ids, attention_mask=torch.ones_like(ids))
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HF's note on the default max_length
-        expected = hf.generate(pixel_values=pixels, **kwargs)
-    got = ours.generate(pixels, **kwargs)
+        expected = hf.generate(pixel_values=pixels, **inputs())
+    got = ours.generate(pixels, **inputs())
     assert torch.equal(got, expected), f"{got}\n{expected}"
 
 
