@@ -217,16 +217,8 @@ class CLIP(nn.Module):
         if not (hasattr(hf_model, "vision_model") and hasattr(hf_model, "text_model")):
             raise ValueError(f"CLIP.from_hf expects a transformers CLIPModel or SiglipModel, got {name}")
         siglip = hasattr(hf_model, "logit_bias") and not hasattr(hf_model, "visual_projection")
-        vc, tc = hf_model.config.vision_config, hf_model.config.text_config
-        vm, tm = hf_model.vision_model, hf_model.text_model
-        if siglip and not getattr(vm, "use_head", True):
-            raise ValueError("CLIP.from_hf: a SigLIP vision tower without its pooling head has no image embedding")
-        common = dict(act=hf_activation(vc.hidden_act, "CLIP.from_hf"), norm_eps=vc.layer_norm_eps,
-                      mlp_dim=vc.intermediate_size)
-        vision = ViT(vc.image_size, vc.patch_size, vc.num_channels, vc.hidden_size, vc.num_hidden_layers,
-                     vc.num_attention_heads, patch_bias=siglip, class_token=not siglip,
-                     global_pool="map" if siglip else "token", pre_norm=not siglip,
-                     final_norm="all" if siglip else "pooled", pos_resample="hf", backend=backend, **common)
+        tc, vm = hf_model.config.text_config, hf_model.vision_model
+        vision, vision_pairs = vision_from_hf(vm, backend)
         text = TextTransformer(tc.vocab_size, tc.max_position_embeddings, tc.hidden_size, tc.num_hidden_layers,
                                tc.num_attention_heads, mlp_dim=tc.intermediate_size,
                                act=hf_activation(tc.hidden_act, "CLIP.from_hf"), norm_eps=tc.layer_norm_eps,
@@ -238,37 +230,60 @@ class CLIP(nn.Module):
                     loss="siglip" if siglip else "clip", max_scale=None, group=group, backend=backend)
         ref = hf_model.logit_scale
         model = model.to(dtype=ref.dtype, device=ref.device)
-        e = vm.embeddings
-        ours = model.vision_model
-        pairs = [("patch_embedding.weight", ours.patch_embed.proj.weight, e.patch_embedding.weight),
-                 ("patch_embedding.bias", ours.patch_embed.proj.bias, e.patch_embedding.bias),
-                 ("class_embedding", ours.patch_embed.cls_token, getattr(e, "class_embedding", None)),
-                 ("position_embedding", ours.patch_embed.pos_embed, e.position_embedding.weight),
-                 ("logit_scale", model.logit_scale, hf_model.logit_scale),
-                 ("logit_bias", model.logit_bias, getattr(hf_model, "logit_bias", None) if siglip else None)]
-        pairs += module_pairs("post_layernorm", ours.norm, vm.post_layernorm)
-        pairs += layer_pairs(ours.encoder, vm.encoder.layers, _HF_LAYER)
+        pairs = vision_pairs + model._hf_pairs(hf_model)
+        copy_weights(pairs, "CLIP.from_hf")
+        return model
+
+    def _hf_pairs(self, hf):
+        """(name, ours, theirs) for everything but the vision tower."""
+        siglip, tm, t = self.kind == "siglip", hf.text_model, self.text_model
+        pairs = [("logit_scale", self.logit_scale, hf.logit_scale),
+                 ("logit_bias", self.logit_bias, hf.logit_bias if siglip else None)]
         if siglip:
-            head, mine = vm.head, ours.attn_pool
-            pairs += [("head.probe", mine.probe, head.probe),
-                      ("head.attention.in_proj_weight", mine.attn.qkv.weight, head.attention.in_proj_weight),
-                      ("head.attention.in_proj_bias", mine.attn.qkv.bias, head.attention.in_proj_bias)]
-            pairs += module_pairs("head.out_proj", mine.attn.out, head.attention.out_proj)
-            pairs += module_pairs("head.layernorm", mine.norm, head.layernorm)
-            pairs += module_pairs("head.fc1", mine.mlp.fc1, head.mlp.fc1) + module_pairs("head.fc2", mine.mlp.fc2,
-                                                                                            head.mlp.fc2)
-            pairs += module_pairs("text.head", model.text_model.head, tm.head)
+            pairs += module_pairs("text.head", t.head, tm.head)
         else:
-            pairs += module_pairs("pre_layrnorm", ours.norm_pre, vm.pre_layrnorm)
-            pairs += [("visual_projection", model.visual_projection.weight, hf_model.visual_projection.weight),
-                      ("text_projection", model.text_projection.weight, hf_model.text_projection.weight)]
-        t = model.text_model
+            pairs += [("visual_projection", self.visual_projection.weight, hf.visual_projection.weight),
+                      ("text_projection", self.text_projection.weight, hf.text_projection.weight)]
         pairs += [("token_embedding", t.token_embedding.weight, tm.embeddings.token_embedding.weight),
                   ("text_position_embedding", t.position_embedding.weight, tm.embeddings.position_embedding.weight)]
         pairs += module_pairs("final_layer_norm", t.final_norm, tm.final_layer_norm)
-        pairs += layer_pairs(t.encoder, tm.encoder.layers, _HF_LAYER)
-        copy_weights(pairs, "CLIP.from_hf")
-        return model
+        return pairs + layer_pairs(t.encoder, tm.encoder.layers, _HF_LAYER)
+
+    def to_hf(self):
+        """A transformers ``CLIPModel`` (or ``SiglipModel``) with these weights, for a model in that layout
+        (as ``from_hf`` builds it; an open_clip conversion normalises every image token, which HF's
+        last_hidden_state does not, so it is refused)."""
+        import transformers
+
+        v, t = self.vision_model, self.text_model
+        siglip = self.kind == "siglip"
+        layout = ((v.global_pool, v.final_norm, v.norm_pre is None, v.patch_embed.proj.bias is not None, t.pool,
+                   t.causal) == (("map", "all", True, True, "last", False) if siglip else
+                                 ("token", "pooled", False, False, "eos", True)))
+        if (not layout or v.pos_embed_kind != "learn" or v.backbone is not None or not v.depth or not t.encoder.layers
+                or (t.head is not None) != siglip):
+            raise ValueError("CLIP.to_hf: only the Hugging Face layout converts (a model as CLIP.from_hf builds it)")
+
+        def tower(layer, **kw):
+            inv = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
+            return dict(num_attention_heads=layer.attn.num_heads, intermediate_size=layer.mlp.fc1.out_features,
+                        hidden_act=inv[layer.mlp.act], layer_norm_eps=layer.norm1.eps, **kw)
+
+        vcfg = tower(v.encoder.layers[0], hidden_size=v.embed_dim, num_hidden_layers=v.depth, image_size=v.img_size,
+                     patch_size=v.patch_size, num_channels=v.patch_embed.proj.in_channels)
+        tcfg = tower(t.encoder.layers[0], hidden_size=t.width, num_hidden_layers=len(t.encoder.layers),
+                     vocab_size=t.token_embedding.num_embeddings, max_position_embeddings=t.max_len)
+        if siglip:
+            tcfg["projection_size"] = t.head.out_features
+            hf = transformers.SiglipModel(transformers.SiglipConfig(vision_config=vcfg, text_config=tcfg))
+        else:
+            tcfg["eos_token_id"] = t.eos_token_id
+            hf = transformers.CLIPModel(transformers.CLIPConfig(vision_config=vcfg, text_config=tcfg,
+                                                                projection_dim=self.visual_projection.out_features))
+        hf = hf.to(dtype=self.logit_scale.dtype, device=self.logit_scale.device)
+        pairs = hf_vision_pairs(v, hf.vision_model) + self._hf_pairs(hf)
+        copy_weights([(name, theirs, ours) for name, ours, theirs in pairs], "CLIP.to_hf")
+        return hf.eval()
 
     @classmethod
     def from_open_clip(cls, oc_model, *, backend="auto", group=None):
@@ -331,6 +346,49 @@ class CLIP(nn.Module):
         pairs += layer_pairs(model.text_model.encoder, tb, _OPEN_CLIP_LAYER)
         copy_weights(pairs, "CLIP.from_open_clip")
         return model
+
+
+def vision_from_hf(vm, backend="auto"):
+    """A `ViT` for a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` (the ``vision_model`` of
+    CLIPModel / SiglipModel; LLaVA's tower) and the (name, ours, theirs) weight pairs; the weights are
+    copied by the caller (``ViT.from_hf`` or ``CLIP.from_hf``). CLIP: bias-free patch conv, [CLS],
+    ``pre_layrnorm``, ``post_layernorm`` on the readout only; SigLIP: no [CLS], ``post_layernorm`` on every
+    token, attention-pool head."""
+    vc = vm.config
+    siglip = not hasattr(vm, "pre_layrnorm")
+    if siglip and not getattr(vm, "use_head", True):
+        raise ValueError("vision_from_hf: a SigLIP vision tower without its pooling head has no image embedding")
+    vision = ViT(vc.image_size, vc.patch_size, vc.num_channels, vc.hidden_size, vc.num_hidden_layers,
+                 vc.num_attention_heads, mlp_dim=vc.intermediate_size, act=hf_activation(vc.hidden_act, "from_hf"),
+                 norm_eps=vc.layer_norm_eps, patch_bias=siglip, class_token=not siglip,
+                 global_pool="map" if siglip else "token", pre_norm=not siglip, final_norm="all" if siglip else "pooled",
+                 pos_resample="hf", backend=backend)
+    w = vm.embeddings.patch_embedding.weight
+    vision = vision.to(dtype=w.dtype, device=w.device)
+    return vision, hf_vision_pairs(vision, vm)
+
+
+def hf_vision_pairs(vision, vm):
+    """(name, ours, theirs) for a CLIP / SigLIP vision tower (see vision_from_hf)."""
+    e, pe, siglip = vm.embeddings, vision.patch_embed, not hasattr(vm, "pre_layrnorm")
+    pairs = [("patch_embedding.weight", pe.proj.weight, e.patch_embedding.weight),
+             ("patch_embedding.bias", pe.proj.bias, e.patch_embedding.bias),
+             ("class_embedding", pe.cls_token, getattr(e, "class_embedding", None)),
+             ("position_embedding", pe.pos_embed, e.position_embedding.weight)]
+    pairs += module_pairs("post_layernorm", vision.norm, vm.post_layernorm)
+    pairs += layer_pairs(vision.encoder, vm.encoder.layers, _HF_LAYER)
+    if siglip:
+        head, mine = vm.head, vision.attn_pool
+        pairs += [("head.probe", mine.probe, head.probe),
+                  ("head.attention.in_proj_weight", mine.attn.qkv.weight, head.attention.in_proj_weight),
+                  ("head.attention.in_proj_bias", mine.attn.qkv.bias, head.attention.in_proj_bias)]
+        for name, ours, theirs in (("out_proj", mine.attn.out, head.attention.out_proj),
+                                   ("layernorm", mine.norm, head.layernorm), ("fc1", mine.mlp.fc1, head.mlp.fc1),
+                                   ("fc2", mine.mlp.fc2, head.mlp.fc2)):
+            pairs += module_pairs(f"head.{name}", ours, theirs)
+    else:
+        pairs += module_pairs("pre_layrnorm", vision.norm_pre, vm.pre_layrnorm)
+    return pairs
 
 
 def _tower_args(kind, args, backend):

@@ -239,8 +239,15 @@ class ViT(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model, *, backend="auto"):
-        """From a transformers ``ViTModel`` or ``ViTForImageClassification`` (weights copied; no download).
+        """From a transformers ``ViTModel`` or ``ViTForImageClassification`` (weights copied; no download), or
+        a ``CLIPVisionModel`` / ``SiglipVisionModel`` (see clip.vision_from_hf).
         Positions are resampled with HF's math (``pos_resample="hf"``) under ``interpolate_pos_encoding``."""
+        if hasattr(hf_model, "post_layernorm"):  # CLIPVisionModel / SiglipVisionModel: CLIP's tower layout
+            from .clip import vision_from_hf
+
+            model, pairs = vision_from_hf(hf_model, backend)
+            copy_weights(pairs, "ViT.from_hf")
+            return model
         vit, classifier = (hf_model.vit, hf_model.classifier) if hasattr(hf_model, "vit") else (hf_model, None)
         if not hasattr(vit, "embeddings") or not hasattr(vit, "layers"):
             raise ValueError(f"ViT.from_hf expects a transformers ViTModel / ViTForImageClassification, got "

@@ -10,7 +10,7 @@ from numerics import generator, randn
 from torch import nn
 from torch.nn import functional as F
 
-from mmfast.models import CLIP, create_model
+from mmfast.models import CLIP, PRESETS, create_model
 from mmfast.models.clip import eos_positions
 
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
@@ -69,14 +69,16 @@ def test_hf_clip_parity(eos_token_id, size):
     check_parity(ours, hf, inputs, FIELDS + [text_hidden, vision_hidden], *params, what=f"CLIP {eos_token_id}")
 
 
-def test_hf_siglip_parity():
+@pytest.mark.parametrize("size", [(16, 16), (24, 20)], ids=["native", "other-resolution"])
+def test_hf_siglip_parity(size):
     seeded()
     cfg = transformers.SiglipConfig(vision_config=VISION, text_config=TEXT)
     hf = transformers.SiglipModel(cfg).eval()
     ours = CLIP.from_hf(hf, backend="reference")
     assert ours.kind == "siglip" and ours.vision_model.attn_pool is not None
     ids, mask = text_batch()
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=randn(3, 3, 16, 16), return_loss=True)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=randn(3, 3, *size), return_loss=True,
+                  interpolate_pos_encoding=size != (16, 16))
     params = ([lambda m: m.vision_model.attn_pool.attn.qkv.weight, lambda m: m.logit_bias],
               [lambda m: m.vision_model.head.attention.in_proj_weight, lambda m: m.logit_bias])
     check_parity(ours, hf, inputs, FIELDS + [text_hidden, vision_hidden], *params, what="SigLIP")
@@ -111,6 +113,27 @@ def test_open_clip_parity(quick_gelu):
     check_parity(ours, OpenClipOutputs(oc), dict(input_ids=ids, pixel_values=randn(3, 3, 16, 16), return_loss=True),
                  ["loss", "logits_per_image", "image_embeds", "text_embeds"], params[0][:1], params[1][:1],
                  what="open_clip")
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_to_hf_round_trip(kind):
+    seeded()
+    if kind == "clip":
+        ours = create_model("clip-tiny-test", backend="reference", max_scale=None)
+    else:
+        hf = transformers.SiglipModel(transformers.SiglipConfig(vision_config=VISION, text_config=TEXT))
+        ours = CLIP.from_hf(hf, backend="reference")
+    back = ours.to_hf()
+    ids, mask = text_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=randn(3, 3, 16, 16), return_loss=True)
+    a, b = ours(**inputs), back(**inputs)
+    for field in FIELDS:
+        torch.testing.assert_close(a[field], b[field], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_hidden(a), text_hidden(b), rtol=1e-5, atol=1e-5)
+    oc = open_clip.model.CLIP(24, dict(layers=1, width=32, head_width=16, patch_size=4, image_size=16),
+                              dict(context_length=12, vocab_size=99, width=32, heads=2, layers=1))
+    with pytest.raises(ValueError, match="layout"):
+        CLIP.from_open_clip(oc).to_hf()
 
 
 def test_eos_positions():
@@ -171,9 +194,13 @@ def test_triton_interpreter_matches_reference(loss):
     contrastive / sigmoid loss; SigLIP's attention-pooling cross-attention) against the reference."""
     seeded()
     if loss == "clip":
-        model = create_model("clip-tiny-test", backend="reference")
+        args = PRESETS["clip-tiny-test"][1]
+        model = create_model("clip-tiny-test", backend="reference", vision=dict(args["vision"], depth=1),
+                             text=dict(args["text"], depth=1))
     else:
-        hf = transformers.SiglipModel(transformers.SiglipConfig(vision_config=VISION, text_config=TEXT))
+        one = dict(num_hidden_layers=1)
+        hf = transformers.SiglipModel(transformers.SiglipConfig(vision_config=dict(VISION, **one),
+                                                                text_config=dict(TEXT, **one)))
         model = CLIP.from_hf(hf, backend="reference")
     ids, mask = text_batch()
     images = randn(3, 3, 16, 16)

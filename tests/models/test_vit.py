@@ -8,7 +8,7 @@ import timm
 import torch
 import transformers
 from model_helpers import check_parity
-from numerics import assert_close_by_rule, generator, randn
+from numerics import generator, randn
 from torch import nn
 from torch.nn import functional as F
 
@@ -49,6 +49,25 @@ def test_hf_parity_masked_and_no_qkv_bias():
     mask = torch.rand(2, 16, generator=generator()) < 0.5
     check_parity(ours, hf, dict(pixel_values=randn(2, 3, 16, 16), bool_masked_pos=mask), ["last_hidden_state"],
                  *HF_PARAMS, what="ViT masked")
+
+
+def penultimate(out):
+    return out.hidden_states[-2]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_clip_vision_tower(kind):
+    """CLIPVisionModel / SiglipVisionModel (LLaVA's tower reads hidden_states[-2]) as a ViT."""
+    torch.manual_seed(generator().initial_seed())
+    args = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+                patch_size=4)
+    if kind == "clip":
+        hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**args)).eval()
+    else:
+        hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**args)).eval()
+    ours = ViT.from_hf(hf, backend="reference")
+    inputs = dict(pixel_values=randn(2, 3, 16, 16), output_hidden_states=True)
+    check_parity(ours, hf, inputs, ["last_hidden_state", "pooler_output", penultimate], what=f"{kind} vision")
 
 
 def test_to_hf_round_trip():
@@ -173,18 +192,22 @@ def test_classifier_one_step_lowers_loss():
 
 
 def test_triton_interpreter_matches_reference():
-    """One tiny ViT through the Triton kernels (patch_embed, flash_attention) against the reference."""
+    """One tiny ViT through the Triton kernels (patch_embed with and without the masked-patch corruption,
+    flash_attention) against the reference: outputs and gradients."""
     torch.manual_seed(generator().initial_seed())
-    ref = ViT(16, 4, 3, 32, 1, 2, num_classes=3, backend="reference")
-    tri = ViT(16, 4, 3, 32, 1, 2, num_classes=3, backend="triton")
+    ref = ViT(16, 4, 3, 32, 1, 2, num_classes=3, mpp_bits=3, backend="reference")
+    tri = ViT(16, 4, 3, 32, 1, 2, num_classes=3, mpp_bits=3, backend="triton")
     tri.load_state_dict(ref.state_dict())
-    x = randn(2, 3, 16, 16)
+    x = torch.rand(2, 3, 16, 16, generator=generator())
+    seed = generator().initial_seed()
     outs = []
     for m in (ref, tri):
         xi = x.clone().requires_grad_()
-        out = m(xi, interpolate_pos_encoding=True)
-        out.logits.square().sum().backward()
-        outs.append((out.last_hidden_state, xi.grad, m.encoder.layers[0].attn.qkv.weight.grad))
+        out = m(xi)
+        mpp = m.masked_patch_prediction(xi, generator=torch.Generator().manual_seed(seed))
+        (out.logits.square().sum() + mpp.loss).backward()
+        outs.append((out.last_hidden_state, mpp.loss, xi.grad, m.encoder.layers[0].attn.qkv.weight.grad,
+                     m.patch_embed.mask_token.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
