@@ -244,6 +244,11 @@ class BLIP(nn.Module):
         (num_beams > 1, HF's algorithm) or nucleus sampling (do_sample, top_p). Returns (B, T) ids with the
         prompt. Lengths as HF: `max_length` counts the prompt; `max_new_tokens` does not; neither given: 20
         new tokens (at most max_positions in all)."""
+        check_int("BLIP.generate", "num_beams", num_beams, lo=1)
+        if num_beams > 1 and do_sample:
+            raise ValueError("BLIP.generate: num_beams > 1 with do_sample=True (beam sampling) is not supported")
+        if self.text_decoder is None:
+            raise ValueError("BLIP.generate needs the decoder (construct with 'lm' in parts)")
         image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)
         B = image_embeds.shape[0]
         if input_ids is None:
@@ -255,7 +260,7 @@ class BLIP(nn.Module):
         elif max_length is None:
             max_positions = self.text_decoder.embeddings.position_embeddings.num_embeddings
             max_length = min(input_ids.shape[1] + 20, max_positions)
-        beams = num_beams if num_beams > 1 and not do_sample else 1
+        beams = num_beams
         if beams > 1:
             image_embeds = image_embeds.repeat_interleave(beams, 0)
             input_ids = input_ids.repeat_interleave(beams, 0)

@@ -264,6 +264,11 @@ def test_validation():
         BLIP.from_preset("tiny", temp=1.0)
     with pytest.raises(ValueError, match="from_hf"):
         BLIP.from_hf(torch.nn.Linear(2, 2))
+    model = BLIP.from_preset("tiny", use_momentum=False)
+    with pytest.raises(ValueError, match="beam sampling"):
+        model.generate(torch.randn(1, 3, 16, 16), num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(torch.randn(1, 3, 16, 16), num_beams=0)
 
 
 def test_triton_interpreter_matches_reference():
