@@ -100,6 +100,8 @@ GENERATE = {"greedy": {}, "greedy_max8": dict(max_length=8), "beam3": dict(num_b
             "beam4_new6": dict(num_beams=4, max_new_tokens=6),
             "beam3_early": dict(num_beams=3, early_stopping=True, max_new_tokens=10),
             "beam3_min5": dict(num_beams=3, min_length=5, max_new_tokens=10),
+            "beam3_lp3": dict(num_beams=3, length_penalty=3.0, max_new_tokens=10),
+            "beam3_lp-1": dict(num_beams=3, length_penalty=-1.0, max_new_tokens=10),
             "prompt_greedy": dict(input_ids=[[BOS, 5, 6, EOS]], max_new_tokens=8),
             "prompt_beam3": dict(input_ids=[[BOS, 7, 5, EOS]], num_beams=3, max_new_tokens=8)}
 
@@ -148,11 +150,14 @@ def test_captions_equal_hf_generate(captioner, kwargs):
     assert torch.equal(got, expected), f"{got}\n{expected}"
 
 
-def test_beam_search_equals_exhaustive_search():
-    hf = _lively_captioner(6, seed=3, eos_bias=3.0)
+# (EOS bias, length penalty): the penalties change the winner's length on these images (long for 3.0,
+# short for -1.0), so the length normalisation is checked too
+@pytest.mark.parametrize("eos_bias,lp", [(1.0, 3.0), (4.0, -1.0), (3.0, 0.7)], ids=["lp3", "lp-1", "lp0.7"])
+def test_beam_search_equals_exhaustive_search(eos_bias, lp):
+    hf = _lively_captioner(6, seed=3, eos_bias=eos_bias)
     ours = BLIP.from_hf(hf, backend="reference")
-    pixels = torch.randn(2, 3, 16, 16, generator=generator())
-    new, lp = 3, 0.7
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    new = 3
     # 36 beams cover every live prefix of a 6-token vocabulary for 3 steps; "never" keeps the stop test exact
     got = ours.generate(pixels, num_beams=36, max_new_tokens=new, length_penalty=lp, early_stopping="never")
     with torch.no_grad():
