@@ -161,16 +161,17 @@ def _wait_for_lock(path, timeout):
     start = time.monotonic()
     told = False
     while lock_held(path):
+        # told before the timeout check: on a loaded machine the first check can already be past a short timeout
+        if not told:
+            print(f"mmfast: waiting up to {timeout:.0f} s for another build of the C++ extension "
+                  f"(lock file {path}) ...", file=sys.stderr, flush=True)
+            told = True
         waited = time.monotonic() - start
         if waited >= timeout:
             raise TimeoutError(
                 f"waited {waited:.0f} s for the build lock {path}: another process is building mmfast's C++ "
                 f"extension, or a build that was interrupted left the lock behind. If no build is running, "
                 f"delete it (rm {path}) and run again; MMFAST_EXT_LOCK_TIMEOUT sets how long to wait")
-        if not told:
-            print(f"mmfast: waiting up to {timeout:.0f} s for another build of the C++ extension "
-                  f"(lock file {path}) ...", file=sys.stderr, flush=True)
-            told = True
         time.sleep(min(0.2, max(0.01, timeout - waited)))
 
 
