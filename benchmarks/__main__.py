@@ -1,6 +1,6 @@
 """python -m mmfast bench [--suite ema,attention,...] [--quick | --smoke] [--headline | --rest] [--budget-s N]
                          [--out DIR] [--device cpu|cuda] [--compare OLD.json [--new NEW.json]]
-python -m mmfast bench tune --family attention [--budget-s N] [--dry-run]   (see `bench tune --help`)
+python -m mmfast bench tune --family attention [--budget-s N] [--shapes all|headline] [--dry-run]
 (`python -m benchmarks` in a source checkout is the same command)
 
 Runs the suites (default: all; one per kernel family of mmfast.kernels._registry), writes report.json,

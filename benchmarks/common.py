@@ -325,7 +325,8 @@ def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=
     """Run the named suites and return the report dict; with out_dir, also write report.json/.md there.
 
     mode: "smoke" (tiny, proves every case runs), "quick" (fewer repeats) or "full". device defaults to
-    CUDA when available. budget_s bounds the whole run: cases past it are reported as skipped. select:
+    CUDA when available. budget_s bounds the whole run, an equal share per suite: cases past it are reported
+    as skipped. select:
     "headline" runs only the workloads whose info marks them headline (the first numbers a GPU run must
     bring back), "rest" only the others, None all.
     """
@@ -347,13 +348,16 @@ def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=
     log(f"copy bandwidth: {ceilings['copy_GBps']:.1f} GB/s; {ceilings['matmul_dtype']} matmul: "
         f"{ceilings['matmul_TFLOPs']:.2f} TFLOP/s")
     rows, workload_info = [], []
-    for suite in suites:
+    for i, suite in enumerate(suites):
+        # each suite gets its share of the budget (time one leaves goes to the next), so the first one
+        # cannot starve the others (the GPU check's headline step runs every suite in a short budget)
+        suite_deadline = None if deadline is None else start + budget_s * (i + 1) / len(suites)
         wls = suite_module(suite).workloads(mode, device)
         if select is not None:
             wls = [w for w in wls if bool(w.info.get("headline")) == (select == "headline")]
         workload_info += [{"suite": suite, "workload": w.name, "bytes_per_call": w.bytes_per_call,
                            "baselines": w.baselines, **w.info} for w in wls]
-        rows += [dict(r, suite=suite) for r in run_workloads(wls, device, mode, ceilings, deadline, log)]
+        rows += [dict(r, suite=suite) for r in run_workloads(wls, device, mode, ceilings, suite_deadline, log)]
     report = {"schema": 2, "suites": list(suites), "mode": mode, "select": select, "device": device, "budget_s": budget_s,
               "elapsed_s": round(time.monotonic() - start, 2), "env": env, "ceilings": ceilings,
               "workloads": workload_info, "rows": rows}

@@ -144,7 +144,8 @@ fi
 step pytest_cuda 90 60 python -m pytest tests -x -q -m cuda -p no:cacheprovider -o faulthandler_timeout=60
 if (( DRY )); then
   step bench_rest 60 40 python -m mmfast bench --suite ema "${SIZE[@]}" --rest --out "$OUT_DIR/rest"
-  step pytest_all 90 0 python -m pytest tests -q -p no:cacheprovider --collect-only
+  # pytest_cuda collected the whole suite; here the full run's command on one small file
+  step pytest_all 90 0 python -m pytest tests/benchmarks/test_gpu_check.py -q -p no:cacheprovider
   step compile_report 60 0 python -m mmfast compile-report --arch 90 --no-nvcc --plain \
     --specs mmfast.kernels.ema._configs:compile_specs
 else

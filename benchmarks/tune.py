@@ -1,4 +1,5 @@
-"""python -m benchmarks tune --family attention [--budget-s N] [--dry-run] [--tables-dir DIR] [--out DIR] [--no-gate]
+"""python -m benchmarks tune --family attention [--budget-s N] [--shapes all|headline] [--dry-run] [--tables-dir DIR]
+                          [--out DIR] [--no-gate]
 (`python -m mmfast bench tune ...` is the same command)
 
 Measures, on the GPU, the candidate tiles of a family's kernels at the benchmark suite's shapes and writes
@@ -53,6 +54,9 @@ def _parser(prog):
     ap.add_argument("--tables-dir", help="write the tables under DIR/<family>/ instead of kernels/<family>/tuned/")
     ap.add_argument("--out", help="folder for the sweep's timings (tune-<family>.json / .md)")
     ap.add_argument("--no-gate", action="store_true", help="skip the static compile gate of the candidates")
+    ap.add_argument("--shapes", choices=("all", "headline"), default="all",
+                    help="the suite's shapes and the headline ones (default), or only the headline ones (more "
+                    "candidates in a short budget; the GPU check's choice)")
     return ap
 
 
@@ -60,14 +64,14 @@ def _parser(prog):
 # Attention
 
 
-def _attention_specs(dry_run):
-    """The suite's shapes plus the FlashAttention-3 paper's (16k tokens, D = 64 / 128, causal and not);
-    at smoke size two tiny ones (one causal) in the same shape class."""
+def _attention_specs(dry_run, shapes):
+    """The FlashAttention-3 paper's shapes (16k tokens, D = 64 / 128, causal and not) and, with shapes="all",
+    the suite's model shapes; at smoke size two tiny ones (one causal) in the same shape class."""
     from . import attention as A
 
     if dry_run:
         return [A.Spec("tiny", 1, 24, 24, 1, 64), A.Spec("tiny_causal", 1, 20, 20, 1, 64, mask="causal")]
-    return A.FULL + A.HEADLINE
+    return A.HEADLINE + (A.FULL if shapes == "all" else [])
 
 
 def _attention_candidates(pass_, head_dim, interpreter):
@@ -154,7 +158,7 @@ def _close(result, expected):
     return True
 
 
-def tune_attention(device, deadline_s, dry_run, gate, log=print):
+def tune_attention(device, deadline_s, dry_run, gate, shapes="all", log=print):
     """{"rows": every (pass, spec, candidate) timing or skip, "configs": winners by table key}."""
     import torch
 
@@ -169,7 +173,7 @@ def tune_attention(device, deadline_s, dry_run, gate, log=print):
     if gate and not interpreter:
         major, minor = torch.cuda.get_device_capability(device)
         cc = 10 * major + minor
-    specs = _attention_specs(dry_run)
+    specs = _attention_specs(dry_run, shapes)
     states = {s.name: _attention_state(s, device) for s in specs}
     gate_cache, rows = {}, []
     start = time.monotonic()
@@ -312,7 +316,7 @@ def main(argv=None, prog="python -m benchmarks tune"):
     status = 0
     for family in families:
         print(f"# tuning {family} on {env['card']} ({device}), budget {budget:.0f} s")
-        result = TUNERS[family](device, budget, args.dry_run, gate=not args.no_gate)
+        result = TUNERS[family](device, budget, args.dry_run, gate=not args.no_gate, shapes=args.shapes)
         if not result["configs"]:
             print(f"{family}: no key was timed with its static baseline: no table written", file=sys.stderr)
             status = 1

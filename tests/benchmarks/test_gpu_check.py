@@ -41,3 +41,21 @@ def test_script_order_headline_first_full_suite_last():
     assert gpu[:4] == ["pip", "info", "bench_headline", "tune"], gpu
     assert gpu.index("check") < gpu.index("pytest_cuda") < gpu.index("pytest_all") < gpu.index("compile_report")
     assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
+
+
+def test_every_suite_has_headline_workloads_and_others():
+    """`bench --headline` (the GPU check's first step) and `--rest` split every suite's GPU workloads; the
+    attention headline is the FlashAttention-3 paper's grid, the CLIP loss's is N = 32k."""
+    import torch
+
+    from mmfast.benchmarks.common import suite_module, suite_names
+
+    for name in suite_names():
+        wls = suite_module(name).workloads("quick", torch.device("cuda"))
+        headline = [w.name for w in wls if w.info.get("headline")]
+        assert headline and len(headline) < len(wls), (name, headline)
+        if name == "attention":
+            assert {w.split()[0] for w in headline} == {f"fa3_L{L}_D{D}{c}" for L in (1024, 4096, 16384)
+                                                        for D in (64, 128) for c in ("", "_causal")}
+        if name == "contrastive":
+            assert headline == ["clip_loss N=32768 D=512"]
