@@ -391,7 +391,8 @@ def workloads(mode, device):
             # minimal traffic: fwd reads q, k, v and writes o; bwd also reads o, dO and writes dq, dk, dv
             nbytes = (6 if backward else 2) * (q_bytes + kv_bytes)
             info = {"model": spec.name, "direction": direction,
-                    "headline": spec in HEADLINE or (mode == "smoke" and spec.name in SMOKE_HEADLINE), "mask": spec.mask, "batch": spec.batch,
+                    "headline": spec in HEADLINE or (mode == "smoke" and spec.name in SMOKE_HEADLINE),
+                    "mask": spec.mask, "batch": spec.batch,
                     "seqlen_q": spec.seqlen_q, "seqlen_k": spec.seqlen_k, "heads": spec.heads, "kv_heads": spec.hkv,
                     "head_dim": spec.head_dim, "dtype": "bf16", "visible_fraction": pairs / max(1, total),
                     "summary": f"{spec.summary}; {shape}, bf16, {direction}; {100 * pairs / max(1, total):.0f}% of "

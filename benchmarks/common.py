@@ -358,7 +358,8 @@ def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=
         workload_info += [{"suite": suite, "workload": w.name, "bytes_per_call": w.bytes_per_call,
                            "baselines": w.baselines, **w.info} for w in wls]
         rows += [dict(r, suite=suite) for r in run_workloads(wls, device, mode, ceilings, suite_deadline, log)]
-    report = {"schema": 2, "suites": list(suites), "mode": mode, "select": select, "device": device, "budget_s": budget_s,
+    report = {"schema": 2, "suites": list(suites), "mode": mode, "select": select, "device": device,
+              "budget_s": budget_s,
               "elapsed_s": round(time.monotonic() - start, 2), "env": env, "ceilings": ceilings,
               "workloads": workload_info, "rows": rows}
     if out_dir is not None:

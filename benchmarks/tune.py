@@ -147,13 +147,14 @@ def _attention_fn(pass_, state):
 
 
 def _close(result, expected):
+    """Within bf16 rounding of another summation order (a wrong tile is off by O(1), not by 4%)."""
     import torch
 
     got = result if isinstance(result, tuple) else (result,)
     want = expected if isinstance(expected, tuple) else (expected,)
     for a, e in zip(got, want):
         scale = max(1.0, e.float().abs().max().item())
-        if not torch.isfinite(a).all() or (a.float() - e.float()).abs().max().item() > 0.02 * scale:
+        if not torch.isfinite(a).all() or (a.float() - e.float()).abs().max().item() > 0.04 * scale:
             return False
     return True
 
@@ -188,7 +189,8 @@ def tune_attention(device, deadline_s, dry_run, gate, shapes="all", log=print):
                 for spec in group:
                     key = _tuned.key(pass_, "bf16", max(64, C.block_d(head_dim)), "16-bit",
                                      _tuned.shape_class(spec.seqlen_q, spec.seqlen_k))
-                    row = {"pass": pass_, "key": key, "shape": spec.name, "config": asdict(cfg), "ms": None, "reason": reason}
+                    row = {"pass": pass_, "key": key, "shape": spec.name, "config": asdict(cfg), "ms": None,
+                           "reason": reason}
                     rows.append(row)
                     if row["reason"]:
                         continue

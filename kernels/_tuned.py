@@ -60,21 +60,21 @@ def device_name(device):
 
 
 @functools.lru_cache(maxsize=None)
-def _load(path, mtime):
-    with open(path) as f:
-        return json.load(f)
+def _load(path):
+    """Read once per process (launchers look it up on every launch); None when missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def load_table(family, card):
     """The table for (family, card) when one exists for exactly this card, else None."""
     if card is None or os.environ.get("MMFAST_TUNED", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    path = table_path(family, card)
-    try:
-        table = _load(path, os.stat(path).st_mtime_ns)
-    except (OSError, ValueError):
-        return None
-    if table.get("schema") != SCHEMA or table.get("family") != family or table.get("card") != card:
+    table = _load(table_path(family, card))
+    if table is None or table.get("schema") != SCHEMA or table.get("family") != family or table.get("card") != card:
         return None  # another card whose name slugs alike, or an older format: the static choice is safer
     return table
 

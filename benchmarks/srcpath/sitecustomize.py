@@ -11,7 +11,8 @@ import importlib.util
 import os
 import sys
 
-ROOT = os.environ.get("MMFAST_SOURCE_ROOT") or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.environ.get("MMFAST_SOURCE_ROOT") or os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 RELOCATED = {"mmfast.kernels": "kernels", "mmfast.benchmarks": "benchmarks", "mmfast.csrc": "csrc"}
 
 
