@@ -131,7 +131,8 @@ step bench_headline 450 250 python -m mmfast bench --suite all "${SIZE[@]}" --he
 # The tuner with its share; the tables it writes serve every later step (tests included: a tuned tile that
 # computes wrong shows up there), and go back in OUT_DIR/tuned/ to be committed.
 left=$(left_for 160); cap=$(( left < $(secs 150) ? left : $(secs 150) ))
-TUNE=(--budget-s $(( cap > 60 ? cap - 40 : cap / 2 )))
+# the headline shapes only: more candidates within a short share (`bench tune --shapes all` when time allows)
+TUNE=(--budget-s $(( cap > 60 ? cap - 40 : cap / 2 )) --shapes headline)
 (( DRY )) && TUNE=(--dry-run)
 step tune 150 160 python -m mmfast bench tune --family attention "${TUNE[@]}" --tables-dir "$OUT_DIR/tuned" --out "$OUT_DIR"
 export MMFAST_TUNED_DIR=$OUT_DIR/tuned
