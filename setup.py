@@ -78,11 +78,13 @@ setup(
     + [f"mmfast.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"mmfast": "mmfast", "mmfast.kernels": "kernels", "mmfast.csrc": "csrc",
                  "mmfast.benchmarks": "benchmarks"},
-    package_data={"mmfast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
+    # tuned/*.json: the measured launch configs of `python -m mmfast bench tune` (kernels/_tuned.py)
+    package_data={"mmfast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"],
+                  **{f"mmfast.kernels.{p}": ["tuned/*.json"] for p in find_packages("kernels")}},
     install_requires=["torch>=2.3", "triton>=3.0", "ninja", "numpy"],
     extras_require={
         # timm and open_clip: the tests compare against their PatchEmbed / position resampling / ClipLoss
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch",
+        "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch",
                 "transformers>=5.24,<6"],
         # mmfast.swap.transformers: transformers 5.x from 5.24 (the mask builder contract it implements, with
         # q_length / q_offset; tested with 5.24). 4.5x builds masks from cache_position: not supported.

@@ -1,5 +1,6 @@
-"""python -m mmfast bench [--suite ema,attention,...] [--quick | --smoke] [--budget-s N] [--out DIR]
-                         [--device cpu|cuda] [--compare OLD.json [--new NEW.json]]
+"""python -m mmfast bench [--suite ema,attention,...] [--quick | --smoke] [--headline | --rest] [--budget-s N]
+                         [--out DIR] [--device cpu|cuda] [--compare OLD.json [--new NEW.json]]
+python -m mmfast bench tune --family attention [--budget-s N] [--shapes all|headline] [--dry-run]
 (`python -m benchmarks` in a source checkout is the same command)
 
 Runs the suites (default: all; one per kernel family of mmfast.kernels._registry), writes report.json,
@@ -32,6 +33,11 @@ def _parser(prog):
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer repeats: fits a short GPU lease")
     size.add_argument("--smoke", action="store_true", help="tiny sizes on any device: proves every case runs (seconds)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--headline", action="store_true",
+                       help="only the headline workloads (FlashAttention-3's attention shapes, CLIP loss at 32k, EMA "
+                       "on ViT-L, ViT-L/14 patch embedding, one gated GEMM and block): the GPU check's first step")
+    which.add_argument("--rest", action="store_true", help="every workload but the headline ones")
     ap.add_argument("--budget-s", type=float, help="wall-clock budget; cases past it are reported as skipped")
     ap.add_argument("--out", help="report directory (default: see above)")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
@@ -63,6 +69,11 @@ def summary(report):
 
 
 def main(argv=None, prog="python -m benchmarks"):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tune"]:
+        from mmfast.benchmarks.tune import main as tune_main
+
+        return tune_main(argv[1:], prog=prog + " tune")
     ap = _parser(prog)
     args = ap.parse_args(argv)  # before any torch import: --help answers at once
     if args.new and not args.compare:
@@ -93,7 +104,8 @@ def main(argv=None, prog="python -m benchmarks"):
     unknown = [n for n in suites if n not in known]
     if unknown:
         ap.error(f"unknown suite(s) {unknown}; choose from {', '.join(known)} or all")
-    report = run_suite(suites, mode=mode, device=args.device, budget_s=args.budget_s)
+    select = "headline" if args.headline else "rest" if args.rest else None
+    report = run_suite(suites, mode=mode, device=args.device, budget_s=args.budget_s, select=select)
     out = args.out or default_out_dir(report)
     written = write_reports(report, out)
     print()

@@ -72,6 +72,15 @@ FULL = [
          summary="Llama 3.2 Vision text→image, 4 tiles x 1601 tokens, GQA 32/8"),
 ]
 
+# The FlashAttention-3 paper's benchmark (its Fig. 5 / 6): 16k tokens per batch, hidden size 2048 (H = 2048 / D),
+# D = 64 and 128, causal and not; three of its sequence lengths. The headline rows (`bench --headline`).
+HEADLINE = [
+    Spec(f"fa3_L{L}_D{D}" + ("_causal" if causal else ""), 16384 // L, L, L, 2048 // D, D,
+         mask="causal" if causal else "none", summary=f"FlashAttention-3 paper's shape, 16k tokens, D={D}"
+         + (", causal" if causal else ""))
+    for D in (64, 128) for causal in (False, True) for L in (1024, 4096, 16384)
+]
+
 SMOKE = [
     Spec("vit_l14_336", 1, 37, 37, 2, 64, summary="tiny ViT-L/14-like, no mask"),
     Spec("vit_h14_224", 1, 29, 29, 2, 80, summary="tiny ViT-H/14-like, head dim 80"),
@@ -86,11 +95,14 @@ SMOKE = [
 SMOKE_BACKWARD = ("clip_text", "llama32_xattn")
 
 
+SMOKE_HEADLINE = ("vit_l14_336", "llm_causal")  # at smoke size: D = 64 without a mask, D = 128 causal
+
+
 def _specs(mode, device):
     if mode == "smoke":
         return SMOKE
     if device.type == "cuda":
-        return FULL
+        return HEADLINE + FULL
     # CPU quick/full: the same structure at sizes a CPU finishes (timings are for trends only)
     out = []
     for s in FULL:
@@ -378,7 +390,9 @@ def workloads(mode, device):
             flops = int(fwd_flops * (3.5 if backward else 1.0))
             # minimal traffic: fwd reads q, k, v and writes o; bwd also reads o, dO and writes dq, dk, dv
             nbytes = (6 if backward else 2) * (q_bytes + kv_bytes)
-            info = {"model": spec.name, "direction": direction, "mask": spec.mask, "batch": spec.batch,
+            info = {"model": spec.name, "direction": direction,
+                    "headline": spec in HEADLINE or (mode == "smoke" and spec.name in SMOKE_HEADLINE),
+                    "mask": spec.mask, "batch": spec.batch,
                     "seqlen_q": spec.seqlen_q, "seqlen_k": spec.seqlen_k, "heads": spec.heads, "kv_heads": spec.hkv,
                     "head_dim": spec.head_dim, "dtype": "bf16", "visible_fraction": pairs / max(1, total),
                     "summary": f"{spec.summary}; {shape}, bf16, {direction}; {100 * pairs / max(1, total):.0f}% of "

@@ -321,12 +321,17 @@ def _speedups(rows, baselines):
                 r["speedup"][label] = by_case[base] / r["ms"]
 
 
-def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=None, log=print):
+def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=None, log=print, select=None):
     """Run the named suites and return the report dict; with out_dir, also write report.json/.md there.
 
     mode: "smoke" (tiny, proves every case runs), "quick" (fewer repeats) or "full". device defaults to
-    CUDA when available. budget_s bounds the whole run: cases past it are reported as skipped.
+    CUDA when available. budget_s bounds the whole run, an equal share per suite: cases past it are reported
+    as skipped. select:
+    "headline" runs only the workloads whose info marks them headline (the first numbers a GPU run must
+    bring back), "rest" only the others, None all.
     """
+    if select not in (None, "headline", "rest"):
+        raise ValueError(f"select must be None, 'headline' or 'rest', got {select!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     suites = [suite_name(s) for s in suites]
@@ -343,12 +348,18 @@ def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=
     log(f"copy bandwidth: {ceilings['copy_GBps']:.1f} GB/s; {ceilings['matmul_dtype']} matmul: "
         f"{ceilings['matmul_TFLOPs']:.2f} TFLOP/s")
     rows, workload_info = [], []
-    for suite in suites:
+    for i, suite in enumerate(suites):
+        # each suite gets its share of the budget (time one leaves goes to the next), so the first one
+        # cannot starve the others (the GPU check's headline step runs every suite in a short budget)
+        suite_deadline = None if deadline is None else start + budget_s * (i + 1) / len(suites)
         wls = suite_module(suite).workloads(mode, device)
+        if select is not None:
+            wls = [w for w in wls if bool(w.info.get("headline")) == (select == "headline")]
         workload_info += [{"suite": suite, "workload": w.name, "bytes_per_call": w.bytes_per_call,
                            "baselines": w.baselines, **w.info} for w in wls]
-        rows += [dict(r, suite=suite) for r in run_workloads(wls, device, mode, ceilings, deadline, log)]
-    report = {"schema": 2, "suites": list(suites), "mode": mode, "device": device, "budget_s": budget_s,
+        rows += [dict(r, suite=suite) for r in run_workloads(wls, device, mode, ceilings, suite_deadline, log)]
+    report = {"schema": 2, "suites": list(suites), "mode": mode, "select": select, "device": device,
+              "budget_s": budget_s,
               "elapsed_s": round(time.monotonic() - start, 2), "env": env, "ceilings": ceilings,
               "workloads": workload_info, "rows": rows}
     if out_dir is not None:

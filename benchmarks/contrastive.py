@@ -42,7 +42,7 @@ def _sizes(mode, device):
     if device.type != "cuda":
         return [(1024, 512), (4096, 512)] if mode == "full" else [(1024, 512)]
     if mode == "quick":
-        return [(4096, 512), (16384, 512)]
+        return [(4096, 512), (16384, 512), (32768, 512)]
     return [(n, d) for d in (512, 768) for n in (4096, 16384, 32768, 65536)]
 
 
@@ -147,6 +147,7 @@ def workloads(mode, device):
 
         nbytes = 4 * n * d * DTYPE.itemsize  # read a, b; write da, db
         info = {"N": n, "D": d, "dtype": "bf16", "floor_flops": floor_flops,
+                "headline": mode == "smoke" or (n, d) == (32768, 512),  # `bench --headline`: CLIP at 32k
                 "summary": f"CLIP loss fwd+bwd, N={n}, D={d}, bf16; 3-GEMM floor {floor_flops / 1e12:.2f} TFLOP"}
         out.append(Workload(f"clip_loss N={n} D={d}", build, nbytes, info, cases(),
                             baselines={"naive": "open_clip_ClipLoss", "inf_cl": "inf_cl_2calls"},

@@ -68,6 +68,7 @@ BLOCK_FULL = [
     BlockSpec("llama32_11b_xattn", "mllama", 1, 2048, 4096, 32, 8, 1, 4 * 1601, 14336,
               "Llama-3.2-11B-like cross-attention layer"),
 ]
+HEADLINE = ("flamingo3b_out_proj", "flamingo3b_block")  # `bench --headline`: one GEMM, one block
 BLOCK_SMOKE = [
     BlockSpec("flamingo3b_block", "flamingo", 2, 40, 64, 4, 4, 3, 4, 128, "tiny Flamingo-like block"),
     BlockSpec("llama32_11b_xattn", "mllama", 1, 24, 64, 4, 2, 1, 18, 96, "tiny Llama-3.2-like layer"),
@@ -247,6 +248,7 @@ def workloads(mode, device):
             flops = 2 * spec.M * spec.N * spec.K * (3 if backward else 1)
             nbytes = DTYPE.itemsize * (spec.M * spec.K + spec.N * spec.K + 2 * spec.M * spec.N) * (3 if backward else 1)
             info = {"model": spec.name, "direction": direction, "M": spec.M, "K": spec.K, "N": spec.N, "dtype": "bf16",
+                    "headline": spec.name in HEADLINE,
                     "summary": f"{spec.summary}: tanh_gated_linear M={spec.M} K={spec.K} N={spec.N}, bf16, {direction}"}
             out.append(Workload(f"{spec.name} {direction}", _gemm_build(spec, device, backward), nbytes, info,
                                 _gemm_cases(device), baselines={"gemm": "torch_gemm", "eager": "torch_gemm_eager_epilogue"},
@@ -260,6 +262,7 @@ def workloads(mode, device):
             weights = spec.dim * spec.dim * 4 + spec.dim * spec.hidden * (3 if spec.variant == "mllama" else 2)
             nbytes = DTYPE.itemsize * (2 * acts + weights) * (3 if backward else 1)
             info = {"model": spec.name, "direction": direction, "variant": spec.variant, "batch": spec.batch,
+                    "headline": spec.name in HEADLINE and not smoke,  # the block through the interpreter: ~30 s
                     "text": spec.text, "dim": spec.dim, "heads": spec.heads, "kv_heads": spec.kv_heads,
                     "visual_tokens": spec.images * spec.tokens_per_image, "dtype": "bf16",
                     "summary": f"{spec.summary}: B={spec.batch} L={spec.text} d={spec.dim} H={spec.heads}/{spec.kv_heads} "

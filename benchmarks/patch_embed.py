@@ -143,6 +143,7 @@ def workloads(mode, device):
             fwd_bytes += min(B, R) * T * (N + 1) * D * item
         bwd_bytes = fwd_bytes + tokens * D * item + pixels + D * K * item
         info = {"B": B, "tiles": T, "image": side, "P": P, "D": D, "dtype": "bf16",
+                "headline": name.startswith("vit_l14"),  # `bench --headline`: ViT-L/14
                 "summary": f"B={B}{f' x {T} tiles' if T else ''} @ {side}px, P={P}, D={D}, N={N}; "
                            f"{flops / 1e9:.1f} GFLOP fwd, {fwd_bytes / 1e6:.1f} MB fwd"}
         cases = []

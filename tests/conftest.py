@@ -21,7 +21,8 @@ def pytest_report_header(config):
     return [f"mmfast tests on {mode}", f"random seed {SEED} (set MMFAST_TEST_SEED to replay)"]
 
 
-@pytest.fixture(params=["cpu"] + (["cuda"] if HAS_CUDA else []))
+# "cuda" always: `pytest -m cuda` selects these on a GPU machine, and without one they skip with the reason
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request):
     return torch.device(request.param)
 
@@ -34,9 +35,13 @@ def matmul_precision():
     torch.set_float32_matmul_precision(saved)
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marks added here count
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device; the same logic runs on the CPU path in this suite")
     for item in items:
+        # modules that run on DEVICE = "cuda" when there is one exercise CUDA tensors: they are `-m cuda` too
+        if HAS_CUDA and getattr(getattr(item, "module", None), "DEVICE", None) == "cuda":
+            item.add_marker(pytest.mark.cuda)
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
 

@@ -24,6 +24,8 @@ import random
 import torch
 
 SEED = int(os.environ.get("MMFAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# pytest-xdist workers inherit the environment of the process that loads this first: one seed for all of them
+os.environ["MMFAST_TEST_SEED"] = str(SEED)
 _counter = [0]
 
 ODD_SIZES = (1, 77, 197, 257, 577, 1601)

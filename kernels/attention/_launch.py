@@ -6,6 +6,7 @@ import triton
 
 from .._common import (check_bool, check_scalar, check_tensor, check_triton_dtype, kernel_flags,
                        no_double_backward)
+from .. import _tuned
 from . import _configs as C
 from ._blockmask import AttentionBlockMask, build_block_mask, check_mask_args
 from ._kernels import (_attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_bwd_preprocess_kernel,
@@ -196,7 +197,7 @@ def _fwd_launch(q, k, v, mask, scale, max_q, max_k):
         *_stat_strides(row_max, varlen), *mask.strides(mask.kv_lists),
         seqlen_q, seqlen_k, hq // hkv, scale,
     )
-    cfg = C.launch_config("fwd", _attention_fwd_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
+    cfg = _tuned.attention_config("fwd", _attention_fwd_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
     _attention_fwd_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
         *args, HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         MASK_M=mask_m, MASK_N=mask_n, VARLEN=varlen, HAS_KPM=mask.has_kpm, **flags,
@@ -226,7 +227,8 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
         dlogsum = dlogsum.contiguous()
     args = (out, do, dlogsum if has_dlse else row_logsum, delta, mask.cu[0], *_bh_strides(out, varlen),
             *_bh_strides(do, varlen), *stat_strides, seqlen_q)
-    cfg = C.launch_config("pre", _attention_bwd_preprocess_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
+    cfg = _tuned.attention_config("pre", _attention_bwd_preprocess_kernel, args, head_dim, q.dtype, flags["PRECISION"],
+                                  interp)
     _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
         *args, HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, VARLEN=varlen, HAS_DLSE=has_dlse,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -239,7 +241,8 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
         *_bh_strides(dk, varlen), *_bh_strides(dv, varlen), *stat_strides, *mask.strides(mask.q_lists),
         seqlen_q, seqlen_k, hq // hkv, scale,
     )
-    cfg = C.launch_config("dkdv", _attention_bwd_dkdv_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
+    cfg = _tuned.attention_config("dkdv", _attention_bwd_dkdv_kernel, args, head_dim, q.dtype, flags["PRECISION"],
+                                  interp)
     _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), hkv, batch)](
         *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -249,7 +252,7 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
         *_bh_strides(dq, varlen), *stat_strides, *mask.strides(mask.kv_lists),
         seqlen_q, seqlen_k, hq // hkv, scale,
     )
-    cfg = C.launch_config("dq", _attention_bwd_dq_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
+    cfg = _tuned.attention_config("dq", _attention_bwd_dq_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
     _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
         *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -232,6 +232,7 @@ def test_non_finite_tensor_gate_raises(backend, gate):
         tanh_gated_linear(a, w, b, g, r, backend=backend)
 
 
+@pytest.mark.cuda
 def test_finite_gate_check_has_no_host_sync_on_cuda():
     """On CUDA the gate's check is asynchronous: the call does not synchronise with the device."""
     if not torch.cuda.is_available():

@@ -1,0 +1,61 @@
+"""benchmarks/gpu_check.sh's pieces that run without a GPU. The script itself runs end to end in CI
+(`.ci/run`'s gpu-image step: `--dry-run` on torch 2.11 + Triton 3.6, mmfast imported from the source tree);
+here: the finder of its source-tree import (the fallback when `pip install -e .` fails; CI's step proves the
+import itself, in an environment without mmfast installed) and its step order."""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+
+
+def _finder():
+    path = os.path.join(ROOT, "benchmarks", "srcpath", "sitecustomize.py")
+    spec = importlib.util.spec_from_file_location("_srcpath_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    before = list(sys.meta_path)
+    spec.loader.exec_module(module)
+    sys.meta_path[:] = before  # this process keeps its own import machinery
+    return module.SourceTreeFinder()
+
+
+def test_source_tree_finder_maps_the_relocated_packages():
+    finder = _finder()
+    cases = {"mmfast.kernels": "kernels/__init__.py", "mmfast.kernels.attention._launch": "kernels/attention/_launch.py",
+             "mmfast.benchmarks.tune": "benchmarks/tune.py", "mmfast.kernels._tuned": "kernels/_tuned.py"}
+    for name, rel in cases.items():
+        assert finder.find_spec(name, None).origin == os.path.join(ROOT, rel), name
+    csrc = finder.find_spec("mmfast.csrc", None)  # sources only, no __init__.py
+    assert list(csrc.submodule_search_locations) == [os.path.join(ROOT, "csrc")]
+    assert finder.find_spec("mmfast.kernels.nope", None) is None
+    assert finder.find_spec("mmfast.nn", None) is None  # not relocated: found on the root by the usual finder
+
+
+def test_script_order_headline_first_full_suite_last():
+    text = open(SCRIPT).read()
+    steps = re.findall(r"^\s*step (\w+) ", text, flags=re.M)
+    gpu = [s for s in dict.fromkeys(steps)]
+    assert gpu[:4] == ["pip", "info", "bench_headline", "tune"], gpu
+    assert gpu.index("check") < gpu.index("pytest_cuda") < gpu.index("pytest_all") < gpu.index("compile_report")
+    assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
+
+
+def test_every_suite_has_headline_workloads_and_others():
+    """`bench --headline` (the GPU check's first step) and `--rest` split every suite's GPU workloads; the
+    attention headline is the FlashAttention-3 paper's grid, the CLIP loss's is N = 32k."""
+    import torch
+
+    from mmfast.benchmarks.common import suite_module, suite_names
+
+    for name in suite_names():
+        wls = suite_module(name).workloads("quick", torch.device("cuda"))
+        headline = [w.name for w in wls if w.info.get("headline")]
+        assert headline and len(headline) < len(wls), (name, headline)
+        if name == "attention":
+            assert {w.split()[0] for w in headline} == {f"fa3_L{L}_D{D}{c}" for L in (1024, 4096, 16384)
+                                                        for D in (64, 128) for c in ("", "_causal")}
+        if name == "contrastive":
+            assert headline == ["clip_loss N=32768 D=512"]
