@@ -101,8 +101,10 @@ def _spec(kernel, constexprs, dtype, label, **launch):
              **{n: "*" + DTYPE_NAMES[dtype] for n in _FEATURE_POINTERS}, **{n: "constexpr" for n in _UNIT_STRIDES}}
     signature = derive_signature(kernel, types)
     constexprs = {**constexprs, **{n: v for n, v in _UNIT_STRIDES.items() if n in signature}}
+    # every dot kernel is compiled for aligned features: its 16-bit dots must run on wgmma on sm_90
+    needs_wgmma = dtype != torch.float32 and kernel is not _contrastive_colreduce_kernel
     return CompileSpec(kernel=kernel, signature=signature, constexprs=constexprs, label=label,
-                       divisibility={n: 16 for n in _DIVISIBLE if n in signature}, **launch)
+                       divisibility={n: 16 for n in _DIVISIBLE if n in signature}, needs_wgmma=needs_wgmma, **launch)
 
 
 def compile_specs():
