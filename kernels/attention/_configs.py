@@ -269,7 +269,9 @@ def compile_specs():
     IEEE dots; the optional features (varlen + key padding, dLSE) twice per pass; and the heaviest entries
     without the alignment specialisation (views with odd strides), the unaligned table's among them: bf16 at
     D = 128 and 256, fp32 TF32 at 256, fp32 IEEE at every bucket.
-    Head dims <= 32 use the 64 entry with a narrower BLOCK_D: smaller than what is checked here."""
+    Head dims <= 32 use the 64 entry with a narrower BLOCK_D: smaller than what is checked here.
+    Where sm_90 has its own entry (aligned 16-bit), the case compiles twice: the shared entry for sm_80 and
+    sm_90's for sm_90, marked needs_wgmma (the gate fails it unless every dot lowers to wgmma)."""
     specs = []
     for pass_ in KERNELS:
         fp32_precisions = ("tf32",) if pass_ == "pre" else ("tf32", "ieee")  # no dot in the Delta pass
