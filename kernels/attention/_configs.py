@@ -209,8 +209,9 @@ def _signature(kernel, dtype):
 
 
 def _step(pass_, cfg, head_dim, dtype):
-    """One main-loop step's dots and global loads, for the gate's arithmetic intensity."""
-    m, n, d, e = cfg.block_m, cfg.block_n, block_d(head_dim), dtype.itemsize
+    """One main-loop step's dots and global loads, for the gate's arithmetic intensity (useful work: the head
+    dim, not its power-of-two padding)."""
+    m, n, d, e = cfg.block_m, cfg.block_n, head_dim, dtype.itemsize
     if pass_ == "fwd":  # S = Q Kᵀ, O += P V; K and V tiles read
         return step(dots=[(m, n, d), (m, d, n)], loads=[(n, head_dim, e), (n, head_dim, e)])
     if pass_ == "dq":  # S = Q Kᵀ, dP = dO Vᵀ, dQ += dS K; K and V tiles read
