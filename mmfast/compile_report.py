@@ -766,7 +766,7 @@ def print_table(rows, title, file=None, plain=False):
     for row in rows:
         style = {"FAIL": "bold red", "skipped": "yellow"}.get(row.status)
         table.add_row(*_cells(row), style=style)
-    width = None if file.isatty() else 240  # captured output: don't wrap at 80 columns
+    width = None if file.isatty() else 400  # captured output: one line per row (no wrap at 80 columns)
     Console(file=file, width=width, soft_wrap=False).print(table)
 
 
