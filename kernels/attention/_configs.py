@@ -74,7 +74,7 @@ _GPU_IEEE_TABLE = {
     ("dkdv", 64, "ieee"): TileConfig(16, 32, 4, 2),  # 32 x 32 spills with 4 and 8 warps
     ("dkdv", 256, "ieee"): TileConfig(16, 16, 8, 1),  # 16 x 32 spills on sm_90
     ("dq", 64, "ieee"): TileConfig(32, 16, 4, 2),  # 64 x 32 spills with 4 warps, reaches 244 registers with 8
-    ("dq", 128, "ieee"): TileConfig(16, 32, 8, 2),  # 32 x 32 spills; with 4 warps 16 x 32 spills on 3.9 sm_90
+    ("dq", 128, "ieee"): TileConfig(16, 64, 8, 2),  # 32 x 32 spills; 16 x 32 (4 or 8 warps) spills 8 B on 3.6 or 3.9
 }
 
 # Inputs the JIT cannot prove 16-byte aligned (views at odd offsets, odd row / batch strides, head strides
