@@ -70,10 +70,41 @@ class CompileSpec:
     # divisible by 16 at run time; without it the compiler cannot prove 16-byte accesses (no cp.async
     # pipelining), so a kernel built for aligned operands would be judged on code it never runs
     divisibility: dict = field(default_factory=dict)
+    # compute capabilities the launchers choose this config on (the gate compiles it for those only);
+    # empty: every target
+    targets: tuple = ()
+    # One main-loop step, for the report's arithmetic intensity (FLOPs per byte of global loads): the
+    # (M, N, K) of each tl.dot and the (rows, columns, bytes per element) of each global load; see `step`
+    step_dots: tuple = ()
+    step_loads: tuple = ()
+    # a 16-bit tl.dot config the launchers choose for aligned inputs on sm_90: the gate fails it there
+    # unless every dot lowers to wgmma (mma.sync tops out near half of Hopper's tensor-core rate)
+    needs_wgmma: bool = False
 
     @property
     def name(self):
         return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+
+    @property
+    def intensity(self):
+        """FLOPs per byte of global loads in one main-loop step (None when the spec declares no step)."""
+        loaded = sum(r * c * b for r, c, b in self.step_loads)
+        if not self.step_dots or not loaded:
+            return None
+        return sum(2 * m * n * k for m, n, k in self.step_dots) / loaded
+
+    def compiled_for(self, cc):
+        return not self.targets or int(cc) in self.targets
+
+
+def step(dots=(), loads=()):
+    """The ``step_dots`` / ``step_loads`` keywords of a CompileSpec: `dots` as (M, N, K) of each tl.dot, `loads`
+    as (rows, columns, dtype or bytes per element) of each tensor read from global memory in one step."""
+    def nbytes(t):
+        return t if isinstance(t, int) else getattr(t, "itemsize", None) or {"fp32": 4, "fp16": 2, "bf16": 2}[t]
+
+    return {"step_dots": tuple(tuple(d) for d in dots),
+            "step_loads": tuple((r, c, nbytes(t)) for r, c, t in loads)}
 
 
 def all_compile_specs(names=NAMES):

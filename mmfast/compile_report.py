@@ -6,16 +6,22 @@ target it calls ``triton.compile`` (target ``GPUTarget("cuda", cc, 32)``), then 
 * registers, local memory and stack from ``cuobjdump --dump-resource-usage`` on the cubin,
 * spill stores / loads from ``ptxas -v`` on the kernel's PTX (the same ptxas Triton uses),
 * shared memory from ``compiled.metadata.shared`` (Triton allocates it dynamically),
+* the tensor-core instructions (``wgmma`` / ``mma.sync`` / none) and TMA loads from the PTX,
+* occupancy: the CTAs and warps per SM that those registers and that shared memory allow (``SM_LIMITS``),
+* the tile's arithmetic intensity, FLOPs per byte of global loads in one main-loop step, from the spec's
+  declared dots and loads (``CompileSpec.step_dots`` / ``step_loads``),
 
 and for each ``csrc/*.cu`` (when nvcc is found) compiles it with ``nvcc -c -Xptxas -v`` for the same
 targets and parses registers / spills / static shared memory per kernel.
 
 A row FAILs on a compile error, on local memory or spills (a stack frame counts only when ptxas
-reports spills), or on shared memory above the target's opt-in limit. CUDA sources are "skipped"
-(not failed) when nvcc is missing.
+reports spills), on shared memory above the target's opt-in limit, or, on sm_90, when a spec marked
+``needs_wgmma`` (a 16-bit ``tl.dot`` config the launchers choose for aligned inputs there) has any dot
+that does not lower to ``wgmma``. A spec with ``targets`` is compiled for those compute capabilities only.
+CUDA sources are "skipped" (not failed) when nvcc is missing.
 
 CLI: ``python -m mmfast compile-report [--arch 80,90] [--no-nvcc] [--json PATH] [--cu FILE ...]
-[--specs MODULE:FUNC ...] [--plain] [--triton VERSION]``
+[--specs MODULE:FUNC ...] [--filter TEXT ...] [--plain] [--triton VERSION]``
 (also ``python -m mmfast.compile_report``); the exit code is 1 when any row fails.
 
 ``--triton VERSION`` runs the same report with another Triton: in a virtual environment kept under
@@ -60,6 +66,16 @@ SHARED_LIMITS = {
     120: 101376,
 }
 
+# What bounds the CTAs resident on one SM, by compute capability (CUDA occupancy calculator, sm_80 / sm_90):
+# 64 K registers allocated per warp in units of 256, shared memory per SM with 1 KiB reserved per CTA,
+# at most 64 warps and 32 CTAs.
+SM_LIMITS = {
+    80: {"registers": 65536, "shared": 167936, "warps": 64, "ctas": 32},
+    90: {"registers": 65536, "shared": 233472, "warps": 64, "ctas": 32},
+}
+CTA_RESERVED_SHARED = 1024
+REGISTER_UNIT = 256  # registers per warp are allocated in units of this many
+
 _COUNTER = itertools.count()
 _REEXEC_GUARD = "MMFAST_COMPILE_REPORT_REEXEC"
 
@@ -78,6 +94,14 @@ class Row:
     stack: int = None  # bytes of stack frame per thread
     spill_stores: int = None  # bytes (ptxas -v)
     spill_loads: int = None
+    warps: int = None  # per CTA
+    mma: str = None  # tensor-core instructions in the PTX: "wgmma", "mma.sync", both joined by "+", or "none"
+    tma: bool = None  # whether the kernel loads through the Tensor Memory Accelerator (cp.async.bulk.tensor)
+    ctas_per_sm: int = None  # resident CTAs per SM that registers and shared memory allow
+    warps_per_sm: int = None
+    occupancy_limit: str = ""  # what bounds ctas_per_sm: "registers", "shared", "warps" or "ctas"
+    intensity: float = None  # FLOPs per byte of global loads in one main-loop step (CompileSpec.intensity)
+    needs_wgmma: bool = False  # CompileSpec.needs_wgmma: on sm_90 the row fails unless mma == "wgmma"
     reason: str = ""
     seconds: float = 0.0
 
@@ -237,6 +261,38 @@ def _short_name(signature):
     return signature
 
 
+_MMA_PATTERNS = (("wgmma", re.compile(r"^\s*wgmma\.mma_async", re.M)), ("mma.sync", re.compile(r"^\s*mma\.sync", re.M)))
+_TMA_PATTERN = re.compile(r"^\s*cp\.async\.bulk\.tensor", re.M)
+
+
+def mma_family(ptx):
+    """The tensor-core instructions in a PTX text: "wgmma", "mma.sync", "wgmma+mma.sync" or "none"."""
+    found = [name for name, pattern in _MMA_PATTERNS if pattern.search(ptx)]
+    return "+".join(found) or "none"
+
+
+def uses_tma(ptx):
+    return bool(_TMA_PATTERN.search(ptx))
+
+
+def occupancy(cc, registers, shared, warps):
+    """(CTAs per SM, warps per SM, the binding limit) for a kernel of `registers` per thread, `shared` bytes
+    of shared memory and `warps` warps per CTA on compute capability `cc` (None if `cc` is not tabled)."""
+    limits = SM_LIMITS.get(cc)
+    if limits is None or registers is None or warps is None:
+        return None, None, ""
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    bounds = {
+        "registers": (limits["registers"] // per_warp) // warps if per_warp else limits["ctas"],
+        "shared": limits["shared"] // ((shared or 0) + CTA_RESERVED_SHARED),
+        "warps": limits["warps"] // warps,
+        "ctas": limits["ctas"],
+    }
+    limit = min(bounds, key=bounds.get)
+    ctas = bounds[limit]
+    return ctas, ctas * warps, limit
+
+
 # ----------------------------------------------------------------------------------------------
 # Checks
 
@@ -253,6 +309,8 @@ def _judge(row):
             problems.append(f"{row.stack} B stack frame")
     if row.shared is not None and row.shared_limit is not None and row.shared > row.shared_limit:
         problems.append(f"shared memory {row.shared} B > {row.shared_limit} B limit of {row.target}")
+    if row.needs_wgmma and row.target == "sm_90" and row.mma is not None and row.mma != "wgmma":
+        problems.append(f"16-bit dots lower to {row.mma}, not wgmma, on sm_90")
     notes = []
     if row.stack and not spills:
         notes.append(f"{row.stack} B stack frame (no spills)")
@@ -285,7 +343,10 @@ def check_spec(spec, cc, workdir=None):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    row = Row(kernel=spec.name, config=spec.label or "", target=_sm(cc), shared_limit=SHARED_LIMITS.get(cc))
+    row = Row(kernel=spec.name, config=spec.label or "", target=_sm(cc), shared_limit=SHARED_LIMITS.get(cc),
+              warps=spec.num_warps, needs_wgmma=bool(getattr(spec, "needs_wgmma", False)))
+    intensity = getattr(spec, "intensity", None)
+    row.intensity = None if intensity is None else round(intensity, 1)
     start = time.perf_counter()
     try:
         if not hasattr(spec.kernel, "arg_names") or type(spec.kernel).__name__ == "InterpretedFunction":
@@ -337,6 +398,8 @@ def check_spec(spec, cc, workdir=None):
         # spill stores / loads: ptxas -v on the same PTX
         ptx = compiled.asm.get("ptx") if hasattr(compiled.asm, "get") else compiled.asm["ptx"]
         if ptx:
+            text = ptx if isinstance(ptx, str) else ptx.decode()
+            row.mma, row.tma = mma_family(text), uses_tma(text)
             ptx_path = base + ".ptx"
             with open(ptx_path, "w") as f:
                 f.write(ptx if isinstance(ptx, str) else ptx.decode())
@@ -360,6 +423,7 @@ def check_spec(spec, cc, workdir=None):
                     notes.append("ptxas -v gave no spill info")
             except (OSError, subprocess.SubprocessError, TypeError) as exc:
                 notes.append(f"ptxas unavailable: {exc}")
+        row.ctas_per_sm, row.warps_per_sm, row.occupancy_limit = occupancy(cc, row.registers, row.shared, row.warps)
         _judge(row)
         if notes:
             row.reason = "; ".join(([row.reason] if row.reason else []) + notes)
@@ -505,6 +569,11 @@ def check_cuda_source(source, targets, nvcc=None, workdir=None):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _compiled_for(spec, cc):
+    """Whether the launchers may choose `spec` on compute capability `cc` (CompileSpec.targets)."""
+    return not getattr(spec, "targets", ()) or int(cc) in spec.targets
+
+
 def _triton_specs():
     from mmfast.kernels._registry import all_compile_specs
 
@@ -572,6 +641,8 @@ def run(targets=(80, 90), include_cuda_sources=True, specs=None, cu_files=None, 
         rows = []
         for spec in specs:
             for cc in targets:
+                if not _compiled_for(spec, cc):
+                    continue
                 if on_start:
                     on_start(spec, cc)
                 row = check_spec(spec, cc, workdir=workdir)
@@ -644,6 +715,7 @@ def _cells(row):
     if row.spill_stores or row.spill_loads:
         spills += f" (st {row.spill_stores}/ld {row.spill_loads})"
     status = row.status + (f": {row.reason}" if row.reason else "")
+    occupancy = "" if row.ctas_per_sm is None else f"{row.ctas_per_sm} / {row.warps_per_sm} ({row.occupancy_limit})"
     return [
         row.kernel,
         row.config,
@@ -651,11 +723,17 @@ def _cells(row):
         "" if row.registers is None else str(row.registers),
         "" if row.shared is None else str(row.shared),
         spills,
+        row.mma or "",
+        "" if row.tma is None else ("yes" if row.tma else "no"),
+        occupancy,
+        "" if row.intensity is None else f"{row.intensity:.0f}",
         status,
     ]
 
 
-HEADERS = ["kernel", "config", "target", "registers", "shared (B)", "spills (local B)", "status"]
+HEADERS = ["kernel", "config", "target", "registers", "shared (B)", "spills (local B)", "mma", "tma",
+           "CTAs / warps per SM", "FLOP/B", "status"]
+_NUMERIC = ("registers", "shared (B)", "spills (local B)", "CTAs / warps per SM", "FLOP/B")
 
 
 def format_table(rows):
@@ -683,12 +761,12 @@ def print_table(rows, title, file=None, plain=False):
         return
     table = Table(title=title, title_justify="left")
     for h in HEADERS:
-        table.add_column(h, justify="right" if h in ("registers", "shared (B)", "spills (local B)") else "left",
+        table.add_column(h, justify="right" if h in _NUMERIC else "left",
                          overflow="fold")
     for row in rows:
         style = {"FAIL": "bold red", "skipped": "yellow"}.get(row.status)
         table.add_row(*_cells(row), style=style)
-    width = None if file.isatty() else 240  # captured output: don't wrap at 80 columns
+    width = None if file.isatty() else 400  # captured output: one line per row (no wrap at 80 columns)
     Console(file=file, width=width, soft_wrap=False).print(table)
 
 
@@ -702,6 +780,8 @@ def _parse_args(argv):
     p.add_argument("--specs", metavar="MODULE:FUNC", action="append",
                    help="check the specs returned by MODULE:FUNC (or FILE.py:FUNC) instead of all_compile_specs() "
                    "(repeatable)")
+    p.add_argument("--filter", metavar="TEXT", action="append",
+                   help="only the specs whose kernel name or config contains TEXT (repeatable: any of them)")
     p.add_argument("--plain", action="store_true", help="plain text table even if rich is installed")
     p.add_argument("--triton", metavar="VERSION",
                    help="run the report with this Triton release, in a cached virtual environment (see above)")
@@ -895,7 +975,10 @@ def main(argv=None):
         specs = [spec for ref in args.specs for spec in load_specs(ref)]
     else:
         specs = _triton_specs()
-    with Progress(len(specs) * len(targets), plain=args.plain) as progress:
+    if args.filter:
+        specs = [s for s in specs if any(t in f"{s.name} {s.label}" for t in args.filter)]
+    total = sum(_compiled_for(spec, cc) for spec in specs for cc in targets)
+    with Progress(total, plain=args.plain) as progress:
         rows = run(targets=targets, include_cuda_sources=not args.no_nvcc, specs=specs, cu_files=args.cu,
                    progress=progress, on_start=progress.start)
     elapsed = time.perf_counter() - start

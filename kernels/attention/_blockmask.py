@@ -19,7 +19,7 @@ import torch
 from .._common import check_bool, check_int
 
 # Mask tile (query rows x keys). Kernel tiles divide these; see _configs.py.
-MASK_TILE_GPU = (128, 64)
+MASK_TILE_GPU = (128, 128)
 MASK_TILE_INTERPRETER = (32, 32)
 
 

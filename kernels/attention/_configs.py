@@ -1,22 +1,24 @@
 """Launch configs of the attention kernels (as data) and their compile-gate specs.
 
 No runtime autotuning: a fixed table keyed by (pass, head-dim bucket, operands) keeps runs deterministic and
-first calls cheap, and lets the compile gate check every entry for sm_80 and sm_90 (one table serves both;
-sm_80's registers are the binding limit). Head dims are padded to the next power of two; 16 and 32 use the
+first calls cheap, and lets the compile gate check every entry for sm_80 and sm_90. One table serves both
+(sm_80's registers are the binding limit), except for aligned 16-bit inputs on sm_90 (``_SM90_TABLE``):
+there Hopper's ``wgmma`` (64 rows per warpgroup, accumulators spread over 128 threads) fits tiles that
+spill with ``mma.sync``, and the gate fails any such entry that does not lower to ``wgmma``. Head dims are padded to the next power of two; 16 and 32 use the
 64 entry. Operands: "16-bit" (fp16 / bf16 on tensor cores), "tf32" (fp32 on TF32 tensor cores) and "ieee"
 (fp32 dots as FMA loops, ``torch.set_float32_matmul_precision("highest")``, the default), see
 ``_common.matmul_precision``. Kernel tiles divide the block-mask tile (``MASK_TILE_GPU`` = 128 query rows x
-64 keys), so one block mask serves every entry. Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast
+128 keys), so one block mask serves every entry. Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast
 while still stepping through the sub-tile loops.
 """
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 
 from .._common import DTYPE_NAMES
-from .._registry import CompileSpec, derive_signature
+from .._registry import CompileSpec, derive_signature, step
 from ._blockmask import MASK_TILE_GPU, MASK_TILE_INTERPRETER
 from ._kernels import (_attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_bwd_preprocess_kernel,
                        _attention_fwd_kernel)
@@ -32,6 +34,7 @@ class TileConfig:
     block_n: int  # keys per tile (0: the Delta pass has none)
     num_warps: int
     num_stages: int
+    split: bool = False  # dK/dV only: one accumulator per program (the kernel's SPLIT)
 
 
 # Bigger tiles mean fewer K/V (fwd, dQ) or Q/dO (dK/dV) re-reads and fuller MMAs; each entry is the largest
@@ -71,7 +74,7 @@ _GPU_IEEE_TABLE = {
     ("dkdv", 64, "ieee"): TileConfig(16, 32, 4, 2),  # 32 x 32 spills with 4 and 8 warps
     ("dkdv", 256, "ieee"): TileConfig(16, 16, 8, 1),  # 16 x 32 spills on sm_90
     ("dq", 64, "ieee"): TileConfig(32, 16, 4, 2),  # 64 x 32 spills with 4 warps, reaches 244 registers with 8
-    ("dq", 128, "ieee"): TileConfig(16, 32, 8, 2),  # 32 x 32 spills; with 4 warps 16 x 32 spills on 3.9 sm_90
+    ("dq", 128, "ieee"): TileConfig(16, 64, 8, 2),  # 32 x 32 spills; 16 x 32 (4 or 8 warps) spills 8 B on 3.6 or 3.9
 }
 
 # Inputs the JIT cannot prove 16-byte aligned (views at odd offsets, odd row / batch strides, head strides
@@ -85,6 +88,22 @@ _GPU_UNALIGNED_TABLE = {
     ("fwd", 256, "ieee"): TileConfig(16, 16, 8, 2),  # the aligned tile (4 warps) sits at 252 - 255 registers
     ("dkdv", 128, "ieee"): TileConfig(16, 32, 8, 2),  # the aligned tile (4 warps) sits at 255 registers
     ("dkdv", 256, "ieee"): TileConfig(16, 16, 8, 2),  # stage 1 spills on sm_80
+}
+
+# Aligned 16-bit inputs on sm_90 (wgmma): the largest tile of the tutorial's orientation (forward and dQ: 128
+# query rows against a KV tile; dK/dV: 128 keys against a query tile) that compiles without spills on Triton
+# 3.6, 3.8 and 3.9 at the bucket's worst case (non-power-of-two D, varlen with key padding). Intensity
+# (FLOPs per byte loaded per step) grows with the resident side: fwd BLOCK_M, dQ 1.5·BLOCK_M, dK/dV 2·BLOCK_N.
+_SM90_TABLE = {
+    ("fwd", 64, "16-bit"): TileConfig(128, 64, 8, 3),  # 128 x 128 spills at D = 40 (255 registers)
+    ("fwd", 128, "16-bit"): TileConfig(128, 64, 8, 2),  # 128 x 32 before; 3 stages reach 252 registers with kpm
+    ("fwd", 256, "16-bit"): TileConfig(128, 16, 8, 2),  # 128 rows; 128 x 32 spills with varlen + key padding
+    ("dkdv", 64, "16-bit"): TileConfig(32, 128, 8, 3),  # the tutorial's 32 x 128; with 4 warps it spills
+    ("dkdv", 128, "16-bit"): TileConfig(16, 128, 8, 2),  # 128 keys; 32 queries reach 254 registers at D = 80
+    ("dkdv", 256, "16-bit"): TileConfig(16, 64, 8, 2, split=True),  # both 64 x 256 accumulators spill on 3.9
+    ("dq", 64, "16-bit"): TileConfig(128, 64, 8, 2),  # 128 rows, twice the tutorial's keys: 172-213 registers
+    ("dq", 128, "16-bit"): TileConfig(128, 32, 8, 2),  # the tutorial's 128 x 32 (32 x 64 on mma.sync before)
+    ("dq", 256, "16-bit"): TileConfig(128, 16, 8, 2),  # 128 rows (32 x 32 before); 128 x 32 reaches 248
 }
 
 _INTERPRETER_TABLE = {
@@ -107,12 +126,15 @@ def operands(pass_, dtype, precision):
     return "fp32" if pass_ == "pre" else precision
 
 
-def get_config(pass_, head_dim, dtype, precision, aligned=True):
-    """The GPU table entry for a pass on inputs of `dtype` whose fp32 dots run at `precision`."""
+def get_config(pass_, head_dim, dtype, precision, aligned=True, cc=80):
+    """The GPU table entry for a pass on inputs of `dtype` whose fp32 dots run at `precision`, on a device
+    of compute capability `cc` (80 for 8.0)."""
     kind = operands(pass_, dtype, precision)
     key = (pass_, max(64, block_d(head_dim)), kind)
     if not aligned and key in _GPU_UNALIGNED_TABLE:
         return _GPU_UNALIGNED_TABLE[key]
+    if aligned and cc == 90 and key in _SM90_TABLE:
+        return _SM90_TABLE[key]
     if kind == "ieee":
         return _GPU_IEEE_TABLE.get(key) or _GPU_TABLE[(pass_, key[1], "tf32")]
     return _GPU_TABLE[key]
@@ -153,12 +175,23 @@ def is_aligned(kernel, head_dim, args):
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def capability(device):
+    """Compute capability of a CUDA device as one number (90 for 9.0)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def launch_config(pass_, kernel, args, head_dim, dtype, precision, interpreter):
-    """The tiles for a launch of `kernel` with these positional arguments: unaligned inputs may get a smaller
-    entry (the compile gate checks both, with and without the divisibility hints)."""
+    """The tiles for a launch of `kernel` with these positional arguments (the first a tensor on the launch's
+    device): unaligned inputs may get a smaller entry (the compile gate checks both, with and without the
+    divisibility hints), sm_90 its own. Under the interpreter dK/dV runs SPLIT at D >= 64, so that the CPU
+    tests step through both of its orders."""
     if interpreter:
-        return _INTERPRETER_TABLE[pass_]
-    return get_config(pass_, head_dim, dtype, precision, is_aligned(kernel, head_dim, args))
+        cfg = _INTERPRETER_TABLE[pass_]
+        return replace(cfg, split=True) if pass_ == "dkdv" and head_dim >= 64 else cfg
+    return get_config(pass_, head_dim, dtype, precision, is_aligned(kernel, head_dim, args),
+                      capability(args[0].device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,28 +208,60 @@ def _signature(kernel, dtype):
     return derive_signature(kernel, types)
 
 
-def _spec(pass_, dtype, head_dim, precision, varlen=False, flag=False, aligned=True):
+def _step(pass_, cfg, head_dim, dtype):
+    """One main-loop step's dots and global loads, for the gate's arithmetic intensity (useful work: the head
+    dim, not its power-of-two padding)."""
+    m, n, d, e = cfg.block_m, cfg.block_n, head_dim, dtype.itemsize
+    if pass_ == "fwd":  # S = Q Kᵀ, O += P V; K and V tiles read
+        return step(dots=[(m, n, d), (m, d, n)], loads=[(n, head_dim, e), (n, head_dim, e)])
+    if pass_ == "dq":  # S = Q Kᵀ, dP = dO Vᵀ, dQ += dS K; K and V tiles read
+        return step(dots=[(m, n, d), (m, n, d), (m, d, n)], loads=[(n, head_dim, e), (n, head_dim, e)])
+    if pass_ == "dkdv":  # Sᵀ = K Qᵀ, dV += Pᵀ dO, dPᵀ = V dOᵀ, dK += dSᵀ Q; Q, dO and 3 row statistics read
+        loads = [(m, head_dim, e), (m, head_dim, e), (m, 3, 4)]
+        dots = [(n, m, d), (n, d, m), (n, m, d), (n, d, m)]
+        if cfg.split:  # both programs of a KV tile: the dK one recomputes Sᵀ and reads Q, dO and the stats again
+            return step(dots=dots + [(n, m, d)], loads=loads * 2)
+        return step(dots=dots, loads=loads)
+    return {}  # the Delta pass: no dot
+
+
+def _spec(pass_, dtype, head_dim, precision, varlen=False, flag=False, aligned=True, cfg=None, targets=()):
     """One compile spec; `flag` is the pass's optional extra load (key padding; the Delta pass: dLSE)."""
     kernel = KERNELS[pass_]
-    cfg = get_config(pass_, head_dim, dtype, precision, aligned=aligned)
+    cfg = cfg or get_config(pass_, head_dim, dtype, precision, aligned=aligned)
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_M": cfg.block_m, "VARLEN": varlen}
     if pass_ == "pre":
         constexprs["HAS_DLSE"] = flag
     else:
         constexprs.update({"BLOCK_N": cfg.block_n, "MASK_M": MASK_TILE_GPU[0], "MASK_N": MASK_TILE_GPU[1],
                            "HAS_KPM": flag, "PRECISION": precision, "EMULATE": False})
+    if pass_ == "dkdv":
+        constexprs["SPLIT"] = cfg.split
     kind = operands(pass_, dtype, precision)
     label = (f"{pass_} {DTYPE_NAMES[dtype]}{'' if kind in ('16-bit', 'fp32') else ' ' + kind} D={head_dim} "
              f"BLOCK_M={cfg.block_m}" + (f" BLOCK_N={cfg.block_n}" if cfg.block_n else "")
-             + f" warps={cfg.num_warps} stages={cfg.num_stages}" + (" varlen" if varlen else "")
+             + f" warps={cfg.num_warps} stages={cfg.num_stages}" + (" split" if cfg.split else "")
+             + (" varlen" if varlen else "")
              + ((" dlse" if pass_ == "pre" else " kpm") if flag else "") + ("" if aligned else " unaligned"))
     # What the JIT sees on typical inputs: 16-byte aligned tensors, row / batch strides (H·D, L·H·D) that are
     # multiples of 16, and head strides (D) too when D is. Specialised code is what runs (vector loads,
     # cp.async pipelining), so that is what the gate judges; the launcher picks the aligned entry only when
     # all of these hold (is_aligned), else the unaligned one, compiled here without any hint.
     div = {name: 16 for name in aligned_args(kernel, head_dim)} if aligned else {}
+    # the launchers' choice for aligned 16-bit dots on sm_90 must run on wgmma (the gate checks it there)
+    needs_wgmma = aligned and kind == "16-bit" and pass_ != "pre" and (not targets or 90 in targets)
     return CompileSpec(kernel=kernel, signature=_signature(kernel, dtype), constexprs=constexprs,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, label=label, divisibility=div)
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, label=label, divisibility=div,
+                       targets=targets, needs_wgmma=needs_wgmma, **_step(pass_, cfg, head_dim, dtype))
+
+
+def _specs(pass_, dtype, head_dim, precision, varlen=False, flag=False, aligned=True):
+    """The specs of one launch case: one for both targets, or one per target where sm_90 has its own entry."""
+    per_cc = {cc: get_config(pass_, head_dim, dtype, precision, aligned, cc) for cc in (80, 90)}
+    if per_cc[80] == per_cc[90]:
+        return [_spec(pass_, dtype, head_dim, precision, varlen, flag, aligned)]
+    return [_spec(pass_, dtype, head_dim, precision, varlen, flag, aligned, cfg=cfg, targets=(cc,))
+            for cc, cfg in per_cc.items()]
 
 
 def compile_specs():
@@ -205,23 +270,25 @@ def compile_specs():
     IEEE dots; the optional features (varlen + key padding, dLSE) twice per pass; and the heaviest entries
     without the alignment specialisation (views with odd strides), the unaligned table's among them: bf16 at
     D = 128 and 256, fp32 TF32 at 256, fp32 IEEE at every bucket.
-    Head dims <= 32 use the 64 entry with a narrower BLOCK_D: smaller than what is checked here."""
+    Head dims <= 32 use the 64 entry with a narrower BLOCK_D: smaller than what is checked here.
+    Where sm_90 has its own entry (aligned 16-bit), the case compiles twice: the shared entry for sm_80 and
+    sm_90's for sm_90, marked needs_wgmma (the gate fails it unless every dot lowers to wgmma)."""
     specs = []
     for pass_ in KERNELS:
         fp32_precisions = ("tf32",) if pass_ == "pre" else ("tf32", "ieee")  # no dot in the Delta pass
         for head_dim in (64, 40, 128, 80, 256):
             if pass_ == "pre" and head_dim in (40, 80):
                 continue  # a row reduction without tl.dot: far from any register limit
-            specs.append(_spec(pass_, torch.bfloat16, head_dim, "ieee"))
+            specs.extend(_specs(pass_, torch.bfloat16, head_dim, "ieee"))
         for precision in fp32_precisions:
             for head_dim in (64, 128, 256):
-                specs.append(_spec(pass_, torch.float32, head_dim, precision))
-        specs.append(_spec(pass_, torch.bfloat16, 256, "ieee", varlen=True, flag=True))
-        specs.append(_spec(pass_, torch.float16, 128, "ieee", varlen=True, flag=True))
+                specs.extend(_specs(pass_, torch.float32, head_dim, precision))
+        specs.extend(_specs(pass_, torch.bfloat16, 256, "ieee", varlen=True, flag=True))
+        specs.extend(_specs(pass_, torch.float16, 128, "ieee", varlen=True, flag=True))
         if pass_ != "pre":
-            specs.append(_spec(pass_, torch.bfloat16, 128, "ieee", aligned=False))
-            specs.append(_spec(pass_, torch.bfloat16, 256, "ieee", aligned=False))
-            specs.append(_spec(pass_, torch.float32, 256, "tf32", aligned=False))
+            specs.extend(_specs(pass_, torch.bfloat16, 128, "ieee", aligned=False))
+            specs.extend(_specs(pass_, torch.bfloat16, 256, "ieee", aligned=False))
+            specs.extend(_specs(pass_, torch.float32, 256, "tf32", aligned=False))
             for head_dim in (64, 128, 256):  # IEEE FMA loops: the heaviest register users at every head dim
-                specs.append(_spec(pass_, torch.float32, head_dim, "ieee", aligned=False))
+                specs.extend(_specs(pass_, torch.float32, head_dim, "ieee", aligned=False))
     return specs

@@ -214,8 +214,10 @@ def _dkdv_inner(
     blocks, num_blocks, offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
 ):
-    """dK, dV of one KV tile from the query blocks listed at `blocks` (transposed: the tile's keys are rows)."""
+    """dK and / or dV (NEED_DK, NEED_DV) of one KV tile from the query blocks listed at `blocks` (transposed:
+    the tile's keys are rows)."""
     STEPS: tl.constexpr = MASK_M // BLOCK_M  # kernel tiles per mask tile
     d_ok = offs_d < HEAD_DIM
     for t in range(0, num_blocks * STEPS):
@@ -236,10 +238,41 @@ def _dkdv_inner(
             if HAS_KPM:
                 visible = visible & kpm_keep[:, None]
             pT = tl.where(visible, pT, 0.0)
-        dv += dot(round_to(pT, do.dtype, EMULATE), do, None, PRECISION, EMULATE)
-        dpT = dot(v, tl.trans(do), None, PRECISION, EMULATE)
-        dsT = pT * (dpT - delta[None, :])
-        dk += dot(round_to(dsT, qT.dtype, EMULATE), tl.trans(qT), None, PRECISION, EMULATE)
+        if NEED_DV:
+            dv += dot(round_to(pT, do.dtype, EMULATE), do, None, PRECISION, EMULATE)
+        if NEED_DK:
+            dpT = dot(v, tl.trans(do), None, PRECISION, EMULATE)
+            dsT = pT * (dpT - delta[None, :])
+            dk += dot(round_to(dsT, qT.dtype, EMULATE), tl.trans(qT), None, PRECISION, EMULATE)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_heads(
+    dk, dv, k, v, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx, PartIdx, full_num, part_num,
+    batch, q_first, kv_h, group, range_off, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
+    stride_statb, stride_stath, offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, HAS_KPM: tl.constexpr,
+    PRECISION: tl.constexpr, EMULATE: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+):
+    """dK and / or dV of one KV tile over the query heads of its GQA group: full query blocks, then partial."""
+    for g in range(0, group):
+        h = (kv_h * group + g).to(tl.int64)
+        q_ptrs0 = Q + batch * stride_qb + q_first * stride_qm + h * stride_qh + offs_d[:, None]
+        do_ptrs0 = DOut + batch * stride_dob + q_first * stride_dom + h * stride_doh + offs_d[None, :]
+        stat_off = batch * stride_statb + q_first + h * stride_stath
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_ptrs0, do_ptrs0, stride_qm, stride_dom, RowMax + stat_off, RowLogSum + stat_off,
+            Delta + stat_off, RowLo + range_off, RowHi + range_off, FullIdx, full_num,
+            offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
+            HEAD_DIM, BLOCK_M, MASK_M, False, HAS_KPM, PRECISION, EMULATE, NEED_DK, NEED_DV,
+        )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_ptrs0, do_ptrs0, stride_qm, stride_dom, RowMax + stat_off, RowLogSum + stat_off,
+            Delta + stat_off, RowLo + range_off, RowHi + range_off, PartIdx, part_num,
+            offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
+            HEAD_DIM, BLOCK_M, MASK_M, True, HAS_KPM, PRECISION, EMULATE, NEED_DK, NEED_DV,
+        )
     return dk, dv
 
 
@@ -256,12 +289,21 @@ def _attention_bwd_dkdv_kernel(
     seqlen_q, seqlen_k, group, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
-    PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    PRECISION: tl.constexpr, EMULATE: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """dK = scale · Σ dSᵀ Q and dV = Σ Pᵀ dO for one KV tile of one KV head, over its query heads and blocks."""
+    """dK = scale · Σ dSᵀ Q and dV = Σ Pᵀ dO for one KV tile of one KV head, over its query heads and blocks.
+
+    SPLIT: two programs per KV tile, one accumulator each (even: dV, odd: dK; the grid's axis 0 doubles):
+    half the live accumulator registers, where both would spill (D = 256 with wgmma), for one more dot
+    (the dK program recomputes Qᵀ K) and a second read of Q and dO.
+    """
     tl.static_assert(MASK_M % BLOCK_M == 0)
     tl.static_assert(MASK_N % BLOCK_N == 0)
-    pid_n = tl.program_id(0)
+    if SPLIT:
+        pid_n = tl.program_id(0) // 2
+        role = tl.program_id(0) % 2
+    else:
+        pid_n = tl.program_id(0)
     kv_h = tl.program_id(1)
     b = tl.program_id(2)
     batch, q_first, seqlen_q = _sequence(b, CuQ, seqlen_q, VARLEN)
@@ -292,28 +334,36 @@ def _attention_bwd_dkdv_kernel(
     full_num = tl.load(FullNum + num)
     part_num = tl.load(PartNum + num)
     range_off = batch * stride_rangeb + q_first
-    for g in range(0, group):
-        h = (kv_h * group + g).to(tl.int64)
-        q_ptrs0 = Q + batch * stride_qb + q_first * stride_qm + h * stride_qh + offs_d[:, None]
-        do_ptrs0 = DOut + batch * stride_dob + q_first * stride_dom + h * stride_doh + offs_d[None, :]
-        stat_off = batch * stride_statb + q_first + h * stride_stath
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_ptrs0, do_ptrs0, stride_qm, stride_dom, RowMax + stat_off, RowLogSum + stat_off,
-            Delta + stat_off, RowLo + range_off, RowHi + range_off, FullIdx + idx, full_num,
-            offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
-            HEAD_DIM, BLOCK_M, MASK_M, False, HAS_KPM, PRECISION, EMULATE,
+    if SPLIT:
+        if role == 0:
+            dk, dv = _dkdv_heads(
+                dk, dv, k, v, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx, PartIdx + idx,
+                full_num, part_num, batch, q_first, kv_h, group, range_off, stride_qb, stride_qm, stride_qh,
+                stride_dob, stride_dom, stride_doh, stride_statb, stride_stath, offs_n, offs_m0, offs_d, seqlen_q,
+                kpm_keep, sm_scale, HEAD_DIM, BLOCK_M, MASK_M, HAS_KPM, PRECISION, EMULATE, False, True,
+            )
+            tl.store(DV + batch * stride_dvb + k_first * stride_dvn + kv_h.to(tl.int64) * stride_dvh + cols * stride_dvn
+                     + offs_d[None, :], round_to(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+        else:
+            dk, dv = _dkdv_heads(
+                dk, dv, k, v, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx, PartIdx + idx,
+                full_num, part_num, batch, q_first, kv_h, group, range_off, stride_qb, stride_qm, stride_qh,
+                stride_dob, stride_dom, stride_doh, stride_statb, stride_stath, offs_n, offs_m0, offs_d, seqlen_q,
+                kpm_keep, sm_scale, HEAD_DIM, BLOCK_M, MASK_M, HAS_KPM, PRECISION, EMULATE, True, False,
+            )
+            tl.store(DK + batch * stride_dkb + k_first * stride_dkn + kv_h.to(tl.int64) * stride_dkh + cols * stride_dkn
+                     + offs_d[None, :], round_to(dk * sm_scale, DK.dtype.element_ty, EMULATE), mask=kv_mask)
+    else:
+        dk, dv = _dkdv_heads(
+            dk, dv, k, v, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx, PartIdx + idx,
+            full_num, part_num, batch, q_first, kv_h, group, range_off, stride_qb, stride_qm, stride_qh,
+            stride_dob, stride_dom, stride_doh, stride_statb, stride_stath, offs_n, offs_m0, offs_d, seqlen_q,
+            kpm_keep, sm_scale, HEAD_DIM, BLOCK_M, MASK_M, HAS_KPM, PRECISION, EMULATE, True, True,
         )
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_ptrs0, do_ptrs0, stride_qm, stride_dom, RowMax + stat_off, RowLogSum + stat_off,
-            Delta + stat_off, RowLo + range_off, RowHi + range_off, PartIdx + idx, part_num,
-            offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
-            HEAD_DIM, BLOCK_M, MASK_M, True, HAS_KPM, PRECISION, EMULATE,
-        )
-    dk *= sm_scale
-    tl.store(DK + batch * stride_dkb + k_first * stride_dkn + kv_h.to(tl.int64) * stride_dkh + cols * stride_dkn
-             + offs_d[None, :], round_to(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
-    tl.store(DV + batch * stride_dvb + k_first * stride_dvn + kv_h.to(tl.int64) * stride_dvh + cols * stride_dvn
-             + offs_d[None, :], round_to(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+        tl.store(DK + batch * stride_dkb + k_first * stride_dkn + kv_h.to(tl.int64) * stride_dkh + cols * stride_dkn
+                     + offs_d[None, :], round_to(dk * sm_scale, DK.dtype.element_ty, EMULATE), mask=kv_mask)
+        tl.store(DV + batch * stride_dvb + k_first * stride_dvn + kv_h.to(tl.int64) * stride_dvh + cols * stride_dvn
+                     + offs_d[None, :], round_to(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
 
 
 @triton.jit

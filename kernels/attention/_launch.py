@@ -243,8 +243,9 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
     )
     cfg = _tuned.attention_config("dkdv", _attention_bwd_dkdv_kernel, args, head_dim, q.dtype, flags["PRECISION"],
                                   interp)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), hkv, batch)](
-        *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n) * (2 if cfg.split else 1), hkv, batch)](
+        *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split, **common, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     args = (
         q, k, v, do, row_max, row_logsum, delta, dq, *mask.ranges, mask.kpm, *mask.cu, *mask.kv_lists,

@@ -7,7 +7,7 @@ import torch
 import triton
 
 from .._common import DTYPE_NAMES
-from .._registry import CompileSpec, derive_signature
+from .._registry import CompileSpec, derive_signature, step
 from ._kernels import (MODE_SIGMOID, MODE_SOFTMAX, _contrastive_bwd_da_kernel, _contrastive_bwd_db_kernel,
                        _contrastive_colreduce_kernel, _contrastive_fwd_kernel)
 
@@ -101,8 +101,10 @@ def _spec(kernel, constexprs, dtype, label, **launch):
              **{n: "*" + DTYPE_NAMES[dtype] for n in _FEATURE_POINTERS}, **{n: "constexpr" for n in _UNIT_STRIDES}}
     signature = derive_signature(kernel, types)
     constexprs = {**constexprs, **{n: v for n, v in _UNIT_STRIDES.items() if n in signature}}
+    # every dot kernel is compiled for aligned features: its 16-bit dots must run on wgmma on sm_90
+    needs_wgmma = dtype != torch.float32 and kernel is not _contrastive_colreduce_kernel
     return CompileSpec(kernel=kernel, signature=signature, constexprs=constexprs, label=label,
-                       divisibility={n: 16 for n in _DIVISIBLE if n in signature}, **launch)
+                       divisibility={n: 16 for n in _DIVISIBLE if n in signature}, needs_wgmma=needs_wgmma, **launch)
 
 
 def compile_specs():
@@ -122,13 +124,21 @@ def compile_specs():
             flags = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BK=block_k(dtype, teacher), PRECISION=precision,
                          EMULATE=False)
             fwd_c = dict(flags, SMOOTH=smooth, BI=row_block(fwd["R"], QP), BN=fwd_block_n(fwd, teacher))
-            yield _spec(_contrastive_fwd_kernel, fwd_c, dtype, f"{tag} R={fwd['R']} BN={fwd_c['BN']} BK={fwd_c['BK']}",
-                        num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])
+            R, BN, BK = fwd["R"], fwd_c["BN"], fwd_c["BK"]
+            yield _spec(_contrastive_fwd_kernel, fwd_c, dtype, f"{tag} R={R} BN={BN} BK={BK}",
+                        num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
+                        **step(dots=[(R, BN, BK)], loads=[(R, BK, dtype), (BN, BK, dtype)]))
             launch = dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
                           options={"maxnreg": bwd["maxnreg"]} if bwd["maxnreg"] else {})
             chunks = (bwd["BD_MAX"], 64, 128, 256) if (label, dtype) == ("clip", torch.bfloat16) else (bwd["BD_MAX"],)
             for bd in chunks:
                 c = dict(flags, BI=row_block(bwd["R"], QP), BN=bwd["BN"], BD=bd)
                 what = f"{tag} R={bwd['R']} BN={bwd['BN']} BK={c['BK']} BD={bd}"
-                yield _spec(_contrastive_bwd_da_kernel, c, dtype, what, **launch)
-                yield _spec(_contrastive_bwd_db_kernel, c, dtype, what, **launch)
+                # one partner block at D = BD: the logits recomputed from both feature tiles, then the gradient
+                # dot; the intensity of a D = BD problem (wider D adds K steps of the recompute)
+                R, BN = bwd["R"], bwd["BN"]
+                loads = [(R, bd, dtype), (BN, bd, dtype)]
+                yield _spec(_contrastive_bwd_da_kernel, c, dtype, what, **launch,
+                            **step(dots=[(R, BN, bd), (R, bd, BN)], loads=loads))
+                yield _spec(_contrastive_bwd_db_kernel, c, dtype, what, **launch,
+                            **step(dots=[(R, BN, bd), (bd, BN, R)], loads=loads))

@@ -406,7 +406,9 @@ def _contrastive_bwd_db_kernel(
     gscale = tl.load(params_ptr + P_GSCALE)
     d = pid_d * BD + tl.arange(0, BD).to(tl.int64)
     d_ok = d < D
-    acc = tl.zeros((BN, BD), dtype=tl.float32)
+    # d_b's tile accumulates transposed, (BD, BN) = xᵀ g: the MMA's M is then the feature chunk (64 - 512),
+    # not the BN = 32 columns, which on sm_90 would fall back from wgmma (>= 64 rows) to mma.sync
+    acc_t = tl.zeros((BD, BN), dtype=tl.float32)
     for i0 in range(0, Na, BI):
         raw, arg, g = _tile_gradient(a_ptr, b_ptr, at_ptr, bt_ptr, params_ptr, row_ptr, col_ptr, i0, cols, s,
                                      Na, Nb, Q, D, n_row_terms, n_col_terms, diag_off, stride_an, stride_aq, stride_ad,
@@ -416,6 +418,6 @@ def _contrastive_bwd_db_kernel(
         gq = _expand_queries(g * gscale, arg, QP, BI, BN)
         x = tl.load(a_ptr + img_flat[:, None] * stride_an + q_flat[:, None] * stride_aq + d[None, :] * stride_ad,
                     mask=((img_flat < Na) & (q_flat < Q))[:, None] & d_ok[None, :], other=0.0)
-        acc = dot(tl.trans(round_to(gq, x.dtype, EMULATE)), x, acc, PRECISION, EMULATE)
-    tl.store(db_ptr + cols[:, None] * D + d[None, :], round_to((s / gscale) * acc, db_ptr.dtype.element_ty, EMULATE),
-             mask=col_ok[:, None] & d_ok[None, :])
+        acc_t = dot(tl.trans(x), round_to(gq, x.dtype, EMULATE), acc_t, PRECISION, EMULATE)
+    tl.store(db_ptr + cols[None, :] * D + d[:, None], round_to((s / gscale) * acc_t, db_ptr.dtype.element_ty, EMULATE),
+             mask=col_ok[None, :] & d_ok[:, None])

@@ -1,6 +1,8 @@
 """Launch configs of the tanh_gated_linear kernels, as data, and the compile-gate specs derived from them.
 
-One table for sm_80 and sm_90, keyed by (kernel, operands, aligned):
+One table for sm_80 and sm_90, keyed by (kernel, operands, aligned), with sm_90's own entries for aligned
+16-bit operands (``arch=90``: wgmma keeps its accumulators over 128 threads, so bigger output tiles fit; the
+compile gate fails any of them that does not lower to wgmma):
 
 - operands: "16-bit" (fp16 / bf16 on the tensor cores), "tf32" (fp32 operands, TF32 tensor cores:
   ``torch.get_float32_matmul_precision()`` "high" / "medium") or "ieee" (fp32 operands, IEEE fp32 FMA
@@ -13,12 +15,13 @@ One table for sm_80 and sm_90, keyed by (kernel, operands, aligned):
 Every config compiles with 0 spills on Triton 3.6, 3.8 and 3.9 for sm_80 and sm_90
 (``python -m mmfast compile-report --specs mmfast.kernels.gated_linear:compile_specs --no-nvcc``).
 """
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from .._common import DTYPE_NAMES, TL_DTYPES
-from .._registry import CompileSpec, derive_signature
+from .._registry import CompileSpec, derive_signature, step
 from ._kernels import tanh_gated_linear_bwd_da_kernel, tanh_gated_linear_bwd_dw_kernel, tanh_gated_linear_fwd_kernel
 
 KERNELS = {"fwd": tanh_gated_linear_fwd_kernel, "da": tanh_gated_linear_bwd_da_kernel,
@@ -34,6 +37,7 @@ class Config:
     num_warps: int
     num_stages: int
     why: str
+    arch: int = None  # the compute capability this entry is for (None: every other one)
 
 
 def _tiles(kernel, rows, cols, red, group=8):
@@ -49,6 +53,13 @@ GPU_CONFIGS = (
     Config("da", "16-bit", True, _tiles("da", 128, 128, 64), 8, 3, "the forward's tile, reducing over N"),
     Config("dw", "16-bit", True, _tiles("dw", 128, 64, 64), 8, 3,
            "K tile 64: the gate gradient keeps a W tile beside the accumulator"),
+    # aligned, 16-bit, sm_90 (wgmma): 128 x 256 spills in the forward (epilogue) and in d_W; d_a's 128 x 256
+    # reaches 242 registers
+    Config("fwd", "16-bit", True, _tiles("fwd", 128, 128, 64), 8, 4,
+           "the sm_80 tile with a 4th stage (128 KiB): Hopper's latency wants deeper prefetch", arch=90),
+    Config("da", "16-bit", True, _tiles("da", 128, 128, 64), 8, 4, "as the forward", arch=90),
+    Config("dw", "16-bit", True, _tiles("dw", 128, 128, 64), 8, 3,
+           "128 x 128 output tile (174 registers): 64 FLOP/B instead of 43, half the gate's partial sums", arch=90),
     # aligned, TF32: an fp32 element is twice the bytes of a 16-bit one, so the tiles are halved
     Config("fwd", "tf32", True, _tiles("fwd", 128, 64, 32), 8, 3, "half the 16-bit columns and K step"),
     Config("da", "tf32", True, _tiles("da", 128, 64, 32), 8, 3, "half the 16-bit columns and N step"),
@@ -71,7 +82,7 @@ GPU_CONFIGS = (
     Config("da", "ieee", False, _tiles("da", 64, 64, 16), 8, 2, "64 rows, as the forward"),
     Config("dw", "ieee", False, _tiles("dw", 64, 32, 16), 4, 2, "32 K columns: 64 x 64 spills on every Triton"),
 )
-_BY_KEY = {(c.kernel, c.operands, c.aligned): c for c in GPU_CONFIGS}
+_BY_KEY = {(c.kernel, c.operands, c.aligned, c.arch): c for c in GPU_CONFIGS}
 
 # Under the interpreter: small tiles, so the odd test shapes cross several tile boundaries in every
 # dimension (the kernels' logic does not depend on the tile sizes; the GPU tiles are covered by the
@@ -92,8 +103,15 @@ def choose(kernel, dtype, precision, tensors, sizes, inner_strides):
         return INTERPRET_TILES[kernel], 4, 1
     aligned = (all(t.data_ptr() % 16 == 0 for t in tensors) and all(i % 16 == 0 for i in sizes)
                and all(st == 1 for st in inner_strides))
-    config = _BY_KEY[(kernel, operands(dtype, precision), aligned)]
+    key = (kernel, operands(dtype, precision), aligned)
+    config = _BY_KEY.get(key + (_capability(tensors[0].device),)) or _BY_KEY[key + (None,)]
     return config.tiles, config.num_warps, config.num_stages
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,5 +150,12 @@ def compile_specs():
         tiles = " ".join(f"{k}={v}" for k, v in c.tiles.items())
         label = (f"{c.kernel} {DTYPE_NAMES[dtype]}{'' if c.operands == '16-bit' else ' ' + c.operands} "
                  f"{'aligned' if c.aligned else 'unaligned'} {tiles} warps={c.num_warps} stages={c.num_stages}")
+        # an sm_80 / sm_90 pair: each entry is compiled for the targets that choose it
+        sm90 = (c.kernel, c.operands, c.aligned, 90) in _BY_KEY
+        targets = (c.arch,) if c.arch else ((80,) if sm90 else ())
+        # one reduction step: an (rows x red) by (red x cols) dot over one tile of each operand
+        rows, cols, red = (c.tiles[n] for n in list(_tiles(c.kernel, 0, 0, 0))[:3])
         yield CompileSpec(kernel=kernel, signature=signature, constexprs=constexprs, num_warps=c.num_warps,
-                          num_stages=c.num_stages, divisibility=divisibility, label=label)
+                          num_stages=c.num_stages, divisibility=divisibility, label=label, targets=targets,
+                          needs_wgmma=c.aligned and c.operands == "16-bit",
+                          **step(dots=[(rows, cols, red)], loads=[(rows, red, dtype), (red, cols, dtype)]))

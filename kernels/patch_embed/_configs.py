@@ -11,7 +11,7 @@ import torch
 import triton
 
 from .._common import TL_DTYPES, DTYPE_NAMES
-from .._registry import CompileSpec, derive_signature
+from .._registry import CompileSpec, derive_signature, step
 from ._kernels import _patch_embed_bwd_dw_kernel, _patch_embed_bwd_dx_kernel, _patch_embed_fwd_kernel
 
 Config = namedtuple("Config", "block_m block_n block_k num_warps num_stages")
@@ -136,7 +136,9 @@ def compile_specs():
                                 HAS_MASK=mask, HAS_PERM=mask, HAS_SRC=False, HAS_POS_IDX=False, TILES=tiles,
                                 HAS_TILE_MASK=tiles, OUT_DTYPE=TL_DTYPES[table], **flags,
                                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, needs_wgmma=dtype != torch.float32,
+                **step(dots=[(cfg.block_m, cfg.block_n, cfg.block_k)],
+                       loads=[(cfg.block_m, cfg.block_k, dtype), (cfg.block_k, cfg.block_n, dtype)]),
                 label=f"fwd {name} {label} P={P} BLOCK={cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps}")
         if not backward:
             continue
@@ -146,12 +148,16 @@ def compile_specs():
             constexprs=dict(**layout, OFF=1, HAS_INV=False, HAS_MASK=mask, HAS_TILE_MASK=tiles,
                             OUT_DTYPE=TL_DTYPES[dtype], **flags,
                             BLOCK_M=dx.block_m, BLOCK_N=dx.block_n, BLOCK_K=dx.block_k),
-            num_warps=dx.num_warps, num_stages=dx.num_stages,
+            num_warps=dx.num_warps, num_stages=dx.num_stages, needs_wgmma=dtype != torch.float32,
+            **step(dots=[(dx.block_m, dx.block_n, dx.block_k)],
+                   loads=[(dx.block_m, dx.block_k, dtype), (dx.block_k, dx.block_n, dtype)]),
             label=f"bwd d_images {name} {label} P={P} BLOCK={dx.block_m}x{dx.block_n}x{dx.block_k}")
         dw = dw_config(dtype, precision)
         yield CompileSpec(
             kernel=_patch_embed_bwd_dw_kernel, signature=_dw_signature(dtype),
             constexprs=dict(**layout, OFF=1, HAS_PERM=False, HAS_SRC=False, HAS_MASK=mask, HAS_TILE_MASK=tiles,
                             HAS_BIAS=not tiles, **flags, BLOCK_D=dw.block_m, BLOCK_K=dw.block_n, BLOCK_R=dw.block_k),
-            num_warps=dw.num_warps, num_stages=dw.num_stages,
+            num_warps=dw.num_warps, num_stages=dw.num_stages, needs_wgmma=dtype != torch.float32,
+            **step(dots=[(dw.block_m, dw.block_n, dw.block_k)],
+                   loads=[(dw.block_k, dw.block_m, dtype), (dw.block_k, dw.block_n, dtype)]),
             label=f"bwd d_weight {name} {label} P={P} BLOCK={dw.block_m}x{dw.block_n}x{dw.block_k}")

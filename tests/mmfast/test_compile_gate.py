@@ -49,7 +49,21 @@ BAD_KERNELS = '''
 import triton
 import triton.language as tl
 
-from mmfast.kernels._registry import CompileSpec
+from mmfast.kernels._registry import CompileSpec, step
+
+
+@triton.jit
+def matmul_kernel(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # bf16 tl.dot: wgmma on sm_90 needs 64 rows per warpgroup; BM = 32 with 4 warps lowers to mma.sync
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+        b = tl.load(b_ptr + (k + rk)[:, None] * BN + rn[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
 
 
 @triton.jit
@@ -89,6 +103,16 @@ def bad_specs():
         CompileSpec(kernel=broken_kernel, signature={"x_ptr": "*fp32", "BLOCK": "constexpr"},
                     constexprs={"BLOCK": 64}, label="compile error BLOCK=64"),
     ]
+
+
+def matmul_specs():
+    sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "K": "i32", "BM": "constexpr", "BN": "constexpr",
+           "BK": "constexpr"}
+    return [CompileSpec(kernel=matmul_kernel, signature=sig, constexprs={"BM": bm, "BN": 64, "BK": 32}, num_warps=4,
+                        num_stages=2, label=f"bf16 dot BM={bm}", needs_wgmma=True, targets=(90,),
+                        divisibility={"a_ptr": 16, "b_ptr": 16, "c_ptr": 16, "K": 16},
+                        **step(dots=[(bm, 64, 32)], loads=[(bm, 32, "bf16"), (32, 64, "bf16")]))
+            for bm in (32, 64)]
 
 
 def good_specs():
@@ -268,6 +292,61 @@ def test_gate_fails_on_bad_triton_kernels(bad_kernels):
             assert good["spill_stores"] == 0 and good["local"] == 0 and good["stack"] == 0, good
     assert by_key[("too-much-shared BM=BN=256", "sm_80")]["shared_limit"] == 166912
     assert by_key[("too-much-shared BM=BN=256", "sm_90")]["shared_limit"] == 232448
+
+
+@pytest.mark.slow
+def test_gate_fails_a_16bit_dot_that_lowers_to_mma_sync_on_sm_90(bad_kernels):
+    rows = _run_script(f"""
+        import json, dataclasses
+        from mmfast import compile_report as cr
+        rows = [cr.check_spec(spec, 90) for spec in cr.load_specs({str(bad_kernels)!r} + ":matmul_specs")]
+        print(json.dumps([dataclasses.asdict(r) for r in rows]))
+    """)
+    small, large = rows
+    assert small["mma"] == "mma.sync" and small["status"] == "FAIL", small
+    assert "not wgmma" in small["reason"]
+    assert large["mma"] == "wgmma" and large["status"] == "ok", large
+    for row in rows:
+        assert row["tma"] is False and row["warps"] == 4 and row["needs_wgmma"]
+        assert row["ctas_per_sm"] == cr.occupancy(90, row["registers"], row["shared"], 4)[0] > 0
+    # 2·BM·64·32 FLOPs over (BM·32 + 32·64) bf16 elements
+    assert small["intensity"] == round(2 * 32 * 64 * 32 / (2 * (32 * 32 + 32 * 64)), 1)
+    assert large["intensity"] == 32.0
+
+
+def test_mma_family_and_tma_from_ptx():
+    assert cr.mma_family("  wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}") == "wgmma"
+    assert cr.mma_family("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma.sync"
+    assert cr.mma_family("wgmma.mma_async.x\nmma.sync.aligned.y") == "wgmma+mma.sync"
+    assert cr.mma_family("fma.rn.f32 %f1, %f2, %f3, %f4;\n// mma.sync in a comment") == "none"
+    assert cr.uses_tma("\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], ...")
+    assert not cr.uses_tma("\tcp.async.cg.shared.global [%r1], [%rd2], 16;")
+
+
+@pytest.mark.parametrize(
+    "cc, registers, shared, warps, expected",
+    [
+        (90, 48, 6144, 4, (10, 40, "registers")),  # 48 x 32 = 1536 registers per warp: 42 warps
+        (90, 255, 0, 8, (1, 8, "registers")),  # 256 x 32 per warp: 8 warps
+        (90, 32, 100 * 1024, 4, (2, 8, "shared")),  # 228 KiB per SM, 1 KiB reserved per CTA
+        (80, 32, 100 * 1024, 4, (1, 4, "shared")),  # 164 KiB per SM
+        (90, 16, 0, 1, (32, 32, "ctas")),
+        (80, 32, 0, 32, (2, 64, "registers")),  # 64 warps per SM from registers and from the warp limit
+    ],
+)
+def test_occupancy(cc, registers, shared, warps, expected):
+    ctas, warps_per_sm, limit = cr.occupancy(cc, registers, shared, warps)
+    assert (ctas, warps_per_sm) == expected[:2]
+    assert limit in (expected[2], "warps")
+
+
+def test_wgmma_rule_applies_to_marked_rows_on_sm_90_only():
+    base = dict(registers=40, shared=0, local=0, stack=0, spill_stores=0, spill_loads=0, mma="mma.sync")
+    assert cr._judge(cr.Row(kernel="k", config="c", target="sm_90", needs_wgmma=True, **base)).status == "FAIL"
+    assert cr._judge(cr.Row(kernel="k", config="c", target="sm_80", needs_wgmma=True, **base)).status == "ok"
+    assert cr._judge(cr.Row(kernel="k", config="c", target="sm_90", **base)).status == "ok"
+    both = dict(base, mma="wgmma+mma.sync")
+    assert cr._judge(cr.Row(kernel="k", config="c", target="sm_90", needs_wgmma=True, **both)).status == "FAIL"
 
 
 @pytest.mark.slow
