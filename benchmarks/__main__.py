@@ -29,14 +29,16 @@ def _parser(prog):
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", action="append", metavar="NAMES",
                     help="comma-separated suites, repeatable: the kernel families (ema, attention, contrastive, "
-                    "patch_embed, gated_linear; `python -m mmfast info` lists them) or all (default)")
+                    "patch_embed, gated_linear; `python -m mmfast info` lists them), swap (Hugging Face models before / after "
+                    "mmfast.patch) or all (default)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer repeats: fits a short GPU lease")
     size.add_argument("--smoke", action="store_true", help="tiny sizes on any device: proves every case runs (seconds)")
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--headline", action="store_true",
                        help="only the headline workloads (FlashAttention-3's attention shapes, CLIP loss at 32k, EMA "
-                       "on ViT-L, ViT-L/14 patch embedding, one gated GEMM and block): the GPU check's first step")
+                       "on ViT-L, ViT-L/14 patch embedding, one gated GEMM and block, CLIP's training step patched): the GPU "
+                       "check's first step")
     which.add_argument("--rest", action="store_true", help="every workload but the headline ones")
     ap.add_argument("--budget-s", type=float, help="wall-clock budget; cases past it are reported as skipped")
     ap.add_argument("--out", help="report directory (default: see above)")

@@ -37,11 +37,16 @@ def source_checkout():
     return None
 
 
+# suites that are no kernel family (benchmarks/NAME.py all the same), run after the families'
+EXTRA_SUITES = ("swap",)
+
+
 def suite_names():
-    """Every suite, in the registry's order (imports mmfast.kernels: set TRITON_INTERPRET before)."""
+    """Every suite: the registry's families in its order, then EXTRA_SUITES (imports mmfast.kernels: set
+    TRITON_INTERPRET before)."""
     from mmfast.kernels._registry import NAMES
 
-    return NAMES
+    return tuple(NAMES) + EXTRA_SUITES
 
 
 def suite_name(name):
@@ -50,9 +55,14 @@ def suite_name(name):
 
 
 def suite_module(name):
+    name = suite_name(name)
+    if name in EXTRA_SUITES:
+        import importlib
+
+        return importlib.import_module(f"{__package__}.{name}")
     from mmfast.kernels._registry import family
 
-    return family(suite_name(name)).benchmarks
+    return family(name).benchmarks
 
 
 class Skip(Exception):

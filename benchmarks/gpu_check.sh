@@ -3,10 +3,12 @@
 #   1. install (pip -e, offline; when that fails, mmfast is imported from the source tree instead), info;
 #   2. the headline benchmarks (`bench --headline`: attention fwd / fwd+bwd at the FlashAttention-3 paper's
 #      shapes vs SDPA's flash / cuDNN / efficient backends and FlexAttention, the CLIP loss at 32k, EMA on
-#      the ViT-L parameter list, ViT-L/14 patch embedding, a gated GEMM and block);
+#      the ViT-L parameter list, ViT-L/14 patch embedding, a gated GEMM and block, CLIP's training step
+#      before / after mmfast.patch);
 #   3. the attention tuner with what its share leaves (tables in OUT_DIR/tuned/, used by every later step);
 #   4. `python -m mmfast check` and the CUDA tests (`pytest -m cuda`);
-#   5. the other benchmarks, the whole test suite, and the compile report last (CI runs the gate anyway).
+#   5. the other benchmarks (the swap suite's Hugging Face models last), the whole test suite, and the compile
+#      report last (CI runs the gate anyway).
 # Each step's output goes to OUT_DIR/<step>.log and its exit status to OUT_DIR/summary.md; a failing step
 # never stops the next one. The run ends within BUDGET_S seconds (default 450, under 8 minutes): every step
 # runs under `timeout`, and the benchmarks and the tuner stop at their own --budget-s.

@@ -2,20 +2,21 @@
 
 `python -m mmfast bench --smoke` runs the same cases at tiny sizes through the reference / interpreter
 paths; timings here mean nothing, the test checks that every case either runs or says why it cannot.
-The suites are the registry's families (mmfast.kernels._registry), installed as mmfast.benchmarks.
+The suites are the registry's families (mmfast.kernels._registry) and common.EXTRA_SUITES (e.g. swap: whole
+models before / after mmfast.patch), installed as mmfast.benchmarks.
 """
 import json
 import os
 
 import pytest
 
-from mmfast.benchmarks.common import run_suite, suite_names
+from mmfast.benchmarks.common import EXTRA_SUITES, run_suite, suite_names
 from mmfast.kernels._registry import NAMES
 
 
-def test_one_suite_per_family():
-    assert tuple(suite_names()) == NAMES
-    for name in NAMES:
+def test_one_suite_per_family_then_the_extra_suites():
+    assert tuple(suite_names()) == tuple(NAMES) + tuple(EXTRA_SUITES)
+    for name in suite_names():
         assert os.path.basename(__import__(f"mmfast.benchmarks.{name}", fromlist=["_"]).__file__) == f"{name}.py"
 
 
