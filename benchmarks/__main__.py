@@ -29,7 +29,8 @@ def _parser(prog):
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", action="append", metavar="NAMES",
                     help="comma-separated suites, repeatable: the kernel families (ema, attention, contrastive, "
-                    "patch_embed, gated_linear; `python -m mmfast info` lists them) or all (default)")
+                    "patch_embed, gated_linear; `python -m mmfast info` lists them), models (training steps of CLIP and "
+                    "BLIP vs Hugging Face / open_clip) or all (default)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer repeats: fits a short GPU lease")
     size.add_argument("--smoke", action="store_true", help="tiny sizes on any device: proves every case runs (seconds)")

@@ -2,7 +2,8 @@
 pytest-benchmark tests.
 
 The suites are the kernel families of ``mmfast.kernels._registry.FAMILIES``: family NAME's suite is
-``benchmarks/NAME.py``, installed as ``mmfast.benchmarks.NAME``. A suite module exposes
+``benchmarks/NAME.py``, installed as ``mmfast.benchmarks.NAME``; EXTRA_SUITES (e.g. ``models``: whole
+training steps) follow them. A suite module exposes
 `workloads(mode, device) -> [Workload]`. A Workload builds its tensors once and carries its Cases; both
 runners iterate these same definitions, so a case is defined in exactly one place.
 """
@@ -37,11 +38,16 @@ def source_checkout():
     return None
 
 
+# suites beyond the kernel families (benchmarks/NAME.py each), run after them
+EXTRA_SUITES = ("models",)
+
+
 def suite_names():
-    """Every suite, in the registry's order (imports mmfast.kernels: set TRITON_INTERPRET before)."""
+    """Every suite: the families in the registry's order, then EXTRA_SUITES (imports mmfast.kernels: set
+    TRITON_INTERPRET before)."""
     from mmfast.kernels._registry import NAMES
 
-    return NAMES
+    return NAMES + EXTRA_SUITES
 
 
 def suite_name(name):
@@ -50,8 +56,12 @@ def suite_name(name):
 
 
 def suite_module(name):
+    import importlib
+
     from mmfast.kernels._registry import family
 
+    if suite_name(name) in EXTRA_SUITES:
+        return importlib.import_module(f"mmfast.benchmarks.{suite_name(name)}")
     return family(suite_name(name)).benchmarks
 
 
