@@ -30,7 +30,8 @@ def _parser(prog):
     ap.add_argument("--suite", action="append", metavar="NAMES",
                     help="comma-separated suites, repeatable: the kernel families (ema, attention, contrastive, "
                     "patch_embed, gated_linear; `python -m mmfast info` lists them), swap (Hugging Face models before / after "
-                    "mmfast.patch) or all (default)")
+                    "mmfast.patch), models (training steps of CLIP and BLIP "
+                    "vs Hugging Face / open_clip) or all (default)")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer repeats: fits a short GPU lease")
     size.add_argument("--smoke", action="store_true", help="tiny sizes on any device: proves every case runs (seconds)")

@@ -2,7 +2,8 @@
 pytest-benchmark tests.
 
 The suites are the kernel families of ``mmfast.kernels._registry.FAMILIES``: family NAME's suite is
-``benchmarks/NAME.py``, installed as ``mmfast.benchmarks.NAME``. A suite module exposes
+``benchmarks/NAME.py``, installed as ``mmfast.benchmarks.NAME``; EXTRA_SUITES (e.g. ``models``: whole
+training steps) follow them. A suite module exposes
 `workloads(mode, device) -> [Workload]`. A Workload builds its tensors once and carries its Cases; both
 runners iterate these same definitions, so a case is defined in exactly one place.
 """
@@ -38,7 +39,7 @@ def source_checkout():
 
 
 # suites that are no kernel family (benchmarks/NAME.py all the same), run after the families'
-EXTRA_SUITES = ("swap",)
+EXTRA_SUITES = ("swap", "models")
 
 
 def suite_names():
