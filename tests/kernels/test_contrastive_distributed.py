@@ -2,12 +2,12 @@
 global batch; gradients follow DDP's convention (after averaging over ranks they equal the
 single-process gradients)."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port
 from numerics import randn
 
 from mmfast.kernels import interpreting
@@ -64,12 +64,6 @@ def _worker(rank, world, port, tensors, backends, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_matches_single_process(world, tmp_path):
     n = LOCAL * world
@@ -78,7 +72,7 @@ def test_matches_single_process(world, tmp_path):
     # the Triton kernels through the interpreter in the 2-process run (slow), the chunked path and the
     # reference in both (gloo tensors live on the CPU: Triton runs there only through the interpreter)
     backends = ("reference", "chunked") + (("triton",) if world == 2 and interpreting() else ())
-    mp.spawn(_worker, args=(world, _free_port(), tensors, backends, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), tensors, backends, str(tmp_path)), nprocs=world, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for backend in backends:
         for name in VARIANTS:

@@ -2,12 +2,12 @@
 gradients and momentum-encoder weights of one process on the concatenated batch."""
 import importlib.util
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port
 from numerics import SEED
 
 from mmfast.__main__ import main
@@ -88,14 +88,8 @@ def _worker(rank, world, port, seed, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_on_the_concatenated_batch(tmp_path):
-    mp.spawn(_worker, args=(WORLD, _free_port(), SEED, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), SEED, str(tmp_path)), nprocs=WORLD, join=True)
     results = torch.load(tmp_path / "rank0.pt", weights_only=False)
     assert results["guard"] and "MomentumEncoder" in results["guard"]
     assert results["shuffled"], "shuffle_bn: the key encoder saw this rank's own batch every time"

@@ -2,12 +2,12 @@
 is the single-process loss of the whole batch, and the ranks' parameter gradients averaged (as DDP does)
 are the single-process gradients."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port
 from numerics import generator, randn
 
 from mmfast.models import create_model
@@ -38,12 +38,6 @@ def _worker(rank, port, state, batch, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     torch.manual_seed(generator().initial_seed())
@@ -54,7 +48,7 @@ def test_two_processes_match_one(tmp_path):
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     batch = {"ids": ids, "mask": mask, "images": randn(n, 3, 16, 16)}
-    mp.spawn(_worker, args=(_free_port(), state, batch, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), state, batch, str(tmp_path)), nprocs=WORLD, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for kind in KINDS:
         want, want_grads = _loss(kind, state, batch)
