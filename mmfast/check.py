@@ -5,8 +5,9 @@ before mmfast.kernels is imported). `--dtype float64` runs only backend="referen
 an independent float64 torch formulation of each op. Exit status is non-zero if any case fails.
 """
 import inspect
-import os
 from dataclasses import dataclass
+
+from ._cli import prepare_device
 
 # The families come from mmfast.kernels._registry.FAMILIES; family NAME's cases live in
 # mmfast/checks/NAME.py as `cases(device, dtype=None)` yielding (op, backend, dtype, shape, run) where
@@ -113,11 +114,7 @@ def main(argv=None):
 
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    if not torch.cuda.is_available():
-        # before mmfast.kernels is imported: Triton decides at @jit time whether to interpret
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    prepare_device(parser, args.device)
     families = None if args.only is None else tuple(f.strip() for f in args.only.split(",") if f.strip())
     if families is not None:
         try:

@@ -9,6 +9,8 @@ Hub id (``org/name``, needs the network). Prefix ``timm:``, ``open_clip:`` or ``
 import ast
 import os
 
+from ._cli import prepare_device
+
 KINDS = ("timm", "open_clip", "hf")
 
 
@@ -124,10 +126,7 @@ def main(argv=None):
     args = parser.parse_args(argv)  # before torch is imported: --help answers at once
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before mmfast.kernels is imported (backend=triton on CPU)
+    prepare_device(parser, args.device)
     try:
         overrides = parse_overrides(args.set)
     except ValueError as exc:
