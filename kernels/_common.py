@@ -76,6 +76,45 @@ def kernel_flags(dtype):
     return dict(EMULATE=interpreting(), PRECISION=matmul_precision(dtype))
 
 
+def mm_f32(x, y):
+    """x @ y with an fp32 result, for the "gemm" backends (cuBLAS for the GEMMs, Triton for the rest).
+
+    16-bit operands: on CUDA cuBLAS's fp32-output GEMM (``torch.mm(..., out_dtype=torch.float32)``, torch
+    >= 2.8): fp32 accumulation of exact 16-bit products, the tensor cores' math with nothing rounded to
+    16 bits; elsewhere (no such overload) the same math by upcasting. fp32 operands follow
+    ``torch.get_float32_matmul_precision()``, as every op here does. Autocast must be off around it (it
+    would round fp32 operands to 16 bits): the callers run inside ``torch.autocast(..., enabled=False)``.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        if x.is_cuda and _FP32_OUT_GEMM[0]:
+            try:
+                return torch.mm(x, y, out_dtype=torch.float32)
+            except (RuntimeError, TypeError, NotImplementedError) as exc:
+                _no_fp32_out_gemm(exc)
+        return torch.mm(x.float(), y.float())
+    return torch.mm(x, y)
+
+
+def addmm_f32(acc, x, y):
+    """acc + x @ y in fp32 (a new tensor), as :func:`mm_f32`: on CUDA one cuBLAS GEMM reading acc in its
+    epilogue (β = 1), not a GEMM plus a separate add over acc."""
+    if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda and _FP32_OUT_GEMM[0]:
+        try:
+            return torch.addmm(acc, x, y, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            _no_fp32_out_gemm(exc)
+    return acc + mm_f32(x, y)
+
+
+_FP32_OUT_GEMM = [True]  # torch's fp32-output 16-bit GEMM works here (cleared on its first failure)
+
+
+def _no_fp32_out_gemm(exc):
+    _FP32_OUT_GEMM[0] = False
+    warn_once("fp32-out-gemm", f"torch.mm(..., out_dtype=torch.float32) failed here ({type(exc).__name__}: {exc}); "
+              "the 'gemm' backends upcast 16-bit operands to fp32 instead (the same math, a slower GEMM)")
+
+
 @triton.jit
 def round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     """Round fp32 to DTYPE to nearest-even, as the GPU's cvt.rn does.

@@ -34,7 +34,8 @@ class Family:
 FAMILIES = (
     Family("ema", {"ema_update_": ("cuda", "triton", "cpp")}, "multi-tensor momentum EMA"),
     Family("attention", {"flash_attention": ("triton",)}, "flash self/cross attention with interval masks"),
-    Family("contrastive", {"contrastive_loss": ("triton", "chunked"), "siglip_loss": ("triton", "chunked")},
+    Family("contrastive", {"contrastive_loss": ("gemm", "triton", "chunked"),
+                           "siglip_loss": ("gemm", "triton", "chunked")},
            "CLIP / MoCo / ALBEF / BLIP-2 InfoNCE and SigLIP losses"),
     Family("patch_embed", {"patch_embed": ("triton",), "tile_patch_embed": ("triton",)}, "ViT / Mllama patch embedding"),
     Family("gated_linear", {"tanh_gated_linear": ("triton",)}, "tanh-gated linear (Flamingo / Llama 3.2 residuals)"),

@@ -16,6 +16,14 @@ with a teacher: O(N) — 33 MiB at N = 32,768 and 66 MiB at N = 65,536 for plain
 gradients at large logits). normalize=True adds the normalised copies of a and b (as F.normalize does).
 backend="chunked" keeps a fixed-size chunk of logits instead (see _chunked.py): O(N) in all.
 
+backend="gemm" (what "auto" runs on CUDA for 2-D features) trades some of that memory for cuBLAS's GEMM
+rate: per chunk of rows (at most 2^25 similarities, 128 MiB of fp32), cuBLAS writes the fp32 similarities,
+the forward kernel reads them instead of computing them (FROM_MEMORY) and the gradient kernel turns them
+into G in the input dtype, on which cuBLAS runs da = s·G·b and db += s·Gᵀ·a. The fused kernels above
+reached only ~80 TFLOP/s on an H100 (tiles small enough for the statistics' registers: 0.47x open_clip's
+materialising ClipLoss at N = 32k, 2026-11-28); the GEMMs are 3 of ~4 N²D-FLOP passes, at cuBLAS's rate,
+and the rest streams 6-10 bytes per similarity.
+
 Layout: _kernels.py (the Triton kernels), _configs.py (launch configs, compile specs), _launch.py
 (validation, launchers, custom ops and their autograd), _chunked.py (the chunked PyTorch path),
 _distributed.py (collectives); this file holds the public ops.
@@ -84,10 +92,14 @@ def contrastive_loss(a, b, logit_scale, *, normalize=False, label_smoothing=0.0,
     (32 MiB at N = 32k, D = 512, bf16), which is small next to the activations; the gather is one
     collective that NCCL runs at full bandwidth, and it keeps the kernels single-GPU.
 
-    backend: "auto" (Triton on CUDA, the reference on CPU), "triton", "chunked" (the kernels' algorithm in
+    backend: "auto" (on CUDA "gemm" for 2-D features, "triton" for BLIP-2's (N, Q, D); the reference on
+    CPU), "gemm" (cuBLAS writes the fp32 similarities of a chunk of rows, at most 2^25 of them — 128 MiB —
+    the Triton kernels take the statistics and G from it, cuBLAS the gradient GEMMs: extra memory
+    O(chunk + N·D), the GEMMs at cuBLAS's rate; 2-D features only), "triton" (every tile recomputed in
+    one fused kernel: O(N) extra memory; the max over queries), "chunked" (the kernels' algorithm in
     PyTorch with a fixed-size chunk of logits: O(N) extra memory on any device, fp64 included) or
     "reference" (the naive spec ``kernels.reference.contrastive_loss_reference``, which materialises the
-    logits; it also supports double backward). "triton" and "chunked" are traceable by
+    logits; it also supports double backward). "gemm", "triton" and "chunked" are traceable by
     ``torch.compile(fullgraph=True)`` (the custom ops ``mmfast::contrastive_loss_fwd`` / ``_bwd``) and
     differentiable once (double backward raises).
     """

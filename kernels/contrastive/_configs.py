@@ -9,7 +9,7 @@ import triton
 from .._common import DTYPE_NAMES
 from .._registry import CompileSpec, derive_signature, step
 from ._kernels import (MODE_SIGMOID, MODE_SOFTMAX, _contrastive_bwd_da_kernel, _contrastive_bwd_db_kernel,
-                       _contrastive_colreduce_kernel, _contrastive_fwd_kernel)
+                       _contrastive_colreduce_kernel, _contrastive_fwd_kernel, _contrastive_grad_kernel)
 
 # Per operand width. R = flattened (image, query) rows of a tile, BN = its columns, BK = its K step (one
 # per dtype and teacher, shared by the forward and the backward, so the backward recomputes the forward's
@@ -36,10 +36,26 @@ CONFIGS = {
         bwd=dict(R=32, BN=32, BD_MAX=128, num_warps=4, num_stages=2, maxnreg=255),
     ),
 }
+# The "gemm" backend: cuBLAS writes the raw similarities of a chunk of rows against all of b (fp32), the
+# forward kernel reads them (FROM_MEMORY) and the gradient kernel turns them into G for cuBLAS's gradient
+# GEMMs. A chunk holds at most GEMM_CHUNK_ELEMENTS similarities (128 MiB of fp32, plus 64 MiB of 16-bit G in
+# the backward): at N = 32k, chunks of 1024 rows, GEMMs of 1024 x 32768 x D, large enough for cuBLAS's
+# full rate. The kernels only stream (no dots): tiles of 64 x 128 fp32 (32 values a thread over 8 warps).
+GEMM = dict(
+    CHUNK_ELEMENTS=1 << 25,
+    fwd=dict(R=32, BN=64, num_warps=8, num_stages=1, PER_SM=2),
+    grad=dict(BI=32, BN=64, num_warps=4),
+)
 COLREDUCE_BLOCK = 512  # columns per program of the partial-merging kernel (a stream, 4 warps)
 # Under the interpreter (tests), two forward programs: a test-sized batch already makes a program loop over
 # several row blocks and merge its column partials.
 INTERPRETER_ROW_PROGRAMS = 2
+
+
+def gemm_chunk_rows(Na, Nb):
+    """Rows of a per chunk of the "gemm" backend: a multiple of the forward's row block, at least one block."""
+    R = GEMM["fwd"]["R"]
+    return min(Na, max(R, GEMM["CHUNK_ELEMENTS"] // max(1, Nb) // R * R))
 
 
 def config(dtype):
@@ -90,10 +106,11 @@ DTYPES = ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "ie
 # 512, 768, 1024): unit feature strides become constexpr 1, pointers and the other strides are 16-aligned.
 _UNIT_STRIDES = dict(stride_ad=1, stride_bd=1, stride_atd=1, stride_btd=1)
 _DIVISIBLE = ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "row_ptr", "part_ptr", "col_ptr", "da_ptr", "db_ptr",
-              "red_ptr", "stride_an", "stride_aq", "stride_bn", "stride_atn", "stride_atq", "stride_btn", "D")
-_FP32_POINTERS = ("params_ptr", "row_ptr", "part_ptr", "col_ptr", "red_ptr")
-_FEATURE_POINTERS = ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "da_ptr", "db_ptr")
-_INTS = ("Na", "Nb", "Q", "D", "n_row_blocks", "n_row_terms", "n_col_terms", "diag_off", "n_part")
+              "red_ptr", "raw_ptr", "traw_ptr", "g_ptr", "stride_an", "stride_aq", "stride_bn", "stride_atn",
+              "stride_atq", "stride_btn", "D")
+_FP32_POINTERS = ("params_ptr", "row_ptr", "part_ptr", "col_ptr", "red_ptr", "raw_ptr", "traw_ptr")
+_FEATURE_POINTERS = ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "da_ptr", "db_ptr", "g_ptr")
+_INTS = ("Na", "Nb", "Q", "D", "n_row_blocks", "n_row_terms", "n_col_terms", "diag_off", "n_part", "row0", "row_end")
 
 
 def _spec(kernel, constexprs, dtype, label, **launch):
@@ -102,7 +119,8 @@ def _spec(kernel, constexprs, dtype, label, **launch):
     signature = derive_signature(kernel, types)
     constexprs = {**constexprs, **{n: v for n, v in _UNIT_STRIDES.items() if n in signature}}
     # every dot kernel is compiled for aligned features: its 16-bit dots must run on wgmma on sm_90
-    needs_wgmma = dtype != torch.float32 and kernel is not _contrastive_colreduce_kernel
+    needs_wgmma = (dtype != torch.float32 and kernel not in (_contrastive_colreduce_kernel, _contrastive_grad_kernel)
+                   and not constexprs.get("FROM_MEMORY"))
     return CompileSpec(kernel=kernel, signature=signature, constexprs=constexprs, label=label,
                        divisibility={n: 16 for n in _DIVISIBLE if n in signature}, needs_wgmma=needs_wgmma, **launch)
 
@@ -123,7 +141,7 @@ def compile_specs():
             tag = f"{label} {DTYPE_NAMES[dtype]}" + (f" {precision}" if dtype == torch.float32 else "")
             flags = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BK=block_k(dtype, teacher), PRECISION=precision,
                          EMULATE=False)
-            fwd_c = dict(flags, SMOOTH=smooth, BI=row_block(fwd["R"], QP), BN=fwd_block_n(fwd, teacher))
+            fwd_c = dict(flags, SMOOTH=smooth, BI=row_block(fwd["R"], QP), BN=fwd_block_n(fwd, teacher), FROM_MEMORY=False)
             R, BN, BK = fwd["R"], fwd_c["BN"], fwd_c["BK"]
             yield _spec(_contrastive_fwd_kernel, fwd_c, dtype, f"{tag} R={R} BN={BN} BK={BK}",
                         num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
@@ -142,3 +160,21 @@ def compile_specs():
                             **step(dots=[(R, BN, bd), (R, bd, BN)], loads=loads))
                 yield _spec(_contrastive_bwd_db_kernel, c, dtype, what, **launch,
                             **step(dots=[(R, BN, bd), (bd, BN, R)], loads=loads))
+    yield from gemm_compile_specs()
+
+
+def gemm_compile_specs():
+    """The "gemm" backend's two streaming kernels (no dots): the forward reading the similarities
+    (FROM_MEMORY) and the gradient kernel, for every 2-D variant in bf16, and CLIP in fp16 / fp32."""
+    fwd, grad = GEMM["fwd"], GEMM["grad"]
+    for dtype, precision in DTYPES[:3]:
+        for label, mode, cols, smooth, teacher, Q in VARIANTS:
+            if Q > 1 or (dtype != torch.bfloat16 and label != "clip"):
+                continue
+            tag = f"gemm {label} {DTYPE_NAMES[dtype]}"
+            flags = dict(MODE=mode, COLS=cols, TEACHER=teacher, EMULATE=False)
+            yield _spec(_contrastive_fwd_kernel, dict(flags, SMOOTH=smooth, QP=1, BI=fwd["R"], BN=fwd["BN"], BK=16,
+                                                      PRECISION=precision, FROM_MEMORY=True), dtype,
+                        f"{tag} R={fwd['R']} BN={fwd['BN']}", num_warps=fwd["num_warps"], num_stages=fwd["num_stages"])
+            yield _spec(_contrastive_grad_kernel, dict(flags, BI=grad["BI"], BN=grad["BN"]), dtype,
+                        f"{tag} BI={grad['BI']} BN={grad['BN']}", num_warps=grad["num_warps"])

@@ -22,6 +22,9 @@ Kernels:
   loss gradient G_ij = d loss / d L_ij and accumulates da = s·G·b (arg-max queries only), plus per row
   block the partial sums of G_ij·raw_ij (d scale) and G_ij (d bias).
 * ``_contrastive_bwd_db_kernel``: grid (column blocks, D chunks); the same tiles, db = s·Gᵀ·a.
+* ``_contrastive_grad_kernel`` (the "gemm" backend): where cuBLAS wrote a chunk's raw similarities (the
+  forward kernel reads them instead of computing them, FROM_MEMORY), G of each tile, stored in the input
+  dtype for the gradient GEMMs, with the partial sums of G·raw and G.
 Deterministic: every output element is written by one program in a fixed order; partial sums are reduced by
 torch (the forward's merge order depends on P, so on the GPU model, not on the run).
 """
@@ -92,12 +95,15 @@ def _contrastive_fwd_kernel(
     row_ptr,  # *fp32 [ROW_STATS, Na] (without TEACHER the first 4) | MODE 1: [1, Na] the loss summed over each row
     part_ptr,  # *fp32 [K, P, Nb] column partials (COLS), P = the number of programs: max, sum of exp,
     # (SMOOTH: sum of L), (TEACHER: teacher max, teacher sum of exp, teacher-weighted sum of L)
+    raw_ptr, traw_ptr,  # FROM_MEMORY: *fp32 [row_end - row0, Nb] raw similarities (and the teacher's) of the rows
     Na, Nb, Q, D, n_row_blocks, diag_off,
+    n_part,  # programs (rows) of part_ptr's planes: this launch's own count, or the first chunk's
+    row0, row_end,  # the rows this launch covers (FROM_MEMORY: a chunk; else 0, Na)
     stride_an, stride_aq, stride_ad, stride_bn, stride_bd,
     stride_atn, stride_atq, stride_atd, stride_btn, stride_btd,
     MODE: tl.constexpr, COLS: tl.constexpr, SMOOTH: tl.constexpr, TEACHER: tl.constexpr,
     QP: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    PRECISION: tl.constexpr, EMULATE: tl.constexpr, FROM_MEMORY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -105,7 +111,7 @@ def _contrastive_fwd_kernel(
     neg_inf = float("-inf")
     if MODE == 1:
         bias = tl.load(params_ptr + P_BIAS)
-    plane = n_prog * Nb
+    plane = n_part * Nb
     # this program's row of each column-partial plane
     own_max = part_ptr + pid * Nb
     own_sum = own_max + plane
@@ -114,13 +120,13 @@ def _contrastive_fwd_kernel(
         own_t += plane
     for rb in range(pid, n_row_blocks, n_prog):
         r = tl.arange(0, BI * QP)
-        img_flat = (rb * BI + r // QP).to(tl.int64)
+        img_flat = (row0 + rb * BI + r // QP).to(tl.int64)
         q_flat = (r % QP).to(tl.int64)
-        img = rb * BI + tl.arange(0, BI).to(tl.int64)
-        row_ok = img < Na
-        # the partials already hold earlier row blocks of this program (a block, not a scalar: Triton 3.9's
-        # interpreter cannot load under a block mask combined with a scalar one)
-        merge = (tl.zeros((BN,), tl.int32) + rb) >= n_prog
+        img = row0 + rb * BI + tl.arange(0, BI).to(tl.int64)
+        row_ok = img < row_end
+        # the partials already hold earlier row blocks of this program, or of earlier chunks (a block, not a
+        # scalar: Triton 3.9's interpreter cannot load under a block mask combined with a scalar one)
+        merge = ((tl.zeros((BN,), tl.int32) + rb) >= n_prog) | (row0 > 0)
         if COLS:
             # order this block's read-modify-write of the partials after the previous block's stores,
             # which other threads of the program may have made
@@ -137,10 +143,13 @@ def _contrastive_fwd_kernel(
             cols = j0 + tl.arange(0, BN).to(tl.int64)
             col_ok = cols < Nb
             old_ok = col_ok & merge
-            raw, _ = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D, stride_an, stride_aq, stride_ad,
-                               stride_bn, stride_bd, QP, BI, BN, BK, PRECISION, EMULATE)
-            logits = s * raw
             valid = row_ok[:, None] & col_ok[None, :]
+            if FROM_MEMORY:
+                raw = tl.load(raw_ptr + (img - row0)[:, None] * Nb + cols[None, :], mask=valid, other=0.0)
+            else:
+                raw, _ = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D, stride_an, stride_aq,
+                                   stride_ad, stride_bn, stride_bd, QP, BI, BN, BK, PRECISION, EMULATE)
+            logits = s * raw
             is_diag = (img + diag_off)[:, None] == cols[None, :]
             if MODE == 0:
                 # rows: online max and sum of exp (flash-attention style)
@@ -165,9 +174,12 @@ def _contrastive_fwd_kernel(
                         old = tl.load(own_sum + plane + cols, mask=old_ok, other=0.0)
                         tl.store(own_sum + plane + cols, old + tl.sum(lz, axis=0), mask=col_ok)
                 if TEACHER:
-                    traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
-                                        stride_atn, stride_atq, stride_atd, stride_btn, stride_btd,
-                                        QP, BI, BN, BK, PRECISION, EMULATE)
+                    if FROM_MEMORY:
+                        traw = tl.load(traw_ptr + (img - row0)[:, None] * Nb + cols[None, :], mask=valid, other=0.0)
+                    else:
+                        traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
+                                            stride_atn, stride_atq, stride_atd, stride_btn, stride_btd,
+                                            QP, BI, BN, BK, PRECISION, EMULATE)
                     t = s * traw
                     # rows: the teacher's max and sum of exp, and the sum of exp(T - max)·L
                     tr = tl.where(col_ok[None, :], t, neg_inf)
@@ -421,3 +433,40 @@ def _contrastive_bwd_db_kernel(
         acc_t = dot(tl.trans(x), round_to(gq, x.dtype, EMULATE), acc_t, PRECISION, EMULATE)
     tl.store(db_ptr + cols[None, :] * D + d[:, None], round_to((s / gscale) * acc_t, db_ptr.dtype.element_ty, EMULATE),
              mask=col_ok[None, :] & d_ok[:, None])
+
+
+@triton.jit
+def _contrastive_grad_kernel(
+    raw_ptr, traw_ptr,  # *fp32 [row_end - row0, Nb]: the chunk's raw similarities (and the teacher's, TEACHER)
+    params_ptr, row_ptr, col_ptr,
+    g_ptr,  # [row_end - row0, Nb] input dtype: G·gscale, the operand of the gradient GEMMs
+    red_ptr,  # *fp32 [2, n_prog]: this launch's partial sums of G·raw (d scale) and of G (d bias; MODE 1)
+    Na, Nb, row0, row_end, n_row_terms, n_col_terms, diag_off,
+    MODE: tl.constexpr, COLS: tl.constexpr, TEACHER: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """The "gemm" backward's elementwise part: G of one (BI, BN) tile of a chunk whose raw similarities a
+    GEMM wrote; the gradient GEMMs (da = s·G·b, db = s·Gᵀ·a) then run on G."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    img = row0 + pid_i * BI + tl.arange(0, BI).to(tl.int64)
+    cols = pid_j * BN + tl.arange(0, BN).to(tl.int64)
+    row_ok = img < row_end
+    col_ok = cols < Nb
+    valid = row_ok[:, None] & col_ok[None, :]
+    offs = (img - row0)[:, None] * Nb + cols[None, :]
+    s = tl.load(params_ptr + P_SCALE)
+    raw = tl.load(raw_ptr + offs, mask=valid, other=0.0)
+    t = raw
+    if TEACHER:
+        t = s * tl.load(traw_ptr + offs, mask=valid, other=0.0)
+    g = _grad_tile(s * raw, t, img, cols, row_ok, col_ok, params_ptr, row_ptr, col_ptr, Na, Nb, n_row_terms,
+                   n_col_terms, diag_off, MODE, COLS, TEACHER)
+    tl.store(g_ptr + offs, round_to(g * tl.load(params_ptr + P_GSCALE), g_ptr.dtype.element_ty, EMULATE), mask=valid)
+    pid = pid_i * tl.num_programs(1) + pid_j
+    n_prog = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(red_ptr + pid, tl.sum(tl.sum(g * raw, axis=1), axis=0))
+    if MODE == 1:  # the softmax losses take no bias
+        tl.store(red_ptr + n_prog + pid, tl.sum(tl.sum(g, axis=1), axis=0))
+    else:
+        tl.store(red_ptr + n_prog + pid, 0.0)

@@ -12,13 +12,15 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from .._common import (check_bool, check_int, check_scalar, check_tensor, check_triton_dtype, kernel_flags,
-                       no_double_backward)
+from .._common import (addmm_f32, check_bool, check_int, check_scalar, check_tensor, check_triton_dtype,
+                       interpreting, kernel_flags, mm_f32, no_double_backward)
 from .._dispatch import resolve_backend
 from . import _chunked
-from ._configs import (COLREDUCE_BLOCK, block_k, bwd_block_d, config, fwd_block_n, row_block, row_programs)
+from ._configs import (COLREDUCE_BLOCK, GEMM, block_k, bwd_block_d, config, fwd_block_n, gemm_chunk_rows, row_block,
+                       row_programs)
 from ._kernels import (COL, MODE_SIGMOID, MODE_SOFTMAX, PARAM, PARAMS, ROW, _contrastive_bwd_da_kernel,
-                       _contrastive_bwd_db_kernel, _contrastive_colreduce_kernel, _contrastive_fwd_kernel)
+                       _contrastive_bwd_db_kernel, _contrastive_colreduce_kernel, _contrastive_fwd_kernel,
+                       _contrastive_grad_kernel)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -109,7 +111,12 @@ def check_group(op, group, a, b, num_pairs):
 def resolve(op, backend, a, tensors):
     """The backend to run; the Triton kernels take fp16 / bf16 / fp32 only (float64: reference, chunked)."""
     chosen = resolve_backend(op, backend, a.device)
-    if chosen == "triton":
+    if chosen == "gemm" and a.dim() == 3:
+        if backend == "gemm":
+            raise ValueError(f"{op}: backend='gemm' takes 2-D features a (N, D); for the max over Q queries of a "
+                             f"(N, Q, D) use backend='triton' or 'chunked'")
+        chosen = "triton"  # auto (or MMFAST_BACKEND): the Triton kernels take the max over queries
+    if chosen in ("triton", "gemm"):
         for name, t in tensors.items():
             if t is not None:
                 check_triton_dtype(op, name, t)
@@ -171,16 +178,19 @@ def triton_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     part = _empty((n_planes, n_prog, Nb) if cols else (1,), device=dev, dtype=torch.float32)
     at_, bt_ = (at, bt) if teacher else (a, b)
     _contrastive_fwd_kernel[(n_prog,)](
-        a, b, at_, bt_, params, rows, part, Na, Nb, Q, D, n_row_blocks, diag_off, *_feature_strides(a, b, at_, bt_),
-        MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI, BN=fwd_block_n(fwd, teacher),
-        BK=block_k(a.dtype, teacher), **kernel_flags(a.dtype), num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
+        a, b, at_, bt_, params, rows, part, params, params, Na, Nb, Q, D, n_row_blocks, diag_off, n_prog, 0, Na,
+        *_feature_strides(a, b, at_, bt_), MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI,
+        BN=fwd_block_n(fwd, teacher), BK=block_k(a.dtype, teacher), **kernel_flags(a.dtype), FROM_MEMORY=False,
+        num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
     )
-    if not cols:
-        return rows, None
-    colstats = _empty((len(COL) if teacher else COL["t_max"], Nb), device=dev, dtype=torch.float32)
+    return rows, _merge_columns(part, n_prog, Nb, teacher, smooth) if cols else None
+
+
+def _merge_columns(part, n_prog, Nb, teacher, smooth):
+    colstats = _empty((len(COL) if teacher else COL["t_max"], Nb), device=part.device, dtype=torch.float32)
     _contrastive_colreduce_kernel[(triton.cdiv(Nb, COLREDUCE_BLOCK),)](
         part, colstats, n_prog, Nb, SMOOTH=smooth, TEACHER=teacher, BLOCK=COLREDUCE_BLOCK, num_warps=4)
-    return rows, colstats
+    return colstats
 
 
 def triton_backward(a, b, at, bt, params, rows, colstats, *, mode, cols, n_row_terms, n_col_terms, need_da, need_db,
@@ -215,7 +225,79 @@ def triton_backward(a, b, at, bt, params, rows, colstats, *, mode, cols, n_row_t
     return (da if need_da else None), db, red[0].double().sum().float(), red[1].double().sum().float()
 
 
-_IMPLS = {"triton": (triton_forward, triton_backward), "chunked": (_chunked.forward, _chunked.backward)}
+# ----------------------------------------------------------------------------------------------
+# The "gemm" backend: cuBLAS for the three GEMMs, the Triton kernels for everything between them
+
+
+def _chunks(Na, Nb):
+    C = gemm_chunk_rows(Na, Nb)
+    return [(row0, min(Na, row0 + C)) for row0 in range(0, Na, C)]
+
+
+def gemm_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
+    """triton_forward's statistics, the similarities of each chunk of rows from one cuBLAS GEMM."""
+    Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
+    cfg = GEMM["fwd"]
+    teacher = at is not None
+    dev = a.device
+    n_rows = 1 if mode != MODE_SOFTMAX else len(ROW) if teacher else ROW["t_max"]
+    rows = _empty((n_rows, Na), device=dev, dtype=torch.float32)
+    chunks = _chunks(Na, Nb)
+    # the first chunk is the largest: its programs own every row of the partials, later chunks merge into them
+    n_prog = row_programs(triton.cdiv(chunks[0][1], cfg["R"]), dev, cfg)
+    n_planes = 2 + int(smooth) + 3 * int(teacher)
+    part = _empty((n_planes, n_prog, Nb) if cols else (1,), device=dev, dtype=torch.float32)
+    at_, bt_ = (at, bt) if teacher else (a, b)
+    with torch.autocast(dev.type, enabled=False):
+        for row0, row_end in chunks:
+            raw = mm_f32(a[row0:row_end], b.T)
+            traw = mm_f32(at[row0:row_end], bt.T) if teacher else raw
+            n_blocks = triton.cdiv(row_end - row0, cfg["R"])
+            _contrastive_fwd_kernel[(min(n_prog, n_blocks),)](
+                a, b, at_, bt_, params, rows, part, raw, traw, Na, Nb, 1, D, n_blocks, diag_off, n_prog, row0, row_end,
+                *_feature_strides(a, b, at_, bt_), MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=1,
+                BI=cfg["R"], BN=cfg["BN"], BK=16, **kernel_flags(a.dtype), FROM_MEMORY=True,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return rows, _merge_columns(part, n_prog, Nb, teacher, smooth) if cols else None
+
+
+def gemm_backward(a, b, at, bt, params, rows, colstats, *, mode, cols, n_row_terms, n_col_terms, need_da, need_db,
+                  diag_off=0):
+    """triton_backward's gradients: per chunk, the similarities by cuBLAS, G by the gradient kernel, then
+    da = s·G·b and db += s·Gᵀ·a by cuBLAS (fp32 results; db accumulates across chunks in fp32)."""
+    Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
+    cfg = GEMM["grad"]
+    teacher = at is not None
+    dev = a.device
+    col_arg = colstats if colstats is not None else rows  # not read without COLS
+    unscale = params[PARAM["scale"]] / params[PARAM["gscale"]]
+    da = _empty(a.shape, device=dev, dtype=a.dtype) if need_da else None
+    db_acc = torch.zeros((Nb, D), device=dev, dtype=torch.float32) if need_db else None
+    reds = []
+    with torch.autocast(dev.type, enabled=False):
+        for row0, row_end in _chunks(Na, Nb):
+            a_c = a[row0:row_end]
+            raw = mm_f32(a_c, b.T)
+            traw = mm_f32(at[row0:row_end], bt.T) if teacher else raw
+            g = _empty(raw.shape, device=dev, dtype=a.dtype)
+            grid = (triton.cdiv(row_end - row0, cfg["BI"]), triton.cdiv(Nb, cfg["BN"]))
+            red = _empty((2, grid[0] * grid[1]), device=dev, dtype=torch.float32)
+            _contrastive_grad_kernel[grid](raw, traw, params, rows, col_arg, g, red, Na, Nb, row0, row_end,
+                                           n_row_terms, n_col_terms, diag_off, MODE=mode, COLS=cols, TEACHER=teacher,
+                                           BI=cfg["BI"], BN=cfg["BN"], EMULATE=interpreting(),
+                                           num_warps=cfg["num_warps"])
+            reds.append(red.double().sum(dim=1))
+            if need_da:
+                da[row0:row_end] = (unscale * mm_f32(g, b)).to(a.dtype)
+            if need_db:
+                db_acc = addmm_f32(db_acc, g.T, a_c)
+    d_scale, d_bias = torch.stack(reds).sum(dim=0).float()
+    db = (unscale * db_acc).to(b.dtype) if need_db else None
+    return da, db, d_scale.clone(), d_bias.clone()  # clones: a custom op's outputs may not alias each other
+
+
+_IMPLS = {"triton": (triton_forward, triton_backward), "gemm": (gemm_forward, gemm_backward),
+          "chunked": (_chunked.forward, _chunked.backward)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from contrastive_helpers import VARIANTS, check_against_reference, make_inputs, 
 from numerics import assert_bitwise_equal, assert_close_by_rule, dtype_id, poison_, randn
 
 import mmfast.kernels.contrastive._chunked as chunked
+import mmfast.kernels.contrastive._configs as configs
 import mmfast.kernels.contrastive._launch as launch
 import mmfast.kernels.reference as reference
 from mmfast.kernels import interpreting
@@ -17,7 +18,7 @@ from mmfast.kernels.reference import contrastive_loss_reference, siglip_loss_ref
 needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
                                   reason="needs CUDA or TRITON_INTERPRET=1 (the chunked path is tested regardless)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ALL_BACKENDS = ["reference", "chunked"] + (["triton"] if torch.cuda.is_available() or interpreting() else [])
+ALL_BACKENDS = ["reference", "chunked"] + (["triton", "gemm"] if torch.cuda.is_available() or interpreting() else [])
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +31,12 @@ def poisoned_outputs(monkeypatch):
 def small_chunks(monkeypatch):
     """Force the chunked path through many (odd-sized) chunks at test sizes."""
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 97)
+
+
+@pytest.fixture
+def small_gemm_chunks(monkeypatch):
+    """The "gemm" backend through chunks of 64 rows (one forward row block), the last one partial."""
+    monkeypatch.setitem(configs.GEMM, "CHUNK_ELEMENTS", 64 * 100)
 
 
 SHAPES = [(1, 64), (3, 100), (129, 100)]
@@ -46,6 +53,43 @@ TRITON_CASES = [(v, n if not (v.startswith("blip2") and n == 129) else 33, d, dt
                          ids=[f"{v}-N{n}-D{d}-{dtype_id(dt)}" for v, n, d, dt in TRITON_CASES])
 def test_triton_matches_reference(variant, N, D, dtype):
     check_against_reference(variant, N, D, dtype, "triton", DEVICE)
+
+
+# the "gemm" backend (cuBLAS GEMMs, Triton for the rest): 2-D features only, so no BLIP-2; N = 129 rows
+# (+ the queues) in chunks of 64: three chunks, the last partial; fp16 at one shape (its own G rounding)
+GEMM_CASES = [(v, n, d, dt) for v in VARIANTS if not v.startswith("blip2") for (n, d) in ((3, 100), (129, 100))
+              for dt in (torch.float32, torch.bfloat16)] + [("clip", 129, 100, torch.float16), ("clip", 33, 512, torch.bfloat16)]
+
+
+@needs_triton
+@pytest.mark.parametrize("variant,N,D,dtype", GEMM_CASES,
+                         ids=[f"{v}-N{n}-D{d}-{dtype_id(dt)}" for v, n, d, dt in GEMM_CASES])
+def test_gemm_matches_reference(variant, N, D, dtype, small_gemm_chunks):
+    check_against_reference(variant, N, D, dtype, "gemm", DEVICE)
+
+
+@needs_triton
+def test_gemm_default_chunks_and_strided_inputs():
+    """The default chunk size (one chunk at test sizes), and transposed / sliced features read correctly."""
+    inputs = make_inputs("clip", 45, 70, torch.float32, DEVICE)
+    strided = dict(inputs, a=inputs["a"].T.contiguous().T)
+    wide = randn(45, 90, device=DEVICE)
+    wide[:, 10:80] = inputs["b"]
+    strided["b"] = wide[:, 10:80]
+    want_loss, want = run("clip", inputs, 45, backend="reference")
+    got_loss, got = run("clip", strided, 45, backend="gemm")
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+
+
+@needs_triton
+def test_gemm_takes_2d_features_only():
+    """backend="gemm" refuses BLIP-2's (N, Q, D) features by name; "auto" sends them to the Triton kernels."""
+    a, b = randn(5, 3, 16, device=DEVICE), randn(5, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"backend='gemm' takes 2-D features a \(N, D\)"):
+        contrastive_loss(a, b, 1.0, backend="gemm")
+    assert launch.resolve("contrastive_loss", "auto", a, {"a": a}) in ("triton", "reference")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
@@ -109,7 +153,7 @@ def test_triton_deterministic():
         assert_bitwise_equal(first[1][k], second[1][k], f"d{k}")
 
 
-@pytest.mark.parametrize("backend", ["chunked"] + (["triton"] if torch.cuda.is_available() or interpreting() else []))
+@pytest.mark.parametrize("backend", ["chunked"] + (["triton", "gemm"] if torch.cuda.is_available() or interpreting() else []))
 @pytest.mark.parametrize("op", ["contrastive", "siglip"])
 def test_saturated_logits_stay_finite(op, backend):
     """Logits of ±several thousand (unnormalised features, scale 100): softmax / sigmoid saturate, the
@@ -207,7 +251,7 @@ def test_matches_open_clip_cliploss(backend):
 class TestDispatch:
     def _spy(self, monkeypatch):
         chosen = []
-        for name in ("triton", "chunked"):
+        for name in ("triton", "gemm", "chunked"):
             forward, backward = launch._IMPLS[name]
             spy = lambda *a, _n=name, _f=forward, **k: (chosen.append(_n), _f(*a, **k))[1]  # noqa: E731
             monkeypatch.setitem(launch._IMPLS, name, (spy, backward))

@@ -16,8 +16,8 @@ from mmfast.kernels.reference import contrastive_loss_reference
 
 HAS_TRITON = torch.cuda.is_available() or interpreting()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
-BACKENDS = ["reference", "chunked"] + (["triton"] if HAS_TRITON else [])
-SLICED = ["chunked"] + (["triton"] if HAS_TRITON else [])  # the custom-op backends
+BACKENDS = ["reference", "chunked"] + (["triton", "gemm"] if HAS_TRITON else [])
+SLICED = ["chunked"] + (["triton", "gemm"] if HAS_TRITON else [])  # the custom-op backends
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -105,7 +105,7 @@ class TestArguments:
         (dict(normalize="yes"), "normalize must be True or False"),
         (dict(symmetric=1), "symmetric must be True or False"),
         (dict(log_scale=None), "log_scale must be True or False"),
-        (dict(backend="cuda"), r"'cuda' is not implemented; choose from \('auto', 'reference', 'triton', 'chunked'\)"),
+        (dict(backend="cuda"), r"'cuda' is not implemented; choose from \('auto', 'reference', 'gemm', 'triton', 'chunked'\)"),
         (dict(backend="fast"), "backend must be one of"),
         (dict(a_teacher=torch.zeros(3, 4)), "must be given together"),
         (dict(a_teacher=torch.zeros(2, 4), b_teacher=torch.zeros(3, 4), alpha=0.4), "a_teacher must have the shape"),
@@ -320,6 +320,8 @@ def test_custom_ops_opcheck(backend):
     autograd registration."""
     a, b = randn(5, 3, 24, device=DEVICE), randn(7, 24, device=DEVICE)  # BLIP-2 queries, extra negatives
     at, bt = randn(5, 3, 24, device=DEVICE), randn(7, 24, device=DEVICE)
+    if backend == "gemm":  # 2-D features only
+        a, at = a[:, 0].contiguous(), at[:, 0].contiguous()
     scale = torch.tensor(2.0, device=DEVICE, requires_grad=True)
     bias = torch.zeros((), device=DEVICE)
     a, b = a.requires_grad_(), b.requires_grad_()
