@@ -11,7 +11,7 @@ import torch
 
 import mmfast
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 from transformers import BlipConfig, BlipForConditionalGeneration  # noqa: E402
 
 from mmfast.swap.transformers._blip import patch_blip  # noqa: E402
