@@ -85,10 +85,10 @@ setup(
     extras_require={
         # timm and open_clip: the tests compare against their PatchEmbed / position resampling / ClipLoss
         "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch",
-                "transformers>=5.24,<6"],
-        # mmfast.swap.transformers: transformers 5.x from 5.24 (the mask builder contract it implements, with
-        # q_length / q_offset; tested with 5.24). 4.5x builds masks from cache_position: not supported.
-        "hf": ["transformers>=5.24,<6", "timm", "open_clip_torch"],
+                "transformers>=5.17,<6"],
+        # mmfast.swap.transformers: transformers 5.x from 5.17 (the mask builder contract it implements, with
+        # q_length / q_offset; tested with 5.17 and 5.24). 4.5x builds masks from cache_position: not supported.
+        "hf": ["transformers>=5.17,<6", "timm", "open_clip_torch"],
         # mmfast.patch's timm / open_clip integrations (mmfast/swap/timm.py, open_clip.py): tested with timm
         # 1.0.31 and open_clip_torch 3.3.0; a module whose layout differs from the swap table is left alone
         "timm": ["timm>=1.0,<1.1"],

@@ -1,9 +1,11 @@
-"""Shared helpers of the flash_attention tests: random masks and the 2x / 3x rule against fp64."""
+"""Shared helpers of the flash_attention tests: random masks, interval-mask checks and the 2x / 3x rule against
+fp64."""
 import pytest
 import torch
 from numerics import assert_close_by_rule, generator, poison_, randn
 
 from mmfast.kernels import flash_attention, interpreting
+from mmfast.kernels.attention import masks
 from mmfast.kernels.reference import attention_reference
 
 
@@ -82,4 +84,22 @@ def check_against_reference(q, k, v, *, grads=True, dlse=False, relayout=None, *
     return out, lse, got_grads
 
 
-__all__ = ["check_against_reference", "poison_", "qkv", "random_intervals", "random_padding", "skip_unless_runs"]
+def assert_mask(intervals, seqlen_k, expected):
+    """An interval mask builder's (start, end) is the dense `expected`, in the layout the kernel reads."""
+    s, e = intervals
+    assert s.dtype == torch.int32 and e.dtype == torch.int32
+    assert s.is_contiguous() and e.is_contiguous()
+    got = masks.dense_mask(s, e, seqlen_k)
+    assert torch.equal(got, expected), f"\n{got.int()}\n!=\n{expected.int()}"
+    # empty rows are written as (0, 0) and every range lies inside the keys
+    assert ((s >= 0) & (s <= e) & (e <= seqlen_k)).all()
+    assert torch.equal(s[s == e], torch.zeros_like(s[s == e]))
+
+
+def loop_mask(lq, lk, visible):
+    """The dense (lq, lk) mask of a slow per-element definition visible(i, j)."""
+    return torch.tensor([[bool(visible(i, j)) for j in range(lk)] for i in range(lq)], dtype=torch.bool).reshape(lq, lk)
+
+
+__all__ = ["assert_mask", "check_against_reference", "loop_mask", "poison_", "qkv", "random_intervals",
+           "random_padding", "skip_unless_runs"]

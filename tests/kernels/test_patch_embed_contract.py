@@ -5,12 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from numerics import assert_close_by_rule, generator, max_abs_error, randn
+from optional_deps import optional_import, requires
 from patch_embed_helpers import poisoned_outputs  # noqa: F401
 
 from mmfast.kernels import patch_embed, tile_patch_embed
 from mmfast.kernels.patch_embed import mae_keep_indices, resample_pos_embed, vit_masked_patch_sampler
 
-timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="the eager chain is timm's ViT")
+timm_vit = optional_import("timm.models.vision_transformer")
+# the tests against an eager chain: patch_embed's is timm's ViT (needs timm), tile_patch_embed's is transcribed
+EAGER_OPS = [pytest.param("patch_embed", marks=requires("timm.models.vision_transformer")), "tile_patch_embed"]
 
 P, C, D, GRID, B = 14, 3, 24, (2, 3), 2
 R, T = 5, 3  # tiles: aspect-ratio ids, tiles per image
@@ -173,7 +176,7 @@ def test_fp32_high_is_tf32(device, matmul_precision, op):
 
 @pytest.mark.parametrize("params", [torch.float32, torch.bfloat16], ids=["fp32-params", "bf16-params"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("op", ["patch_embed", "tile_patch_embed"])
+@pytest.mark.parametrize("op", EAGER_OPS)
 def test_autocast_matches_eager_chain(device, op, backend, params):
     """Under autocast(bf16) with fp32 images: the conv operands are cast to bf16 as F.conv2d's autocast does,
     the tables are not; the output dtype is the eager chain's (fp32 tables promote the sum: fp32; a bf16
@@ -207,7 +210,7 @@ def test_autocast_matches_eager_chain(device, op, backend, params):
 # float64
 
 
-@pytest.mark.parametrize("op", ["patch_embed", "tile_patch_embed"])
+@pytest.mark.parametrize("op", EAGER_OPS)
 def test_float64_reference_matches_eager_chain(op):
     masters = _vit_masters() if op == "patch_embed" else _tile_masters()
     fixed = {} if op == "patch_embed" else _fixed("cpu")

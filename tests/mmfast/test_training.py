@@ -115,7 +115,7 @@ def test_cli_train_moco_runs(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "train moco: 2 steps" in out
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="the training curve is drawn with matplotlib (optional)")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -3,16 +3,18 @@
 import copy
 
 import pytest
-import timm
 import torch
+from optional_deps import optional_import, requires
 from torch.nn import functional as F
-from transformers import BertConfig, BertForMaskedLM, BlipTextConfig
-from transformers.models.blip.modeling_blip_text import BlipTextLayer
 
 from mmfast.models.albef import ALBEF
 from mmfast.models.objectives import distilled_mlm_loss, mask_tokens, momentum_itc_loss, sample_hard_negatives
 from mmfast.nn.contrastive import MoCoQueue
 from numerics import generator
+
+timm = optional_import("timm")
+transformers = optional_import("transformers")
+blip_text = optional_import("transformers.models.blip.modeling_blip_text")
 
 TINY = dict(image_size=16, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, vocab_size=64,
             hidden_size=32, text_layers=2, fusion_layers=2, text_heads=2, intermediate_size=64, max_positions=32,
@@ -24,11 +26,12 @@ def _lavis_checkpoint():
     torch.manual_seed(0)
     vit = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2,
                                                            num_heads=2, num_classes=0).eval()
-    bert = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64, max_position_embeddings=32)).eval()
-    fusion_config = BlipTextConfig(vocab_size=64, hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                                   num_attention_heads=2, layer_norm_eps=1e-12)
-    fusion = [BlipTextLayer(fusion_config, i).eval() for i in range(2)]
+    bert_config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=32)
+    bert = transformers.BertForMaskedLM(bert_config).eval()
+    fusion_config = transformers.BlipTextConfig(vocab_size=64, hidden_size=32, encoder_hidden_size=32,
+                                                intermediate_size=64, num_attention_heads=2, layer_norm_eps=1e-12)
+    fusion = [blip_text.BlipTextLayer(fusion_config, i).eval() for i in range(2)]
     with torch.no_grad():
         for module in (vit, bert, *fusion):
             for p in module.parameters():
@@ -51,6 +54,7 @@ def _lavis_checkpoint():
     return sd, vit, bert, fusion
 
 
+@requires("timm", "transformers")
 def test_from_lavis_state_dict_matches_timm_and_bert_layers():
     sd, vit, bert, fusion = _lavis_checkpoint()
     model = ALBEF.from_state_dict(sd, backend="reference", **TINY)

@@ -6,12 +6,15 @@ import warnings
 
 import pytest
 import torch
-from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
+from optional_deps import optional_import, requires
 
 from mmfast.models.blip import BLIP, capfilt
 from mmfast.models.generation import nucleus_filter
 from model_helpers import _floor
 from numerics import assert_close_by_rule, generator
+
+transformers = optional_import("transformers")
+needs_hf = requires("transformers")
 
 
 def _close(got, ref, yardstick, **kwargs):
@@ -21,8 +24,8 @@ BOS, EOS, PAD = 3, 4, 0
 
 
 def _config(vocab=40, label_smoothing=0.0):
-    return BlipConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, max_position_embeddings=32, bos_token_id=BOS,
+    return transformers.BlipConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32, bos_token_id=BOS,
                                        eos_token_id=2, pad_token_id=PAD, sep_token_id=EOS,
                                        label_smoothing=label_smoothing),
                       vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
@@ -59,10 +62,11 @@ def _three_ways(hf, ours, run, inputs_grad):
     return results
 
 
+@needs_hf
 @pytest.mark.parametrize("use_itm_head", [True, False], ids=["itm_head", "itc_cosine"])
 @pytest.mark.parametrize("size", [16, 24], ids=["img16", "img24_interpolated"])
 def test_retrieval_matches_hf(use_itm_head, size):
-    hf = _hf(BlipForImageTextRetrieval, _config())
+    hf = _hf(transformers.BlipForImageTextRetrieval, _config())
     ours = BLIP.from_hf(hf, backend="reference")
     pixels, ids, mask = _inputs(size=size)
 
@@ -75,8 +79,9 @@ def test_retrieval_matches_hf(use_itm_head, size):
     _close(dgot, dref, dhf32, factor=3.0, what="d pixel_values")
 
 
+@needs_hf
 def test_captioning_loss_logits_and_gradients_match_hf():
-    hf = _hf(BlipForConditionalGeneration, _config(label_smoothing=0.1))
+    hf = _hf(transformers.BlipForConditionalGeneration, _config(label_smoothing=0.1))
     ours = BLIP.from_hf(hf, backend="reference")
     assert ours.label_smoothing == 0.1
     pixels, ids, mask = _inputs()
@@ -109,7 +114,7 @@ GENERATE = {"greedy": {}, "greedy_max8": dict(max_length=8), "beam3": dict(num_b
 def _lively_captioner(vocab, seed, eos_bias):
     """A random captioner whose captions vary: unit LayerNorms and large embeddings (else every step predicts
     the same token) and a [SEP] bias that ends captions at different lengths."""
-    hf = _hf(BlipForConditionalGeneration, _config(vocab=vocab), seed=seed)
+    hf = _hf(transformers.BlipForConditionalGeneration, _config(vocab=vocab), seed=seed)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "LayerNorm" in name or "layer_norm" in name:
@@ -132,6 +137,7 @@ def captioner():
     return hf, BLIP.from_hf(hf, backend="reference")
 
 
+@needs_hf
 @pytest.mark.parametrize("kwargs", GENERATE.values(), ids=GENERATE.keys())
 def test_captions_equal_hf_generate(captioner, kwargs):
     hf, ours = captioner
@@ -152,6 +158,7 @@ def test_captions_equal_hf_generate(captioner, kwargs):
 
 # (EOS bias, length penalty): the penalties change the winner's length on these images (long for 3.0,
 # short for -1.0), so the length normalisation is checked too
+@needs_hf
 @pytest.mark.parametrize("eos_bias,lp", [(1.0, 3.0), (4.0, -1.0), (3.0, 0.7)], ids=["lp3", "lp-1", "lp0.7"])
 def test_beam_search_equals_exhaustive_search(eos_bias, lp):
     hf = _lively_captioner(6, seed=3, eos_bias=eos_bias)
@@ -190,6 +197,7 @@ def test_nucleus_filter_keeps_the_smallest_top_p_set():
             assert p[:k].sum() >= top_p - 1e-6 and (k == 1 or p[:k - 1].sum() < top_p)
 
 
+@needs_hf
 def test_nucleus_sampling_draws_only_from_the_nucleus(captioner):
     _, ours = captioner
     pixels = torch.randn(1, 3, 16, 16, generator=generator()).repeat(200, 1, 1, 1)
@@ -237,8 +245,9 @@ def test_encoder_and_decoder_share_all_but_self_attention():
     assert model.lm_head.decoder.weight is enc.embeddings.word_embeddings.weight
 
 
+@needs_hf
 def test_capfilt_keeps_what_the_filter_accepts(captioner):
-    hf = _hf(BlipForImageTextRetrieval, _config(vocab=12), seed=3)
+    hf = _hf(transformers.BlipForImageTextRetrieval, _config(vocab=12), seed=3)
     filt = BLIP.from_hf(hf, backend="reference")
     _, cap = captioner
     pixels = torch.randn(3, 3, 16, 16, generator=generator())
@@ -249,11 +258,12 @@ def test_capfilt_keeps_what_the_filter_accepts(captioner):
     assert capfilt(cap, filt, pixels, threshold=1.0, max_length=8, generator=generator()) == []
 
 
+@needs_hf
 def test_base_preset_parameter_counts_match_hf():
-    config = BlipConfig(text_config=dict(num_attention_heads=12), vision_config=dict(image_size=384))
+    config = transformers.BlipConfig(text_config=dict(num_attention_heads=12), vision_config=dict(image_size=384))
     with torch.device("meta"):
-        for cls, parts, extra in ((BlipForImageTextRetrieval, ("itc", "itm"), 1),  # + the ITC temperature
-                                  (BlipForConditionalGeneration, ("lm",), 0)):
+        for cls, parts, extra in ((transformers.BlipForImageTextRetrieval, ("itc", "itm"), 1),  # + ITC temperature
+                                  (transformers.BlipForConditionalGeneration, ("lm",), 0)):
             hf = sum(p.numel() for p in cls(config).parameters())
             ours = BLIP.from_preset("base", image_size=384, vision_eps=1e-5, parts=parts, use_momentum=False)
             assert sum(p.numel() for p in ours.parameters()) == hf + extra

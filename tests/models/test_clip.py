@@ -1,17 +1,19 @@
 """mmfast.models.CLIP: parity with transformers' CLIPModel / SiglipModel and open_clip's CLIP (outputs,
 loss and gradients, tiny random configs, padded text, another resolution), EOS pooling rules, zero-shot
 with prompt ensembling, one optimiser step, the Triton path through the interpreter."""
-import open_clip
 import pytest
 import torch
-import transformers
 from model_helpers import check_parity
 from numerics import generator, randn
+from optional_deps import optional_import, requires
 from torch import nn
 from torch.nn import functional as F
 
 from mmfast.models import CLIP, PRESETS, create_model
 from mmfast.models.clip import eos_positions
+
+transformers = optional_import("transformers")
+open_clip = optional_import("open_clip")
 
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
               patch_size=4)
@@ -49,6 +51,7 @@ def vision_hidden(out):
     return out.vision_model_output.last_hidden_state
 
 
+@requires("transformers")
 @pytest.mark.parametrize("eos_token_id,size", [(2, (16, 16)), (EOS, (16, 16)), (2, (20, 24))],
                          ids=["legacy-eos-argmax", "eos-id", "other-resolution"])
 def test_hf_clip_parity(eos_token_id, size):
@@ -69,6 +72,7 @@ def test_hf_clip_parity(eos_token_id, size):
     check_parity(ours, hf, inputs, FIELDS + [text_hidden, vision_hidden], *params, what=f"CLIP {eos_token_id}")
 
 
+@requires("transformers")
 @pytest.mark.parametrize("size", [(16, 16), (24, 20)], ids=["native", "other-resolution"])
 def test_hf_siglip_parity(size):
     seeded()
@@ -99,6 +103,7 @@ class OpenClipOutputs(nn.Module):
                 "loss": open_clip.loss.ClipLoss()(img, txt, scale)}
 
 
+@requires("open_clip")
 @pytest.mark.parametrize("quick_gelu", [True, False], ids=["quick-gelu", "gelu"])
 def test_open_clip_parity(quick_gelu):
     seeded()
@@ -115,6 +120,7 @@ def test_open_clip_parity(quick_gelu):
                  what="open_clip")
 
 
+@requires("transformers")
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_to_hf_round_trip(kind):
     seeded()
@@ -130,6 +136,10 @@ def test_to_hf_round_trip(kind):
     for field in FIELDS:
         torch.testing.assert_close(a[field], b[field], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(text_hidden(a), text_hidden(b), rtol=1e-5, atol=1e-5)
+
+
+@requires("open_clip", "transformers")  # to_hf imports transformers before it checks the layout
+def test_open_clip_layout_has_no_hf_form():
     oc = open_clip.model.CLIP(24, dict(layers=1, width=32, head_width=16, patch_size=4, image_size=16),
                               dict(context_length=12, vocab_size=99, width=32, heads=2, layers=1))
     with pytest.raises(ValueError, match="layout"):
@@ -188,7 +198,7 @@ def test_one_step_lowers_loss(loss):
     assert model(input_ids=ids, attention_mask=mask, pixel_values=images, return_loss=True).loss.item() < first.item()
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("loss", ["clip", pytest.param("siglip", marks=requires("transformers"))])
 def test_triton_interpreter_matches_reference(loss):
     """One tiny CLIP per loss through the Triton kernels (patch_embed, causal + padded attention, the
     contrastive / sigmoid loss; SigLIP's attention-pooling cross-attention) against the reference."""

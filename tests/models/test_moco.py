@@ -152,7 +152,7 @@ class _MoCoV3Reference(nn.Module):
 
 
 def _tiny_vit(num_classes):
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm", reason="the MoCo v3 backbone here is timm's ViT (timm is optional)")
     return timm.models.vision_transformer.VisionTransformer(
         img_size=S, patch_size=4, embed_dim=WIDTH, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=num_classes)
 

@@ -4,16 +4,18 @@ objective, one optimiser step, the Triton path through the interpreter."""
 import functools
 
 import pytest
-import timm
 import torch
-import transformers
 from model_helpers import check_parity
 from numerics import generator, randn
+from optional_deps import optional_import, requires
 from torch import nn
 from torch.nn import functional as F
 
 from mmfast.models import ViT
 from mmfast.models.vit import mean_colour_bins
+
+transformers = optional_import("transformers")
+timm = optional_import("timm")
 
 
 def hf_vit(**overrides):
@@ -32,6 +34,7 @@ HF_PARAMS = ([lambda m: m.patch_embed.proj.weight, lambda m: m.encoder.layers[0]
              [lambda m: m.embeddings.patch_embeddings.projection.weight, hf_qkv_weight])
 
 
+@requires("transformers")
 @pytest.mark.parametrize("size", [(16, 16), (24, 20)], ids=["native", "resampled"])
 def test_hf_parity(size):
     hf = hf_vit()
@@ -40,6 +43,7 @@ def test_hf_parity(size):
     check_parity(ours, hf, inputs, ["last_hidden_state", "pooler_output"], *HF_PARAMS, what=f"ViT {size}")
 
 
+@requires("transformers")
 def test_hf_parity_masked_and_no_qkv_bias():
     hf = hf_vit(qkv_bias=False)
     hf = transformers.ViTModel(hf.config, use_mask_token=True).eval()
@@ -55,6 +59,7 @@ def penultimate(out):
     return out.hidden_states[-2]
 
 
+@requires("transformers")
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_hf_clip_vision_tower(kind):
     """CLIPVisionModel / SiglipVisionModel (LLaVA's tower reads hidden_states[-2]) as a ViT."""
@@ -70,6 +75,7 @@ def test_hf_clip_vision_tower(kind):
     check_parity(ours, hf, inputs, ["last_hidden_state", "pooler_output", penultimate], what=f"{kind} vision")
 
 
+@requires("transformers")
 def test_to_hf_round_trip():
     ours = ViT(16, 4, 3, 32, 2, 2, qkv_bias=False, norm_eps=1e-12, pooler="tanh", backend="reference").eval()
     hf = ours.to_hf()
@@ -87,11 +93,12 @@ def timm_vit(**kwargs):
     return timm.models.vision_transformer.VisionTransformer(**{**args, **kwargs}).eval()
 
 
+@requires("timm")
 @pytest.mark.parametrize("kwargs,size", [
     (dict(), (16, 16)),
     (dict(global_pool="avg", class_token=False), (16, 16)),
     (dict(dynamic_img_size=True, no_embed_class=True), (20, 12)),
-    (dict(pre_norm=True, act_layer=timm.layers.QuickGELU), (16, 16)),
+    (dict(pre_norm=True, act_layer="quick_gelu"), (16, 16)),  # timm builds its QuickGELU from the name
 ], ids=["token", "avg-no-cls", "dynamic-size-no-embed-class", "pre-norm-quick-gelu"])
 def test_timm_parity(kwargs, size):
     vt = timm_vit(**kwargs)
@@ -118,6 +125,7 @@ def _check_timm(vt, ours, x, what):
     check_parity(ours, wrapped, dict(pixel_values=x), ["last_hidden_state", "logits"], *params, what=f"timm {what}")
 
 
+@requires("timm")
 def test_timm_hybrid():
     torch.manual_seed(generator().initial_seed())
     backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(8, 12, 3, stride=2, padding=1))
@@ -127,6 +135,7 @@ def test_timm_hybrid():
     _check_timm(vt, ours, randn(2, 3, 32, 32), "hybrid")
 
 
+@requires("timm")
 def test_timm_rejects_layer_scale():
     with pytest.raises(ValueError, match="layer scale"):
         ViT.from_timm(timm_vit(init_values=0.1))

@@ -3,11 +3,12 @@ import copy
 
 import pytest
 import torch
-from transformers import BlipTextConfig
-from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
+from optional_deps import optional_import, requires
 
 from mmfast.nn.bert import BertLMHead, BertModel, KVCache, bert_state_dict_from_hf
 from numerics import assert_close_by_rule, generator
+
+blip_text = optional_import("transformers.models.blip.modeling_blip_text")
 
 
 def _close(got, ref, yardstick, **kwargs):
@@ -20,9 +21,9 @@ V, E, H, L, LI, EI = 50, 32, 2, 7, 5, 24
 
 
 def _hf_config():
-    return BlipTextConfig(vocab_size=V, hidden_size=E, encoder_hidden_size=EI, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=H, max_position_embeddings=32, bos_token_id=3, eos_token_id=2,
-                          pad_token_id=0, sep_token_id=4)
+    return blip_text.BlipTextConfig(vocab_size=V, hidden_size=E, encoder_hidden_size=EI, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=H, max_position_embeddings=32,
+                                    bos_token_id=3, eos_token_id=2, pad_token_id=0, sep_token_id=4)
 
 
 def _ours(hf_bert, head=None, backend="reference"):
@@ -48,10 +49,11 @@ def _inputs():
     return ids, mask, image
 
 
+@requires("transformers")
 @pytest.mark.parametrize("role", ["encoder", "image_grounded", "decoder"])
 def test_matches_hf_blip_text(role):
     torch.manual_seed(0)
-    hf = BlipTextModel(_hf_config(), add_pooling_layer=True).eval()
+    hf = blip_text.BlipTextModel(_hf_config(), add_pooling_layer=True).eval()
     ours, _ = _ours(hf)
     ids, mask, image = _inputs()
     kw = {} if role == "encoder" else {"encoder_hidden_states": image}
@@ -71,9 +73,10 @@ def test_matches_hf_blip_text(role):
     _close(got.pooler_output, ref64.pooler_output, ref32.pooler_output, what=f"{role} pooler")
 
 
+@requires("transformers")
 def test_lm_head_and_gradients_match_hf():
     torch.manual_seed(0)
-    hf = BlipTextLMHeadModel(_hf_config()).eval()
+    hf = blip_text.BlipTextLMHeadModel(_hf_config()).eval()
     ours, head = _ours(hf.bert, hf.cls)
     ids, mask, image = _inputs()
     image64 = image.double().requires_grad_(True)

@@ -11,7 +11,7 @@ import torch
 
 import mmfast
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 from transformers import BlipConfig, BlipForConditionalGeneration  # noqa: E402
 
 from mmfast.swap.transformers._blip import patch_blip  # noqa: E402
@@ -80,6 +80,23 @@ def test_greedy_generation_identical_left_padded():
     got = model.generate(**copy.deepcopy(prompt), max_new_tokens=6, do_sample=False)
     assert torch.equal(got, want)
     assert not report.fallbacks
+
+
+def test_generation_whose_attention_falls_back_keeps_the_cache():
+    """Every decoding step falls back (attention weights requested) and hands the KV cache to transformers'
+    own forward, under the keyword that release names it (past_key_values before the cache= rename)."""
+    model = tiny_blip().double()
+    batch = inputs(torch.float64, "left")
+    prompt = dict(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"][:, :5],
+                  attention_mask=batch["attention_mask"][:, :5], max_new_tokens=6, do_sample=False,
+                  output_attentions=True, output_logits=True, return_dict_in_generate=True)
+    want = model.generate(**copy.deepcopy(prompt))
+    report = patch_with(patch_blip, model)
+    got = model.generate(**copy.deepcopy(prompt))
+    assert torch.equal(got.sequences, want.sequences)
+    # the logits too: a tiny model's greedy tokens can survive a lost cache, its logits do not
+    assert torch.equal(torch.stack(got.logits), torch.stack(want.logits))
+    assert sum(report.fallbacks.values()) > 0 and all("output_attentions" in r for r in report.fallbacks)
 
 
 def test_unpatch_restores_bitwise_and_other_models_untouched():

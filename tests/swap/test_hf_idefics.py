@@ -11,7 +11,7 @@ import pytest
 import torch
 
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 from transformers import IdeficsConfig, IdeficsForVisionText2Text  # noqa: E402
 
 from mmfast.swap.transformers._idefics import patch_idefics  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 from transformers import MllamaConfig, MllamaForConditionalGeneration  # noqa: E402
 
 from mmfast.swap.transformers._mllama import patch_mllama  # noqa: E402

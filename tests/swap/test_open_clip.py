@@ -2,12 +2,15 @@
 the causal-buffer check, fallbacks, unpatch / isolation, and ClipLoss / SigLipLoss."""
 import pytest
 import torch
-from open_clip.loss import ClipLoss, CoCaLoss, SigLipLoss
-from open_clip.model import CLIP
-from open_clip.transformer import TextTransformer
 from swap_helpers import assert_bitwise, assert_same, forward_is_swapped, run
 
-import mmfast
+pytest.importorskip("open_clip", reason="every test here patches an open_clip model or loss (open_clip_torch is "
+                                        "an optional package; pip install -e .[dev])")
+from open_clip.loss import ClipLoss, CoCaLoss, SigLipLoss  # noqa: E402
+from open_clip.model import CLIP  # noqa: E402
+from open_clip.transformer import TextTransformer  # noqa: E402
+
+import mmfast  # noqa: E402
 
 L, VOCAB = 9, 50
 

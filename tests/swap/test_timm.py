@@ -5,10 +5,13 @@ import copy
 import pytest
 import torch
 from swap_helpers import assert_bitwise, assert_same, forward_is_swapped, run
-from timm.models.vision_transformer import VisionTransformer
-from timm.utils import ModelEmaV3
 
-import mmfast
+pytest.importorskip("timm", reason="every test here patches a timm model (timm is an optional package; "
+                                   "pip install -e .[dev])")
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from timm.utils import ModelEmaV3  # noqa: E402
+
+import mmfast  # noqa: E402
 
 CONFIGS = {
     "cls": {},

@@ -2,20 +2,23 @@
 module computes something else, says so for a model it does not know, and counts the mmfast ops that ran."""
 import pytest
 import torch
-from open_clip.model import CLIP
-from timm.models.vision_transformer import VisionTransformer
+from optional_deps import optional_import, requires
 
 import mmfast
 from mmfast.swap import timm as timm_swap
 from mmfast.verify_cli import main, parse_overrides
 
+timm_vit = optional_import("timm.models.vision_transformer")
+open_clip_model = optional_import("open_clip.model")
+
 
 def vit(dtype=torch.float32):
     torch.manual_seed(0)
-    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
-                             reg_tokens=1).to(dtype)
+    return timm_vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                                      reg_tokens=1).to(dtype)
 
 
+@requires("timm")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_verify_passes_and_leaves_the_model_alone(dtype):
     model = vit(dtype)
@@ -31,6 +34,7 @@ def test_verify_passes_and_leaves_the_model_alone(dtype):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@requires("timm")
 def test_verify_fails_when_a_swap_computes_something_else(monkeypatch):
     real = timm_swap._attention_forward
 
@@ -50,10 +54,11 @@ def test_unknown_model_gets_a_clear_message(capsys):
     assert "torch.Linear is not a model mmfast knows how to patch" in out and "nothing to verify" in out
 
 
+@requires("open_clip")
 def test_triton_interpreter_runs_our_ops_in_a_clip():
     torch.manual_seed(0)
-    model = CLIP(embed_dim=16, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
-                 text_cfg=dict(context_length=7, vocab_size=100, width=32, heads=2, layers=1))
+    model = open_clip_model.CLIP(embed_dim=16, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
+                                 text_cfg=dict(context_length=7, vocab_size=100, width=32, heads=2, layers=1))
     result = mmfast.verify(model, backend="triton", quiet=True)
     assert result.passed, str(result)
     ops = {row[0]: row[3] for row in result.modules}
@@ -67,12 +72,14 @@ TINY_TIMM = ["--set", "depth=1", "--set", "embed_dim=32", "--set", "num_heads=2"
              "--set", "patch_size=8", "--set", "num_classes=3"]
 
 
+@requires("timm")
 def test_cli_timm_name(capsys):
     assert main(["vit_tiny_patch16_224", *TINY_TIMM, "--backend", "reference"]) == 0
     out = capsys.readouterr().out
     assert "blocks.0.attn  timm Attention (SDPA) -> mmfast flash_attention" in out and "0 failed" in out
 
 
+@requires("transformers")
 def test_cli_hf_config_directory_loads_offline(tmp_path, capsys):
     from transformers import CLIPConfig
 
@@ -85,6 +92,7 @@ def test_cli_hf_config_directory_loads_offline(tmp_path, capsys):
     assert "transformers.CLIPModel" in capsys.readouterr().out
 
 
+@requires("timm", "open_clip")  # the CLI asks both whether they know the name
 def test_cli_unknown_name_and_bad_override(capsys):
     assert main(["not_a_model_anywhere"]) == 2
     assert "unknown model 'not_a_model_anywhere'" in capsys.readouterr().out
@@ -95,6 +103,7 @@ def test_cli_unknown_name_and_bad_override(capsys):
         main(["vit_tiny_patch16_224", "--set", "depth"])
 
 
+@requires("timm")
 def test_verify_validates_its_arguments():
     with pytest.raises(ValueError, match="inputs must be"):
         mmfast.verify(vit(), inputs=3)
@@ -102,6 +111,7 @@ def test_verify_validates_its_arguments():
         mmfast.verify(vit(), seed=1.5)
 
 
+@requires("timm")
 def test_verify_a_patched_model_compares_against_the_unpatched_one():
     model = vit()
     mmfast.patch(model, attention=False, backend="reference")

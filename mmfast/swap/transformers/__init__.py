@@ -14,8 +14,9 @@ Only model types in `TABLE` are patched, and only when every sub-config's type i
 model is left untouched with the reason in the report. After ``import mmfast.swap.transformers`` and
 `register()`, ``from_pretrained(..., attn_implementation="mmfast")`` works as well.
 
-Supported: transformers >= 5.24, < 6 (`SUPPORTED`; the mask builder contract with q_length / q_offset
-and ``set_attn_implementation`` per sub-config; tested with 5.24). 4.5x builds masks from
+Supported: transformers >= 5.17, < 6 (`SUPPORTED`; the mask builder contract with q_length / q_offset
+and ``set_attn_implementation`` per sub-config; tested with 5.17, the lent GPU image's, and 5.24, the newest
+release; where the two differ the code checks the feature, not the version). 4.5x builds masks from
 ``cache_position`` and is not supported. Outside the range a model is left unchanged with that message.
 """
 import copy
@@ -28,7 +29,7 @@ from typing import Optional
 from .. import _core
 
 NAME = "transformers"
-SUPPORTED = ((5, 24), (6, 0))   # [low, high)
+SUPPORTED = ((5, 17), (6, 0))   # [low, high)
 
 
 @dataclasses.dataclass(frozen=True)

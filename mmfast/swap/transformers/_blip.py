@@ -9,7 +9,8 @@ feed the next token's prediction, so both their forward and their gradient must 
 5.x (``BlipTextAttention`` drops ``encoder_attention_mask``), and that is what runs here too.
 """
 from .._core import original
-from ._bypass import Fallback, MaskMemo, attend, check_common, eager_rows, row_intervals, swap_all, visible_keys
+from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, check_common, eager_rows, row_intervals, swap_all,
+                      visible_keys)
 
 TABLE = {  # class name -> (what it was, what runs now)
     "BlipAttention": ("eager softmax attention (vision, fused qkv)", "mmfast flash_attention"),
@@ -65,7 +66,8 @@ def _text_forward(state):
             state.report.count_fallback(f"BlipTextSelfAttention: {why}")
             return original(self)(hidden_states, attention_mask=attention_mask,
                                   encoder_hidden_states=encoder_hidden_states,
-                                  encoder_attention_mask=encoder_attention_mask, cache=cache, **kwargs)
+                                  encoder_attention_mask=encoder_attention_mask, **{cache_keyword(self): cache},
+                                  **kwargs)
         d = self.attention_head_size
         q = self.query(hidden_states).view(B, Lq, -1, d)
         k, v = _keys_values(self, hidden_states, encoder_hidden_states, cache, kwargs)

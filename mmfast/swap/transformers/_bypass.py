@@ -7,6 +7,8 @@ Mllama's vision encoder and cross-attention, Idefics' image mask). Their structu
 once per mask tensor (the same tensor is handed to every layer, so `MaskMemo` keys the result on it):
 a mask that is not what mmfast can express exactly gives ``None`` and the call runs the original code.
 """
+import functools
+import inspect
 import weakref
 
 import torch
@@ -31,6 +33,19 @@ def weights_requested():
     original eager code has them to give."""
     collected = _active_collector.get() if _active_collector is not None else None
     return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
+def cache_keyword(module):
+    """The keyword under which the module's original forward takes the KV cache: ``cache`` in the releases
+    that renamed it (5.24 has it; its deprecate_kwarg still maps the old name, with a warning),
+    ``past_key_values`` before (5.17). Read from the signature, not compared with a version: under the
+    other keyword the cache would land in **kwargs unused and a fallback step would run without it."""
+    return _cache_keyword(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls):
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def check_common(module, dropout_p):

@@ -16,8 +16,8 @@ runs the original code for that call, counted in the report.
 import torch
 
 from .._core import original
-from ._bypass import (Fallback, MaskMemo, attend, check_common, gated_residuals, layer_kind, row_intervals, swap_all,
-                      visible_keys)
+from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, check_common, gated_residuals, layer_kind,
+                      row_intervals, swap_all, visible_keys)
 
 
 def _perceiver_forward(state):
@@ -82,7 +82,8 @@ def _cross_layer_forward(state):
                 cross_attention_gate=None, cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         args = dict(attention_mask=attention_mask, image_hidden_states=image_hidden_states,
-                    image_attention_mask=image_attention_mask, cross_attention_gate=cross_attention_gate, cache=cache)
+                    image_attention_mask=image_attention_mask, cross_attention_gate=cross_attention_gate,
+                    **{cache_keyword(self): cache})
         if image_hidden_states is None or cross_attention_gate is None or cache is not None:
             return original(self)(hidden_states, **args, **kwargs)  # transformers raises the error
         attn = self.cross_attn

@@ -22,8 +22,8 @@ them inline in ``MllamaVisionModel.forward`` (no module to swap without copying 
 import torch
 
 from .._core import original
-from ._bypass import (Fallback, MaskMemo, attend, check_common, gated, gated_residuals, layer_kind, memo, merge, swap_all,
-                      visible_keys)
+from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, check_common, gated, gated_residuals, layer_kind,
+                      memo, merge, swap_all, visible_keys)
 
 
 # ---- vision encoder ------------------------------------------------------------------------------
@@ -88,7 +88,11 @@ def _gated_vision_layer_forward(state):
     through tanh_gated_linear."""
     options, vision_memo = state.options, memo(state, "mllama-vision")
 
-    def forward(self, hidden_states, attention_mask=None):
+    # hidden_state=: MllamaVisionEncoder of transformers 5.17 passes the input under that keyword (the layer's
+    # deprecated spelling, gone by 5.24); both spellings are accepted rather than a version compared
+    def forward(self, hidden_states=None, attention_mask=None, hidden_state=None):
+        if hidden_states is None:
+            hidden_states = hidden_state
         attn = self.self_attn
         try:
             check_common(attn, 0.0)
@@ -199,7 +203,7 @@ def _cross_layer_forward(state):
             return original(self)(hidden_states, cross_attention_states=cross_attention_states,
                                   cross_attention_mask=cross_attention_mask, attention_mask=attention_mask,
                                   full_text_row_masked_out_mask=full_text_row_masked_out_mask,
-                                  position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                  position_ids=position_ids, **{cache_keyword(self): cache}, use_cache=use_cache,
                                   position_embeddings=position_embeddings, **kwargs)
         residual = hidden_states
         h = self.input_layernorm(hidden_states)
