@@ -36,7 +36,7 @@ PRIOR_S = {"compile": 10.0, "mmfast": 3.0, "model": 8.0, "other": 1.0}
 BUILD_S = 1.0  # allocating a workload's inputs
 # A started workload may run past the deadline by this share of the budget (at most GRACE_MAX_S seconds) to
 # finish its baselines when the estimate was short; the GPU check's `timeout` leaves more than that.
-GRACE_SHARE, GRACE_MAX_S = 0.1, 15.0
+GRACE_SHARE, GRACE_MAX_S = 0.1, 10.0
 
 
 def is_ours(case_name):

@@ -45,13 +45,13 @@ def test_script_order_headline_first_full_suite_last():
 
 def test_step_shares_of_a_450_s_run():
     """The budget goes where the 2026-11-28 run lacked it: the headline's benchmarks get >= 150 s (its step
-    keeps 20 s for start-up and plots), the tuner <= 90 s, check and pytest -m cuda >= 60 s each, and the
-    reserves hold those shares while earlier steps run."""
+    keeps 25 s for start-up, plots and finishing a started workload), the tuner <= 90 s, check and
+    pytest -m cuda >= 60 s each, and the reserves hold those shares while earlier steps run."""
     text = open(SCRIPT).read()
     shares = {m[0]: (int(m[1]), int(m[2])) for m in re.findall(r"^\s*step (\w+) (\d+) (\d+) ", text, flags=re.M)}
     cap = {name: c for name, (c, _) in shares.items()}
     reserve = {name: r for name, (_, r) in shares.items()}
-    assert "--budget-s $(( cap > 60 ? cap - $(secs 20)" in text and cap["bench_headline"] - 20 >= 150
+    assert "--budget-s $(( cap > 60 ? cap - $(secs 25)" in text and cap["bench_headline"] - 25 >= 150
     assert cap["tune"] <= 90 and cap["check"] >= 60 and cap["pytest_cuda"] >= 60
     assert reserve["bench_headline"] >= cap["tune"] + 60 + 60
     assert reserve["tune"] >= 60 + 60 and reserve["check"] >= 60
