@@ -41,11 +41,12 @@ def _parser(prog):
     size.add_argument("--smoke", action="store_true", help="tiny sizes on any device: proves every case runs (seconds)")
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--headline", action="store_true",
-                       help="only the headline workloads (FlashAttention-3's attention shapes, CLIP loss at 32k, EMA "
-                       "on ViT-L, ViT-L/14 patch embedding, one gated GEMM and block, CLIP's training step patched): the GPU "
-                       "check's first step")
+                       help="only the headline workloads (attention at FlashAttention-3's L=1024 / 4096 D=64 and "
+                       "ViT-L/14@336, CLIP loss at 32k, EMA on ViT-L, ViT-L/14 patch embedding, one gated GEMM and "
+                       "block, CLIP's training step patched): the GPU check's first step")
     which.add_argument("--rest", action="store_true", help="every workload but the headline ones")
-    ap.add_argument("--budget-s", type=float, help="wall-clock budget; cases past it are reported as skipped")
+    ap.add_argument("--budget-s", type=float, help="wall-clock budget: each workload's mmfast cases with their "
+                    "baselines, the suites round-robin, attention first; what does not fit is reported as skipped")
     ap.add_argument("--out", help="report directory (default: see above)")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     ap.add_argument("--compare", metavar="OLD.json", help="compare with an earlier report; exit 1 on a regression")
