@@ -98,7 +98,7 @@ SMOKE_BACKWARD = ("clip_text", "llama32_xattn")
 # FA3 grid's D=64 non-causal L=1024 and 4096, and a CLIP/ViT encoder, each fwd and fwd+bwd with its
 # baselines (SDPA flash / cuDNN, FlexAttention); in this order, which the round-robin keeps. The rest of
 # the grid and the model shapes are `--rest`.
-HEADLINE_BENCH = ("fa3_L1024_D64", "vit_l14_336", "fa3_L4096_D64")
+HEADLINE_BENCH = ("fa3_L1024_D64", "fa3_L4096_D64", "vit_l14_336")
 
 
 SMOKE_HEADLINE = ("vit_l14_336", "llm_causal")  # at smoke size: D = 64 without a mask, D = 128 causal

@@ -76,7 +76,7 @@ def test_every_suite_has_headline_workloads_and_others():
         headline = [w.name for w in wls if w.info.get("headline")]
         assert headline and len(headline) < len(wls), (name, headline)
         if name == "attention":
-            assert headline == [f"{s} {d}" for s in ("fa3_L1024_D64", "vit_l14_336", "fa3_L4096_D64")
+            assert headline == [f"{s} {d}" for s in ("fa3_L1024_D64", "fa3_L4096_D64", "vit_l14_336")
                                 for d in ("fwd", "fwd+bwd")]
             assert all(w.baselines == {"sdpa": "sdpa_flash", "cudnn": "sdpa_cudnn", "flex": "flex_attention"}
                        for w in wls if w.name in headline)
