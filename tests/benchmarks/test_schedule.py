@@ -5,7 +5,7 @@ import pytest
 from mmfast.benchmarks import ema
 from mmfast.benchmarks.common import Case, Skip, Workload
 from mmfast.benchmarks.report import glance_lines
-from mmfast.benchmarks.schedule import run_jobs, schedule
+from mmfast.benchmarks.schedule import plan, run_jobs, schedule
 
 
 class Clock:
@@ -57,6 +57,8 @@ def test_round_robin_attention_first_ours_with_baselines_then_the_other_peers():
     assert jobs[len(key):] == others  # the other peers only after every workload's comparison
     assert [(j.workload.name, [c.name for c in j.cases]) for j in others][:2] == [
         ("attn0", ["sdpa_math"]), ("ema0", ["timm"])]
+    planned = plan(jobs, "cpu", budget_s=8)  # priors on the CPU: 1 s a case, 1 s a workload's inputs
+    assert [(j.workload.name, s, t) for j, s, t in planned[:3]] == [("attn0", 5, 5), ("clip", 3, 8), ("ema0", 3, None)]
     unbudgeted = schedule(_suites(Clock()), budgeted=False)  # suite by suite, every case at once
     assert [j.workload.name for j in unbudgeted] == ["ema0", "ema1", "attn0", "attn1", "attn2", "clip"]
 
