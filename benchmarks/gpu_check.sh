@@ -222,7 +222,7 @@ if (( DRY )); then
 else
   left=$(left_for 20)
   step bench_rest 450 20 env MMFAST_NO_JIT=1 python -m mmfast bench --suite all "${SIZE[@]}" --rest \
-    --out "$OUT_DIR/rest" --budget-s $(( left > 40 ? left - 15 : left * 2 / 3 ))
+    --out "$OUT_DIR/rest" --budget-s $(( left > 40 ? left - 20 : left * 2 / 3 ))
   step pytest_all 300 10 python -m pytest tests -q -p no:cacheprovider -o faulthandler_timeout=60
   step compile_report 170 0 python -m mmfast compile-report
 fi
