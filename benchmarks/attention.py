@@ -73,7 +73,7 @@ FULL = [
 ]
 
 # The FlashAttention-3 paper's benchmark (its Fig. 5 / 6): 16k tokens per batch, hidden size 2048 (H = 2048 / D),
-# D = 64 and 128, causal and not; three of its sequence lengths. The headline rows (`bench --headline`).
+# D = 64 and 128, causal and not; three of its sequence lengths (the tuner's shapes: `bench tune --shapes headline`).
 HEADLINE = [
     Spec(f"fa3_L{L}_D{D}" + ("_causal" if causal else ""), 16384 // L, L, L, 2048 // D, D,
          mask="causal" if causal else "none", summary=f"FlashAttention-3 paper's shape, 16k tokens, D={D}"
@@ -94,6 +94,12 @@ SMOKE = [
 
 SMOKE_BACKWARD = ("clip_text", "llama32_xattn")
 
+# `bench --headline` (the GPU check's first step, a short budget in which every case also compiles): the
+# FA3 grid's D=64 non-causal L=1024 and 4096, and a CLIP/ViT encoder, each fwd and fwd+bwd with its
+# baselines (SDPA flash / cuDNN, FlexAttention); in this order, which the round-robin keeps. The rest of
+# the grid and the model shapes are `--rest`.
+HEADLINE_BENCH = ("fa3_L1024_D64", "fa3_L4096_D64", "vit_l14_336")
+
 
 SMOKE_HEADLINE = ("vit_l14_336", "llm_causal")  # at smoke size: D = 64 without a mask, D = 128 causal
 
@@ -102,7 +108,9 @@ def _specs(mode, device):
     if mode == "smoke":
         return SMOKE
     if device.type == "cuda":
-        return HEADLINE + FULL
+        specs = HEADLINE + FULL
+        first = [next(s for s in specs if s.name == name) for name in HEADLINE_BENCH]
+        return first + [s for s in specs if s.name not in HEADLINE_BENCH]
     # CPU quick/full: the same structure at sizes a CPU finishes (timings are for trends only)
     out = []
     for s in FULL:
@@ -391,7 +399,8 @@ def workloads(mode, device):
             # minimal traffic: fwd reads q, k, v and writes o; bwd also reads o, dO and writes dq, dk, dv
             nbytes = (6 if backward else 2) * (q_bytes + kv_bytes)
             info = {"model": spec.name, "direction": direction,
-                    "headline": spec in HEADLINE or (mode == "smoke" and spec.name in SMOKE_HEADLINE),
+                    "headline": spec.name in (SMOKE_HEADLINE if mode == "smoke" else HEADLINE_BENCH)
+                    and (mode == "smoke" or device.type == "cuda"),
                     "mask": spec.mask, "batch": spec.batch,
                     "seqlen_q": spec.seqlen_q, "seqlen_k": spec.seqlen_k, "heads": spec.heads, "kv_heads": spec.hkv,
                     "head_dim": spec.head_dim, "dtype": "bf16", "visible_fraction": pairs / max(1, total),

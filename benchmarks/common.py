@@ -8,7 +8,6 @@ training steps) follow them. A suite module exposes
 runners iterate these same definitions, so a case is defined in exactly one place.
 """
 import datetime
-import gc
 import os
 import platform
 import re
@@ -259,42 +258,6 @@ def card_slug(env):
 # Running and reporting
 
 
-def run_workloads(workloads, device, mode, ceilings, deadline=None, log=print):
-    rows = []
-    for wl in workloads:
-        if deadline is not None and time.monotonic() > deadline:
-            rows += [_row(wl, c, reason="time budget exhausted") for c in wl.cases]
-            continue
-        log(f"{wl.name}: {wl.info.get('summary', '')}")
-        try:
-            state = wl.build()
-        except Exception as exc:  # e.g. out of memory on a smaller card: report it, go on
-            rows += [_row(wl, c, reason=f"building inputs failed: {type(exc).__name__}: {exc}"[:250]) for c in wl.cases]
-            continue
-        for case in wl.cases:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                rows.append(_row(wl, case, reason="time budget exhausted"))
-                continue
-            fn, reason = prepare(case, state, device)
-            timing = extra = None
-            if fn is not None:
-                try:
-                    extra = peak_extra_bytes(fn, device)
-                    timing = measure(fn, device, mode, None if left is None else min(2.0, left))
-                except Exception as exc:
-                    reason = f"timing failed: {type(exc).__name__}: {exc}"[:250]
-            row = _row(wl, case, timing=timing, reason=reason, ceilings=ceilings, extra_bytes=extra)
-            rows.append(row)
-            log(f"  {case.name:<28} " + (f"{row['ms']:9.3f} ms" if timing else f"skipped: {reason}"))
-        _speedups([r for r in rows if r["workload"] == wl.name], wl.baselines)
-        fn = state = None  # the last case's closure holds the tensors too
-        gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
-
-
 def _row(wl, case, timing=None, reason=None, ceilings=None, extra_bytes=None):
     """One report row. Roofline: the case cannot beat max(bytes / copy bandwidth, FLOPs / matmul peak);
     pct_roofline is that floor over the measured time, `bound` says which ceiling sets it."""
@@ -324,23 +287,48 @@ def _row(wl, case, timing=None, reason=None, ceilings=None, extra_bytes=None):
     return row
 
 
-def _speedups(rows, baselines):
-    by_case = {r["case"]: r["ms"] for r in rows}
-    for r in rows:
-        for label, base in baselines.items():
-            if r["ms"] and by_case.get(base):
-                r["speedup"][label] = by_case[base] / r["ms"]
-
-
-def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=None, log=print, select=None):
+def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=None, log=print, select=None,
+              checkpoint=None):
     """Run the named suites and return the report dict; with out_dir, also write report.json/.md there.
 
     mode: "smoke" (tiny, proves every case runs), "quick" (fewer repeats) or "full". device defaults to
-    CUDA when available. budget_s bounds the whole run, an equal share per suite: cases past it are reported
-    as skipped. select:
-    "headline" runs only the workloads whose info marks them headline (the first numbers a GPU run must
-    bring back), "rest" only the others, None all.
+    CUDA when available. budget_s bounds the whole run: the cases run in benchmarks/schedule.py's order
+    (each workload's mmfast cases with their baselines, the suites round-robin, attention first) and the
+    ones that do not fit are reported as skipped with the reason. select: "headline" runs only the
+    workloads whose info marks them headline (the first numbers a GPU run must bring back), "rest" only the
+    others, None all. checkpoint(report): called with the report so far after every workload (a run cut
+    short by an outer timeout still leaves what it measured).
     """
+    from .schedule import run_jobs, schedule
+
+    suites, device, by_suite = _select(suites, mode, device, select)
+    start = time.monotonic()
+    deadline = None if budget_s is None else start + budget_s
+    env = environment(device)
+    log(f"# {', '.join(suites)} on {env['card']} ({device}), mode={mode}"
+        + ("" if budget_s is None else f", budget {budget_s:.0f} s"))
+    ceilings = measure_ceilings(device, mode)
+    log(f"copy bandwidth: {ceilings['copy_GBps']:.1f} GB/s; {ceilings['matmul_dtype']} matmul: "
+        f"{ceilings['matmul_TFLOPs']:.2f} TFLOP/s")
+    workload_info = [{"suite": suite, "workload": w.name, "bytes_per_call": w.bytes_per_call,
+                      "baselines": w.baselines, **w.info} for suite, wls in by_suite.items() for w in wls]
+
+    def report(rows):
+        return {"schema": 2, "suites": list(suites), "mode": mode, "select": select, "device": device,
+                "budget_s": budget_s, "elapsed_s": round(time.monotonic() - start, 2), "env": env,
+                "ceilings": ceilings, "workloads": workload_info, "rows": rows}
+
+    jobs = schedule(by_suite, budgeted=budget_s is not None)
+    rows = run_jobs(jobs, device, mode, ceilings, deadline, budget_s, log,
+                    checkpoint=None if checkpoint is None else lambda rows: checkpoint(report(rows)))
+    out = report(rows)
+    if out_dir is not None:
+        write_reports(out, out_dir)
+    return out
+
+
+def _select(suites, mode, device, select):
+    """(suite names, device, {suite: [Workload]}) after checking the arguments."""
     if select not in (None, "headline", "rest"):
         raise ValueError(f"select must be None, 'headline' or 'rest', got {select!r}")
     if mode not in MODES:
@@ -351,31 +339,22 @@ def run_suite(suites=("ema",), mode="full", out_dir=None, device=None, budget_s=
     if unknown:
         raise ValueError(f"unknown suite(s) {unknown}; choose from {', '.join(known)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    start = time.monotonic()
-    deadline = None if budget_s is None else start + budget_s
-    env = environment(device)
-    log(f"# {', '.join(suites)} on {env['card']} ({device}), mode={mode}")
-    ceilings = measure_ceilings(device, mode)
-    log(f"copy bandwidth: {ceilings['copy_GBps']:.1f} GB/s; {ceilings['matmul_dtype']} matmul: "
-        f"{ceilings['matmul_TFLOPs']:.2f} TFLOP/s")
-    rows, workload_info = [], []
-    for i, suite in enumerate(suites):
-        # each suite gets its share of the budget (time one leaves goes to the next), so the first one
-        # cannot starve the others (the GPU check's headline step runs every suite in a short budget)
-        suite_deadline = None if deadline is None else start + budget_s * (i + 1) / len(suites)
+    by_suite = {}
+    for suite in suites:
         wls = suite_module(suite).workloads(mode, device)
         if select is not None:
             wls = [w for w in wls if bool(w.info.get("headline")) == (select == "headline")]
-        workload_info += [{"suite": suite, "workload": w.name, "bytes_per_call": w.bytes_per_call,
-                           "baselines": w.baselines, **w.info} for w in wls]
-        rows += [dict(r, suite=suite) for r in run_workloads(wls, device, mode, ceilings, suite_deadline, log)]
-    report = {"schema": 2, "suites": list(suites), "mode": mode, "select": select, "device": device,
-              "budget_s": budget_s,
-              "elapsed_s": round(time.monotonic() - start, 2), "env": env, "ceilings": ceilings,
-              "workloads": workload_info, "rows": rows}
-    if out_dir is not None:
-        write_reports(report, out_dir)
-    return report
+        by_suite[suite] = wls
+    return suites, device, by_suite
+
+
+def plan_suite(suites, mode, device, select=None, budget_s=None):
+    """The jobs a run would do, with the estimated seconds of each (schedule.plan); runs nothing. device may
+    be "cuda" on a machine without one (the workloads are only described, not built)."""
+    from .schedule import plan, schedule
+
+    suites, device, by_suite = _select(suites, mode, device, select)
+    return plan(schedule(by_suite, budgeted=budget_s is not None), device, budget_s)
 
 
 def default_out_dir(report):

@@ -8,6 +8,7 @@ because per-tensor overhead is what separates the methods.
 """
 import inspect
 import math
+import os
 import warnings
 
 import torch
@@ -127,15 +128,30 @@ def _require_backend(backend):
     # ema_update_ quietly falls back when the extension is missing: check first, so a fallback is
     # never reported under the extension's name
     if backend in ("cpp", "cuda"):
-        from mmfast._ext import extension_error, load_extension
-
-        ext = load_extension()
-        if ext is None:
-            raise Skip(f"C++ extension unavailable: {extension_error()}")
+        ext = _extension()
         if backend == "cuda" and not ext.with_cuda():
             raise Skip("mmfast._C was built without CUDA")
         if backend == "cpp" and not hasattr(ext, "ema_update_cpu"):
             raise Skip("mmfast._C has no ema_update_cpu")
+
+
+def _extension():
+    """mmfast._C, or Skip. Never waits on a build another process runs (the GPU check builds it in the
+    background while the headline benchmarks run: a minute of the budget otherwise); builds it (outside the
+    timings) only when no build runs and MMFAST_NO_JIT allows it."""
+    from mmfast._ext import extension_error, load_extension, loaded_extension, lock_held, lock_path
+
+    if lock_held(lock_path()):
+        raise Skip(f"extension not built yet: another process is building it (lock {lock_path()})")
+    ext, why = loaded_extension()
+    if ext is not None:
+        return ext
+    if os.environ.get("MMFAST_NO_JIT", "0") == "1":
+        raise Skip(f"extension not built yet ({why})")
+    ext = load_extension()
+    if ext is None:
+        raise Skip(f"C++ extension unavailable: {extension_error()}")
+    return ext
 
 
 def _mmfast(backend):

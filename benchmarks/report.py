@@ -34,10 +34,44 @@ def _header(report):
     return lines + [""]
 
 
+def _rows_of(report, w):
+    """The rows of workload entry w (two suites may hold workloads of one name: models repeats a CLIP loss)."""
+    return [r for r in report["rows"] if r["workload"] == w["workload"]
+            and (w.get("suite") is None or r.get("suite") == w["suite"])]
+
+
+def glance_lines(report):
+    """A line per workload where one of our cases ran: its ms and the speed-up over each baseline (baseline
+    ms / ours), or why that baseline has no number."""
+    lines = []
+    for w in report["workloads"]:
+        rows = {r["case"]: r for r in _rows_of(report, w)}
+        ours = [r for name, r in rows.items() if name.startswith("mmfast") and r.get("ms")]
+        if not ours:
+            continue
+        parts = []
+        for r in ours:
+            vs = []
+            for label, base in w.get("baselines", {}).items():
+                b = rows.get(base)
+                if b is None:
+                    continue
+                if b.get("ms"):
+                    vs.append(f"{b['ms'] / r['ms']:.2f}x vs {base} ({b['ms']:.3f} ms)")
+                else:
+                    vs.append(f"{base}: {b.get('reason') or 'not timed'}")
+            parts.append(f"{r['case']} {r['ms']:.3f} ms" + (f": {'; '.join(vs)}" if vs else ""))
+        lines.append(f"- {w.get('suite', '?')} / {w['workload']}: " + " | ".join(parts))
+    return lines
+
+
 def to_markdown(report):
     lines = _header(report)
+    glance = glance_lines(report)
+    if glance:
+        lines += ["## At a glance: ours vs each baseline (x: baseline ms / ours; > 1 is faster)", ""] + glance + [""]
     for w in report["workloads"]:
-        rows = [r for r in report["rows"] if r["workload"] == w["workload"]]
+        rows = _rows_of(report, w)
         labels = list(w.get("baselines", {}))
         compute = any(r.get("flops") for r in rows)  # compute-bound workloads also show TFLOP/s
         memory = any(r.get("peak_extra_MiB") is not None for r in rows)

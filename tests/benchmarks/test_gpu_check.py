@@ -43,9 +43,30 @@ def test_script_order_headline_first_full_suite_last():
     assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
 
 
+def test_step_shares_of_a_450_s_run():
+    """The budget goes where the 2026-11-28 run lacked it: the headline's benchmarks get >= 150 s (its step
+    keeps 25 s for start-up, plots and finishing a started workload), the tuner <= 90 s, check and
+    pytest -m cuda >= 60 s each, and the reserves hold those shares while earlier steps run."""
+    text = open(SCRIPT).read()
+    shares = {m[0]: (int(m[1]), int(m[2])) for m in re.findall(r"^\s*step (\w+) (\d+) (\d+) ", text, flags=re.M)}
+    cap = {name: c for name, (c, _) in shares.items()}
+    reserve = {name: r for name, (_, r) in shares.items()}
+    assert "--budget-s $(( cap > 60 ? cap - $(secs 25)" in text and cap["bench_headline"] - 25 >= 150
+    assert cap["tune"] <= 90 and cap["check"] >= 60 and cap["pytest_cuda"] >= 60
+    assert reserve["bench_headline"] >= cap["tune"] + 60 + 60
+    assert reserve["tune"] >= 60 + 60 and reserve["check"] >= 60
+    assert 10 + cap["bench_headline"] + cap["tune"] + 60 + 60 <= 440  # pip and info take ~10 s
+    # the C++ extension builds in the background, never in a benchmark step
+    assert re.search(r"^timeout .* python -c '.*load_extension\(\).*' >\"\$OUT_DIR/build_ext.log\" 2>&1 &$", text,
+                     flags=re.M | re.S)
+    assert all("env MMFAST_NO_JIT=1 python -m mmfast bench" in line
+               for line in text.splitlines() if re.match(r"\s*step bench_", line))
+
+
 def test_every_suite_has_headline_workloads_and_others():
     """`bench --headline` (the GPU check's first step) and `--rest` split every suite's GPU workloads; the
-    attention headline is the FlashAttention-3 paper's grid, the CLIP loss's is N = 32k."""
+    attention headline is FlashAttention-3's L=1024 / 4096 at D=64 and ViT-L/14@336, fwd and fwd+bwd, in that
+    order; the CLIP loss's is N = 32k."""
     import torch
 
     from mmfast.benchmarks.common import suite_module, suite_names
@@ -55,7 +76,9 @@ def test_every_suite_has_headline_workloads_and_others():
         headline = [w.name for w in wls if w.info.get("headline")]
         assert headline and len(headline) < len(wls), (name, headline)
         if name == "attention":
-            assert {w.split()[0] for w in headline} == {f"fa3_L{L}_D{D}{c}" for L in (1024, 4096, 16384)
-                                                        for D in (64, 128) for c in ("", "_causal")}
+            assert headline == [f"{s} {d}" for s in ("fa3_L1024_D64", "fa3_L4096_D64", "vit_l14_336")
+                                for d in ("fwd", "fwd+bwd")]
+            assert all(w.baselines == {"sdpa": "sdpa_flash", "cudnn": "sdpa_cudnn", "flex": "flex_attention"}
+                       for w in wls if w.name in headline)
         if name == "contrastive":
             assert headline == ["clip_loss N=32768 D=512"]
