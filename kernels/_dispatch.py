@@ -5,6 +5,8 @@
 - ``"triton"``: the Triton kernels (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 through
   Triton's interpreter). fp16 / bf16 / fp32.
 - ``"cuda"`` / ``"cpp"``: the C++ extension ``mmfast._C`` on CUDA / CPU tensors (the EMA).
+- ``"gemm"``: cuBLAS GEMMs (``torch.mm``) with Triton kernels for the passes around them (the gated linear
+  layer); runs where ``"triton"`` does (the CPU through Triton's interpreter).
 - ``"chunked"``: a memory-bounded PyTorch implementation (the contrastive losses: O(N) extra memory
   where the reference materialises the N x M logits).
 - ``"auto"``: ``MMFAST_BACKEND`` when set (and implemented by the op), else on CUDA tensors the first
@@ -17,7 +19,7 @@ import os
 from ._common import interpreting
 from ._registry import accelerated_backends
 
-BACKENDS = ("auto", "triton", "cuda", "cpp", "chunked", "reference")
+BACKENDS = ("auto", "triton", "gemm", "cuda", "cpp", "chunked", "reference")
 
 
 def _extension(with_cuda):
@@ -32,7 +34,7 @@ def _extension(with_cuda):
 
 def _device_reason(backend, device):
     """None when tensors of `device` suit `backend` at all, else why not (the extension aside)."""
-    if backend == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
+    if backend in ("triton", "gemm") and not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
         return (f"needs CUDA tensors, or TRITON_INTERPRET=1 (set before importing mmfast.kernels) to run on the "
                 f"CPU through Triton's interpreter; got {device.type} tensors")
     if backend == "cuda" and device.type != "cuda":
