@@ -12,6 +12,8 @@ compile gate fails any of them that does not lower to wgmma):
   pipeline the K loop. The aligned configs are sized for that code (big tiles, 3 stages); anything else
   (K = 77, views at odd offsets) runs the unaligned configs (operands in registers, no pipelining).
 
+backend="gemm" has its own small table, ``PASS_CONFIGS``: one tile per one-pass kernel (memory-bound, no dot).
+
 Every config compiles with 0 spills on Triton 3.6, 3.8 and 3.9 for sm_80 and sm_90
 (``python -m mmfast compile-report --specs mmfast.kernels.gated_linear:compile_specs --no-nvcc``).
 """
@@ -125,11 +127,12 @@ class PassConfig:
 PASS_KERNELS = {"epilogue": tanh_gated_linear_epilogue_kernel, "rows": tanh_gated_linear_bwd_rows_kernel,
                 "weight": tanh_gated_linear_bwd_weight_kernel}
 PASS_CONFIGS = {
-    "epilogue": PassConfig(dict(BLOCK_M=64, BLOCK_N=128), 8,
-                           "32 elements a thread, rows of 128: 16-byte loads of h (fp32) and 8-byte of the residual"),
-    "rows": PassConfig(dict(BLOCK_M=64, BLOCK_N=128), 8,
-                       "as the epilogue; 64-row tiles keep the column partials small (M/64 x N fp32)"),
-    "weight": PassConfig(dict(BLOCK_N=64, BLOCK_K=128), 8, "as the epilogue over G (N, K); K/128 gate partials"),
+    "epilogue": PassConfig(dict(BLOCK_M=32, BLOCK_N=128), 8,
+                           "16 elements a thread: 16-byte loads of h when aligned; unaligned (one pointer an "
+                           "element) still 102 registers, 16 warps an SM (64 rows: 192, 8 warps)"),
+    "rows": PassConfig(dict(BLOCK_M=32, BLOCK_N=128), 8,
+                       "as the epilogue; column partials M/32 x N fp32 (4 MB at M=16384, N=2048)"),
+    "weight": PassConfig(dict(BLOCK_N=32, BLOCK_K=128), 8, "as the epilogue, over G (N, K); K/128 gate partials"),
 }
 # under the interpreter: small tiles, so the odd test shapes cross several tiles in each dimension
 PASS_INTERPRET_TILES = {"epilogue": dict(BLOCK_M=16, BLOCK_N=32), "rows": dict(BLOCK_M=16, BLOCK_N=32),
@@ -195,9 +198,9 @@ def _pass_specs():
 
 
 def _gemm_kernel_specs():
-    """Every kernel x GPU config of the Triton backend's table. 16-bit configs are compiled for bf16 (fp16 differs only
-    in the MMA's input type); unit inner strides, as the JIT specialises them; the signature is read
-    from the kernel's parameter list (pointers in the operand dtype unless named here)."""
+    """Every kernel x GPU config of the Triton backend's table. 16-bit configs are compiled for bf16 (fp16
+    differs only in the MMA's input type); unit inner strides, as the JIT specialises them; the signature is
+    read from the kernel's parameter list (pointers in the operand dtype unless named here)."""
     for c in GPU_CONFIGS:
         dtype = torch.bfloat16 if c.operands == "16-bit" else torch.float32
         precision = "ieee" if c.operands == "16-bit" else c.operands
