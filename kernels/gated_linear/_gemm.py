@@ -65,6 +65,18 @@ def _launch_pass(name, grid_rows, grid_cols, device, *args, **constexprs):
     return grid
 
 
+def _no_autocast(fn):
+    """The GEMMs here choose their dtypes: an enclosing autocast (a backward run inside ``torch.autocast``)
+    would cast G or h to 16 bits under the kernels that read them as fp32."""
+
+    def run(*args):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args)
+
+    return run
+
+
+@_no_autocast
 def _forward(a, weight, bias, s, residual, row_mask, out_dtype):
     """a (M, K), weight (N, K), bias (N,) | None, s fp32 (1,) | (N,), residual (M, N) -> out (M, N)."""
     M, N = a.shape[0], weight.shape[0]
@@ -80,6 +92,7 @@ def _forward(a, weight, bias, s, residual, row_mask, out_dtype):
     return out
 
 
+@_no_autocast
 def _backward(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds):
     M, K = a.shape
     N = weight.shape[0]

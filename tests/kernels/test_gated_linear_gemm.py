@@ -164,3 +164,21 @@ def test_mm_fp32_keeps_the_accumulator(dtype):
     err = (got.double() - exact).abs().max().item()
     assert err <= 300 * torch.finfo(torch.float32).eps * (x.double().abs() @ y.double().abs()).max().item(), err
     assert err < (x @ y).double().sub(exact).abs().max().item() / 8, "no better than a 16-bit result"
+
+
+def test_backward_inside_autocast(device):
+    """backward() called inside torch.autocast: the backend's own GEMMs keep their fp32 outputs (G), so the
+    gradients equal those of a backward run outside it."""
+    a, w, b, g, r = make_inputs(None, K, N, torch.float32, device, "vector", lead=LEAD)
+    grads = []
+    for inside in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (a, w, b, g, r)]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = tanh_gated_linear(*leaves, backend="gemm")
+            if inside:
+                out.backward(torch.ones_like(out))
+        if not inside:
+            out.backward(torch.ones_like(out))
+        grads.append([t.grad for t in leaves])
+    for name, x, y in zip(NAMES, *grads):
+        assert_bitwise_equal(x, y, what=f"{name} with backward inside autocast")
