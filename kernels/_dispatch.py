@@ -11,7 +11,8 @@
   where the reference materialises the N x M logits).
 - ``"auto"``: ``MMFAST_BACKEND`` when set (and implemented by the op), else on CUDA tensors the first
   available of the op's accelerated backends in its order of preference (``kernels/_registry.py``:
-  the CUDA extension where the op has one and it is built, else Triton); on CPU tensors the reference.
+  the CUDA extension where the op has one and it is built, "gemm" for the gated linear layer, else Triton);
+  on CPU tensors the reference.
   ``python -m mmfast info`` prints, per op, what auto runs here and why each other backend cannot.
 """
 import os
