@@ -24,9 +24,9 @@ import torch
 
 from .._common import DTYPE_NAMES, TL_DTYPES
 from .._registry import CompileSpec, derive_signature, step
-from ._kernels import (tanh_gated_linear_bwd_da_kernel, tanh_gated_linear_bwd_dw_kernel, tanh_gated_linear_bwd_rows_kernel,
-                       tanh_gated_linear_bwd_weight_kernel, tanh_gated_linear_epilogue_kernel,
-                       tanh_gated_linear_fwd_kernel)
+from ._kernels import (tanh_gated_linear_bwd_da_kernel, tanh_gated_linear_bwd_dw_kernel,
+                       tanh_gated_linear_bwd_rows_kernel, tanh_gated_linear_bwd_weight_kernel,
+                       tanh_gated_linear_epilogue_kernel, tanh_gated_linear_fwd_kernel)
 
 KERNELS = {"fwd": tanh_gated_linear_fwd_kernel, "da": tanh_gated_linear_bwd_da_kernel,
            "dw": tanh_gated_linear_bwd_dw_kernel}

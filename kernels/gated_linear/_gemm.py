@@ -139,9 +139,7 @@ def _gemm_fwd_op(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return _forward(a, weight, bias, s, residual, row_mask, out_dtype)
 
 
-@_gemm_fwd_op.register_fake
-def _(a, weight, bias, s, residual, row_mask, out_dtype):
-    return residual.new_empty((a.shape[0], weight.shape[0]), dtype=out_dtype)
+_gemm_fwd_op.register_fake(_launch.fwd_fake)
 
 
 @torch.library.custom_op("mmfast::tanh_gated_linear_gemm_bwd", mutates_args=())
@@ -153,12 +151,7 @@ def _gemm_bwd_op(dy: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: 
     return tuple(a.new_empty(0) if g is None else g for g in grads)
 
 
-@_gemm_bwd_op.register_fake
-def _(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds):
-    return (a.new_empty(a.shape if need_da else 0), weight.new_empty(weight.shape if need_dw else 0),
-            a.new_empty(bias.shape if need_dbias else 0), s.new_empty(s.shape if need_ds else 0))
-
-
+_gemm_bwd_op.register_fake(_launch.bwd_fake)
 _launch.register_autograd(_gemm_fwd_op, _gemm_bwd_op)
 
 

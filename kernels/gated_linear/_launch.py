@@ -178,7 +178,8 @@ def _tanh_gated_linear_fwd_op(a: torch.Tensor, weight: torch.Tensor, bias: Optio
 
 
 @_tanh_gated_linear_fwd_op.register_fake
-def _(a, weight, bias, s, residual, row_mask, out_dtype):
+def fwd_fake(a, weight, bias, s, residual, row_mask, out_dtype):
+    """The forward ops' output for torch.compile's fake tensors (both backends)."""
     return residual.new_empty((a.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
@@ -207,7 +208,8 @@ def _tanh_gated_linear_bwd_op(dy: torch.Tensor, a: torch.Tensor, weight: torch.T
 
 
 @_tanh_gated_linear_bwd_op.register_fake
-def _(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds):
+def bwd_fake(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds):
+    """The backward ops' outputs for torch.compile's fake tensors (both backends)."""
     return (a.new_empty(a.shape if need_da else 0), weight.new_empty(weight.shape if need_dw else 0),
             a.new_empty(bias.shape if need_dbias else 0), s.new_empty(s.shape if need_ds else 0))
 

@@ -113,13 +113,14 @@ def test_degenerate_sizes(device, M, K, N):
     check(ours, ref, same, inputs, dy, what=f"M{M} K{K} N{N}")
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+def test_torch_compile_fullgraph(device, backend):
     """torch.compile(fullgraph=True) traces the op (custom ops with fake shapes), forward and backward."""
     a, w, b, g, r = make_inputs(33, 64, 80, torch.float32, device, "vector")
     row_mask = torch.arange(33, device=device) < 7
 
     def fn(a, w, b, g, r):
-        return tanh_gated_linear(a, w, b, g, r, row_mask=row_mask, backend="triton")
+        return tanh_gated_linear(a, w, b, g, r, row_mask=row_mask, backend=backend)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     leaves = [t.clone().requires_grad_() for t in (a, w, b, g, r)]
@@ -152,9 +153,10 @@ def test_gradient_subsets(device, trainable):
             assert ours[n].grad is None
 
 
-def test_double_backward_raises_clearly(device):
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+def test_double_backward_raises_clearly(device, backend):
     a, w, b, g, r = (t.requires_grad_() for t in make_inputs(5, 16, 8, torch.float32, device, "scalar"))
-    (da,) = torch.autograd.grad(tanh_gated_linear(a, w, b, g, r, backend="triton").sum(), a, create_graph=True)
+    (da,) = torch.autograd.grad(tanh_gated_linear(a, w, b, g, r, backend=backend).sum(), a, create_graph=True)
     with pytest.raises(RuntimeError, match="tanh_gated_linear: double backward"):
         da.sum().backward()
 

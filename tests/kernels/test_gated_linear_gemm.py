@@ -1,6 +1,8 @@
 """tanh_gated_linear, backend="gemm" (kernels/gated_linear/_gemm.py): torch.mm for the GEMMs, three one-pass
 Triton kernels around them (run through the interpreter on the CPU), output and every gradient against the
 fp64 reference by the 2x / 3x rule, at odd sizes that cross several tiles of each pass; outputs poisoned.
+torch.compile and the double-backward guard are tested for both backends in test_gated_linear.py, the
+contract (dtypes, autocast, argument checks) in test_gated_linear_contract.py.
 
 On the CPU torch.mm has no fp32-output overload for 16-bit operands, so ``_gemm.mm_fp32`` widens them (the
 same exact products and fp32 accumulation); what cuBLAS's own overload does is not tested here.
@@ -117,35 +119,8 @@ def test_expanded_upstream_gradient(device):
         torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-4, msg=f"{name}; seed {SEED}")
 
 
-def test_torch_compile_fullgraph(device):
-    """torch.compile(fullgraph=True) traces the gemm backend's custom ops, forward and backward, bitwise."""
-    a, w, b, g, r = make_inputs(33, 64, 80, torch.bfloat16, device, "vector")
-    row_mask = torch.arange(33, device=device) < 7
-
-    def fn(a, w, b, g, r):
-        return tanh_gated_linear(a, w, b, g, r, row_mask=row_mask, backend="gemm")
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    leaves = [t.clone().requires_grad_() for t in (a, w, b, g, r)]
-    eager = [t.clone().requires_grad_() for t in (a, w, b, g, r)]
-    out, ref = compiled(*leaves), fn(*eager)
-    dy = randn(*out.shape, dtype=out.dtype, device=device)
-    out.backward(dy)
-    ref.backward(dy)
-    assert_bitwise_equal(out, ref, what="compiled forward")
-    for name, x, y in zip(NAMES, leaves, eager):
-        assert_bitwise_equal(x.grad, y.grad, what=f"compiled {name}")
-
-
-def test_double_backward_raises_clearly(device):
-    a, w, b, g, r = (t.requires_grad_() for t in make_inputs(5, 16, 8, torch.float32, device, "scalar"))
-    (da,) = torch.autograd.grad(tanh_gated_linear(a, w, b, g, r, backend="gemm").sum(), a, create_graph=True)
-    with pytest.raises(RuntimeError, match="tanh_gated_linear: double backward"):
-        da.sum().backward()
-
-
-def test_auto_runs_gemm_on_cuda_and_triton_stays_selectable():
-    """What auto picks is read from the registry; no GPU needed to ask."""
+def test_auto_picks_gemm_on_cuda():
+    """What auto picks is read from the registry (no GPU needed to ask); float64 stays the reference's."""
     assert auto_backend("tanh_gated_linear", torch.device("cuda")) == "gemm"
     assert auto_backend("tanh_gated_linear", torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="float64 runs on backend='reference'"):
