@@ -4,13 +4,15 @@ them. Its speed is cuBLAS's plus a few memory-bound passes, so it can be predict
 Forward: ``h = a Wᵀ`` by cuBLAS in fp32 (a 16-bit GEMM writing its fp32 accumulator), then
 ``tanh_gated_linear_epilogue_kernel``: ``out = residual + s·(h + b)``, masked rows = residual, rounded once.
 The bias is added in the epilogue (fp32, as the Triton backend adds it to its accumulator), not by addmm.
-Saved for backward: a, W, b, s, row_mask (as the Triton backend; h is recomputed by nothing, see below).
+Saved for backward: a, W, b, s, row_mask, as the Triton backend saves; h is neither saved (an M x N fp32
+tensor) nor recomputed: the gate's gradient comes from G below.
 
 Backward (dy (M, N); s = tanh(gate); "live" rows: not masked):
 
 1. ``tanh_gated_linear_bwd_rows_kernel``, one pass over dy: ``d_update = dy·s`` over the live rows rounded
    once to the input dtype (what PyTorch rounds; d_a's operand), the live ``dy`` in the input dtype when it is
-   not dy itself (a row mask, or an fp32 dy over 16-bit GEMMs), and per-row-tile column sums of dy (fp32).
+   not dy itself (a row mask, or an fp32 dy over 16-bit GEMMs), and per-row-tile column sums of dy (fp32,
+   M/32 x N).
 2. cuBLAS: ``d_a = d_update @ W`` (input dtype); ``G = dy_liveᵀ a`` in fp32 (N, K).
 3. ``tanh_gated_linear_bwd_weight_kernel``, one pass over G: ``d_W = s·G`` rounded once, and per-K-tile
    partial sums of ``W ⊙ G``.
@@ -27,9 +29,12 @@ initial gate), so a row mask or an fp32 dy costs one more 16-bit M x N write in 
 with neither, G reads dy itself. d_W = s·G from the fp32 G is rounded once (PyTorch rounds d_update, then
 d_W).
 
-Expected at that shape on an H100 (bf16, scalar gate, no mask): forward = GEMM with fp32 output (~0.19 ms)
-+ epilogue (h 134 MB + residual 67 MB read, out 67 MB written: ~0.09 ms) ≈ 0.28 ms; backward = pass 1 (dy
-read, d_update written: 134 MB, ~0.045 ms) + two GEMMs (~0.37 ms) + pass 3 (~0.01 ms) ≈ 0.43 ms.
+Expected at that shape on an H100 (bf16, scalar gate, no mask; from the measured bf16 GEMM, 0.184 ms, and
+~3 TB/s): forward = GEMM with fp32 output (~0.19 ms) + epilogue (h 134 MB + residual 67 MB read, out 67 MB
+written: ~0.09 ms) ≈ 0.28-0.30 ms; backward = pass 1 (dy read, d_update written: 134 MB, ~0.045 ms) + two
+GEMMs (~0.37 ms) + pass 3 (~0.01 ms) + small torch ops ≈ 0.43-0.45 ms. The one lever left in the forward
+is h itself: a bf16 h (F.linear's own output) would save 134 MB (~0.045 ms) at the price of the rounding
+the eager chain also makes; this backend keeps the fp32 product, as the Triton backend does.
 """
 from typing import Optional, Tuple
 
@@ -57,26 +62,16 @@ def mm_fp32(x, y):
     return torch.mm(x.float(), y.float())
 
 
-def _launch_pass(name, grid_rows, grid_cols, device, *args, **constexprs):
+def _launch_pass(name, rows, cols, device, *args, **constexprs):
+    """Launch one-pass kernel `name` over a (rows, cols) tensor: one program per (row tile, column tile)."""
     tiles, warps = choose_pass(name, device)
-    grid = (triton.cdiv(grid_rows, next(iter(tiles.values()))), triton.cdiv(grid_cols, list(tiles.values())[1]))
+    block_rows, block_cols = tiles.values()  # (BLOCK_M, BLOCK_N) or (BLOCK_N, BLOCK_K): rows, then columns
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
     if grid[0] and grid[1]:
         PASS_KERNELS[name][grid](*args, EMULATE=interpreting(), num_warps=warps, **tiles, **constexprs)
     return grid
 
 
-def _no_autocast(fn):
-    """The GEMMs here choose their dtypes: an enclosing autocast (a backward run inside ``torch.autocast``)
-    would cast G or h to 16 bits under the kernels that read them as fp32."""
-
-    def run(*args):
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            return fn(*args)
-
-    return run
-
-
-@_no_autocast
 def _forward(a, weight, bias, s, residual, row_mask, out_dtype):
     """a (M, K), weight (N, K), bias (N,) | None, s fp32 (1,) | (N,), residual (M, N) -> out (M, N)."""
     M, N = a.shape[0], weight.shape[0]
@@ -92,7 +87,6 @@ def _forward(a, weight, bias, s, residual, row_mask, out_dtype):
     return out
 
 
-@_no_autocast
 def _backward(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds):
     M, K = a.shape
     N = weight.shape[0]
@@ -136,7 +130,10 @@ def _backward(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, ne
 @torch.library.custom_op("mmfast::tanh_gated_linear_gemm_fwd", mutates_args=())
 def _gemm_fwd_op(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], s: torch.Tensor,
                  residual: torch.Tensor, row_mask: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return _forward(a, weight, bias, s, residual, row_mask, out_dtype)
+    # the GEMMs here choose their dtypes: an enclosing autocast (the backward run inside torch.autocast) would
+    # cast h or G to 16 bits under the kernels that read them as fp32
+    with torch.autocast(a.device.type, enabled=False):
+        return _forward(a, weight, bias, s, residual, row_mask, out_dtype)
 
 
 _gemm_fwd_op.register_fake(_launch.fwd_fake)
@@ -147,7 +144,8 @@ def _gemm_bwd_op(dy: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: 
                  s: torch.Tensor, row_mask: Optional[torch.Tensor], need_da: bool, need_dw: bool, need_dbias: bool,
                  need_ds: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_a, d_W, d_bias, d_s) with fresh 0-element tensors for those not needed (outputs must not alias)."""
-    grads = _backward(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds)
+    with torch.autocast(a.device.type, enabled=False):  # as in the forward op
+        grads = _backward(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds)
     return tuple(a.new_empty(0) if g is None else g for g in grads)
 
 
