@@ -123,16 +123,17 @@ def test_auto_picks_gemm_on_cuda():
     """What auto picks is read from the registry (no GPU needed to ask); float64 stays the reference's."""
     assert auto_backend("tanh_gated_linear", torch.device("cuda")) == "gemm"
     assert auto_backend("tanh_gated_linear", torch.device("cpu")) == "reference"
+    a, w, b, g, r = make_inputs(5, 16, 8, torch.float64, "cpu", "scalar")
     with pytest.raises(ValueError, match="float64 runs on backend='reference'"):
-        a, w, b, g, r = make_inputs(5, 16, 8, torch.float64, "cpu", "scalar")
         tanh_gated_linear(a, w, b, g, r, backend="gemm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-def test_mm_fp32_keeps_the_accumulator(dtype):
-    """16-bit operands, fp32 result: exact products summed in fp32, not rounded to 16 bits (CPU fallback)."""
-    x = randn(37, 300, dtype=dtype)
-    y = randn(300, 45, dtype=dtype)
+def test_mm_fp32_keeps_the_accumulator(device, dtype):
+    """16-bit operands, fp32 result: exact products summed in fp32, not rounded to 16 bits (the CPU's
+    widening fallback here; cuBLAS's out_dtype=torch.float32 GEMM on CUDA)."""
+    x = randn(37, 300, dtype=dtype, device=device)
+    y = randn(300, 45, dtype=dtype, device=device).t().contiguous().t()  # column-major, as Wᵀ and dyᵀ are
     got = _gemm.mm_fp32(x, y)
     exact = x.double() @ y.double()
     assert got.dtype == torch.float32
