@@ -5,12 +5,14 @@ Workloads (``full`` / ``quick`` on CUDA; the issue's shapes):
 
 - ``tanh_gated_linear`` at the out-projection and FFN down-projection of a Flamingo-3B-like block
   (M = 8 x 2048 tokens, d 2048, FFN 8192) and the out-projection of a Llama-3.2-11B-like layer (d 4096):
-  ours vs a plain ``F.linear`` of the same shape (cuBLAS; the epilogue-free floor, target: within
+  ours (``mmfast_gemm``: backend="gemm", cuBLAS GEMMs + one-pass Triton kernels, what "auto" runs on CUDA;
+  ``mmfast_triton``: the fused Triton GEMMs) vs a plain ``F.linear`` of the same shape (cuBLAS; the epilogue-free floor, target: within
   1.1x) and vs ``F.linear`` + the eager epilogue ``residual + tanh(g)·(·)`` (target: >= 1.3x);
 - the Flamingo-3B-like GATED XATTN-DENSE block (d 2048, 16 heads, 2048 text tokens, 5 images x 64
   resampler latents, batch 8, GELU FFN x4) and a Llama-3.2-11B-like cross-attention layer (d 4096,
   32/8 heads, SwiGLU 14336, 2048 text tokens, 4 tiles x 1601 vision tokens, batch 1): ours
-  (``mmfast.nn.GatedCrossAttentionBlock``) vs the eager reference block
+  (``mmfast.nn.GatedCrossAttentionBlock``; ``mmfast_auto``: its gated GEMMs on backend="gemm", attention on
+  Triton; ``mmfast_triton``: everything on Triton) vs the eager reference block
   (``mmfast.nn.gated_cross_attention.gated_xattn_dense_reference``: dense masked softmax, as
   lucidrains / Hugging Face write it) and vs that reference under ``torch.compile`` (skipped with the reason when it fails;
   CUDA only). Targets (fwd+bwd): >= 1.5x eager, >= 1.15x torch.compile.
@@ -138,7 +140,17 @@ def _our_backends(device):
     from mmfast.kernels._dispatch import interpreting
 
     if device.type == "cuda":
-        return ("triton",)
+        return ("gemm", "triton")
+    return ("gemm", "triton", "reference") if interpreting() else ("reference",)
+
+
+def _block_backends(device):
+    """The block takes "auto" | "triton" | "reference"; on CUDA "auto" runs its gated GEMMs on backend="gemm"
+    (and attention on Triton), on the CPU it is the reference."""
+    from mmfast.kernels._dispatch import interpreting
+
+    if device.type == "cuda":
+        return ("auto", "triton")
     return ("triton", "reference") if interpreting() else ("reference",)
 
 
@@ -221,7 +233,7 @@ def _block_mmfast(backend):
 
 def _block_cases(device):
     out = [Case(f"mmfast_{b}", _block_mmfast(b), f"GatedCrossAttentionBlock(backend={b!r})")
-           for b in _our_backends(device)]
+           for b in _block_backends(device)]
     return out + [Case("eager_reference", _block_eager, "reference block, eager (dense masked softmax)"),
                   Case("compiled_reference", _block_compiled, "reference block under torch.compile")]
 

@@ -5,13 +5,15 @@
 - ``"triton"``: the Triton kernels (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 through
   Triton's interpreter). fp16 / bf16 / fp32.
 - ``"cuda"`` / ``"cpp"``: the C++ extension ``mmfast._C`` on CUDA / CPU tensors (the EMA).
-- ``"gemm"``: cuBLAS (``torch.mm``) for an op's GEMMs and Triton kernels for the rest, where that beats
-  one fused Triton kernel (the contrastive losses at large N); runs where "triton" runs.
+- ``"gemm"``: cuBLAS GEMMs (``torch.mm`` with fp32 results) with Triton kernels for the passes around
+  them, where that beats one fused Triton kernel (the gated linear layer; the contrastive losses at large
+  N); runs where ``"triton"`` does (the CPU through Triton's interpreter).
 - ``"chunked"``: a memory-bounded PyTorch implementation (the contrastive losses: O(N) extra memory
   where the reference materialises the N x M logits).
 - ``"auto"``: ``MMFAST_BACKEND`` when set (and implemented by the op), else on CUDA tensors the first
   available of the op's accelerated backends in its order of preference (``kernels/_registry.py``:
-  the CUDA extension where the op has one and it is built, else Triton); on CPU tensors the reference.
+  the CUDA extension where the op has one and it is built, "gemm" for the gated linear layer, else Triton);
+  on CPU tensors the reference.
   ``python -m mmfast info`` prints, per op, what auto runs here and why each other backend cannot.
 """
 import os

@@ -38,7 +38,7 @@ FAMILIES = (
                            "siglip_loss": ("gemm", "triton", "chunked")},
            "CLIP / MoCo / ALBEF / BLIP-2 InfoNCE and SigLIP losses"),
     Family("patch_embed", {"patch_embed": ("triton",), "tile_patch_embed": ("triton",)}, "ViT / Mllama patch embedding"),
-    Family("gated_linear", {"tanh_gated_linear": ("triton",)}, "tanh-gated linear (Flamingo / Llama 3.2 residuals)"),
+    Family("gated_linear", {"tanh_gated_linear": ("gemm", "triton")}, "tanh-gated linear (Flamingo / Llama 3.2 residuals)"),
 )
 NAMES = tuple(f.name for f in FAMILIES)
 OPS = {op: f for f in FAMILIES for op in f.ops}

@@ -12,6 +12,8 @@ compile gate fails any of them that does not lower to wgmma):
   pipeline the K loop. The aligned configs are sized for that code (big tiles, 3 stages); anything else
   (K = 77, views at odd offsets) runs the unaligned configs (operands in registers, no pipelining).
 
+backend="gemm" has its own small table, ``PASS_CONFIGS``: one tile per one-pass kernel (memory-bound, no dot).
+
 Every config compiles with 0 spills on Triton 3.6, 3.8 and 3.9 for sm_80 and sm_90
 (``python -m mmfast compile-report --specs mmfast.kernels.gated_linear:compile_specs --no-nvcc``).
 """
@@ -22,7 +24,9 @@ import torch
 
 from .._common import DTYPE_NAMES, TL_DTYPES
 from .._registry import CompileSpec, derive_signature, step
-from ._kernels import tanh_gated_linear_bwd_da_kernel, tanh_gated_linear_bwd_dw_kernel, tanh_gated_linear_fwd_kernel
+from ._kernels import (tanh_gated_linear_bwd_da_kernel, tanh_gated_linear_bwd_dw_kernel,
+                       tanh_gated_linear_bwd_rows_kernel, tanh_gated_linear_bwd_weight_kernel,
+                       tanh_gated_linear_epilogue_kernel, tanh_gated_linear_fwd_kernel)
 
 KERNELS = {"fwd": tanh_gated_linear_fwd_kernel, "da": tanh_gated_linear_bwd_da_kernel,
            "dw": tanh_gated_linear_bwd_dw_kernel}
@@ -108,6 +112,41 @@ def choose(kernel, dtype, precision, tensors, sizes, inner_strides):
     return config.tiles, config.num_warps, config.num_stages
 
 
+# ----------------------------------------------------------------------------------------------
+# backend="gemm": the one-pass kernels around cuBLAS's GEMMs. Memory-bound, no dot: any alignment runs the
+# same code (the JIT's 16-byte specialisation only widens the accesses), so one config each.
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    tiles: dict
+    num_warps: int
+    why: str
+
+
+PASS_KERNELS = {"epilogue": tanh_gated_linear_epilogue_kernel, "rows": tanh_gated_linear_bwd_rows_kernel,
+                "weight": tanh_gated_linear_bwd_weight_kernel}
+PASS_CONFIGS = {
+    "epilogue": PassConfig(dict(BLOCK_M=32, BLOCK_N=128), 8,
+                           "16 elements a thread: 16-byte loads of h when aligned; unaligned (one pointer an "
+                           "element) still 102 registers, 16 warps an SM (64 rows: 192, 8 warps)"),
+    "rows": PassConfig(dict(BLOCK_M=32, BLOCK_N=128), 8,
+                       "as the epilogue; column partials M/32 x N fp32 (4 MB at M=16384, N=2048)"),
+    "weight": PassConfig(dict(BLOCK_N=32, BLOCK_K=128), 8, "as the epilogue, over G (N, K); K/128 gate partials"),
+}
+# under the interpreter: small tiles, so the odd test shapes cross several tiles in each dimension
+PASS_INTERPRET_TILES = {"epilogue": dict(BLOCK_M=16, BLOCK_N=32), "rows": dict(BLOCK_M=16, BLOCK_N=32),
+                        "weight": dict(BLOCK_N=16, BLOCK_K=32)}
+
+
+def choose_pass(kernel, device):
+    """(tiles, num_warps) of a one-pass kernel of the gemm backend."""
+    if device.type != "cuda":
+        return PASS_INTERPRET_TILES[kernel], 4
+    c = PASS_CONFIGS[kernel]
+    return c.tiles, c.num_warps
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device):
     major, minor = torch.cuda.get_device_capability(device)
@@ -127,9 +166,41 @@ _FLAGS = dict(HAS_BIAS=True, SCALAR_GATE=False, HAS_ROW_MASK=True, NEED_DW=True,
 
 
 def compile_specs():
-    """Every kernel x GPU config of the table. 16-bit configs are compiled for bf16 (fp16 differs only
-    in the MMA's input type); unit inner strides, as the JIT specialises them; the signature is read
-    from the kernel's parameter list (pointers in the operand dtype unless named here)."""
+    """Every kernel x GPU config of the tables (the Triton backend's GEMMs, then the gemm backend's passes)."""
+    yield from _gemm_kernel_specs()
+    yield from _pass_specs()
+
+
+def _pass_specs():
+    """Each one-pass kernel of the gemm backend for bf16 and fp32 operands, with the JIT's 16-byte
+    specialisation (the common case) and without it (odd sizes, views)."""
+    types = {"s_ptr": "*fp32", "h_ptr": "*fp32", "g_ptr": "*fp32", "colsum_ptr": "*fp32", "part_ptr": "*fp32",
+             "row_mask_ptr": "*i8", "M": "i32", "N": "i32", "K": "i32", "stride_*": "i32"}
+    flags = dict(HAS_BIAS=True, SCALAR_GATE=False, HAS_ROW_MASK=True, WRITE_UPDATE=True, WRITE_LIVE=True, COLSUM=True,
+                 NEED_DW=True, NEED_DGATE=True, EMULATE=False)
+    unit = {"epilogue": "stride_rn", "rows": "stride_dyn", "weight": "stride_wk"}
+    for name, c in PASS_CONFIGS.items():
+        kernel = PASS_KERNELS[name]
+        for dtype, aligned in ((torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)):
+            signature = derive_signature(kernel, types, default="*" + DTYPE_NAMES[dtype])
+            constexprs = dict(flags, OUT_DTYPE=TL_DTYPES[dtype], IN_DTYPE=TL_DTYPES[dtype], **c.tiles)
+            constexprs = {k: v for k, v in constexprs.items() if signature.get(k) == "constexpr"}
+            signature[unit[name]] = "constexpr"
+            constexprs[unit[name]] = 1
+            missing = [k for k, t in signature.items() if t == "constexpr" and k not in constexprs]
+            assert not missing, f"{kernel.__name__}: no value for constexprs {missing}"
+            divisibility = {k: 16 for k, t in signature.items() if t != "constexpr"} if aligned else {}
+            tiles = " ".join(f"{k}={v}" for k, v in c.tiles.items())
+            label = (f"gemm-backend {name} {DTYPE_NAMES[dtype]} {'aligned' if aligned else 'unaligned'} {tiles} "
+                     f"warps={c.num_warps}")
+            yield CompileSpec(kernel=kernel, signature=signature, constexprs=constexprs, num_warps=c.num_warps,
+                              num_stages=1, divisibility=divisibility, label=label)
+
+
+def _gemm_kernel_specs():
+    """Every kernel x GPU config of the Triton backend's table. 16-bit configs are compiled for bf16 (fp16
+    differs only in the MMA's input type); unit inner strides, as the JIT specialises them; the signature is
+    read from the kernel's parameter list (pointers in the operand dtype unless named here)."""
     for c in GPU_CONFIGS:
         dtype = torch.bfloat16 if c.operands == "16-bit" else torch.float32
         precision = "ieee" if c.operands == "16-bit" else c.operands

@@ -1,6 +1,8 @@
-"""The Triton kernels of tanh_gated_linear: the forward GEMM with the gated-residual epilogue, and the two
-backward GEMMs (d_a; d_W with d_bias and the gate's gradient in its epilogue). Launched by _launch.py with
-the tiles of _configs.py; the math is in the package docstring (kernels/gated_linear/__init__.py).
+"""The Triton kernels of tanh_gated_linear. backend="triton": the forward GEMM with the gated-residual
+epilogue and the two backward GEMMs (d_a; d_W with d_bias and the gate's gradient in its epilogue), launched
+by _launch.py. backend="gemm": the elementwise / reduction passes around cuBLAS's GEMMs (the forward's
+epilogue, the backward's pass over dy, the pass over dyᵀ a), launched by _gemm.py. Tiles from _configs.py;
+the math is in the package docstring (kernels/gated_linear/__init__.py).
 
 Every dot goes through ``_common.dot`` (PRECISION: IEEE or TF32 fp32 dots by torch's matmul setting;
 EMULATE: the interpreter's workarounds) and every rounding of an fp32 value to a 16-bit dtype through
@@ -211,3 +213,120 @@ def tanh_gated_linear_bwd_dw_kernel(
             if first_k:
                 part += colsum * tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(part_ptr + pid_k * N + offs_n, part, mask=mask_n)
+
+
+# ----------------------------------------------------------------------------------------------
+# The "gemm" backend (_gemm.py): cuBLAS runs the GEMMs, these kernels the parts around them. Each is one
+# pass over its tensors; none has a dot.
+
+
+@triton.jit
+def tanh_gated_linear_epilogue_kernel(
+    h_ptr, bias_ptr, s_ptr, res_ptr, row_mask_ptr, out_ptr,  # h = a Wᵀ, fp32, (M, N) contiguous
+    M, N,
+    stride_rm, stride_rn,
+    HAS_BIAS: tl.constexpr,
+    SCALAR_GATE: tl.constexpr,
+    HAS_ROW_MASK: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out (M, N) = residual + s · (h + bias), rows of the row mask = residual: the forward kernel's epilogue
+    on cuBLAS's fp32 product."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    rows = offs_m.to(tl.int64)
+    upd = tl.load(h_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+    if HAS_BIAS:
+        upd += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if SCALAR_GATE:
+        upd = upd * tl.load(s_ptr)
+    else:
+        upd = upd * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    res = tl.load(res_ptr + rows[:, None] * stride_rm + offs_n[None, :].to(tl.int64) * stride_rn, mask=mask,
+                  other=0.0).to(tl.float32)
+    out = res + upd
+    if HAS_ROW_MASK:
+        dead = tl.load(row_mask_ptr + rows, mask=mask_m, other=0) != 0
+        out = tl.where(dead[:, None], res, out)  # exactly the residual, even where the update is not finite
+    tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], round_to(out, OUT_DTYPE, EMULATE), mask=mask)
+
+
+@triton.jit
+def tanh_gated_linear_bwd_rows_kernel(
+    dy_ptr, s_ptr, row_mask_ptr, dupd_ptr, dlive_ptr, colsum_ptr,
+    M, N,
+    stride_dym, stride_dyn,
+    SCALAR_GATE: tl.constexpr,
+    HAS_ROW_MASK: tl.constexpr,
+    WRITE_UPDATE: tl.constexpr,  # d_update = dy·s over the live rows, in IN_DTYPE (d_a's GEMM operand)
+    WRITE_LIVE: tl.constexpr,  # dy over the live rows, in IN_DTYPE (the operand of G = dyᵀ a)
+    COLSUM: tl.constexpr,  # colsum[m tile, n] = Σ_m dy over the tile's live rows, fp32
+    IN_DTYPE: tl.constexpr,
+    EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One pass over dy (M, N): the GEMM operands of the backward and the column partial sums for d_bias and
+    the gate's gradient. Masked rows read as 0 (they contribute to no gradient, even a non-finite dy)."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    live = offs_m < M
+    rows = offs_m.to(tl.int64)
+    if HAS_ROW_MASK:
+        live = live & (tl.load(row_mask_ptr + rows, mask=live, other=1) == 0)
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn,
+                 mask=live[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    if WRITE_UPDATE:
+        # dy·s rounded once to the input dtype, as PyTorch rounds the gradient of tanh(g)·(a Wᵀ + b)
+        if SCALAR_GATE:
+            upd = dy * tl.load(s_ptr)
+        else:
+            upd = dy * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        tl.store(dupd_ptr + rows[:, None] * N + offs_n[None, :], round_to(upd, IN_DTYPE, EMULATE), mask=mask)
+    if WRITE_LIVE:
+        tl.store(dlive_ptr + rows[:, None] * N + offs_n[None, :], round_to(dy, IN_DTYPE, EMULATE), mask=mask)
+    if COLSUM:
+        tl.store(colsum_ptr + pid_m * N + offs_n, tl.sum(dy, axis=0), mask=mask_n)
+
+
+@triton.jit
+def tanh_gated_linear_bwd_weight_kernel(
+    g_ptr, w_ptr, s_ptr, dw_ptr, part_ptr,  # g = dyᵀ a over the live rows, fp32, (N, K) contiguous
+    N, K,
+    stride_wn, stride_wk,
+    SCALAR_GATE: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DGATE: tl.constexpr,
+    IN_DTYPE: tl.constexpr,
+    EMULATE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """d_W = s·G rounded once; part[k tile, n] = Σ_k W ⊙ G over the tile: the gate gradient's partial sums
+    (Σ_m dy ⊙ a Wᵀ = Σ_k W ⊙ dyᵀ a, see the package docstring)."""
+    pid_k = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    cols = offs_n.to(tl.int64)
+    g = tl.load(g_ptr + cols[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+    if NEED_DW:
+        if SCALAR_GATE:
+            dw = g * tl.load(s_ptr)
+        else:
+            dw = g * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+        tl.store(dw_ptr + cols[:, None] * K + offs_k[None, :], round_to(dw, IN_DTYPE, EMULATE), mask=mask)
+    if NEED_DGATE:
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + offs_k[None, :].to(tl.int64) * stride_wk, mask=mask,
+                    other=0.0)
+        tl.store(part_ptr + pid_k * N + offs_n, tl.sum(g * w.to(tl.float32), axis=1), mask=mask_n)

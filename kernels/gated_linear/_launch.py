@@ -178,7 +178,8 @@ def _tanh_gated_linear_fwd_op(a: torch.Tensor, weight: torch.Tensor, bias: Optio
 
 
 @_tanh_gated_linear_fwd_op.register_fake
-def _(a, weight, bias, s, residual, row_mask, out_dtype):
+def fwd_fake(a, weight, bias, s, residual, row_mask, out_dtype):
+    """The forward ops' output for torch.compile's fake tensors (both backends)."""
     return residual.new_empty((a.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
@@ -207,7 +208,8 @@ def _tanh_gated_linear_bwd_op(dy: torch.Tensor, a: torch.Tensor, weight: torch.T
 
 
 @_tanh_gated_linear_bwd_op.register_fake
-def _(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds):
+def bwd_fake(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds):
+    """The backward ops' outputs for torch.compile's fake tensors (both backends)."""
     return (a.new_empty(a.shape if need_da else 0), weight.new_empty(weight.shape if need_dw else 0),
             a.new_empty(bias.shape if need_dbias else 0), s.new_empty(s.shape if need_ds else 0))
 
@@ -218,23 +220,29 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(a, weight, bias, s, row_mask)
 
 
-def _backward(ctx, dy):
-    a, weight, bias, s, row_mask = ctx.saved_tensors
-    need_da, need_dw, need_dbias, need_ds, need_dres, _, _ = ctx.needs_input_grad
-    need_dbias = need_dbias and bias is not None
-    da, dw, dbias, ds = _tanh_gated_linear_bwd_op(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias,
-                                                  need_ds)
-    dres = dy.to(ctx.residual_dtype) if need_dres else None  # d_residual = dy: no copy unless the dtypes differ
-    return (da if need_da else None, dw if need_dw else None, dbias if need_dbias else None,
-            ds if need_ds else None, dres, None, None)
+def register_autograd(fwd_op, bwd_op):
+    """The autograd of a backend's forward op (the signature of ``_tanh_gated_linear_fwd_op``) through its
+    backward op (that of ``_tanh_gated_linear_bwd_op``): both backends save the same tensors."""
+
+    def backward(ctx, dy):
+        a, weight, bias, s, row_mask = ctx.saved_tensors
+        need_da, need_dw, need_dbias, need_ds, need_dres, _, _ = ctx.needs_input_grad
+        need_dbias = need_dbias and bias is not None
+        da, dw, dbias, ds = bwd_op(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, need_ds)
+        dres = dy.to(ctx.residual_dtype) if need_dres else None  # d_residual = dy: no copy unless the dtypes differ
+        return (da if need_da else None, dw if need_dw else None, dbias if need_dbias else None,
+                ds if need_ds else None, dres, None, None)
+
+    fwd_op.register_autograd(backward, setup_context=_setup_context)
+    bwd_op.register_autograd(no_double_backward(OP))
 
 
-_tanh_gated_linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_tanh_gated_linear_bwd_op.register_autograd(no_double_backward(OP))
+register_autograd(_tanh_gated_linear_fwd_op, _tanh_gated_linear_bwd_op)
 
 
-def tanh_gated_linear_triton(a, weight, bias, gate, residual, row_mask):
-    """The Triton backend on checked arguments (``check_args``)."""
+def launch(fwd_op, a, weight, bias, gate, residual, row_mask):
+    """Run a backend's forward op on checked arguments (``check_args``): dtypes the kernels take, (M, K) /
+    (M, N) views, s = tanh(gate) in fp32 (differentiable: d gate = (1 − tanh²)·d s), the output dtype."""
     for name, t in (("a", a), ("weight", weight), ("bias", bias), ("gate", gate), ("residual", residual)):
         if t is not None:
             check_triton_dtype(OP, name, t)
@@ -243,6 +251,11 @@ def tanh_gated_linear_triton(a, weight, bias, gate, residual, row_mask):
     a2 = a.reshape(M, K)  # a view unless the leading dims cannot be merged
     res2 = residual.reshape(M, N)
     mask2 = None if row_mask is None else row_mask.reshape(-1).contiguous()
-    s = torch.tanh(gate.to(torch.float32)).reshape(-1)  # differentiable: d gate = (1 − tanh²)·d s
-    out = _tanh_gated_linear_fwd_op(a2, weight, bias, s, res2, mask2, output_dtype(a.dtype, gate, residual.dtype))
+    s = torch.tanh(gate.to(torch.float32)).reshape(-1)
+    out = fwd_op(a2, weight, bias, s, res2, mask2, output_dtype(a.dtype, gate, residual.dtype))
     return out.reshape(residual.shape)
+
+
+def tanh_gated_linear_triton(a, weight, bias, gate, residual, row_mask):
+    """The Triton backend on checked arguments (``check_args``)."""
+    return launch(_tanh_gated_linear_fwd_op, a, weight, bias, gate, residual, row_mask)

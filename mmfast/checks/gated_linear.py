@@ -138,11 +138,13 @@ def cases(device, dtype=None):
                    f"{variant}: B=2 L=37 d=64, 3 images x 5 tokens, fwd",
                    _block_case(device, "reference", variant, torch.float64))
         return
-    for backend in ("triton", "reference"):
+    for backend in ("gemm", "triton", "reference"):
         for case_dtype, gate, row_mask in ((torch.float32, "scalar", False), (torch.bfloat16, "vector", True)):
             label = shape.format(gate, ", row mask" if row_mask else "")
             yield ("tanh_gated_linear", backend, _NAMES[case_dtype], label,
                    _gated_linear_case(device, backend, case_dtype, gate, row_mask))
-    for variant in ("flamingo", "mllama"):
-        yield ("GatedCrossAttentionBlock", "triton", "fp32",
-               f"{variant}: B=2 L=37 d=64, 3 images x 5 tokens, fwd", _block_case(device, "triton", variant))
+    # on CUDA "auto" runs the block's gated GEMMs on backend="gemm" (on the CPU it is the reference)
+    for backend in ("triton", "auto") if device.type == "cuda" else ("triton",):
+        for variant in ("flamingo", "mllama"):
+            yield ("GatedCrossAttentionBlock", backend, "fp32",
+                   f"{variant}: B=2 L=37 d=64, 3 images x 5 tokens, fwd", _block_case(device, backend, variant))

@@ -6,10 +6,10 @@ The contract (autocast, fp32 precision, float64, scalars, argument checks) is in
 """
 import pytest
 import torch
-from numerics import FLOAT_DTYPES, SEED, assert_bitwise_equal, assert_close_by_rule, dtype_id, poison_, randn
+from gated_linear_helpers import NAMES, check, make_inputs, poison_outputs, run_all
+from numerics import FLOAT_DTYPES, SEED, assert_bitwise_equal, dtype_id, randn
 
 from mmfast.kernels import tanh_gated_linear
-from mmfast.kernels.gated_linear import _launch
 from mmfast.kernels.reference import tanh_gated_linear_reference
 
 # (M, K, N): every size of M ∈ {1, 77, 333} and K, N ∈ {64, 80, 1000} appears, not the full product
@@ -18,117 +18,28 @@ SHAPES = [(1, 1000, 80), (77, 80, 64), (77, 64, 1000), (333, 1000, 80), (333, 80
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    real = _launch._empty
-    monkeypatch.setattr(_launch, "_empty", lambda shape, dtype, device: poison_(real(shape, dtype, device)))
-
-
-def _inputs(M, K, N, dtype, device, gate, bias=True, lead=None):
-    lead = (M,) if lead is None else lead
-    a = randn(*lead, K, dtype=dtype, device=device)
-    w = randn(N, K, dtype=dtype, device=device, scale=max(K, 1) ** -0.5)
-    b = randn(N, dtype=dtype, device=device) if bias else None
-    if gate == "scalar":
-        g = randn(1, dtype=torch.float32, device=device, scale=0.5).reshape(())  # 0-dim
-    elif gate == "vector":
-        g = randn(N, dtype=torch.float32, device=device, scale=0.5)
-    else:
-        g = torch.zeros((), device=device)
-    r = randn(*lead, N, dtype=dtype, device=device)
-    return a, w, b, g, r
-
-
-def _grads(fn, tensors, dy):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    present = [t for t in leaves if t is not None]
-    return out, torch.autograd.grad(out, present, dy)
-
-
-def _run_all(a, w, b, g, r, row_mask=None, dy_dtype=None):
-    """(ours, fp64 reference, PyTorch in the inputs' dtype): each (out, grads of the non-None inputs).
-    dy comes in the output's dtype (the eager chain's: the residual's, promoted with a vector gate)."""
-    out_dtype = tanh_gated_linear_reference(a, w, b, g, r, row_mask=row_mask).dtype
-    dy = randn(*r.shape, dtype=out_dtype, device=r.device)
-    ours = _with_none(lambda a, w, b, g, r: tanh_gated_linear(a, w, b, g, r, row_mask=row_mask, backend="triton"),
-                      (a, w, b, g, r), dy)
-    wide = [None if t is None else t.double() for t in (a, w, b, g, r)]
-    ref = _with_none(lambda a, w, b, g, r: tanh_gated_linear_reference(a, w, b, g, r, row_mask=row_mask),
-                     wide, dy.double())
-    same = _with_none(lambda a, w, b, g, r: tanh_gated_linear_reference(a, w, b, g, r, row_mask=row_mask),
-                      (a, w, b, g, r), dy)
-    return ours, ref, same, dy
-
-
-def _with_none(fn, tensors, dy):
-    idx = [i for i, t in enumerate(tensors) if t is not None]
-    leaves = [t.detach().clone().requires_grad_() for t in tensors if t is not None]
-
-    def call(*xs):
-        full = [None] * len(tensors)
-        for i, x in zip(idx, xs):
-            full[i] = x
-        return fn(*full)
-
-    out = call(*leaves)
-    return out, dict(zip(idx, torch.autograd.grad(out, leaves, dy)))
-
-
-NAMES = ("d_a", "d_weight", "d_bias", "d_gate", "d_residual")
-
-
-def _gate_floor(a, w, b, g, dy, row_mask, dy_rounded_to=None):
-    """A floor for the gate gradient: fp32's unit roundoff times Σ|dy ⊙ z| (z = a Wᵀ + b), the size of one
-    rounding of the terms it sums. A scalar gate's gradient is one number whose PyTorch error can be
-    near 0 by chance, which would make the 3x rule a coin toss.
-
-    dy_rounded_to: the kernel feeds an fp32 dy to its 16-bit GEMMs rounded to this dtype (PyTorch instead
-    rounds z): each term then carries a random relative error up to half an ulp, whose sum is a random
-    walk of size u·sqrt(Σ (dy ⊙ z)²), independent of (and not bounded by) PyTorch's own draw."""
-    z = torch.nn.functional.linear(a.double(), w.double(), None if b is None else b.double())
-    terms = (dy.double() * z).abs()
-    if row_mask is not None:
-        terms = terms.masked_fill(row_mask.reshape(*terms.shape[:-1], 1), 0)
-    s = torch.tanh(g.double())
-    per = terms.reshape(-1, terms.shape[-1]).sum(0)
-    total = per.sum() if g.numel() == 1 else per.max()
-    floor = 4 * torch.finfo(torch.float32).eps * total.item()
-    if dy_rounded_to is not None:
-        squares = terms.pow(2).reshape(-1, terms.shape[-1]).sum(0)
-        walk = (squares.sum() if g.numel() == 1 else squares.max()).sqrt().item()
-        unit_roundoff = torch.finfo(dy_rounded_to).eps / 2
-        floor += 4 * unit_roundoff / 3**0.5 * walk  # 4 sigma: rounding errors uniform in [-u, u] have sigma u/sqrt(3)
-    return (1 - s.pow(2)).max().item() * floor + 1e-12
-
-
-def _check(ours, ref, same, inputs, dy, row_mask=None, what=""):
-    assert_close_by_rule(ours[0], ref[0], same[0], what=f"{what} out")
-    a, w, b, g, _ = inputs
-    rounded = a.dtype if dy.dtype != a.dtype else None  # an fp32 residual stream over 16-bit GEMMs
-    for i, grad in ours[1].items():
-        floor = _gate_floor(a, w, b, g, dy, row_mask, dy_rounded_to=rounded) if i == 3 else None
-        assert grad.shape == ref[1][i].shape, f"{what} {NAMES[i]} shape"
-        assert_close_by_rule(grad, ref[1][i], same[1][i], factor=3.0, floor=floor, what=f"{what} {NAMES[i]}")
+    poison_outputs(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
 @pytest.mark.parametrize("M,K,N", SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in SHAPES])
 def test_forward_backward(device, dtype, gate, M, K, N):
-    inputs = _inputs(M, K, N, dtype, device, gate)
-    ours, ref, same, dy = _run_all(*inputs)
-    _check(ours, ref, same, inputs, dy, what=f"{dtype_id(dtype)} {gate} M{M} K{K} N{N}")
+    inputs = make_inputs(M, K, N, dtype, device, gate)
+    ours, ref, same, dy = run_all(*inputs)
+    check(ours, ref, same, inputs, dy, what=f"{dtype_id(dtype)} {gate} M{M} K{K} N{N}")
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_row_mask_and_no_bias(device, dtype):
     """(B, L) row mask with a whole masked tile (text before the first image) and scattered rows."""
     B, L, K, N = 2, 77, 80, 64
-    inputs = _inputs(B * L, K, N, dtype, device, "vector", bias=False, lead=(B, L))
+    inputs = make_inputs(B * L, K, N, dtype, device, "vector", bias=False, lead=(B, L))
     row_mask = torch.zeros(B, L, dtype=torch.bool, device=device)
     row_mask[0, :40] = True
     row_mask[1, 5::7] = True
-    ours, ref, same, dy = _run_all(*inputs, row_mask=row_mask)
-    _check(ours, ref, same, inputs, dy, row_mask=row_mask, what=f"{dtype_id(dtype)} row mask")
+    ours, ref, same, dy = run_all(*inputs, row_mask=row_mask)
+    check(ours, ref, same, inputs, dy, row_mask=row_mask, what=f"{dtype_id(dtype)} row mask")
     assert_bitwise_equal(ours[0][row_mask], inputs[4][row_mask].to(ours[0].dtype), what="masked rows are the residual")
     assert (ours[1][0][row_mask] == 0).all(), "masked rows get no d_a"
 
@@ -137,13 +48,13 @@ def test_row_mask_and_no_bias(device, dtype):
 @pytest.mark.parametrize("gate_shape", [(), (1,), (64,), (1, 1, 64)], ids=["0dim", "shape1", "vector", "idefics-1x1xN"])
 def test_gate_zero_is_identity_with_correct_gradient(device, dtype, gate_shape):
     M, K, N = 77, 80, 64
-    a, w, b, _, r = _inputs(M, K, N, dtype, device, "scalar")
+    a, w, b, _, r = make_inputs(M, K, N, dtype, device, "scalar")
     g = torch.zeros(gate_shape, device=device)
-    ours, ref, same, dy = _run_all(a, w, b, g, r)
+    ours, ref, same, dy = run_all(a, w, b, g, r)
     # a gate with dimensions promotes: fp32 output over 16-bit inputs, as in eager PyTorch
     assert_bitwise_equal(ours[0], r.to(same[0].dtype), what="gate 0: output is the residual")
     assert ours[1][3].shape == g.shape
-    _check(ours, ref, same, (a, w, b, g, r), dy, what=f"{dtype_id(dtype)} gate 0 {gate_shape}")
+    check(ours, ref, same, (a, w, b, g, r), dy, what=f"{dtype_id(dtype)} gate 0 {gate_shape}")
     assert ours[1][3].abs().max() > 0, "the gate gradient at 0 is not 0 for random inputs"
     for i in (0, 1, 2):  # tanh(0) = 0 scales d_a, d_W, d_bias to 0
         assert (ours[1][i] == 0).all(), NAMES[i]
@@ -153,13 +64,13 @@ def test_gate_zero_is_identity_with_correct_gradient(device, dtype, gate_shape):
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
 def test_fp32_residual_stream(device, dtype, gate):
     """16-bit GEMM inputs over an fp32 residual (autocast training): output and d_residual in fp32."""
-    a, w, b, g, r = _inputs(77, 80, 1000, dtype, device, gate)
+    a, w, b, g, r = make_inputs(77, 80, 1000, dtype, device, gate)
     r = r.float()
     row_mask = torch.zeros(77, dtype=torch.bool, device=device)
     row_mask[3::5] = True
-    ours, ref, same, dy = _run_all(a, w, b, g, r, row_mask=row_mask)
+    ours, ref, same, dy = run_all(a, w, b, g, r, row_mask=row_mask)
     assert ours[0].dtype == torch.float32 and ours[1][4].dtype == torch.float32
-    _check(ours, ref, same, (a, w, b, g, r), dy, row_mask=row_mask, what=f"{dtype_id(dtype)} over fp32 residual")
+    check(ours, ref, same, (a, w, b, g, r), dy, row_mask=row_mask, what=f"{dtype_id(dtype)} over fp32 residual")
 
 
 def test_strided_inputs(device):
@@ -172,14 +83,14 @@ def test_strided_inputs(device):
     g = randn(N, device=device)
     r = randn(N, B, L, dtype=dtype, device=device).permute(1, 2, 0)
     assert not a.is_contiguous() and not w.is_contiguous() and not r.is_contiguous()
-    ours, ref, same, dy = _run_all(a, w, b, g, r)
-    _check(ours, ref, same, (a, w, b, g, r), dy, what="strided")
+    ours, ref, same, dy = run_all(a, w, b, g, r)
+    check(ours, ref, same, (a, w, b, g, r), dy, what="strided")
     assert ours[0].shape == (B, L, N)
 
 
 def test_expanded_upstream_gradient(device):
     """out.sum() hands backward a zero-stride dy; the kernels read it through its strides."""
-    a, w, b, g, r = _inputs(33, 64, 80, torch.float32, device, "scalar")
+    a, w, b, g, r = make_inputs(33, 64, 80, torch.float32, device, "scalar")
     leaves = [t.clone().requires_grad_() for t in (a, w, b, g, r)]
     tanh_gated_linear(*leaves, backend="triton").sum().backward()
     wide = [t.double().requires_grad_() for t in (a, w, b, g, r)]
@@ -189,7 +100,7 @@ def test_expanded_upstream_gradient(device):
 
 
 def test_reference_backend_matches(device):
-    a, w, b, g, r = _inputs(17, 64, 80, torch.float32, device, "vector")
+    a, w, b, g, r = make_inputs(17, 64, 80, torch.float32, device, "vector")
     out = tanh_gated_linear(a, w, b, g, r, backend="reference")
     torch.testing.assert_close(out, tanh_gated_linear_reference(a, w, b, g, r))
 
@@ -197,18 +108,19 @@ def test_reference_backend_matches(device):
 @pytest.mark.parametrize("M,K,N", [(0, 64, 80), (5, 0, 80), (7, 64, 1)], ids=["no-rows", "K0", "N1"])
 def test_degenerate_sizes(device, M, K, N):
     """No rows; K = 0 (the update is the bias: d_bias and the gate's gradient still flow); one channel."""
-    inputs = _inputs(M, K, N, torch.float32, device, "scalar")
-    ours, ref, same, dy = _run_all(*inputs)
-    _check(ours, ref, same, inputs, dy, what=f"M{M} K{K} N{N}")
+    inputs = make_inputs(M, K, N, torch.float32, device, "scalar")
+    ours, ref, same, dy = run_all(*inputs)
+    check(ours, ref, same, inputs, dy, what=f"M{M} K{K} N{N}")
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+def test_torch_compile_fullgraph(device, backend):
     """torch.compile(fullgraph=True) traces the op (custom ops with fake shapes), forward and backward."""
-    a, w, b, g, r = _inputs(33, 64, 80, torch.float32, device, "vector")
+    a, w, b, g, r = make_inputs(33, 64, 80, torch.float32, device, "vector")
     row_mask = torch.arange(33, device=device) < 7
 
     def fn(a, w, b, g, r):
-        return tanh_gated_linear(a, w, b, g, r, row_mask=row_mask, backend="triton")
+        return tanh_gated_linear(a, w, b, g, r, row_mask=row_mask, backend=backend)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     leaves = [t.clone().requires_grad_() for t in (a, w, b, g, r)]
@@ -227,7 +139,7 @@ def test_torch_compile_fullgraph(device):
 def test_gradient_subsets(device, trainable):
     """Only some inputs require grad (frozen weights and gates, a trainable gate alone): the backward op
     returns several unneeded gradients, which must not alias one another (a custom op may not)."""
-    a, w, b, g, r = _inputs(9, 64, 80, torch.float32, device, "scalar")
+    a, w, b, g, r = make_inputs(9, 64, 80, torch.float32, device, "scalar")
     wanted = trainable.replace("gate", "g").replace("weight", "w").replace("residual", "r").split("+")
     ours = {n: t.clone().requires_grad_(n in wanted) for n, t in zip("awbgr", (a, w, b, g, r))}
     wide = {n: t.double().requires_grad_(n in wanted) for n, t in zip("awbgr", (a, w, b, g, r))}
@@ -241,9 +153,10 @@ def test_gradient_subsets(device, trainable):
             assert ours[n].grad is None
 
 
-def test_double_backward_raises_clearly(device):
-    a, w, b, g, r = (t.requires_grad_() for t in _inputs(5, 16, 8, torch.float32, device, "scalar"))
-    (da,) = torch.autograd.grad(tanh_gated_linear(a, w, b, g, r, backend="triton").sum(), a, create_graph=True)
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+def test_double_backward_raises_clearly(device, backend):
+    a, w, b, g, r = (t.requires_grad_() for t in make_inputs(5, 16, 8, torch.float32, device, "scalar"))
+    (da,) = torch.autograd.grad(tanh_gated_linear(a, w, b, g, r, backend=backend).sum(), a, create_graph=True)
     with pytest.raises(RuntimeError, match="tanh_gated_linear: double backward"):
         da.sum().backward()
 
@@ -251,7 +164,7 @@ def test_double_backward_raises_clearly(device):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_python_number_gate(device, backend):
     """A constant gate given as a Python number equals the same 0-dim tensor gate."""
-    a, w, b, _, r = _inputs(7, 16, 9, torch.float32, device, "scalar")
+    a, w, b, _, r = make_inputs(7, 16, 9, torch.float32, device, "scalar")
     out = tanh_gated_linear(a, w, b, 0.75, r, backend=backend)
     assert_bitwise_equal(out, tanh_gated_linear(a, w, b, torch.tensor(0.75, device=device), r, backend=backend),
                          what="float gate")

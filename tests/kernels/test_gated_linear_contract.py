@@ -14,7 +14,7 @@ from numerics import SEED, assert_bitwise_equal, assert_close_by_rule, dtype_id,
 from mmfast.kernels import tanh_gated_linear
 from mmfast.kernels.reference import tanh_gated_linear_reference
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "gemm"]
 
 
 def eager_chain(a, weight, bias, gate, residual):
@@ -233,14 +233,15 @@ def test_non_finite_tensor_gate_raises(backend, gate):
 
 
 @pytest.mark.cuda
-def test_finite_gate_check_has_no_host_sync_on_cuda():
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+def test_finite_gate_check_has_no_host_sync_on_cuda(backend):
     """On CUDA the gate's check is asynchronous: the call does not synchronise with the device."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     a, w, b, g, r = _inputs(64, 64, 64, "cuda", torch.float32, (64,))
     torch.cuda.set_sync_debug_mode("error")
     try:
-        tanh_gated_linear(a, w, b, g, r, backend="triton")
+        tanh_gated_linear(a, w, b, g, r, backend=backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

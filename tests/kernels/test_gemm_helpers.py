@@ -19,6 +19,8 @@ def test_mm_f32_accumulates_exact_products_in_fp32(device, dtype):
     got_acc = _common.addmm_f32(acc, x, y)
     assert got_acc.dtype == torch.float32
     assert ((got_acc.double() - (acc.double() + exact)).abs() <= bound + 4 * torch.finfo(torch.float32).eps).all()
+    if dtype != torch.float32:  # the fp32 result is the accumulator, not a 16-bit rounding of it
+        assert (got.double() - exact).abs().max() < (x @ y).double().sub(exact).abs().max() / 8
     # the fp32-output overload must exist where the GPU runs (torch >= 2.8): no silent slow fallback
     assert _common._FP32_OUT_GEMM[0]
 
@@ -26,4 +28,5 @@ def test_mm_f32_accumulates_exact_products_in_fp32(device, dtype):
 def test_mm_f32_transposed_operands(device):
     """The backward's db GEMM takes Gᵀ, a view: read through its strides."""
     g, a = randn(45, 77, dtype=torch.bfloat16, device=device), randn(45, 30, dtype=torch.bfloat16, device=device)
+    a = a.T.contiguous().T  # column-major too, as Wᵀ and dyᵀ are in the gated linear layer
     torch.testing.assert_close(_common.mm_f32(g.T, a), g.T.float() @ a.float(), rtol=1e-6, atol=1e-5)
