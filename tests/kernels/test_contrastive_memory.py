@@ -116,3 +116,23 @@ def test_row_programs_on_a_gpu_is_bounded_by_its_sms(monkeypatch):
     assert row_programs(256, cuda, bf16) == 132  # N = 32k: the partials are 132 x N, not 256 x N
     assert row_programs(100, cuda, bf16) == 100
     assert row_programs(10**6, cuda, fp32) == 264
+
+
+@pytest.mark.skipif(not interpreting(), reason="runs the gemm launchers on the CPU: needs TRITON_INTERPRET=1")
+def test_gemm_similarity_buffers_stay_within_a_chunk(monkeypatch):
+    """backend="gemm" materialises similarities one chunk of rows at a time: every GEMM output the
+    launchers make is at most GEMM_CHUNK_ELEMENTS values (or N x D: da, db), however large the batch."""
+    import mmfast.kernels.contrastive._configs as configs
+    import mmfast.kernels.contrastive._launch as launch
+
+    monkeypatch.setitem(configs.GEMM, "CHUNK_ELEMENTS", 64 * 600)
+    sizes = []
+    for name in ("mm_f32", "addmm_f32"):
+        real = getattr(launch, name)
+        monkeypatch.setattr(launch, name, lambda *a, _r=real: sizes.append(_r(*a).numel()) or _r(*a))
+    n, d = 600, 8
+    a, b = randn(n, d).requires_grad_(), randn(n, d).requires_grad_()
+    contrastive_loss(a, b, torch.tensor(2.0), normalize=True, backend="gemm").backward()
+    similarity_sizes = [s for s in sizes if s != n * d]
+    assert len(similarity_sizes) >= 2 * (n // 64)  # forward and backward, one per chunk of 64 rows
+    assert max(similarity_sizes) <= 64 * 600 < n * n
