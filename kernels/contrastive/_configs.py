@@ -40,22 +40,33 @@ CONFIGS = {
 # forward kernel reads them (FROM_MEMORY) and the gradient kernel turns them into G for cuBLAS's gradient
 # GEMMs. A chunk holds at most GEMM_CHUNK_ELEMENTS similarities (128 MiB of fp32, plus 64 MiB of 16-bit G in
 # the backward): at N = 32k, chunks of 1024 rows, GEMMs of 1024 x 32768 x D, large enough for cuBLAS's
-# full rate. The kernels only stream (no dots): tiles of 64 x 128 fp32 (32 values a thread over 8 warps).
+# full rate. The kernels only stream (no dots), with 8-16 fp32 values a thread so that the heaviest variants
+# (teacher + smoothing) compile without spills at 3-4 programs an SM; the forward's programs also split the
+# columns of a chunk (gemm_programs), as a chunk has only 32 row blocks at N = 32k.
 GEMM = dict(
     CHUNK_ELEMENTS=1 << 25,
-    fwd=dict(R=32, BN=64, num_warps=8, num_stages=1, PER_SM=2),
+    fwd=dict(R=32, BN=32, num_warps=4, num_stages=1, PER_SM=4),
     grad=dict(BI=32, BN=64, num_warps=4),
 )
 COLREDUCE_BLOCK = 512  # columns per program of the partial-merging kernel (a stream, 4 warps)
 # Under the interpreter (tests), two forward programs: a test-sized batch already makes a program loop over
 # several row blocks and merge its column partials.
 INTERPRETER_ROW_PROGRAMS = 2
+INTERPRETER_GEMM_PROGRAMS = 6
 
 
 def gemm_chunk_rows(Na, Nb):
     """Rows of a per chunk of the "gemm" backend: a multiple of the forward's row block, at least one block."""
     R = GEMM["fwd"]["R"]
     return min(Na, max(R, GEMM["CHUNK_ELEMENTS"] // max(1, Nb) // R * R))
+
+
+def gemm_programs(device, fwd):
+    """The "gemm" forward's target program count (row programs x column splits): what the GPU runs at once;
+    under the interpreter (tests) INTERPRETER_GEMM_PROGRAMS, so test-sized chunks split their columns too."""
+    if device.type != "cuda":
+        return INTERPRETER_GEMM_PROGRAMS
+    return fwd["PER_SM"] * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def config(dtype):
@@ -110,7 +121,7 @@ _DIVISIBLE = ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "row_ptr", "pa
               "stride_atq", "stride_btn", "D")
 _FP32_POINTERS = ("params_ptr", "row_ptr", "part_ptr", "col_ptr", "red_ptr", "raw_ptr", "traw_ptr")
 _FEATURE_POINTERS = ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "da_ptr", "db_ptr", "g_ptr")
-_INTS = ("Na", "Nb", "Q", "D", "n_row_blocks", "n_row_terms", "n_col_terms", "diag_off", "n_part", "row0", "row_end")
+_INTS = ("Na", "Nb", "Q", "D", "n_row_blocks", "n_row_terms", "n_col_terms", "diag_off", "n_part", "row0", "row_end", "split_cols")
 
 
 def _spec(kernel, constexprs, dtype, label, **launch):

@@ -99,6 +99,7 @@ def _contrastive_fwd_kernel(
     Na, Nb, Q, D, n_row_blocks, diag_off,
     n_part,  # programs (rows) of part_ptr's planes: this launch's own count, or the first chunk's
     row0, row_end,  # the rows this launch covers (FROM_MEMORY: a chunk; else 0, Na)
+    split_cols,  # columns per program along grid axis 1 (FROM_MEMORY; else >= Nb: one split)
     stride_an, stride_aq, stride_ad, stride_bn, stride_bd,
     stride_atn, stride_atq, stride_atd, stride_btn, stride_btd,
     MODE: tl.constexpr, COLS: tl.constexpr, SMOOTH: tl.constexpr, TEACHER: tl.constexpr,
@@ -107,6 +108,13 @@ def _contrastive_fwd_kernel(
 ):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
+    # FROM_MEMORY: axis 1 splits the columns, so a chunk of few row blocks still fills the GPU; each split
+    # stores its rows' partial statistics (row_ptr: [ROW_STATS, n_splits, Na], sums of exp not logged), merged
+    # by the launcher, and owns its columns' partials
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    col_lo = split * split_cols
+    col_hi = tl.minimum(Nb, col_lo + split_cols)
     s = tl.load(params_ptr + P_SCALE)
     neg_inf = float("-inf")
     if MODE == 1:
@@ -139,9 +147,9 @@ def _contrastive_fwd_kernel(
         tl_i = tl.zeros((BI,), tl.float32)
         w_i = tl.zeros((BI,), tl.float32)
         loss_i = tl.zeros((BI,), tl.float32)
-        for j0 in range(0, Nb, BN):
+        for j0 in range(col_lo, col_hi, BN):
             cols = j0 + tl.arange(0, BN).to(tl.int64)
-            col_ok = cols < Nb
+            col_ok = cols < col_hi
             old_ok = col_ok & merge
             valid = row_ok[:, None] & col_ok[None, :]
             if FROM_MEMORY:
@@ -205,7 +213,21 @@ def _contrastive_fwd_kernel(
                 # -log sigmoid(x) = max(-x, 0) + log1p(exp(-|x|))
                 nls = tl.maximum(-x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
                 loss_i += tl.sum(tl.where(valid, nls, 0.0), axis=1)
-        if MODE == 0:
+        if FROM_MEMORY:
+            out = row_ptr + split * Na + img  # + k·n_splits·Na: statistic k of this split
+            plane_r = n_splits * Na
+            if MODE == 0:
+                tl.store(out + R_MAX * plane_r, m_i, mask=row_ok)
+                tl.store(out + R_LOG_SUM * plane_r, l_i, mask=row_ok)
+                tl.store(out + R_SUM * plane_r, sum_i, mask=row_ok)
+                tl.store(out + R_DIAG * plane_r, diag_i, mask=row_ok)
+                if TEACHER:
+                    tl.store(out + R_T_MAX * plane_r, tm_i, mask=row_ok)
+                    tl.store(out + R_T_LOG_SUM * plane_r, tl_i, mask=row_ok)
+                    tl.store(out + R_T_MEAN * plane_r, w_i, mask=row_ok)
+            else:
+                tl.store(out, loss_i, mask=row_ok)
+        elif MODE == 0:
             tl.store(row_ptr + R_MAX * Na + img, m_i, mask=row_ok)
             tl.store(row_ptr + R_LOG_SUM * Na + img, tl.log(l_i), mask=row_ok)
             tl.store(row_ptr + R_SUM * Na + img, sum_i, mask=row_ok)

@@ -16,8 +16,8 @@ from .._common import (addmm_f32, check_bool, check_int, check_scalar, check_ten
                        interpreting, kernel_flags, mm_f32, no_double_backward)
 from .._dispatch import resolve_backend
 from . import _chunked
-from ._configs import (COLREDUCE_BLOCK, GEMM, block_k, bwd_block_d, config, fwd_block_n, gemm_chunk_rows, row_block,
-                       row_programs)
+from ._configs import (COLREDUCE_BLOCK, GEMM, block_k, bwd_block_d, config, fwd_block_n, gemm_chunk_rows,
+                       gemm_programs, row_block, row_programs)
 from ._kernels import (COL, MODE_SIGMOID, MODE_SOFTMAX, PARAM, PARAMS, ROW, _contrastive_bwd_da_kernel,
                        _contrastive_bwd_db_kernel, _contrastive_colreduce_kernel, _contrastive_fwd_kernel,
                        _contrastive_grad_kernel)
@@ -178,7 +178,7 @@ def triton_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     part = _empty((n_planes, n_prog, Nb) if cols else (1,), device=dev, dtype=torch.float32)
     at_, bt_ = (at, bt) if teacher else (a, b)
     _contrastive_fwd_kernel[(n_prog,)](
-        a, b, at_, bt_, params, rows, part, params, params, Na, Nb, Q, D, n_row_blocks, diag_off, n_prog, 0, Na,
+        a, b, at_, bt_, params, rows, part, params, params, Na, Nb, Q, D, n_row_blocks, diag_off, n_prog, 0, Na, Nb,
         *_feature_strides(a, b, at_, bt_), MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI,
         BN=fwd_block_n(fwd, teacher), BK=block_k(a.dtype, teacher), **kernel_flags(a.dtype), FROM_MEMORY=False,
         num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
@@ -235,16 +235,23 @@ def _chunks(Na, Nb):
 
 
 def gemm_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
-    """triton_forward's statistics, the similarities of each chunk of rows from one cuBLAS GEMM."""
+    """triton_forward's statistics, the similarities of each chunk of rows from one cuBLAS GEMM.
+
+    A chunk has few row blocks (1024 rows at N = 32k: 32 blocks), so the forward kernel also splits the
+    columns over grid axis 1 (programs ~ the GPU's resident count); each split's row statistics are partial
+    (max, sum of exp, sums) and merged here, O(splits·N)."""
     Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
     cfg = GEMM["fwd"]
     teacher = at is not None
     dev = a.device
-    n_rows = 1 if mode != MODE_SOFTMAX else len(ROW) if teacher else ROW["t_max"]
-    rows = _empty((n_rows, Na), device=dev, dtype=torch.float32)
     chunks = _chunks(Na, Nb)
     # the first chunk is the largest: its programs own every row of the partials, later chunks merge into them
     n_prog = row_programs(triton.cdiv(chunks[0][1], cfg["R"]), dev, cfg)
+    n_splits = max(1, min(triton.cdiv(Nb, cfg["BN"]), triton.cdiv(gemm_programs(dev, cfg), n_prog)))
+    split_cols = triton.cdiv(triton.cdiv(Nb, n_splits), cfg["BN"]) * cfg["BN"]
+    n_splits = triton.cdiv(Nb, split_cols)
+    n_rows = 1 if mode != MODE_SOFTMAX else len(ROW) if teacher else ROW["t_max"]
+    row_part = _empty((n_rows, n_splits, Na), device=dev, dtype=torch.float32)
     n_planes = 2 + int(smooth) + 3 * int(teacher)
     part = _empty((n_planes, n_prog, Nb) if cols else (1,), device=dev, dtype=torch.float32)
     at_, bt_ = (at, bt) if teacher else (a, b)
@@ -253,12 +260,33 @@ def gemm_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
             raw = mm_f32(a[row0:row_end], b.T)
             traw = mm_f32(at[row0:row_end], bt.T) if teacher else raw
             n_blocks = triton.cdiv(row_end - row0, cfg["R"])
-            _contrastive_fwd_kernel[(min(n_prog, n_blocks),)](
-                a, b, at_, bt_, params, rows, part, raw, traw, Na, Nb, 1, D, n_blocks, diag_off, n_prog, row0, row_end,
-                *_feature_strides(a, b, at_, bt_), MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=1,
-                BI=cfg["R"], BN=cfg["BN"], BK=16, **kernel_flags(a.dtype), FROM_MEMORY=True,
+            _contrastive_fwd_kernel[(min(n_prog, n_blocks), n_splits)](
+                a, b, at_, bt_, params, row_part, part, raw, traw, Na, Nb, 1, D, n_blocks, diag_off, n_prog, row0,
+                row_end, split_cols, *_feature_strides(a, b, at_, bt_), MODE=mode, COLS=cols, SMOOTH=smooth,
+                TEACHER=teacher, QP=1, BI=cfg["R"], BN=cfg["BN"], BK=16, **kernel_flags(a.dtype), FROM_MEMORY=True,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return rows, _merge_columns(part, n_prog, Nb, teacher, smooth) if cols else None
+    return _merge_row_splits(row_part, mode, teacher), _merge_columns(part, n_prog, Nb, teacher, smooth) if cols else None
+
+
+def _merge_row_splits(row_part, mode, teacher):
+    """The row statistics from the column splits' partials [ROW_STATS, splits, Na] (sums of exp not logged,
+    the teacher's weighted sum not divided): [ROW_STATS, Na] as triton_forward returns them."""
+    if mode != MODE_SOFTMAX:
+        return row_part.sum(dim=1)
+    rows = torch.empty((row_part.shape[0], row_part.shape[2]), device=row_part.device, dtype=torch.float32)
+    m = row_part[ROW["max"]].amax(dim=0)
+    rows[ROW["max"]] = m
+    rows[ROW["log_sum"]] = torch.log((row_part[ROW["log_sum"]] * torch.exp(row_part[ROW["max"]] - m)).sum(dim=0))
+    rows[ROW["sum"]] = row_part[ROW["sum"]].sum(dim=0)
+    rows[ROW["diag"]] = row_part[ROW["diag"]].sum(dim=0)
+    if teacher:
+        tm = row_part[ROW["t_max"]].amax(dim=0)
+        rescale = torch.exp(row_part[ROW["t_max"]] - tm)
+        t_sum = (row_part[ROW["t_log_sum"]] * rescale).sum(dim=0)
+        rows[ROW["t_max"]] = tm
+        rows[ROW["t_log_sum"]] = torch.log(t_sum)
+        rows[ROW["t_mean"]] = (row_part[ROW["t_mean"]] * rescale).sum(dim=0) / t_sum
+    return rows
 
 
 def gemm_backward(a, b, at, bt, params, rows, colstats, *, mode, cols, n_row_terms, n_col_terms, need_da, need_db,
