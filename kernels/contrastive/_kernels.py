@@ -111,10 +111,14 @@ def _contrastive_fwd_kernel(
     # FROM_MEMORY: axis 1 splits the columns, so a chunk of few row blocks still fills the GPU; each split
     # stores its rows' partial statistics (row_ptr: [ROW_STATS, n_splits, Na], sums of exp not logged), merged
     # by the launcher, and owns its columns' partials
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    col_lo = split * split_cols
-    col_hi = tl.minimum(Nb, col_lo + split_cols)
+    if FROM_MEMORY:
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        col_lo = split * split_cols
+        col_hi = tl.minimum(Nb, col_lo + split_cols)
+    else:  # the fused path as it was: its fp32 tile sits at the register limit (128, two programs an SM)
+        col_lo = 0
+        col_hi = Nb
     s = tl.load(params_ptr + P_SCALE)
     neg_inf = float("-inf")
     if MODE == 1:
