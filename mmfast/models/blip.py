@@ -18,7 +18,7 @@ from mmfast.kernels._common import check_bool, check_int, check_scalar
 from mmfast.nn.bert import BertLMHead, BertModel, KVCache, bert_state_dict_from_hf
 
 from . import generation
-from ._common import ModelOutput, copy_weights, layer_pairs
+from ._common import ModelOutput, check_output_attentions, copy_weights, hf_return, layer_pairs
 from .objectives import add_momentum_model, itm_pairs, momentum_itc_loss, sample_hard_negatives
 from .vit import ViT, hf_activation
 
@@ -46,6 +46,7 @@ class BlipPretrainOutput(ModelOutput):
 class BlipImageTextMatchingModelOutput(ModelOutput):
     itm_score: torch.Tensor = None
     last_hidden_state: torch.Tensor = None
+    hidden_states: Optional[tuple] = None  # the vision tower's, as HF
     question_embeds: torch.Tensor = None
 
 
@@ -55,6 +56,7 @@ class BlipForConditionalGenerationModelOutput(ModelOutput):
     logits: torch.Tensor = None
     image_embeds: torch.Tensor = None
     last_hidden_state: torch.Tensor = None
+    hidden_states: Optional[tuple] = None  # the vision tower's, as HF
 
 
 class BLIP(nn.Module):
@@ -223,16 +225,19 @@ class BLIP(nn.Module):
 
     # ---- inference ------------------------------------------------------------------------------------------
     def itm_score(self, pixel_values, input_ids, attention_mask=None, use_itm_head=True,
-                  interpolate_pos_encoding=False):
+                  interpolate_pos_encoding=False, output_hidden_states=None):
         """HF BlipForImageTextRetrieval: ITM logits (B, 2) on the image-grounded [CLS], or with
         use_itm_head=False the cosine similarity matrix (B_img, B_txt) of the ITC features."""
-        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)
+        vision = self.visual_encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                     output_hidden_states=output_hidden_states)
+        image_embeds = vision.last_hidden_state
         if use_itm_head:
             score, text = self.itm_logits(image_embeds, input_ids, attention_mask)
         else:
             image_feat, text_feat, text = self.itc_features(image_embeds, input_ids, attention_mask)
             score = image_feat @ text_feat.t()
-        return BlipImageTextMatchingModelOutput(itm_score=score, last_hidden_state=image_embeds, question_embeds=text)
+        return BlipImageTextMatchingModelOutput(itm_score=score, last_hidden_state=image_embeds,
+                                                hidden_states=vision.hidden_states, question_embeds=text)
 
     @torch.no_grad()
     def generate(self, pixel_values, input_ids=None, attention_mask=None, *, max_length=None, max_new_tokens=None,
@@ -344,24 +349,38 @@ def _load_hf_vision(vit, hf_vision):
 
 class BLIPForImageTextRetrieval(BLIP):
     """Drop-in for HF ``BlipForImageTextRetrieval``: ``forward(input_ids, pixel_values, use_itm_head=True,
-    attention_mask=None, interpolate_pos_encoding=False)`` -> ``itm_score``, ``last_hidden_state``,
-    ``question_embeds``."""
+    attention_mask=None, interpolate_pos_encoding=False, *, output_hidden_states, return_dict)`` ->
+    ``itm_score``, ``last_hidden_state``, ``hidden_states`` (the vision tower's, when asked),
+    ``question_embeds``; ``return_dict=False`` gives HF's tuple. ``output_attentions=True`` raises ValueError
+    (flash_attention forms no probabilities)."""
 
-    def forward(self, input_ids, pixel_values, use_itm_head=True, attention_mask=None, interpolate_pos_encoding=False):
-        return self.itm_score(pixel_values, input_ids, attention_mask, use_itm_head, interpolate_pos_encoding)
+    def forward(self, input_ids, pixel_values, use_itm_head=True, attention_mask=None, interpolate_pos_encoding=False,
+                *, output_attentions=None, output_hidden_states=None, return_dict=None):
+        check_output_attentions("BLIPForImageTextRetrieval", output_attentions)
+        out = self.itm_score(pixel_values, input_ids, attention_mask, use_itm_head, interpolate_pos_encoding,
+                             output_hidden_states)
+        return hf_return(out, return_dict)
 
 
 class BLIPForConditionalGeneration(BLIP):
     """Drop-in for HF ``BlipForConditionalGeneration``: ``forward(pixel_values, input_ids, attention_mask,
-    labels)`` -> ``loss`` (label-smoothed LM loss when labels are given), ``logits``, ``image_embeds``,
-    ``last_hidden_state``; ``generate`` as HF's."""
+    labels, interpolate_pos_encoding, *, output_hidden_states, return_dict)`` -> ``loss`` (label-smoothed LM
+    loss when labels are given), ``logits``, ``image_embeds``, ``last_hidden_state``, ``hidden_states`` (the
+    vision tower's, when asked); ``return_dict=False`` gives HF's tuple; ``output_attentions=True`` raises
+    ValueError (flash_attention forms no probabilities). ``generate`` as HF's."""
 
-    def forward(self, pixel_values, input_ids=None, attention_mask=None, labels=None, interpolate_pos_encoding=False):
-        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, labels=None, interpolate_pos_encoding=False,
+                *, output_attentions=None, output_hidden_states=None, return_dict=None):
+        check_output_attentions("BLIPForConditionalGeneration", output_attentions)
+        vision = self.visual_encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                     output_hidden_states=output_hidden_states)
+        image_embeds = vision.last_hidden_state
         logits = self.lm_logits(image_embeds, input_ids, attention_mask)
         loss = self.lm_loss(logits, labels) if labels is not None else None
-        return BlipForConditionalGenerationModelOutput(loss=loss, logits=logits, image_embeds=image_embeds,
-                                                       last_hidden_state=image_embeds)
+        out = BlipForConditionalGenerationModelOutput(loss=loss, logits=logits, image_embeds=image_embeds,
+                                                      last_hidden_state=image_embeds,
+                                                      hidden_states=vision.hidden_states)
+        return hf_return(out, return_dict)
 
 
 def capfilt(captioner, filter_model, pixel_values, *, threshold=0.5, num_beams=1, do_sample=True, top_p=0.9,

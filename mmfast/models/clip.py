@@ -10,7 +10,8 @@ from mmfast.kernels._common import check_bool, check_choice, check_int, check_sc
 from mmfast.nn.contrastive import ContrastiveLoss
 from mmfast.nn.transformer import ACTIVATIONS, TransformerEncoder
 
-from ._common import BaseModelOutputWithPooling, CLIPOutput, copy_weights, layer_pairs, module_pairs
+from ._common import (BaseModelOutputWithPooling, CLIPOutput, check_output_attentions, copy_weights, hf_return,
+                      layer_pairs, module_pairs)
 from .vit import ViT, hf_activation
 
 _HF_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "out": "self_attn.out_proj",
@@ -57,7 +58,11 @@ class TextTransformer(nn.Module):
         self.head = nn.Linear(width, head_dim) if head_dim else None
         self.width, self.max_len, self.causal, self.pool, self.eos_token_id = width, max_len, causal, pool, eos_token_id
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *, output_hidden_states=False):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *, output_hidden_states=None,
+                output_attentions=None, return_dict=None):
+        """HF CLIPTextModel's inputs and output (hidden_states: the embeddings first, then each layer's output
+        before the final norm); output_attentions=True raises ValueError (see check_output_attentions)."""
+        check_output_attentions("TextTransformer", output_attentions)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (B, L) tensor of token ids")
         L = input_ids.shape[1]
@@ -80,7 +85,8 @@ class TextTransformer(nn.Module):
         pooled = x[torch.arange(x.shape[0], device=x.device), eos_positions(input_ids, self.pool, self.eos_token_id)]
         if self.head is not None:
             pooled = self.head(pooled)
-        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
+        return hf_return(BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states),
+                         return_dict)
 
 
 class CLIP(nn.Module):
@@ -159,7 +165,11 @@ class CLIP(nn.Module):
         return self._text(input_ids, attention_mask, position_ids)[1]
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, return_loss=None,
-                interpolate_pos_encoding=False, output_hidden_states=False, return_dict=True):
+                interpolate_pos_encoding=False, *, output_attentions=None, output_hidden_states=None, return_dict=None):
+        """HF CLIPModel.forward's arguments (in its order; the flags keyword-only, as its ``**kwargs``). The towers' outputs (with ``hidden_states`` when
+        asked) are ``text_model_output`` / ``vision_model_output``; ``return_dict=False`` gives HF's tuple;
+        ``output_attentions=True`` raises ValueError (flash_attention forms no probabilities)."""
+        check_output_attentions("CLIP", output_attentions)
         vision_out, image_embeds = self._image(pixel_values, interpolate_pos_encoding, output_hidden_states)
         text_out, text_embeds = self._text(input_ids, attention_mask, position_ids, output_hidden_states)
         image_embeds = F.normalize(image_embeds, dim=-1)
@@ -176,7 +186,7 @@ class CLIP(nn.Module):
         out = CLIPOutput(loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
                          text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_out,
                          vision_model_output=vision_out)
-        return out if return_dict else out.to_tuple()
+        return hf_return(out, return_dict)
 
     # ---- zero-shot ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -11,7 +11,8 @@ from mmfast.kernels.patch_embed import INTERPOLATIONS, POS_RESAMPLE_MODES, vit_m
 from mmfast.nn.patch_embed import PatchEmbed
 from mmfast.nn.transformer import ACTIVATIONS, AttentionPool, TransformerEncoder
 
-from ._common import BaseModelOutputWithPooling, MaskedPatchOutput, copy_weights, layer_pairs, module_pairs
+from ._common import (BaseModelOutputWithPooling, MaskedPatchOutput, check_output_attentions, copy_weights, hf_return,
+                      layer_pairs, module_pairs)
 
 _OP = "ViT"
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu",
@@ -191,17 +192,28 @@ class ViT(nn.Module):
             return self.attn_pool(x)
         return None
 
-    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, *, patch_index=None,
-                output_hidden_states=False, return_dict=True):
+    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None, *,
+                patch_index=None, output_hidden_states=None, output_attentions=None, return_dict=None):
         """HF ViTModel's inputs. Returns ``last_hidden_state`` (after the final norm when final_norm="all"),
         ``pooler_output`` (the readout: normed when final_norm="pooled", through the tanh pooler when there
         is one; HF's ViTModel without a pooler returns None there, we return the readout),
-        ``hidden_states`` when asked, and ``logits`` of the head when it exists."""
+        ``hidden_states`` when asked (HF's tuple: the encoder's input first — after norm_pre — then each
+        layer's output, before the final norm), and ``logits`` of the head when it exists.
+        ``attention_mask`` (B, tokens), 1 = attend, 0 = masked key (HF ViTModel's, over [CLS] + patches).
+        ``return_dict=False``: the tuple of the set fields, as HF. ``output_attentions=True`` raises
+        ValueError (flash_attention forms no probabilities; see check_output_attentions)."""
+        check_output_attentions(_OP, output_attentions)
         x = self.embed(pixel_values, bool_masked_pos=bool_masked_pos, patch_index=patch_index,
                        interpolate_pos_encoding=interpolate_pos_encoding)
         if self.norm_pre is not None:
             x = self.norm_pre(x)
-        x = self.encoder(x, output_hidden_states=output_hidden_states)
+        pad = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"{_OP}: attention_mask must be (batch, tokens) = {tuple(x.shape[:2])}, got "
+                                 f"{tuple(attention_mask.shape)}")
+            pad = attention_mask == 0
+        x = self.encoder(x, key_padding_mask=pad, output_hidden_states=output_hidden_states)
         states = None
         if output_hidden_states:
             x, states = x
@@ -215,7 +227,7 @@ class ViT(nn.Module):
             pooled = torch.tanh(self.pooler(pooled))
         logits = self.head(pooled) if self.head is not None else None
         out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states, logits=logits)
-        return out if return_dict else out.to_tuple()
+        return hf_return(out, return_dict)
 
     def masked_patch_prediction(self, pixel_values, *, generator=None, mask_ratio=0.5, value_range=(0.0, 1.0)):
         """The ViT paper's self-supervised objective: corrupt mask_ratio of the patches (80% [MASK], 10%

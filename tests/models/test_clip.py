@@ -245,3 +245,32 @@ def test_validation():
         model.text_model(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4))
     with pytest.raises(ValueError, match="class_names"):
         model.zero_shot_classifier([], ["{}"], tokenize)
+
+
+def text_states(out):
+    return torch.stack(out.text_model_output.hidden_states)
+
+
+def vision_states(out):
+    return torch.stack(out.vision_model_output.hidden_states)
+
+
+@requires("transformers")
+def test_hf_flags_hidden_states_tuple_and_attentions():
+    """HF's drop-in flags on CLIPModel: each tower's hidden_states (embeddings first) equal HF's,
+    return_dict=False gives HF's tuple layout, output_attentions=True is refused with its reason."""
+    seeded()
+    hf = transformers.CLIPModel(transformers.CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=24)).eval()
+    ours = CLIP.from_hf(hf, backend="reference")
+    ids, mask = text_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=randn(3, 3, 16, 16), output_hidden_states=True)
+    check_parity(ours, hf, inputs, [text_states, vision_states], what="CLIP hidden_states")
+    with torch.no_grad():
+        mine = ours(**inputs, return_loss=True, return_dict=False)
+        theirs = hf(**inputs, return_loss=True, return_dict=False)
+    assert len(mine) == len(theirs) == 7
+    for a, b in zip(mine[:5], theirs[:5]):
+        assert a.shape == b.shape
+    assert len(mine[5][2]) == len(theirs[5][2]) == 3  # nested outputs are tuples too: (last, pooled, hidden_states)
+    with pytest.raises(ValueError, match="output_attentions=True is not supported: flash_attention never forms"):
+        ours(**inputs, output_attentions=True)

@@ -259,3 +259,27 @@ def test_validation():
         ViT(backbone=nn.Identity())
     with pytest.raises(ValueError, match="ViTModel"):
         ViT.from_hf(nn.Linear(2, 2))
+
+
+def all_hidden_states(out):
+    return torch.stack(out.hidden_states)
+
+
+@requires("transformers")
+def test_hf_flags_hidden_states_attention_mask_tuple():
+    """HF's drop-in flags: output_hidden_states (embeddings first, each layer before the final norm),
+    attention_mask over [CLS] + patches, return_dict=False; output_attentions=True refused."""
+    hf = hf_vit()
+    ours = ViT.from_hf(hf, backend="reference")
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, 3:11] = 0
+    inputs = dict(pixel_values=randn(2, 3, 16, 16), attention_mask=mask, output_hidden_states=True)
+    check_parity(ours, hf, inputs, ["last_hidden_state", all_hidden_states], *HF_PARAMS, what="ViT flags")
+    x = randn(2, 3, 16, 16)
+    with torch.no_grad():
+        mine, theirs = ours(x, output_hidden_states=True, return_dict=False), hf(x, output_hidden_states=True,
+                                                                                  return_dict=False)
+    assert isinstance(mine, tuple) and len(mine) == len(theirs) == 3  # last_hidden_state, pooler_output, hidden_states
+    assert len(mine[2]) == len(theirs[2]) == 3
+    with pytest.raises(ValueError, match="output_attentions"):
+        ours(x, output_attentions=True)
