@@ -19,7 +19,8 @@ from mmfast.nn.bert import BertLMHead, BertModel, KVCache, bert_state_dict_from_
 
 from . import generation
 from ._common import ModelOutput, check_output_attentions, copy_weights, hf_return, layer_pairs
-from .objectives import add_momentum_model, itm_pairs, momentum_itc_loss, sample_hard_negatives
+from .objectives import (add_momentum_model, check_group, enqueue_momentum_features, itm_pairs, momentum_itc_loss,
+                         sample_hard_negatives)
 from .vit import ViT, hf_activation
 
 _OP = "BLIP"
@@ -68,7 +69,10 @@ class BLIP(nn.Module):
     (57600), momentum (0.995), alpha (0.4, distillation weight), label_smoothing (0.1, LM loss), temp (0.07,
     learnable, clamped to [0.001, 0.5]); token ids bos ([DEC]), enc ([ENC]), cls, sep (= EOS), pad;
     tie_encoder_decoder (share all but self-attention); tie_word_embeddings (the LM head's weight is the
-    word embedding); backend (the kernels').
+    word embedding); backend (the kernels'); group: the process group the momentum features are gathered
+    over into the queues (None: the default group whenever torch.distributed is initialised, as BLIP's
+    ``concat_all_gather``; "local": none; see ``objectives.resolve_group``) — ITC, ITM hard negatives (drawn
+    from the rank's own batch, as BLIP's pre-training) and LM stay per rank.
 
     Attribute names follow LAVIS: visual_encoder, text_encoder, text_decoder (+ lm_head), vision_proj,
     text_proj, itm_head, temp, image_queue / text_queue, and the momentum copies (``momentum_model``).
@@ -80,8 +84,9 @@ class BLIP(nn.Module):
                  momentum=0.995, alpha=0.4, label_smoothing=0.1, temp=0.07, bos_token_id=30522, enc_token_id=30523,
                  cls_token_id=101, sep_token_id=102, pad_token_id=0, parts=("itc", "itm", "lm"),
                  use_momentum=True, tie_encoder_decoder=True, tie_word_embeddings=True, text_act="gelu", vision_act="gelu", pos_resample="hf",
-                 backend="auto"):
+                 group=None, backend="auto"):
         super().__init__()
+        self.group = check_group(_OP, group)
         if not set(parts) <= {"itc", "itm", "lm"} or not parts:
             raise ValueError(f"{_OP}: parts must be a non-empty subset of ('itc', 'itm', 'lm'), got {parts!r}")
         check_int(_OP, "embed_dim", embed_dim, lo=1)
@@ -122,6 +127,10 @@ class BLIP(nn.Module):
         if use_momentum and "itc" in parts:
             add_momentum_model(self, embed_dim, queue_size, momentum, backend, visual_encoder=self.visual_encoder,
                                text_encoder=self.text_encoder, vision_proj=self.vision_proj, text_proj=self.text_proj)
+
+    def set_group(self, group):
+        """The process group of the momentum queues (see the class docstring's `group`)."""
+        self.group = check_group(_OP, group)
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -194,8 +203,7 @@ class BLIP(nn.Module):
                 losses["loss_itc"] = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
                                                        self.image_queue, self.text_queue, self.temp, alpha=alpha,
                                                        backend=self.backend)
-                self.image_queue.enqueue(image_feat_m)
-                self.text_queue.enqueue(text_feat_m)
+                enqueue_momentum_features(self, image_feat_m, text_feat_m)
             else:
                 from mmfast.kernels import contrastive_loss
 

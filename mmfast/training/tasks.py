@@ -174,6 +174,22 @@ def _vl_config(name, module, cls_name, preset):
     return cls, {**defaults, **mod.PRESETS[preset]}
 
 
+# Why albef / blip refuse --parallel fsdp (DDP works; the queues gather over the group either way):
+# 1. FSDP2 unshards a unit in the pre-forward hook of the module given to fully_shard. The models run their
+#    momentum towers as ``momentum_model.ema["visual_encoder"](...)`` — children of a ModuleDict whose own
+#    forward never runs — so the EMA copy cannot be one unit; it would be one unit per tower.
+# 2. Per-tower units are blocked by tied parameters, which FSDP2 needs inside one unit: ALBEF's mlm_head
+#    decoder weight is the text encoder's word embedding (online and momentum alike); BLIP's text_decoder
+#    shares embeddings, cross-attention and FFN modules with text_encoder (tie_encoder_decoder) and its
+#    lm_head the word embedding.
+# 3. Keeping those towers in the root unit instead breaks the EMA update: it runs inside forward, where the
+#    root's parameters are unsharded (full) while the EMA copy's are shards; FSDP2 frees unsharded
+#    parameters without writing back, so updating full tensors would be lost (wrap's guard). Lifting this
+#    needs the update moved before the root's unshard (or explicit unshard()/reshard() of grouped units).
+_VL_NO_FSDP = ("the momentum towers run as children of the EMA copy and share tied weights, so they cannot "
+               "be FSDP2 units of their own (mmfast/training/tasks.py)")
+
+
 def _vl_task(name, module, cls_name, presets):
     def build(preset, backend):
         cls, _ = _vl_config(name, module, cls_name, preset)
@@ -205,8 +221,9 @@ def _vl_task(name, module, cls_name, presets):
         return model(images, ids, mask).loss
 
     return TrainTask(name=name, module=module, build=build, batch=batch, loss=loss, presets=presets,
-                     parallel=("none", "ddp"),
-                     notes="ITC per rank (no process group in the model yet); FSDP not wired")
+                     set_group=lambda model, group: model.set_group(group), parallel=("none", "ddp"),
+                     notes="ITC per rank against the queues, which gather every rank's momentum features (as "
+                           "ALBEF / BLIP); FSDP refused: " + _VL_NO_FSDP)
 
 
 TASKS: Dict[str, TrainTask] = {
