@@ -3,7 +3,7 @@ loss and gradients, tiny random configs, padded text, another resolution), EOS p
 with prompt ensembling, one optimiser step, the Triton path through the interpreter."""
 import pytest
 import torch
-from model_helpers import check_parity
+from model_helpers import OpenClipOutputs, check_parity
 from numerics import generator, randn
 from optional_deps import optional_import, requires
 from torch import nn
@@ -86,21 +86,6 @@ def test_hf_siglip_parity(size):
     params = ([lambda m: m.vision_model.attn_pool.attn.qkv.weight, lambda m: m.logit_bias],
               [lambda m: m.vision_model.head.attention.in_proj_weight, lambda m: m.logit_bias])
     check_parity(ours, hf, inputs, FIELDS + [text_hidden, vision_hidden], *params, what="SigLIP")
-
-
-class OpenClipOutputs(nn.Module):
-    """open_clip's encode_image / encode_text / logits / ClipLoss under our field names."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, pixel_values, return_loss=True):
-        img = self.model.encode_image(pixel_values, normalize=True)
-        txt = self.model.encode_text(input_ids, normalize=True)
-        scale = self.model.logit_scale.exp()
-        return {"image_embeds": img, "text_embeds": txt, "logits_per_image": scale * img @ txt.t(),
-                "loss": open_clip.loss.ClipLoss()(img, txt, scale)}
 
 
 @requires("open_clip")

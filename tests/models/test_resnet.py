@@ -3,10 +3,9 @@ open_clip RN CLIP (outputs, loss and gradients, tiny config), train-mode BatchNo
 the Triton interpreter."""
 import pytest
 import torch
-from model_helpers import check_parity
+from model_helpers import OpenClipOutputs, check_parity
 from numerics import generator, randn
 from optional_deps import optional_import, requires
-from test_clip import EOS, OpenClipOutputs
 
 from mmfast.models import CLIP, ModifiedResNet
 
@@ -37,7 +36,7 @@ def test_open_clip_rn_parity():
     ours = CLIP.from_open_clip(oc, backend="reference")
     assert isinstance(ours.vision_model, ModifiedResNet) and ours.visual_projection is None
     ids = torch.randint(3, 90, (3, 12), generator=generator())
-    ids[:, 7] = EOS
+    ids[:, 7] = 98  # the highest id: the EOT of open_clip's argmax pooling
     params = ([lambda m: m.vision_model.attnpool.attn.qkv.weight, lambda m: m.vision_model.layer2[1].conv2.weight],
               [lambda m: (m.model.visual.attnpool.q_proj.weight, m.model.visual.attnpool.k_proj.weight,
                           m.model.visual.attnpool.v_proj.weight), lambda m: m.model.visual.layer2[1].conv2.weight])
