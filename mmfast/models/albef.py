@@ -109,9 +109,12 @@ class ALBEF(nn.Module):
         return encoder(attention_mask=attention_mask, encoder_embeds=text_embeds, encoder_hidden_states=image_embeds,
                        mode="fusion").last_hidden_state
 
-    def forward(self, pixel_values, input_ids, attention_mask=None, *, alpha=None, generator=None):
+    def forward(self, pixel_values, input_ids, attention_mask=None, *, alpha=None, generator=None,
+                update_momentum=True):
         """One pre-training step's losses (LAVIS ``albef_pretrain.forward``); updates the momentum model and the
-        queues. Returns AlbefPretrainOutput(loss = itc + itm + mlm, loss_itc, loss_itm, loss_mlm)."""
+        queues. Returns AlbefPretrainOutput(loss = itc + itm + mlm, loss_itc, loss_itm, loss_mlm).
+        update_momentum=False: the caller ran ``momentum_model.update()`` before (the same step: the online
+        weights do not change within forward) — what FSDP2 needs, see mmfast.training.tasks."""
         alpha = self.alpha if alpha is None else alpha
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -121,7 +124,8 @@ class ALBEF(nn.Module):
                                                                           attention_mask)
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-            self.momentum_model.update()
+            if update_momentum:
+                self.momentum_model.update()
             m = self.momentum_model.ema
             image_embeds_m, _, image_feat_m, text_feat_m = self._features(m, pixel_values, input_ids, attention_mask)
         loss_itc = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,

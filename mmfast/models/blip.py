@@ -179,10 +179,12 @@ class BLIP(nn.Module):
                                label_smoothing=smoothing)
 
     # ---- pre-training ------------------------------------------------------------------------------------------
-    def forward(self, pixel_values, input_ids, attention_mask=None, *, alpha=None, generator=None):
+    def forward(self, pixel_values, input_ids, attention_mask=None, *, alpha=None, generator=None,
+                update_momentum=True):
         """LAVIS ``blip_pretrain``: ITC (momentum queues, distillation α), ITM (hard negatives), LM (label
         smoothing), for the parts this model has. input_ids start with [CLS]; the [ENC] / [DEC] roles replace
-        it. Returns BlipPretrainOutput(loss = the sum, loss_itc, loss_itm, loss_lm)."""
+        it. Returns BlipPretrainOutput(loss = the sum, loss_itc, loss_itm, loss_lm). update_momentum=False:
+        the caller ran ``momentum_model.update()`` before (FSDP2, see mmfast.training.tasks)."""
         alpha = self.alpha if alpha is None else alpha
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -194,7 +196,8 @@ class BLIP(nn.Module):
                 self.temp.clamp_(0.001, 0.5)
             if self.momentum_model is not None:
                 with torch.no_grad():
-                    self.momentum_model.update()
+                    if update_momentum:
+                        self.momentum_model.update()
                     m = self.momentum_model.ema
                     image_m = m.visual_encoder(pixel_values).last_hidden_state
                     image_feat_m = F.normalize(m.vision_proj(image_m[:, 0]), dim=-1)

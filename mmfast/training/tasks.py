@@ -20,7 +20,8 @@ class TrainTask:
     first dim n); loss(model, batch, step, total_steps) -> 0-dim loss (model may be DDP/FSDP-wrapped);
     set_group(model, group); shard_units(model) -> submodules that get their own ``fully_shard`` before the
     root (every MomentumEncoder's ``ema`` and the online modules it follows must be among them, so that the
-    EMA update sees shards on both sides); presets: the preset names build accepts (albef / blip: checked
+    EMA update sees shards on both sides) — unless ema_updated_outside_forward: loss runs the update before
+    forward, when every parameter is a shard; presets: the preset names build accepts (albef / blip: checked
     against the model module's PRESETS when built); parallel: the modes the task supports."""
 
     name: str
@@ -33,6 +34,7 @@ class TrainTask:
     shard_units: Callable = lambda model: []
     parallel: Tuple[str, ...] = ("none", "ddp", "fsdp")
     notes: str = ""
+    ema_updated_outside_forward: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,20 +176,17 @@ def _vl_config(name, module, cls_name, preset):
     return cls, {**defaults, **mod.PRESETS[preset]}
 
 
-# Why albef / blip refuse --parallel fsdp (DDP works; the queues gather over the group either way):
-# 1. FSDP2 unshards a unit in the pre-forward hook of the module given to fully_shard. The models run their
-#    momentum towers as ``momentum_model.ema["visual_encoder"](...)`` — children of a ModuleDict whose own
-#    forward never runs — so the EMA copy cannot be one unit; it would be one unit per tower.
-# 2. Per-tower units are blocked by tied parameters, which FSDP2 needs inside one unit: ALBEF's mlm_head
-#    decoder weight is the text encoder's word embedding (online and momentum alike); BLIP's text_decoder
-#    shares embeddings, cross-attention and FFN modules with text_encoder (tie_encoder_decoder) and its
-#    lm_head the word embedding.
-# 3. Keeping those towers in the root unit instead breaks the EMA update: it runs inside forward, where the
-#    root's parameters are unsharded (full) while the EMA copy's are shards; FSDP2 frees unsharded
-#    parameters without writing back, so updating full tensors would be lost (wrap's guard). Lifting this
-#    needs the update moved before the root's unshard (or explicit unshard()/reshard() of grouped units).
-_VL_NO_FSDP = ("the momentum towers run as children of the EMA copy and share tied weights, so they cannot "
-               "be FSDP2 units of their own (mmfast/training/tasks.py)")
+# ALBEF / BLIP under FSDP2. Their text towers cannot be units of their own: FSDP2 needs tied parameters inside
+# one unit, and ALBEF's mlm_head decoder weight is the text encoder's word embedding (online and momentum
+# alike), BLIP's text_decoder shares embeddings, cross-attention and FFN modules with text_encoder and its
+# lm_head the word embedding; the momentum towers also run as children of the EMA ModuleDict, whose own forward
+# (FSDP2's unshard hook) never runs. So they stay in the root unit, which is unsharded during forward — where
+# the models update the EMA, from full tensors into the root's shards that FSDP2 frees without writing back.
+# The task therefore runs the EMA update before forward, when every parameter is a shard on both sides (the
+# online weights do not change within a step, so it is LAVIS' update), and forward(update_momentum=False).
+# Units of their own: the online and momentum image towers (untied, called through their forward).
+def _vl_units(model):
+    return [model.visual_encoder, model.momentum_model.ema["visual_encoder"]]
 
 
 def _vl_task(name, module, cls_name, presets):
@@ -218,12 +217,14 @@ def _vl_task(name, module, cls_name, presets):
 
     def loss(model, batch, step, total_steps):
         images, ids, mask = batch
-        return model(images, ids, mask).loss
+        getattr(model, "module", model).momentum_model.update()  # before forward: see _vl_units
+        return model(images, ids, mask, update_momentum=False).loss
 
     return TrainTask(name=name, module=module, build=build, batch=batch, loss=loss, presets=presets,
-                     set_group=lambda model, group: model.set_group(group), parallel=("none", "ddp"),
+                     set_group=lambda model, group: model.set_group(group), shard_units=_vl_units,
+                     ema_updated_outside_forward=True,
                      notes="ITC per rank against the queues, which gather every rank's momentum features (as "
-                           "ALBEF / BLIP); FSDP refused: " + _VL_NO_FSDP)
+                           "ALBEF / BLIP)")
 
 
 TASKS: Dict[str, TrainTask] = {
