@@ -174,9 +174,10 @@ class CLIP(nn.Module):
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, return_loss=None,
                 interpolate_pos_encoding=False, *, output_attentions=None, output_hidden_states=None, return_dict=None):
-        """HF CLIPModel.forward's arguments (in its order; the flags keyword-only, as its ``**kwargs``). The towers' outputs (with ``hidden_states`` when
-        asked) are ``text_model_output`` / ``vision_model_output``; ``return_dict=False`` gives HF's tuple;
-        ``output_attentions=True`` raises ValueError (flash_attention forms no probabilities)."""
+        """HF CLIPModel.forward's arguments (in its order; the flags keyword-only, as its ``**kwargs``). The
+        towers' outputs (with ``hidden_states`` when asked) are ``text_model_output`` /
+        ``vision_model_output``; ``return_dict=False`` gives HF's tuple; ``output_attentions=True`` raises
+        ValueError (flash_attention forms no probabilities)."""
         check_output_attentions("CLIP", output_attentions)
         vision_out, image_embeds = self._image(pixel_values, interpolate_pos_encoding, output_hidden_states)
         text_out, text_embeds = self._text(input_ids, attention_mask, position_ids, output_hidden_states)

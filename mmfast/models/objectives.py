@@ -63,7 +63,8 @@ def momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_qu
     with sim_m from the momentum features — two ``contrastive_loss`` calls (symmetric=False, the queues as
     extra columns, the momentum features as teachers). `image_queue` / `text_queue` are :class:`MoCoQueue`;
     call their ``enqueue`` after this. Across ranks each rank's loss is this one on its own batch (its
-    momentum features + the queues), as ALBEF / BLIP: only the queues are shared (enqueue_momentum_features). `temp` is a tensor (gradient flows to it through 1/temp)."""
+    momentum features + the queues), as ALBEF / BLIP: only the queues are shared (enqueue_momentum_features).
+    `temp` is a tensor (gradient flows to it through 1/temp)."""
     check_scalar("momentum_itc_loss", "alpha", alpha, lo=0.0, hi=1.0)
     scale = 1.0 / temp
     text_all, image_all = text_queue.with_keys(text_feat_m), image_queue.with_keys(image_feat_m)

@@ -310,7 +310,8 @@ class ViT(nn.Module):
                 or (self.depth and (self.encoder.layers[0].ls1 is not None
                                     or self.encoder.layers[0].attn.q_norm is not None))):
             raise ValueError("ViT.to_hf: only the HF layout converts ([CLS] readout, 1D table with a [CLS] row, final "
-                             "norm on every token, no pre-norm, no backbone, biased patch conv, no registers / layer scale / qk_norm)")
+                             "norm on every token, no pre-norm, no backbone, biased patch conv, no registers / "
+                             "layer scale / qk_norm)")
         act = {v: k for k, v in HF_ACTIVATIONS.items() if k != "gelu_new"}[self.encoder.layers[0].mlp.act] \
             if self.depth else "gelu"
         layer = self.encoder.layers[0] if self.depth else None

@@ -245,7 +245,8 @@ def test_hf_flags_hidden_states_tuple_and_attentions():
     """HF's drop-in flags on CLIPModel: each tower's hidden_states (embeddings first) equal HF's,
     return_dict=False gives HF's tuple layout, output_attentions=True is refused with its reason."""
     seeded()
-    hf = transformers.CLIPModel(transformers.CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=24)).eval()
+    cfg = transformers.CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=24)
+    hf = transformers.CLIPModel(cfg).eval()
     ours = CLIP.from_hf(hf, backend="reference")
     ids, mask = text_batch()
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=randn(3, 3, 16, 16), output_hidden_states=True)
