@@ -3,11 +3,13 @@ Hugging Face / timm / open_clip models they convert from."""
 from ._common import BaseModelOutputWithPooling, CLIPOutput, MaskedPatchOutput, ModelOutput
 from .albef import ALBEF
 from .blip import BLIP, BLIPForConditionalGeneration, BLIPForImageTextRetrieval, capfilt
+from .resnet import ModifiedResNet
 from .vit import ViT
 from .clip import CLIP, TextTransformer
 from .moco import MoCo, MoCoOutput
 from ._presets import PRESETS, create_model
 
 __all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "BaseModelOutputWithPooling",
-           "CLIP", "CLIPOutput", "MaskedPatchOutput", "MoCo", "MoCoOutput", "ModelOutput", "PRESETS", "TextTransformer",
+           "CLIP", "CLIPOutput", "MaskedPatchOutput", "MoCo", "MoCoOutput", "ModelOutput",
+           "ModifiedResNet", "PRESETS", "TextTransformer",
            "ViT", "capfilt", "create_model"]

@@ -60,6 +60,21 @@ class CLIPOutput(ModelOutput):
     vision_model_output: Any = None
 
 
+def check_output_attentions(owner, output_attentions):
+    """Hugging Face's ``output_attentions``: accepted as False / None only. mmfast's attention is
+    flash_attention, which never forms the (B, H, L, L) probabilities (that is what makes it fast), so there
+    is nothing to return; computing them apart would be a second, unfused attention. Run the Hugging Face
+    model with ``attn_implementation="eager"`` to inspect attention maps."""
+    if output_attentions:
+        raise ValueError(f"{owner}: output_attentions=True is not supported: flash_attention never forms the "
+                         "attention probabilities; use the Hugging Face model (attn_implementation='eager') for them")
+
+
+def hf_return(out, return_dict):
+    """The output object, or HF's ``return_dict=False`` tuple of its set fields (None fields left out)."""
+    return out if return_dict is None or return_dict else out.to_tuple()
+
+
 def copy_weights(pairs, owner):
     """Copy each (destination parameter, source tensor) with a shape check naming the owner."""
     with torch.no_grad():

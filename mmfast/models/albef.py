@@ -15,7 +15,8 @@ from mmfast.kernels._common import check_int, check_scalar
 from mmfast.nn.bert import BertLMHead, BertModel, bert_state_dict_from_hf
 
 from ._common import ModelOutput
-from .objectives import add_momentum_model, distilled_mlm_loss, itm_pairs, mask_tokens, momentum_itc_loss, sample_hard_negatives
+from .objectives import (add_momentum_model, check_group, distilled_mlm_loss, enqueue_momentum_features, itm_pairs,
+                         mask_tokens, momentum_itc_loss, sample_hard_negatives)
 from .vit import ViT
 
 _OP = "ALBEF"
@@ -46,14 +47,18 @@ class ALBEF(nn.Module):
     3072, max_positions 512, type_vocab_size 2 (BERT checkpoints), text_eps 1e-12; embed_dim 256,
     queue_size 65536, momentum 0.995, alpha 0.4, temp 0.07 (learnable, clamped to [0.001, 0.5]),
     mlm_probability 0.15, token ids ([MASK] 103, [CLS] 101, [SEP] 102, [PAD] 0), backend.
+    group: the process group the momentum features are gathered over into the queues (None: the default
+        group whenever torch.distributed is initialised, as ALBEF's ``concat_all_gather``; "local": none; see
+        ``objectives.resolve_group``). The ITC, ITM hard negatives and MLM stay per rank, as ALBEF's.
     """
 
     def __init__(self, *, image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
                  vision_eps=1e-6, vocab_size=30522, hidden_size=768, text_layers=6, fusion_layers=6, text_heads=12,
                  intermediate_size=3072, max_positions=512, type_vocab_size=2, text_eps=1e-12, embed_dim=256,
                  queue_size=65536, momentum=0.995, alpha=0.4, temp=0.07, mlm_probability=0.15, mask_token_id=103,
-                 cls_token_id=101, sep_token_id=102, pad_token_id=0, backend="auto"):
+                 cls_token_id=101, sep_token_id=102, pad_token_id=0, group=None, backend="auto"):
         super().__init__()
+        self.group = check_group(_OP, group)
         check_int(_OP, "text_layers", text_layers, lo=0)
         check_int(_OP, "fusion_layers", fusion_layers, lo=1)
         check_int(_OP, "embed_dim", embed_dim, lo=1)
@@ -82,6 +87,10 @@ class ALBEF(nn.Module):
                            text_encoder=self.text_encoder, mlm_head=self.mlm_head, vision_proj=self.vision_proj,
                            text_proj=self.text_proj)
 
+    def set_group(self, group):
+        """The process group of the momentum queues (see the constructor's `group`)."""
+        self.group = check_group(_OP, group)
+
     @classmethod
     def from_preset(cls, name, **overrides):
         if name not in PRESETS:
@@ -100,9 +109,12 @@ class ALBEF(nn.Module):
         return encoder(attention_mask=attention_mask, encoder_embeds=text_embeds, encoder_hidden_states=image_embeds,
                        mode="fusion").last_hidden_state
 
-    def forward(self, pixel_values, input_ids, attention_mask=None, *, alpha=None, generator=None):
+    def forward(self, pixel_values, input_ids, attention_mask=None, *, alpha=None, generator=None,
+                update_momentum=True):
         """One pre-training step's losses (LAVIS ``albef_pretrain.forward``); updates the momentum model and the
-        queues. Returns AlbefPretrainOutput(loss = itc + itm + mlm, loss_itc, loss_itm, loss_mlm)."""
+        queues. Returns AlbefPretrainOutput(loss = itc + itm + mlm, loss_itc, loss_itm, loss_mlm).
+        update_momentum=False: the caller ran ``momentum_model.update()`` before (the same step: the online
+        weights do not change within forward) — what FSDP2 needs, see mmfast.training.tasks."""
         alpha = self.alpha if alpha is None else alpha
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -112,13 +124,13 @@ class ALBEF(nn.Module):
                                                                           attention_mask)
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-            self.momentum_model.update()
+            if update_momentum:
+                self.momentum_model.update()
             m = self.momentum_model.ema
             image_embeds_m, _, image_feat_m, text_feat_m = self._features(m, pixel_values, input_ids, attention_mask)
         loss_itc = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
                                      self.text_queue, self.temp, alpha=alpha, backend=self.backend)
-        self.image_queue.enqueue(image_feat_m)
-        self.text_queue.enqueue(text_feat_m)
+        enqueue_momentum_features(self, image_feat_m, text_feat_m)
 
         with torch.no_grad():
             sim_i2t = image_feat @ text_feat_m.t() / self.temp

@@ -18,8 +18,9 @@ from mmfast.kernels._common import check_bool, check_int, check_scalar
 from mmfast.nn.bert import BertLMHead, BertModel, KVCache, bert_state_dict_from_hf
 
 from . import generation
-from ._common import ModelOutput, copy_weights, layer_pairs
-from .objectives import add_momentum_model, itm_pairs, momentum_itc_loss, sample_hard_negatives
+from ._common import ModelOutput, check_output_attentions, copy_weights, hf_return, layer_pairs
+from .objectives import (add_momentum_model, check_group, enqueue_momentum_features, itm_pairs, momentum_itc_loss,
+                         sample_hard_negatives)
 from .vit import ViT, hf_activation
 
 _OP = "BLIP"
@@ -46,6 +47,7 @@ class BlipPretrainOutput(ModelOutput):
 class BlipImageTextMatchingModelOutput(ModelOutput):
     itm_score: torch.Tensor = None
     last_hidden_state: torch.Tensor = None
+    hidden_states: Optional[tuple] = None  # the vision tower's, as HF
     question_embeds: torch.Tensor = None
 
 
@@ -55,6 +57,7 @@ class BlipForConditionalGenerationModelOutput(ModelOutput):
     logits: torch.Tensor = None
     image_embeds: torch.Tensor = None
     last_hidden_state: torch.Tensor = None
+    hidden_states: Optional[tuple] = None  # the vision tower's, as HF
 
 
 class BLIP(nn.Module):
@@ -66,7 +69,10 @@ class BLIP(nn.Module):
     (57600), momentum (0.995), alpha (0.4, distillation weight), label_smoothing (0.1, LM loss), temp (0.07,
     learnable, clamped to [0.001, 0.5]); token ids bos ([DEC]), enc ([ENC]), cls, sep (= EOS), pad;
     tie_encoder_decoder (share all but self-attention); tie_word_embeddings (the LM head's weight is the
-    word embedding); backend (the kernels').
+    word embedding); backend (the kernels'); group: the process group the momentum features are gathered
+    over into the queues (None: the default group whenever torch.distributed is initialised, as BLIP's
+    ``concat_all_gather``; "local": none; see ``objectives.resolve_group``) — ITC, ITM hard negatives (drawn
+    from the rank's own batch, as BLIP's pre-training) and LM stay per rank.
 
     Attribute names follow LAVIS: visual_encoder, text_encoder, text_decoder (+ lm_head), vision_proj,
     text_proj, itm_head, temp, image_queue / text_queue, and the momentum copies (``momentum_model``).
@@ -78,8 +84,9 @@ class BLIP(nn.Module):
                  momentum=0.995, alpha=0.4, label_smoothing=0.1, temp=0.07, bos_token_id=30522, enc_token_id=30523,
                  cls_token_id=101, sep_token_id=102, pad_token_id=0, parts=("itc", "itm", "lm"),
                  use_momentum=True, tie_encoder_decoder=True, tie_word_embeddings=True, text_act="gelu", vision_act="gelu", pos_resample="hf",
-                 backend="auto"):
+                 group=None, backend="auto"):
         super().__init__()
+        self.group = check_group(_OP, group)
         if not set(parts) <= {"itc", "itm", "lm"} or not parts:
             raise ValueError(f"{_OP}: parts must be a non-empty subset of ('itc', 'itm', 'lm'), got {parts!r}")
         check_int(_OP, "embed_dim", embed_dim, lo=1)
@@ -120,6 +127,10 @@ class BLIP(nn.Module):
         if use_momentum and "itc" in parts:
             add_momentum_model(self, embed_dim, queue_size, momentum, backend, visual_encoder=self.visual_encoder,
                                text_encoder=self.text_encoder, vision_proj=self.vision_proj, text_proj=self.text_proj)
+
+    def set_group(self, group):
+        """The process group of the momentum queues (see the class docstring's `group`)."""
+        self.group = check_group(_OP, group)
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -168,10 +179,12 @@ class BLIP(nn.Module):
                                label_smoothing=smoothing)
 
     # ---- pre-training ------------------------------------------------------------------------------------------
-    def forward(self, pixel_values, input_ids, attention_mask=None, *, alpha=None, generator=None):
+    def forward(self, pixel_values, input_ids, attention_mask=None, *, alpha=None, generator=None,
+                update_momentum=True):
         """LAVIS ``blip_pretrain``: ITC (momentum queues, distillation α), ITM (hard negatives), LM (label
         smoothing), for the parts this model has. input_ids start with [CLS]; the [ENC] / [DEC] roles replace
-        it. Returns BlipPretrainOutput(loss = the sum, loss_itc, loss_itm, loss_lm)."""
+        it. Returns BlipPretrainOutput(loss = the sum, loss_itc, loss_itm, loss_lm). update_momentum=False:
+        the caller ran ``momentum_model.update()`` before (FSDP2, see mmfast.training.tasks)."""
         alpha = self.alpha if alpha is None else alpha
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -183,7 +196,8 @@ class BLIP(nn.Module):
                 self.temp.clamp_(0.001, 0.5)
             if self.momentum_model is not None:
                 with torch.no_grad():
-                    self.momentum_model.update()
+                    if update_momentum:
+                        self.momentum_model.update()
                     m = self.momentum_model.ema
                     image_m = m.visual_encoder(pixel_values).last_hidden_state
                     image_feat_m = F.normalize(m.vision_proj(image_m[:, 0]), dim=-1)
@@ -192,8 +206,7 @@ class BLIP(nn.Module):
                 losses["loss_itc"] = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
                                                        self.image_queue, self.text_queue, self.temp, alpha=alpha,
                                                        backend=self.backend)
-                self.image_queue.enqueue(image_feat_m)
-                self.text_queue.enqueue(text_feat_m)
+                enqueue_momentum_features(self, image_feat_m, text_feat_m)
             else:
                 from mmfast.kernels import contrastive_loss
 
@@ -223,16 +236,19 @@ class BLIP(nn.Module):
 
     # ---- inference ------------------------------------------------------------------------------------------
     def itm_score(self, pixel_values, input_ids, attention_mask=None, use_itm_head=True,
-                  interpolate_pos_encoding=False):
+                  interpolate_pos_encoding=False, output_hidden_states=None):
         """HF BlipForImageTextRetrieval: ITM logits (B, 2) on the image-grounded [CLS], or with
         use_itm_head=False the cosine similarity matrix (B_img, B_txt) of the ITC features."""
-        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)
+        vision = self.visual_encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                     output_hidden_states=output_hidden_states)
+        image_embeds = vision.last_hidden_state
         if use_itm_head:
             score, text = self.itm_logits(image_embeds, input_ids, attention_mask)
         else:
             image_feat, text_feat, text = self.itc_features(image_embeds, input_ids, attention_mask)
             score = image_feat @ text_feat.t()
-        return BlipImageTextMatchingModelOutput(itm_score=score, last_hidden_state=image_embeds, question_embeds=text)
+        return BlipImageTextMatchingModelOutput(itm_score=score, last_hidden_state=image_embeds,
+                                                hidden_states=vision.hidden_states, question_embeds=text)
 
     @torch.no_grad()
     def generate(self, pixel_values, input_ids=None, attention_mask=None, *, max_length=None, max_new_tokens=None,
@@ -344,24 +360,38 @@ def _load_hf_vision(vit, hf_vision):
 
 class BLIPForImageTextRetrieval(BLIP):
     """Drop-in for HF ``BlipForImageTextRetrieval``: ``forward(input_ids, pixel_values, use_itm_head=True,
-    attention_mask=None, interpolate_pos_encoding=False)`` -> ``itm_score``, ``last_hidden_state``,
-    ``question_embeds``."""
+    attention_mask=None, interpolate_pos_encoding=False, *, output_hidden_states, return_dict)`` ->
+    ``itm_score``, ``last_hidden_state``, ``hidden_states`` (the vision tower's, when asked),
+    ``question_embeds``; ``return_dict=False`` gives HF's tuple. ``output_attentions=True`` raises ValueError
+    (flash_attention forms no probabilities)."""
 
-    def forward(self, input_ids, pixel_values, use_itm_head=True, attention_mask=None, interpolate_pos_encoding=False):
-        return self.itm_score(pixel_values, input_ids, attention_mask, use_itm_head, interpolate_pos_encoding)
+    def forward(self, input_ids, pixel_values, use_itm_head=True, attention_mask=None, interpolate_pos_encoding=False,
+                *, output_attentions=None, output_hidden_states=None, return_dict=None):
+        check_output_attentions("BLIPForImageTextRetrieval", output_attentions)
+        out = self.itm_score(pixel_values, input_ids, attention_mask, use_itm_head, interpolate_pos_encoding,
+                             output_hidden_states)
+        return hf_return(out, return_dict)
 
 
 class BLIPForConditionalGeneration(BLIP):
     """Drop-in for HF ``BlipForConditionalGeneration``: ``forward(pixel_values, input_ids, attention_mask,
-    labels)`` -> ``loss`` (label-smoothed LM loss when labels are given), ``logits``, ``image_embeds``,
-    ``last_hidden_state``; ``generate`` as HF's."""
+    labels, interpolate_pos_encoding, *, output_hidden_states, return_dict)`` -> ``loss`` (label-smoothed LM
+    loss when labels are given), ``logits``, ``image_embeds``, ``last_hidden_state``, ``hidden_states`` (the
+    vision tower's, when asked); ``return_dict=False`` gives HF's tuple; ``output_attentions=True`` raises
+    ValueError (flash_attention forms no probabilities). ``generate`` as HF's."""
 
-    def forward(self, pixel_values, input_ids=None, attention_mask=None, labels=None, interpolate_pos_encoding=False):
-        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding)
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, labels=None, interpolate_pos_encoding=False,
+                *, output_attentions=None, output_hidden_states=None, return_dict=None):
+        check_output_attentions("BLIPForConditionalGeneration", output_attentions)
+        vision = self.visual_encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                     output_hidden_states=output_hidden_states)
+        image_embeds = vision.last_hidden_state
         logits = self.lm_logits(image_embeds, input_ids, attention_mask)
         loss = self.lm_loss(logits, labels) if labels is not None else None
-        return BlipForConditionalGenerationModelOutput(loss=loss, logits=logits, image_embeds=image_embeds,
-                                                       last_hidden_state=image_embeds)
+        out = BlipForConditionalGenerationModelOutput(loss=loss, logits=logits, image_embeds=image_embeds,
+                                                      last_hidden_state=image_embeds,
+                                                      hidden_states=vision.hidden_states)
+        return hf_return(out, return_dict)
 
 
 def capfilt(captioner, filter_model, pixel_values, *, threshold=0.5, num_beams=1, do_sample=True, top_p=0.9,

@@ -10,7 +10,9 @@ from mmfast.kernels._common import check_bool, check_choice, check_int, check_sc
 from mmfast.nn.contrastive import ContrastiveLoss
 from mmfast.nn.transformer import ACTIVATIONS, TransformerEncoder
 
-from ._common import BaseModelOutputWithPooling, CLIPOutput, copy_weights, layer_pairs, module_pairs
+from ._common import (BaseModelOutputWithPooling, CLIPOutput, check_output_attentions, copy_weights, hf_return,
+                      layer_pairs, module_pairs)
+from .resnet import ModifiedResNet
 from .vit import ViT, hf_activation
 
 _HF_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "out": "self_attn.out_proj",
@@ -57,7 +59,11 @@ class TextTransformer(nn.Module):
         self.head = nn.Linear(width, head_dim) if head_dim else None
         self.width, self.max_len, self.causal, self.pool, self.eos_token_id = width, max_len, causal, pool, eos_token_id
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *, output_hidden_states=False):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *, output_hidden_states=None,
+                output_attentions=None, return_dict=None):
+        """HF CLIPTextModel's inputs and output (hidden_states: the embeddings first, then each layer's output
+        before the final norm); output_attentions=True raises ValueError (see check_output_attentions)."""
+        check_output_attentions("TextTransformer", output_attentions)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (B, L) tensor of token ids")
         L = input_ids.shape[1]
@@ -80,7 +86,8 @@ class TextTransformer(nn.Module):
         pooled = x[torch.arange(x.shape[0], device=x.device), eos_positions(input_ids, self.pool, self.eos_token_id)]
         if self.head is not None:
             pooled = self.head(pooled)
-        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states)
+        return hf_return(BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states),
+                         return_dict)
 
 
 class CLIP(nn.Module):
@@ -89,7 +96,8 @@ class CLIP(nn.Module):
     interpolate_pos_encoding)`` -> ``CLIPOutput`` with HF's field names).
 
     Args:
-        vision: a `ViT` or the dict of its constructor arguments.
+        vision: a `ViT` or the dict of its constructor arguments, or a `ModifiedResNet` (CLIP's RN towers,
+            whose attention pool already projects to projection_dim: no visual_projection then).
         text: a `TextTransformer` or the dict of its constructor arguments.
         projection_dim: width of the shared embedding (bias-free projections of both towers' pooled
             features); None: no projections (SigLIP, whose towers end in their own heads).
@@ -113,13 +121,19 @@ class CLIP(nn.Module):
             check_int("CLIP", "projection_dim", projection_dim, lo=1)
         if max_scale is not None:
             check_scalar("CLIP", "max_scale", max_scale, lo=0.0, lo_open=True)
-        self.vision_model = vision if isinstance(vision, ViT) else ViT(**_tower_args("vision", vision, backend))
+        resnet = isinstance(vision, ModifiedResNet)
+        self.vision_model = vision if isinstance(vision, ViT) or resnet else ViT(**_tower_args("vision", vision,
+                                                                                              backend))
         self.text_model = text if isinstance(text, TextTransformer) else TextTransformer(
             **_tower_args("text", text, backend))
         if projection_dim is None:
             self.visual_projection = self.text_projection = None
         else:
-            self.visual_projection = nn.Linear(self.vision_model.embed_dim, projection_dim, bias=False)
+            if resnet and vision.output_dim != projection_dim:
+                raise ValueError(f"CLIP: the ResNet tower's output_dim {vision.output_dim} must be projection_dim "
+                                 f"{projection_dim}")
+            self.visual_projection = None if resnet else nn.Linear(self.vision_model.embed_dim, projection_dim,
+                                                                   bias=False)
             self.text_projection = nn.Linear(self.text_model.width, projection_dim, bias=False)
         self.contrastive = ContrastiveLoss(loss, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias,
                                            max_scale=max_scale, group=group,
@@ -159,7 +173,12 @@ class CLIP(nn.Module):
         return self._text(input_ids, attention_mask, position_ids)[1]
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, return_loss=None,
-                interpolate_pos_encoding=False, output_hidden_states=False, return_dict=True):
+                interpolate_pos_encoding=False, *, output_attentions=None, output_hidden_states=None, return_dict=None):
+        """HF CLIPModel.forward's arguments (in its order; the flags keyword-only, as its ``**kwargs``). The
+        towers' outputs (with ``hidden_states`` when asked) are ``text_model_output`` /
+        ``vision_model_output``; ``return_dict=False`` gives HF's tuple; ``output_attentions=True`` raises
+        ValueError (flash_attention forms no probabilities)."""
+        check_output_attentions("CLIP", output_attentions)
         vision_out, image_embeds = self._image(pixel_values, interpolate_pos_encoding, output_hidden_states)
         text_out, text_embeds = self._text(input_ids, attention_mask, position_ids, output_hidden_states)
         image_embeds = F.normalize(image_embeds, dim=-1)
@@ -176,7 +195,7 @@ class CLIP(nn.Module):
         out = CLIPOutput(loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
                          text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_out,
                          vision_model_output=vision_out)
-        return out if return_dict else out.to_tuple()
+        return hf_return(out, return_dict)
 
     # ---- zero-shot ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -256,6 +275,8 @@ class CLIP(nn.Module):
         import transformers
 
         v, t = self.vision_model, self.text_model
+        if not isinstance(v, ViT):
+            raise ValueError("CLIP.to_hf: transformers' CLIPModel has no ResNet image tower")
         siglip = self.kind == "siglip"
         layout = ((v.global_pool, v.final_norm, v.norm_pre is None, v.patch_embed.proj.bias is not None, t.pool,
                    t.causal) == (("map", "all", True, True, "last", False) if siglip else
@@ -287,17 +308,20 @@ class CLIP(nn.Module):
 
     @classmethod
     def from_open_clip(cls, oc_model, *, backend="auto", group=None):
-        """From an open_clip ``CLIP`` with a ViT image tower (weights copied). Its ``visual.proj`` and
+        """From an open_clip ``CLIP`` with a ViT or ResNet (``ModifiedResNet``, see mmfast.models.resnet) image
+        tower (weights copied; the ResNet's attention pool's c_proj is its projection). Its ``visual.proj`` and
         ``text_projection`` ((D, E) matrices) become the projections' transposed weights; the image tower's
         ln_post normalises every token (open_clip's tokens), the text is pooled by open_clip's rule
         (``text_pool_type``: argmax / eos / last). Logits unclamped, as open_clip's forward."""
         import open_clip
 
         v = getattr(oc_model, "visual", None)
-        if not isinstance(v, open_clip.transformer.VisionTransformer) or not hasattr(oc_model, "token_embedding"):
-            raise ValueError(f"CLIP.from_open_clip expects an open_clip CLIP with a ViT tower, got "
+        resnet = isinstance(v, open_clip.modified_resnet.ModifiedResNet)
+        if not (resnet or isinstance(v, open_clip.transformer.VisionTransformer)) or not hasattr(oc_model,
+                                                                                                 "token_embedding"):
+            raise ValueError(f"CLIP.from_open_clip expects an open_clip CLIP with a ViT or ModifiedResNet tower, got "
                              f"{type(oc_model).__name__}")
-        if getattr(v, "attn_pool", None) is not None or v.pool_type != "tok" or v.final_ln_after_pool:
+        if not resnet and (getattr(v, "attn_pool", None) is not None or v.pool_type != "tok" or v.final_ln_after_pool):
             raise ValueError("CLIP.from_open_clip: only [CLS] pooling with ln_post before pooling is supported")
         if getattr(oc_model, "logit_bias", None) is not None:
             raise ValueError("CLIP.from_open_clip: open_clip SigLIP models (logit_bias) are not supported")
@@ -311,11 +335,13 @@ class CLIP(nn.Module):
                 raise ValueError("CLIP.from_open_clip: layer scale is not supported")
             return dict(act=act, norm_eps=blk.ln_1.eps, mlp_dim=blk.mlp.c_fc.out_features)
 
-        vw = v.conv1.out_channels
-        vision = ViT(v.image_size[0], v.patch_size[0], v.conv1.in_channels, vw, len(v.transformer.resblocks),
-                     v.transformer.resblocks[0].attn.num_heads, patch_bias=v.conv1.bias is not None,
-                     pre_norm=isinstance(v.ln_pre, nn.LayerNorm), final_norm="all", backend=backend,
-                     **tower_args(v.transformer.resblocks))
+        if resnet:
+            vision = ModifiedResNet.from_open_clip(v, backend=backend)
+        else:
+            vision = ViT(v.image_size[0], v.patch_size[0], v.conv1.in_channels, v.conv1.out_channels,
+                         len(v.transformer.resblocks), v.transformer.resblocks[0].attn.num_heads,
+                         patch_bias=v.conv1.bias is not None, pre_norm=isinstance(v.ln_pre, nn.LayerNorm),
+                         final_norm="all", backend=backend, **tower_args(v.transformer.resblocks))
         tb = oc_model.transformer.resblocks
         pool = oc_model.text_pool_type
         if pool not in ("argmax", "eos", "last"):
@@ -324,28 +350,34 @@ class CLIP(nn.Module):
                                len(tb), tb[0].attn.num_heads, causal=oc_model.attn_mask is not None, pool=pool,
                                eos_token_id=getattr(oc_model, "text_eos_id", None) if pool == "eos" else 2,
                                backend=backend, **tower_args(tb))
-        model = cls(vision, text, projection_dim=v.proj.shape[1], max_scale=None, group=group, backend=backend)
+        model = cls(vision, text, projection_dim=v.output_dim if resnet else v.proj.shape[1], max_scale=None,
+                    group=group, backend=backend)
         ref = oc_model.logit_scale
         model = model.to(dtype=ref.dtype, device=ref.device)
-        ov = model.vision_model
-        pairs = [("conv1.weight", ov.patch_embed.proj.weight, v.conv1.weight),
-                 ("conv1.bias", ov.patch_embed.proj.bias, v.conv1.bias),
-                 ("class_embedding", ov.patch_embed.cls_token, v.class_embedding),
-                 ("positional_embedding", ov.patch_embed.pos_embed, v.positional_embedding),
-                 ("visual.proj", model.visual_projection.weight, v.proj.t()),
-                 ("token_embedding", model.text_model.token_embedding.weight, oc_model.token_embedding.weight),
+        pairs = [("token_embedding", model.text_model.token_embedding.weight, oc_model.token_embedding.weight),
                  ("text.positional_embedding", model.text_model.position_embedding.weight,
                   oc_model.positional_embedding),
                  ("text_projection", model.text_projection.weight, oc_model.text_projection.t()),
                  ("logit_scale", model.logit_scale, oc_model.logit_scale)]
-        if ov.norm_pre is not None:
-            pairs += module_pairs("ln_pre", ov.norm_pre, v.ln_pre)
-        pairs += module_pairs("ln_post", ov.norm, v.ln_post) + module_pairs("ln_final", model.text_model.final_norm,
-                                                                             oc_model.ln_final)
-        pairs += layer_pairs(ov.encoder, v.transformer.resblocks, _OPEN_CLIP_LAYER)
+        pairs += module_pairs("ln_final", model.text_model.final_norm, oc_model.ln_final)
         pairs += layer_pairs(model.text_model.encoder, tb, _OPEN_CLIP_LAYER)
+        if not resnet:  # the ResNet tower copied its own weights
+            pairs += _open_clip_vit_pairs(model, v)
         copy_weights(pairs, "CLIP.from_open_clip")
         return model
+
+
+def _open_clip_vit_pairs(model, v):
+    ov = model.vision_model
+    pairs = [("conv1.weight", ov.patch_embed.proj.weight, v.conv1.weight),
+             ("conv1.bias", ov.patch_embed.proj.bias, v.conv1.bias),
+             ("class_embedding", ov.patch_embed.cls_token, v.class_embedding),
+             ("positional_embedding", ov.patch_embed.pos_embed, v.positional_embedding),
+             ("visual.proj", model.visual_projection.weight, v.proj.t())]
+    if ov.norm_pre is not None:
+        pairs += module_pairs("ln_pre", ov.norm_pre, v.ln_pre)
+    pairs += module_pairs("ln_post", ov.norm, v.ln_post)
+    return pairs + layer_pairs(ov.encoder, v.transformer.resblocks, _OPEN_CLIP_LAYER)
 
 
 def vision_from_hf(vm, backend="auto"):

@@ -18,6 +18,41 @@ def add_momentum_model(model, embed_dim, queue_size, momentum, backend, **towers
     model.text_queue = MoCoQueue(embed_dim, queue_size)
 
 
+def check_group(owner, group):
+    """`group` of ALBEF / BLIP: None, "local" or a torch.distributed ProcessGroup (see resolve_group)."""
+    if group is None or (isinstance(group, str) and group == "local"):
+        return group
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise ValueError(f"{owner}: group must be None, 'local' or a torch.distributed ProcessGroup, got {group!r}")
+    return group
+
+
+def resolve_group(group):
+    """The process group the momentum queues gather over. None: the default group whenever torch.distributed
+    is initialised with several ranks — what ALBEF's / BLIP's ``_dequeue_and_enqueue`` does
+    (``concat_all_gather`` on the default group); "local": no gathering (each rank keeps its own queues);
+    a ProcessGroup: that group."""
+    if isinstance(group, str):
+        return None
+    if group is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+    return group
+
+
+def enqueue_momentum_features(model, image_feat_m, text_feat_m):
+    """ALBEF / BLIP ``_dequeue_and_enqueue``: push the momentum features of every rank of the model's group
+    (gathered in rank order, so W ranks fill the queues as one process on the concatenated batch)."""
+    group = resolve_group(model.group)
+    for queue, feats in ((model.image_queue, image_feat_m), (model.text_queue, text_feat_m)):
+        queue.group = group
+        queue.enqueue(feats)
+
+
 def momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, *, alpha=0.4,
                       backend="auto"):
     """ALBEF / BLIP ITC with momentum distillation, as LAVIS (features L2-normalised by the caller):
@@ -27,7 +62,9 @@ def momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_qu
 
     with sim_m from the momentum features — two ``contrastive_loss`` calls (symmetric=False, the queues as
     extra columns, the momentum features as teachers). `image_queue` / `text_queue` are :class:`MoCoQueue`;
-    call their ``enqueue`` after this. `temp` is a tensor (gradient flows to it through 1/temp)."""
+    call their ``enqueue`` after this. Across ranks each rank's loss is this one on its own batch (its
+    momentum features + the queues), as ALBEF / BLIP: only the queues are shared (enqueue_momentum_features).
+    `temp` is a tensor (gradient flows to it through 1/temp)."""
     check_scalar("momentum_itc_loss", "alpha", alpha, lo=0.0, hi=1.0)
     scale = 1.0 / temp
     text_all, image_all = text_queue.with_keys(text_feat_m), image_queue.with_keys(image_feat_m)
@@ -90,8 +127,10 @@ def mask_tokens(input_ids, *, vocab_size, mask_token_id, special_ids, probabilit
 
 def distilled_mlm_loss(logits, labels, logits_m=None, alpha=0.4):
     """(1−α)·CE(logits, labels) + α·CE(logits, softmax(logits_m)) over the masked positions (ALBEF's MLM
-    with momentum distillation); plain CE without `logits_m`."""
+    with momentum distillation); plain CE without `logits_m`; 0 (with a gradient path) when no token is masked."""
     chosen = labels != -100
+    if not chosen.any():  # a small batch with no token drawn: CE's mean over nothing would be NaN
+        return logits.sum() * 0.0
     logits = logits[chosen].float()
     loss = F.cross_entropy(logits, labels[chosen])
     if logits_m is None or alpha == 0:

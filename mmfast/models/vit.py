@@ -11,7 +11,8 @@ from mmfast.kernels.patch_embed import INTERPOLATIONS, POS_RESAMPLE_MODES, vit_m
 from mmfast.nn.patch_embed import PatchEmbed
 from mmfast.nn.transformer import ACTIVATIONS, AttentionPool, TransformerEncoder
 
-from ._common import BaseModelOutputWithPooling, MaskedPatchOutput, copy_weights, layer_pairs
+from ._common import (BaseModelOutputWithPooling, MaskedPatchOutput, check_output_attentions, copy_weights, hf_return,
+                      layer_pairs, module_pairs)
 
 _OP = "ViT"
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu",
@@ -51,6 +52,13 @@ class ViT(nn.Module):
             "map" (attention pooling, SigLIP) or "none".
         pos_embed: "learn" (1D table of N [+ 1] rows), "learn_2d" (row and column tables of D/2 each,
             concatenated; [CLS] gets none) or "none". no_embed_class: the 1D table covers only patches.
+        reg_tokens: register tokens (Darcet et al.; timm's ``reg_tokens``): learned tokens placed after [CLS]
+            and before the patches, as timm's ``_pos_embed``. With a 1D table and not no_embed_class they
+            have position rows too (``reg_pos_embed``, kept apart from the patch table so the kernel
+            resamples only the patch rows; timm's table is [CLS row, register rows, patch rows]).
+        init_values: LayerScale on both residual branches of every layer, gamma initialised to it (timm's
+            ``init_values``); None: no layer scale.
+        qk_norm: LayerNorm q and k per head (eps `norm_eps`, as timm's Block).
         pre_norm: LayerNorm before the encoder (CLIP's ``pre_layrnorm``).
         final_norm: "all" (norm every token: HF ViT, timm), "pooled" (norm only the readout: CLIP's
             ``post_layernorm``, timm's ``fc_norm``) or "none".
@@ -72,12 +80,15 @@ class ViT(nn.Module):
                  global_pool="token", pos_embed="learn", no_embed_class=False, pre_norm=False, final_norm="all",
                  pooler=None, num_classes=0, mask_token=False, mpp_bits=None, backbone=None, backbone_channels=None,
                  backbone_stride=None, dynamic_img_size=False, pos_resample="timm", interpolation="bicubic",
-                 backend="auto"):
+                 reg_tokens=0, init_values=None, qk_norm=False, backend="auto"):
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("in_chans", in_chans)):
             check_int(_OP, name, value, lo=1)
         check_int(_OP, "depth", depth, lo=0)
         check_int(_OP, "num_classes", num_classes, lo=0)
+        check_int(_OP, "reg_tokens", reg_tokens, lo=0)
+        if init_values is not None:
+            check_scalar(_OP, "init_values", init_values)
         check_choice(_OP, "act", act, ACTIVATIONS)
         check_choice(_OP, "global_pool", global_pool, ("token", "avg", "map", "none"))
         check_choice(_OP, "pos_embed", pos_embed, ("learn", "learn_2d", "none"))
@@ -89,7 +100,7 @@ class ViT(nn.Module):
         check_scalar(_OP, "norm_eps", norm_eps, lo=0.0, lo_open=True)
         for name, value in (("qkv_bias", qkv_bias), ("patch_bias", patch_bias), ("class_token", class_token),
                             ("no_embed_class", no_embed_class), ("pre_norm", pre_norm), ("mask_token", mask_token),
-                            ("dynamic_img_size", dynamic_img_size)):
+                            ("dynamic_img_size", dynamic_img_size), ("qk_norm", qk_norm)):
             check_bool(_OP, name, value)
         if global_pool == "token" and not class_token:
             raise ValueError(f"{_OP}: global_pool='token' needs class_token=True")
@@ -114,12 +125,16 @@ class ViT(nn.Module):
                                       no_embed_class=no_embed_class, mask_token=mask_token, dynamic_img_size=True,
                                       interpolation=interpolation, pos_resample=pos_resample, backend=backend)
         gh, gw = self.patch_embed.grid_size
+        self.reg_token = nn.Parameter(torch.randn(1, reg_tokens, embed_dim) * 1e-6) if reg_tokens else None
+        self.reg_pos_embed = (nn.Parameter(torch.randn(1, reg_tokens, embed_dim) * 0.02)
+                              if reg_tokens and pos_embed == "learn" and not no_embed_class else None)
         if pos_embed == "learn_2d":
             self.pos_embed_row = nn.Parameter(torch.randn(gh, embed_dim // 2) * 0.02)
             self.pos_embed_col = nn.Parameter(torch.randn(gw, embed_dim - embed_dim // 2) * 0.02)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else None
         self.encoder = TransformerEncoder(embed_dim, depth, num_heads, mlp_dim=mlp_dim, act=act, qkv_bias=qkv_bias,
-                                          norm_eps=norm_eps, backend=backend)
+                                          norm_eps=norm_eps, init_values=init_values, qk_norm=qk_norm,
+                                          backend=backend)
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm != "none" else None
         self.attn_pool = (AttentionPool(embed_dim, num_heads, mlp_dim=mlp_dim, act=act, norm_eps=norm_eps,
                                         backend=backend) if global_pool == "map" else None)
@@ -133,10 +148,12 @@ class ViT(nn.Module):
 
     @property
     def num_prefix_tokens(self):
-        return self.patch_embed.num_prefix_tokens
+        return self.patch_embed.num_prefix_tokens + (0 if self.reg_token is None else self.reg_token.shape[1])
 
     def embed(self, pixel_values, *, bool_masked_pos=None, patch_index=None, interpolate_pos_encoding=None):
-        """Tokens (B, [1 +] N, D): one patch_embed launch (conv + bias + positions + [CLS] + [MASK])."""
+        """Tokens (B, [1 +] [R +] N, D): one patch_embed launch (conv + bias + positions + [CLS] + [MASK]),
+        then the R register tokens inserted after [CLS] (a copy of the sequence; models without registers
+        skip it)."""
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             raise ValueError(f"{_OP}: pixel_values must be a (B, C, H, W) tensor")
         size = tuple(pixel_values.shape[-2:])
@@ -157,9 +174,14 @@ class ViT(nn.Module):
             if pe.mask_token is None:
                 raise ValueError(f"{_OP}: bool_masked_pos needs a mask token (construct with mask_token=True)")
             mask_token = pe.mask_token
-        return patch_embed(x, pe.proj.weight, pe.proj.bias, pos_embed=pos, cls_token=pe.cls_token, pos_grid=pos_grid,
-                           interpolation=pe.interpolation, pos_resample=pe.pos_resample, token_mask=bool_masked_pos,
-                           mask_token=mask_token, patch_index=patch_index, backend=self.backend)
+        x = patch_embed(x, pe.proj.weight, pe.proj.bias, pos_embed=pos, cls_token=pe.cls_token, pos_grid=pos_grid,
+                        interpolation=pe.interpolation, pos_resample=pe.pos_resample, token_mask=bool_masked_pos,
+                        mask_token=mask_token, patch_index=patch_index, backend=self.backend)
+        if self.reg_token is None:
+            return x
+        reg = self.reg_token if self.reg_pos_embed is None else self.reg_token + self.reg_pos_embed
+        c = pe.num_prefix_tokens
+        return torch.cat([x[:, :c], reg.to(x.dtype).expand(x.shape[0], -1, -1), x[:, c:]], dim=1)
 
     def pool(self, x):
         if self.global_pool == "token":
@@ -170,17 +192,28 @@ class ViT(nn.Module):
             return self.attn_pool(x)
         return None
 
-    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, *, patch_index=None,
-                output_hidden_states=False, return_dict=True):
+    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None, *,
+                patch_index=None, output_hidden_states=None, output_attentions=None, return_dict=None):
         """HF ViTModel's inputs. Returns ``last_hidden_state`` (after the final norm when final_norm="all"),
         ``pooler_output`` (the readout: normed when final_norm="pooled", through the tanh pooler when there
         is one; HF's ViTModel without a pooler returns None there, we return the readout),
-        ``hidden_states`` when asked, and ``logits`` of the head when it exists."""
+        ``hidden_states`` when asked (HF's tuple: the encoder's input first — after norm_pre — then each
+        layer's output, before the final norm), and ``logits`` of the head when it exists.
+        ``attention_mask`` (B, tokens), 1 = attend, 0 = masked key (HF ViTModel's, over [CLS] + patches).
+        ``return_dict=False``: the tuple of the set fields, as HF. ``output_attentions=True`` raises
+        ValueError (flash_attention forms no probabilities; see check_output_attentions)."""
+        check_output_attentions(_OP, output_attentions)
         x = self.embed(pixel_values, bool_masked_pos=bool_masked_pos, patch_index=patch_index,
                        interpolate_pos_encoding=interpolate_pos_encoding)
         if self.norm_pre is not None:
             x = self.norm_pre(x)
-        x = self.encoder(x, output_hidden_states=output_hidden_states)
+        pad = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"{_OP}: attention_mask must be (batch, tokens) = {tuple(x.shape[:2])}, got "
+                                 f"{tuple(attention_mask.shape)}")
+            pad = attention_mask == 0
+        x = self.encoder(x, key_padding_mask=pad, output_hidden_states=output_hidden_states)
         states = None
         if output_hidden_states:
             x, states = x
@@ -194,7 +227,7 @@ class ViT(nn.Module):
             pooled = torch.tanh(self.pooler(pooled))
         logits = self.head(pooled) if self.head is not None else None
         out = BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled, hidden_states=states, logits=logits)
-        return out if return_dict else out.to_tuple()
+        return hf_return(out, return_dict)
 
     def masked_patch_prediction(self, pixel_values, *, generator=None, mask_ratio=0.5, value_range=(0.0, 1.0)):
         """The ViT paper's self-supervised objective: corrupt mask_ratio of the patches (80% [MASK], 10%
@@ -273,9 +306,12 @@ class ViT(nn.Module):
 
         if (self.pos_embed_kind != "learn" or self.patch_embed.cls_token is None or self.final_norm != "all"
                 or self.norm_pre is not None or self.backbone is not None or self.patch_embed.proj.bias is None
-                or self.patch_embed.no_embed_class or self.global_pool != "token"):
+                or self.patch_embed.no_embed_class or self.global_pool != "token" or self.reg_token is not None
+                or (self.depth and (self.encoder.layers[0].ls1 is not None
+                                    or self.encoder.layers[0].attn.q_norm is not None))):
             raise ValueError("ViT.to_hf: only the HF layout converts ([CLS] readout, 1D table with a [CLS] row, final "
-                             "norm on every token, no pre-norm, no backbone, biased patch conv)")
+                             "norm on every token, no pre-norm, no backbone, biased patch conv, no registers / "
+                             "layer scale / qk_norm)")
         act = {v: k for k, v in HF_ACTIVATIONS.items() if k != "gelu_new"}[self.encoder.layers[0].mlp.act] \
             if self.depth else "gelu"
         layer = self.encoder.layers[0] if self.depth else None
@@ -296,21 +332,21 @@ class ViT(nn.Module):
     @classmethod
     def from_timm(cls, vt, *, backend="auto"):
         """From a timm ``VisionTransformer`` (weights copied; hybrid models share the backbone module).
-        Supported: [CLS] or not, token / avg pooling, norm / fc_norm, norm_pre, no_embed_class,
-        dynamic_img_size, qk_norm, any head. Not supported (ValueError): register tokens, layer scale,
-        attention-pool heads, patch dropout at train time is ignored."""
+        Supported: [CLS] or not, register tokens, token / avg pooling, norm / fc_norm, norm_pre,
+        no_embed_class, dynamic_img_size, layer scale (init_values), qk_norm (LayerNorm), any head. Not
+        supported (ValueError): attention-pool heads, scale_attn_norm / scale_mlp_norm, other norm layers;
+        patch dropout at train time is ignored."""
         import timm.layers
 
         owner = "ViT.from_timm"
         if not hasattr(vt, "blocks") or not hasattr(vt, "patch_embed"):
             raise ValueError(f"{owner} expects a timm VisionTransformer, got {type(vt).__name__}")
-        if getattr(vt, "reg_token", None) is not None:
-            raise ValueError(f"{owner}: register tokens are not supported")
         if vt.global_pool not in ("token", "avg", ""):
             raise ValueError(f"{owner}: global_pool {vt.global_pool!r} is not supported (token, avg)")
         blk = vt.blocks[0] if len(vt.blocks) else None
-        if blk is not None and not (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)):
-            raise ValueError(f"{owner}: layer scale (init_values) is not supported")
+        init_values, qk_norm = None, False
+        if blk is not None:
+            init_values, qk_norm = cls._timm_block_options(blk, owner)
         act = "gelu"
         if blk is not None:
             a = blk.mlp.act
@@ -341,18 +377,51 @@ class ViT(nn.Module):
                     final_norm=final_norm, num_classes=head.out_features if head is not None else 0,
                     backbone=backbone, backbone_channels=proj.in_channels if backbone is not None else None,
                     backbone_stride=stride, dynamic_img_size=bool(getattr(vt, "dynamic_img_size", False)),
-                    pos_resample="timm", backend=backend)
-        if blk is not None and getattr(blk.attn, "q_norm", None) is not None and not isinstance(blk.attn.q_norm,
-                                                                                                 nn.Identity):
-            raise ValueError(f"{owner}: qk_norm is not supported")
+                    pos_resample="timm", reg_tokens=getattr(vt, "num_reg_tokens", 0), init_values=init_values,
+                    qk_norm=qk_norm, backend=backend)
         ref = proj.weight
         model = model.to(dtype=ref.dtype, device=ref.device)
         ours = model.patch_embed
-        pairs = [("cls_token", ours.cls_token, vt.cls_token), ("pos_embed", ours.pos_embed, vt.pos_embed),
+        pos, reg_pos = vt.pos_embed, None
+        if model.reg_pos_embed is not None:  # timm's rows [CLS, registers, patches]: registers' rows apart
+            c, r = ours.num_prefix_tokens, model.reg_token.shape[1]
+            pos, reg_pos = torch.cat([pos[:, :c], pos[:, c + r:]], 1), pos[:, c:c + r]
+        pairs = [("cls_token", ours.cls_token, vt.cls_token), ("pos_embed", ours.pos_embed, pos),
+                 ("reg_token", model.reg_token, getattr(vt, "reg_token", None)),
+                 ("reg_pos_embed", model.reg_pos_embed, reg_pos),
                  ("proj.weight", ours.proj.weight, proj.weight), ("proj.bias", ours.proj.bias, proj.bias)]
+        for i, (mine, theirs) in enumerate(zip(model.encoder.layers, vt.blocks)):
+            if init_values is not None:
+                pairs += [(f"blocks.{i}.ls1.gamma", mine.ls1.gamma, theirs.ls1.gamma),
+                          (f"blocks.{i}.ls2.gamma", mine.ls2.gamma, theirs.ls2.gamma)]
+            if qk_norm:
+                pairs += (module_pairs(f"blocks.{i}.attn.q_norm", mine.attn.q_norm, theirs.attn.q_norm)
+                          + module_pairs(f"blocks.{i}.attn.k_norm", mine.attn.k_norm, theirs.attn.k_norm))
         for name, mine, theirs in (("norm_pre", model.norm_pre, vt.norm_pre), ("norm", model.norm, norm or fc_norm),
                                    ("head", model.head, head)):
             if mine is not None:
                 pairs += [(f"{name}.weight", mine.weight, theirs.weight), (f"{name}.bias", mine.bias, theirs.bias)]
         copy_weights(pairs + layer_pairs(model.encoder, vt.blocks, cls._TIMM_LAYER), owner)
         return model
+
+    @staticmethod
+    def _timm_block_options(blk, owner):
+        """(init_values, qk_norm) of a timm Block, refusing the parts our TransformerLayer lacks. The gammas
+        are copied afterwards, so any non-None init_values builds the LayerScales."""
+        if not (hasattr(blk, "ls1") and hasattr(blk, "attn") and hasattr(blk.attn, "qkv")):
+            raise ValueError(f"{owner}: block {type(blk).__name__} is not timm's Block (pre-norm, fused qkv)")
+        scales = [isinstance(ls, nn.Identity) for ls in (blk.ls1, blk.ls2)]
+        if scales[0] != scales[1]:
+            raise ValueError(f"{owner}: layer scale on only one residual branch is not supported")
+        init_values = None if scales[0] else 1.0
+        q_norm = getattr(blk.attn, "q_norm", None)
+        qk_norm = q_norm is not None and not isinstance(q_norm, nn.Identity)
+        if qk_norm and not (isinstance(q_norm, nn.LayerNorm) and q_norm.elementwise_affine):
+            raise ValueError(f"{owner}: qk_norm with {type(q_norm).__name__} is not supported (affine LayerNorm)")
+        if qk_norm and abs(q_norm.eps - blk.norm1.eps) > 0:
+            raise ValueError(f"{owner}: qk_norm eps {q_norm.eps} differs from the block norm's {blk.norm1.eps}")
+        if not isinstance(getattr(blk.attn, "norm", nn.Identity()), nn.Identity):  # timm's scale_attn_norm
+            raise ValueError(f"{owner}: scale_attn_norm (attn.norm) is not supported")
+        if not isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity):
+            raise ValueError(f"{owner}: scale_mlp_norm (mlp.norm) is not supported")
+        return init_values, qk_norm

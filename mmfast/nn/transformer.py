@@ -43,28 +43,52 @@ class Mlp(nn.Module):
         return f"act={self.act!r}"
 
 
+class LayerScale(nn.Module):
+    """Per-channel residual-branch scale ``x * gamma`` (CaiT / DeiT-3 / DINOv2; timm's ``LayerScale``, same
+    parameter name), gamma initialised to `init_values`."""
+
+    def __init__(self, dim, init_values=1e-5, *, device=None, dtype=None):
+        super().__init__()
+        check_int("LayerScale", "dim", dim, lo=1)
+        check_scalar("LayerScale", "init_values", init_values)
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values), device=device, dtype=dtype))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 class TransformerLayer(nn.Module):
-    """Pre-norm encoder layer: x + attn(norm1(x)); x + mlp(norm2(x)) (ViT, CLIP, SigLIP, timm's Block,
-    open_clip's ResidualAttentionBlock). Attention is `MultiheadAttention` (fused qkv, flash_attention);
-    ``forward(x, causal=, key_padding_mask=)`` — key_padding_mask (B, L) bool, True = padded key."""
+    """Pre-norm encoder layer: x + ls1(attn(norm1(x))); x + ls2(mlp(norm2(x))) (ViT, CLIP, SigLIP, timm's
+    Block, open_clip's ResidualAttentionBlock). Attention is `MultiheadAttention` (fused qkv,
+    flash_attention); ``forward(x, causal=, key_padding_mask=)`` — key_padding_mask (B, L) bool, True =
+    padded key. `init_values` (a float) adds the `LayerScale`s ls1 / ls2 (timm's ``init_values``); None:
+    none. `qk_norm` LayerNorms q and k per head with `norm_eps` (timm's Block passes its norm layer)."""
 
     def __init__(self, dim, num_heads, *, mlp_dim=None, act="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
-                 qk_norm=False, norm_eps=1e-6, backend="auto", device=None, dtype=None):
+                 qk_norm=False, norm_eps=1e-6, init_values=None, backend="auto", device=None, dtype=None):
         super().__init__()
         check_int("TransformerLayer", "dim", dim, lo=1)
         check_scalar("TransformerLayer", "norm_eps", norm_eps, lo=0.0, lo_open=True)
+        if init_values is not None:
+            check_scalar("TransformerLayer", "init_values", init_values)
         mlp_dim = 4 * dim if mlp_dim is None else mlp_dim
         factory = {"device": device, "dtype": dtype}
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **factory)
-        self.attn = MultiheadAttention(dim, num_heads, bias=qkv_bias, qk_norm=qk_norm, backend=backend, **factory)
+        self.attn = MultiheadAttention(dim, num_heads, bias=qkv_bias, qk_norm=qk_norm, qk_norm_eps=norm_eps,
+                                       backend=backend, **factory)
         if proj_bias != qkv_bias:  # MultiheadAttention has one bias flag; HF ViT's qkv_bias=False keeps o_proj's
             self.attn.out = nn.Linear(dim, dim, bias=proj_bias, **factory)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **factory)
         self.mlp = Mlp(dim, mlp_dim, act=act, bias=mlp_bias, **factory)
+        scale = init_values is not None
+        self.ls1 = LayerScale(dim, init_values, **factory) if scale else None
+        self.ls2 = LayerScale(dim, init_values, **factory) if scale else None
 
     def forward(self, x, *, causal=False, key_padding_mask=None):
-        x = x + self.attn(self.norm1(x), causal=causal, key_padding_mask=key_padding_mask)
-        return x + self.mlp(self.norm2(x))
+        h = self.attn(self.norm1(x), causal=causal, key_padding_mask=key_padding_mask)
+        x = x + (h if self.ls1 is None else self.ls1(h))
+        h = self.mlp(self.norm2(x))
+        return x + (h if self.ls2 is None else self.ls2(h))
 
 
 class TransformerEncoder(nn.Module):

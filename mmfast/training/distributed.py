@@ -27,9 +27,11 @@ def init_from_env():
     return rank, world, torch.device("cpu")
 
 
-def wrap(model, parallel, device, units=()):
+def wrap(model, parallel, device, units=(), *, ema_updated_outside_forward=False):
     """`model` for `parallel`: "none" (as is), "ddp" (DistributedDataParallel) or "fsdp" (FSDP2: ``fully_shard``
-    on each of `units`, then on the root, over a 1-D mesh of every rank)."""
+    on each of `units`, then on the root, over a 1-D mesh of every rank). ema_updated_outside_forward: the
+    caller runs every MomentumEncoder's update outside forward (all parameters shards then), so an EMA copy
+    may stay in the root unit."""
     if parallel == "none":
         return model
     if not dist.is_initialized():
@@ -50,7 +52,8 @@ def wrap(model, parallel, device, units=()):
         # an EMA copy inside its online model's unit would be updated in the unsharded (gathered) tensors,
         # which FSDP frees without writing back: the update would be lost silently
         for name, m in model.named_modules():
-            if isinstance(m, MomentumEncoder) and not any(m.ema is u for u in units):
+            if (isinstance(m, MomentumEncoder) and not ema_updated_outside_forward
+                    and not any(m.ema is u for u in units)):
                 raise ValueError(f"parallel='fsdp': the MomentumEncoder {name!r} needs its .ema among the units "
                                  "sharded before the root (TrainTask.shard_units)")
         # fully_shard refuses 0-dim parameters (CLIP's logit_scale): they stay replicated, their gradients

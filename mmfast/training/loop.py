@@ -49,7 +49,8 @@ def train(task_name, *, preset="tiny", steps=10, batch_size=8, lr=1e-3, parallel
         import torch.distributed as dist
 
         task.set_group(model, dist.group.WORLD)
-    model = wrap(model, parallel, device, task.shard_units(model))
+    model = wrap(model, parallel, device, task.shard_units(model),
+                 ema_updated_outside_forward=task.ema_updated_outside_forward)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     losses = []
     bar = _progress(progress and rank == 0, f"{task_name} ({preset}, {world} x {parallel})", steps)

@@ -20,7 +20,8 @@ class TrainTask:
     first dim n); loss(model, batch, step, total_steps) -> 0-dim loss (model may be DDP/FSDP-wrapped);
     set_group(model, group); shard_units(model) -> submodules that get their own ``fully_shard`` before the
     root (every MomentumEncoder's ``ema`` and the online modules it follows must be among them, so that the
-    EMA update sees shards on both sides); presets: the preset names build accepts (albef / blip: checked
+    EMA update sees shards on both sides) — unless ema_updated_outside_forward: loss runs the update before
+    forward, when every parameter is a shard; presets: the preset names build accepts (albef / blip: checked
     against the model module's PRESETS when built); parallel: the modes the task supports."""
 
     name: str
@@ -33,6 +34,7 @@ class TrainTask:
     shard_units: Callable = lambda model: []
     parallel: Tuple[str, ...] = ("none", "ddp", "fsdp")
     notes: str = ""
+    ema_updated_outside_forward: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +176,19 @@ def _vl_config(name, module, cls_name, preset):
     return cls, {**defaults, **mod.PRESETS[preset]}
 
 
+# ALBEF / BLIP under FSDP2. Their text towers cannot be units of their own: FSDP2 needs tied parameters inside
+# one unit, and ALBEF's mlm_head decoder weight is the text encoder's word embedding (online and momentum
+# alike), BLIP's text_decoder shares embeddings, cross-attention and FFN modules with text_encoder and its
+# lm_head the word embedding; the momentum towers also run as children of the EMA ModuleDict, whose own forward
+# (FSDP2's unshard hook) never runs. So they stay in the root unit, which is unsharded during forward — where
+# the models update the EMA, from full tensors into the root's shards that FSDP2 frees without writing back.
+# The task therefore runs the EMA update before forward, when every parameter is a shard on both sides (the
+# online weights do not change within a step, so it is LAVIS' update), and forward(update_momentum=False).
+# Units of their own: the online and momentum image towers (untied, called through their forward).
+def _vl_units(model):
+    return [model.visual_encoder, model.momentum_model.ema["visual_encoder"]]
+
+
 def _vl_task(name, module, cls_name, presets):
     def build(preset, backend):
         cls, _ = _vl_config(name, module, cls_name, preset)
@@ -202,11 +217,14 @@ def _vl_task(name, module, cls_name, presets):
 
     def loss(model, batch, step, total_steps):
         images, ids, mask = batch
-        return model(images, ids, mask).loss
+        getattr(model, "module", model).momentum_model.update()  # before forward: see _vl_units
+        return model(images, ids, mask, update_momentum=False).loss
 
     return TrainTask(name=name, module=module, build=build, batch=batch, loss=loss, presets=presets,
-                     parallel=("none", "ddp"),
-                     notes="ITC per rank (no process group in the model yet); FSDP not wired")
+                     set_group=lambda model, group: model.set_group(group), shard_units=_vl_units,
+                     ema_updated_outside_forward=True,
+                     notes="ITC per rank against the queues, which gather every rank's momentum features (as "
+                           "ALBEF / BLIP)")
 
 
 TASKS: Dict[str, TrainTask] = {

@@ -4,6 +4,7 @@ gradients."""
 import copy
 
 import torch
+from torch import nn
 
 from numerics import assert_close_by_rule, generator
 
@@ -48,3 +49,20 @@ def _floor(ref):
     single scalar (logit_scale's gradient, a sum over the batch) is one lucky or unlucky rounding, so a
     tolerance made only of it fails at random on values far above 1."""
     return 1e-6 * max(1.0, ref.detach().abs().max().item())
+
+
+class OpenClipOutputs(nn.Module):
+    """open_clip's encode_image / encode_text / logits / ClipLoss under our field names."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, pixel_values, return_loss=True):
+        import open_clip
+
+        img = self.model.encode_image(pixel_values, normalize=True)
+        txt = self.model.encode_text(input_ids, normalize=True)
+        scale = self.model.logit_scale.exp()
+        return {"image_embeds": img, "text_embeds": txt, "logits_per_image": scale * img @ txt.t(),
+                "loss": open_clip.loss.ClipLoss()(img, txt, scale)}

@@ -181,3 +181,12 @@ def test_validation():
         ALBEF(**{**TINY, "fusion_layers": 0})
     with pytest.raises(ValueError, match="preset"):
         ALBEF.from_preset("huge")
+
+
+def test_distilled_mlm_loss_without_masked_tokens_is_zero_not_nan():
+    """A small rank's batch may draw no token to mask (15% of a few tokens): the loss must stay finite
+    (it was NaN, the mean over nothing, and poisoned the DDP step) and keep a gradient path."""
+    logits = torch.randn(2, 5, 11, generator=generator(), requires_grad=True)
+    loss = distilled_mlm_loss(logits, torch.full((2, 5), -100), torch.randn(2, 5, 11, generator=generator()))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))

@@ -303,3 +303,26 @@ def test_triton_interpreter_matches_reference():
     torch.testing.assert_close(tri.visual_encoder.patch_embed.proj.weight.grad,
                                ref.visual_encoder.patch_embed.proj.weight.grad, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(tri.momentum_model.ema.text_proj.weight, ref.momentum_model.ema.text_proj.weight)
+
+
+@needs_hf
+@pytest.mark.parametrize("kind", ["retrieval", "captioning"])
+def test_hf_flags_hidden_states_tuple_and_attentions(kind):
+    """HF's drop-in flags: hidden_states (the vision tower's, embeddings first), return_dict=False's tuple,
+    output_attentions=True refused."""
+    cls = transformers.BlipForImageTextRetrieval if kind == "retrieval" else transformers.BlipForConditionalGeneration
+    hf = _hf(cls, _config())
+    ours = BLIP.from_hf(hf, backend="reference")
+    pixels, ids, mask = _inputs()
+    kwargs = dict(input_ids=ids, pixel_values=pixels, attention_mask=mask, output_hidden_states=True)
+    (got, _), (ref, _), (hf32, _) = _three_ways(
+        hf, ours, lambda m, px: torch.stack(m(**{**kwargs, "pixel_values": px}).hidden_states), pixels)
+    assert got.shape[0] == 3  # embeddings + 2 layers
+    _close(got, ref, hf32, what="hidden_states")
+    with torch.no_grad():
+        mine, theirs = ours(**kwargs, return_dict=False), hf(**kwargs, return_dict=False)
+    assert isinstance(mine, tuple) and len(mine) == len(theirs)
+    assert [tuple(t.shape) if torch.is_tensor(t) else len(t) for t in mine] == \
+        [tuple(t.shape) if torch.is_tensor(t) else len(t) for t in theirs]
+    with pytest.raises(ValueError, match="output_attentions"):
+        ours(**kwargs, output_attentions=True)

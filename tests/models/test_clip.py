@@ -3,7 +3,7 @@ loss and gradients, tiny random configs, padded text, another resolution), EOS p
 with prompt ensembling, one optimiser step, the Triton path through the interpreter."""
 import pytest
 import torch
-from model_helpers import check_parity
+from model_helpers import OpenClipOutputs, check_parity
 from numerics import generator, randn
 from optional_deps import optional_import, requires
 from torch import nn
@@ -86,21 +86,6 @@ def test_hf_siglip_parity(size):
     params = ([lambda m: m.vision_model.attn_pool.attn.qkv.weight, lambda m: m.logit_bias],
               [lambda m: m.vision_model.head.attention.in_proj_weight, lambda m: m.logit_bias])
     check_parity(ours, hf, inputs, FIELDS + [text_hidden, vision_hidden], *params, what="SigLIP")
-
-
-class OpenClipOutputs(nn.Module):
-    """open_clip's encode_image / encode_text / logits / ClipLoss under our field names."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, pixel_values, return_loss=True):
-        img = self.model.encode_image(pixel_values, normalize=True)
-        txt = self.model.encode_text(input_ids, normalize=True)
-        scale = self.model.logit_scale.exp()
-        return {"image_embeds": img, "text_embeds": txt, "logits_per_image": scale * img @ txt.t(),
-                "loss": open_clip.loss.ClipLoss()(img, txt, scale)}
 
 
 @requires("open_clip")
@@ -245,3 +230,33 @@ def test_validation():
         model.text_model(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4))
     with pytest.raises(ValueError, match="class_names"):
         model.zero_shot_classifier([], ["{}"], tokenize)
+
+
+def text_states(out):
+    return torch.stack(out.text_model_output.hidden_states)
+
+
+def vision_states(out):
+    return torch.stack(out.vision_model_output.hidden_states)
+
+
+@requires("transformers")
+def test_hf_flags_hidden_states_tuple_and_attentions():
+    """HF's drop-in flags on CLIPModel: each tower's hidden_states (embeddings first) equal HF's,
+    return_dict=False gives HF's tuple layout, output_attentions=True is refused with its reason."""
+    seeded()
+    cfg = transformers.CLIPConfig(vision_config=VISION, text_config=TEXT, projection_dim=24)
+    hf = transformers.CLIPModel(cfg).eval()
+    ours = CLIP.from_hf(hf, backend="reference")
+    ids, mask = text_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=randn(3, 3, 16, 16), output_hidden_states=True)
+    check_parity(ours, hf, inputs, [text_states, vision_states], what="CLIP hidden_states")
+    with torch.no_grad():
+        mine = ours(**inputs, return_loss=True, return_dict=False)
+        theirs = hf(**inputs, return_loss=True, return_dict=False)
+    assert len(mine) == len(theirs) == 7
+    for a, b in zip(mine[:5], theirs[:5]):
+        assert a.shape == b.shape
+    assert len(mine[5][2]) == len(theirs[5][2]) == 3  # nested outputs are tuples too: (last, pooled, hidden_states)
+    with pytest.raises(ValueError, match="output_attentions=True is not supported: flash_attention never forms"):
+        ours(**inputs, output_attentions=True)

@@ -99,11 +99,30 @@ def timm_vit(**kwargs):
     (dict(global_pool="avg", class_token=False), (16, 16)),
     (dict(dynamic_img_size=True, no_embed_class=True), (20, 12)),
     (dict(pre_norm=True, act_layer="quick_gelu"), (16, 16)),  # timm builds its QuickGELU from the name
-], ids=["token", "avg-no-cls", "dynamic-size-no-embed-class", "pre-norm-quick-gelu"])
+    (dict(init_values=1e-5), (16, 16)),
+    (dict(qk_norm=True), (16, 16)),
+    (dict(reg_tokens=4), (16, 16)),  # position rows [CLS, 4 registers, patches]
+    (dict(reg_tokens=4, dynamic_img_size=True), (20, 12)),  # only the patch rows resampled
+    (dict(reg_tokens=4, no_embed_class=True, dynamic_img_size=True), (20, 12)),  # DINOv2-reg: no rows for prefixes
+    (dict(reg_tokens=2, class_token=False, global_pool="avg"), (16, 16)),
+    (dict(reg_tokens=2, pos_embed="none", init_values=0.1, qk_norm=True), (16, 16)),
+], ids=["token", "avg-no-cls", "dynamic-size-no-embed-class", "pre-norm-quick-gelu", "layer-scale", "qk-norm",
+        "registers", "registers-dynamic-size", "registers-no-embed-class", "registers-no-cls-avg",
+        "registers-no-pos-layer-scale-qk-norm"])
 def test_timm_parity(kwargs, size):
-    vt = timm_vit(**kwargs)
+    vt = _randomize_timm_extras(timm_vit(**kwargs))
     ours = ViT.from_timm(vt, backend="reference")
     _check_timm(vt, ours, randn(2, 3, *size), kwargs)
+
+
+def _randomize_timm_extras(vt):
+    """timm initialises layer scale to init_values, registers to ~1e-6 and the qk norms to the identity:
+    a conversion that dropped any of them would still pass. Random values make each one count."""
+    with torch.no_grad():
+        for name, p in vt.named_parameters():
+            if name.endswith("gamma") or "reg_token" in name or "q_norm" in name or "k_norm" in name:
+                p.copy_(torch.randn(p.shape, generator=generator()) * 0.5 + (1.0 if "norm.weight" in name else 0.0))
+    return vt
 
 
 class _TimmAsOutput(nn.Module):
@@ -136,9 +155,15 @@ def test_timm_hybrid():
 
 
 @requires("timm")
-def test_timm_rejects_layer_scale():
-    with pytest.raises(ValueError, match="layer scale"):
-        ViT.from_timm(timm_vit(init_values=0.1))
+def test_timm_rejects_what_it_lacks():
+    vt = timm_vit(init_values=0.1)
+    vt.blocks[0].ls2 = nn.Identity()
+    with pytest.raises(ValueError, match="layer scale on only one"):
+        ViT.from_timm(vt)
+    with pytest.raises(ValueError, match="scale_attn_norm"):
+        ViT.from_timm(timm_vit(scale_attn_norm=True))
+    with pytest.raises(ValueError, match="registers"):
+        ViT(16, 4, 3, 32, 1, 2, reg_tokens=1).to_hf()
 
 
 def test_2d_positions():
@@ -204,8 +229,12 @@ def test_triton_interpreter_matches_reference():
     """One tiny ViT through the Triton kernels (patch_embed with and without the masked-patch corruption,
     flash_attention) against the reference: outputs and gradients."""
     torch.manual_seed(generator().initial_seed())
-    ref = ViT(16, 4, 3, 32, 1, 2, num_classes=3, mpp_bits=3, backend="reference")
-    tri = ViT(16, 4, 3, 32, 1, 2, num_classes=3, mpp_bits=3, backend="triton")
+    # registers, layer scale and qk_norm ride along: the qk norms feed the attention kernel
+    opts = dict(num_classes=3, mpp_bits=3, reg_tokens=2, init_values=0.5, qk_norm=True)
+    ref = ViT(16, 4, 3, 32, 1, 2, backend="reference", **opts)
+    tri = ViT(16, 4, 3, 32, 1, 2, backend="triton", **opts)
+    with torch.no_grad():
+        ref.encoder.layers[0].attn.q_norm.weight.normal_(generator=generator())
     tri.load_state_dict(ref.state_dict())
     x = torch.rand(2, 3, 16, 16, generator=generator())
     seed = generator().initial_seed()
@@ -216,7 +245,7 @@ def test_triton_interpreter_matches_reference():
         mpp = m.masked_patch_prediction(xi, generator=torch.Generator().manual_seed(seed))
         (out.logits.square().sum() + mpp.loss).backward()
         outs.append((out.last_hidden_state, mpp.loss, xi.grad, m.encoder.layers[0].attn.qkv.weight.grad,
-                     m.patch_embed.mask_token.grad))
+                     m.patch_embed.mask_token.grad, m.reg_token.grad, m.encoder.layers[0].attn.q_norm.weight.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
@@ -230,3 +259,27 @@ def test_validation():
         ViT(backbone=nn.Identity())
     with pytest.raises(ValueError, match="ViTModel"):
         ViT.from_hf(nn.Linear(2, 2))
+
+
+def all_hidden_states(out):
+    return torch.stack(out.hidden_states)
+
+
+@requires("transformers")
+def test_hf_flags_hidden_states_attention_mask_tuple():
+    """HF's drop-in flags: output_hidden_states (embeddings first, each layer before the final norm),
+    attention_mask over [CLS] + patches, return_dict=False; output_attentions=True refused."""
+    hf = hf_vit()
+    ours = ViT.from_hf(hf, backend="reference")
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, 3:11] = 0
+    inputs = dict(pixel_values=randn(2, 3, 16, 16), attention_mask=mask, output_hidden_states=True)
+    check_parity(ours, hf, inputs, ["last_hidden_state", all_hidden_states], *HF_PARAMS, what="ViT flags")
+    x = randn(2, 3, 16, 16)
+    with torch.no_grad():
+        mine, theirs = ours(x, output_hidden_states=True, return_dict=False), hf(x, output_hidden_states=True,
+                                                                                  return_dict=False)
+    assert isinstance(mine, tuple) and len(mine) == len(theirs) == 3  # last_hidden_state, pooler_output, hidden_states
+    assert len(mine[2]) == len(theirs[2]) == 3
+    with pytest.raises(ValueError, match="output_attentions"):
+        ours(x, output_attentions=True)
