@@ -46,8 +46,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if liger is not None and x.is_cuda:
-            # casting_mode "llama" is the rounding order above; in_place=False keeps the incoming gradient intact
-            return liger.liger_rms_norm(x, self.weight, self.eps, 0.0, "llama", False)
+            # casting_mode "llama" is the rounding order above (keywords: older Liger releases lack in_place)
+            return liger.liger_rms_norm(x, self.weight, self.eps, offset=0.0, casting_mode="llama")
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -190,13 +190,15 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None, cache=None,
-                use_cache=False, labels=None, logits_to_keep=0, output_hidden_states=False):
+                use_cache=False, labels=None, logits_to_keep=0, output_hidden_states=False, layer_hook=None):
         """input_ids (B, L) or inputs_embeds (B, L, hidden) (soft prompts: BLIP-2, LLaVA); attention_mask
         (B, past + L) 1 keep / 0 pad, left or right padding; position_ids (B, L) default: counted from the
         mask (``mmfast.nn.rope.position_ids_from_mask``; pass Hugging Face's column index explicitly to
         reproduce its plain forward on left-padded rows); cache: a KVCache extended in place (made when
         `use_cache`); labels (B, L): Hugging Face's shifted next-token cross-entropy, -100 ignored;
-        logits_to_keep: compute logits for the last n positions only (0: all).
+        logits_to_keep: compute logits for the last n positions only (0: all); layer_hook: None or
+        ``f(i, x) -> x`` applied to the hidden states before layer i (where Flamingo's gated
+        cross-attention blocks go into a frozen LM, without another copy of this forward).
 
         Returns :class:`DecoderLMOutput`. On CUDA with Liger-Kernel, training with labels computes the loss
         by its fused linear cross-entropy without materialising the logits (``logits`` is then None)."""
@@ -231,11 +233,16 @@ class DecoderLM(nn.Module):
             raise ValueError(f"{op}: position_ids must have shape ({B}, {L}), got {tuple(position_ids.shape)}")
         rotary = None
         if self.embed_positions is not None:
+            if past + L + self.position_offset > self.embed_positions.num_embeddings:
+                raise ValueError(f"{op}: sequence length {past + L} exceeds max_positions="
+                                 f"{self.embed_positions.num_embeddings - self.position_offset}")
             x = x + self.embed_positions(position_ids + self.position_offset)
         else:
             rotary = self.rotary(position_ids)
         states = [x]
         for i, layer in enumerate(self.layers):
+            if layer_hook is not None:
+                x = layer_hook(i, x)
             x = layer(x, rotary=rotary, key_padding_mask=key_mask, cache=cache, index=i)
             states.append(x)
         if cache is not None:
@@ -377,7 +384,7 @@ def _qkv(prefix, ours, attn):
     if ours.qkv.bias is not None:
         pairs.append((f"{prefix}.qkv.bias", ours.qkv.bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias,
                                                                         attn.v_proj.bias])))
-    out = getattr(attn, "o_proj", None) or attn.out_proj
+    out = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
     return pairs + [(f"{prefix}.out.weight", ours.out.weight, out.weight),
                     (f"{prefix}.out.bias", ours.out.bias, out.bias)]
 

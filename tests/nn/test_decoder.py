@@ -130,6 +130,31 @@ def test_generate_equals_hf_left_padded(flavour, num_beams):
 
 
 @requires("transformers")
+def test_hidden_states_follow_hf():
+    """HF's tuple: the embeddings, each layer's output, the last one after the final norm."""
+    hf = _hf("llama")
+    ids, _ = _batch("right")
+    got = DecoderLM.from_hf(hf, backend="reference")(ids, output_hidden_states=True).hidden_states
+    expected = hf(ids, output_hidden_states=True).hidden_states
+    assert len(got) == len(expected) == LAYERS + 1
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_hook_runs_before_each_layer():
+    model = DecoderLM.from_preset("tiny-llama", backend="reference")
+    ids, mask = _batch("left")
+    shift = torch.randn(E, generator=generator())
+    got = model(ids, mask, layer_hook=lambda i, x: x + shift if i == 1 else x).logits
+    x = model.embed_tokens(ids)
+    rotary = model.rotary(position_ids_from_mask(mask, L))
+    for i, layer in enumerate(model.layers):
+        x = layer(x + shift if i == 1 else x, rotary=rotary, key_padding_mask=mask == 0)
+    torch.testing.assert_close(got, model.lm_head(model.norm(x)), rtol=0, atol=0)
+    assert not torch.allclose(got, model(ids, mask).logits)
+
+
+@requires("transformers")
 def test_generate_from_inputs_embeds_equals_hf():
     hf = _hf("llama")
     ours = DecoderLM.from_hf(hf, backend="reference")
@@ -213,9 +238,10 @@ def test_invalid_arguments_raise(make, match):
     (lambda m, ids: m(ids, torch.ones(3, L + 1)), "attention_mask"),
     (lambda m, ids: m(ids, labels=ids[:, 1:]), "labels"),
     (lambda m, ids: m.generate(ids, num_beams=2, do_sample=True), "beam sampling"),
+    (lambda m, ids: m(torch.randint(0, V, (1, 65))), "max_positions"),
     (lambda m, ids: m.generate(ids, eos_token_id=[2, 3]), "eos_token_id"),
-], ids=["ids-and-embeds", "mask-shape", "labels-shape", "beam-sampling", "two-eos"])
+], ids=["ids-and-embeds", "mask-shape", "labels-shape", "beam-sampling", "too-long", "two-eos"])
 def test_invalid_inputs_raise(call, match):
-    model = DecoderLM.from_preset("tiny-llama", backend="reference")
+    model = DecoderLM.from_preset("tiny-opt", backend="reference")
     with pytest.raises(ValueError, match=match):
         call(model, torch.randint(0, V, (3, L)))
