@@ -25,16 +25,22 @@ def _hf(flavour):
         config = transformers.OPTConfig(vocab_size=V, hidden_size=E, num_hidden_layers=LAYERS, num_attention_heads=H,
                                         ffn_dim=2 * E, max_position_embeddings=64, word_embed_proj_dim=E,
                                         pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0)
-        return transformers.OPTForCausalLM(config).eval()
-    rope = {"rope_type": "default", "rope_theta": 10000.0} if flavour == "llama" else {**LLAMA3, "rope_theta": 1e4}
-    config = transformers.LlamaConfig(vocab_size=V, hidden_size=E, num_hidden_layers=LAYERS, num_attention_heads=H,
-                                      num_key_value_heads=HKV, intermediate_size=2 * E, max_position_embeddings=128,
-                                      pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_parameters=rope)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # random norm weights, so a wrong norm weight mapping cannot pass
+        model = transformers.OPTForCausalLM(config).eval()
+    else:
+        rope = {"rope_type": "default", "rope_theta": 1e4} if flavour == "llama" else {**LLAMA3, "rope_theta": 1e4}
+        # biases (Llama's attention_bias / mlp_bias) on the llama3 flavour only: both layouts are covered
+        config = transformers.LlamaConfig(vocab_size=V, hidden_size=E, num_hidden_layers=LAYERS,
+                                          num_attention_heads=H, num_key_value_heads=HKV, intermediate_size=2 * E,
+                                          max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                                          eos_token_id=2, rope_parameters=rope, attention_bias=flavour == "llama3",
+                                          mlp_bias=flavour == "llama3")
+        model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norm weights and biases are 1 / 0 at init: random, so a wrong mapping cannot pass
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and name.endswith("weight"):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.2, 0.2)
     return model
 
 
@@ -121,12 +127,14 @@ def test_generate_equals_hf_left_padded(flavour, num_beams):
     ids, mask = _batch("left")
     kw = dict(max_new_tokens=7, num_beams=num_beams, do_sample=False)
     # an EOS that row 0 emits mid-way (greedy), so finished rows and their padding are exercised too
-    eos = int(hf.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)[0, -1])
-    expected = hf.generate(ids, attention_mask=mask, eos_token_id=eos, pad_token_id=0, **kw)
-    got = ours.generate(ids, mask, eos_token_id=eos, pad_token_id=0, **kw)
+    # (probed without any EOS: eos_token_id=-1 matches no token)
+    eos = int(ours.generate(ids, mask, max_new_tokens=3, eos_token_id=-1)[0, -1])
+    pad = 0 if eos else 1
+    expected = hf.generate(ids, attention_mask=mask, eos_token_id=eos, pad_token_id=pad, **kw)
+    got = ours.generate(ids, mask, eos_token_id=eos, pad_token_id=pad, **kw)
     assert torch.equal(got, expected), f"{got}\n{expected}"
     if num_beams == 1:
-        assert (got[0, L + 3:] == 0).all()  # row 0 finished at step 3 and was padded
+        assert (got[0, L + 3:] == pad).all()  # row 0 finished by step 3 and was padded
 
 
 @requires("transformers")
