@@ -174,6 +174,21 @@ def test_generate_from_inputs_embeds_equals_hf():
     assert torch.equal(got, ours.generate(ids, mask, max_new_tokens=5)[:, L:])
 
 
+@pytest.mark.parametrize("flavour", ["llama", "opt"])
+@requires("transformers")
+def test_sampling_equals_hf_from_the_same_seed(flavour):
+    """HF's warpers (temperature, top-k, top-p) and one torch.multinomial per step: the same draws."""
+    hf = _hf(flavour)
+    ours = DecoderLM.from_hf(hf, backend="reference")
+    ids, mask = _batch("left")
+    kw = dict(do_sample=True, max_new_tokens=6, top_p=0.8, top_k=20, temperature=0.7)
+    seed = generator().initial_seed() % 2**31
+    torch.manual_seed(seed)
+    expected = hf.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(seed)
+    assert torch.equal(ours.generate(ids, mask, **kw), expected)
+
+
 def test_sampling_with_a_vanishing_nucleus_is_greedy():
     ours = DecoderLM.from_preset("tiny-llama", backend="reference", eos_token_id=None)
     ids, mask = _batch("left")
