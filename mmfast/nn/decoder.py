@@ -211,7 +211,8 @@ class DecoderLM(nn.Module):
             raise ValueError(f"{op}: cache must be a KVCache or None, got {type(cache).__name__}")
         if input_ids is not None:
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-                raise ValueError(f"{op}: input_ids must be a (B, L) tensor, got {getattr(input_ids, 'shape', input_ids)}")
+                raise ValueError(f"{op}: input_ids must be a (B, L) tensor, "
+                                 f"got {getattr(input_ids, 'shape', input_ids)}")
             x = self.embed_tokens(input_ids)
         else:
             if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
@@ -345,20 +346,29 @@ class DecoderLM(nn.Module):
 
     # ---- conversion and presets -------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf_model, *, backend="auto"):
+    def from_hf(cls, hf_model, *, lm_head=None, backend="auto"):
         """From a transformers ``LlamaForCausalLM`` or ``OPTForCausalLM`` (pre-norm OPT: 125m, 1.3b, 2.7b,
-        6.7b ...; BLIP-2's), weights copied into our modules, on the model's device and dtype."""
+        6.7b ...; BLIP-2's), or from the bare body (``LlamaModel``, ``OPTModel``: the ``language_model`` of
+        LLaVA / BLIP-2 in transformers 5) with its `lm_head` given; weights copied into our modules, on
+        the model's device and dtype. The head is tied when it shares the embeddings' weight."""
         from mmfast.models._common import copy_weights
 
         kind = type(hf_model).__name__
-        convert = {"LlamaForCausalLM": _llama_pairs, "OPTForCausalLM": _opt_pairs}
-        if kind not in convert:
-            raise ValueError(f"DecoderLM.from_hf expects one of {tuple(convert)}, got {kind}")
-        kwargs, pairs_of = convert[kind](hf_model.config)
-        weight = hf_model.lm_head.weight
-        tied = weight is hf_model.get_input_embeddings().weight
+        bodies = {"LlamaForCausalLM": (_llama_pairs, lambda m: m.model), "LlamaModel": (_llama_pairs, lambda m: m),
+                  "OPTForCausalLM": (_opt_pairs, lambda m: m.model.decoder),
+                  "OPTModel": (_opt_pairs, lambda m: m.decoder)}
+        if kind not in bodies:
+            raise ValueError(f"DecoderLM.from_hf expects one of {tuple(bodies)}, got {kind}")
+        convert, body_of = bodies[kind]
+        lm_head = getattr(hf_model, "lm_head", None) if lm_head is None else lm_head
+        if not isinstance(lm_head, nn.Linear):
+            raise ValueError(f"DecoderLM.from_hf: a {kind} has no head: pass lm_head= (an nn.Linear), got "
+                             f"{type(lm_head).__name__}")
+        body, weight = body_of(hf_model), lm_head.weight
+        kwargs, pairs_of = convert(hf_model.config)
+        tied = weight is body.embed_tokens.weight
         model = cls(**kwargs, tie_word_embeddings=tied, backend=backend, device=weight.device, dtype=weight.dtype)
-        pairs = pairs_of(model, hf_model)
+        pairs = pairs_of(model, body)
         if not tied:
             pairs.append(("lm_head.weight", model.lm_head.weight, weight))
         copy_weights(pairs, f"DecoderLM.from_hf({kind})")
@@ -406,8 +416,7 @@ def _llama_pairs(c):
                   bias=c.attention_bias, mlp_bias=c.mlp_bias, positions="rope", rope_theta=theta,
                   rope_scaling=rope if rope.get("rope_type", "default") != "default" else None, **_ids(c))
 
-    def pairs(model, hf):
-        body = hf.model
+    def pairs(model, body):
         out = [("embed_tokens.weight", model.embed_tokens.weight, body.embed_tokens.weight),
                ("norm.weight", model.norm.weight, body.norm.weight)]
         for i, (ours, theirs) in enumerate(zip(model.layers, body.layers)):
@@ -419,7 +428,8 @@ def _llama_pairs(c):
                      torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
                     (f"{p}.mlp.down.weight", ours.mlp.down.weight, mlp.down_proj.weight)]
             if ours.mlp.down.bias is not None:
-                out += [(f"{p}.mlp.gate_up.bias", ours.mlp.gate_up.bias, torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])),
+                out += [(f"{p}.mlp.gate_up.bias", ours.mlp.gate_up.bias,
+                         torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])),
                         (f"{p}.mlp.down.bias", ours.mlp.down.bias, mlp.down_proj.bias)]
         return out
 
@@ -437,10 +447,9 @@ def _opt_pairs(c):
                   mlp=c.activation_function, bias=c.enable_bias, positions="learned",
                   max_positions=c.max_position_embeddings, position_offset=2, **_ids(c))
 
-    def pairs(model, hf):
+    def pairs(model, body):
         from mmfast.models._common import module_pairs
 
-        body = hf.model.decoder
         out = [("embed_tokens.weight", model.embed_tokens.weight, body.embed_tokens.weight),
                ("embed_positions.weight", model.embed_positions.weight, body.embed_positions.weight),
                *module_pairs("norm", model.norm, body.final_layer_norm)]

@@ -137,6 +137,20 @@ def test_generate_equals_hf_left_padded(flavour, num_beams):
         assert (got[0, L + 3:] == pad).all()  # row 0 finished by step 3 and was padded
 
 
+@pytest.mark.parametrize("flavour", ["llama", "opt"])
+@requires("transformers")
+def test_from_hf_body_with_a_separate_head(flavour):
+    """LLaVA / BLIP-2 hold the bare LlamaModel / OPTModel as `language_model` and the head beside it."""
+    hf = _hf(flavour)
+    whole = DecoderLM.from_hf(hf, backend="reference")
+    parts = DecoderLM.from_hf(hf.model, lm_head=hf.lm_head, backend="reference")
+    assert parts.state_dict().keys() == whole.state_dict().keys()
+    assert all(torch.equal(v, parts.state_dict()[k]) for k, v in whole.state_dict().items())
+    assert (parts.lm_head.weight is parts.embed_tokens.weight) == (flavour == "opt")
+    with pytest.raises(ValueError, match="lm_head"):
+        DecoderLM.from_hf(hf.model)
+
+
 @requires("transformers")
 def test_hidden_states_follow_hf():
     """HF's tuple: the embeddings, each layer's output, the last one after the final norm."""
