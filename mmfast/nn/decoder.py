@@ -21,7 +21,7 @@ from mmfast.kernels import flash_attention
 from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
 
 from .attention import MultiheadAttention
-from .bert import KVCache
+from .bert import KVCache, init_bert_weights
 from .rope import RotaryEmbedding, apply_rotary, liger, position_ids_from_mask
 from .transformer import Mlp
 
@@ -186,7 +186,10 @@ class DecoderLM(nn.Module):
             self.rotary = RotaryEmbedding(self.layers[0].attn.head_dim, rope_theta, rope_scaling, device=device)
         self.norm = _norm(norm, hidden_size, norm_eps, factory)
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False, **factory)
-        if tie_word_embeddings:
+        if device is None or torch.device(device).type != "meta":
+            with torch.no_grad():  # transformers' Llama / OPT initialisation (initializer_range = init_std = 0.02)
+                init_bert_weights(self, std=0.02)
+        if tie_word_embeddings:  # after the initialisation, which would redraw the padding row through lm_head
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None, cache=None,

@@ -248,6 +248,14 @@ def test_position_ids_from_mask():
     assert position_ids_from_mask(None, 2, past_length=3).tolist() == [[3, 4]]
 
 
+def test_initialisation_follows_transformers():
+    model = DecoderLM.from_preset("tiny-opt")
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert not model.embed_tokens.weight[model.pad_token_id].any()
+    assert model.layers[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert not model.layers[0].attn.qkv.bias.any() and torch.equal(model.norm.weight, torch.ones(E))
+
+
 @pytest.mark.parametrize("name,billions", [("vicuna-7b", 6.738), ("llama-3.1-8b", 8.030), ("opt-2.7b", 2.652)])
 def test_presets_parameter_counts(name, billions):
     model = DecoderLM.from_preset(name, device="meta")
