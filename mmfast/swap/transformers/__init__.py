@@ -67,9 +67,9 @@ TABLE = {
     "llava_next": Entry(embeddings=True),
     # BLIP (v1): no attention layer uses the interface, and its text decoder adds the mask built for its
     # config's implementation to eager scores: keep that implementation (attention=False)
-    "blip": Entry(attention=False, extra="_blip"),
+    "blip": Entry(attention=False, embeddings=True, extra="_blip"),
     "blip_text_model": Entry(attention=False, extra="_blip"),
-    "blip_vision_model": Entry(attention=False, extra="_blip"),
+    "blip_vision_model": Entry(attention=False, embeddings=True, extra="_blip"),
     "mllama": Entry(extra="_mllama"),
     "mllama_text_model": Entry(extra="_mllama"),
     "mllama_vision_model": Entry(extra="_mllama"),
