@@ -63,6 +63,15 @@ TABLE = {
     "blip_2_qformer": Entry(),
     "opt": Entry(),
     "llama": Entry(),
+    # language models of LLaVA / LLaVA-NeXT checkpoints: decoders whose every attention layer calls the
+    # interface; sliding windows reach the kernel as per-row key intervals (the "mmfast" mask builder keeps the
+    # pattern and the attention reads its rows), logit softcap (Gemma 2) runs the eager math per call, counted
+    "mistral": Entry(),
+    "qwen2": Entry(),
+    "qwen3": Entry(),
+    "gemma": Entry(),
+    "gemma2": Entry(),
+    "phi3": Entry(),
     "llava": Entry(embeddings=True),
     "llava_next": Entry(embeddings=True),
     # BLIP (v1): no attention layer uses the interface, and its text decoder adds the mask built for its
