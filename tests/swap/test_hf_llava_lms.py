@@ -59,9 +59,16 @@ CASES = [(lm, False) for lm in LMS] + [("mistral", True)]
 
 @pytest.mark.filterwarnings("ignore:mmfast attention")
 @pytest.mark.parametrize("lm,next_", CASES, ids=[("llava_next-" if n else "llava-") + lm for lm, n in CASES])
-def test_logits_and_greedy_generation_fp64(lm, next_):
-    model, batch = llava(lm, next_).double(), inputs(next_, torch.float64)
+def test_logits_and_greedy_generation(lm, next_):
+    """float64, except Gemma 2: its eager softmax is taken in float32, where the all-finfo(float64).min scores of
+    left-padding rows give NaN that reaches every token of the row (0 · NaN) in some transformers releases
+    (5.24) and not in others (5.17, another mask form). In float32 it runs the same eager math either way."""
+    dtype, tol = (torch.float32, 1e-5) if lm == "gemma2" else (torch.float64, FP64_TOL)
+    model, batch = llava(lm, next_).to(dtype), inputs(next_, dtype)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    # Gemma 2: the logits of the padding tokens (no one's output) come from rows that see no key, where the eager
+    # math's answer depends on the mask form; elsewhere every position is compared
+    real = batch["attention_mask"].bool() if lm == "gemma2" else torch.ones_like(batch["attention_mask"], dtype=torch.bool)
     with torch.no_grad():
         want = model(**batch).logits
     stock = model.generate(**batch, **kwargs)
@@ -69,9 +76,7 @@ def test_logits_and_greedy_generation_fp64(lm, next_):
     assert not report.message and "model.language_model.layers.1.self_attn" in {r.path for r in report.swapped}
     with torch.no_grad():
         got = model(**batch).logits
-    real = ~want.isnan()   # Gemma 2's eager attention gives NaN on left-padding rows; the fallback gives the same
-    assert torch.equal(real, ~got.isnan())
-    assert_close(got[real], want[real], FP64_TOL, "logits")
+    assert_close(got[real], want[real], tol, "logits")
     assert torch.equal(model.generate(**batch, **kwargs), stock)
     _fallbacks(lm, report)
 
