@@ -16,7 +16,8 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration  # noqa: E
 
 from mmfast.swap.transformers import _mllama_tiles  # noqa: E402
 from mmfast.swap.transformers._mllama import patch_mllama  # noqa: E402
-from hf_bypass_helpers import FP64_TOL, assert_close, assert_grads_close, grads, patch_with  # noqa: E402
+from hf_bypass_helpers import FP64_TOL, assert_close, assert_grads_close, patch_with  # noqa: E402
+from test_hf_mllama import run  # noqa: E402   (logits and gradients of the LM loss)
 
 RATIOS = {1: [[1, 1]], 3: [[1, 1], [1, 2], [2, 1], [1, 3], [3, 1]], 4: [[1, 1], [1, 2], [2, 1], [2, 2], [1, 4]]}
 # tiles -> (aspect_ratio_ids (B, M), tiles used per image (B, M)); ids index RATIOS[tiles] from 1
@@ -59,13 +60,6 @@ def batch(tiles, ar_ids, used):
     return dict(input_ids=ids, attention_mask=torch.ones(B, L, dtype=torch.long),
                 pixel_values=torch.randn(B, M, tiles, 3, 16, 16, generator=g, dtype=torch.float64),
                 aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask, cross_attention_mask=xmask)
-
-
-def run(model, inputs):
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs, labels=inputs["input_ids"])
-    out.loss.backward()
-    return out.logits.detach(), grads(model)
 
 
 @pytest.fixture
