@@ -87,9 +87,10 @@ def test_cli_hf_config_directory_loads_offline(tmp_path, capsys):
                                 vocab_size=100, max_position_embeddings=16),
                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                   image_size=16, patch_size=8), projection_dim=16).save_pretrained(tmp_path)
-    main([str(tmp_path), "--set", "vision_config.num_hidden_layers=1", "--backend", "reference"])
-    # the model was built from the local config without weights; whether it is patched is the HF integration's
-    assert "transformers.CLIPModel" in capsys.readouterr().out
+    # built from the local config without weights, inputs generated (images, a padded text row), verified
+    assert main([str(tmp_path), "--set", "vision_config.num_hidden_layers=1", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers.CLIPModel" in out and "0 failed" in out and "text_model.encoder.layers.0" in out
 
 
 @requires("timm", "open_clip")  # the CLI asks both whether they know the name
@@ -147,6 +148,6 @@ def test_cli_hf_path_runs_without_timm_and_open_clip(monkeypatch, tmp_path, caps
                        image_size=16, patch_size=8).save_pretrained(tmp_path)
     for name in ("timm", "open_clip"):
         monkeypatch.setitem(sys.modules, name, None)
-    main([str(tmp_path), "--set", "num_hidden_layers=1", "--backend", "reference"])
-    # built from the local config and handed to mmfast.verify (which inputs it gets is the HF integration's)
-    assert "transformers.SiglipVisionModel" in capsys.readouterr().out
+    assert main([str(tmp_path), "--set", "num_hidden_layers=1", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers.SiglipVisionModel" in out and "0 failed" in out

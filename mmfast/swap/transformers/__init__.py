@@ -29,6 +29,13 @@ from typing import Optional
 from .. import _core
 
 NAME = "transformers"
+
+
+def example_inputs(model, *, seed=0, batch=2):
+    """Inputs for `mmfast.verify` (ViT, CLIP, SigLIP and their towers; others: ValueError): see `_inputs`."""
+    from ._inputs import example_inputs as generate
+
+    return generate(model, seed=seed, batch=batch)
 SUPPORTED = ((5, 17), (6, 0))   # [low, high)
 
 
