@@ -81,7 +81,7 @@ def vit_forward(backend):
 
 
 def blip_forward(backend):
-    """BLIP (v1): [CLS] and the (1, 1 + N, D) table cast to the conv's dtype as transformers does. Without
+    """BLIP (v1) and BLIP-2: [CLS] and the (1, 1 + N, D) table cast to the conv's dtype as transformers does. Without
     interpolate_pos_encoding transformers adds the table's first 1 + N rows whatever the grid (no check):
     so does this. A size not divisible by the patch is cropped, as the stride-P "valid" conv ignores the
     remainder."""
@@ -111,6 +111,7 @@ TABLE = {name: (factory, name, "mmfast.kernels.patch_embed") for name, factory i
     ("SiglipVisionEmbeddings", siglip_forward),
     ("ViTEmbeddings", vit_forward),
     ("BlipVisionEmbeddings", blip_forward),
+    ("Blip2VisionEmbeddings", blip_forward),   # the same code as BLIP's (transformers copies it)
 )}
 
 
