@@ -1,6 +1,7 @@
 """Mllama's tile patch embedding through tile_patch_embed (mmfast/swap/transformers/_mllama_tiles.py).
 
-Tiny random MllamaForConditionalGeneration models with 1, 3 and 4 tiles of 2x2 patches, one or two images
+Tiny random MllamaForConditionalGeneration models with 1 to 4 tiles of 2x2 patches (one size with a remainder
+the conv drops), one or two images
 per sample, aspect ratio ids of every kind the config lists and unused tiles holding random pixels
 (transformers embeds them, and real vision queries attend to them). float64 on backend="reference":
 logits and every gradient equal to transformers' up to float64 rounding; the op ran once per forward.
@@ -19,12 +20,13 @@ from mmfast.swap.transformers._mllama import patch_mllama  # noqa: E402
 from hf_bypass_helpers import FP64_TOL, assert_close, assert_grads_close, patch_with  # noqa: E402
 from test_hf_mllama import run  # noqa: E402   (logits and gradients of the LM loss)
 
-RATIOS = {1: [[1, 1]], 3: [[1, 1], [1, 2], [2, 1], [1, 3], [3, 1]], 4: [[1, 1], [1, 2], [2, 1], [2, 2], [1, 4]]}
-# tiles -> (aspect_ratio_ids (B, M), tiles used per image (B, M)); ids index RATIOS[tiles] from 1
+RATIOS = {1: [[1, 1]], 2: [[1, 1], [1, 2], [2, 1]], 3: [[1, 1], [1, 2], [2, 1], [1, 3], [3, 1]], 4: [[1, 1], [1, 2], [2, 1], [2, 2], [1, 4]]}
+# tiles, aspect_ratio_ids (B, M), tiles used per image (B, M), tile size; ids index RATIOS[tiles] from 1
 CASES = {
-    "1-tile": (1, [[1], [1]], [[1], [1]]),
-    "3-tiles-2-images-padded": (3, [[2, 4], [5, 1]], [[2, 3], [3, 1]]),
-    "4-tiles-padded": (4, [[4], [2], [5]], [[4], [2], [4]]),
+    "1-tile": (1, [[1], [1]], [[1], [1]], (16, 16)),
+    "3-tiles-2-images-padded": (3, [[2, 4], [5, 1]], [[2, 3], [3, 1]], (16, 16)),
+    "4-tiles-padded": (4, [[4], [2], [5]], [[4], [2], [4]], (16, 16)),
+    "2-tiles-19x21-remainder-dropped": (2, [[2], [3]], [[2], [2]], (19, 21)),   # the conv ignores the remainder
 }
 
 
@@ -46,7 +48,7 @@ def tiny(tiles, seed=0):
     return model
 
 
-def batch(tiles, ar_ids, used):
+def batch(tiles, ar_ids, used, size=(16, 16)):
     ar_ids, used = torch.tensor(ar_ids), torch.tensor(used)
     B, M = ar_ids.shape
     g = torch.Generator().manual_seed(1)
@@ -58,7 +60,7 @@ def batch(tiles, ar_ids, used):
         ids[:, 2 + 3 * m] = 98
         xmask[:, 2 + 3 * m:, m] = ar_mask[:, None, m]
     return dict(input_ids=ids, attention_mask=torch.ones(B, L, dtype=torch.long),
-                pixel_values=torch.randn(B, M, tiles, 3, 16, 16, generator=g, dtype=torch.float64),
+                pixel_values=torch.randn(B, M, tiles, 3, *size, generator=g, dtype=torch.float64),
                 aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask, cross_attention_mask=xmask)
 
 
@@ -77,8 +79,8 @@ def op_calls(monkeypatch):
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_logits_and_grads_match_transformers_fp64(case, op_calls):
-    tiles, ar_ids, used = case
-    model, inputs = tiny(tiles), batch(tiles, ar_ids, used)
+    tiles, ar_ids, used, size = case
+    model, inputs = tiny(tiles), batch(tiles, ar_ids, used, size)
     want = run(model, inputs)
     report = patch_with(patch_mllama, model)
     assert any("tile_patch_embed" in r.now for r in report.swapped), str(report)

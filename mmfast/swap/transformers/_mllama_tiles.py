@@ -62,13 +62,16 @@ def _embed(model, pixel_values, aspect_ratio_ids, backend):
         raise Fallback(f"pixel_values of shape {tuple(pixel_values.shape)}, not (B, images, tiles, C, H, W)")
     B, M, T, C, H, W = pixel_values.shape
     P = conv.kernel_size[0]
-    if T != model.max_num_tiles or H % P or W % P or (H // P) * (W // P) + 1 != model.num_patches:
+    if T != model.max_num_tiles or (H // P) * (W // P) + 1 != model.num_patches:
         raise Fallback(f"{T} tiles of {H}x{W} where the config has {model.max_num_tiles} tiles of "
                        f"{model.num_patches - 1} patches")
-    if aspect_ratio_ids.numel() != B * M or conv.stride != conv.kernel_size or conv.groups != 1:
-        raise Fallback("aspect_ratio_ids not one per image, or a convolution other than stride = kernel")
     pos, tiles = model.gated_positional_embedding, model.pre_tile_positional_embedding
-    images = pixel_values.reshape(B * M, T, C, H, W).to(conv.weight.device, conv.weight.dtype)
+    if aspect_ratio_ids.numel() != B * M or conv.stride != conv.kernel_size or conv.groups != 1 or not tiles.is_gated:
+        raise Fallback("aspect_ratio_ids not one per image, a convolution other than stride = kernel, or an "
+                       "ungated pre-tile embedding")
+    # the "valid" stride-P conv ignores a remainder of pixels: so does the crop (a view)
+    images = pixel_values.reshape(B * M, T, C, H, W)[..., : H // P * P, : W // P * P]
+    images = images.to(conv.weight.device, conv.weight.dtype)
     return tile_patch_embed(images, conv.weight, conv.bias, cls_token=model.class_embedding,
                             pos_embed=pos.embedding, pos_gate=pos.gate, tile_pos_embed=pos.tile_embedding.weight,
                             tile_embed=tiles.embedding.weight, tile_embed_gate=tiles.gate,
