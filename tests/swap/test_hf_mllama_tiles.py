@@ -1,8 +1,8 @@
 """Mllama's tile patch embedding through tile_patch_embed (mmfast/swap/transformers/_mllama_tiles.py).
 
 Tiny random MllamaForConditionalGeneration models with 1 to 4 tiles of 2x2 patches (one size with a remainder
-the conv drops), one or two images per sample, aspect ratio ids of every kind the config lists and unused tiles holding random pixels
-(transformers embeds them, and real vision queries attend to them). float64 on backend="reference":
+the conv drops), one or two images per sample, aspect ratio ids of every kind the config lists and unused
+tiles holding random pixels (transformers embeds them, and real vision queries attend to them). float64 on backend="reference":
 logits and every gradient equal to transformers' up to float64 rounding; the op ran once per forward.
 The Triton-interpreter run of the same swap is in test_hf_mllama.py (whole model, op counts).
 """
