@@ -68,7 +68,9 @@ def test_logits_and_greedy_generation(lm, next_):
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     # Gemma 2: the logits of the padding tokens (no one's output) come from rows that see no key, where the eager
     # math's answer depends on the mask form; elsewhere every position is compared
-    real = batch["attention_mask"].bool() if lm == "gemma2" else torch.ones_like(batch["attention_mask"], dtype=torch.bool)
+    real = batch["attention_mask"].bool()
+    if lm != "gemma2":
+        real = torch.ones_like(real)
     with torch.no_grad():
         want = model(**batch).logits
     stock = model.generate(**batch, **kwargs)

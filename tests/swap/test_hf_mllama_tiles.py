@@ -2,9 +2,9 @@
 
 Tiny random MllamaForConditionalGeneration models with 1 to 4 tiles of 2x2 patches (one size with a remainder
 the conv drops), one or two images per sample, aspect ratio ids of every kind the config lists and unused
-tiles holding random pixels (transformers embeds them, and real vision queries attend to them). float64 on backend="reference":
-logits and every gradient equal to transformers' up to float64 rounding; the op ran once per forward.
-The Triton-interpreter run of the same swap is in test_hf_mllama.py (whole model, op counts).
+tiles holding random pixels (transformers embeds them, and real vision queries attend to them). float64 on
+backend="reference": logits and every gradient equal to transformers' up to float64 rounding; the op ran once
+per forward. The Triton-interpreter run of the same swap is in test_hf_mllama.py (whole model, op counts).
 """
 import copy
 
@@ -19,7 +19,8 @@ from mmfast.swap.transformers._mllama import patch_mllama  # noqa: E402
 from hf_bypass_helpers import FP64_TOL, assert_close, assert_grads_close, patch_with  # noqa: E402
 from test_hf_mllama import run  # noqa: E402   (logits and gradients of the LM loss)
 
-RATIOS = {1: [[1, 1]], 2: [[1, 1], [1, 2], [2, 1]], 3: [[1, 1], [1, 2], [2, 1], [1, 3], [3, 1]], 4: [[1, 1], [1, 2], [2, 1], [2, 2], [1, 4]]}
+RATIOS = {1: [[1, 1]], 2: [[1, 1], [1, 2], [2, 1]], 3: [[1, 1], [1, 2], [2, 1], [1, 3], [3, 1]],
+          4: [[1, 1], [1, 2], [2, 1], [2, 2], [1, 4]]}
 # tiles, aspect_ratio_ids (B, M), tiles used per image (B, M), tile size; ids index RATIOS[tiles] from 1
 CASES = {
     "1-tile": (1, [[1], [1]], [[1], [1]], (16, 16)),

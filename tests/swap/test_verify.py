@@ -122,7 +122,8 @@ def test_verify_a_patched_model_compares_against_the_unpatched_one():
     assert state is not None and not state.options.attention  # patched again as the user had it
 
 
-@pytest.mark.parametrize("blocked", [("open_clip",), ("timm", "open_clip")], ids=["no-open_clip", "no-timm-no-open_clip"])
+@pytest.mark.parametrize("blocked", [("open_clip",), ("timm", "open_clip")],
+                         ids=["no-open_clip", "no-timm-no-open_clip"])
 def test_cli_kind_without_timm_or_open_clip(monkeypatch, capsys, blocked):
     """A missing timm / open_clip only rules out its kind: Hub ids and config directories still resolve."""
     import sys

@@ -134,7 +134,8 @@ def _apply_class_embedding(self, hidden_states):
 
 def _position_forward(self, hidden_states, aspect_ratio_ids):
     run = _RUN.get()
-    if _active("gated_positional_embedding", self, hidden_states, None if run is None else tuple(run.out.shape)) is None:
+    shape = None if run is None else tuple(run.out.shape)
+    if _active("gated_positional_embedding", self, hidden_states, shape) is None:
         return original(self)(hidden_states, aspect_ratio_ids)
     return hidden_states
 
