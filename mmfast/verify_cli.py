@@ -56,24 +56,35 @@ def parse_overrides(items):
     return out
 
 
+def _optional(name):
+    """The package `name`, or None where it does not import (not installed): it only rules out its kind."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 def _kind(spec):
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in KINDS:
         return prefix, rest
     if os.path.isdir(spec):
         return "hf", spec
-    import timm
-
-    if timm.is_model(spec):
+    timm = _optional("timm")
+    if timm is not None and timm.is_model(spec):
         return "timm", spec
-    import open_clip
-
-    if spec in open_clip.list_models():
+    open_clip = _optional("open_clip")
+    if open_clip is not None and spec in open_clip.list_models():
         return "open_clip", spec
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return "hf", spec
+    missing = [name for name, module in (("timm", timm), ("open_clip", open_clip)) if module is None]
     raise ValueError(f"unknown model {spec!r}: not a local directory, not a timm model name (timm.list_models()), "
-                     "not an open_clip model name (open_clip.list_models()), not a Hugging Face Hub id (org/name)")
+                     "not an open_clip model name (open_clip.list_models()), not a Hugging Face Hub id (org/name)"
+                     + (f"; {' and '.join(missing)} did not import here, so their names were not checked"
+                        if missing else ""))
 
 
 def _merge(base, overrides):

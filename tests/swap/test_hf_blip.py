@@ -116,7 +116,7 @@ def test_unpatch_restores_bitwise_and_other_models_untouched():
 def test_mmfast_patch_twice_is_a_noop_and_attention_false_leaves_all():
     model = tiny_blip()
     report = mmfast.patch(model, backend="reference")
-    assert report.integration == "transformers" and len(report.swapped) == 5, str(report)
+    assert report.integration == "transformers" and len(report.swapped) == 6, str(report)  # + the patch embedding
     forwards = {n: m.__dict__["forward"] for n, m in model.named_modules() if "forward" in m.__dict__}
     assert mmfast.patch(model, backend="reference") is report
     assert {n: m.__dict__["forward"] for n, m in model.named_modules() if "forward" in m.__dict__} == forwards

@@ -81,7 +81,7 @@ def test_forward_backward_match_transformers_fp64(flags, two_images):
     report = patch_with(patch_mllama, model, **flags)
     n_vision = 2 if flags.get("attention", True) else 0
     n_gated_vision = 1 if flags.get("gated", True) else 0    # the global encoder layer's gate_attn / gate_ffn
-    assert len(report.swapped) == n_vision + 1 + n_gated_vision, str(report)
+    assert len(report.swapped) == n_vision + 1 + n_gated_vision + 1, str(report)   # + the tile embedding
     with spy_kernels() as calls:
         logits2, g2 = run(model, batch)
     # vision: 2 layers x (real keys, padded keys); cross layer: visible + padded tiles (text-before-image rows)
@@ -95,7 +95,8 @@ def test_forward_backward_match_transformers_fp64(flags, two_images):
 def test_mmfast_patch_generation_identical_and_unpatch_bitwise():
     report = check_patch_generate_unpatch(tiny_mllama, inputs(torch.float64, text_padding=True), "Mllama")
     # hfcore's interface rows for the text self-attention, this file's for the vision and cross layers
-    assert len(report.swapped) == 6 and sum("float" in r.was for r in report.swapped) == 3, str(report)
+    assert len(report.swapped) == 7 and sum("float" in r.was for r in report.swapped) == 3, str(report)
+    assert sum("tile_patch_embed" in r.now for r in report.swapped) == 1, str(report)
 
 
 def test_unexpressible_vision_mask_falls_back_counted():
@@ -122,6 +123,7 @@ def test_triton_interpreter_runs_mmfast_ops_within_rule():
     # vision: 2 layers x (real keys, padded keys); cross layer: visible + padded tiles for the text-before-image rows
     assert counts["flash_attention_fwd"] == 6 and counts["flash_attention_bwd"] == 6, dict(counts)
     assert counts["tanh_gated_linear_fwd"] == 4 and counts["tanh_gated_linear_bwd"] == 4, dict(counts)
+    assert counts["patch_embed_fwd"] == 1 and counts["patch_embed_bwd"] == 1, dict(counts)   # the tile embedding
     assert_close_by_rule(patched, eager64, eager32, what="logits")
     for name, ref in g64.items():
         assert_close_by_rule(gp[name], ref, g32[name], factor=3.0, what=f"grad {name}")

@@ -87,9 +87,10 @@ def test_cli_hf_config_directory_loads_offline(tmp_path, capsys):
                                 vocab_size=100, max_position_embeddings=16),
                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                   image_size=16, patch_size=8), projection_dim=16).save_pretrained(tmp_path)
-    main([str(tmp_path), "--set", "vision_config.num_hidden_layers=1", "--backend", "reference"])
-    # the model was built from the local config without weights; whether it is patched is the HF integration's
-    assert "transformers.CLIPModel" in capsys.readouterr().out
+    # built from the local config without weights, inputs generated (images, a padded text row), verified
+    assert main([str(tmp_path), "--set", "vision_config.num_hidden_layers=1", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers.CLIPModel" in out and "0 failed" in out and "text_model.encoder.layers.0" in out
 
 
 @requires("timm", "open_clip")  # the CLI asks both whether they know the name
@@ -119,3 +120,43 @@ def test_verify_a_patched_model_compares_against_the_unpatched_one():
     assert result.passed and {row[0] for row in result.modules} == {"<model>", "patch_embed", "blocks.0.attn"}
     state = mmfast.swap._core.patch_state(model)
     assert state is not None and not state.options.attention  # patched again as the user had it
+
+
+@pytest.mark.parametrize("blocked", [("open_clip",), ("timm", "open_clip")],
+                         ids=["no-open_clip", "no-timm-no-open_clip"])
+def test_cli_kind_without_timm_or_open_clip(monkeypatch, capsys, blocked):
+    """A missing timm / open_clip only rules out its kind: Hub ids and config directories still resolve."""
+    import sys
+
+    from mmfast.verify_cli import _kind
+
+    for name in blocked:
+        monkeypatch.setitem(sys.modules, name, None)   # `import name` raises ImportError
+    assert _kind("meta-llama/Llama-3.2-11B-Vision") == ("hf", "meta-llama/Llama-3.2-11B-Vision")
+    assert _kind("hf:org/name") == ("hf", "org/name")
+    assert main(["not_a_model_anywhere"]) == 2
+    out = capsys.readouterr().out
+    assert "unknown model 'not_a_model_anywhere'" in out and f"{' and '.join(blocked)} did not import here" in out
+
+
+@requires("transformers")
+def test_cli_hf_path_runs_without_timm_and_open_clip(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from transformers import SiglipVisionConfig
+
+    SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=16, patch_size=8).save_pretrained(tmp_path)
+    for name in ("timm", "open_clip"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main([str(tmp_path), "--set", "num_hidden_layers=1", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers.SiglipVisionModel" in out and "0 failed" in out
+
+
+@requires("transformers")
+def test_hf_model_without_generated_inputs_asks_for_them():
+    import hf_models
+
+    with pytest.raises(ValueError, match="no generated inputs for transformers model type 'llava' .*; pass inputs="):
+        mmfast.verify(hf_models.llava(), backend="reference", quiet=True)

@@ -29,6 +29,13 @@ from typing import Optional
 from .. import _core
 
 NAME = "transformers"
+
+
+def example_inputs(model, *, seed=0, batch=2):
+    """Inputs for `mmfast.verify` (ViT, CLIP, SigLIP and their towers; others: ValueError): see `_inputs`."""
+    from ._inputs import example_inputs as generate
+
+    return generate(model, seed=seed, batch=batch)
 SUPPORTED = ((5, 17), (6, 0))   # [low, high)
 
 
@@ -58,18 +65,27 @@ TABLE = {
     "siglip": Entry(embeddings=True, loss=True),
     "siglip_vision_model": Entry(embeddings=True),
     "siglip_text_model": Entry(),
-    "blip-2": Entry(note="no ITC loss in transformers' BLIP-2; Q-Former runs fp32 attention"),
-    "blip_2_vision_model": Entry(),
+    "blip-2": Entry(embeddings=True, note="no ITC loss in transformers' BLIP-2; Q-Former runs fp32 attention"),
+    "blip_2_vision_model": Entry(embeddings=True),
     "blip_2_qformer": Entry(),
     "opt": Entry(),
     "llama": Entry(),
+    # language models of LLaVA / LLaVA-NeXT checkpoints: decoders whose every attention layer calls the
+    # interface; sliding windows reach the kernel as per-row key intervals (the "mmfast" mask builder keeps the
+    # pattern and the attention reads its rows), logit softcap (Gemma 2) runs the eager math per call, counted
+    "mistral": Entry(),
+    "qwen2": Entry(),
+    "qwen3": Entry(),
+    "gemma": Entry(),
+    "gemma2": Entry(),
+    "phi3": Entry(),
     "llava": Entry(embeddings=True),
     "llava_next": Entry(embeddings=True),
     # BLIP (v1): no attention layer uses the interface, and its text decoder adds the mask built for its
     # config's implementation to eager scores: keep that implementation (attention=False)
-    "blip": Entry(attention=False, extra="_blip"),
+    "blip": Entry(attention=False, embeddings=True, extra="_blip"),
     "blip_text_model": Entry(attention=False, extra="_blip"),
-    "blip_vision_model": Entry(attention=False, extra="_blip"),
+    "blip_vision_model": Entry(attention=False, embeddings=True, extra="_blip"),
     "mllama": Entry(extra="_mllama"),
     "mllama_text_model": Entry(extra="_mllama"),
     "mllama_vision_model": Entry(extra="_mllama"),

@@ -6,6 +6,8 @@ align_corners=False: patch_embed's ``pos_resample="hf"``) with the table's own s
 """
 import math
 
+import torch
+
 from mmfast.kernels import patch_embed
 
 from .. import _core
@@ -78,11 +80,38 @@ def vit_forward(backend):
     return forward
 
 
+def blip_forward(backend):
+    """BLIP (v1) and BLIP-2: [CLS] and the (1, 1 + N, D) table cast to the conv's dtype as transformers does. Without
+    interpolate_pos_encoding transformers adds the table's first 1 + N rows whatever the grid (no check):
+    so does this. A size not divisible by the patch is cropped, as the stride-P "valid" conv ignores the
+    remainder."""
+    def forward(self, pixel_values, interpolate_pos_encoding=False):
+        _, _, height, width = pixel_values.shape
+        conv = self.patch_embedding
+        P = conv.kernel_size
+        grid = (height // P[0], width // P[1])
+        rows = self.position_embedding.shape[1]
+        if torch.jit.is_tracing() or (not interpolate_pos_encoding and grid[0] * grid[1] + 1 > rows):
+            return _core.original(self)(pixel_values, interpolate_pos_encoding)   # transformers' own (error)
+        dtype = conv.weight.dtype
+        table = self.position_embedding[0].to(dtype)
+        if interpolate_pos_encoding:
+            pos_grid = _grid(rows - 1)   # transformers resamples unless the grid is the table's own
+        else:
+            table, pos_grid = table[: grid[0] * grid[1] + 1], grid
+        images = pixel_values[..., : grid[0] * P[0], : grid[1] * P[1]].to(dtype=dtype)
+        return patch_embed(images, conv.weight, conv.bias, pos_embed=table, cls_token=self.class_embedding.to(dtype),
+                           pos_grid=pos_grid, pos_resample="hf", backend=backend)
+    return forward
+
+
 # class name -> (forward factory, was, now); modules found by class name, classes never reassigned
 TABLE = {name: (factory, name, "mmfast.kernels.patch_embed") for name, factory in (
     ("CLIPVisionEmbeddings", clip_forward),
     ("SiglipVisionEmbeddings", siglip_forward),
     ("ViTEmbeddings", vit_forward),
+    ("BlipVisionEmbeddings", blip_forward),
+    ("Blip2VisionEmbeddings", blip_forward),   # the same code as BLIP's (transformers copies it)
 )}
 
 

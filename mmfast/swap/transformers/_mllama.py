@@ -16,12 +16,13 @@
   in its epilogue), and so do the vision global layers' ``gate_attn`` / ``gate_ffn`` residuals.
 
 Anything else (another mask form, dropout in training, attention weights requested) runs the original
-code for that call, counted in the report. The tile embeddings stay as they are: transformers computes
-them inline in ``MllamaVisionModel.forward`` (no module to swap without copying that forward).
+code for that call, counted in the report. The tile patch embeddings (computed inline in
+``MllamaVisionModel.forward``) go through ``tile_patch_embed``: see `_mllama_tiles`.
 """
 import torch
 
 from .._core import original
+from ._mllama_tiles import patch_tiles
 from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, check_common, gated, gated_residuals, layer_kind,
                       memo, merge, swap_all, visible_keys)
 
@@ -233,6 +234,7 @@ def patch_mllama(model, options, state):
         _gated_vision_layer_forward, options.gated, "gated=False",
         "MllamaVisionEncoderLayer (global, eager tanh gates)", "tanh_gated_linear (o_proj, fc2)")}
     swap_all(model, state, gated_rows, where=lambda module: module.is_gated)
+    patch_tiles(model, options, state)
 
 
 patch = patch_mllama  # the entry point transformers' TABLE (extra="_mllama") calls
