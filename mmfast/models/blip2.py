@@ -1,0 +1,285 @@
+"""BLIP-2 (Li et al. 2023) on mmfast's kernels: a frozen ViT, the Querying Transformer (Q-Former: learned
+query tokens that self-attend and cross-attend to the image features every ``cross_attention_frequency``
+layers), a linear projection into the language model's width and a frozen decoder-only language model
+(OPT, :class:`mmfast.nn.decoder.DecoderLM`). Drop-in for transformers' ``Blip2ForConditionalGeneration``
+(5.x): the projected query outputs replace the ``image_token_id`` placeholders of the prompt.
+
+Q-Former in fp32: transformers keeps ``qformer`` and ``query_tokens`` in fp32 whatever the model's dtype
+(``_keep_in_fp32_modules``); the image features are cast up before it and its output cast back to the
+vision tower's dtype before the projection. :meth:`Blip2.from_hf` copies each part in the dtype it has
+there, and :meth:`Blip2.cast` changes the dtype of everything but those two.
+
+Only the image-to-text (stage-2) path is here; the stage-1 objectives (ITC / ITM / ITG, the Q-Former's
+text path) are not implemented.
+"""
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmfast.kernels._common import check_bool, check_choice, check_int
+from mmfast.nn.bert import BertLayer, init_bert_weights
+from mmfast.nn.decoder import DecoderLM
+
+from ._common import ModelOutput, copy_weights, module_pairs
+from .blip import _load_hf_vision
+from .vit import ViT, hf_activation
+
+_OP = "Blip2"
+STAGES = ("stage2", "stage1", "all")
+
+
+@dataclass(eq=False)
+class Blip2Output(ModelOutput):
+    """HF's ``Blip2ForConditionalGenerationModelOutput``: loss, logits (the last labels.shape[1] positions
+    when labels are given, as HF), the vision tower's features, the Q-Former's query outputs and the
+    language model's output."""
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None
+    image_embeds: torch.Tensor = None
+    query_output: torch.Tensor = None
+    language_model_outputs: Any = None
+
+
+class QFormer(nn.Module):
+    """The Q-Former's query path (HF ``Blip2QFormerModel`` with query embeddings only): LayerNorm on the
+    queries, then post-norm BERT layers whose self-attention spans the queries and whose cross-attention
+    to the image features sits in layers i with ``i % cross_attention_frequency == 0``. Each layer's FFN is
+    HF's ``intermediate_query`` / ``output_query`` (the text FFN is the stage-1 text path, not built).
+    """
+
+    def __init__(self, hidden_size, num_layers, num_heads, encoder_hidden_size, intermediate_size=None, *,
+                 cross_attention_frequency=2, layer_norm_eps=1e-12, activation="gelu", dropout=0.0, backend="auto",
+                 device=None, dtype=None):
+        super().__init__()
+        op = "QFormer"
+        for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
+                            ("encoder_hidden_size", encoder_hidden_size),
+                            ("cross_attention_frequency", cross_attention_frequency)):
+            check_int(op, name, value, lo=1)
+        intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        check_int(op, "intermediate_size", intermediate_size, lo=1)
+        f = {"device": device, "dtype": dtype}
+        self.hidden_size = hidden_size
+        self.layernorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps, **f)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            BertLayer(hidden_size, num_heads, intermediate_size, layer_norm_eps=layer_norm_eps, activation=activation,
+                      dropout=dropout, backend=backend,
+                      cross_attention_dim=encoder_hidden_size if i % cross_attention_frequency == 0 else None, **f)
+            for i in range(num_layers))
+        if device is None or torch.device(device).type != "meta":
+            with torch.no_grad():
+                init_bert_weights(self)
+
+    def forward(self, query_embeds, encoder_hidden_states):
+        """query_embeds (B, Q, hidden); encoder_hidden_states (B, N, encoder_hidden_size), every position kept
+        (HF passes an all-ones image mask). Computed in this module's dtype; returns (B, Q, hidden)."""
+        dtype = self.layernorm.weight.dtype
+        x = self.dropout(self.layernorm(query_embeds.to(dtype)))
+        context = encoder_hidden_states.to(dtype)
+        for layer in self.layers:
+            x = layer(x, context)
+        return x
+
+
+class Blip2(nn.Module):
+    """BLIP-2 image-to-text model (HF ``Blip2ForConditionalGeneration`` with an OPT language model).
+
+    Args:
+        vision: a :class:`ViT` whose ``last_hidden_state`` (every token after the final LayerNorm, HF's
+            ``post_layernorm``) feeds the Q-Former. The paper's "second-to-last layer" is built into the
+            checkpoint: HF's vision model simply has that many layers.
+        qformer: a :class:`QFormer`; query_tokens: (1, Q, qformer hidden) tensor (made a Parameter).
+        language_projection: nn.Linear(qformer hidden, LM hidden).
+        language_model: a :class:`DecoderLM` (OPT or Llama flavour).
+        image_token_id: the placeholder token whose embeddings the projected queries replace (HF 5.x's
+            ``image_token_id``); the prompt holds Q of them per image.
+    """
+
+    def __init__(self, vision, qformer, query_tokens, language_projection, language_model, *, image_token_id):
+        super().__init__()
+        for name, value, cls in (("vision", vision, ViT), ("qformer", qformer, QFormer),
+                                 ("language_projection", language_projection, nn.Linear),
+                                 ("language_model", language_model, DecoderLM)):
+            if not isinstance(value, cls):
+                raise ValueError(f"{_OP}: {name} must be a {cls.__name__}, got {type(value).__name__}")
+        if not isinstance(query_tokens, torch.Tensor) or query_tokens.dim() != 3 or query_tokens.shape[0] != 1 \
+                or query_tokens.shape[2] != qformer.hidden_size:
+            raise ValueError(f"{_OP}: query_tokens must be a (1, Q, {qformer.hidden_size}) tensor, got "
+                             f"{getattr(query_tokens, 'shape', type(query_tokens).__name__)}")
+        if language_projection.in_features != qformer.hidden_size \
+                or language_projection.out_features != language_model.hidden_size:
+            raise ValueError(f"{_OP}: language_projection must map {qformer.hidden_size} -> "
+                             f"{language_model.hidden_size}, got {language_projection.in_features} -> "
+                             f"{language_projection.out_features}")
+        check_int(_OP, "image_token_id", image_token_id, lo=0, hi=language_model.vocab_size - 1)
+        self.vision, self.qformer, self.language_projection = vision, qformer, language_projection
+        self.language_model = language_model
+        self.query_tokens = nn.Parameter(query_tokens.detach().clone())
+        self.image_token_id = image_token_id
+        self.num_query_tokens = query_tokens.shape[1]
+
+    # ---- training stages --------------------------------------------------------------------------------------
+    def set_stage(self, stage="stage2"):
+        """Which parameters train: "stage2" (image-to-text: Q-Former, query tokens and projection; the ViT
+        and the LM frozen, as the paper), "stage1" (Q-Former and query tokens only) or "all". Frozen parts
+        get requires_grad=False. Returns self."""
+        check_choice(_OP, "stage", stage, STAGES)
+        trainable = {"stage2": ("qformer", "query_tokens", "language_projection"),
+                     "stage1": ("qformer", "query_tokens"),
+                     "all": ("vision", "qformer", "query_tokens", "language_projection", "language_model")}[stage]
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.split(".")[0] in trainable)
+        return self
+
+    def cast(self, dtype):
+        """Cast everything but the Q-Former and the query tokens (kept fp32, as transformers) to `dtype`."""
+        for module in (self.vision, self.language_projection, self.language_model):
+            module.to(dtype)
+        return self
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values, interpolate_pos_encoding=False):
+        """(image_embeds (B, N, vision width), query_output (B, Q, qformer hidden) in the Q-Former's dtype,
+        language_model_inputs (B, Q, LM hidden))."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            raise ValueError(f"{_OP}: pixel_values must be a (B, C, H, W) tensor, got "
+                             f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}")
+        check_bool(_OP, "interpolate_pos_encoding", interpolate_pos_encoding)
+        image_embeds = self.vision(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).last_hidden_state
+        query_output = self.qformer(self.query_tokens.expand(image_embeds.shape[0], -1, -1), image_embeds)
+        return image_embeds, query_output, self.language_projection(query_output.to(image_embeds.dtype))
+
+    def _splice(self, input_ids, features):
+        """The prompt's embeddings with the image placeholders replaced by `features`, in order."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        placeholders = input_ids == self.image_token_id
+        per_row = placeholders.sum(1)
+        if not bool((per_row == self.num_query_tokens).all()):
+            raise ValueError(f"{_OP}: input_ids must hold {self.num_query_tokens} image tokens (id "
+                             f"{self.image_token_id}) per row, got {per_row.tolist()}")
+        return embeds.masked_scatter(placeholders[..., None], features.to(embeds.dtype))
+
+    def _check_ids(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"{_OP}: input_ids must be a (B, L) int64 tensor, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                           or attention_mask.shape != input_ids.shape):
+            raise ValueError(f"{_OP}: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, interpolate_pos_encoding=False):
+        """HF's forward: input_ids (B, L) with Q image tokens per row (left padding allowed), attention_mask
+        (B, L) 1 keep / 0 pad; labels (B, L') with L' <= L aligned to the end of the sequence (HF's
+        ``logits[:, -L':]``), shifted next-token cross-entropy, -100 ignored. Returns :class:`Blip2Output`."""
+        self._check_ids(input_ids, attention_mask)
+        image_embeds, query_output, features = self.get_image_features(pixel_values, interpolate_pos_encoding)
+        if features.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{_OP}: pixel_values has {features.shape[0]} images for {input_ids.shape[0]} prompts")
+        embeds = self._splice(input_ids, features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        full_labels = None
+        if labels is not None:
+            B, L = input_ids.shape
+            if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[0] != B \
+                    or labels.shape[1] > L:
+                raise ValueError(f"{_OP}: labels must be (B={B}, L' <= {L}), got "
+                                 f"{getattr(labels, 'shape', type(labels).__name__)}")
+            # left-filled with -100: the same shifted loss as HF's over its last L' logits
+            full_labels = F.pad(labels, (L - labels.shape[1], 0), value=-100)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=full_labels)
+        logits = out.logits
+        if labels is not None and logits is not None:
+            logits = logits[:, -labels.shape[1]:]
+        return Blip2Output(loss=out.loss, logits=logits, image_embeds=image_embeds, query_output=query_output,
+                           language_model_outputs=out)
+
+    @torch.no_grad()
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, interpolate_pos_encoding=False,
+                 **generate_kwargs):
+        """HF's ``generate``: without input_ids the prompt is Q image tokens + the LM's BOS; the prompt's
+        embeddings (image tokens replaced) go to :meth:`DecoderLM.generate` (greedy, beam search or sampling,
+        its keywords). Returns (B, prompt + new) token ids, as HF's decoder-only path."""
+        _, _, features = self.get_image_features(pixel_values, interpolate_pos_encoding)
+        B = features.shape[0]
+        if input_ids is None:
+            bos = self.language_model.bos_token_id
+            if bos is None:
+                raise ValueError(f"{_OP}.generate: without input_ids the language model needs a bos_token_id")
+            input_ids = torch.tensor([[self.image_token_id] * self.num_query_tokens + [bos]],
+                                     device=features.device).repeat(B, 1)
+        self._check_ids(input_ids, attention_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self._splice(input_ids, features)
+        return self.language_model.generate(input_ids, attention_mask, inputs_embeds=embeds, **generate_kwargs)
+
+    # ---- conversion -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model, *, backend="auto"):
+        """From transformers' ``Blip2ForConditionalGeneration`` with a decoder-only (OPT / Llama) language
+        model; weights copied, each part in the dtype and on the device it has there (the Q-Former and query
+        tokens fp32 when HF loaded them so). T5 (encoder-decoder) language models are refused."""
+        kind = type(hf_model).__name__
+        if kind != "Blip2ForConditionalGeneration":
+            raise ValueError(f"{_OP}.from_hf expects a Blip2ForConditionalGeneration, got {kind}")
+        c = hf_model.config
+        if not c.use_decoder_only_language_model:
+            raise ValueError(f"{_OP}.from_hf: the language model is {type(hf_model.language_model).__name__} "
+                             "(encoder-decoder, e.g. Flan-T5); only decoder-only (OPT) language models are "
+                             "supported")
+        if c.image_token_id is None:
+            raise ValueError(f"{_OP}.from_hf: config.image_token_id is None; transformers 5 splices the query "
+                             "outputs at image tokens: set it to the processor's image token id")
+        vc, qc = c.vision_config, c.qformer_config
+        ref = hf_model.vision_model.embeddings.patch_embedding.weight
+        vision = ViT(vc.image_size, vc.patch_size, 3, vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads,
+                     mlp_dim=vc.intermediate_size, act=hf_activation(vc.hidden_act, f"{_OP}.from_hf"),
+                     qkv_bias=vc.qkv_bias, norm_eps=vc.layer_norm_eps, final_norm="all", pos_resample="hf",
+                     backend=backend).to(device=ref.device, dtype=ref.dtype)
+        _load_hf_vision(vision, hf_model.vision_model)
+        hq = hf_model.qformer
+        qformer = QFormer(qc.hidden_size, qc.num_hidden_layers, qc.num_attention_heads, qc.encoder_hidden_size,
+                          qc.intermediate_size, cross_attention_frequency=qc.cross_attention_frequency,
+                          layer_norm_eps=qc.layer_norm_eps, activation=hf_activation(qc.hidden_act, f"{_OP}.from_hf"),
+                          dropout=qc.hidden_dropout_prob, backend=backend, device=hq.layernorm.weight.device,
+                          dtype=hq.layernorm.weight.dtype)
+        copy_weights(_qformer_pairs(qformer, hq), f"{_OP}.from_hf")
+        lm = DecoderLM.from_hf(hf_model.language_model, lm_head=getattr(hf_model, "lm_head", None), backend=backend)
+        hp = hf_model.language_projection
+        projection = nn.Linear(hp.in_features, hp.out_features, device=hp.weight.device, dtype=hp.weight.dtype)
+        copy_weights(module_pairs("language_projection", projection, hp), f"{_OP}.from_hf")
+        return cls(vision, qformer, hf_model.query_tokens, projection, lm, image_token_id=c.image_token_id).eval()
+
+
+def _qformer_pairs(ours, hf_qformer):
+    def attention(prefix, mine, theirs, fused_q):
+        a = theirs.attention
+        if fused_q:
+            pairs = [(f"{prefix}.qkv.weight", mine.qkv.weight, torch.cat([a.query.weight, a.key.weight, a.value.weight])),
+                     (f"{prefix}.qkv.bias", mine.qkv.bias, torch.cat([a.query.bias, a.key.bias, a.value.bias]))]
+        else:
+            pairs = [*module_pairs(f"{prefix}.q", mine.q, a.query),
+                     (f"{prefix}.kv.weight", mine.kv.weight, torch.cat([a.key.weight, a.value.weight])),
+                     (f"{prefix}.kv.bias", mine.kv.bias, torch.cat([a.key.bias, a.value.bias]))]
+        return pairs + module_pairs(f"{prefix}.out", mine.out, theirs.output.dense)
+
+    pairs = module_pairs("layernorm", ours.layernorm, hf_qformer.layernorm)
+    for i, (mine, theirs) in enumerate(zip(ours.layers, hf_qformer.encoder.layer, strict=True)):
+        p = f"layers.{i}"
+        pairs += attention(f"{p}.self_attn", mine.self_attn, theirs.attention, True)
+        pairs += module_pairs(f"{p}.self_norm", mine.self_norm, theirs.attention.output.LayerNorm)
+        if (mine.cross_attn is None) != (not theirs.has_cross_attention):
+            raise ValueError(f"{_OP}.from_hf: layer {i}: cross-attention layout differs")
+        if mine.cross_attn is not None:
+            pairs += attention(f"{p}.cross_attn", mine.cross_attn, theirs.crossattention, False)
+            pairs += module_pairs(f"{p}.cross_norm", mine.cross_norm, theirs.crossattention.output.LayerNorm)
+        pairs += [*module_pairs(f"{p}.fc1", mine.fc1, theirs.intermediate_query.dense),
+                  *module_pairs(f"{p}.fc2", mine.fc2, theirs.output_query.dense),
+                  *module_pairs(f"{p}.ffn_norm", mine.ffn_norm, theirs.output_query.LayerNorm)]
+    return pairs

@@ -1,0 +1,171 @@
+"""BLIP-2 (OPT) against transformers' Blip2ForConditionalGeneration: logits and loss on a left-padded batch,
+greedy generation, stage-2 freezing, input checks; one tiny model through the Triton interpreter."""
+import copy
+
+import pytest
+import torch
+from optional_deps import optional_import, requires
+
+from mmfast.models.blip2 import Blip2, QFormer
+from numerics import assert_close_by_rule, generator
+
+transformers = optional_import("transformers")
+needs_hf = requires("transformers")
+Q, V, IMAGE_TOKEN, BOS, PAD, EOS = 4, 100, 99, 2, 1, 2
+PROMPT = 5  # text tokens after the image tokens
+
+
+def _hf(seed=0):
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=30, patch_size=6),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            cross_attention_frequency=2, encoder_hidden_size=32, vocab_size=V),
+        text_config=dict(model_type="opt", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64, pad_token_id=PAD,
+                         bos_token_id=BOS, eos_token_id=EOS, dropout=0.0),
+        num_query_tokens=Q, image_token_id=IMAGE_TOKEN)
+    torch.manual_seed(seed)
+    hf = transformers.Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF's init leaves norms at 1 / 0 and the query tokens at 0: random, so mappings show
+        for name, p in hf.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.2)
+    return hf
+
+
+def _inputs(left_pad=(0, 3)):
+    g = generator()
+    pixels = 3 * torch.randn(len(left_pad), 3, 30, 30, generator=g)  # wide enough that the captions differ
+    text = torch.randint(3, IMAGE_TOKEN, (len(left_pad), PROMPT), generator=g)
+    ids = torch.cat([torch.full((len(left_pad), Q), IMAGE_TOKEN), torch.full((len(left_pad), 1), BOS), text], 1)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(left_pad):  # left padding: shift the row right, pads in front
+        if n:
+            ids[row] = torch.cat([torch.full((n,), PAD), ids[row, :-n]])
+            mask[row, :n] = 0
+    return pixels, ids, mask
+
+
+@needs_hf
+def test_logits_and_loss_match_hf_left_padded():
+    hf = _hf()
+    ours = Blip2.from_hf(hf, backend="reference")
+    pixels, ids, mask = _inputs()
+    # full length (HF 5.24's loss fails on a shorter labels' non-contiguous logits slice); pads, image tokens
+    # and tokens predicted from a pad position (whose output HF fills otherwise) ignored
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE_TOKEN), -100)
+    labels[:, 1:].masked_fill_(mask[:, :-1] == 0, -100)
+    keep = mask.bool()
+
+    def run(model, dtype):
+        out = model(pixels.to(dtype), ids, attention_mask=mask)
+        lab = model(pixels.to(dtype), ids, attention_mask=mask, labels=labels)
+        return out.logits[keep], lab.loss, lab.logits[keep]
+
+    ref64 = copy.deepcopy(hf).double()
+    got, ref, yard = run(ours, torch.float32), run(ref64, torch.float64), run(hf, torch.float32)
+    for name, a, r, y in zip(("logits", "loss", "logits with labels"), got, ref, yard):
+        floor = 1e-6 * max(1.0, r.abs().max().item())
+        assert_close_by_rule(a, r, y, factor=2.0, floor=floor, what=name)
+
+
+@needs_hf
+def test_query_output_is_fp32_and_features_match_hf():
+    hf = _hf()
+    ours = Blip2.from_hf(hf, backend="reference")
+    pixels, _, _ = _inputs()
+    image, query, features = ours.get_image_features(pixels)
+    expected = hf.get_image_features(pixels)
+    torch.testing.assert_close(image, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(query, expected.qformer_outputs.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(features, expected.pooler_output, rtol=1e-5, atol=1e-5)
+    ours.cast(torch.bfloat16)
+    assert ours.qformer.layernorm.weight.dtype == ours.query_tokens.dtype == torch.float32
+    assert ours.language_model.lm_head.weight.dtype == torch.bfloat16
+    image, query, features = ours.get_image_features(pixels.bfloat16())
+    assert query.dtype == torch.float32 and features.dtype == image.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("prompt", ["none", "left_padded"])
+@needs_hf
+def test_greedy_generation_equals_hf(prompt):
+    hf = _hf()
+    ours = Blip2.from_hf(hf, backend="reference")
+    pixels, ids, mask = _inputs()
+    kw = dict(max_new_tokens=5, do_sample=False)
+    if prompt == "none":
+        expected = hf.generate(pixels, **kw)
+        got = ours.generate(pixels, **kw)
+        assert not torch.equal(got[0], got[1])  # the captions depend on the image
+    else:
+        expected = hf.generate(pixels, ids, attention_mask=mask, **kw)
+        got = ours.generate(pixels, ids, attention_mask=mask, **kw)
+    assert got.shape[1] == expected.shape[1] > 5
+    assert torch.equal(got, expected), f"{got}\n{expected}"
+
+
+@needs_hf
+def test_stage2_trains_only_qformer_queries_and_projection():
+    ours = Blip2.from_hf(_hf(), backend="reference").set_stage("stage2").train()
+    trainable = {n.split(".")[0] for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {"qformer", "query_tokens", "language_projection"}
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    pixels, ids, mask = _inputs()
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    ours(pixels, ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    opt.step()
+    for n, p in ours.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == p.requires_grad or (p.requires_grad and "k_bias" in n), n
+    assert all(p.grad is None for p in ours.vision.parameters())
+    assert all(p.grad is None for p in ours.language_model.parameters())
+
+
+@needs_hf
+def test_triton_interpreter_matches_reference():
+    hf = _hf()
+    pixels, ids, mask = _inputs()
+    ref = Blip2.from_hf(hf, backend="reference")(pixels, ids, attention_mask=mask).logits
+    got = Blip2.from_hf(hf, backend="triton")(pixels, ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], ref[keep], rtol=1e-4, atol=1e-4)
+
+
+@needs_hf
+def test_input_checks():
+    hf = _hf()
+    ours = Blip2.from_hf(hf, backend="reference")
+    pixels, ids, mask = _inputs()
+    with pytest.raises(ValueError, match="image tokens"):
+        ours(pixels, ids[:, 1:], attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="attention_mask"):
+        ours(pixels, ids, attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="labels"):
+        ours(pixels, ids, labels=torch.zeros(2, ids.shape[1] + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="pixel_values"):
+        ours(pixels[0], ids)
+    with pytest.raises(ValueError, match="stage"):
+        ours.set_stage("stage3")
+    with pytest.raises(ValueError, match="query_tokens"):
+        Blip2(ours.vision, ours.qformer, torch.zeros(1, Q, 8), ours.language_projection, ours.language_model,
+              image_token_id=IMAGE_TOKEN)
+    with pytest.raises(ValueError, match="cross_attention_frequency"):
+        QFormer(32, 2, 2, 32, cross_attention_frequency=0)
+    with pytest.raises(ValueError, match="Blip2ForConditionalGeneration"):
+        Blip2.from_hf(hf.language_model)
+
+
+@needs_hf
+def test_t5_language_model_is_refused():
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=30, patch_size=6),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            encoder_hidden_size=32),
+        text_config=dict(model_type="t5", vocab_size=V, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2),
+        num_query_tokens=Q, image_token_id=IMAGE_TOKEN)
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        Blip2.from_hf(transformers.Blip2ForConditionalGeneration(config))
