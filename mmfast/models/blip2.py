@@ -43,16 +43,34 @@ class Blip2Output(ModelOutput):
     language_model_outputs: Any = None
 
 
+class _TextFfn(nn.Module):
+    """The text tokens' FFN of a Q-Former layer (HF's ``intermediate`` / ``output``): LN(x + W2·act(W1·x))."""
+
+    def __init__(self, hidden_size, intermediate_size, layer_norm_eps, f):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size, **f)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size, **f)
+        self.ffn_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps, **f)
+
+
+def _ffn(block, act, dropout, x):
+    return block.ffn_norm(x + dropout(block.fc2(act(block.fc1(x)))))
+
+
 class QFormer(nn.Module):
-    """The Q-Former's query path (HF ``Blip2QFormerModel`` with query embeddings only): LayerNorm on the
-    queries, then post-norm BERT layers whose self-attention spans the queries and whose cross-attention
-    to the image features sits in layers i with ``i % cross_attention_frequency == 0``. Each layer's FFN is
-    HF's ``intermediate_query`` / ``output_query`` (the text FFN is the stage-1 text path, not built).
+    """BLIP-2's Querying Transformer (HF ``Blip2QFormerModel``): LayerNorm on the input (query tokens, then
+    optionally text embeddings), then post-norm BERT layers whose self-attention spans queries and text,
+    whose cross-attention to the image features (layers i with ``i % cross_attention_frequency == 0``)
+    reads only the queries, and whose FFN is split: the queries' (``fc1`` / ``fc2`` / ``ffn_norm`` of each
+    :class:`BertLayer`, HF's ``*_query``) and the text's (``text_ffn``, HF's ``intermediate`` / ``output``).
+
+    The text path (word + position embeddings, ``text_ffn``) is built when `vocab_size` is given (HF's
+    ``use_qformer_text_input``; ``Blip2ForImageTextRetrieval`` needs it, image-to-text does not).
     """
 
     def __init__(self, hidden_size, num_layers, num_heads, encoder_hidden_size, intermediate_size=None, *,
-                 cross_attention_frequency=2, layer_norm_eps=1e-12, activation="gelu", dropout=0.0, backend="auto",
-                 device=None, dtype=None):
+                 cross_attention_frequency=2, layer_norm_eps=1e-12, activation="gelu", dropout=0.0, vocab_size=None,
+                 max_positions=512, pad_token_id=0, backend="auto", device=None, dtype=None):
         super().__init__()
         op = "QFormer"
         for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
@@ -70,18 +88,66 @@ class QFormer(nn.Module):
                       dropout=dropout, backend=backend,
                       cross_attention_dim=encoder_hidden_size if i % cross_attention_frequency == 0 else None, **f)
             for i in range(num_layers))
+        self.word_embeddings = self.position_embeddings = self.text_ffn = None
+        if vocab_size is not None:
+            check_int(op, "vocab_size", vocab_size, lo=1)
+            check_int(op, "max_positions", max_positions, lo=1)
+            self.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id, **f)
+            self.position_embeddings = nn.Embedding(max_positions, hidden_size, **f)
+            self.text_ffn = nn.ModuleList(_TextFfn(hidden_size, intermediate_size, layer_norm_eps, f)
+                                          for _ in range(num_layers))
         if device is None or torch.device(device).type != "meta":
             with torch.no_grad():
                 init_bert_weights(self)
 
-    def forward(self, query_embeds, encoder_hidden_states):
-        """query_embeds (B, Q, hidden); encoder_hidden_states (B, N, encoder_hidden_size), every position kept
-        (HF passes an all-ones image mask). Computed in this module's dtype; returns (B, Q, hidden)."""
+    def forward(self, query_embeds=None, encoder_hidden_states=None, *, input_ids=None, attention_mask=None):
+        """query_embeds (B, Q, hidden) or None; encoder_hidden_states (B, N, encoder_hidden_size), every
+        position kept (HF passes an all-ones image mask), needed with queries; input_ids (B, T) text (needs
+        the text path); attention_mask (B, Q + T) or (B, T) (the queries then kept), 1 keep / 0 pad.
+        Bidirectional self-attention. Computed in this module's dtype; returns (B, Q + T, hidden)."""
+        op = "QFormer"
         dtype = self.layernorm.weight.dtype
-        x = self.dropout(self.layernorm(query_embeds.to(dtype)))
-        context = encoder_hidden_states.to(dtype)
-        for layer in self.layers:
-            x = layer(x, context)
+        parts = []
+        if query_embeds is not None:
+            if encoder_hidden_states is None:
+                raise ValueError(f"{op}: query_embeds need encoder_hidden_states (the image features)")
+            parts.append(query_embeds.to(dtype))
+        n_query = parts[0].shape[1] if parts else 0
+        if input_ids is not None:
+            if self.word_embeddings is None:
+                raise ValueError(f"{op}: input_ids need the text path (build with vocab_size=)")
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+                raise ValueError(f"{op}: input_ids must be a (B, T) tensor, got "
+                                 f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+            if input_ids.shape[1] > self.position_embeddings.num_embeddings:
+                raise ValueError(f"{op}: input_ids length {input_ids.shape[1]} exceeds max_positions="
+                                 f"{self.position_embeddings.num_embeddings}")
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            parts.append((self.word_embeddings(input_ids) + self.position_embeddings(positions)).to(dtype))
+        if not parts:
+            raise ValueError(f"{op}: give query_embeds, input_ids or both")
+        x = self.dropout(self.layernorm(torch.cat(parts, 1)))
+        B, L = x.shape[:2]
+        key_mask = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
+                    or attention_mask.shape[0] != B or attention_mask.shape[1] not in (L, L - n_query):
+                raise ValueError(f"{op}: attention_mask must be ({B}, {L}) or ({B}, {L - n_query}), got "
+                                 f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+            key_mask = attention_mask == 0
+            if key_mask.shape[1] != L:
+                key_mask = F.pad(key_mask, (n_query, 0), value=False)
+        context = encoder_hidden_states.to(dtype) if n_query else None
+        for i, layer in enumerate(self.layers):
+            h = layer.self_norm(x + layer.dropout(layer.self_attn(x, key_padding_mask=key_mask)))
+            query, text = h[:, :n_query], h[:, n_query:]
+            if n_query:
+                if layer.cross_attn is not None:
+                    query = layer.cross_norm(query + layer.dropout(layer.cross_attn(query, context)))
+                query = _ffn(layer, layer.act, layer.dropout, query)
+            if text.shape[1]:
+                text = _ffn(self.text_ffn[i], layer.act, layer.dropout, text)
+            x = torch.cat([query, text], 1) if n_query and text.shape[1] else (query if n_query else text)
         return x
 
 
@@ -236,28 +302,13 @@ class Blip2(nn.Module):
         if c.image_token_id is None:
             raise ValueError(f"{_OP}.from_hf: config.image_token_id is None; transformers 5 splices the query "
                              "outputs at image tokens: set it to the processor's image token id")
-        vc, qc = c.vision_config, c.qformer_config
-        ref = hf_model.vision_model.embeddings.patch_embedding.weight
-        vision = ViT(vc.image_size, vc.patch_size, 3, vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads,
-                     mlp_dim=vc.intermediate_size, act=hf_activation(vc.hidden_act, f"{_OP}.from_hf"),
-                     qkv_bias=vc.qkv_bias, norm_eps=vc.layer_norm_eps, final_norm="all", pos_resample="hf",
-                     backend=backend).to(device=ref.device, dtype=ref.dtype)
-        _load_hf_vision(vision, hf_model.vision_model)
-        hq = hf_model.qformer
-        qformer = QFormer(qc.hidden_size, qc.num_hidden_layers, qc.num_attention_heads, qc.encoder_hidden_size,
-                          qc.intermediate_size, cross_attention_frequency=qc.cross_attention_frequency,
-                          layer_norm_eps=qc.layer_norm_eps, activation=hf_activation(qc.hidden_act, f"{_OP}.from_hf"),
-                          dropout=qc.hidden_dropout_prob, backend=backend, device=hq.layernorm.weight.device,
-                          dtype=hq.layernorm.weight.dtype)
-        copy_weights(_qformer_pairs(qformer, hq), f"{_OP}.from_hf")
+        vision, qformer = _vision_from_hf(hf_model, backend), _qformer_from_hf(hf_model, backend, text=False)
         lm = DecoderLM.from_hf(hf_model.language_model, lm_head=getattr(hf_model, "lm_head", None), backend=backend)
-        hp = hf_model.language_projection
-        projection = nn.Linear(hp.in_features, hp.out_features, device=hp.weight.device, dtype=hp.weight.dtype)
-        copy_weights(module_pairs("language_projection", projection, hp), f"{_OP}.from_hf")
+        projection = _linear_from_hf(hf_model.language_projection, "language_projection")
         return cls(vision, qformer, hf_model.query_tokens, projection, lm, image_token_id=c.image_token_id).eval()
 
 
-def _qformer_pairs(ours, hf_qformer):
+def _qformer_pairs(ours, hf_qformer, hf_embeddings=None):
     def attention(prefix, mine, theirs, fused_q):
         a = theirs.attention
         if fused_q:
@@ -282,4 +333,43 @@ def _qformer_pairs(ours, hf_qformer):
         pairs += [*module_pairs(f"{p}.fc1", mine.fc1, theirs.intermediate_query.dense),
                   *module_pairs(f"{p}.fc2", mine.fc2, theirs.output_query.dense),
                   *module_pairs(f"{p}.ffn_norm", mine.ffn_norm, theirs.output_query.LayerNorm)]
+        if ours.text_ffn is not None:
+            t = ours.text_ffn[i]
+            pairs += [*module_pairs(f"text_ffn.{i}.fc1", t.fc1, theirs.intermediate.dense),
+                      *module_pairs(f"text_ffn.{i}.fc2", t.fc2, theirs.output.dense),
+                      *module_pairs(f"text_ffn.{i}.ffn_norm", t.ffn_norm, theirs.output.LayerNorm)]
+    if ours.word_embeddings is not None:
+        pairs += [("word_embeddings.weight", ours.word_embeddings.weight, hf_embeddings.word_embeddings.weight),
+                  ("position_embeddings.weight", ours.position_embeddings.weight,
+                   hf_embeddings.position_embeddings.weight)]
     return pairs
+
+
+def _vision_from_hf(hf_model, backend):
+    vc = hf_model.config.vision_config
+    ref = hf_model.vision_model.embeddings.patch_embedding.weight
+    vision = ViT(vc.image_size, vc.patch_size, 3, vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads,
+                 mlp_dim=vc.intermediate_size, act=hf_activation(vc.hidden_act, f"{_OP}.from_hf"),
+                 qkv_bias=vc.qkv_bias, norm_eps=vc.layer_norm_eps, final_norm="all", pos_resample="hf",
+                 backend=backend).to(device=ref.device, dtype=ref.dtype)
+    _load_hf_vision(vision, hf_model.vision_model)
+    return vision
+
+
+def _qformer_from_hf(hf_model, backend, text):
+    qc, hq = hf_model.config.qformer_config, hf_model.qformer
+    qformer = QFormer(qc.hidden_size, qc.num_hidden_layers, qc.num_attention_heads, qc.encoder_hidden_size,
+                      qc.intermediate_size, cross_attention_frequency=qc.cross_attention_frequency,
+                      layer_norm_eps=qc.layer_norm_eps, activation=hf_activation(qc.hidden_act, f"{_OP}.from_hf"),
+                      dropout=qc.hidden_dropout_prob, vocab_size=qc.vocab_size if text else None,
+                      max_positions=qc.max_position_embeddings, pad_token_id=qc.pad_token_id, backend=backend,
+                      device=hq.layernorm.weight.device, dtype=hq.layernorm.weight.dtype)
+    copy_weights(_qformer_pairs(qformer, hq, getattr(hf_model, "embeddings", None)), f"{_OP}.from_hf")
+    return qformer
+
+
+def _linear_from_hf(hf_linear, name):
+    out = nn.Linear(hf_linear.in_features, hf_linear.out_features, device=hf_linear.weight.device,
+                    dtype=hf_linear.weight.dtype)
+    copy_weights(module_pairs(name, out, hf_linear), f"{_OP}.from_hf")
+    return out
