@@ -2,7 +2,7 @@
 Hugging Face / timm / open_clip models they convert from."""
 from ._common import BaseModelOutputWithPooling, CLIPOutput, MaskedPatchOutput, ModelOutput
 from .albef import ALBEF
-from .blip2 import Blip2
+from .blip2 import Blip2, Blip2ForImageTextRetrieval
 from .blip import BLIP, BLIPForConditionalGeneration, BLIPForImageTextRetrieval, capfilt
 from .resnet import ModifiedResNet
 from .vit import ViT
@@ -10,7 +10,7 @@ from .clip import CLIP, TextTransformer
 from .moco import MoCo, MoCoOutput
 from ._presets import PRESETS, create_model
 
-__all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "Blip2", "BaseModelOutputWithPooling",
+__all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "Blip2", "Blip2ForImageTextRetrieval", "BaseModelOutputWithPooling",
            "CLIP", "CLIPOutput", "MaskedPatchOutput", "MoCo", "MoCoOutput", "ModelOutput",
            "ModifiedResNet", "PRESETS", "TextTransformer",
            "ViT", "capfilt", "create_model"]

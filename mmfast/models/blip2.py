@@ -308,6 +308,94 @@ class Blip2(nn.Module):
         return cls(vision, qformer, hf_model.query_tokens, projection, lm, image_token_id=c.image_token_id).eval()
 
 
+@dataclass(eq=False)
+class Blip2RetrievalOutput(ModelOutput):
+    """HF's ``Blip2ImageTextMatchingModelOutput``: ITM logits (B, 2) per pair, or ITC similarities (B, B)
+    (max over the queries), with the projected features (ITC) or the joint query outputs (ITM)."""
+    logits_per_image: torch.Tensor = None
+    logits_per_text: torch.Tensor = None
+    text_embeds: torch.Tensor = None
+    image_embeds: torch.Tensor = None
+
+
+class Blip2ForImageTextRetrieval(nn.Module):
+    """BLIP-2's stage-1 heads on the Q-Former (HF ``Blip2ForImageTextRetrieval``): ITC (query outputs and the
+    text [CLS] projected and normalised, similarity = max over the queries) and ITM (queries and text in one
+    bidirectional pass, the head averaged over the query outputs).
+
+    Args: vision (:class:`ViT`), qformer (a :class:`QFormer` with its text path), query_tokens (1, Q, hidden),
+    vision_projection / text_projection (hidden -> embed dim), itm_head (hidden -> 2); strip_image_tokens:
+    input_ids start with Q image placeholders that the text path drops (HF: ``image_token_index`` set).
+    """
+
+    def __init__(self, vision, qformer, query_tokens, vision_projection, text_projection, itm_head, *,
+                 strip_image_tokens=False):
+        super().__init__()
+        for name, value, kind in (("vision", vision, ViT), ("qformer", qformer, QFormer),
+                                  ("vision_projection", vision_projection, nn.Linear),
+                                  ("text_projection", text_projection, nn.Linear), ("itm_head", itm_head, nn.Linear)):
+            if not isinstance(value, kind):
+                raise ValueError(f"{_OP}: {name} must be a {kind.__name__}, got {type(value).__name__}")
+        if qformer.word_embeddings is None:
+            raise ValueError(f"{_OP}: qformer needs its text path (QFormer(..., vocab_size=...))")
+        if not isinstance(query_tokens, torch.Tensor) or query_tokens.dim() != 3 or query_tokens.shape[0] != 1 \
+                or query_tokens.shape[2] != qformer.hidden_size:
+            raise ValueError(f"{_OP}: query_tokens must be a (1, Q, {qformer.hidden_size}) tensor, got "
+                             f"{getattr(query_tokens, 'shape', type(query_tokens).__name__)}")
+        check_bool(_OP, "strip_image_tokens", strip_image_tokens)
+        self.vision, self.qformer = vision, qformer
+        self.vision_projection, self.text_projection, self.itm_head = vision_projection, text_projection, itm_head
+        self.query_tokens = nn.Parameter(query_tokens.detach().clone())
+        self.num_query_tokens, self.strip_image_tokens = query_tokens.shape[1], strip_image_tokens
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, use_image_text_matching_head=False):
+        """HF's forward: pixel_values (B, C, H, W), input_ids (B, L) (+ Q image tokens in front with
+        strip_image_tokens), attention_mask (B, L) 1 keep / 0 pad. Returns :class:`Blip2RetrievalOutput`."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            raise ValueError(f"{_OP}: pixel_values must be a (B, C, H, W) tensor, got "
+                             f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"{_OP}: input_ids must be a (B, L) tensor, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        check_bool(_OP, "use_image_text_matching_head", use_image_text_matching_head)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        Q = self.num_query_tokens
+        image_embeds = self.vision(pixel_values).last_hidden_state
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        text_ids = input_ids[:, Q:] if self.strip_image_tokens else input_ids
+        if use_image_text_matching_head:
+            # HF keeps the full mask (its first Q columns then cover the queries) when the image tokens are stripped
+            joint = self.qformer(queries, image_embeds, input_ids=text_ids, attention_mask=attention_mask)
+            logits = self.itm_head(joint[:, :Q].to(self.itm_head.weight.dtype)).mean(1)
+            return Blip2RetrievalOutput(logits_per_image=logits, logits_per_text=logits.t(), text_embeds=joint)
+        image_feat, text_feat = self.features(image_embeds, text_ids, attention_mask[:, Q:] if self.strip_image_tokens
+                                              else attention_mask)
+        sim = torch.matmul(image_feat, text_feat.t()).max(1).values
+        return Blip2RetrievalOutput(logits_per_image=sim, logits_per_text=sim.t(), text_embeds=text_feat,
+                                    image_embeds=image_feat)
+
+    def features(self, image_embeds, input_ids, attention_mask=None):
+        """ITC features: normalised projected query outputs (B, Q, E) and text [CLS] (B, E)."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = self.qformer(queries, image_embeds)
+        text_output = self.qformer(input_ids=input_ids, attention_mask=attention_mask)
+        image_feat = self.vision_projection(query_output.to(self.vision_projection.weight.dtype))
+        text_feat = self.text_projection(text_output[:, 0].to(self.text_projection.weight.dtype))
+        return F.normalize(image_feat, dim=-1), F.normalize(text_feat, dim=-1)
+
+    @classmethod
+    def from_hf(cls, hf_model, *, backend="auto"):
+        """From transformers' ``Blip2ForImageTextRetrieval``; weights copied, each part in its dtype there."""
+        kind = type(hf_model).__name__
+        if kind != "Blip2ForImageTextRetrieval":
+            raise ValueError(f"{_OP}.from_hf expects a Blip2ForImageTextRetrieval, got {kind}")
+        vision, qformer = _vision_from_hf(hf_model, backend), _qformer_from_hf(hf_model, backend, text=True)
+        heads = [_linear_from_hf(getattr(hf_model, n), n) for n in ("vision_projection", "text_projection", "itm_head")]
+        return cls(vision, qformer, hf_model.query_tokens, *heads,
+                   strip_image_tokens=hf_model.config.image_token_index is not None).eval()
+
+
 def _qformer_pairs(ours, hf_qformer, hf_embeddings=None):
     def attention(prefix, mine, theirs, fused_q):
         a = theirs.attention

@@ -169,3 +169,50 @@ def test_t5_language_model_is_refused():
         num_query_tokens=Q, image_token_id=IMAGE_TOKEN)
     with pytest.raises(ValueError, match="encoder-decoder"):
         Blip2.from_hf(transformers.Blip2ForConditionalGeneration(config))
+
+
+def _hf_retrieval(seed=0, image_token_id=None):
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=30, patch_size=6),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            cross_attention_frequency=2, encoder_hidden_size=32, vocab_size=V,
+                            max_position_embeddings=32, use_qformer_text_input=True),
+        text_config=dict(model_type="opt", vocab_size=V, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         ffn_dim=128),
+        num_query_tokens=Q, image_text_hidden_size=16, image_token_id=image_token_id)
+    torch.manual_seed(seed)
+    hf = transformers.Blip2ForImageTextRetrieval(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.2)
+    return hf
+
+
+@pytest.mark.parametrize("image_tokens", [False, True], ids=["text_only", "image_tokens"])
+@pytest.mark.parametrize("head", ["itc", "itm"])
+@needs_hf
+def test_retrieval_matches_hf(head, image_tokens):
+    """HF's two layouts: plain text, or Q image tokens in front (image_token_id set) that the Q-Former drops
+    (ITM then takes the full mask, its first Q columns covering the queries)."""
+    from mmfast.models.blip2 import Blip2ForImageTextRetrieval
+
+    hf = _hf_retrieval(image_token_id=IMAGE_TOKEN if image_tokens else None)
+    ours = Blip2ForImageTextRetrieval.from_hf(hf, backend="reference")
+    g = generator()
+    pixels = 3 * torch.randn(3, 3, 30, 30, generator=g)
+    ids = torch.randint(3, V, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:], mask[2, 3:] = 0, 0  # right padding
+    if image_tokens:
+        ids = torch.cat([torch.full((3, Q), IMAGE_TOKEN), ids], 1)
+        mask = torch.cat([torch.ones(3, Q, dtype=torch.long), mask], 1)
+    kw = dict(attention_mask=mask, use_image_text_matching_head=head == "itm")
+    got = ours(pixels, ids, **kw).logits_per_image
+    ref = copy.deepcopy(hf).double()(pixels.double(), ids, **kw).logits_per_image
+    yard = hf(pixels, ids, **kw).logits_per_image
+    assert got.shape == ((3, 2) if head == "itm" else (3, 3))
+    assert_close_by_rule(got, ref, yard, factor=2.0, floor=1e-6 * max(1.0, ref.abs().max().item()), what=head)
