@@ -19,12 +19,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmfast.kernels._common import check_bool, check_choice, check_int
-from mmfast.nn.bert import BertLayer, init_bert_weights
+from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
+from mmfast.nn.bert import BertLayer, BertLMHead, init_bert_weights
 from mmfast.nn.decoder import DecoderLM
 
 from ._common import ModelOutput, copy_weights, module_pairs
 from .blip import _load_hf_vision
+from .objectives import itm_pairs, sample_hard_negatives
 from .vit import ViT, hf_activation
 
 _OP = "Blip2"
@@ -100,11 +101,14 @@ class QFormer(nn.Module):
             with torch.no_grad():
                 init_bert_weights(self)
 
-    def forward(self, query_embeds=None, encoder_hidden_states=None, *, input_ids=None, attention_mask=None):
+    def forward(self, query_embeds=None, encoder_hidden_states=None, *, input_ids=None, attention_mask=None,
+                intervals=None):
         """query_embeds (B, Q, hidden) or None; encoder_hidden_states (B, N, encoder_hidden_size), every
         position kept (HF passes an all-ones image mask), needed with queries; input_ids (B, T) text (needs
         the text path); attention_mask (B, Q + T) or (B, T) (the queries then kept), 1 keep / 0 pad.
-        Bidirectional self-attention. Computed in this module's dtype; returns (B, Q + T, hidden)."""
+        Bidirectional self-attention, or `intervals` (kv_start, kv_end) over [queries; text], e.g. the ITG
+        mask of ``mmfast.kernels.attention.masks.qformer_masks``. Computed in this module's dtype; returns
+        (B, Q + T, hidden)."""
         op = "QFormer"
         dtype = self.layernorm.weight.dtype
         parts = []
@@ -138,8 +142,10 @@ class QFormer(nn.Module):
             if key_mask.shape[1] != L:
                 key_mask = F.pad(key_mask, (n_query, 0), value=False)
         context = encoder_hidden_states.to(dtype) if n_query else None
+        kv_start, kv_end = (None, None) if intervals is None else intervals
         for i, layer in enumerate(self.layers):
-            h = layer.self_norm(x + layer.dropout(layer.self_attn(x, key_padding_mask=key_mask)))
+            a = layer.self_attn(x, key_padding_mask=key_mask, kv_start=kv_start, kv_end=kv_end)
+            h = layer.self_norm(x + layer.dropout(a))
             query, text = h[:, :n_query], h[:, n_query:]
             if n_query:
                 if layer.cross_attn is not None:
@@ -326,10 +332,14 @@ class Blip2ForImageTextRetrieval(nn.Module):
     Args: vision (:class:`ViT`), qformer (a :class:`QFormer` with its text path), query_tokens (1, Q, hidden),
     vision_projection / text_projection (hidden -> embed dim), itm_head (hidden -> 2); strip_image_tokens:
     input_ids start with Q image placeholders that the text path drops (HF: ``image_token_index`` set).
+    Stage-1 training (:meth:`stage1_loss`, LAVIS ``Blip2Qformer.forward``): temp (learnable ITC temperature,
+    clamped to [0.001, 0.5]), label_smoothing (ITC and ITG, 0.1), lm_head (a
+    :class:`mmfast.nn.bert.BertLMHead` for ITG; None: no ITG, as HF's model) and bos_token_id (the [DEC]
+    token put first for ITG).
     """
 
     def __init__(self, vision, qformer, query_tokens, vision_projection, text_projection, itm_head, *,
-                 strip_image_tokens=False):
+                 strip_image_tokens=False, lm_head=None, temp=0.07, label_smoothing=0.1, bos_token_id=None):
         super().__init__()
         for name, value, kind in (("vision", vision, ViT), ("qformer", qformer, QFormer),
                                   ("vision_projection", vision_projection, nn.Linear),
@@ -347,6 +357,58 @@ class Blip2ForImageTextRetrieval(nn.Module):
         self.vision_projection, self.text_projection, self.itm_head = vision_projection, text_projection, itm_head
         self.query_tokens = nn.Parameter(query_tokens.detach().clone())
         self.num_query_tokens, self.strip_image_tokens = query_tokens.shape[1], strip_image_tokens
+        check_scalar(_OP, "temp", temp, lo=0.001, hi=0.5)
+        check_scalar(_OP, "label_smoothing", label_smoothing, lo=0.0, hi=1.0, hi_open=True)
+        if lm_head is not None:
+            if not isinstance(lm_head, BertLMHead):
+                raise ValueError(f"{_OP}: lm_head must be a BertLMHead or None, got {type(lm_head).__name__}")
+            check_int(_OP, "bos_token_id", bos_token_id, lo=0, hi=qformer.word_embeddings.num_embeddings - 1)
+        self.lm_head, self.bos_token_id, self.label_smoothing = lm_head, bos_token_id, label_smoothing
+        self.temp = nn.Parameter(torch.tensor(float(temp)))
+
+    def stage1_loss(self, pixel_values, input_ids, attention_mask=None, *, generator=None):
+        """BLIP-2 stage-1 losses (LAVIS ``Blip2Qformer.forward``) on a batch of B >= 2 pairs: input_ids (B, T)
+        text only (no image tokens), attention_mask (B, T). Returns a dict: ``itc`` (similarity = max over
+        the queries / temp, label smoothing, both directions: ``contrastive_loss`` with 3-D image features),
+        ``itm`` (one hard negative text per image and image per text drawn from the ITC similarities with
+        `generator`; cross-entropy over the 3B pairs), ``itg`` (with an lm_head: [DEC] first, text tokens
+        attend to every query and causally to the text, queries only to queries: the ITG interval mask;
+        shifted cross-entropy with label smoothing, pads ignored) and ``loss`` (their sum). ITC and ITM use
+        this rank's batch only."""
+        from mmfast.kernels import contrastive_loss
+        from mmfast.kernels.attention import masks
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_embeds = self.vision(pixel_values).last_hidden_state
+        image_feat, text_feat = self.features(image_embeds, input_ids, attention_mask)
+        scale = 1.0 / self.temp
+        itc = contrastive_loss(image_feat, text_feat, scale, log_scale=False, max_scale=None,
+                               label_smoothing=self.label_smoothing, backend="auto")
+        with torch.no_grad():
+            sim = torch.einsum("iqe,je->ijq", image_feat, text_feat).amax(-1) * scale
+            neg_text, neg_image = sample_hard_negatives(sim, sim.t(), generator)
+        images, ids, labels = itm_pairs(image_embeds, input_ids, neg_text, neg_image)
+        _, masks_, _ = itm_pairs(image_embeds, attention_mask, neg_text, neg_image)
+        Q = self.num_query_tokens
+        joint = self.qformer(self.query_tokens.expand(images.shape[0], -1, -1), images, input_ids=ids,
+                             attention_mask=masks_)
+        itm = F.cross_entropy(self.itm_head(joint[:, :Q]).mean(1).float(), labels)
+        out = {"itc": itc, "itm": itm}
+        if self.lm_head is not None:
+            dec = input_ids.clone()
+            dec[:, 0] = self.bos_token_id
+            intervals = masks.qformer_masks(Q, dec.shape[1], device=dec.device).itg
+            h = self.qformer(self.query_tokens.expand(dec.shape[0], -1, -1), image_embeds, input_ids=dec,
+                             attention_mask=attention_mask, intervals=intervals)
+            logits = self.lm_head(h[:, Q:])
+            targets = dec.masked_fill(attention_mask == 0, -100)[:, 1:]
+            out["itg"] = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                         ignore_index=-100, label_smoothing=self.label_smoothing)
+        out["loss"] = sum(out.values())
+        return out
 
     def forward(self, pixel_values, input_ids, attention_mask=None, use_image_text_matching_head=False):
         """HF's forward: pixel_values (B, C, H, W), input_ids (B, L) (+ Q image tokens in front with

@@ -216,3 +216,55 @@ def test_retrieval_matches_hf(head, image_tokens):
     yard = hf(pixels, ids, **kw).logits_per_image
     assert got.shape == ((3, 2) if head == "itm" else (3, 3))
     assert_close_by_rule(got, ref, yard, factor=2.0, floor=1e-6 * max(1.0, ref.abs().max().item()), what=head)
+
+
+@needs_hf
+def test_stage1_losses_match_hf_scores():
+    """ITC and ITM from HF's retrieval scores (the LAVIS formulas on them); ITG: a text token's logits do
+    not depend on later text, the queries' outputs not on any text."""
+    from torch.nn import functional as F
+
+    from mmfast.models.blip2 import Blip2ForImageTextRetrieval
+    from mmfast.nn.bert import BertLMHead
+
+    hf = _hf_retrieval()
+    ours = Blip2ForImageTextRetrieval.from_hf(hf, backend="reference")
+    ours.lm_head, ours.bos_token_id = BertLMHead(32, V), 3
+    g = generator()
+    pixels = 3 * torch.randn(3, 3, 30, 30, generator=g)
+    ids = torch.randint(4, V, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    seed = int(torch.randint(0, 2**31, (1,), generator=g))
+    got = ours.stage1_loss(pixels, ids, mask, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sim = hf(pixels, ids, attention_mask=mask).logits_per_image / 0.07
+        target = torch.arange(3)
+        itc = (F.cross_entropy(sim, target, label_smoothing=0.1) + F.cross_entropy(sim.t(), target,
+                                                                                 label_smoothing=0.1)) / 2
+        weights = [F.softmax(s, 1) + 1e-4 for s in (sim, sim.t())]
+        draws = torch.Generator().manual_seed(seed)
+        neg = []
+        for w in weights:
+            neg.append(torch.multinomial(w.fill_diagonal_(0), 1, generator=draws)[:, 0])
+        images = torch.cat([pixels, pixels[neg[1]], pixels])
+        texts, masks_ = torch.cat([ids, ids, ids[neg[0]]]), torch.cat([mask, mask, mask[neg[0]]])
+        itm_logits = hf(images, texts, attention_mask=masks_, use_image_text_matching_head=True).logits_per_image
+        itm = F.cross_entropy(itm_logits, torch.tensor([1] * 3 + [0] * 6))
+    torch.testing.assert_close(got["itc"], itc, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["itm"], itm, rtol=1e-4, atol=1e-5)
+    assert set(got) == {"itc", "itm", "itg", "loss"} and torch.isfinite(got["itg"])
+    torch.testing.assert_close(got["loss"], got["itc"] + got["itm"] + got["itg"])
+
+    from mmfast.kernels.attention import masks
+
+    image = ours.vision(pixels).last_hidden_state
+    queries = ours.query_tokens.expand(3, -1, -1)
+    itg = masks.qformer_masks(Q, 7).itg
+    h = ours.qformer(queries, image, input_ids=ids, intervals=itg)
+    changed = ids.clone()
+    changed[:, 4:] = 3
+    h2 = ours.qformer(queries, image, input_ids=changed, intervals=itg)
+    torch.testing.assert_close(h[:, :Q + 4], h2[:, :Q + 4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h[:, :Q], ours.qformer(queries, image), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(h[:, Q + 4:], h2[:, Q + 4:])
