@@ -9,8 +9,10 @@ Q-Former in fp32: transformers keeps ``qformer`` and ``query_tokens`` in fp32 wh
 vision tower's dtype before the projection. :meth:`Blip2.from_hf` copies each part in the dtype it has
 there, and :meth:`Blip2.cast` changes the dtype of everything but those two.
 
-Only the image-to-text (stage-2) path is here; the stage-1 objectives (ITC / ITM / ITG, the Q-Former's
-text path) are not implemented.
+Stage 1 (:class:`Blip2ForImageTextRetrieval`, drop-in for HF's): the Q-Former's text path (shared
+self-attention over [queries; text], separate query / text FFNs), ITC / ITM scores as HF, and LAVIS'
+training losses (ITC max over queries with label smoothing, ITM with hard negatives, ITG under the
+``qformer_masks`` interval mask). Stage 2 freezing: :meth:`Blip2.set_stage`.
 """
 from dataclasses import dataclass
 from typing import Any, Optional
