@@ -25,8 +25,12 @@ def _hf(seed=0):
                          ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64, pad_token_id=PAD,
                          bos_token_id=BOS, eos_token_id=EOS, dropout=0.0),
         num_query_tokens=Q, image_token_id=IMAGE_TOKEN)
+    return _randomised(transformers.Blip2ForConditionalGeneration, config, seed)
+
+
+def _randomised(cls, config, seed):
     torch.manual_seed(seed)
-    hf = transformers.Blip2ForConditionalGeneration(config).eval()
+    hf = cls(config).eval()
     with torch.no_grad():  # HF's init leaves norms at 1 / 0 and the query tokens at 0: random, so mappings show
         for name, p in hf.named_parameters():
             if "norm" in name.lower() and name.endswith("weight"):
@@ -181,15 +185,7 @@ def _hf_retrieval(seed=0, image_token_id=None):
         text_config=dict(model_type="opt", vocab_size=V, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                          ffn_dim=128),
         num_query_tokens=Q, image_text_hidden_size=16, image_token_id=image_token_id)
-    torch.manual_seed(seed)
-    hf = transformers.Blip2ForImageTextRetrieval(config).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.2)
-    return hf
+    return _randomised(transformers.Blip2ForImageTextRetrieval, config, seed)
 
 
 @pytest.mark.parametrize("image_tokens", [False, True], ids=["text_only", "image_tokens"])
