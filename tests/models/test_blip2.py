@@ -276,3 +276,23 @@ def test_stage1_losses_match_hf_scores():
     torch.testing.assert_close(h[:, :Q + 4], h2[:, :Q + 4], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h[:, :Q], ours.qformer(queries, image), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(h[:, Q + 4:], h2[:, Q + 4:])
+
+
+@needs_hf
+def test_bf16_model_with_fp32_qformer_matches_hf():
+    """HF's from_pretrained layout in bf16: Q-Former and query tokens fp32 (_keep_in_fp32_modules), the
+    rest bf16. from_hf keeps each part's dtype; logits within the rule of HF's own bf16 run."""
+    hf = _hf()
+    pixels, ids, mask = _inputs()
+    ref = copy.deepcopy(hf).double()(pixels.double(), ids, attention_mask=mask).logits
+    hf = hf.to(torch.bfloat16)
+    hf.qformer.float()
+    hf.query_tokens.data = hf.query_tokens.data.float()
+    ours = Blip2.from_hf(hf, backend="reference")
+    assert ours.qformer.layers[0].fc1.weight.dtype == ours.query_tokens.dtype == torch.float32
+    assert ours.vision.norm.weight.dtype == ours.language_model.lm_head.weight.dtype == torch.bfloat16
+    got = ours(pixels.bfloat16(), ids, attention_mask=mask).logits
+    yard = hf(pixels.bfloat16(), ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert got.dtype == torch.bfloat16
+    assert_close_by_rule(got[keep], ref[keep], yard[keep], factor=2.0, what="bf16 logits")
