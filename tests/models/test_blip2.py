@@ -115,7 +115,9 @@ def test_greedy_generation_equals_hf(prompt):
     if prompt == "none":
         expected = hf.generate(pixels, **kw)
         got = ours.generate(pixels, **kw)
-        assert not torch.equal(got[0], got[1])  # the captions depend on the image
+        # the prompt is the same for both rows: the first step's logits differ only through the image
+        first = ours(pixels, got[:, :Q + 1]).logits[:, -1]
+        assert not torch.allclose(first[0], first[1], atol=1e-3)
     else:
         expected = hf.generate(pixels, ids, attention_mask=mask, **kw)
         got = ours.generate(pixels, ids, attention_mask=mask, **kw)
@@ -273,8 +275,8 @@ def test_stage1_losses_match_hf_scores():
     changed = ids.clone()
     changed[:, 4:] = 3
     h2 = ours.qformer(queries, image, input_ids=changed, intervals=itg)
-    torch.testing.assert_close(h[:, :Q + 4], h2[:, :Q + 4], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(h[:, :Q], ours.qformer(queries, image), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h[:, :Q + 4], h2[:, :Q + 4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h[:, :Q], ours.qformer(queries, image), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(h[:, Q + 4:], h2[:, Q + 4:])
 
 
