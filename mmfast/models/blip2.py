@@ -464,7 +464,8 @@ def _qformer_pairs(ours, hf_qformer, hf_embeddings=None):
     def attention(prefix, mine, theirs, fused_q):
         a = theirs.attention
         if fused_q:
-            pairs = [(f"{prefix}.qkv.weight", mine.qkv.weight, torch.cat([a.query.weight, a.key.weight, a.value.weight])),
+            pairs = [(f"{prefix}.qkv.weight", mine.qkv.weight,
+                      torch.cat([a.query.weight, a.key.weight, a.value.weight])),
                      (f"{prefix}.qkv.bias", mine.qkv.bias, torch.cat([a.query.bias, a.key.bias, a.value.bias]))]
         else:
             pairs = [*module_pairs(f"{prefix}.q", mine.q, a.query),
