@@ -7,9 +7,10 @@ from .resnet import ModifiedResNet
 from .vit import ViT
 from .clip import CLIP, TextTransformer
 from .moco import MoCo, MoCoOutput
+from .llava import Llava
 from ._presets import PRESETS, create_model
 
 __all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "BaseModelOutputWithPooling",
-           "CLIP", "CLIPOutput", "MaskedPatchOutput", "MoCo", "MoCoOutput", "ModelOutput",
+           "CLIP", "CLIPOutput", "Llava", "MaskedPatchOutput", "MoCo", "MoCoOutput", "ModelOutput",
            "ModifiedResNet", "PRESETS", "TextTransformer",
            "ViT", "capfilt", "create_model"]

@@ -1,0 +1,168 @@
+"""Llava against transformers' LlavaForConditionalGeneration (tiny random CLIP tower + Llama): logits and
+loss on a left-padded batch, greedy generation, one forward through the Triton interpreter; the training
+stages' freezing; the LLaVA-1.5-7B preset's size."""
+import copy
+
+import pytest
+import torch
+from optional_deps import optional_import, requires
+
+from mmfast.models import Llava, create_model
+from mmfast.models._common import parameter_count
+from mmfast.nn.decoder import DecoderLM
+from numerics import assert_close_by_rule, generator
+
+transformers = optional_import("transformers")
+V, IMAGE, PATCHES, TEXT = 100, 99, 25, 6  # 3 text tokens either side of the image
+L = PATCHES + TEXT
+
+
+def _hf():
+    torch.manual_seed(generator().initial_seed() % 2**31)
+    vision = transformers.CLIPVisionConfig(image_size=30, patch_size=6, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, intermediate_size=64)
+    text = transformers.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                      projector_hidden_act="gelu")
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # norm weights and biases are 1 / 0 at init: random, so a wrong mapping cannot pass
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.2, 0.2)
+    return model
+
+
+def _batch():
+    """Two prompts [3 text, 25 image placeholders, 3 text]; row 1 shifted right behind 3 pads."""
+    g = generator()
+    ids = torch.randint(3, IMAGE, (2, L), generator=g)
+    ids[:, 3:3 + PATCHES] = IMAGE
+    ids[1] = torch.cat([torch.zeros(3, dtype=torch.long), ids[1, :-3]])
+    mask = torch.ones(2, L, dtype=torch.long)
+    mask[1, :3] = 0
+    pixels = torch.randn(2, 3, 30, 30, generator=g)
+    return ids, mask, pixels
+
+
+@requires("transformers")
+def test_logits_and_loss_match_hf_left_padded():
+    hf = _hf()
+    ours = Llava.from_hf(hf, backend="reference")
+    ids, mask, pixels = _batch()
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
+    keep = mask.bool()
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # what HF's generate passes for left-padded rows
+
+    def run(model, px, **kw):
+        out = model(input_ids=ids, pixel_values=px, attention_mask=mask, labels=labels, **kw)
+        return out.logits[keep], out.loss
+
+    got = run(ours, pixels)
+    ref = run(copy.deepcopy(hf).double(), pixels.double(), position_ids=positions)
+    yard = run(hf, pixels, position_ids=positions)
+    for name, a, r, y in zip(("logits", "loss"), got, ref, yard):
+        assert_close_by_rule(a, r, y, floor=1e-6 * max(1.0, r.abs().max().item()), what=name)
+
+
+@requires("transformers")
+def test_greedy_generation_equals_hf():
+    hf = _hf()
+    ours = Llava.from_hf(hf, backend="reference")
+    ids, mask, pixels = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=2, pad_token_id=0)
+    expected = hf.generate(input_ids=ids, pixel_values=pixels, **kw)
+    got = ours.generate(ids, pixels, **kw)
+    assert got.shape == (2, L + 5)
+    assert torch.equal(got, expected), f"{got[:, L:]}\n{expected[:, L:]}"
+
+
+@requires("transformers")
+def test_triton_interpreter_matches_reference():
+    """Patch embedding, the vision tower's attention and the decoder's causal, left-padded GQA attention
+    through the Triton kernels (interpreter on CPU)."""
+    hf = _hf()
+    ref, tri = Llava.from_hf(hf, backend="reference"), Llava.from_hf(hf, backend="triton")
+    ids, mask, pixels = _batch()
+    keep = mask.bool()
+    with torch.no_grad():
+        a = tri(ids, pixels, mask).logits[keep]
+        b = ref(ids, pixels, mask).logits[keep]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _tiny(**kw):
+    vision = dict(img_size=30, patch_size=6, embed_dim=32, depth=2, num_heads=2, act="quick_gelu", patch_bias=False,
+                  pre_norm=True, final_norm="pooled", backend="reference")
+    lm = dict(vocab_size=V, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+              backend="reference")
+    return Llava(vision, kw.pop("projector", "mlp"), lm, IMAGE, **kw)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_freezing_after_one_step(stage):
+    model = _tiny().set_stage(stage)
+    ids, mask, pixels = _batch()
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(ids, pixels, mask, labels=labels).loss.backward()
+    opt.step()
+    expect = ("projector.",) if stage == 1 else ("projector.", "language_model.")
+    assert trainable == {n for n in before if n.startswith(expect)}
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+        else:
+            assert p.grad is None and torch.equal(p, before[n]), f"frozen {n} changed"
+
+
+def test_feature_layer_runs_only_the_layers_it_needs():
+    """Layer −2 of a 2-layer tower is the first layer's output: the last layer's weights cannot matter."""
+    model = _tiny()
+    ids, mask, pixels = _batch()
+    with torch.no_grad():
+        feats = model.get_image_features(pixels)
+        model.vision.encoder.layers[-1].mlp.fc2.weight.add_(1.0)
+        assert torch.equal(model.get_image_features(pixels), feats)
+        full = _tiny(vision_feature_select_strategy="full", vision_feature_layer=[-2, -1])
+        assert full.get_image_features(pixels).shape == (2, PATCHES + 1, 64)
+
+
+def test_linear_projector_and_text_only_prompt():
+    model = _tiny(projector="linear")
+    assert isinstance(model.projector, torch.nn.Linear) and model.projector.in_features == 32
+    ids = torch.randint(3, IMAGE, (2, 7), generator=generator())
+    torch.testing.assert_close(model(ids).logits, model.language_model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: _tiny(vision_feature_select_strategy="cls"), "vision_feature_select_strategy"),
+    (lambda: _tiny(vision_feature_layer=3), "vision_feature_layer"),
+    (lambda: _tiny(projector="conv"), "projector"),
+    (lambda: Llava(torch.nn.Linear(2, 2), "mlp", {}, 1), "vision"),
+    (lambda: _tiny().set_stage(3), "stage"),
+], ids=["strategy", "layer", "projector", "vision-type", "stage"])
+def test_invalid_arguments_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_placeholder_count_must_match_features():
+    model = _tiny()
+    ids, mask, pixels = _batch()
+    with pytest.raises(ValueError, match="image tokens"):
+        model(ids, pixels[:1], mask)
+
+
+def test_llava_1_5_7b_parameter_count():
+    with torch.device("meta"):
+        model = create_model("llava-1.5-7b")
+    assert isinstance(model.language_model, DecoderLM)
+    # llava-hf/llava-1.5-7b-hf: 7,063,427,072 parameters (CLIP ViT-L/14-336 tower 303.5M, projector 21.0M,
+    # Vicuna-7B with the 32064-token vocabulary)
+    assert parameter_count(model) / 1e9 == pytest.approx(7.063, abs=1e-3)
