@@ -7,10 +7,10 @@ from .resnet import ModifiedResNet
 from .vit import ViT
 from .clip import CLIP, TextTransformer
 from .moco import MoCo, MoCoOutput
-from .llava import Llava
+from .llava import Llava, LlavaNext
 from ._presets import PRESETS, create_model
 
 __all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "BaseModelOutputWithPooling",
-           "CLIP", "CLIPOutput", "Llava", "MaskedPatchOutput", "MoCo", "MoCoOutput", "ModelOutput",
+           "CLIP", "CLIPOutput", "Llava", "LlavaNext", "MaskedPatchOutput", "MoCo", "MoCoOutput", "ModelOutput",
            "ModifiedResNet", "PRESETS", "TextTransformer",
            "ViT", "capfilt", "create_model"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mmfast.kernels._common import check_choice, check_int
-from mmfast.nn.decoder import DecoderLM, DecoderLMOutput
+from mmfast.nn.decoder import DecoderLM
 from mmfast.nn.transformer import ACTIVATIONS, activation
 
 from ._common import copy_weights, module_pairs
@@ -115,7 +115,12 @@ class Llava(nn.Module):
         feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
         return self.projector(feats)
 
-    def embed(self, input_ids, pixel_values=None):
+    def _image_tokens(self, pixel_values, image_sizes):
+        if image_sizes is not None:
+            raise ValueError(f"{_OP}: image_sizes belongs to LlavaNext (AnyRes); Llava encodes whole images")
+        return self.get_image_features(pixel_values).flatten(0, 1)
+
+    def embed(self, input_ids, pixel_values=None, image_sizes=None):
         """Token embeddings with each image placeholder replaced by the next visual token (HF's
         ``get_placeholder_mask`` + ``masked_scatter``)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -123,32 +128,32 @@ class Llava(nn.Module):
         embeds = self.language_model.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
-        features = self.get_image_features(pixel_values).to(embeds.dtype)
+        features = self._image_tokens(pixel_values, image_sizes).to(embeds.dtype)
         mask = input_ids == self.image_token_index
-        if int(mask.sum()) != features.shape[0] * features.shape[1]:
+        if int(mask.sum()) != features.shape[0]:
             raise ValueError(f"{_OP}: image features and image tokens do not match: tokens {int(mask.sum())}, "
-                             f"features {features.shape[0] * features.shape[1]}")
+                             f"features {features.shape[0]}")
         return embeds.masked_scatter(mask[..., None], features)
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, *, cache=None,
-                use_cache=False, labels=None, logits_to_keep=0, output_hidden_states=False):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, *, image_sizes=None,
+                cache=None, use_cache=False, labels=None, logits_to_keep=0, output_hidden_states=False):
         """HF ``LlavaForConditionalGeneration``'s inputs: input_ids (B, L) with one `image_token_index` per
         visual token; pixel_values (num_images, 3, H, W); attention_mask (B, L) 1 keep / 0 pad (left or right
         padding); labels: the shifted next-token cross-entropy, -100 ignored. position_ids default to the
         count of real tokens (HF's generate; its plain forward uses the column index on left-padded rows).
-        Returns :class:`DecoderLMOutput` (loss, logits, cache, hidden_states)."""
+        `image_sizes`: LlavaNext only. Returns ``mmfast.nn.decoder.DecoderLMOutput`` (loss, logits, cache, hidden_states)."""
         if cache is not None and cache.length and pixel_values is not None:
             raise ValueError(f"{_OP}: pixel_values go with the prompt, not with cached decoding steps")
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_sizes)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, use_cache=use_cache, labels=labels, logits_to_keep=logits_to_keep,
                                    output_hidden_states=output_hidden_states)
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, *, image_sizes=None, **kwargs):
         """HF's ``generate`` (greedy, beam search, sampling: see ``DecoderLM.generate``) from a prompt whose
         image placeholders hold the visual tokens; returns the prompt ids followed by the new tokens, as HF."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_sizes)
         return self.language_model.generate(input_ids, attention_mask, inputs_embeds=embeds, **kwargs)
 
     # ---- conversion --------------------------------------------------------------------------------------
@@ -157,24 +162,129 @@ class Llava(nn.Module):
         """From a transformers ``LlavaForConditionalGeneration`` (weights copied: the CLIP tower into a
         :class:`ViT`, the Llama body and ``lm_head`` into a :class:`DecoderLM`, the projector's
         ``linear_1`` / ``linear_2`` into a :class:`Projector`)."""
-        if type(hf_model).__name__ != "LlavaForConditionalGeneration":
-            raise ValueError(f"Llava.from_hf expects a transformers LlavaForConditionalGeneration, got "
-                             f"{type(hf_model).__name__}")
-        c, body = hf_model.config, hf_model.model
-        tower = getattr(body.vision_tower, "vision_model", body.vision_tower)
-        if not hasattr(tower, "pre_layrnorm"):
-            raise ValueError(f"Llava.from_hf: only a CLIP vision tower is supported, got "
-                             f"{type(body.vision_tower).__name__}")
-        vision = ViT.from_hf(tower, backend=backend)
-        lm = DecoderLM.from_hf(body.language_model, lm_head=hf_model.lm_head, backend=backend)
-        p = body.multi_modal_projector
-        w = p.linear_1.weight
-        projector = Projector(w.shape[1], w.shape[0], act=hf_activation(c.projector_hidden_act, "Llava.from_hf"),
-                        bias=p.linear_1.bias is not None).to(device=w.device, dtype=w.dtype)
-        copy_weights(module_pairs("linear_1", projector.fc1, p.linear_1) + module_pairs("linear_2", projector.fc2,
-                                                                                         p.linear_2), "Llava.from_hf")
-        return cls(vision, projector, lm, c.image_token_id, vision_feature_layer=c.vision_feature_layer,
+        parts, c = _hf_parts(hf_model, "LlavaForConditionalGeneration", backend)
+        return cls(*parts, vision_feature_layer=c.vision_feature_layer,
                    vision_feature_select_strategy=c.vision_feature_select_strategy)
 
 
-__all__ = ["Llava", "Projector", "DecoderLMOutput"]
+def _hf_parts(hf_model, expected, backend):
+    """(vision, projector, language model, image token id) of a transformers LLaVA model, and its config."""
+    if type(hf_model).__name__ != expected:
+        raise ValueError(f"from_hf expects a transformers {expected}, got {type(hf_model).__name__}")
+    c, body = hf_model.config, hf_model.model
+    tower = getattr(body.vision_tower, "vision_model", body.vision_tower)
+    if not hasattr(tower, "pre_layrnorm"):
+        raise ValueError(f"from_hf: only a CLIP vision tower is supported, got {type(body.vision_tower).__name__}")
+    vision = ViT.from_hf(tower, backend=backend)
+    lm = DecoderLM.from_hf(body.language_model, lm_head=hf_model.lm_head, backend=backend)
+    p = body.multi_modal_projector
+    w = p.linear_1.weight
+    projector = Projector(w.shape[1], w.shape[0], act=hf_activation(c.projector_hidden_act, "from_hf"),
+                          bias=p.linear_1.bias is not None).to(device=w.device, dtype=w.dtype)
+    copy_weights(module_pairs("linear_1", projector.fc1, p.linear_1)
+                 + module_pairs("linear_2", projector.fc2, p.linear_2), f"{expected} projector")
+    return (vision, projector, lm, c.image_token_id), c
+
+
+def select_best_resolution(image_size, possible_resolutions):
+    """The AnyRes canvas (height, width) for an image of `image_size` (height, width), as Hugging Face's
+    image processor chooses it: the most image pixels kept after an aspect-preserving fit (never counting
+    upscaling), ties broken by the least wasted canvas; the first such in list order."""
+    height, width = (int(v) for v in image_size)
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for h, w in possible_resolutions:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = w * h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (h, w), effective, wasted
+    return best
+
+
+def _unpadded(image_size, rows, cols):
+    """Rows and columns of a (rows, cols) feature canvas covered by the image once the processor's centred
+    padding is removed (HF's ``unpad_image``, its Python rounding included): (top, bottom, left, right)."""
+    height, width = (int(v) for v in image_size)
+    if width / height > cols / rows:
+        pad = (rows - int(round(height * (cols / width), 7))) // 2
+        return pad, rows - pad, 0, cols
+    pad = (cols - int(round(width * (rows / height), 7))) // 2
+    return 0, rows, pad, cols - pad
+
+
+class LlavaNext(Llava):
+    """LLaVA-NeXT (AnyRes): each image arrives as the whole image resized to one tile followed by the tiles of
+    the canvas ``select_best_resolution`` picks from `image_grid_pinpoints` ((height, width) pairs, multiples
+    of the tower's image size). The tiles' features are stitched into one map, the processor's padding is
+    cut off, a learned ``image_newline`` ends each row; the whole image's tokens come first.
+    Inputs as HF's ``LlavaNextForConditionalGeneration``: pixel_values (num_images, max_tiles, 3, S, S)
+    (or the used tiles stacked, 4-D) and image_sizes (num_images, 2) original (height, width)."""
+
+    def __init__(self, vision, projector, language_model, image_token_index, *, image_grid_pinpoints, **kwargs):
+        super().__init__(vision, projector, language_model, image_token_index, **kwargs)
+        tile = self.vision.img_size
+        if not isinstance(image_grid_pinpoints, (list, tuple)) or not image_grid_pinpoints:
+            raise ValueError("LlavaNext: image_grid_pinpoints must be a non-empty list of (height, width)")
+        for pin in image_grid_pinpoints:
+            if (not isinstance(pin, (list, tuple)) or len(pin) != 2
+                    or not all(isinstance(v, int) and v > 0 and v % tile == 0 for v in pin)):
+                raise ValueError(f"LlavaNext: image_grid_pinpoints: each must be (height, width), positive multiples "
+                                 f"of the tile size {tile}, got {pin!r}")
+        if self.vision_feature_select_strategy == "full" and self.vision.num_prefix_tokens:
+            raise ValueError("LlavaNext: vision_feature_select_strategy='full' keeps [CLS], which does not tile into "
+                             "the feature map (HF warns and fails the same way)")
+        self.image_grid_pinpoints = [tuple(pin) for pin in image_grid_pinpoints]
+        hidden = self.language_model.hidden_size
+        self.image_newline = nn.Parameter(torch.randn(hidden) / hidden ** 0.5)  # HF's init (std 1/sqrt(hidden))
+
+    def grid(self, image_size):
+        """(rows, cols) of tiles for an image of `image_size` (height, width)."""
+        h, w = select_best_resolution(image_size, self.image_grid_pinpoints)
+        return h // self.vision.img_size, w // self.vision.img_size
+
+    def num_image_tokens(self, image_size):
+        """Placeholders one image of `image_size` (height, width) fills (the processor's count)."""
+        side = self.vision.img_size // self.vision.patch_size
+        rows, cols = self.grid(image_size)
+        top, bottom, left, right = _unpadded(image_size, rows * side, cols * side)
+        return side * side + (bottom - top) * (right - left + 1)
+
+    def _image_tokens(self, pixel_values, image_sizes):
+        if not isinstance(image_sizes, torch.Tensor) and not isinstance(image_sizes, (list, tuple)):
+            raise ValueError("LlavaNext: image_sizes (num_images, 2) is required with pixel_values")
+        sizes = torch.as_tensor(image_sizes).tolist()
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() not in (4, 5):
+            raise ValueError("LlavaNext: pixel_values must be (num_images, tiles, 3, S, S) or (tiles, 3, S, S)")
+        grids = [self.grid(size) for size in sizes]
+        counts = [1 + r * c for r, c in grids]
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(sizes):
+                raise ValueError(f"LlavaNext: {pixel_values.shape[0]} images of pixel_values, {len(sizes)} image_sizes")
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])
+        if pixel_values.shape[0] != sum(counts):
+            raise ValueError(f"LlavaNext: pixel_values hold {pixel_values.shape[0]} tiles, image_sizes need {sum(counts)}")
+        side = self.vision.img_size // self.vision.patch_size
+        out = []
+        for feats, size, (rows, cols) in zip(self.get_image_features(pixel_values).split(counts), sizes, grids):
+            D = feats.shape[-1]
+            canvas = feats[1:].view(rows, cols, side, side, D).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, D)
+            top, bottom, left, right = _unpadded(size, rows * side, cols * side)
+            canvas = canvas[top:bottom, left:right]
+            newline = self.image_newline.to(canvas.dtype).expand(canvas.shape[0], 1, D)
+            out += [feats[0], torch.cat([canvas, newline], 1).reshape(-1, D)]
+        return torch.cat(out)
+
+    @classmethod
+    def from_hf(cls, hf_model, *, backend="auto"):
+        """From a transformers ``LlavaNextForConditionalGeneration`` (as :meth:`Llava.from_hf`, plus the
+        grid pinpoints and ``image_newline``)."""
+        parts, c = _hf_parts(hf_model, "LlavaNextForConditionalGeneration", backend)
+        model = cls(*parts, image_grid_pinpoints=[list(p) for p in c.image_grid_pinpoints],
+                    vision_feature_layer=c.vision_feature_layer,
+                    vision_feature_select_strategy=c.vision_feature_select_strategy)
+        newline = hf_model.model.image_newline
+        model.image_newline = nn.Parameter(newline.detach().clone())
+        return model
+
+
+__all__ = ["Llava", "LlavaNext", "Projector", "select_best_resolution"]

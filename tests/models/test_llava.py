@@ -7,7 +7,7 @@ import pytest
 import torch
 from optional_deps import optional_import, requires
 
-from mmfast.models import Llava
+from mmfast.models import Llava, LlavaNext
 from numerics import assert_close_by_rule, generator
 
 transformers = optional_import("transformers")
@@ -155,3 +155,114 @@ def test_placeholder_count_must_match_features():
     ids, mask, pixels = _batch()
     with pytest.raises(ValueError, match="image tokens"):
         model(ids, pixels[:1], mask)
+
+
+# ---- LLaVA-NeXT (AnyRes) ---------------------------------------------------------------------------------
+TILE = 12  # tiles of 12x12 pixels, 2x2 patches of 6
+PINPOINTS = [[12, 24], [24, 12], [24, 24], [12, 36], [36, 12]]
+# on a 1x3 canvas (padding columns cut), a 3x1 canvas (rows cut), an exact 1x2 fit, a 2x2 canvas
+SIZES = [(40, 90), (90, 40), (12, 24), (40, 44)]
+
+
+def _hf_next():
+    torch.manual_seed(generator().initial_seed() % 2**31)
+    vision = transformers.CLIPVisionConfig(image_size=TILE, patch_size=6, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, intermediate_size=64)
+    text = transformers.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                          projector_hidden_act="gelu", image_grid_pinpoints=PINPOINTS)
+    return transformers.LlavaNextForConditionalGeneration(config).eval()
+
+
+def _next_batch(model):
+    """One image per row (rows 0, 1: SIZES[0], SIZES[1]), each prompt [2 text, image placeholders, 2 text],
+    left-padded to the longest; pixel_values (2, max tiles, 3, 12, 12) as the processor pads them."""
+    g = generator()
+    sizes = torch.tensor(SIZES[:2])
+    counts = [model.num_image_tokens(s) for s in SIZES[:2]]
+    length = max(counts) + 4
+    ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    for row, n in enumerate(counts):
+        text = torch.randint(3, IMAGE, (4,), generator=g)
+        ids[row, length - n - 4:] = torch.cat([text[:2], torch.full((n,), IMAGE), text[2:]])
+        mask[row, length - n - 4:] = 1
+    tiles = max(1 + r * c for r, c in map(model.grid, SIZES[:2]))
+    pixels = torch.randn(2, tiles, 3, TILE, TILE, generator=g)
+    return ids, mask, pixels, sizes
+
+
+@requires("transformers")
+def test_anyres_grid_equals_hf_processor():
+    from transformers.image_processing_utils import select_best_resolution as hf_select
+
+    from mmfast.models.llava import select_best_resolution
+
+    g = generator()
+    sizes = [tuple(s) for s in torch.randint(4, 80, (200, 2), generator=g).tolist()] + SIZES
+    assert all(select_best_resolution(s, PINPOINTS) == tuple(hf_select(s, PINPOINTS)) for s in sizes)
+    processor = transformers.LlavaNextImageProcessor(image_grid_pinpoints=PINPOINTS, size={"shortest_edge": TILE},
+                                                     crop_size={"height": TILE, "width": TILE})
+    model = LlavaNext.from_hf(_hf_next(), backend="reference")
+    for h, w in SIZES:
+        tiles = processor(images=[torch.rand(h, w, 3).numpy()], return_tensors="pt", do_rescale=False)["pixel_values"]
+        rows, cols = model.grid((h, w))
+        assert tiles.shape[1] == 1 + rows * cols, (h, w)
+    uncut = [4 + 2 * rows * (2 * cols + 1) for rows, cols in map(model.grid, SIZES)]
+    got = [model.num_image_tokens(s) for s in SIZES]
+    assert [a < b for a, b in zip(got, uncut)] == [True, True, False, False]  # the unpadding cases are covered
+
+
+@requires("transformers")
+def test_next_logits_and_generation_match_hf():
+    hf = _hf_next()
+    ours = LlavaNext.from_hf(hf, backend="reference")
+    with torch.no_grad():  # the exact-fit size too: HF's feature count per image equals ours
+        px = torch.randn(len(SIZES), 7, 3, TILE, TILE, generator=generator())
+        theirs = hf.model.get_image_features(px, torch.tensor(SIZES)).pooler_output
+        assert [f.shape[0] for f in theirs] == [ours.num_image_tokens(s) for s in SIZES]
+        torch.testing.assert_close(ours._image_tokens(px, torch.tensor(SIZES)), torch.cat(theirs),
+                                   rtol=1e-5, atol=1e-5)
+    ids, mask, pixels, sizes = _next_batch(ours)
+    keep = mask.bool()
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+
+    def run(model, px, **kw):
+        return model(input_ids=ids, pixel_values=px, attention_mask=mask, image_sizes=sizes, **kw).logits[keep]
+
+    with torch.no_grad():
+        got = run(ours, pixels)
+        ref = run(copy.deepcopy(hf).double(), pixels.double(), position_ids=positions)
+        yard = run(hf, pixels, position_ids=positions)
+    assert_close_by_rule(got, ref, yard, floor=1e-6 * max(1.0, ref.abs().max().item()), what="logits")
+    kw = dict(attention_mask=mask, image_sizes=sizes, max_new_tokens=5, do_sample=False, eos_token_id=2,
+              pad_token_id=0)
+    assert torch.equal(ours.generate(ids, pixels, **kw), hf.generate(input_ids=ids, pixel_values=pixels, **kw))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: _tiny_next(image_grid_pinpoints=[[12, 20]]), "image_grid_pinpoints"),
+    (lambda: _tiny_next(image_grid_pinpoints=[]), "image_grid_pinpoints"),
+    (lambda: _tiny_next(vision_feature_select_strategy="full"), "full"),
+], ids=["not-tile-multiple", "empty", "full-with-cls"])
+def test_next_invalid_arguments_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def _tiny_next(**kw):
+    vision = dict(img_size=TILE, patch_size=6, embed_dim=32, depth=2, num_heads=2, patch_bias=False, pre_norm=True,
+                  final_norm="pooled", backend="reference")
+    lm = dict(vocab_size=V, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, backend="reference")
+    return LlavaNext(vision, "mlp", lm, IMAGE, **{"image_grid_pinpoints": PINPOINTS, **kw})
+
+
+def test_next_tile_count_must_match_image_sizes():
+    model = _tiny_next()
+    ids, mask, pixels, sizes = _next_batch(model)
+    with pytest.raises(ValueError, match="tiles"):
+        model(ids, pixels.flatten(0, 1)[:-1], mask, image_sizes=sizes)
+    with pytest.raises(ValueError, match="image_sizes"):
+        model(ids, pixels, mask)
