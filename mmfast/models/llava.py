@@ -5,6 +5,8 @@ placeholders of the prompt → a Llama / Vicuna decoder (``mmfast.nn.decoder.Dec
 Hugging Face's ``LlavaForConditionalGeneration`` (transformers 5) is the contract: the processor has
 already expanded each ``<image>`` into one placeholder per visual token, and the features of all images,
 in order, fill the placeholders of the batch in row-major order (``masked_scatter``)."""
+import math
+
 import torch
 from torch import nn
 
@@ -201,6 +203,45 @@ def select_best_resolution(image_size, possible_resolutions):
     return best
 
 
+def anyres_tiles(image, grid_pinpoints, tile_size, *, mean=None, std=None):
+    """LLaVA-NeXT's AnyRes preprocessing of one (C, H, W) float image, as Hugging Face's (torchvision)
+    ``LlavaNextImageProcessor``: the whole image resized to (tile, tile), then the tiles, row by row, of the
+    image fitted into the canvas ``select_best_resolution`` picks (aspect kept, bicubic with antialiasing,
+    zero padding centred). `mean` / `std` (per channel): normalise as the processor's ``do_normalize``.
+    Returns (1 + rows·cols, C, tile, tile); ``image.shape[-2:]`` is the model's ``image_sizes`` row."""
+    from torch.nn import functional as F
+
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or not image.is_floating_point():
+        raise ValueError(f"anyres_tiles: image must be a (C, H, W) float tensor, got "
+                         f"{getattr(image, 'shape', type(image).__name__)}")
+    check_int("anyres_tiles", "tile_size", tile_size, lo=1)
+    height, width = image.shape[-2:]
+    canvas_h, canvas_w = select_best_resolution((height, width), grid_pinpoints)
+    if canvas_h % tile_size or canvas_w % tile_size:
+        raise ValueError(f"anyres_tiles: grid_pinpoints must be multiples of tile_size {tile_size}, "
+                         f"got {(canvas_h, canvas_w)}")
+    if canvas_w / width < canvas_h / height:  # the processor's get_patch_output_size
+        new_h, new_w = min(math.ceil(height * canvas_w / width), canvas_h), canvas_w
+    else:
+        new_h, new_w = canvas_h, min(math.ceil(width * canvas_h / height), canvas_w)
+
+    def resize(x, size):
+        return F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+
+    fitted = resize(image, (new_h, new_w))
+    left, top = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
+    fitted = F.pad(fitted, (left, canvas_w - new_w - left, top, canvas_h - new_h - top))
+    c = image.shape[0]
+    tiles = fitted.view(c, canvas_h // tile_size, tile_size, canvas_w // tile_size, tile_size)
+    tiles = tiles.permute(1, 3, 0, 2, 4).reshape(-1, c, tile_size, tile_size)
+    out = torch.cat([resize(image, (tile_size, tile_size))[None], tiles])
+    if mean is not None or std is not None:
+        mean = torch.as_tensor(0.0 if mean is None else mean, dtype=out.dtype).reshape(-1, 1, 1)
+        std = torch.as_tensor(1.0 if std is None else std, dtype=out.dtype).reshape(-1, 1, 1)
+        out = (out - mean) / std
+    return out
+
+
 def _unpadded(image_size, rows, cols):
     """Rows and columns of a (rows, cols) feature canvas covered by the image once the processor's centred
     padding is removed (HF's ``unpad_image``, its Python rounding included): (top, bottom, left, right)."""
@@ -287,4 +328,4 @@ class LlavaNext(Llava):
         return model
 
 
-__all__ = ["Llava", "LlavaNext", "Projector", "select_best_resolution"]
+__all__ = ["Llava", "LlavaNext", "Projector", "anyres_tiles", "select_best_resolution"]

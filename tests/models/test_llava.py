@@ -1,6 +1,7 @@
 """Llava against transformers' LlavaForConditionalGeneration (tiny random CLIP tower + Llama): logits and
 loss on a left-padded batch, greedy generation, one forward through the Triton interpreter; the training
-stages' freezing. (The llava-1.5-7b preset's size: tests/models/test_presets.py.)"""
+stages' freezing; LlavaNext's AnyRes grid choice and tiles against HF's image processor, its logits and
+generation. (The presets' sizes: tests/models/test_presets.py.)"""
 import copy
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from optional_deps import optional_import, requires
 
 from mmfast.models import Llava, LlavaNext
+from mmfast.models.llava import anyres_tiles, select_best_resolution
 from numerics import assert_close_by_rule, generator
 
 transformers = optional_import("transformers")
@@ -195,21 +197,22 @@ def _next_batch(model):
 
 
 @requires("transformers")
-def test_anyres_grid_equals_hf_processor():
+def test_anyres_grid_and_tiles_equal_hf_processor():
     from transformers.image_processing_utils import select_best_resolution as hf_select
-
-    from mmfast.models.llava import select_best_resolution
 
     g = generator()
     sizes = [tuple(s) for s in torch.randint(4, 80, (200, 2), generator=g).tolist()] + SIZES
     assert all(select_best_resolution(s, PINPOINTS) == tuple(hf_select(s, PINPOINTS)) for s in sizes)
     processor = transformers.LlavaNextImageProcessor(image_grid_pinpoints=PINPOINTS, size={"shortest_edge": TILE},
                                                      crop_size={"height": TILE, "width": TILE})
-    model = LlavaNext.from_hf(_hf_next(), backend="reference")
-    for h, w in SIZES:
-        tiles = processor(images=[torch.rand(h, w, 3).numpy()], return_tensors="pt", do_rescale=False)["pixel_values"]
+    model = _tiny_next()
+    for h, w in SIZES + [(7, 50), (33, 17)]:  # + fits that leave odd padding (the extra pixel goes right / below)
+        image = torch.rand(3, h, w, generator=g)
+        expected = processor(images=[image], return_tensors="pt", do_rescale=False)["pixel_values"][0]
+        got = anyres_tiles(image, PINPOINTS, TILE, mean=processor.image_mean, std=processor.image_std)
         rows, cols = model.grid((h, w))
-        assert tiles.shape[1] == 1 + rows * cols, (h, w)
+        assert got.shape[0] == 1 + rows * cols
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=f"{(h, w)}")
     uncut = [4 + 2 * rows * (2 * cols + 1) for rows, cols in map(model.grid, SIZES)]
     got = [model.num_image_tokens(s) for s in SIZES]
     assert [a < b for a, b in zip(got, uncut)] == [True, True, False, False]  # the unpadding cases are covered
@@ -246,7 +249,9 @@ def test_next_logits_and_generation_match_hf():
     (lambda: _tiny_next(image_grid_pinpoints=[[12, 20]]), "image_grid_pinpoints"),
     (lambda: _tiny_next(image_grid_pinpoints=[]), "image_grid_pinpoints"),
     (lambda: _tiny_next(vision_feature_select_strategy="full"), "full"),
-], ids=["not-tile-multiple", "empty", "full-with-cls"])
+    (lambda: anyres_tiles(torch.rand(3, 9, 9), [[12, 20]], TILE), "multiples"),
+    (lambda: anyres_tiles(torch.zeros(3, 9, 9, dtype=torch.uint8), PINPOINTS, TILE), "float"),
+], ids=["not-tile-multiple", "empty", "full-with-cls", "tiles-pinpoints", "tiles-dtype"])
 def test_next_invalid_arguments_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
