@@ -26,13 +26,17 @@ def _hf():
                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
                                       projector_hidden_act="gelu")
-    model = transformers.LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():  # norm weights and biases are 1 / 0 at init: random, so a wrong mapping cannot pass
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.uniform_(-0.2, 0.2)
+    return _randomise_norms(transformers.LlavaForConditionalGeneration(config).eval())
+
+
+@torch.no_grad()
+def _randomise_norms(model):
+    """Norm weights and biases are 1 / 0 at init: random, so a wrong mapping cannot pass."""
+    for name, p in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            p.uniform_(0.5, 1.5)
+        elif name.endswith("bias"):
+            p.uniform_(-0.2, 0.2)
     return model
 
 
@@ -175,7 +179,7 @@ def _hf_next():
                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
                                           projector_hidden_act="gelu", image_grid_pinpoints=PINPOINTS)
-    return transformers.LlavaNextForConditionalGeneration(config).eval()
+    return _randomise_norms(transformers.LlavaNextForConditionalGeneration(config).eval())
 
 
 def _next_batch(model):
