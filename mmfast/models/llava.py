@@ -278,6 +278,12 @@ class LlavaNext(Llava):
         hidden = self.language_model.hidden_size
         self.image_newline = nn.Parameter(torch.randn(hidden) / hidden ** 0.5)  # HF's init (std 1/sqrt(hidden))
 
+    def set_stage(self, stage):
+        """As :meth:`Llava.set_stage`; ``image_newline`` is part of the bridge and trains in both stages."""
+        super().set_stage(stage)
+        self.image_newline.requires_grad_(True)
+        return self
+
     def grid(self, image_size):
         """(rows, cols) of tiles for an image of `image_size` (height, width)."""
         h, w = select_best_resolution(image_size, self.image_grid_pinpoints)

@@ -107,17 +107,24 @@ def _tiny(**kw):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_stage_freezing_after_one_step(stage):
-    model = _tiny().set_stage(stage)
-    ids, mask, pixels = _batch()
+@pytest.mark.parametrize("kind", ["llava", "next"])
+def test_stage_freezing_after_one_step(kind, stage):
+    if kind == "llava":
+        model, (ids, mask, pixels), extra = _tiny(), _batch(), {}
+    else:
+        model = _tiny_next()
+        ids, mask, pixels, sizes = _next_batch(model)
+        extra = {"image_sizes": sizes}
+    model.requires_grad_(False).set_stage(stage)  # set_stage decides every parameter, whatever came before
     labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(ids, pixels, mask, labels=labels).loss.backward()
+    model(ids, pixels, mask, labels=labels, **extra).loss.backward()
     opt.step()
-    expect = ("projector.",) if stage == 1 else ("projector.", "language_model.")
+    expect = ("projector.", "image_newline") + (("language_model.",) if stage == 2 else ())
     assert trainable == {n for n in before if n.startswith(expect)}
+    assert ("image_newline" in trainable) == (kind == "next")
     for n, p in model.named_parameters():
         if n in trainable:
             assert not torch.equal(p, before[n]), f"{n} did not change"
