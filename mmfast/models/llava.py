@@ -52,7 +52,8 @@ class Llava(nn.Module):
             of them (their features concatenated on the channels, as HF); only the layers up to the deepest
             one requested run.
         vision_feature_select_strategy: "default" drops [CLS], "full" keeps it.
-        projector_act: the MLP projector's activation (HF's ``projector_hidden_act``).
+        projector_act, projector_bias: the built projector's activation (HF's ``projector_hidden_act``) and
+            biases (``multimodal_projector_bias``).
     """
 
     def __init__(self, vision, projector, language_model, image_token_index, *, vision_feature_layer=-2,
@@ -80,7 +81,8 @@ class Llava(nn.Module):
             projector = (nn.Linear(in_dim, out_dim, bias=projector_bias) if projector == "linear"
                          else Projector(in_dim, out_dim, act=projector_act, bias=projector_bias))
         if not isinstance(projector, nn.Module):
-            raise ValueError(f"{_OP}: projector must be an nn.Module, 'linear' or 'mlp', got {type(projector).__name__}")
+            raise ValueError(f"{_OP}: projector must be an nn.Module, 'linear' or 'mlp', got "
+                             f"{type(projector).__name__}")
         self.projector = projector
         self.image_token_index = image_token_index
         self.vision_feature_layer = vision_feature_layer
@@ -143,7 +145,8 @@ class Llava(nn.Module):
         visual token; pixel_values (num_images, 3, H, W); attention_mask (B, L) 1 keep / 0 pad (left or right
         padding); labels: the shifted next-token cross-entropy, -100 ignored. position_ids default to the
         count of real tokens (HF's generate; its plain forward uses the column index on left-padded rows).
-        `image_sizes`: LlavaNext only. Returns ``mmfast.nn.decoder.DecoderLMOutput`` (loss, logits, cache, hidden_states)."""
+        `image_sizes`: LlavaNext only. Returns ``mmfast.nn.decoder.DecoderLMOutput`` (loss, logits, cache,
+        hidden_states)."""
         if cache is not None and cache.length and pixel_values is not None:
             raise ValueError(f"{_OP}: pixel_values go with the prompt, not with cached decoding steps")
         embeds = self.embed(input_ids, pixel_values, image_sizes)
@@ -284,6 +287,13 @@ class LlavaNext(Llava):
         self.image_newline.requires_grad_(True)
         return self
 
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+                **kwargs):
+        """:meth:`Llava.forward` with HF ``LlavaNextForConditionalGeneration``'s positional order
+        (image_sizes third)."""
+        return super().forward(input_ids, pixel_values, attention_mask, position_ids, image_sizes=image_sizes,
+                                **kwargs)
+
     def grid(self, image_size):
         """(rows, cols) of tiles for an image of `image_size` (height, width)."""
         h, w = select_best_resolution(image_size, self.image_grid_pinpoints)
@@ -297,9 +307,11 @@ class LlavaNext(Llava):
         return side * side + (bottom - top) * (right - left + 1)
 
     def _image_tokens(self, pixel_values, image_sizes):
-        if not isinstance(image_sizes, torch.Tensor) and not isinstance(image_sizes, (list, tuple)):
-            raise ValueError("LlavaNext: image_sizes (num_images, 2) is required with pixel_values")
-        sizes = torch.as_tensor(image_sizes).tolist()
+        given = torch.as_tensor(image_sizes) if isinstance(image_sizes, (torch.Tensor, list, tuple)) else None
+        if given is None or given.dim() != 2 or given.shape[1] != 2 or bool((given < 1).any()):
+            raise ValueError(f"LlavaNext: image_sizes must be (num_images, 2) positive (height, width) with "
+                             f"pixel_values, got {image_sizes if given is None else tuple(given.shape)}")
+        sizes = given.tolist()
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() not in (4, 5):
             raise ValueError("LlavaNext: pixel_values must be (num_images, tiles, 3, S, S) or (tiles, 3, S, S)")
         grids = [self.grid(size) for size in sizes]
@@ -309,12 +321,15 @@ class LlavaNext(Llava):
                 raise ValueError(f"LlavaNext: {pixel_values.shape[0]} images of pixel_values, {len(sizes)} image_sizes")
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])
         if pixel_values.shape[0] != sum(counts):
-            raise ValueError(f"LlavaNext: pixel_values hold {pixel_values.shape[0]} tiles, image_sizes need {sum(counts)}")
+            raise ValueError(f"LlavaNext: pixel_values hold {pixel_values.shape[0]} tiles, image_sizes need "
+                             f"{sum(counts)}")
         side = self.vision.img_size // self.vision.patch_size
         out = []
         for feats, size, (rows, cols) in zip(self.get_image_features(pixel_values).split(counts), sizes, grids):
             D = feats.shape[-1]
-            canvas = feats[1:].view(rows, cols, side, side, D).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, D)
+            # tiles (rows, cols) of (side, side) token grids -> one (rows·side, cols·side) map, row-major
+            canvas = feats[1:].view(rows, cols, side, side, D).permute(0, 2, 1, 3, 4)
+            canvas = canvas.reshape(rows * side, cols * side, D)
             top, bottom, left, right = _unpadded(size, rows * side, cols * side)
             canvas = canvas[top:bottom, left:right]
             newline = self.image_newline.to(canvas.dtype).expand(canvas.shape[0], 1, D)

@@ -120,7 +120,7 @@ def test_stage_freezing_after_one_step(kind, stage):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(ids, pixels, mask, labels=labels, **extra).loss.backward()
+    model(ids, pixels, attention_mask=mask, labels=labels, **extra).loss.backward()
     opt.step()
     expect = ("projector.", "image_newline") + (("language_model.",) if stage == 2 else ())
     assert trainable == {n for n in before if n.startswith(expect)}
@@ -279,6 +279,7 @@ def test_next_tile_count_must_match_image_sizes():
     model = _tiny_next()
     ids, mask, pixels, sizes = _next_batch(model)
     with pytest.raises(ValueError, match="tiles"):
-        model(ids, pixels.flatten(0, 1)[:-1], mask, image_sizes=sizes)
-    with pytest.raises(ValueError, match="image_sizes"):
-        model(ids, pixels, mask)
+        model(ids, pixels.flatten(0, 1)[:-1], sizes, mask)  # HF's positional order: image_sizes third
+    for bad in (None, sizes[:, :1], sizes - 100):
+        with pytest.raises(ValueError, match="image_sizes"):
+            model(ids, pixels, bad, mask)
