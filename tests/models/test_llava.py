@@ -17,7 +17,7 @@ V, IMAGE, PATCHES, TEXT = 100, 99, 25, 6  # 3 text tokens either side of the ima
 L = PATCHES + TEXT
 
 
-def _hf():
+def _hf(**config_kw):
     torch.manual_seed(generator().initial_seed() % 2**31)
     vision = transformers.CLIPVisionConfig(image_size=30, patch_size=6, hidden_size=32, num_hidden_layers=2,
                                            num_attention_heads=2, intermediate_size=64)
@@ -25,7 +25,7 @@ def _hf():
                                     num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
-                                      projector_hidden_act="gelu")
+                                      projector_hidden_act="gelu", **config_kw)
     return _randomise_norms(transformers.LlavaForConditionalGeneration(config).eval())
 
 
@@ -52,11 +52,16 @@ def _batch():
     return ids, mask, pixels
 
 
+@pytest.mark.parametrize("variant", ["default", "full-two-layers"])
 @requires("transformers")
-def test_logits_and_loss_match_hf_left_padded():
-    hf = _hf()
+def test_logits_and_loss_match_hf_left_padded(variant):
+    kw = {} if variant == "default" else dict(vision_feature_select_strategy="full", vision_feature_layer=[-2, -1])
+    hf = _hf(**kw)
     ours = Llava.from_hf(hf, backend="reference")
     ids, mask, pixels = _batch()
+    if variant != "default":  # one more placeholder per image: [CLS] is kept
+        ids = torch.cat([ids[:, :3], torch.full((2, 1), IMAGE), ids[:, 3:]], 1)
+        mask = torch.cat([mask[:, :1], mask], 1)
     labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
     keep = mask.bool()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # what HF's generate passes for left-padded rows
