@@ -8,9 +8,11 @@ from .resnet import ModifiedResNet
 from .vit import ViT
 from .clip import CLIP, TextTransformer
 from .moco import MoCo, MoCoOutput
+from .llava import Llava, LlavaNext
 from ._presets import PRESETS, create_model
 
-__all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "Blip2", "Blip2ForImageTextRetrieval", "BaseModelOutputWithPooling",
-           "CLIP", "CLIPOutput", "MaskedPatchOutput", "MoCo", "MoCoOutput", "ModelOutput",
+__all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "Blip2",
+           "Blip2ForImageTextRetrieval", "BaseModelOutputWithPooling", "CLIP", "CLIPOutput", "Llava", "LlavaNext",
+           "MaskedPatchOutput", "MoCo", "MoCoOutput", "ModelOutput",
            "ModifiedResNet", "PRESETS", "TextTransformer",
            "ViT", "capfilt", "create_model"]

@@ -1,6 +1,9 @@
 """Named model sizes: tiny ones for tests and the papers' sizes. ``create_model(name, **overrides)``
 builds one (under ``torch.device("meta")`` for a parameter count without memory)."""
+from mmfast.nn.decoder import PRESETS as _LM
+
 from .clip import CLIP
+from .llava import Llava, LlavaNext
 from .vit import ViT
 
 _CLIP_TEXT = dict(vocab_size=49408, max_len=77, width=512, depth=12, num_heads=8, act="quick_gelu", norm_eps=1e-5,
@@ -41,6 +44,17 @@ PRESETS = {
                                              head_dim=768),
                                    projection_dim=None, loss="siglip"),
                         "203M (google/siglip-base-patch16-224)"),
+    # llava-hf/llava-1.5-7b-hf: vocabulary 32000 + <image> (32000) + <pad> padded to 32064
+    "llava-1.5-7b": (Llava, dict(vision=_clip_vision(336, 14, 1024, 24, 16), projector="mlp",
+                                 language_model=dict(_LM["vicuna-7b"], vocab_size=32064), image_token_index=32000),
+                     "7.06B (llava-hf/llava-1.5-7b-hf)"),
+    # llava-hf/llava-v1.6-vicuna-7b-hf: the same parts, AnyRes over 336px tiles, a learned image_newline
+    "llava-next-vicuna-7b": (LlavaNext, dict(vision=_clip_vision(336, 14, 1024, 24, 16), projector="mlp",
+                                             language_model=dict(_LM["vicuna-7b"], vocab_size=32064),
+                                             image_token_index=32000,
+                                             image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
+                                                                   [336, 1008]]),
+                             "7.06B (llava-hf/llava-v1.6-vicuna-7b-hf)"),
 }
 
 

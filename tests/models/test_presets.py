@@ -19,6 +19,16 @@ def hf_clip(vision, text, projection_dim):
 L14_VISION = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14)
 L14_TEXT = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072)
 
+def hf_llava_7b(next_=False):  # llava-hf/llava-1.5-7b-hf's and llava-v1.6-vicuna-7b-hf's config.json
+    config = transformers.LlavaNextConfig if next_ else transformers.LlavaConfig
+    model = transformers.LlavaNextForConditionalGeneration if next_ else transformers.LlavaForConditionalGeneration
+    return model(config(
+        vision_config=transformers.CLIPVisionConfig(**L14_VISION, image_size=336, projection_dim=768),
+        text_config=transformers.LlamaConfig(vocab_size=32064, hidden_size=4096, num_hidden_layers=32,
+                                             num_attention_heads=32, intermediate_size=11008, rms_norm_eps=1e-5),
+        image_token_id=32000, projector_hidden_act="gelu"))
+
+
 # preset -> (the paper's / model card's count, the reference implementation's package, a builder of its model)
 CASES = {
     "vit-b/16": (86e6, "timm", lambda: timm.create_model("vit_base_patch16_224", pretrained=False)),
@@ -28,6 +38,8 @@ CASES = {
     "clip-vit-b/16": (150e6, "transformers", lambda: hf_clip(dict(patch_size=16), {}, 512)),
     "clip-vit-l/14": (428e6, "transformers", lambda: hf_clip(L14_VISION, L14_TEXT, 768)),
     "clip-vit-l/14-336": (428e6, "transformers", lambda: hf_clip(dict(L14_VISION, image_size=336), L14_TEXT, 768)),
+    "llava-1.5-7b": (7.06e9, "transformers", hf_llava_7b),
+    "llava-next-vicuna-7b": (7.06e9, "transformers", lambda: hf_llava_7b(next_=True)),
     "siglip-b/16-224": (203e6, "transformers", lambda: transformers.SiglipModel(transformers.SiglipConfig())),
 }
 
