@@ -98,3 +98,23 @@ def assert_close_by_rule(actual, reference64, torch_same_dtype, *, factor=2.0, f
         f"{what}: max error {kernel_err:.3e} > {factor} x PyTorch's {torch_err:.3e} + {floor:.0e}; seed {SEED}"
     )
     return kernel_err, torch_err
+
+
+def assert_same_greedy_tokens(got, expected, next_logits, *, tie=1e-4):
+    """Greedy generations equal token for token, unless they part where the reference's top two logits
+    tie within `tie` (relative to the largest logit): there fp32 rounding, not a bug, picks the token, and
+    nothing after the parting can be compared. next_logits(prefix) -> (B, vocab): the reference model's
+    next-token logits after the (B, T) tokens `prefix` (the first `prefix.shape[1]` columns of the output)."""
+    if torch.equal(got, expected):
+        return
+    assert got.shape == expected.shape, f"{tuple(got.shape)} vs {tuple(expected.shape)}"
+    differ = (got != expected).any(dim=0).nonzero()
+    t = int(differ[0])
+    logits = next_logits(expected[:, :t]).double()
+    rows = (got[:, t] != expected[:, t]).nonzero().flatten().tolist()
+    for r in rows:
+        a, b = logits[r, int(got[r, t])], logits[r, int(expected[r, t])]
+        scale = logits[r].abs().max().clamp(min=1.0)
+        assert (a - b).abs() <= tie * scale, (
+            f"generations part at position {t} (row {r}): ours {int(got[r, t])}, expected {int(expected[r, t])}, "
+            f"whose logits differ by {(b - a).item():.3e} (not a tie)\n{got}\n{expected}")
