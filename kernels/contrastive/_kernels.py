@@ -123,22 +123,30 @@ def _contrastive_fwd_kernel(
     neg_inf = float("-inf")
     if MODE == 1:
         bias = tl.load(params_ptr + P_BIAS)
-    plane = n_part * Nb
+    plane = (n_part if FROM_MEMORY else n_prog) * Nb
     # this program's row of each column-partial plane
     own_max = part_ptr + pid * Nb
     own_sum = own_max + plane
     own_t = own_sum + plane  # teacher planes: max, sum of exp, weighted sum
     if SMOOTH:
         own_t += plane
+    if FROM_MEMORY:
+        first_row = row0
+        last_row = row_end
+    else:  # constants, as in the fused path before chunks existed (its fp32 tile is at the register limit)
+        first_row = 0
+        last_row = Na
     for rb in range(pid, n_row_blocks, n_prog):
         r = tl.arange(0, BI * QP)
-        img_flat = (row0 + rb * BI + r // QP).to(tl.int64)
+        img_flat = (first_row + rb * BI + r // QP).to(tl.int64)
         q_flat = (r % QP).to(tl.int64)
-        img = row0 + rb * BI + tl.arange(0, BI).to(tl.int64)
-        row_ok = img < row_end
-        # the partials already hold earlier row blocks of this program, or of earlier chunks (a block, not a
-        # scalar: Triton 3.9's interpreter cannot load under a block mask combined with a scalar one)
-        merge = ((tl.zeros((BN,), tl.int32) + rb) >= n_prog) | (row0 > 0)
+        img = first_row + rb * BI + tl.arange(0, BI).to(tl.int64)
+        row_ok = img < last_row
+        # the partials already hold earlier row blocks of this program, or of earlier chunks (blocks, not
+        # scalars: Triton 3.9's interpreter cannot load under a block mask combined with a scalar one)
+        merge = (tl.zeros((BN,), tl.int32) + rb) >= n_prog
+        if FROM_MEMORY:
+            merge = merge | ((tl.zeros((BN,), tl.int32) + first_row) > 0)
         if COLS:
             # order this block's read-modify-write of the partials after the previous block's stores,
             # which other threads of the program may have made
@@ -155,13 +163,14 @@ def _contrastive_fwd_kernel(
             cols = j0 + tl.arange(0, BN).to(tl.int64)
             col_ok = cols < col_hi
             old_ok = col_ok & merge
-            valid = row_ok[:, None] & col_ok[None, :]
             if FROM_MEMORY:
-                raw = tl.load(raw_ptr + (img - row0)[:, None] * Nb + cols[None, :], mask=valid, other=0.0)
+                raw = tl.load(raw_ptr + (img - first_row)[:, None] * Nb + cols[None, :],
+                              mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             else:
                 raw, _ = _raw_tile(a_ptr, b_ptr, img_flat, q_flat, cols, Na, Nb, Q, D, stride_an, stride_aq,
                                    stride_ad, stride_bn, stride_bd, QP, BI, BN, BK, PRECISION, EMULATE)
             logits = s * raw
+            valid = row_ok[:, None] & col_ok[None, :]  # after the dot loop: not live across it (registers)
             is_diag = (img + diag_off)[:, None] == cols[None, :]
             if MODE == 0:
                 # rows: online max and sum of exp (flash-attention style)
@@ -187,7 +196,8 @@ def _contrastive_fwd_kernel(
                         tl.store(own_sum + plane + cols, old + tl.sum(lz, axis=0), mask=col_ok)
                 if TEACHER:
                     if FROM_MEMORY:
-                        traw = tl.load(traw_ptr + (img - row0)[:, None] * Nb + cols[None, :], mask=valid, other=0.0)
+                        traw = tl.load(traw_ptr + (img - first_row)[:, None] * Nb + cols[None, :], mask=valid,
+                                       other=0.0)
                     else:
                         traw, _ = _raw_tile(at_ptr, bt_ptr, img_flat, q_flat, cols, Na, Nb, Q, D,
                                             stride_atn, stride_atq, stride_atd, stride_btn, stride_btd,
