@@ -118,3 +118,15 @@ def assert_same_greedy_tokens(got, expected, next_logits, *, tie=1e-4):
         assert (a - b).abs() <= tie * scale, (
             f"generations part at position {t} (row {r}): ours {int(got[r, t])}, expected {int(expected[r, t])}, "
             f"whose logits differ by {(b - a).item():.3e} (not a tie)\n{got}\n{expected}")
+
+
+def randomise_norms_(model):
+    """Norm weights and biases are 1 / 0 at init: made random (in place, under no_grad), so that a parity
+    test of a weight conversion cannot pass with a wrong mapping of them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.2, 0.2)
+    return model

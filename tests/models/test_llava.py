@@ -10,7 +10,7 @@ from optional_deps import optional_import, requires
 
 from mmfast.models import Llava, LlavaNext
 from mmfast.models.llava import anyres_tiles, select_best_resolution
-from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator
+from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator, randomise_norms_
 
 transformers = optional_import("transformers")
 V, IMAGE, PATCHES, TEXT = 100, 99, 25, 6  # 3 text tokens either side of the image
@@ -26,20 +26,10 @@ def _hf(**config_kw):
                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
                                       projector_hidden_act="gelu", **config_kw)
-    return _randomise_norms(transformers.LlavaForConditionalGeneration(config).eval())
+    return randomise_norms_(transformers.LlavaForConditionalGeneration(config).eval())
 
 
 @torch.no_grad()
-def _randomise_norms(model):
-    """Norm weights and biases are 1 / 0 at init: random, so a wrong mapping cannot pass."""
-    for name, p in model.named_parameters():
-        if "norm" in name and name.endswith("weight"):
-            p.uniform_(0.5, 1.5)
-        elif name.endswith("bias"):
-            p.uniform_(-0.2, 0.2)
-    return model
-
-
 def _batch():
     """Two prompts [3 text, 25 image placeholders, 3 text]; row 1 shifted right behind 3 pads."""
     g = generator()
@@ -196,7 +186,7 @@ def _hf_next():
                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
                                           projector_hidden_act="gelu", image_grid_pinpoints=PINPOINTS)
-    return _randomise_norms(transformers.LlavaNextForConditionalGeneration(config).eval())
+    return randomise_norms_(transformers.LlavaNextForConditionalGeneration(config).eval())
 
 
 def _next_batch(model):

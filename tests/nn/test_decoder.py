@@ -9,7 +9,7 @@ from optional_deps import optional_import, requires
 
 from mmfast.nn.decoder import PRESETS, DecoderLM, RMSNorm
 from mmfast.nn.rope import position_ids_from_mask, rope_inv_freq
-from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator
+from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator, randomise_norms_
 
 transformers = optional_import("transformers")
 V, E, LAYERS, H, HKV, L = 97, 64, 2, 4, 2, 9
@@ -35,13 +35,7 @@ def _hf(flavour):
                                           eos_token_id=2, rope_parameters=rope, attention_bias=flavour == "llama3",
                                           mlp_bias=flavour == "llama3")
         model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # norm weights and biases are 1 / 0 at init: random, so a wrong mapping cannot pass
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.uniform_(-0.2, 0.2)
-    return model
+    return randomise_norms_(model)
 
 
 def _batch(padding):
