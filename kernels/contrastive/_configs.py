@@ -24,7 +24,9 @@ CONFIGS = {
                  BN_TEACHER=32),  # the teacher's tile and column merge: 64 columns spill on sm_90
         # 64 x 512 fp32 accumulator over 8 warps (128 registers a thread): CLIP's D = 512 in one pass;
         # maxnreg=255: Triton 3.6's ptxas otherwise caps some at 128 registers (for 2 programs / SM) and spills
-        bwd=dict(R=64, BN=32, BD_MAX=512, num_warps=8, num_stages=2, maxnreg=255),
+        # BD_MAX_TEACHER: with a teacher's tile too, 512 spills on sm_80 with Triton 3.9 once FMA contraction is
+        # off (NO_FP_FUSION); D = 512 then takes two chunks (ALBEF / BLIP distillation only)
+        bwd=dict(R=64, BN=32, BD_MAX=512, BD_MAX_TEACHER=256, num_warps=8, num_stages=2, maxnreg=255),
     ),
     # fp32 operands (IEEE FMA dots, or TF32 under "high"): twice the operand bytes, half-size tiles
     "fp32": dict(
@@ -33,7 +35,7 @@ CONFIGS = {
         fwd=dict(R=64, BN=32, num_warps=8, num_stages=2, PER_SM=2,  # 128 registers: two programs per SM
                  BN_TEACHER=32),
         # maxnreg=255: without it ptxas spills (IEEE db on sm_80, TF32 da on sm_90 with Triton 3.9)
-        bwd=dict(R=32, BN=32, BD_MAX=128, num_warps=4, num_stages=2, maxnreg=255),
+        bwd=dict(R=32, BN=32, BD_MAX=128, BD_MAX_TEACHER=128, num_warps=4, num_stages=2, maxnreg=255),
     ),
 }
 # The "gemm" backend: cuBLAS writes the raw similarities of a chunk of rows against all of b (fp32), the
@@ -48,6 +50,13 @@ GEMM = dict(
     fwd=dict(R=32, BN=32, num_warps=4, num_stages=1, PER_SM=4),
     grad=dict(BI=32, BN=64, num_warps=4),
 )
+# Every kernel that forms probabilities from logits compiles without FMA contraction: the forward's max is of
+# the rounded logits s·raw, and the backward's exp((s·raw − max) − log_sum) must subtract that same rounded
+# value. Fused into fma(s, raw, −max) the product is unrounded, so at a row's largest logit (≥ 1e4 for
+# unnormalised features at scale 100) L − max is off by an ulp of L and every gradient of the row by up to
+# 0.5% (measured on an H100, 2026-11-28: da error 0.5-1.2 of max |da| ~250, fp32, both Triton backends,
+# against 2e-5 for the chunked path; Triton's interpreter never fuses, so the CPU tests could not see it).
+NO_FP_FUSION = dict(enable_fp_fusion=False)
 COLREDUCE_BLOCK = 512  # columns per program of the partial-merging kernel (a stream, 4 warps)
 # Under the interpreter (tests), two forward programs: a test-sized batch already makes a program loop over
 # several row blocks and merge its column partials.
@@ -94,8 +103,8 @@ def row_block(R, QP):
     return max(1, R // QP)
 
 
-def bwd_block_d(D, bwd):
-    return max(16, min(bwd["BD_MAX"], triton.next_power_of_2(D)))
+def bwd_block_d(D, bwd, teacher=False):
+    return max(16, min(bwd["BD_MAX_TEACHER" if teacher else "BD_MAX"], triton.next_power_of_2(D)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +130,8 @@ _DIVISIBLE = ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "params_ptr", "row_ptr", "pa
               "stride_atq", "stride_btn", "D")
 _FP32_POINTERS = ("params_ptr", "row_ptr", "part_ptr", "col_ptr", "red_ptr", "raw_ptr", "traw_ptr")
 _FEATURE_POINTERS = ("a_ptr", "b_ptr", "at_ptr", "bt_ptr", "da_ptr", "db_ptr", "g_ptr")
-_INTS = ("Na", "Nb", "Q", "D", "n_row_blocks", "n_row_terms", "n_col_terms", "diag_off", "n_part", "row0", "row_end", "split_cols")
+_INTS = ("Na", "Nb", "Q", "D", "n_row_blocks", "n_row_terms", "n_col_terms", "diag_off", "n_part", "row0", "row_end",
+         "split_cols")
 
 
 def _spec(kernel, constexprs, dtype, label, **launch):
@@ -132,6 +142,8 @@ def _spec(kernel, constexprs, dtype, label, **launch):
     # every dot kernel is compiled for aligned features: its 16-bit dots must run on wgmma on sm_90
     needs_wgmma = (dtype != torch.float32 and kernel not in (_contrastive_colreduce_kernel, _contrastive_grad_kernel)
                    and not constexprs.get("FROM_MEMORY"))
+    if kernel is not _contrastive_colreduce_kernel:  # compiled as the launchers run them
+        launch["options"] = {**launch.get("options", {}), **NO_FP_FUSION}
     return CompileSpec(kernel=kernel, signature=signature, constexprs=constexprs, label=label,
                        divisibility={n: 16 for n in _DIVISIBLE if n in signature}, needs_wgmma=needs_wgmma, **launch)
 
@@ -152,14 +164,16 @@ def compile_specs():
             tag = f"{label} {DTYPE_NAMES[dtype]}" + (f" {precision}" if dtype == torch.float32 else "")
             flags = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BK=block_k(dtype, teacher), PRECISION=precision,
                          EMULATE=False)
-            fwd_c = dict(flags, SMOOTH=smooth, BI=row_block(fwd["R"], QP), BN=fwd_block_n(fwd, teacher), FROM_MEMORY=False)
+            fwd_c = dict(flags, SMOOTH=smooth, BI=row_block(fwd["R"], QP), BN=fwd_block_n(fwd, teacher),
+                         FROM_MEMORY=False)
             R, BN, BK = fwd["R"], fwd_c["BN"], fwd_c["BK"]
             yield _spec(_contrastive_fwd_kernel, fwd_c, dtype, f"{tag} R={R} BN={BN} BK={BK}",
                         num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
                         **step(dots=[(R, BN, BK)], loads=[(R, BK, dtype), (BN, BK, dtype)]))
             launch = dict(num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
                           options={"maxnreg": bwd["maxnreg"]} if bwd["maxnreg"] else {})
-            chunks = (bwd["BD_MAX"], 64, 128, 256) if (label, dtype) == ("clip", torch.bfloat16) else (bwd["BD_MAX"],)
+            widest = bwd["BD_MAX_TEACHER" if teacher else "BD_MAX"]
+            chunks = (widest, 64, 128, 256) if (label, dtype) == ("clip", torch.bfloat16) else (widest,)
             for bd in chunks:
                 c = dict(flags, BI=row_block(bwd["R"], QP), BN=bwd["BN"], BD=bd)
                 what = f"{tag} R={bwd['R']} BN={bwd['BN']} BK={c['BK']} BD={bd}"

@@ -16,8 +16,8 @@ from .._common import (addmm_f32, check_bool, check_int, check_scalar, check_ten
                        interpreting, kernel_flags, mm_f32, no_double_backward)
 from .._dispatch import resolve_backend
 from . import _chunked
-from ._configs import (COLREDUCE_BLOCK, GEMM, block_k, bwd_block_d, config, fwd_block_n, gemm_chunk_rows,
-                       gemm_programs, row_block, row_programs)
+from ._configs import (COLREDUCE_BLOCK, GEMM, NO_FP_FUSION, block_k, bwd_block_d, config, fwd_block_n,
+                       gemm_chunk_rows, gemm_programs, row_block, row_programs)
 from ._kernels import (COL, MODE_SIGMOID, MODE_SOFTMAX, PARAM, PARAMS, ROW, _contrastive_bwd_da_kernel,
                        _contrastive_bwd_db_kernel, _contrastive_colreduce_kernel, _contrastive_fwd_kernel,
                        _contrastive_grad_kernel)
@@ -181,7 +181,7 @@ def triton_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
         a, b, at_, bt_, params, rows, part, params, params, Na, Nb, Q, D, n_row_blocks, diag_off, n_prog, 0, Na, Nb,
         *_feature_strides(a, b, at_, bt_), MODE=mode, COLS=cols, SMOOTH=smooth, TEACHER=teacher, QP=QP, BI=BI,
         BN=fwd_block_n(fwd, teacher), BK=block_k(a.dtype, teacher), **kernel_flags(a.dtype), FROM_MEMORY=False,
-        num_warps=fwd["num_warps"], num_stages=fwd["num_stages"],
+        num_warps=fwd["num_warps"], num_stages=fwd["num_stages"], **NO_FP_FUSION,
     )
     return rows, _merge_columns(part, n_prog, Nb, teacher, smooth) if cols else None
 
@@ -201,12 +201,13 @@ def triton_backward(a, b, at, bt, params, rows, colstats, *, mode, cols, n_row_t
     QP = triton.next_power_of_2(Q)
     bwd = config(a.dtype)["bwd"]
     BI = row_block(bwd["R"], QP)
-    BD = bwd_block_d(D, bwd)
+    BD = bwd_block_d(D, bwd, at is not None)
     teacher = at is not None
     at_, bt_ = (at, bt) if teacher else (a, b)
     col_arg = colstats if colstats is not None else rows  # not read without COLS
     common = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BI=BI, BN=bwd["BN"], BK=block_k(a.dtype, teacher),
-                  BD=BD, **kernel_flags(a.dtype), num_warps=bwd["num_warps"], num_stages=bwd["num_stages"],
+                  BD=BD, **kernel_flags(a.dtype), **NO_FP_FUSION, num_warps=bwd["num_warps"],
+                  num_stages=bwd["num_stages"],
                   maxnreg=bwd["maxnreg"])
     strides = _feature_strides(a, b, at_, bt_)
     n_row_blocks = triton.cdiv(Na, BI)
@@ -264,8 +265,9 @@ def gemm_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
                 a, b, at_, bt_, params, row_part, part, raw, traw, Na, Nb, 1, D, n_blocks, diag_off, n_prog, row0,
                 row_end, split_cols, *_feature_strides(a, b, at_, bt_), MODE=mode, COLS=cols, SMOOTH=smooth,
                 TEACHER=teacher, QP=1, BI=cfg["R"], BN=cfg["BN"], BK=16, **kernel_flags(a.dtype), FROM_MEMORY=True,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return _merge_row_splits(row_part, mode, teacher), _merge_columns(part, n_prog, Nb, teacher, smooth) if cols else None
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **NO_FP_FUSION)
+    colstats = _merge_columns(part, n_prog, Nb, teacher, smooth) if cols else None
+    return _merge_row_splits(row_part, mode, teacher), colstats
 
 
 def _merge_row_splits(row_part, mode, teacher):
@@ -313,7 +315,7 @@ def gemm_backward(a, b, at, bt, params, rows, colstats, *, mode, cols, n_row_ter
             _contrastive_grad_kernel[grid](raw, traw, params, rows, col_arg, g, red, Na, Nb, row0, row_end,
                                            n_row_terms, n_col_terms, diag_off, MODE=mode, COLS=cols, TEACHER=teacher,
                                            BI=cfg["BI"], BN=cfg["BN"], EMULATE=interpreting(),
-                                           num_warps=cfg["num_warps"])
+                                           num_warps=cfg["num_warps"], **NO_FP_FUSION)
             reds.append(red.double().sum(dim=1))
             if need_da:
                 da[row0:row_end] = (unscale * mm_f32(g, b)).to(a.dtype)
