@@ -38,7 +38,7 @@ def source_checkout():
 
 
 # suites that are no kernel family (benchmarks/NAME.py all the same), run after the families'
-EXTRA_SUITES = ("swap", "models")
+EXTRA_SUITES = ("swap", "models", "vlm")
 
 
 def suite_names():
