@@ -6,7 +6,7 @@
 #   2. the headline benchmarks (`bench --headline`, >= 150 s: attention fwd / fwd+bwd at FlashAttention-3's
 #      L=1024 / 4096 D=64 and ViT-L/14@336 vs SDPA flash / cuDNN and FlexAttention, the CLIP loss at 32k, EMA
 #      on the ViT-L parameter list, ViT-L/14 patch embedding, a gated GEMM and block, CLIP's training step
-#      before / after mmfast.patch), each workload's mmfast cases together with their baselines, the suites
+#      before / after mmfast.patch, LLaVA-1.5-7B-shaped bridge training vs transformers), each workload's mmfast cases together with their baselines, the suites
 #      round-robin, attention first (benchmarks/schedule.py); summary.md gets a line per workload: ours vs
 #      each baseline;
 #   3. the attention tuner (<= 90 s; tables in OUT_DIR/tuned/, used by every later step);
