@@ -3,7 +3,6 @@ encode text and last 6 fuse it with the image (cross-attention), and the three p
 LAVIS' ``albef_pretrain`` — ITC with momentum queues and momentum distillation (α = 0.4), ITM with hard
 negatives drawn in proportion to the ITC similarity, MLM with distillation from the momentum model.
 ``from_state_dict`` loads LAVIS / ALBEF checkpoints (their key names)."""
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,8 +11,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmfast.kernels._common import check_int, check_scalar
-from mmfast.nn.bert import BertLMHead, BertModel, bert_state_dict_from_hf
+from mmfast.nn.bert import BertLMHead, BertModel
 
+from . import _lavis
 from ._common import ModelOutput
 from .objectives import (add_momentum_model, check_group, distilled_mlm_loss, enqueue_momentum_features, itm_pairs,
                          mask_tokens, momentum_itc_loss, sample_hard_negatives)
@@ -167,56 +167,19 @@ class ALBEF(nn.Module):
         ``visual_encoder``, BERT-named ``text_encoder.bert`` + ``text_encoder.cls`` (or ``text_encoder`` without
         ``bert.``), vision_proj, text_proj, itm_head, temp, the ``_m`` momentum copies and the queues stored
         (embed_dim, queue_size) with ``queue_ptr``. `config` gives the sizes (default: the paper's)."""
-        model = cls(backend=backend, **config)
-        mapped = _from_lavis(state_dict)
-        missing, unexpected = model.load_state_dict(mapped, strict=False)
-        missing = [k for k in missing if not k.endswith("mlm_head.decoder.weight")]  # tied to the word embedding
-        if missing or unexpected:
-            raise ValueError(f"ALBEF.from_state_dict: keys missing {missing[:8]} / unexpected {unexpected[:8]}")
-        return model
-
-
-_TIMM_BLOCK = {"attn.proj": "attn.out"}
-
-
-def _vision_keys(sd, src, dst):
-    out = {}
-    for key, value in sd.items():
-        if not key.startswith(src + "."):
-            continue
-        name = key[len(src) + 1:]
-        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
-            out[f"{dst}.patch_embed.{name.removeprefix('patch_embed.')}"] = value
-        elif name.startswith("blocks."):
-            index, rest = re.match(r"blocks\.(\d+)\.(.+)", name).groups()
-            part, _, leaf = rest.rpartition(".")
-            out[f"{dst}.encoder.layers.{index}.{_TIMM_BLOCK.get(part, part)}.{leaf}"] = value
-        else:
-            out[f"{dst}.{name}"] = value
-    return out
-
-
-def _text_keys(sd, src, dst):
-    prefix = f"{src}.bert." if f"{src}.bert.embeddings.word_embeddings.weight" in sd else f"{src}."
-    body, head = bert_state_dict_from_hf(sd, prefix, f"{src}.cls.")
-    out = {f"{dst[0]}.{k}": v for k, v in body.items()}
-    out.update({f"{dst[1]}.{k}": v for k, v in head.items()})
-    return out
+        # the MLM decoder weight is tied to the word embedding
+        return _lavis.load(cls(backend=backend, **config), _from_lavis(state_dict), "ALBEF.from_state_dict",
+                           tied=("mlm_head.decoder.weight",))
 
 
 def _from_lavis(sd):
     out = {}
-    for suffix, base in (("", ""), ("_m", "momentum_model.ema.")):
-        out.update(_vision_keys(sd, "visual_encoder" + suffix, base + "visual_encoder"))
-        out.update(_text_keys(sd, "text_encoder" + suffix, (base + "text_encoder", base + "mlm_head")))
-        for name in ("vision_proj", "text_proj"):
-            for leaf in ("weight", "bias"):
-                out[f"{base}{name}.{leaf}"] = sd[f"{name}{suffix}.{leaf}"]
+    for suffix, base in _lavis.MOMENTUM:
+        out.update(_lavis.vision_keys(sd, "visual_encoder" + suffix, base + "visual_encoder"))
+        out.update(_lavis.text_keys(sd, "text_encoder" + suffix, base + "text_encoder", base + "mlm_head"))
+        out.update(_lavis.itc_keys(sd, suffix, base))
     for leaf in ("weight", "bias"):
         out[f"itm_head.{leaf}"] = sd[f"itm_head.{leaf}"]
-    out["temp"] = sd["temp"]
-    for name in ("image", "text"):
-        out[f"{name}_queue.queue"] = sd[f"{name}_queue"].t().contiguous()
-        out[f"{name}_queue.ptr"] = sd["queue_ptr"].reshape(()).long()
+    out.update(_lavis.queue_keys(sd))
     # the tied MLM decoder weight is the word embedding: drop a duplicate the checkpoint may carry
     return {k: v for k, v in out.items() if not k.endswith("mlm_head.decoder.weight")}

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from mmfast.kernels._common import check_bool, check_int, check_scalar
 from mmfast.nn.bert import BertLMHead, BertModel, KVCache, bert_state_dict_from_hf
 
-from . import generation
+from . import _lavis, generation
 from ._common import ModelOutput, check_output_attentions, copy_weights, hf_return, layer_pairs
 from .objectives import (add_momentum_model, check_group, enqueue_momentum_features, itm_pairs, momentum_itc_loss,
                          sample_hard_negatives)
@@ -138,6 +138,38 @@ class BLIP(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"{_OP}: preset must be one of {tuple(PRESETS)}, got {name!r}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_state_dict(cls, state_dict, *, backend="auto", **config):
+        """A BLIP from a LAVIS ``blip_pretrain`` state dict (``model["model"]`` of its checkpoints, e.g.
+        ``model_base.pth``): timm-named ``visual_encoder``, BERT-named ``text_encoder`` (cross-attention
+        layers, no ``bert.`` level) and ``text_decoder.bert`` + ``text_decoder.cls`` (the LM head), vision_proj,
+        text_proj, itm_head, temp, the ``_m`` momentum copies and the queues. `config` gives the sizes and the
+        parts (default: the paper's ViT-B/16 with every head; a checkpoint without momentum copies or a decoder
+        needs ``use_momentum=False`` / ``parts=("itc", "itm")``). The encoder / decoder weights LAVIS ties
+        must be equal in the checkpoint (they are when LAVIS saved them): they become one parameter here."""
+        model = cls(backend=backend, **config)
+        sd, out = state_dict, {}
+        for suffix, base in _lavis.MOMENTUM if model.momentum_model is not None else _lavis.MOMENTUM[:1]:
+            out.update(_lavis.vision_keys(sd, "visual_encoder" + suffix, base + "visual_encoder"))
+            if model.text_encoder is not None:
+                out.update(_lavis.text_keys(sd, "text_encoder" + suffix, base + "text_encoder"))
+            if "itc" in model.parts:
+                out.update(_lavis.itc_keys(sd, suffix, base))
+        if model.text_decoder is not None:
+            out.update(_lavis.text_keys(sd, "text_decoder", "text_decoder", "lm_head"))
+        if model.itm_head is not None:
+            out.update({f"itm_head.{leaf}": sd[f"itm_head.{leaf}"] for leaf in ("weight", "bias")})
+        if model.momentum_model is not None:
+            out.update(_lavis.queue_keys(sd))
+        elif "itc" in model.parts:
+            out["temp"] = sd["temp"]
+        _check_tied(model, out)
+        # the LM head's decoder weight is the word embedding when tied
+        tied = ("lm_head.decoder.weight",) if model.lm_head is not None and model.lm_head.decoder.weight is \
+            model.text_decoder.embeddings.word_embeddings.weight else ()
+        return _lavis.load(model, {k: v for k, v in out.items() if not (tied and k.endswith(tied))},
+                           "BLIP.from_state_dict", tied=tied)
 
     def _tie_encoder_decoder(self):
         # LAVIS' tie_encoder_decoder_weights(..., skip_key="/attention"): only self-attention stays per role
@@ -336,6 +368,18 @@ class BLIP(nn.Module):
             model.text_decoder.load_state_dict(body, strict=True)
             model.lm_head.load_state_dict(head, strict=True)
         return model.eval()
+
+
+def _check_tied(model, mapped):
+    """Keys of one shared parameter (BLIP's tied encoder / decoder, LAVIS saves both) must hold equal values:
+    loading would otherwise keep whichever came last."""
+    seen = {}
+    for name, p in model.state_dict(keep_vars=True).items():
+        if name in mapped:
+            first = seen.setdefault(id(p), name)
+            if first != name and not torch.equal(mapped[first], mapped[name]):
+                raise ValueError(f"BLIP.from_state_dict: {first} and {name} are one parameter here (tied as in "
+                                 "LAVIS) but differ in the checkpoint; build with tie_encoder_decoder=False")
 
 
 def _lm_head_is_tied(hf_model):
