@@ -66,3 +66,23 @@ class OpenClipOutputs(nn.Module):
         scale = self.model.logit_scale.exp()
         return {"image_embeds": img, "text_embeds": txt, "logits_per_image": scale * img @ txt.t(),
                 "loss": open_clip.loss.ClipLoss()(img, txt, scale)}
+
+
+def lavis_heads_and_queues(sd, embed_dim, width, queue_size, ptr, momentum_shift=0.0):
+    """Completes a LAVIS ALBEF / BLIP checkpoint `sd` that holds the towers: random ITC projections and ITM
+    head, the ``_m`` momentum copies (shifted by `momentum_shift`), temp 0.05 and unit-norm queues stored
+    (embed_dim, queue_size) with `ptr` as ``queue_ptr``, as LAVIS saves them."""
+    from torch.nn import functional as F
+
+    g = generator()
+    for name, shape in (("vision_proj", (embed_dim, width)), ("text_proj", (embed_dim, width)), ("itm_head", (2, width))):
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = torch.randn(shape, generator=g), torch.randn(shape[0], generator=g)
+    for key in list(sd):
+        head = key.split(".")[0]
+        if head in ("visual_encoder", "text_encoder", "vision_proj", "text_proj"):
+            sd[key.replace(head, head + "_m", 1)] = sd[key].clone() + momentum_shift
+    sd["temp"] = torch.tensor(0.05)
+    sd["image_queue"] = F.normalize(torch.randn(embed_dim, queue_size, generator=g), dim=0)
+    sd["text_queue"] = F.normalize(torch.randn(embed_dim, queue_size, generator=g), dim=0)
+    sd["queue_ptr"] = torch.tensor([ptr])
+    return sd

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from mmfast.models.albef import ALBEF
 from mmfast.models.objectives import distilled_mlm_loss, mask_tokens, momentum_itc_loss, sample_hard_negatives
 from mmfast.nn.contrastive import MoCoQueue
+from model_helpers import lavis_heads_and_queues
 from numerics import generator
 
 timm = optional_import("timm")
@@ -40,17 +41,7 @@ def _lavis_checkpoint():
     sd.update({f"text_encoder.{k}": v for k, v in bert.state_dict().items()})
     for i, layer in enumerate(fusion):
         sd.update({f"text_encoder.bert.encoder.layer.{2 + i}.{k}": v for k, v in layer.state_dict().items()})
-    g = generator()
-    for name, shape in (("vision_proj", (16, 32)), ("text_proj", (16, 32)), ("itm_head", (2, 32))):
-        sd[f"{name}.weight"], sd[f"{name}.bias"] = torch.randn(shape, generator=g), torch.randn(shape[0], generator=g)
-    for key in list(sd):
-        head = key.split(".")[0]
-        if head in ("visual_encoder", "text_encoder", "vision_proj", "text_proj"):
-            sd[key.replace(head, head + "_m", 1)] = sd[key].clone()
-    sd["temp"] = torch.tensor(0.05)
-    sd["image_queue"] = F.normalize(torch.randn(16, 8, generator=g), dim=0)
-    sd["text_queue"] = F.normalize(torch.randn(16, 8, generator=g), dim=0)
-    sd["queue_ptr"] = torch.tensor([3])
+    lavis_heads_and_queues(sd, 16, 32, 8, ptr=3)
     return sd, vit, bert, fusion
 
 

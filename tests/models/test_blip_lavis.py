@@ -4,9 +4,9 @@ tied as LAVIS ties them; every role's output against those modules."""
 import pytest
 import torch
 from optional_deps import optional_import, requires
-from torch.nn import functional as F
 
 from mmfast.models.blip import BLIP, PRESETS
+from model_helpers import lavis_heads_and_queues
 from numerics import generator
 
 timm = optional_import("timm")
@@ -39,17 +39,7 @@ def _lavis_checkpoint():
     sd = {f"visual_encoder.{k}": v for k, v in vit.state_dict().items()}
     sd.update({f"text_encoder.{k}": v for k, v in encoder.state_dict().items()})
     sd.update({f"text_decoder.{k}": v for k, v in decoder.state_dict().items()})
-    g = generator()
-    for name, shape in (("vision_proj", (16, 32)), ("text_proj", (16, 32)), ("itm_head", (2, 32))):
-        sd[f"{name}.weight"], sd[f"{name}.bias"] = torch.randn(shape, generator=g), torch.randn(shape[0], generator=g)
-    for key in list(sd):
-        head = key.split(".")[0]
-        if head in ("visual_encoder", "text_encoder", "vision_proj", "text_proj"):
-            sd[key.replace(head, head + "_m", 1)] = sd[key].clone() + 0.01  # momentum copies drift from the online
-    sd["temp"] = torch.tensor(0.05)
-    sd["image_queue"] = F.normalize(torch.randn(16, 8, generator=g), dim=0)
-    sd["text_queue"] = F.normalize(torch.randn(16, 8, generator=g), dim=0)
-    sd["queue_ptr"] = torch.tensor([5])
+    lavis_heads_and_queues(sd, 16, 32, 8, ptr=5, momentum_shift=0.01)
     return sd, vit, encoder, decoder
 
 
