@@ -1,6 +1,7 @@
 """python -m mmfast bench [--suite ema,attention,...] [--quick | --smoke] [--headline | --rest] [--budget-s N]
                          [--out DIR] [--device cpu|cuda] [--compare OLD.json [--new NEW.json]] [--plan]
 python -m mmfast bench tune --family attention [--budget-s N] [--shapes all|headline] [--dry-run]
+python -m mmfast bench profile --suite NAMES [--match TEXT] [--case NAME] [--smoke] [--calls N] [--out DIR]
 (`python -m benchmarks` in a source checkout is the same command)
 
 Runs the suites (default: all; one per kernel family of mmfast.kernels._registry), writes report.json,
@@ -90,6 +91,10 @@ def main(argv=None, prog="python -m benchmarks"):
         from mmfast.benchmarks.tune import main as tune_main
 
         return tune_main(argv[1:], prog=prog + " tune")
+    if argv[:1] == ["profile"]:
+        from mmfast.benchmarks.profile import main as profile_main
+
+        return profile_main(argv[1:], prog=prog + " profile")
     ap = _parser(prog)
     args = ap.parse_args(argv)  # before any torch import: --help answers at once
     if args.new and not args.compare:

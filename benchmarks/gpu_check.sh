@@ -10,7 +10,8 @@
 #      round-robin, attention first (benchmarks/schedule.py); summary.md gets a line per workload: ours vs
 #      each baseline;
 #   3. the attention tuner (<= 90 s; tables in OUT_DIR/tuned/, used by every later step);
-#   4. `python -m mmfast check` (~60 s) and the CUDA tests (`pytest -m cuda`, >= 60 s);
+#   4. `python -m mmfast check` (~60 s) and the CUDA tests (`pytest -m cuda`, >= 60 s), then a kernel-by-kernel
+#      profile of the missed targets (`bench profile`, <= 40 s: profile.md);
 #   5. the other benchmarks and the whole test suite with what is left, and the compile report last (CI runs
 #      the gate anyway).
 # Each step's output goes to OUT_DIR/<step>.log and its exit status to OUT_DIR/summary.md; a failing step
@@ -21,7 +22,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run OUT_DIR   # every step at smoke size on the CPU (interpreter); CI
 #
 # The device tool returns at most 8 files from $OUT, so there run it into a scratch folder and copy back:
-#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/{summary.md,report.md,report.json,tune-attention.md,logs.tar.gz} "$OUT"/
+#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/{summary.md,report.md,report.json,tune-attention.md,profile.md,logs.tar.gz} "$OUT"/
 #   (tar -czf "$OUT"/tuned.tar.gz -C /tmp/gc tuned: the tables to commit under kernels/<family>/tuned/)
 # (no .git travels there: set BENCH_GIT_COMMIT=<sha> to record the commit).
 # MMFAST_GPU_CHECK_SKIP_INSTALL=1 skips pip (CI proves the source-tree import this way).
@@ -213,6 +214,12 @@ else
 fi
 # faulthandler_timeout: a hung test dumps its traceback into the log before `timeout` kills the run
 step pytest_cuda 90 20 python -m pytest tests -x -q -m cuda -p no:cacheprovider -o faulthandler_timeout=60
+# Where the missed targets' time goes (2026-11-28: the gated GEMM's backward and the CLIP loss at 32k took 2-3x
+# what their FLOPs and bytes predict): every kernel of one profiled call, ours and the baselines (profile.md).
+PROFILE=(--match "flamingo3b_out_proj fwd+bwd" --match "clip_loss N=32768")
+(( DRY )) && PROFILE=(--smoke --device cpu --match "flamingo3b_out_proj fwd+bwd" --match "clip_loss")
+step profile 40 60 env MMFAST_NO_JIT=1 python -m mmfast bench profile --suite gated_linear,contrastive \
+  "${PROFILE[@]}" --calls 2 --budget-s "$(secs 30)" --out "$OUT_DIR"
 if (( DRY )); then
   step bench_rest 60 20 env MMFAST_NO_JIT=1 python -m mmfast bench --suite ema "${SIZE[@]}" --rest --out "$OUT_DIR/rest"
   # pytest_cuda collected the whole suite; here the full run's command on one small file
