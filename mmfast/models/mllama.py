@@ -67,6 +67,65 @@ def aspect_ratio_id(rows, cols, max_num_tiles):
     return arrangements.index((rows, cols)) + 1
 
 
+def tile_image(image, max_num_tiles, tile_size, *, mean=None, std=None):
+    """One (C, H, W) float image as the processor tiles it: resized (aspect kept, bilinear with
+    antialiasing) to fit the `optimal_tiled_canvas` (never below one tile per side, never above the
+    canvas), zero-padded at the bottom / right, normalised with `mean` / `std` per channel, cut into tiles
+    row by row. Returns (tiles (max_num_tiles, C, t, t) — unused ones zero —, aspect_ratio_id, tile mask
+    (max_num_tiles,) int64): one image's pixel_values / aspect_ratio_ids / aspect_ratio_mask entries."""
+    op = "tile_image"
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or not image.is_floating_point():
+        raise ValueError(f"{op}: image must be a (C, H, W) float tensor, got {getattr(image, 'shape', type(image))}")
+    check_int(op, "tile_size", tile_size, lo=1)
+    C, H, W = image.shape
+    canvas_h, canvas_w = optimal_tiled_canvas(H, W, max_num_tiles, tile_size)
+    # the processor's get_image_size_fit_to_canvas
+    target_h, target_w = min(max(H, tile_size), canvas_h), min(max(W, tile_size), canvas_w)
+    if target_w / W < target_h / H:
+        new_h, new_w = min(math.floor(H * target_w / W) or 1, target_h), target_w
+    else:
+        new_h, new_w = target_h, min(math.floor(W * target_h / H) or 1, target_w)
+    x = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = F.pad(x, (0, canvas_w - new_w, 0, canvas_h - new_h))
+    if mean is not None or std is not None:
+        x = (x - torch.as_tensor(0.0 if mean is None else mean, dtype=x.dtype).reshape(-1, 1, 1)) \
+            / torch.as_tensor(1.0 if std is None else std, dtype=x.dtype).reshape(-1, 1, 1)
+    rows, cols = canvas_h // tile_size, canvas_w // tile_size
+    tiles = x.view(C, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4).reshape(-1, C, tile_size, tile_size)
+    out = x.new_zeros(max_num_tiles, C, tile_size, tile_size)
+    out[: rows * cols] = tiles
+    mask = (torch.arange(max_num_tiles) < rows * cols).long()
+    return out, aspect_ratio_id(rows, cols, max_num_tiles), mask
+
+
+def cross_attention_mask(input_ids, image_token_index, num_tiles, max_num_tiles):
+    """The processor's (B, L, images, max_num_tiles) int64 cross-attention mask: image j of a sample is seen
+    from its ``<|image|>`` token up to the next image's token (to the end for the last), consecutive image
+    tokens as one group seen until the group's end; only its `num_tiles[b][j]` used tiles. The number of
+    images of sample b is its count of image tokens, which must equal ``len(num_tiles[b])``."""
+    op = "cross_attention_mask"
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"{op}: input_ids must be a (B, L) tensor, got {getattr(input_ids, 'shape', input_ids)}")
+    B, L = input_ids.shape
+    if len(num_tiles) != B:
+        raise ValueError(f"{op}: num_tiles must list the tile counts of each of the {B} samples, got {len(num_tiles)}")
+    M = max([len(t) for t in num_tiles] + [1])
+    out = torch.zeros(B, L, M, max_num_tiles, dtype=torch.long, device=input_ids.device)
+    for b in range(B):
+        starts = (input_ids[b] == image_token_index).nonzero().flatten().tolist()
+        if len(starts) != len(num_tiles[b]):
+            raise ValueError(f"{op}: sample {b} has {len(starts)} image tokens but num_tiles lists "
+                             f"{len(num_tiles[b])} images")
+        ends = starts[1:] + [L]
+        for j in reversed(range(len(starts) - 1)):
+            if ends[j] == starts[j] + 1:  # the next token is an image too: this group is seen as one
+                ends[j] = ends[j + 1]
+        for j, (start, end) in enumerate(zip(starts, ends)):
+            check_int(op, "num_tiles", num_tiles[b][j], lo=1, hi=max_num_tiles)
+            out[b, start:end, j, : num_tiles[b][j]] = 1
+    return out
+
+
 # ---- vision encoder ---------------------------------------------------------------------------------------
 
 class MllamaVisionLayer(TransformerLayer):
@@ -471,5 +530,5 @@ PRESETS = {
         image_token_index=128256),
 }
 
-__all__ = ["Mllama", "MllamaVision", "MllamaVisionLayer", "PRESETS", "aspect_ratio_id", "optimal_tiled_canvas",
-           "supported_aspect_ratios"]
+__all__ = ["Mllama", "MllamaVision", "MllamaVisionLayer", "PRESETS", "aspect_ratio_id", "cross_attention_mask",
+           "optimal_tiled_canvas", "supported_aspect_ratios", "tile_image"]

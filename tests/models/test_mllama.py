@@ -10,7 +10,7 @@ import torch
 from optional_deps import optional_import, requires
 
 from mmfast.models import Mllama
-from mmfast.models.mllama import optimal_tiled_canvas, supported_aspect_ratios
+from mmfast.models.mllama import cross_attention_mask, optimal_tiled_canvas, supported_aspect_ratios, tile_image
 from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator, randomise_norms_
 
 transformers = optional_import("transformers")
@@ -104,13 +104,17 @@ def test_meta_variant_differs_only_before_the_first_image():
 
 
 @requires("transformers")
-def test_greedy_generation_equals_hf():
+@pytest.mark.parametrize("beams", [1, 3], ids=["greedy", "beam3"])
+def test_generation_equals_hf(beams):
     hf = _hf()
     ours = Mllama.from_hf(hf, backend="reference")
     batch = _batch()
-    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=2, pad_token_id=0)
+    kw = dict(max_new_tokens=5, do_sample=False, num_beams=beams, eos_token_id=2, pad_token_id=0)
     expected = hf.generate(**batch, **kw)
     got = ours.generate(**batch, **kw)
+    if beams > 1:  # the image keys / values repeated per beam; beams of one prompt share them
+        assert torch.equal(got, expected), f"{got}\n{expected}"
+        return
     assert got.shape == expected.shape == (2, L + 5)
 
     def next_logits(prefix):
@@ -187,6 +191,36 @@ def test_tiling_grid_choice_matches_hf_processor():
         for h, w in sizes:
             expected = tuple(int(v) for v in get_optimal_tiled_canvas(h, w, max_tiles, 560))
             assert optimal_tiled_canvas(h, w, max_tiles, 560) == expected, (h, w, max_tiles)
+
+
+@requires("transformers")
+@pytest.mark.parametrize("size", [(30, 70), (28, 28), (10, 100), (90, 50), (57, 57), (13, 29)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_tile_image_matches_hf_processor(size):
+    """Resize to the canvas, zero padding, normalisation, tile order, aspect ratio id and tile mask, against
+    MllamaImageProcessor on a float image (28px tiles, up to 4)."""
+    processor = transformers.MllamaImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=4)
+    image = torch.rand(3, *size, generator=generator())
+    expected = processor(images=[[image]], do_rescale=False, return_tensors="pt")
+    tiles, ar_id, mask = tile_image(image, 4, 28, mean=processor.image_mean, std=processor.image_std)
+    torch.testing.assert_close(tiles, expected["pixel_values"][0, 0])
+    assert ar_id == int(expected["aspect_ratio_ids"][0, 0])
+    assert mask.tolist() == expected["aspect_ratio_mask"][0, 0].tolist()
+
+
+@requires("transformers")
+def test_cross_attention_mask_matches_hf_processor():
+    from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
+                                                              get_cross_attention_token_mask)
+    g = generator()
+    for _ in range(50):
+        ids = torch.randint(0, 4, (3, 12), generator=g)  # token 3 is the image token: runs and gaps of images
+        tiles = [[int(t) for t in torch.randint(1, 5, (int((row == 3).sum()),), generator=g)] for row in ids]
+        if not any(tiles):
+            continue
+        sparse = [get_cross_attention_token_mask(row.tolist(), 3) for row in ids]
+        expected = convert_sparse_cross_attention_mask_to_dense(sparse, tiles, 4, 12)
+        assert cross_attention_mask(ids, 3, tiles, 4).tolist() == expected.tolist(), (ids, tiles)
 
 
 @pytest.mark.parametrize("stage", ["bridge", "full"])
