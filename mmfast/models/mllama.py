@@ -370,6 +370,8 @@ class Mllama(nn.Module):
             cache = KVCache()
         B, L = input_ids.shape
         past = 0 if cache is None else cache.length
+        if past and pixel_values is not None:
+            raise ValueError(f"{_OP}: pixel_values go with the prompt (a new image after cached steps is not supported)")
         cross_kv = None
         if pixel_values is not None:
             if aspect_ratio_mask is None:

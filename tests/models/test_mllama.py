@@ -10,6 +10,7 @@ import torch
 from optional_deps import optional_import, requires
 
 from mmfast.models import Mllama
+from mmfast.nn import GatedCrossAttentionBlock
 from mmfast.models.mllama import cross_attention_mask, optimal_tiled_canvas, supported_aspect_ratios, tile_image
 from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator, randomise_norms_
 
@@ -83,6 +84,21 @@ def test_logits_and_loss_match_hf_left_padded_two_images():
     yard = run(hf, torch.float32, position_ids=_positions(batch["attention_mask"]))
     for name, a, r, y in zip(("logits", "loss"), got, ref, yard):
         assert_close_by_rule(a, r, y, floor=1e-6 * max(1.0, r.abs().max().item()), what=name)
+
+
+@requires("transformers")
+def test_text_only_matches_hf():
+    """No image: the cross-attention layers are skipped, as transformers skips them."""
+    hf = _hf()
+    batch = _batch()
+    ids, mask = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE, 5), batch["attention_mask"]
+    positions = _positions(mask)
+    with torch.no_grad():
+        got = Mllama.from_hf(hf, backend="reference")(ids, attention_mask=mask).logits
+        ref = copy.deepcopy(hf).double()(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        yard = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    keep = mask.bool()
+    assert_close_by_rule(got[keep], ref[keep], yard[keep], floor=1e-6, what="text-only logits")
 
 
 @requires("transformers")
@@ -262,3 +278,9 @@ def test_inputs_are_validated():
         model(**dict(two, cross_attention_mask=bad))
     with pytest.raises(ValueError, match="text_before_image"):
         Mllama.from_preset("tiny", text_before_image="openai")
+    with pytest.raises(ValueError, match="empty_rows"):
+        GatedCrossAttentionBlock(32, 4, variant="flamingo", empty_rows="all_keys")
+    out = model(**batch, use_cache=True)
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(batch["input_ids"][:, -1:], batch["pixel_values"], batch["aspect_ratio_mask"], batch["aspect_ratio_ids"],
+              cache=out.cache)
