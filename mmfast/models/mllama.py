@@ -10,8 +10,9 @@ Hugging Face's ``MllamaForConditionalGeneration`` (transformers 5) is the contra
   padding; text rows before any image attend to every image token and that output is added through the
   gate (only their MLP update is zeroed). ``text_before_image="meta"`` gives Meta's reference instead,
   where those rows keep exactly their input.
-Images of a batch that have no used tile at all (batch padding, aspect_ratio_id 0) are not reproduced:
-transformers averages their values uniformly (every score at finfo.min), flash attention outputs 0.
+Not reproduced: an image whose aspect_ratio_mask is all 0 (every token padded: transformers averages the
+values uniformly, every score at finfo.min; flash attention outputs 0). HF's processor never makes one: it
+marks tile 0 of every image, batch-padding images (aspect_ratio_id 0) included.
 """
 import copy
 import math
