@@ -4,6 +4,7 @@ from mmfast.nn.decoder import PRESETS as _LM
 
 from .clip import CLIP
 from .llava import Llava, LlavaNext
+from .mllama import PRESETS as _MLLAMA, Mllama
 from .vit import ViT
 
 _CLIP_TEXT = dict(vocab_size=49408, max_len=77, width=512, depth=12, num_heads=8, act="quick_gelu", norm_eps=1e-5,
@@ -55,6 +56,7 @@ PRESETS = {
                                              image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
                                                                    [336, 1008]]),
                              "7.06B (llava-hf/llava-v1.6-vicuna-7b-hf)"),
+    "llama-3.2-11b-vision": (Mllama, _MLLAMA["llama-3.2-11b-vision"], "10.6B (meta-llama/Llama-3.2-11B-Vision)"),
 }
 
 

@@ -201,7 +201,10 @@ class DecoderLM(nn.Module):
         `use_cache`); labels (B, L): Hugging Face's shifted next-token cross-entropy, -100 ignored;
         logits_to_keep: compute logits for the last n positions only (0: all); layer_hook: None or
         ``f(i, x) -> x`` applied to the hidden states before layer i (where Flamingo's gated
-        cross-attention blocks go into a frozen LM, without another copy of this forward).
+        cross-attention blocks go into a frozen LM, without another copy of this forward). A slot of
+        ``layers`` may hold a module other than a :class:`DecoderLayer` (Llama 3.2 Vision's cross-attention
+        layers replace self-attention layers): this forward does not run it, the hook does (it holds the
+        media this LM does not know); without a hook such a slot is skipped (a text-only input, as HF).
 
         Returns :class:`DecoderLMOutput`. On CUDA with Liger-Kernel, training with labels computes the loss
         by its fused linear cross-entropy without materialising the logits (``logits`` is then None)."""
@@ -247,7 +250,8 @@ class DecoderLM(nn.Module):
         for i, layer in enumerate(self.layers):
             if layer_hook is not None:
                 x = layer_hook(i, x)
-            x = layer(x, rotary=rotary, key_padding_mask=key_mask, cache=cache, index=i)
+            if isinstance(layer, DecoderLayer):
+                x = layer(x, rotary=rotary, key_padding_mask=key_mask, cache=cache, index=i)
             states.append(x)
         if cache is not None:
             cache.length = past + L
@@ -276,14 +280,16 @@ class DecoderLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, max_new_tokens=None,
                  max_length=None, min_length=0, do_sample=False, num_beams=1, top_p=1.0, top_k=50, temperature=1.0,
-                 length_penalty=1.0, early_stopping=False, eos_token_id=None, pad_token_id=None, generator=None):
+                 length_penalty=1.0, early_stopping=False, eos_token_id=None, pad_token_id=None, generator=None,
+                 layer_hook=None):
         """Hugging Face's ``generate`` for a decoder-only model: greedy, beam search (`num_beams` > 1) or
         sampling (`do_sample`: `temperature`, `top_k` (HF's default 50), `top_p`), over a KV cache, for
         left-padded batches (the mask is extended by one column per step; positions count real tokens).
         Lengths as HF: `max_length` counts the prompt, `max_new_tokens` does not; neither: max_length 20.
         `eos_token_id` / `pad_token_id` default to the model's (pad falls back to EOS, as HF). With
         `inputs_embeds` (B, T, hidden) the prompt is those embeddings; without input_ids only the new tokens
-        are returned, as HF. Returns (B, prompt + new) int64 token ids."""
+        are returned, as HF. `layer_hook` goes to every forward (the prompt's, then one per step; with
+        beams its batch is B · num_beams). Returns (B, prompt + new) int64 token ids."""
         from mmfast.models import generation
 
         op = "DecoderLM.generate"
@@ -334,7 +340,8 @@ class DecoderLM(nn.Module):
                 kw = {"input_ids": tokens}
                 if state["mask"] is not None:
                     state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(tokens.shape)], 1)
-            return self(attention_mask=state["mask"], cache=cache, logits_to_keep=1, **kw).logits[:, -1]
+            return self(attention_mask=state["mask"], cache=cache, logits_to_keep=1, layer_hook=layer_hook,
+                        **kw).logits[:, -1]
 
         ends = dict(max_length=max_length, eos_token_id=eos, pad_token_id=pad, min_length=min_length)
         if num_beams > 1:

@@ -14,6 +14,8 @@ from mmfast.kernels import flash_attention, tanh_gated_linear
 from mmfast.kernels._common import check_choice, check_int, check_scalar
 from mmfast.kernels.attention.masks import MEDIA_MODES, media_intervals
 
+from .split_attention import EMPTY_ROWS, cross_attention
+
 VARIANTS = ("flamingo", "mllama")
 # the backends both functional ops implement (flash_attention and tanh_gated_linear)
 MODULE_BACKENDS = ("auto", "triton", "reference")
@@ -42,6 +44,9 @@ class GatedCrossAttentionBlock(nn.Module):
     The layer order is the same in both (pre-norm attention, then pre-norm MLP); where the blocks sit in
     the language model (before every 4th block in Flamingo, every 5th layer in Llama 3.2) is up to the
     model. ``gate="vector"`` gives per-channel gates (Idefics' ``alpha_type="vector"``).
+    ``empty_rows="all_keys"`` (variant="mllama" only) gives Hugging Face's rows that see no image: their
+    attention runs over every visual token, padded ones included, and is added through the gate (only
+    their MLP update is zeroed); the default "zero" is Meta's.
 
     What is fused: both gated residuals are ``tanh_gated_linear`` (out-projection / down-projection GEMM
     with bias-free gate, residual and row mask in the epilogue, and the gates' gradients inside the
@@ -52,11 +57,12 @@ class GatedCrossAttentionBlock(nn.Module):
     forward(x (B, L, D), media (B, T, n, D_media) — n visual tokens per image, T images per sample —,
     media_locations (B, L) bool/int marking each image's placeholder token, or explicit
     ``kv_start``/``kv_end`` intervals over the T·n keys; ``media_padding_mask`` (B, T·n) bool marks padded
-    visual tokens, e.g. unused Llama 3.2 tiles) -> (B, L, D).
+    visual tokens, e.g. unused Llama 3.2 tiles) -> (B, L, D). Decoding passes ``kv=media_kv(media)``
+    (computed once per image) instead of `media`.
     """
 
     def __init__(self, dim, heads, dim_head=None, *, dim_media=None, kv_heads=None, ff_mult=4, hidden=None,
-                 variant="flamingo", gate="scalar", media_mode=None, eps=None, backend="auto"):
+                 variant="flamingo", gate="scalar", media_mode=None, eps=None, empty_rows="zero", backend="auto"):
         super().__init__()
         op = "GatedCrossAttentionBlock"
         check_int(op, "dim", dim, lo=1)
@@ -78,7 +84,10 @@ class GatedCrossAttentionBlock(nn.Module):
         if eps is not None:
             check_scalar(op, "eps", eps, lo=0, lo_open=True)
         check_choice(op, "backend", backend, MODULE_BACKENDS)
-        self.variant, self.heads = variant, heads
+        check_choice(op, "empty_rows", empty_rows, EMPTY_ROWS)
+        if empty_rows != "zero" and variant != "mllama":
+            raise ValueError(f"{op}: empty_rows={empty_rows!r} is Hugging Face Mllama's; variant must be 'mllama'")
+        self.variant, self.heads, self.empty_rows = variant, heads, empty_rows
         self.kv_heads = kv_heads or heads
         if heads % self.kv_heads:
             raise ValueError(f"{op}: heads ({heads}) must be a multiple of kv_heads ({self.kv_heads})")
@@ -113,13 +122,36 @@ class GatedCrossAttentionBlock(nn.Module):
             return _rms_norm(x, weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
 
-    def forward(self, x, media, media_locations=None, *, kv_start=None, kv_end=None, media_padding_mask=None):
+    def media_kv(self, media):
+        """Keys and values (B, T·n, kv_heads, dim_head) of `media` (B, T, n, D_media), k after its norm:
+        what decoding computes once per image and passes back as ``forward(..., kv=)``."""
+        if media.dim() != 4:
+            raise ValueError(f"media must have shape (B, T, n, D_media), got {tuple(media.shape)}")
+        B, T, n = media.shape[:3]
+        dh = self.dim_head
+        kv = F.linear(media.reshape(B, T * n, media.shape[-1]), self.wkv)  # T = 0 (a text-only batch) is fine
+        k = kv[..., : self.kv_heads * dh].view(B, T * n, self.kv_heads, dh)  # strided views: no copy
+        v = kv[..., self.kv_heads * dh :].view(B, T * n, self.kv_heads, dh)
+        if self.variant == "mllama":
+            # the norm's fp32 weight promotes under autocast; attention runs in the projections' dtype
+            k = _rms_norm(k, self.k_norm_weight, self.eps).to(v.dtype)
+        return k, v
+
+    def forward(self, x, media=None, media_locations=None, *, kv_start=None, kv_end=None, media_padding_mask=None,
+                kv=None):
         if x.dim() != 3:
             raise ValueError(f"x must have shape (B, L, D), got {tuple(x.shape)}")
-        if media.dim() != 4 or media.shape[0] != x.shape[0]:
+        if (media is None) == (kv is None):
+            raise ValueError("pass exactly one of media (B, T, n, D_media) and kv (keys, values from media_kv)")
+        if media is not None and (media.dim() != 4 or media.shape[0] != x.shape[0]):
             raise ValueError(f"media must have shape (B, T, n, D_media) with B = {x.shape[0]}, got {tuple(media.shape)}")
         B, L, _ = x.shape
-        T, n = media.shape[1], media.shape[2]
+        k, v = self.media_kv(media) if kv is None else kv
+        if k.shape[0] != B or k.shape[2:] != (self.kv_heads, self.dim_head):
+            raise ValueError(f"kv: keys must be (B={B}, K, {self.kv_heads}, {self.dim_head}), got {tuple(k.shape)}")
+        if media is None and media_locations is not None:
+            raise ValueError("media_locations needs media (n tokens per image); with kv pass kv_start / kv_end")
+        n = media.shape[2] if media is not None else None
         if media_locations is not None:
             if kv_start is not None or kv_end is not None:
                 raise ValueError("pass media_locations or kv_start/kv_end, not both")
@@ -129,23 +161,24 @@ class GatedCrossAttentionBlock(nn.Module):
         dh = self.dim_head
         h = self._norm(x, self.norm_attn_weight, self.norm_attn_bias)
         q = F.linear(h, self.wq).view(B, L, self.heads, dh)
-        kv = F.linear(media.reshape(B, T * n, media.shape[-1]), self.wkv)  # T = 0 (a text-only batch) is fine
-        k = kv[..., : self.kv_heads * dh].view(B, T * n, self.kv_heads, dh)  # strided views: no copy
-        v = kv[..., self.kv_heads * dh :].view(B, T * n, self.kv_heads, dh)
         if self.variant == "mllama":
-            # the norm's fp32 weight promotes under autocast; attention runs in the projections' dtype
             q = _rms_norm(q, self.q_norm_weight, self.eps).to(v.dtype)
-            k = _rms_norm(k, self.k_norm_weight, self.eps).to(v.dtype)
-        o = flash_attention(q, k, v, kv_start=kv_start, kv_end=kv_end, key_padding_mask=media_padding_mask,
-                            backend=self.backend)
-        # rows that see no image: attention output exactly 0 and no bias, so their update is 0 either way;
-        # the mask lets the GEMM skip their tiles
         no_image = kv_end <= kv_start
         if no_image.dim() == 1:
             no_image = no_image.expand(B, L)
+        if self.empty_rows == "all_keys":
+            o = cross_attention(q, k, v, kv_start.expand(B, L), kv_end.expand(B, L), media_padding_mask,
+                                empty_rows="all_keys", backend=self.backend)
+            attn_rows = None  # Hugging Face adds those rows' attention over every key
+        else:
+            o = flash_attention(q, k, v, kv_start=kv_start, kv_end=kv_end, key_padding_mask=media_padding_mask,
+                                backend=self.backend)
+            # rows that see no image: attention output exactly 0 and no bias, so their update is 0 either way;
+            # the mask lets the GEMM skip their tiles
+            attn_rows = no_image
         # under autocast tanh_gated_linear casts o and the weight as F.linear would; the residual stream x
         # keeps its own dtype (fp32 under autocast: the update is added in fp32)
-        x = tanh_gated_linear(o.reshape(B, L, -1), self.wo, None, self.attn_gate, x, row_mask=no_image,
+        x = tanh_gated_linear(o.reshape(B, L, -1), self.wo, None, self.attn_gate, x, row_mask=attn_rows,
                               backend=self.backend)
         h = self._norm(x, self.norm_ff_weight, self.norm_ff_bias)
         if self.variant == "mllama":

@@ -29,6 +29,10 @@ def hf_llava_7b(next_=False):  # llava-hf/llava-1.5-7b-hf's and llava-v1.6-vicun
         image_token_id=32000, projector_hidden_act="gelu"))
 
 
+def hf_mllama_11b():  # meta-llama/Llama-3.2-11B-Vision's config.json: the defaults, with 560px tiles
+    return transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(vision_config=dict(image_size=560)))
+
+
 # preset -> (the paper's / model card's count, the reference implementation's package, a builder of its model)
 CASES = {
     "vit-b/16": (86e6, "timm", lambda: timm.create_model("vit_base_patch16_224", pretrained=False)),
@@ -40,6 +44,7 @@ CASES = {
     "clip-vit-l/14-336": (428e6, "transformers", lambda: hf_clip(dict(L14_VISION, image_size=336), L14_TEXT, 768)),
     "llava-1.5-7b": (7.06e9, "transformers", hf_llava_7b),
     "llava-next-vicuna-7b": (7.06e9, "transformers", lambda: hf_llava_7b(next_=True)),
+    "llama-3.2-11b-vision": (10.6e9, "transformers", hf_mllama_11b),
     "siglip-b/16-224": (203e6, "transformers", lambda: transformers.SiglipModel(transformers.SiglipConfig())),
 }
 

@@ -41,10 +41,14 @@ def assert_grads_close(got, expected, tol, what=""):
 def spy_kernels():
     """Counts the calls the swapped forwards make to flash_attention / tanh_gated_linear (any backend):
     proof, on backend="reference" where no custom op runs, that the parity compared mmfast's path."""
+    from mmfast.nn import split_attention
     from mmfast.swap.transformers import _bypass
 
     counts = collections.Counter()
-    saved = {name: getattr(_bypass, name) for name in ("flash_attention", "tanh_gated_linear")}
+    # the swaps call the kernels through _bypass, or through split_attention (Mllama's two-call attentions)
+    saved = {(module, name): getattr(module, name) for module, names in
+             ((_bypass, ("flash_attention", "tanh_gated_linear")), (split_attention, ("flash_attention",)))
+             for name in names}
 
     def spy(name, fn):
         def wrapped(*args, **kwargs):
@@ -52,13 +56,13 @@ def spy_kernels():
             return fn(*args, **kwargs)
         return wrapped
 
-    for name, fn in saved.items():
-        setattr(_bypass, name, spy(name, fn))
+    for (module, name), fn in saved.items():
+        setattr(module, name, spy(name, fn))
     try:
         yield counts
     finally:
-        for name, fn in saved.items():
-            setattr(_bypass, name, fn)
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
 
 
 def check_patch_generate_unpatch(make_model, batch, owned, max_new_tokens=4):

@@ -1,6 +1,6 @@
 """What the modules that bypass (or specialise) transformers' attention interface share: turning the
-additive masks they receive into ``flash_attention``'s interval / padding form, merging two attention
-calls by their log-sum-exps, and the checks that send a call back to the original code.
+additive masks they receive into ``flash_attention``'s interval / padding form and the checks that send a
+call back to the original code (two attention calls merged by their log-sum-exps: ``mmfast.nn.split_attention``).
 
 The masks reach these modules already dense (B, 1, Lq, Lk), built by the model (BLIP's text decoder,
 Mllama's vision encoder and cross-attention, Idefics' image mask). Their structure is checked exactly
@@ -120,15 +120,6 @@ def row_intervals(visible):
 def attend(q, k, v, scale, backend, **mask):
     """flash_attention on (B, L, H, D) views (HF's (B, H, L, D) tensors transposed, no copy)."""
     return flash_attention(q, k, v, softmax_scale=scale, backend=backend, **mask)
-
-
-def merge(o1, lse1, o2, lse2):
-    """Exact attention over the union of two disjoint key sets from the two partial results: each output
-    (B, L, H, D) weighted by exp(lse − lse_total), lse (B, H, L). Differentiable through the lses."""
-    total = torch.logaddexp(lse1, lse2)
-    w1 = torch.exp(lse1 - total).transpose(1, 2).unsqueeze(-1)
-    w2 = torch.exp(lse2 - total).transpose(1, 2).unsqueeze(-1)
-    return (o1.to(w1.dtype) * w1 + o2.to(w2.dtype) * w2).to(o1.dtype)
 
 
 def to_blhd(x):

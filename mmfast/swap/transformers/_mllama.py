@@ -17,14 +17,17 @@
 
 Anything else (another mask form, dropout in training, attention weights requested) runs the original
 code for that call, counted in the report. The tile patch embeddings (computed inline in
-``MllamaVisionModel.forward``) go through ``tile_patch_embed``: see `_mllama_tiles`.
+``MllamaVisionModel.forward``) go through ``tile_patch_embed``: see `_mllama_tiles`. The two split
+attentions are ``mmfast.nn.split_attention``'s, which ``mmfast.models.Mllama`` runs too.
 """
 import torch
 
+from mmfast.nn.split_attention import cross_attention, cross_key_intervals, padded_self_attention
+
 from .._core import original
 from ._mllama_tiles import patch_tiles
-from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, check_common, gated, gated_residuals, layer_kind,
-                      memo, merge, swap_all, visible_keys)
+from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, check_common, gated, gated_residuals, layer_kind, memo,
+                      swap_all, visible_keys)
 
 
 # ---- vision encoder ------------------------------------------------------------------------------
@@ -45,21 +48,13 @@ def _vision_plan(mask):
     return pad if bool(pad.any()) else None
 
 
-def _vision_attention(q, k, v, scale, pad, backend):
-    if pad is None:
-        return attend(q, k, v, scale, backend)
-    o_real, lse_real = attend(q, k, v, scale, backend, key_padding_mask=pad, return_lse=True)
-    o_pad, lse_pad = attend(q, k, v, scale, backend, key_padding_mask=~pad, return_lse=True)
-    return torch.where(pad[:, :, None, None], o_real, merge(o_real, lse_real, o_pad, lse_pad))
-
-
 def _vision_core(self, h, mask, pad, use_flash, backend):
     """MllamaVisionAttention.forward up to (not including) o_proj: (B, L, H·D)."""
     B, L, _ = h.shape
     shape = (B, L, self.num_heads, self.head_dim)
     q, k, v = (proj(h).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
     if use_flash:
-        out = _vision_attention(q, k, v, self.scaling, pad, backend)
+        out = padded_self_attention(q, k, v, pad, softmax_scale=self.scaling, backend=backend)
     else:
         from transformers.models.mllama import modeling_mllama as hf
 
@@ -114,42 +109,26 @@ def _gated_vision_layer_forward(state):
 # ---- text cross-attention layers -----------------------------------------------------------------
 
 def _cross_plan(mask):
-    """kv_start / kv_end (B, L), the padded keys (B, K) or None, and the rows that see every key while
-    padded keys exist (B, L) or None, for transformers' cross-attention mask (B, 1, L, K)."""
+    """kv_start / kv_end (B, L) and the padded keys (B, K) or None for transformers' cross-attention mask
+    (B, 1, L, K). Rows that see every key (text before any image: HF's all-zero row) become empty
+    intervals, which ``cross_attention(empty_rows="all_keys")`` runs over every key, padded tiles included."""
     B, L, K = mask.shape[0], mask.shape[-2], mask.shape[-1]
     visible = visible_keys(mask, B, L, K)
     if visible is None:
         raise Fallback("cross-attention mask is not 0 / finfo.min")
-    full = visible.all(-1)          # text before any image (all-zero row), or a row that sees everything
-    live = ~full
-    seen = (visible & live[..., None]).any(1)
-    pad = ~seen & live.any(-1, keepdim=True)   # keys no live row sees: unused tiles
-    j = torch.arange(K, device=mask.device, dtype=torch.int32)
-    m = visible.to(torch.int32)
-    count = m.sum(-1, dtype=torch.int32)
-    start = torch.where(full, 0, m.argmax(-1).to(torch.int32))
-    end = torch.where(full, K, K - m.flip(-1).argmax(-1).to(torch.int32))
-    expect = (j >= start[..., None]) & (j < end[..., None]) & (~pad[:, None, :] | full[..., None])
-    if not bool((count > 0).all()) or not torch.equal(expect, visible):
+    if not bool(visible.any(-1).all()):
+        raise Fallback("a cross-attention row that sees no key")
+    plan = cross_key_intervals(visible & ~visible.all(-1, keepdim=True))
+    if plan is None:
         raise Fallback("cross-attention mask rows are not one run of image tokens minus padded tiles")
-    if not bool(pad.any()):
-        return start, end, None, None
-    split = full & pad.any(-1, keepdim=True)
-    return start, end, pad, (split if bool(split.any()) else None)
+    return plan
 
 
 def _cross_attention(q, k, v, scale, plan, backend):
     if plan is None:
         return attend(q, k, v, scale, backend)
-    start, end, pad, split = plan
-    if split is None:
-        return attend(q, k, v, scale, backend, kv_start=start, kv_end=end, key_padding_mask=pad)
-    o_vis, lse_vis = attend(q, k, v, scale, backend, kv_start=start, kv_end=end, key_padding_mask=pad,
-                            return_lse=True)
-    zero = torch.zeros_like(start)
-    o_pad, lse_pad = attend(q, k, v, scale, backend, kv_start=zero, kv_end=torch.where(split, end, zero),
-                            key_padding_mask=~pad, return_lse=True)
-    return torch.where(split[:, :, None, None], merge(o_vis, lse_vis, o_pad, lse_pad), o_vis)
+    start, end, pad = plan
+    return cross_attention(q, k, v, start, end, pad, empty_rows="all_keys", softmax_scale=scale, backend=backend)
 
 
 def _row_mask(full_text_row_masked_out_mask):
