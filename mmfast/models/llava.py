@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmfast.kernels._common import check_choice, check_int
-from mmfast.nn.decoder import DecoderLM
+from mmfast.nn.decoder import DecoderLM, hf_eos_token_id
 from mmfast.nn.transformer import ACTIVATIONS, activation
 
 from ._common import copy_weights, module_pairs
@@ -194,6 +194,7 @@ def _hf_parts(hf_model, expected, backend):
         raise ValueError(f"from_hf: only a CLIP vision tower is supported, got {type(body.vision_tower).__name__}")
     vision = ViT.from_hf(tower, backend=backend)
     lm = DecoderLM.from_hf(body.language_model, lm_head=hf_model.lm_head, backend=backend)
+    lm.eos_token_id = hf_eos_token_id(hf_model)  # the outer model's generation_config: what HF's generate stops on
     p = body.multi_modal_projector
     w = p.linear_1.weight
     projector = Projector(w.shape[1], w.shape[0], act=hf_activation(c.projector_hidden_act, "from_hf"),
@@ -390,7 +391,8 @@ def training_batch(model, n, generator):
         pixels = torch.randn(n, 3, vision.img_size, vision.img_size, generator=generator)
         placeholders = (vision.img_size // vision.patch_size) ** 2
         placeholders += vision.num_prefix_tokens if model.vision_feature_select_strategy == "full" else 0
-    special = {lm.pad_token_id, lm.bos_token_id, lm.eos_token_id, model.image_token_index}
+    eos = lm.eos_token_id if isinstance(lm.eos_token_id, (list, tuple)) else [lm.eos_token_id]
+    special = {lm.pad_token_id, lm.bos_token_id, model.image_token_index, *eos}
     allowed = torch.tensor([t for t in range(lm.vocab_size) if t not in special])
     text = allowed[torch.randint(0, len(allowed), (n, 6), generator=generator)]
     ids = torch.cat([torch.full((n, 1), lm.bos_token_id), text[:, :2],
