@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
 from mmfast.nn.bert import BertLayer, BertLMHead, init_bert_weights
-from mmfast.nn.decoder import DecoderLM, hf_eos_token_id
+from mmfast.nn.decoder import DecoderLM
 
 from ._common import ModelOutput, copy_weights, module_pairs
 from .blip import _load_hf_vision
@@ -320,7 +320,6 @@ class Blip2(nn.Module):
                              "outputs at image tokens: set it to the processor's image token id")
         vision, qformer = _vision_from_hf(hf_model, backend), _qformer_from_hf(hf_model, backend, text=False)
         lm = DecoderLM.from_hf(hf_model.language_model, lm_head=getattr(hf_model, "lm_head", None), backend=backend)
-        lm.eos_token_id = hf_eos_token_id(hf_model)  # the outer generation_config: what HF's generate stops on
         projection = _linear_from_hf(hf_model.language_projection, "language_projection")
         return cls(vision, qformer, hf_model.query_tokens, projection, lm, image_token_id=c.image_token_id).eval()
 

@@ -132,6 +132,24 @@ def test_greedy_generation_equals_hf(prompt):
 
 
 @needs_hf
+def test_generation_stops_on_the_hf_configs_eos_list():
+    """from_hf keeps a list of EOS ids from the generation config of HF's language model (HF's generate hands
+    over to ``language_model.generate``); generate ends rows on any of them as HF's (the later id: what row 0
+    emits at step 1)."""
+    hf = _hf().double()  # float64: no near-ties between the two implementations' greedy picks
+    pixels, ids, mask = _inputs()
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    probe = Blip2.from_hf(hf, backend="reference").generate(pixels.double(), ids, eos_token_id=-1, **kw)
+    eos = [EOS, int(probe[0, ids.shape[1] + 1])]
+    hf.language_model.generation_config.eos_token_id = eos
+    ours = Blip2.from_hf(hf, backend="reference")
+    assert ours.language_model.eos_token_id == eos
+    expected = hf.generate(pixels.double(), ids, **kw)
+    assert torch.equal(ours.generate(pixels.double(), ids, **kw), expected)
+    assert int(expected[0, ids.shape[1] + 1]) == eos[1] != EOS  # row 0 ended on the later id
+
+
+@needs_hf
 def test_stage2_trains_only_qformer_queries_and_projection():
     ours = Blip2.from_hf(_hf(), backend="reference").set_stage("stage2").train()
     trainable = {n.split(".")[0] for n, p in ours.named_parameters() if p.requires_grad}
