@@ -197,6 +197,14 @@ class Blip2(nn.Module):
         self.num_query_tokens = query_tokens.shape[1]
 
     # ---- training stages --------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name, *, backend="auto"):
+        """A model of ``PRESETS[name]`` (random weights; the Q-Former without its text path)."""
+        vision, qformer, queries, p = _preset_parts(f"{cls.__name__}.from_preset", name, backend, text=False)
+        projection = nn.Linear(qformer.hidden_size, p["language_model"]["hidden_size"])
+        lm = DecoderLM(**p["language_model"], backend=backend)
+        return cls(vision, qformer, queries, projection, lm, image_token_id=p["image_token_id"])
+
     def set_stage(self, stage="stage2"):
         """Which parameters train: "stage2" (image-to-text: Q-Former, query tokens and projection; the ViT
         and the LM frozen, as the paper), "stage1" (Q-Former and query tokens only) or "all". Frozen parts
@@ -368,6 +376,18 @@ class Blip2ForImageTextRetrieval(nn.Module):
         self.lm_head, self.bos_token_id, self.label_smoothing = lm_head, bos_token_id, label_smoothing
         self.temp = nn.Parameter(torch.tensor(float(temp)))
 
+    @classmethod
+    def from_preset(cls, name, *, backend="auto"):
+        """The stage-1 model of ``PRESETS[name]`` (random weights): the Q-Former with its text path, ITC
+        projections to ``embed_dim``, the ITM head and an ITG head tied to the Q-Former's word embeddings."""
+        vision, qformer, queries, p = _preset_parts(f"{cls.__name__}.from_preset", name, backend, text=True)
+        h = qformer.hidden_size
+        lm_head = BertLMHead(h, qformer.word_embeddings.num_embeddings, tie_to=qformer.word_embeddings)
+        model = cls(vision, qformer, queries, nn.Linear(h, p["embed_dim"]), nn.Linear(h, p["embed_dim"]),
+                    nn.Linear(h, 2), lm_head=lm_head, bos_token_id=p["qformer_bos_token_id"])
+        model.cls_token_id = p["qformer_cls_token_id"]  # what training_batch starts a text with
+        return model
+
     def stage1_loss(self, pixel_values, input_ids, attention_mask=None, *, generator=None):
         """BLIP-2 stage-1 losses (LAVIS ``Blip2Qformer.forward``) on a batch of B >= 2 pairs: input_ids (B, T)
         text only (no image tokens), attention_mask (B, T). Returns a dict: ``itc`` (similarity = max over
@@ -458,6 +478,82 @@ class Blip2ForImageTextRetrieval(nn.Module):
         heads = [_linear_from_hf(getattr(hf_model, n), n) for n in ("vision_projection", "text_projection", "itm_head")]
         return cls(vision, qformer, hf_model.query_tokens, *heads,
                    strip_image_tokens=hf_model.config.image_token_index is not None).eval()
+
+
+# Test-size presets (``Blip2.from_preset``, ``Blip2ForImageTextRetrieval.from_preset``, the training entry point):
+# a ViT, a Q-Former (text path: vocab_size, [CLS] / [DEC] ids) and an OPT-flavoured DecoderLM
+PRESETS = {
+    "tiny": dict(vision=dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+                 qformer=dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                              cross_attention_frequency=2, vocab_size=64),
+                 qformer_cls_token_id=1, qformer_bos_token_id=2, num_query_tokens=4, embed_dim=16,
+                 language_model=dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                     norm="layernorm", norm_eps=1e-5, mlp="relu", bias=True, positions="learned",
+                                     max_positions=32, tie_word_embeddings=True, pad_token_id=1, bos_token_id=2,
+                                     eos_token_id=2),
+                 image_token_id=63),
+}
+
+
+def _preset_parts(op, name, backend, text):
+    check_choice(op, "name", name, tuple(PRESETS))
+    p = PRESETS[name]
+    vision = ViT(**p["vision"], backend=backend)
+    q = dict(p["qformer"])
+    vocab = q.pop("vocab_size")
+    qformer = QFormer(**q, encoder_hidden_size=vision.embed_dim, vocab_size=vocab if text else None, backend=backend)
+    queries = torch.randn(1, p["num_query_tokens"], qformer.hidden_size) * 0.02  # HF's init (initializer_range)
+    return vision, qformer, queries, p
+
+
+def training_model(preset, stage, *, backend="auto"):
+    """The training entry point's model for `stage` (``STAGES``): "stage1" is the Q-Former's
+    representation learning (:class:`Blip2ForImageTextRetrieval`, ITC + ITM + ITG, the ViT frozen); "stage2"
+    and "all" are :class:`Blip2` under :meth:`Blip2.set_stage`."""
+    check_choice("blip2.training_model", "stage", stage, STAGES)
+    if stage == "stage1":
+        model = Blip2ForImageTextRetrieval.from_preset(preset, backend=backend)
+        model.vision.requires_grad_(False)
+        return model
+    return Blip2.from_preset(preset, backend=backend).set_stage(stage)
+
+
+def training_batch(model, n, generator):
+    """A synthetic batch for the training entry point: n random images; for :class:`Blip2` the prompts
+    [Q image tokens, BOS, 6 text tokens, right padding] with labels (image tokens and pads at -100), for
+    the stage-1 model [CLS] + up to 6 text tokens (n >= 2: ITC needs negatives). Keyword arguments of
+    ``training_loss``."""
+    stage1 = isinstance(model, Blip2ForImageTextRetrieval)
+    check_int("blip2.training_batch", "n", n, lo=2 if stage1 else 1)
+    s = model.vision.img_size
+    pixels = torch.randn(n, 3, s, s, generator=generator)
+    if stage1:
+        vocab, cls_id = model.qformer.word_embeddings.num_embeddings, getattr(model, "cls_token_id", 1)
+        pad, special = 0, {0, cls_id, model.bos_token_id}
+        start = torch.full((n, 1), cls_id)
+    else:
+        lm = model.language_model
+        vocab, pad = lm.vocab_size, lm.pad_token_id
+        eos = lm.eos_token_id if isinstance(lm.eos_token_id, (list, tuple)) else [lm.eos_token_id]
+        special = {lm.pad_token_id, lm.bos_token_id, model.image_token_id, *eos}
+        start = torch.cat([torch.full((n, model.num_query_tokens), model.image_token_id),
+                           torch.full((n, 1), lm.bos_token_id)], 1)
+    allowed = torch.tensor([t for t in range(vocab) if t not in special])
+    ids = torch.cat([start, allowed[torch.randint(0, len(allowed), (n, 6), generator=generator)]], 1)
+    kept = ids.shape[1] - torch.randint(0, 4, (n,), generator=generator)
+    mask = (torch.arange(ids.shape[1]) < kept[:, None]).long()
+    ids = ids.masked_fill(mask == 0, pad)
+    if stage1:
+        return dict(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+    labels = ids.masked_fill((mask == 0) | (ids == model.image_token_id), -100)
+    return dict(pixel_values=pixels, input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def training_loss(model, batch):
+    """The loss the training entry point minimises: stage 1's ITC + ITM + ITG, else the LM loss."""
+    if isinstance(model, Blip2ForImageTextRetrieval):
+        return model.stage1_loss(**batch)["loss"]
+    return model(**batch).loss
 
 
 def _qformer_pairs(ours, hf_qformer, hf_embeddings=None):

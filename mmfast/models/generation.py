@@ -4,6 +4,8 @@ Every function takes ``step(tokens) -> logits``: it feeds the new tokens (N, T) 
 extends its KV cache, and returns the next-token logits (N, V) of the last position; and, for beam
 search, ``reorder(index)`` which gathers the cache rows along the batch. The first call gets the prompt.
 Sequences returned include the prompt; finished rows are padded with `pad_token_id`, as ``generate`` does.
+`eos_token_id` is one id or several (Llama 3's [128001, 128008, 128009]): a row ends on any of them, as
+Hugging Face's list; a negative id matches no token.
 """
 import torch
 from torch.nn import functional as F
@@ -18,24 +20,39 @@ def _check(op, input_ids, max_length, min_length):
     check_int(op, "min_length", min_length, lo=0)
 
 
-def _min_length(logits, length, min_length, eos_token_id):
-    # Hugging Face's MinLengthLogitsProcessor (lengths count the prompt)
+def eos_ids(op, eos_token_id, device=None):
+    """`eos_token_id` (an int, or a non-empty list / tuple / 1-D tensor of ints) as a 1-D int64 tensor."""
+    ids = eos_token_id
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() > 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.numel() == 0:
+            raise ValueError(f"{op}: eos_token_id must be an int or a non-empty 1-D integer tensor, got "
+                             f"{ids.dtype} {tuple(ids.shape)}")
+        return ids.reshape(-1).to(device=device, dtype=torch.long)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise ValueError(f"{op}: eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _min_length(logits, length, min_length, eos):
+    # Hugging Face's MinLengthLogitsProcessor (lengths count the prompt): every EOS id masked
     if length < min_length:
         logits = logits.clone()
-        logits[:, eos_token_id] = -float("inf")
+        logits[:, eos[eos >= 0]] = -float("inf")
     return logits
 
 
 def greedy_search(step, input_ids, *, max_length, eos_token_id, pad_token_id, min_length=0):
-    """Arg-max decoding until every row emitted `eos_token_id` or the sequences reach `max_length`."""
+    """Arg-max decoding until every row emitted one of `eos_token_id` or the sequences reach `max_length`."""
     _check("greedy_search", input_ids, max_length, min_length)
+    eos = eos_ids("greedy_search", eos_token_id, input_ids.device)
     seqs, tokens = input_ids, input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     while True:
-        logits = _min_length(step(tokens).float(), seqs.shape[1], min_length, eos_token_id)
+        logits = _min_length(step(tokens).float(), seqs.shape[1], min_length, eos)
         nxt = torch.where(unfinished, logits.argmax(-1), pad_token_id)
         seqs = torch.cat([seqs, nxt[:, None]], 1)
-        unfinished &= nxt != eos_token_id
+        unfinished &= ~torch.isin(nxt, eos)
         if not unfinished.any() or seqs.shape[1] >= max_length:
             return seqs
         tokens = nxt[:, None]
@@ -61,15 +78,16 @@ def nucleus_sampling(step, input_ids, *, max_length, eos_token_id, pad_token_id,
                      temperature=1.0, min_length=0, generator=None):
     """Top-p sampling (BLIP's CapFilt captioner: top_p = 0.9) with greedy's stopping and padding."""
     _check("nucleus_sampling", input_ids, max_length, min_length)
+    eos = eos_ids("nucleus_sampling", eos_token_id, input_ids.device)
     seqs, tokens = input_ids, input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     while True:
-        logits = _min_length(step(tokens).float(), seqs.shape[1], min_length, eos_token_id)
+        logits = _min_length(step(tokens).float(), seqs.shape[1], min_length, eos)
         probs = nucleus_filter(logits, top_p, top_k, temperature).softmax(-1)
         nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
         nxt = torch.where(unfinished, nxt, pad_token_id)
         seqs = torch.cat([seqs, nxt[:, None]], 1)
-        unfinished &= nxt != eos_token_id
+        unfinished &= ~torch.isin(nxt, eos)
         if not unfinished.any() or seqs.shape[1] >= max_length:
             return seqs
         tokens = nxt[:, None]
@@ -84,7 +102,8 @@ def _gather(t, index):
 def beam_search(step, reorder, input_ids, *, num_beams, max_length, eos_token_id, pad_token_id, length_penalty=1.0,
                 early_stopping=False, min_length=0):
     """Beam search exactly as Hugging Face's ``generate(num_beams=...)`` (transformers 5.x ``_beam_search``):
-    keep the 2·num_beams best continuations, hypotheses that end in EOS (or reach `max_length`) among the
+    keep the max(2, 1 + number of EOS ids)·num_beams best continuations (so num_beams go on even when the
+    best ones all end in an EOS), hypotheses that end in an EOS (or reach `max_length`) among the
     first num_beams join the finished set scored by sum log p / generated_length ** length_penalty, the
     best num_beams unfinished ones continue; stop when no running beam can beat the worst finished one
     (HF's heuristic for ``early_stopping=False``), or when every beam finished (``early_stopping=True``).
@@ -101,9 +120,10 @@ def beam_search(step, reorder, input_ids, *, num_beams, max_length, eos_token_id
     if input_ids.shape[0] % num_beams:
         raise ValueError(f"beam_search: input_ids rows ({input_ids.shape[0]}) must be a multiple of num_beams")
     device, (flat, prompt_len) = input_ids.device, input_ids.shape
-    B, K, cur = flat // num_beams, 2 * num_beams, prompt_len
-    # HF fills with `pad_token_id or eos_token_id`: a pad id of 0 falls back to EOS, kept for equal outputs
-    fill = pad_token_id if pad_token_id else eos_token_id
+    eos = eos_ids("beam_search", eos_token_id, device)
+    B, K, cur = flat // num_beams, max(2, 1 + eos.numel()) * num_beams, prompt_len
+    # HF fills with `pad_token_id or eos_token_id[0]`: a pad id of 0 falls back to EOS, kept for equal outputs
+    fill = pad_token_id if pad_token_id else int(eos[0])
     running = torch.full((B, num_beams, max_length), fill, dtype=torch.long, device=device)
     running[:, :, :cur] = input_ids.view(B, num_beams, cur)
     finished = running.clone()
@@ -118,14 +138,14 @@ def beam_search(step, reorder, input_ids, *, num_beams, max_length, eos_token_id
     tokens = input_ids
     while True:
         # HF applies its logits processors to the log-probabilities (min_length does not renormalise)
-        log_probs = _min_length(F.log_softmax(step(tokens).float(), -1), cur, min_length, eos_token_id)
+        log_probs = _min_length(F.log_softmax(step(tokens).float(), -1), cur, min_length, eos)
         log_probs = log_probs.view(B, num_beams, -1) + running_scores[..., None]
         V = log_probs.shape[-1]
         top_scores, top_index = log_probs.view(B, -1).topk(K)
         source = top_index // V
         candidates = _gather(running, source)
         candidates[:, :, cur] = top_index % V
-        hits = (candidates[:, :, cur] == eos_token_id) | (cur + 1 >= max_length)
+        hits = torch.isin(candidates[:, :, cur], eos) | (cur + 1 >= max_length)
         # the beams that go on: the best num_beams candidates that did not stop
         keep = (top_scores - hits.float() * 1e9).topk(num_beams).indices
         running = _gather(candidates, keep)

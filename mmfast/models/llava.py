@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmfast.kernels._common import check_choice, check_int
-from mmfast.nn.decoder import DecoderLM
+from mmfast.nn.decoder import DecoderLM, hf_eos_token_id
 from mmfast.nn.transformer import ACTIVATIONS, activation
 
 from ._common import copy_weights, module_pairs
@@ -92,6 +92,18 @@ class Llava(nn.Module):
         return self.language_model.embed_tokens
 
     # ---- training presets --------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name, *, backend="auto"):
+        """A model of ``PRESETS[name]`` (random weights), of the preset's class (Llava or LlavaNext), with
+        `backend` passed to the tower and the language model. Paper sizes: ``mmfast.models.create_model``."""
+        check_choice(f"{cls.__name__}.from_preset", "name", name, tuple(PRESETS))
+        args = PRESETS[name]
+        kind = LlavaNext if "image_grid_pinpoints" in args else Llava
+        if not issubclass(kind, cls):
+            raise ValueError(f"{cls.__name__}.from_preset: preset {name!r} builds a {kind.__name__}")
+        return kind(**{**args, "vision": dict(args["vision"], backend=backend),
+                       "language_model": dict(args["language_model"], backend=backend)})
+
     def set_stage(self, stage):
         """LLaVA's two training stages: 1 (feature alignment) trains only the projector; 2 (instruction
         tuning) the projector and the language model. The vision tower stays frozen in both."""
@@ -182,6 +194,7 @@ def _hf_parts(hf_model, expected, backend):
         raise ValueError(f"from_hf: only a CLIP vision tower is supported, got {type(body.vision_tower).__name__}")
     vision = ViT.from_hf(tower, backend=backend)
     lm = DecoderLM.from_hf(body.language_model, lm_head=hf_model.lm_head, backend=backend)
+    lm.eos_token_id = hf_eos_token_id(hf_model)  # the outer model's generation_config: what HF's generate stops on
     p = body.multi_modal_projector
     w = p.linear_1.weight
     projector = Projector(w.shape[1], w.shape[0], act=hf_activation(c.projector_hidden_act, "from_hf"),
@@ -349,4 +362,46 @@ class LlavaNext(Llava):
         return model
 
 
-__all__ = ["Llava", "LlavaNext", "Projector", "anyres_tiles", "select_best_resolution"]
+# Test-size presets for ``Llava.from_preset`` and the training entry point (CLIP-layout tower, Llama LM)
+_TINY_LM = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_TINY_VISION = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, pre_norm=True)
+PRESETS = {
+    "tiny": dict(vision=_TINY_VISION, projector="mlp", language_model=_TINY_LM, image_token_index=63),
+    "tiny-next": dict(vision=dict(_TINY_VISION, img_size=8), projector="mlp", language_model=_TINY_LM,
+                      image_token_index=63, image_grid_pinpoints=[[8, 16], [16, 8], [16, 16]]),
+}
+
+
+def training_batch(model, n, generator):
+    """A synthetic batch for the training entry point (``mmfast.training.tasks``): n prompts
+    [BOS, 2 text tokens, one image's placeholders, 1-4 text tokens, right padding], one random image each
+    (LlavaNext: a 12x20 image's tiles and its image_sizes), labels = the ids with the image tokens and pads
+    at -100. Returns the forward's keyword arguments."""
+    check_int("llava.training_batch", "n", n, lo=1)
+    lm, vision = model.language_model, model.vision
+    if isinstance(model, LlavaNext):
+        size = (12, 20)
+        rows, cols = model.grid(size)
+        extra = dict(image_sizes=torch.tensor([size] * n))
+        pixels = torch.randn(n, 1 + rows * cols, 3, vision.img_size, vision.img_size, generator=generator)
+        placeholders = model.num_image_tokens(size)
+    else:
+        extra = {}
+        pixels = torch.randn(n, 3, vision.img_size, vision.img_size, generator=generator)
+        placeholders = (vision.img_size // vision.patch_size) ** 2
+        placeholders += vision.num_prefix_tokens if model.vision_feature_select_strategy == "full" else 0
+    eos = lm.eos_token_id if isinstance(lm.eos_token_id, (list, tuple)) else [lm.eos_token_id]
+    special = {lm.pad_token_id, lm.bos_token_id, model.image_token_index, *eos}
+    allowed = torch.tensor([t for t in range(lm.vocab_size) if t not in special])
+    text = allowed[torch.randint(0, len(allowed), (n, 6), generator=generator)]
+    ids = torch.cat([torch.full((n, 1), lm.bos_token_id), text[:, :2],
+                     torch.full((n, placeholders), model.image_token_index), text[:, 2:]], 1)
+    kept = ids.shape[1] - torch.randint(0, 4, (n,), generator=generator)
+    mask = (torch.arange(ids.shape[1]) < kept[:, None]).long()
+    ids = ids.masked_fill(mask == 0, lm.pad_token_id)
+    labels = ids.masked_fill((mask == 0) | (ids == model.image_token_index), -100)
+    return dict(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels, **extra)
+
+
+__all__ = ["Llava", "LlavaNext", "PRESETS", "Projector", "anyres_tiles", "select_best_resolution", "training_batch"]

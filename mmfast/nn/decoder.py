@@ -286,7 +286,8 @@ class DecoderLM(nn.Module):
         sampling (`do_sample`: `temperature`, `top_k` (HF's default 50), `top_p`), over a KV cache, for
         left-padded batches (the mask is extended by one column per step; positions count real tokens).
         Lengths as HF: `max_length` counts the prompt, `max_new_tokens` does not; neither: max_length 20.
-        `eos_token_id` / `pad_token_id` default to the model's (pad falls back to EOS, as HF). With
+        `eos_token_id` (one id or a list: a row ends on any of them, as HF) / `pad_token_id` default to the
+        model's (pad falls back to the first EOS id, as HF). With
         `inputs_embeds` (B, T, hidden) the prompt is those embeddings; without input_ids only the new tokens
         are returned, as HF. `layer_hook` goes to every forward (the prompt's, then one per step; with
         beams its batch is B · num_beams). Returns (B, prompt + new) int64 token ids."""
@@ -298,17 +299,14 @@ class DecoderLM(nn.Module):
         if num_beams > 1 and do_sample:
             raise ValueError(f"{op}: num_beams > 1 with do_sample=True (beam sampling) is not supported")
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        if isinstance(eos, (list, tuple)):
-            if len(eos) != 1:
-                raise ValueError(f"{op}: eos_token_id: one id is supported by mmfast.models.generation, got {eos}")
-            eos = eos[0]
-        pad = self.pad_token_id if pad_token_id is None else pad_token_id
-        pad = eos if pad is None else pad
         if eos is None:
             if min_length:
                 raise ValueError(f"{op}: min_length needs an eos_token_id")
             eos = -1  # matches no token: every row decodes to max_length
-        pad = 0 if pad is None else pad  # never written when no row can finish
+        eos = generation.eos_ids(op, eos).tolist()  # one id or several (Llama 3): a row ends on any
+        pad = self.pad_token_id if pad_token_id is None else pad_token_id
+        # HF pads with the first EOS id when there is no pad id; 0 is never written when no row can finish
+        pad = (eos[0] if eos[0] >= 0 else 0) if pad is None else pad
         ids_given = input_ids is not None
         if inputs_embeds is not None:
             if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
@@ -319,7 +317,7 @@ class DecoderLM(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"{op}: input_ids must be a (B, T) tensor, got {getattr(input_ids, 'shape', input_ids)}")
         prompt_len = input_ids.shape[1]
-        if attention_mask is None and ids_given and inputs_embeds is None and pad >= 0 and pad != eos \
+        if attention_mask is None and ids_given and inputs_embeds is None and pad >= 0 and pad not in eos \
                 and bool((input_ids == pad).any()):
             attention_mask = (input_ids != pad).long()  # HF infers the padding from pad tokens in the prompt
         if max_new_tokens is not None:
@@ -376,6 +374,7 @@ class DecoderLM(nn.Module):
                              f"{type(lm_head).__name__}")
         body, weight = body_of(hf_model), lm_head.weight
         kwargs, pairs_of = convert(hf_model.config)
+        kwargs["eos_token_id"] = hf_eos_token_id(hf_model)
         tied = weight is body.embed_tokens.weight
         model = cls(**kwargs, tie_word_embeddings=tied, backend=backend, device=weight.device, dtype=weight.dtype)
         pairs = pairs_of(model, body)
@@ -390,6 +389,14 @@ class DecoderLM(nn.Module):
         (``device="meta"`` for a parameter count without memory)."""
         check_choice("DecoderLM.from_preset", "name", name, tuple(PRESETS))
         return cls(**{**PRESETS[name], **overrides})
+
+
+def hf_eos_token_id(hf_model):
+    """The EOS id(s) Hugging Face's ``generate`` stops on: the model's ``generation_config.eos_token_id``
+    (a list for Llama 3 / 3.2: [128001, 128008, 128009]), else its config's; a list stays a list."""
+    eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+    eos = getattr(hf_model.config, "eos_token_id", None) if eos is None else eos
+    return [int(i) for i in eos] if isinstance(eos, (list, tuple)) else eos
 
 
 def _ids(config):

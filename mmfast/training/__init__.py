@@ -1,4 +1,5 @@
-"""Training entry point: ``python -m mmfast train {clip,moco,albef,blip} --preset tiny --steps N``.
+"""Training entry point: ``python -m mmfast train {clip,moco,albef,blip,llava,blip2} --preset tiny --steps N``
+(bridge models: ``--stage``, see tasks.py).
 
 Runs in one process or under ``torchrun --nproc-per-node W`` with DDP or FSDP2 (``--parallel ddp|fsdp``;
 NCCL on CUDA, gloo on CPU). Files: tasks.py (the registry of trainable models), distributed.py (process

@@ -12,6 +12,11 @@ def parser():
         "under torchrun (e.g. torchrun --nproc-per-node 2 -m mmfast train moco --parallel fsdp).")
     p.add_argument("model", choices=list(TASKS), help="; ".join(
         f"{name}: presets {', '.join(t.presets)}" + (f" ({t.notes})" if t.notes else "") for name, t in TASKS.items()))
+    p.add_argument("--stage", default=None, help="bridge models: which parts train (the rest frozen: no gradient, "
+                   "not updated); " + "; ".join(
+                       f"{name}: " + ", ".join(f"{s}{' (default)' if i == 0 else ''} = {h}"
+                                               for i, (s, h) in enumerate(t.stages.items()))
+                       for name, t in TASKS.items() if t.stages))
     p.add_argument("--preset", default="tiny", help="model size preset (default tiny)")
     p.add_argument("--steps", type=int, default=10, help="optimiser steps (default 10)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per process per step (default 8)")
@@ -39,7 +44,7 @@ def main(argv=None):
     try:
         train(args.model, preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
               parallel=args.parallel, backend=args.backend, seed=args.seed, data=data,
-              progress=not args.no_progress, plot=plot)
+              progress=not args.no_progress, plot=plot, stage=args.stage)
     except (ValueError, RuntimeError) as exc:
         print(f"python -m mmfast train: {exc}", file=sys.stderr)
         return 1

@@ -6,23 +6,53 @@ the concatenated batch (synthetic data, or rows sampled from a ``--data`` file o
 
 albef and blip need mmfast.models.albef / .blip (branch wt-albefblip); until those modules exist in this
 checkout, building them raises a clear error naming the module and the branch (see ``_import``).
+
+Bridge models (a frozen encoder and language model joined by a trainable bridge: llava, blip2; Flamingo and
+Mllama to come) share one protocol, so each is one row ``bridge_task(...)`` in ``TASKS``:
+
+    bridge_task(name, module, class_name, presets=(...), stages={stage: "one-line help", ...})
+
+``stages`` keys are the values the class's ``set_stage`` takes (the first is the default, the paper's bridge
+stage); ``--stage`` matches ``str(key)``. ``presets`` and ``stages`` live in the row so that ``--help`` needs
+no torch; ``presets`` are checked against the module's ``PRESETS`` when built. The module provides:
+
+- ``PRESETS``: dict of preset name -> constructor arguments, with at least ``"tiny"``;
+- ``<class_name>.from_preset(name, *, backend="auto")`` -> model with random weights;
+- ``model.set_stage(stage)`` -> model: frozen parameters get ``requires_grad=False`` (the loop's optimiser
+  holds only the others, so frozen ones get no gradient and never change);
+- ``training_batch(model, n, generator) -> dict`` of the forward's keyword tensors, first dim n (one image
+  per row), ``labels`` included (-100 on image tokens and padding), drawn only from `generator`;
+- ``model(**batch).loss``: the 0-dim loss.
+
+Optional module hooks where a stage needs another model or loss (blip2's stage 1 is
+``Blip2ForImageTextRetrieval.stage1_loss``): ``training_model(preset, stage, *, backend)`` replaces
+``from_preset(...).set_stage(stage)``, ``training_loss(model, batch)`` replaces ``model(**batch).loss``.
+Bridge rows run in one process only (``parallel=("none",)``, the refusal says why); ``--data`` is refused.
+tests/mmfast/test_training_bridge.py trains every stage of every bridge row in ``TASKS`` (preset "tiny",
+backend "reference", 2 steps) and checks the optimiser holds exactly the trainable parameters, frozen ones
+have ``.grad is None`` and are unchanged; a new row is covered once added, e.g. (stage names: the module's)::
+
+    "flamingo": bridge_task("flamingo", "mmfast.models.flamingo", "Flamingo", presets=("tiny",),
+                            stages={"bridge": "resampler + gated cross-attention (vision, LM frozen)"}),
 """
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 # torch is imported inside the functions: `python -m mmfast train --help` reads this registry without it
 
 
 @dataclass(frozen=True)
 class TrainTask:
-    """build(preset, backend) -> model; batch(preset, n, generator, data) -> tuple of tensors (global batch,
-    first dim n); loss(model, batch, step, total_steps) -> 0-dim loss (model may be DDP/FSDP-wrapped);
+    """build(preset, backend) -> model (bridge tasks: build(preset, backend, stage)); batch(preset, n, generator,
+    data, model=None) -> tuple of tensors, or a dict of keyword tensors (bridge tasks, drawn for `model`) (global
+    batch, first dim n); loss(model, batch, step, total_steps) -> 0-dim loss (model may be DDP/FSDP-wrapped);
     set_group(model, group); shard_units(model) -> submodules that get their own ``fully_shard`` before the
     root (every MomentumEncoder's ``ema`` and the online modules it follows must be among them, so that the
     EMA update sees shards on both sides) — unless ema_updated_outside_forward: loss runs the update before
     forward, when every parameter is a shard; presets: the preset names build accepts (albef / blip: checked
-    against the model module's PRESETS when built); parallel: the modes the task supports."""
+    against the model module's PRESETS when built); parallel: the modes the task supports (serial_reason: why
+    not more); stages: the bridge models' training stages (see the module docstring)."""
 
     name: str
     module: str
@@ -35,6 +65,20 @@ class TrainTask:
     parallel: Tuple[str, ...] = ("none", "ddp", "fsdp")
     notes: str = ""
     ema_updated_outside_forward: bool = False
+    stages: Optional[Dict[Any, str]] = None  # bridge models: set_stage value -> help, the first the default
+    serial_reason: str = ""  # why parallel is limited to what it is (the refusal's message)
+
+    def stage(self, stage=None):
+        """The stage value for `stage` (None: the default; a CLI string matches str(value))."""
+        if self.stages is None:
+            if stage is not None:
+                raise ValueError(f"train {self.name}: stage applies to the bridge models "
+                                 f"({', '.join(n for n, t in TASKS.items() if t.stages)}), got {stage!r}")
+            return None
+        for value in self.stages:
+            if stage is None or stage == value or str(stage) == str(value):
+                return value
+        raise ValueError(f"train {self.name}: stage must be one of {tuple(map(str, self.stages))}, got {stage!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +120,7 @@ def _two_views(images, generator):
     return tuple(views)
 
 
-def _moco_batch(preset, n, generator, data=None):
+def _moco_batch(preset, n, generator, data=None, model=None):
     import torch
 
     s = MOCO_PRESETS[preset]["vit"]["img_size"]
@@ -120,7 +164,7 @@ def _clip_build(preset, backend):
     return create_model(CLIP_PRESETS[preset], backend=backend)
 
 
-def _clip_batch(preset, n, generator, data=None):
+def _clip_batch(preset, n, generator, data=None, model=None):
     """Random images and captions: random tokens, the highest id as EOT (the argmax rule of CLIP's legacy
     configs), zero padding after it with attention_mask 0; or rows of data {'images', 'input_ids',
     'attention_mask'}."""
@@ -156,12 +200,13 @@ def _clip_units(model):
 # ALBEF / BLIP pre-training (written on wt-albefblip): `Class.from_preset(name, backend=)` and
 # `forward(pixel_values, input_ids, attention_mask).loss`; built once their module is in the checkout
 
-def _import(name, module, branch):
+def _import(name, module, branch=None):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise RuntimeError(f"train {name}: {module} is not in this checkout ({exc}); it is written on branch "
-                           f"{branch} and its training task runs once that branch is merged") from None
+        where = f"branch {branch}" if branch else "another branch"
+        raise RuntimeError(f"train {name}: {module} is not in this checkout ({exc}); it is written on {where} "
+                           f"and its training task runs once that branch is merged") from None
 
 
 def _vl_config(name, module, cls_name, preset):
@@ -194,7 +239,7 @@ def _vl_task(name, module, cls_name, presets):
         cls, _ = _vl_config(name, module, cls_name, preset)
         return cls.from_preset(preset, backend=backend)
 
-    def batch(preset, n, generator, data=None):
+    def batch(preset, n, generator, data=None, model=None):
         """Random images and captions: [CLS] random non-special tokens [SEP], zero padding (attention_mask 0);
         or rows of data {'images', 'input_ids', 'attention_mask'}."""
         import torch
@@ -227,6 +272,46 @@ def _vl_task(name, module, cls_name, presets):
                            "ALBEF / BLIP)")
 
 
+# ----------------------------------------------------------------------------------------------
+# Bridge models (the protocol: this module's docstring)
+
+_BRIDGE_SERIAL = ("one process only for now: the distributed path (DDP / FSDP2 units for a frozen tower and LM "
+                  "beside a trainable bridge, blip2's stage-1 loss called outside forward) is not written or "
+                  "tested for the bridge models; run without torchrun")
+
+
+def bridge_task(name, module, class_name, *, presets, stages, notes=""):
+    """A TrainTask for a bridge-model module that follows the protocol in this module's docstring."""
+
+    def _module(preset):
+        mod = _import(name, module)
+        if preset not in mod.PRESETS:
+            raise ValueError(f"train {name}: preset must be one of {tuple(mod.PRESETS)}, got {preset!r}")
+        return mod
+
+    def build(preset, backend, stage=None):
+        mod = _module(preset)
+        stage = next(iter(stages)) if stage is None else stage
+        hook = getattr(mod, "training_model", None)
+        if hook is not None:
+            return hook(preset, stage, backend=backend)
+        return getattr(mod, class_name).from_preset(preset, backend=backend).set_stage(stage)
+
+    def batch(preset, n, generator, data=None, model=None):
+        if data is not None:
+            raise ValueError(f"train {name}: --data is not supported for the bridge models (synthetic batches only)")
+        if model is None:
+            raise ValueError(f"train {name}: the batch is drawn for a built model (make_batch(..., model=))")
+        return _module(preset).training_batch(model, n, generator)
+
+    def loss(model, batch, step, total_steps):
+        hook = getattr(_import(name, module), "training_loss", None)
+        return hook(model, batch) if hook is not None else model(**batch).loss
+
+    return TrainTask(name=name, module=module, build=build, batch=batch, loss=loss, presets=tuple(presets),
+                     parallel=("none",), stages=dict(stages), serial_reason=_BRIDGE_SERIAL, notes=notes)
+
+
 TASKS: Dict[str, TrainTask] = {
     "clip": TrainTask(name="clip", module="mmfast.models.clip", build=_clip_build, batch=_clip_batch,
                       loss=_clip_loss, presets=tuple(CLIP_PRESETS), set_group=_clip_set_group,
@@ -236,6 +321,14 @@ TASKS: Dict[str, TrainTask] = {
                       set_group=lambda model, group: model.set_group(group), shard_units=_moco_units),
     "albef": _vl_task("albef", "mmfast.models.albef", "ALBEF", ("tiny", "base")),
     "blip": _vl_task("blip", "mmfast.models.blip", "BLIP", ("tiny", "base", "large")),
+    "llava": bridge_task("llava", "mmfast.models.llava", "Llava", presets=("tiny", "tiny-next"),
+                         stages={1: "feature alignment: the projector (and NeXT's image_newline) only",
+                                 2: "instruction tuning: projector + language model"}, notes="ViT always frozen"),
+    "blip2": bridge_task("blip2", "mmfast.models.blip2", "Blip2", presets=("tiny",),
+                         stages={"stage2": "image-to-text: Q-Former, query tokens, projection (ViT, LM frozen)",
+                                 "stage1": "Q-Former pre-training, ITC + ITM + ITG (Blip2ForImageTextRetrieval, "
+                                           "ViT frozen)",
+                                 "all": "every parameter"}),
 }
 
 

@@ -132,6 +132,27 @@ def test_greedy_generation_equals_hf(prompt):
 
 
 @needs_hf
+def test_generation_stops_on_the_hf_configs_eos_list():
+    """from_hf keeps a list of EOS ids from the generation config of HF's language model (HF's generate hands
+    over to ``language_model.generate``); generate ends rows on any of them as HF's (the later id: what row 0
+    emits at step 1, the first id one it never emits)."""
+    hf = _hf().double()  # float64: no near-ties between the two implementations' greedy picks
+    pixels, ids, mask = _inputs()
+    P = ids.shape[1]
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    probe = Blip2.from_hf(hf, backend="reference").generate(pixels.double(), ids, eos_token_id=-1, **kw)
+    row = probe[0, P:].tolist()
+    eos = [min(set(range(3, IMAGE_TOKEN)) - set(probe[:, P:].flatten().tolist())), row[1]]
+    hf.language_model.generation_config.eos_token_id = eos
+    ours = Blip2.from_hf(hf, backend="reference")
+    assert ours.language_model.eos_token_id == eos
+    expected = hf.generate(pixels.double(), ids, **kw)
+    assert torch.equal(ours.generate(pixels.double(), ids, **kw), expected)
+    end = row.index(eos[1])  # step 1, or step 0 when row 0 emits that token twice
+    assert int(expected[0, P + end]) == eos[1] and (expected[0, P + end + 1:] == PAD).all(), expected
+
+
+@needs_hf
 def test_stage2_trains_only_qformer_queries_and_projection():
     ours = Blip2.from_hf(_hf(), backend="reference").set_stage("stage2").train()
     trainable = {n.split(".")[0] for n, p in ours.named_parameters() if p.requires_grad}

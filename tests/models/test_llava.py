@@ -85,6 +85,23 @@ def test_greedy_generation_equals_hf():
 
 
 @requires("transformers")
+def test_generation_stops_on_the_hf_configs_eos_list():
+    """A Llama 3 style list of EOS ids in the HF model's generation config: from_hf keeps it and generate
+    (its default) ends rows on any of them, as HF's (the later ids: what each row emits at step 1)."""
+    hf = _hf().double()  # float64: no near-ties between the two implementations' greedy picks
+    ids, mask, pixels = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    probe = Llava.from_hf(hf, backend="reference").generate(ids, pixels, eos_token_id=-1, **kw)
+    eos = [2] + sorted(set(probe[:, L + 1].tolist()) - {2})
+    hf.generation_config.eos_token_id = eos
+    ours = Llava.from_hf(hf, backend="reference")
+    assert ours.language_model.eos_token_id == eos
+    expected = hf.generate(input_ids=ids, pixel_values=pixels, **kw)
+    assert torch.equal(ours.generate(ids, pixels, **kw), expected)
+    assert expected.shape[1] <= L + 2  # every row ended by step 1
+
+
+@requires("transformers")
 def test_triton_interpreter_matches_reference():
     """Patch embedding, the vision tower's attention and the decoder's causal, left-padded GQA attention
     through the Triton kernels (interpreter on CPU)."""
