@@ -518,6 +518,12 @@ _LLAMA31_8B_TEXT = dict(vocab_size=128256, hidden_size=4096, num_layers=40, num_
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                         pad_token_id=128004, bos_token_id=128000, eos_token_id=128001)
 # name -> constructor arguments; "tiny" for tests and examples
+def training_batch(model, n, generator):
+    """A synthetic batch for the training entry point (``mmfast.training.tasks``): n prompts of 12 tokens,
+    one image each (:meth:`Mllama.synthetic_batch`). Returns the forward's keyword arguments, labels included."""
+    return model.synthetic_batch(n, 12, generator=generator)
+
+
 PRESETS = {
     "tiny": dict(vision=dict(image_size=16, patch_size=8, dim=32, depth=2, global_depth=1, num_heads=2, mlp_dim=64,
                              max_num_tiles=2, num_aspect_ratios=3, intermediate_layers=[0]),
@@ -534,4 +540,4 @@ PRESETS = {
 }
 
 __all__ = ["Mllama", "MllamaVision", "MllamaVisionLayer", "PRESETS", "aspect_ratio_id", "cross_attention_mask",
-           "optimal_tiled_canvas", "supported_aspect_ratios", "tile_image"]
+           "optimal_tiled_canvas", "supported_aspect_ratios", "tile_image", "training_batch"]

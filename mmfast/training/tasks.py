@@ -7,8 +7,8 @@ the concatenated batch (synthetic data, or rows sampled from a ``--data`` file o
 albef and blip need mmfast.models.albef / .blip (branch wt-albefblip); until those modules exist in this
 checkout, building them raises a clear error naming the module and the branch (see ``_import``).
 
-Bridge models (a frozen encoder and language model joined by a trainable bridge: llava, blip2; Flamingo and
-Mllama to come) share one protocol, so each is one row ``bridge_task(...)`` in ``TASKS``:
+Bridge models (a frozen encoder and language model joined by a trainable bridge: llava, blip2, mllama,
+flamingo) share one protocol, so each is one row ``bridge_task(...)`` in ``TASKS``:
 
     bridge_task(name, module, class_name, presets=(...), stages={stage: "one-line help", ...})
 
@@ -329,6 +329,9 @@ TASKS: Dict[str, TrainTask] = {
                                  "stage1": "Q-Former pre-training, ITC + ITM + ITG (Blip2ForImageTextRetrieval, "
                                            "ViT frozen)",
                                  "all": "every parameter"}),
+    "mllama": bridge_task("mllama", "mmfast.models.mllama", "Mllama", presets=("tiny",),
+                          stages={"bridge": "adapter: cross-attention layers + projector (vision, Llama frozen)",
+                                  "full": "adapter + the Llama layers (vision frozen)"}),
 }
 
 
