@@ -9,10 +9,11 @@ from .vit import ViT
 from .clip import CLIP, TextTransformer
 from .moco import MoCo, MoCoOutput
 from .llava import Llava, LlavaNext
+from .flamingo import Flamingo
 from ._presets import PRESETS, create_model
 
 __all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "Blip2",
-           "Blip2ForImageTextRetrieval", "BaseModelOutputWithPooling", "CLIP", "CLIPOutput", "Llava", "LlavaNext",
+           "Blip2ForImageTextRetrieval", "BaseModelOutputWithPooling", "CLIP", "CLIPOutput", "Flamingo", "Llava", "LlavaNext",
            "MaskedPatchOutput", "MoCo", "MoCoOutput", "ModelOutput",
            "ModifiedResNet", "PRESETS", "TextTransformer",
            "ViT", "capfilt", "create_model"]

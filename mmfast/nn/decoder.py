@@ -276,14 +276,16 @@ class DecoderLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, max_new_tokens=None,
                  max_length=None, min_length=0, do_sample=False, num_beams=1, top_p=1.0, top_k=50, temperature=1.0,
-                 length_penalty=1.0, early_stopping=False, eos_token_id=None, pad_token_id=None, generator=None):
+                 length_penalty=1.0, early_stopping=False, eos_token_id=None, pad_token_id=None, generator=None,
+                 layer_hook=None):
         """Hugging Face's ``generate`` for a decoder-only model: greedy, beam search (`num_beams` > 1) or
         sampling (`do_sample`: `temperature`, `top_k` (HF's default 50), `top_p`), over a KV cache, for
         left-padded batches (the mask is extended by one column per step; positions count real tokens).
         Lengths as HF: `max_length` counts the prompt, `max_new_tokens` does not; neither: max_length 20.
         `eos_token_id` / `pad_token_id` default to the model's (pad falls back to EOS, as HF). With
         `inputs_embeds` (B, T, hidden) the prompt is those embeddings; without input_ids only the new tokens
-        are returned, as HF. Returns (B, prompt + new) int64 token ids."""
+        are returned, as HF. `layer_hook`: passed to every forward (the prompt, then each step; see
+        :meth:`forward`), for rows already repeated num_beams times. Returns (B, prompt + new) int64 token ids."""
         from mmfast.models import generation
 
         op = "DecoderLM.generate"
@@ -334,7 +336,8 @@ class DecoderLM(nn.Module):
                 kw = {"input_ids": tokens}
                 if state["mask"] is not None:
                     state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(tokens.shape)], 1)
-            return self(attention_mask=state["mask"], cache=cache, logits_to_keep=1, **kw).logits[:, -1]
+            return self(attention_mask=state["mask"], cache=cache, logits_to_keep=1, layer_hook=layer_hook,
+                        **kw).logits[:, -1]
 
         ends = dict(max_length=max_length, eos_token_id=eos, pad_token_id=pad, min_length=min_length)
         if num_beams > 1:
