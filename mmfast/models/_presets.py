@@ -3,6 +3,8 @@ builds one (under ``torch.device("meta")`` for a parameter count without memory)
 from mmfast.nn.decoder import PRESETS as _LM
 
 from .clip import CLIP
+from .flamingo import PRESETS as _FLAMINGO
+from .flamingo import Flamingo
 from .llava import Llava, LlavaNext
 from .vit import ViT
 
@@ -55,6 +57,10 @@ PRESETS = {
                                              image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
                                                                    [336, 1008]]),
                              "7.06B (llava-hf/llava-v1.6-vicuna-7b-hf)"),
+    # openflamingo/OpenFlamingo-9B-deprecated: OpenAI CLIP ViT-L/14 + LLaMA-7B, a gated block every 4th layer
+    "openflamingo-9b-llama": (Flamingo, _FLAMINGO["openflamingo-9b-llama"],
+                              "8.22B, 1.18B of them trainable (open_flamingo's model of that shape, without the "
+                              "vision projection it never uses)"),
 }
 
 

@@ -29,6 +29,24 @@ def hf_llava_7b(next_=False):  # llava-hf/llava-1.5-7b-hf's and llava-v1.6-vicun
         image_token_id=32000, projector_hidden_act="gelu"))
 
 
+def open_flamingo_9b():  # open_flamingo's factory.py for OpenFlamingo-9B (v1), without the downloads
+    import open_clip
+    from open_flamingo.src.flamingo import Flamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+
+    cfg = open_clip.get_model_config("ViT-L-14")
+    clip = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
+    lang = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=32003, hidden_size=4096,
+                                                                  num_hidden_layers=32, num_attention_heads=32,
+                                                                  intermediate_size=11008))
+    extend_instance(lang, FlamingoLMMixin)
+    lang.set_decoder_layers_attr_name("model.layers")
+    model = Flamingo(clip, lang, 32000, 32001, vis_dim=1024, cross_attn_every_n_layers=4)
+    model.vision_encoder.proj = None  # the image-embedding projection: open_flamingo uses the tokens only
+    return model
+
+
 # preset -> (the paper's / model card's count, the reference implementation's package, a builder of its model)
 CASES = {
     "vit-b/16": (86e6, "timm", lambda: timm.create_model("vit_base_patch16_224", pretrained=False)),
@@ -40,6 +58,7 @@ CASES = {
     "clip-vit-l/14-336": (428e6, "transformers", lambda: hf_clip(dict(L14_VISION, image_size=336), L14_TEXT, 768)),
     "llava-1.5-7b": (7.06e9, "transformers", hf_llava_7b),
     "llava-next-vicuna-7b": (7.06e9, "transformers", lambda: hf_llava_7b(next_=True)),
+    "openflamingo-9b-llama": (8.22e9, "open_flamingo", open_flamingo_9b),
     "siglip-b/16-224": (203e6, "transformers", lambda: transformers.SiglipModel(transformers.SiglipConfig())),
 }
 
