@@ -10,12 +10,14 @@ only to the resampled tokens of the most recent image at or before it (``media_i
 cross-attention output is 0). During generation every new token attends to the last image of its prompt
 (open_flamingo's ``use_cached_media``), with the media encoded once.
 
-Not supported: Hugging Face ``IdeficsForVisionText2Text`` (no ``from_hf``). Its architecture differs from
-this one where weights cannot be mapped: decoupled embeddings / LM head (``DecoupledEmbedding`` with extra
-trainable rows), a perceiver with optional q/k LayerNorms and its own parameter layout, gated cross-attention
-layers with their own q/k/v/o projections, optional qk-norm and ``alpha_type`` variants, and a
-cross-attention gate that zeroes the rows with no image instead of an empty interval. A converter would need
-those as options of our modules first.
+Not supported: Hugging Face ``IdeficsForVisionText2Text`` (no ``from_hf``): its bridge is a different
+architecture, not a re-spelling of this one. Its perceiver's MLP is LayerNorm → Linear → **ReLU** → Linear
+(``PerceiverResampler`` has GELU) with optional LayerNorm q/k norms; its gated layers are Llama-style
+(RMSNorm, SwiGLU MLP, separate q/k/v/o projections, optional RMS qk-norm, gates of ``alpha_type``
+float / vector, or none) and zero the attention rows of text without an image but not the MLP rows
+(``GatedCrossAttentionBlock``'s "flamingo" variant is LayerNorm + GELU, its "mllama" variant zeroes the MLP
+rows too); its embeddings and head are decoupled (``IdeficsDecoupledEmbedding`` / ``DecoupledLinear``, extra
+trainable rows). Reproducing it needs those options in ``mmfast.nn`` first.
 """
 from dataclasses import dataclass
 from typing import Any, Optional
