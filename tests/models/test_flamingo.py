@@ -38,7 +38,7 @@ def _randomise_(model):
     return model
 
 
-def _open_flamingo(every=1, frames=None):
+def _open_flamingo(every=1, frames=None, lm="llama"):
     """open_flamingo's Flamingo built as its factory.py does, from tiny random parts (no downloads); the
     perceiver and gated blocks replaced by tiny ones of its own helpers (re-wrapped by init_flamingo_layers)."""
     import open_clip
@@ -52,11 +52,15 @@ def _open_flamingo(every=1, frames=None):
                                                               head_width=16, mlp_ratio=2),
                                 text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1))
     clip.visual.output_tokens = True
-    lang = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=2))
+    ids = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+               pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    if lm == "llama":
+        lang = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ids, num_key_value_heads=2,
+                                                                      intermediate_size=128))
+    else:
+        lang = transformers.OPTForCausalLM(transformers.OPTConfig(**ids, ffn_dim=128, word_embed_proj_dim=64))
     extend_instance(lang, FlamingoLMMixin)
-    lang.set_decoder_layers_attr_name("model.layers")
+    lang.set_decoder_layers_attr_name("model.layers" if lm == "llama" else "model.decoder.layers")
     of = OFFlamingo(clip, lang, EOC, MEDIA, vis_dim=32, cross_attn_every_n_layers=every)
     of.perceiver = helpers.PerceiverResampler(dim=32, depth=2, dim_head=16, heads=2, num_latents=LATENTS,
                                               max_num_media=3, max_num_frames=frames)
@@ -83,17 +87,19 @@ def _batch():
     return torch.randn(2, IMAGES, 1, 3, 16, 16, generator=g), ids, mask
 
 
-@pytest.mark.parametrize("every,frames", [(1, None), (2, 2)], ids=["xattn-every-layer", "every-2nd-frame-embs"])
+@pytest.mark.parametrize("lm,every,frames", [("llama", 1, None), ("llama", 2, 2), ("opt", 1, None)],
+                         ids=["llama-xattn-every-layer", "llama-every-2nd-frame-embs", "opt"])
 @requires(*OPEN_FLAMINGO)
-def test_logits_match_open_flamingo_left_padded(every, frames):
-    of = _open_flamingo(every, frames)
+def test_logits_match_open_flamingo_left_padded(lm, every, frames):
+    of = _open_flamingo(every, frames, lm)
     ours = Flamingo.from_open_flamingo(of, backend="reference")
     assert sorted(ours.gated_cross_attn_layers) == [str(i) for i in range(2) if (i + 1) % every == 0]
     vx, ids, mask = _batch()
     keep = mask.bool()
     with torch.no_grad():
-        # open_flamingo's plain forward numbers positions by column; ours by real tokens unless told
-        got = ours(vx, ids, mask, position_ids=torch.arange(L).expand(2, L)).logits[keep]
+        # open_flamingo's plain forward over Llama numbers positions by column (OPT by real tokens, as ours)
+        positions = torch.arange(L).expand(2, L) if lm == "llama" else None
+        got = ours(vx, ids, mask, position_ids=positions).logits[keep]
         ref = copy.deepcopy(of).double()(vx.double(), ids, attention_mask=mask).logits[keep]
         yard = of(vx, ids, attention_mask=mask).logits[keep]
     assert_close_by_rule(got, ref, yard, floor=1e-6 * max(1.0, ref.abs().max().item()), what="logits")
