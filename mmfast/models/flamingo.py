@@ -220,8 +220,9 @@ class Flamingo(nn.Module):
         if (vision_x is None) == (media is None):
             raise ValueError(f"{_OP}: give exactly one of vision_x and media")
         media = self.encode_vision(vision_x) if media is None else media
-        if media.dim() != 4 or media.shape[0] != ids.shape[0]:
-            raise ValueError(f"{_OP}: media must be (B={ids.shape[0]}, T_img, latents, D), got {tuple(media.shape)}")
+        if not isinstance(media, torch.Tensor) or media.dim() != 4 or media.shape[0] != ids.shape[0]:
+            raise ValueError(f"{_OP}: media must be a (B={ids.shape[0]}, T_img, latents, D) tensor, got "
+                             f"{getattr(media, 'shape', type(media).__name__)}")
         intervals = self.media_intervals(ids, media.shape[1], media.shape[2])
         out = self.language_model(ids, attention_mask, position_ids=position_ids, labels=labels,
                                   layer_hook=self._hook(media, intervals))
@@ -232,7 +233,8 @@ class Flamingo(nn.Module):
         """open_flamingo's ``generate``: the images encoded once, the prompt conditioned on them, then every
         new token attends to the last image of its row; HF's arguments through :meth:`DecoderLM.generate`
         (greedy, beam search, sampling); `eos_token_id` defaults to ``<|endofchunk|>``. Returns the prompt
-        followed by the new tokens (B, L + new)."""
+        followed by the new tokens (B, L + new). A generated ``<image>`` id is text here (it brings no image;
+        open_flamingo would re-condition its blocks on that one token and point it at the first image)."""
         self._check_ids(lang_x, attention_mask)
         media = self.encode_vision(vision_x)
         if media.shape[0] != lang_x.shape[0]:
@@ -254,7 +256,8 @@ class Flamingo(nn.Module):
         ``<image>{query_text}`` for the query, the images in order. Texts are lists of token ids, or strings
         with `tokenize(str) -> list of ids` (no special tokens); `bos_token_id` (default the LM's, if any)
         starts the prompt. Returns (vision_x (1, shots + 1, 1, C, H, W), lang_x (1, L), attention_mask
-        (1, L)) for :meth:`generate`."""
+        (1, L), media_locations (1, L) bool: the ``<image>`` positions); the first three are :meth:`generate`'s
+        arguments."""
         if not isinstance(examples, (list, tuple)):
             raise ValueError(f"{_OP}.few_shot_prompt: examples must be a list of (image, text) pairs, got "
                              f"{type(examples).__name__}")
@@ -284,7 +287,7 @@ class Flamingo(nn.Module):
                 raise ValueError(f"{_OP}.few_shot_prompt: images must be (C, H, W) tensors, got "
                                  f"{getattr(image, 'shape', type(image).__name__)}")
         lang_x = torch.tensor([ids], dtype=torch.long, device=images[0].device)
-        return torch.stack(images)[None, :, None], lang_x, torch.ones_like(lang_x)
+        return torch.stack(images)[None, :, None], lang_x, torch.ones_like(lang_x), lang_x == self.media_token_id
 
     # ---- conversion --------------------------------------------------------------------------------------
     @classmethod
@@ -395,7 +398,8 @@ def _xattn_pairs(prefix, ours, theirs):
     a, ff = theirs.attn, theirs.ff
     return [*_norm_pairs(f"{prefix}.attn.norm", ours.norm_attn_weight, ours.norm_attn_bias, a.norm),
             (f"{prefix}.attn.to_q", ours.wq, a.to_q.weight), (f"{prefix}.attn.to_kv", ours.wkv, a.to_kv.weight),
-            (f"{prefix}.attn.to_out", ours.wo, a.to_out.weight), (f"{prefix}.attn_gate", ours.attn_gate, theirs.attn_gate),
+            (f"{prefix}.attn.to_out", ours.wo, a.to_out.weight),
+            (f"{prefix}.attn_gate", ours.attn_gate, theirs.attn_gate),
             *_norm_pairs(f"{prefix}.ff.0", ours.norm_ff_weight, ours.norm_ff_bias, ff[0]),
             (f"{prefix}.ff.1", ours.w_in, ff[1].weight), (f"{prefix}.ff.3", ours.w_out, ff[3].weight),
             (f"{prefix}.ff_gate", ours.ff_gate, theirs.ff_gate)]
