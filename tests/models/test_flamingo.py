@@ -75,8 +75,8 @@ def _open_flamingo(every=1, frames=None, lm="llama"):
 
 @torch.no_grad()
 def _batch():
-    """Row 0: [2 text, <image>, 4 text, <image>, 3 text]; row 1: the same shape shifted behind 2 pads (so it
-    has 1 text token before its first image)."""
+    """Row 0: [2 text, <image>, 4 text, <image>, 3 text]; row 1: [2 pads, 1 text, <image>, 4 text, <image>,
+    3 text], its second pad position holding a text id (the mask, not the id, says what is padding)."""
     g = generator()
     ids = torch.randint(3, 90, (2, L), generator=g)
     ids[:, 2] = ids[:, 7] = MEDIA
@@ -90,19 +90,29 @@ def _batch():
 @pytest.mark.parametrize("lm,every,frames", [("llama", 1, None), ("llama", 2, 2), ("opt", 1, None)],
                          ids=["llama-xattn-every-layer", "llama-every-2nd-frame-embs", "opt"])
 @requires(*OPEN_FLAMINGO)
-def test_logits_match_open_flamingo_left_padded(lm, every, frames):
+def test_logits_and_loss_match_open_flamingo_left_padded(lm, every, frames):
     of = _open_flamingo(every, frames, lm)
     ours = Flamingo.from_open_flamingo(of, backend="reference")
     assert sorted(ours.gated_cross_attn_layers) == [str(i) for i in range(2) if (i + 1) % every == 0]
     vx, ids, mask = _batch()
     keep = mask.bool()
-    with torch.no_grad():
-        # open_flamingo's plain forward over Llama numbers positions by column (OPT by real tokens, as ours)
-        positions = torch.arange(L).expand(2, L) if lm == "llama" else None
-        got = ours(vx, ids, mask, position_ids=positions).logits[keep]
-        ref = copy.deepcopy(of).double()(vx.double(), ids, attention_mask=mask).logits[keep]
-        yard = of(vx, ids, attention_mask=mask).logits[keep]
-    assert_close_by_rule(got, ref, yard, floor=1e-6 * max(1.0, ref.abs().max().item()), what="logits")
+    # open_flamingo's training labels; also none where a pad position would predict (padded rows' logits are
+    # arbitrary: Hugging Face's and ours differ there)
+    after_pad = torch.cat([torch.ones(2, 1, dtype=torch.bool), ~keep[:, :-1]], 1)
+    labels = ids.masked_fill(~keep | (ids == MEDIA) | after_pad, -100)
+    # open_flamingo's plain forward over Llama numbers positions by column (OPT by real tokens, as ours)
+    positions = torch.arange(L).expand(2, L) if lm == "llama" else None
+
+    def run(model, x, **kw):
+        with torch.no_grad():
+            out = model(x, ids, attention_mask=mask, labels=labels, **kw)
+        return out.logits[keep], out.loss
+
+    got = run(ours, vx, position_ids=positions)
+    ref = run(copy.deepcopy(of).double(), vx.double())
+    yard = run(of, vx)
+    for name, a, r, y in zip(("logits", "loss"), got, ref, yard):
+        assert_close_by_rule(a, r, y, floor=1e-6 * max(1.0, r.abs().max().item()), what=name)
 
 
 @requires(*OPEN_FLAMINGO)
@@ -242,3 +252,13 @@ def test_input_checks():
         Flamingo.from_preset("tiny", cross_attn_every_n_layers=3)
     with pytest.raises(ValueError, match="name"):
         Flamingo.from_preset("flamingo-80b")
+
+
+@requires(*OPEN_FLAMINGO)
+def test_from_open_flamingo_refuses_what_it_cannot_reproduce():
+    of = _open_flamingo()
+    of.lang_encoder.gated_cross_attn_layers[0].attn.only_attend_immediate_media = False
+    with pytest.raises(ValueError, match="only_attend_immediate_media"):
+        Flamingo.from_open_flamingo(of)
+    with pytest.raises(ValueError, match="open_flamingo Flamingo"):
+        Flamingo.from_open_flamingo(of.lang_encoder)
