@@ -10,6 +10,10 @@ only to the resampled tokens of the most recent image at or before it (``media_i
 cross-attention output is 0). During generation every new token attends to the last image of its prompt
 (open_flamingo's ``use_cached_media``), with the media encoded once.
 
+Training (the protocol of ``mmfast.training``): ``Flamingo.from_preset(name, backend=)``, ``set_stage`` (default
+"bridge": only the perceiver and the gated blocks train), ``synthetic_batch(n, generator)`` → (vision_x,
+input_ids, attention_mask, labels), and ``model(*batch).loss``.
+
 Not supported: Hugging Face ``IdeficsForVisionText2Text`` (no ``from_hf``): its bridge is a different
 architecture, not a re-spelling of this one. Its perceiver's MLP is LayerNorm → Linear → **ReLU** → Linear
 (``PerceiverResampler`` has GELU) with optional LayerNorm q/k norms; its gated layers are Llama-style
