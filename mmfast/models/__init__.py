@@ -10,10 +10,11 @@ from .clip import CLIP, TextTransformer
 from .moco import MoCo, MoCoOutput
 from .llava import Llava, LlavaNext
 from .mllama import Mllama
+from .flamingo import Flamingo
 from ._presets import PRESETS, create_model
 
 __all__ = ["ALBEF", "BLIP", "BLIPForConditionalGeneration", "BLIPForImageTextRetrieval", "Blip2",
-           "Blip2ForImageTextRetrieval", "BaseModelOutputWithPooling", "CLIP", "CLIPOutput", "Llava", "LlavaNext",
-           "MaskedPatchOutput", "Mllama", "MoCo", "MoCoOutput", "ModelOutput",
+           "Blip2ForImageTextRetrieval", "BaseModelOutputWithPooling", "CLIP", "CLIPOutput", "Flamingo", "Llava",
+           "LlavaNext", "MaskedPatchOutput", "Mllama", "MoCo", "MoCoOutput", "ModelOutput",
            "ModifiedResNet", "PRESETS", "TextTransformer",
            "ViT", "capfilt", "create_model"]

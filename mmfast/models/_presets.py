@@ -3,6 +3,8 @@ builds one (under ``torch.device("meta")`` for a parameter count without memory)
 from mmfast.nn.decoder import PRESETS as _LM
 
 from .clip import CLIP
+from .flamingo import PRESETS as _FLAMINGO
+from .flamingo import Flamingo
 from .llava import Llava, LlavaNext
 from .mllama import PRESETS as _MLLAMA, Mllama
 from .vit import ViT
@@ -57,6 +59,10 @@ PRESETS = {
                                                                    [336, 1008]]),
                              "7.06B (llava-hf/llava-v1.6-vicuna-7b-hf)"),
     "llama-3.2-11b-vision": (Mllama, _MLLAMA["llama-3.2-11b-vision"], "10.6B (meta-llama/Llama-3.2-11B-Vision)"),
+    # openflamingo/OpenFlamingo-9B-deprecated: OpenAI CLIP ViT-L/14 + LLaMA-7B, a gated block every 4th layer
+    "openflamingo-9b-llama": (Flamingo, _FLAMINGO["openflamingo-9b-llama"],
+                              "8.22B, 1.18B of them trainable (open_flamingo's model of that shape, without the "
+                              "vision projection it never uses)"),
 }
 
 

@@ -30,10 +30,7 @@ Optional module hooks where a stage needs another model or loss (blip2's stage 1
 Bridge rows run in one process only (``parallel=("none",)``, the refusal says why); ``--data`` is refused.
 tests/mmfast/test_training_bridge.py trains every stage of every bridge row in ``TASKS`` (preset "tiny",
 backend "reference", 2 steps) and checks the optimiser holds exactly the trainable parameters, frozen ones
-have ``.grad is None`` and are unchanged; a new row is covered once added, e.g. (stage names: the module's)::
-
-    "flamingo": bridge_task("flamingo", "mmfast.models.flamingo", "Flamingo", presets=("tiny",),
-                            stages={"bridge": "resampler + gated cross-attention (vision, LM frozen)"}),
+have ``.grad is None`` and are unchanged; a new row is covered once added.
 """
 import importlib
 from dataclasses import dataclass
@@ -332,6 +329,12 @@ TASKS: Dict[str, TrainTask] = {
     "mllama": bridge_task("mllama", "mmfast.models.mllama", "Mllama", presets=("tiny",),
                           stages={"bridge": "adapter: cross-attention layers + projector (vision, Llama frozen)",
                                   "full": "adapter + the Llama layers (vision frozen)"}),
+    "flamingo": bridge_task("flamingo", "mmfast.models.flamingo", "Flamingo", presets=("tiny",),
+                            stages={"bridge": "perceiver resampler + gated cross-attention blocks (vision, LM "
+                                              "frozen)",
+                                    "bridge+embeddings": "also the LM's input embeddings (open_flamingo's default: "
+                                                         "the new <image> / <|endofchunk|> rows)",
+                                    "all": "every parameter"}),
 }
 
 

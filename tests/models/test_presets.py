@@ -33,6 +33,24 @@ def hf_mllama_11b():  # meta-llama/Llama-3.2-11B-Vision's config.json: the defau
     return transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(vision_config=dict(image_size=560)))
 
 
+def open_flamingo_9b():  # open_flamingo's factory.py for OpenFlamingo-9B (v1), without the downloads
+    import open_clip
+    from open_flamingo.src.flamingo import Flamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+
+    cfg = open_clip.get_model_config("ViT-L-14")
+    clip = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
+    lang = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=32003, hidden_size=4096,
+                                                                  num_hidden_layers=32, num_attention_heads=32,
+                                                                  intermediate_size=11008))
+    extend_instance(lang, FlamingoLMMixin)
+    lang.set_decoder_layers_attr_name("model.layers")
+    model = Flamingo(clip, lang, 32000, 32001, vis_dim=1024, cross_attn_every_n_layers=4)
+    model.vision_encoder.proj = None  # the image-embedding projection: open_flamingo uses the tokens only
+    return model
+
+
 # preset -> (the paper's / model card's count, the reference implementation's package, a builder of its model)
 CASES = {
     "vit-b/16": (86e6, "timm", lambda: timm.create_model("vit_base_patch16_224", pretrained=False)),
@@ -45,6 +63,7 @@ CASES = {
     "llava-1.5-7b": (7.06e9, "transformers", hf_llava_7b),
     "llava-next-vicuna-7b": (7.06e9, "transformers", lambda: hf_llava_7b(next_=True)),
     "llama-3.2-11b-vision": (10.6e9, "transformers", hf_mllama_11b),
+    "openflamingo-9b-llama": (8.22e9, "open_flamingo", open_flamingo_9b),
     "siglip-b/16-224": (203e6, "transformers", lambda: transformers.SiglipModel(transformers.SiglipConfig())),
 }
 

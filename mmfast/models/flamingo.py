@@ -1,0 +1,438 @@
+"""Flamingo (Alayrac et al. 2022) as open_flamingo builds it: a frozen CLIP ViT's patch tokens → a Perceiver
+resampler (``mmfast.nn.PerceiverResampler``) → a frozen decoder LM (``mmfast.nn.decoder.DecoderLM``) with a
+GATED XATTN-DENSE block (``mmfast.nn.GatedCrossAttentionBlock``, gates 0 at init) before every
+`cross_attn_every_n_layers`-th layer, inserted through the LM's ``layer_hook`` (no second copy of its forward).
+
+Interleaved text: each image is one ``<image>`` token (`media_token_id`) in the prompt, chunks end with
+``<|endofchunk|>`` (`eoc_token_id`, generation's default EOS, as open_flamingo). A text token cross-attends
+only to the resampled tokens of the most recent image at or before it (``media_intervals``,
+``"most_recent"``: open_flamingo's ``only_attend_immediate_media``); tokens before any image see none (their
+cross-attention output is 0). During generation every new token attends to the last image of its prompt
+(open_flamingo's ``use_cached_media``), with the media encoded once.
+
+Training (the protocol of ``mmfast.training``): ``Flamingo.from_preset(name, backend=)``, ``set_stage`` (default
+"bridge": only the perceiver and the gated blocks train), ``synthetic_batch(n, generator)`` → (vision_x,
+input_ids, attention_mask, labels), and ``model(*batch).loss``.
+
+Not supported: Hugging Face ``IdeficsForVisionText2Text`` (no ``from_hf``): its bridge is a different
+architecture, not a re-spelling of this one. Its perceiver's MLP is LayerNorm → Linear → **ReLU** → Linear
+(``PerceiverResampler`` has GELU) with optional LayerNorm q/k norms; its gated layers are Llama-style
+(RMSNorm, SwiGLU MLP, separate q/k/v/o projections, optional RMS qk-norm, gates of ``alpha_type``
+float / vector, or none) and zero the attention rows of text without an image but not the MLP rows
+(``GatedCrossAttentionBlock``'s "flamingo" variant is LayerNorm + GELU, its "mllama" variant zeroes the MLP
+rows too); its embeddings and head are decoupled (``IdeficsDecoupledEmbedding`` / ``DecoupledLinear``, extra
+trainable rows). Reproducing it needs those options in ``mmfast.nn`` first.
+"""
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from mmfast.kernels._common import check_choice, check_int
+from mmfast.kernels.attention.masks import media_intervals
+from mmfast.nn.decoder import PRESETS as _LM
+from mmfast.nn.decoder import DecoderLM
+from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock, PerceiverResampler
+
+from ._common import ModelOutput, copy_weights, layer_pairs, module_pairs
+from .vit import ViT
+
+_OP = "Flamingo"
+STAGES = ("bridge", "bridge+embeddings", "all")
+# open_flamingo's defaults (helpers.py: PerceiverResampler, GatedCrossAttentionBlock)
+PERCEIVER_DEFAULTS = dict(depth=6, heads=8, dim_head=64, num_latents=64, ff_mult=4)
+XATTN_DEFAULTS = dict(heads=8, dim_head=64, ff_mult=4)
+
+
+@dataclass(eq=False)
+class FlamingoOutput(ModelOutput):
+    """open_flamingo's ``CausalLMOutputWithPast`` fields we produce: loss (shifted next-token cross-entropy,
+    -100 ignored), logits (B, L, vocab); and the resampled media (B, T_img, latents, vision width)."""
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None
+    media: Any = None
+
+
+class Flamingo(nn.Module):
+    """Vision encoder + Perceiver resampler + LM with gated cross-attention blocks.
+
+    Args:
+        vision: a :class:`ViT` (CLIP layout; its normed patch tokens, [CLS] dropped, are the visual features,
+            as open_clip's ``output_tokens``) or a dict of its arguments.
+        language_model: a :class:`DecoderLM` or a dict of its arguments.
+        media_token_id, eoc_token_id: the ``<image>`` and ``<|endofchunk|>`` ids.
+        cross_attn_every_n_layers: a gated block before LM layer i when (i + 1) % n == 0 (open_flamingo).
+        perceiver: a dict of :class:`PerceiverResampler` arguments (``PERCEIVER_DEFAULTS``; its width is the
+            vision width; ``num_time_embeds`` = open_flamingo's ``max_num_media``).
+        xattn: a dict of :class:`GatedCrossAttentionBlock` arguments (``XATTN_DEFAULTS``; ``media_mode``).
+        max_num_frames: learned per-frame embeddings added to the visual features (open_flamingo's
+            ``frame_embs``); None: none (open_flamingo's default).
+        backend: forwarded to every module ("auto" | "triton" | "reference").
+    """
+
+    def __init__(self, vision, language_model, *, media_token_id, eoc_token_id, cross_attn_every_n_layers=1,
+                 perceiver=None, xattn=None, max_num_frames=None, backend="auto"):
+        super().__init__()
+        self.vision = ViT(**{"backend": backend, **vision}) if isinstance(vision, dict) else vision
+        if not isinstance(self.vision, ViT):
+            raise ValueError(f"{_OP}: vision must be a ViT or a dict of its arguments, got {type(vision).__name__}")
+        lm = language_model
+        self.language_model = DecoderLM(**{"backend": backend, **lm}) if isinstance(lm, dict) else lm
+        if not isinstance(self.language_model, DecoderLM):
+            raise ValueError(f"{_OP}: language_model must be a DecoderLM or a dict of its arguments, got "
+                             f"{type(language_model).__name__}")
+        vocab, depth = self.language_model.vocab_size, len(self.language_model.layers)
+        check_int(_OP, "media_token_id", media_token_id, lo=0, hi=vocab - 1)
+        check_int(_OP, "eoc_token_id", eoc_token_id, lo=0, hi=vocab - 1)
+        check_int(_OP, "cross_attn_every_n_layers", cross_attn_every_n_layers, lo=1, hi=depth)
+        for name, value in (("perceiver", perceiver), ("xattn", xattn)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{_OP}: {name} must be a dict of arguments or None, got {type(value).__name__}")
+        self.media_token_id, self.eoc_token_id = media_token_id, eoc_token_id
+        self.cross_attn_every_n_layers = cross_attn_every_n_layers
+        vis_dim, lang_dim = self.vision.embed_dim, self.language_model.hidden_size
+        self.perceiver = PerceiverResampler(vis_dim, **{"backend": backend, **PERCEIVER_DEFAULTS, **(perceiver or {})})
+        xattn = {"backend": backend, **XATTN_DEFAULTS, **(xattn or {})}
+        # keyed by the LM layer they precede (open_flamingo's list holds None at the other layers)
+        self.gated_cross_attn_layers = nn.ModuleDict({
+            str(i): GatedCrossAttentionBlock(lang_dim, dim_media=vis_dim, variant="flamingo", **xattn)
+            for i in range(depth) if (i + 1) % cross_attn_every_n_layers == 0})
+        self.frame_embs = None
+        if max_num_frames is not None:
+            check_int(_OP, "max_num_frames", max_num_frames, lo=1)
+            self.frame_embs = nn.Parameter(torch.randn(max_num_frames, vis_dim))
+        self.set_stage("bridge")
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """A model of a named shape (``PRESETS``), random weights; `overrides` replace constructor arguments
+        (``backend=``). Build under ``torch.device("meta")`` for a parameter count without memory."""
+        check_choice(_OP, "name", name, tuple(PRESETS))
+        return cls(**{**PRESETS[name], **overrides})
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def set_stage(self, stage="bridge"):
+        """Which parameters train: "bridge" (Flamingo: perceiver, frame embeddings and the gated blocks; the
+        vision encoder and the LM frozen), "bridge+embeddings" (open_flamingo's default: also the LM's input
+        embeddings, for the new ``<image>`` / ``<|endofchunk|>`` rows) or "all". Frozen parameters get
+        requires_grad=False (no gradient, untouched by an optimiser). Returns self."""
+        check_choice(_OP, "stage", stage, STAGES)
+        self.requires_grad_(stage == "all")
+        for module in (self.perceiver, self.gated_cross_attn_layers):
+            module.requires_grad_(True)
+        if self.frame_embs is not None:
+            self.frame_embs.requires_grad_(True)
+        if stage == "bridge+embeddings":
+            self.language_model.embed_tokens.requires_grad_(True)
+        self.stage = stage
+        return self
+
+    def synthetic_batch(self, n, generator=None, *, length=16, images=2):
+        """A random interleaved training batch for smoke runs and benchmarks: rows of `images` chunks
+        ``<image> text… <|endofchunk|>`` (random text lengths, right padding with the LM's pad id or 0), as
+        open_flamingo's MMC4 batches. Returns (vision_x (n, images, 1, C, H, W), input_ids, attention_mask,
+        labels) with labels -100 at padding and ``<image>`` tokens (open_flamingo's training rule)."""
+        check_int(_OP, "n", n, lo=1)
+        check_int(_OP, "images", images, lo=1)
+        check_int(_OP, "length", length, lo=3 * images)
+        vocab, v = self.language_model.vocab_size, self.vision
+        special = {self.media_token_id, self.eoc_token_id, self.language_model.pad_token_id,
+                   self.language_model.bos_token_id, self.language_model.eos_token_id}
+        allowed = torch.tensor([t for t in range(vocab) if t not in special])
+        pad = self.language_model.pad_token_id or 0
+        ids = torch.full((n, length), pad, dtype=torch.long)
+        mask = torch.zeros(n, length, dtype=torch.long)
+        per_chunk = length // images
+        for r in range(n):
+            row = []
+            for _ in range(images):
+                k = int(torch.randint(1, per_chunk - 1, (1,), generator=generator))
+                text = allowed[torch.randint(0, len(allowed), (k,), generator=generator)].tolist()
+                row += [self.media_token_id, *text, self.eoc_token_id]
+            ids[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = 1
+        labels = ids.masked_fill((mask == 0) | (ids == self.media_token_id), -100)
+        pixels = torch.randn(n, images, 1, v.patch_embed.proj.in_channels, v.img_size, v.img_size, generator=generator)
+        return pixels, ids, mask, labels
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def encode_vision(self, vision_x):
+        """(B, T_img, F, C, H, W) images → resampled media (B, T_img, latents, vision width): the encoder's
+        patch tokens (no gradient while it is frozen, as open_flamingo), + frame embeddings, frames flattened,
+        through the perceiver."""
+        if not isinstance(vision_x, torch.Tensor) or vision_x.dim() != 6:
+            raise ValueError(f"{_OP}: vision_x must be a (B, T_img, F, C, H, W) tensor, got "
+                             f"{getattr(vision_x, 'shape', type(vision_x).__name__)}")
+        B, T, Fr = vision_x.shape[:3]
+        if Fr > 1 and (self.frame_embs is None or Fr > self.frame_embs.shape[0]):
+            raise ValueError(f"{_OP}: vision_x has {Fr} frames; that needs max_num_frames >= {Fr}")
+        frozen = not any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            tokens = self.vision(vision_x.flatten(0, 2)).last_hidden_state[:, self.vision.num_prefix_tokens:]
+        tokens = tokens.reshape(B, T, Fr, tokens.shape[1], tokens.shape[2])
+        if self.frame_embs is not None:
+            tokens = tokens + self.frame_embs[:Fr, None].to(tokens.dtype)
+        return self.perceiver(tokens.flatten(2, 3))
+
+    def media_intervals(self, input_ids, num_media, num_latents):
+        """Each token's cross-attention keys [kv_start, kv_end) over the T_img·latents media tokens (the
+        most recent ``<image>`` at or before it; empty before the first), int32 (B, L)."""
+        counts = (input_ids == self.media_token_id).sum(1)
+        if bool((counts > num_media).any()):
+            raise ValueError(f"{_OP}: a row holds {int(counts.max())} <image> tokens (id {self.media_token_id}) but "
+                             f"vision_x has {num_media} images per row")
+        mode = next(iter(self.gated_cross_attn_layers.values())).media_mode
+        return media_intervals(input_ids, self.media_token_id, num_latents, mode=mode)
+
+    def _hook(self, media, intervals, cached=None):
+        """The LM's layer_hook: the gated block before each conditioned layer. `cached` (prompt length,
+        intervals of a decoding step): a forward over other than `prompt length` tokens is a decoding step,
+        whose tokens see their prompt's last image (open_flamingo's use_cached_media)."""
+        blocks = self.gated_cross_attn_layers
+
+        def hook(i, x):
+            block = blocks[str(i)] if str(i) in blocks else None
+            if block is None:
+                return x
+            start, end = intervals if cached is None or x.shape[1] == cached[0] else cached[1]
+            return block(x, media, kv_start=start, kv_end=end)
+
+        return hook
+
+    def _check_ids(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"{_OP}: lang_x / input_ids must be a (B, L) int64 tensor, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                           or attention_mask.shape != input_ids.shape):
+            raise ValueError(f"{_OP}: attention_mask must have lang_x's shape {tuple(input_ids.shape)}, got "
+                             f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+
+    def forward(self, vision_x=None, lang_x=None, attention_mask=None, labels=None, *, input_ids=None,
+                position_ids=None, media=None):
+        """open_flamingo's forward: vision_x (B, T_img, F, C, H, W) (or precomputed `media` (B, T_img,
+        latents, vision width) from :meth:`encode_vision`), lang_x (alias input_ids) (B, L) with one
+        ``<image>`` per image, attention_mask (B, L) 1 keep / 0 pad (left or right), labels (B, L) shifted
+        next-token cross-entropy, -100 ignored. position_ids default to the count of real tokens (HF's
+        generate; pass the column index to reproduce open_flamingo's plain forward on left-padded rows).
+        Returns :class:`FlamingoOutput`."""
+        if (lang_x is None) == (input_ids is None):
+            raise ValueError(f"{_OP}: give exactly one of lang_x and input_ids")
+        ids = lang_x if lang_x is not None else input_ids
+        self._check_ids(ids, attention_mask)
+        if (vision_x is None) == (media is None):
+            raise ValueError(f"{_OP}: give exactly one of vision_x and media")
+        media = self.encode_vision(vision_x) if media is None else media
+        if not isinstance(media, torch.Tensor) or media.dim() != 4 or media.shape[0] != ids.shape[0]:
+            raise ValueError(f"{_OP}: media must be a (B={ids.shape[0]}, T_img, latents, D) tensor, got "
+                             f"{getattr(media, 'shape', type(media).__name__)}")
+        intervals = self.media_intervals(ids, media.shape[1], media.shape[2])
+        out = self.language_model(ids, attention_mask, position_ids=position_ids, labels=labels,
+                                  layer_hook=self._hook(media, intervals))
+        return FlamingoOutput(loss=out.loss, logits=out.logits, media=media)
+
+    @torch.no_grad()
+    def generate(self, vision_x, lang_x, attention_mask=None, **kwargs):
+        """open_flamingo's ``generate``: the images encoded once, the prompt conditioned on them, then every
+        new token attends to the last image of its row; HF's arguments through :meth:`DecoderLM.generate`
+        (greedy, beam search, sampling); `eos_token_id` defaults to ``<|endofchunk|>``. Returns the prompt
+        followed by the new tokens (B, L + new). A generated ``<image>`` id is text here (it brings no image;
+        open_flamingo would re-condition its blocks on that one token and point it at the first image)."""
+        self._check_ids(lang_x, attention_mask)
+        media = self.encode_vision(vision_x)
+        if media.shape[0] != lang_x.shape[0]:
+            raise ValueError(f"{_OP}: vision_x has {media.shape[0]} rows for {lang_x.shape[0]} prompts")
+        beams = kwargs.get("num_beams", 1)
+        check_int(f"{_OP}.generate", "num_beams", beams, lo=1)
+        ids = lang_x.repeat_interleave(beams, 0)
+        media = media.repeat_interleave(beams, 0)
+        intervals = self.media_intervals(ids, media.shape[1], media.shape[2])
+        # a new token sees what one more text token after the prompt would: the last column's keys
+        step = tuple(t[:, -1:] for t in intervals)
+        kwargs.setdefault("eos_token_id", self.eoc_token_id)
+        return self.language_model.generate(lang_x, attention_mask,
+                                            layer_hook=self._hook(media, intervals, (ids.shape[1], step)), **kwargs)
+
+    # ---- prompting ---------------------------------------------------------------------------------------
+    def few_shot_prompt(self, examples, query_image, query_text=(), *, tokenize=None, bos_token_id=None):
+        """open_flamingo's few-shot format: ``<image>{text}<|endofchunk|>`` per (image, text) example, then
+        ``<image>{query_text}`` for the query, the images in order. Texts are lists of token ids, or strings
+        with `tokenize(str) -> list of ids` (no special tokens); `bos_token_id` (default the LM's, if any)
+        starts the prompt. Returns (vision_x (1, shots + 1, 1, C, H, W), lang_x (1, L), attention_mask
+        (1, L), media_locations (1, L) bool: the ``<image>`` positions); the first three are :meth:`generate`'s
+        arguments."""
+        if not isinstance(examples, (list, tuple)):
+            raise ValueError(f"{_OP}.few_shot_prompt: examples must be a list of (image, text) pairs, got "
+                             f"{type(examples).__name__}")
+
+        def ids_of(text):
+            if isinstance(text, str):
+                if tokenize is None:
+                    raise ValueError(f"{_OP}.few_shot_prompt: a string text needs tokenize=")
+                text = tokenize(text)
+            text = [int(t) for t in text]
+            if self.media_token_id in text:
+                raise ValueError(f"{_OP}.few_shot_prompt: a text holds the <image> id {self.media_token_id}")
+            return text
+
+        bos = self.language_model.bos_token_id if bos_token_id is None else bos_token_id
+        ids, images = [] if bos is None else [bos], []
+        for pair in examples:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"{_OP}.few_shot_prompt: each example must be an (image, text) pair")
+            image, text = pair
+            ids += [self.media_token_id, *ids_of(text), self.eoc_token_id]
+            images.append(image)
+        ids += [self.media_token_id, *ids_of(query_text)]
+        images.append(query_image)
+        for image in images:
+            if not isinstance(image, torch.Tensor) or image.dim() != 3:
+                raise ValueError(f"{_OP}.few_shot_prompt: images must be (C, H, W) tensors, got "
+                                 f"{getattr(image, 'shape', type(image).__name__)}")
+        lang_x = torch.tensor([ids], dtype=torch.long, device=images[0].device)
+        return torch.stack(images)[None, :, None], lang_x, torch.ones_like(lang_x), lang_x == self.media_token_id
+
+    # ---- conversion --------------------------------------------------------------------------------------
+    @classmethod
+    def from_open_flamingo(cls, of_model, *, backend="auto"):
+        """From a loaded open_flamingo ``Flamingo`` (weights copied): its open_clip ``vision_encoder``
+        (a ViT: ``output_tokens``' patch tokens), ``perceiver``, ``lang_encoder`` (a Hugging Face LM
+        :meth:`DecoderLM.from_hf` converts: Llama or pre-norm OPT) with its ``gated_cross_attn_layers``,
+        ``media_token_id``, ``eoc_token_id`` and the cross-attention period. open_flamingo's
+        ``only_attend_immediate_media=False`` is refused: its rows before the first image attend uniformly
+        to every image there, which our empty intervals do not reproduce."""
+        lang = getattr(of_model, "lang_encoder", None)
+        if lang is None or not hasattr(lang, "gated_cross_attn_layers") or not hasattr(of_model, "perceiver"):
+            raise ValueError(f"{_OP}.from_open_flamingo expects an open_flamingo Flamingo, got "
+                             f"{type(of_model).__name__}")
+        vision, vision_pairs = _vision_from_open_clip(of_model.vision_encoder, backend)
+        # DecoderLM.from_hf reads the plain decoder layers: put them back in place of the FlamingoLayers
+        wrapped = lang._get_decoder_layers()
+        lang._set_decoder_layers(lang.old_decoder_blocks)
+        try:
+            lm = DecoderLM.from_hf(lang, backend=backend)
+        finally:
+            lang._set_decoder_layers(wrapped)
+        blocks = [(i, b) for i, b in enumerate(lang.gated_cross_attn_layers) if b is not None]
+        every = blocks[0][0] + 1 if blocks else 0
+        if not blocks or [i for i, _ in blocks] != [i for i in range(len(wrapped)) if (i + 1) % every == 0]:
+            raise ValueError(f"{_OP}.from_open_flamingo: gated blocks at layers {[i for i, _ in blocks]} are not "
+                             "every n-th layer")
+        xa = blocks[0][1].attn
+        if not xa.only_attend_immediate_media:
+            raise ValueError(f"{_OP}.from_open_flamingo: only_attend_immediate_media=False is not supported")
+        p = of_model.perceiver
+        pa, pff = p.layers[0][0], p.layers[0][1]
+        perceiver = dict(depth=len(p.layers), heads=pa.heads, dim_head=pa.to_q.out_features // pa.heads,
+                         num_latents=p.latents.shape[0], ff_mult=pff[1].out_features / p.latents.shape[1],
+                         num_time_embeds=None if p.media_time_embs is None else p.media_time_embs.shape[0])
+        xattn = dict(heads=xa.heads, dim_head=xa.to_q.out_features // xa.heads,
+                     hidden=blocks[0][1].ff[1].out_features)
+        w = vision.patch_embed.proj.weight
+        model = cls(vision, lm, media_token_id=of_model.media_token_id, eoc_token_id=of_model.eoc_token_id,
+                    cross_attn_every_n_layers=every, perceiver=perceiver, xattn=xattn,
+                    max_num_frames=None if p.frame_embs is None else p.frame_embs.shape[0], backend=backend)
+        model.perceiver.to(device=w.device, dtype=p.latents.dtype)
+        model.gated_cross_attn_layers.to(device=w.device, dtype=xa.to_q.weight.dtype)
+        pairs = vision_pairs + _perceiver_pairs(model.perceiver, p)
+        if p.frame_embs is not None:
+            model.frame_embs.data = model.frame_embs.data.to(p.frame_embs)
+            pairs.append(("perceiver.frame_embs", model.frame_embs, p.frame_embs))
+        for i, theirs in blocks:
+            pairs += _xattn_pairs(f"gated_cross_attn_layers.{i}", model.gated_cross_attn_layers[str(i)], theirs)
+        copy_weights(pairs, f"{_OP}.from_open_flamingo")
+        return model.set_stage("bridge")
+
+
+def _vision_from_open_clip(v, backend):
+    """A :class:`ViT` for an open_clip ``VisionTransformer`` whose tokens are normed by ln_post ([CLS]
+    pooling, no attention pool), and its (name, ours, theirs) weight pairs; ``proj`` is left out (open_flamingo
+    never projects the tokens)."""
+    import open_clip
+
+    from .clip import _OPEN_CLIP_LAYER
+
+    if not isinstance(v, open_clip.transformer.VisionTransformer) or getattr(v, "attn_pool", None) is not None \
+            or v.final_ln_after_pool:
+        raise ValueError(f"{_OP}.from_open_flamingo: the vision encoder must be an open_clip VisionTransformer "
+                         f"with ln_post before pooling and no attention pool, got {type(v).__name__}")
+    blocks = v.transformer.resblocks
+    blk = blocks[0]
+    if not (isinstance(blk.ls_1, nn.Identity) and isinstance(blk.ls_2, nn.Identity)):
+        raise ValueError(f"{_OP}.from_open_flamingo: layer scale in the vision encoder is not supported")
+    act = "quick_gelu" if isinstance(blk.mlp.gelu, open_clip.transformer.QuickGELU) else "gelu"
+    vit = ViT(v.image_size[0], v.patch_size[0], v.conv1.in_channels, v.conv1.out_channels, len(blocks),
+              blk.attn.num_heads, mlp_dim=blk.mlp.c_fc.out_features, act=act, norm_eps=blk.ln_1.eps,
+              patch_bias=v.conv1.bias is not None, pre_norm=isinstance(v.ln_pre, nn.LayerNorm), final_norm="all",
+              global_pool="none", backend=backend).to(device=v.conv1.weight.device, dtype=v.conv1.weight.dtype)
+    pairs = [("conv1.weight", vit.patch_embed.proj.weight, v.conv1.weight),
+             ("conv1.bias", vit.patch_embed.proj.bias, v.conv1.bias),
+             ("class_embedding", vit.patch_embed.cls_token, v.class_embedding),
+             ("positional_embedding", vit.patch_embed.pos_embed, v.positional_embedding),
+             *module_pairs("ln_post", vit.norm, v.ln_post)]
+    if vit.norm_pre is not None:
+        pairs += module_pairs("ln_pre", vit.norm_pre, v.ln_pre)
+    return vit, pairs + layer_pairs(vit.encoder, blocks, _OPEN_CLIP_LAYER)
+
+
+def _norm_pairs(prefix, weight, bias, ln):
+    return [(f"{prefix}.weight", weight, ln.weight), (f"{prefix}.bias", bias, ln.bias)]
+
+
+def _perceiver_pairs(ours, p):
+    """open_flamingo helpers.PerceiverResampler → mmfast.nn.PerceiverResampler."""
+    pairs = [("perceiver.latents", ours.latents, p.latents),
+             ("perceiver.media_time_embs", ours.time_pos_emb, p.media_time_embs),
+             *_norm_pairs("perceiver.norm", ours.norm_weight, ours.norm_bias, p.norm)]
+    for i, ((attn, ff), mine) in enumerate(zip(p.layers, ours.layers)):
+        q = f"perceiver.layers.{i}"
+        pairs += [*_norm_pairs(f"{q}.0.norm_media", mine.norm_media_weight, mine.norm_media_bias, attn.norm_media),
+                  *_norm_pairs(f"{q}.0.norm_latents", mine.norm_latents_weight, mine.norm_latents_bias,
+                               attn.norm_latents),
+                  (f"{q}.0.to_q", mine.wq, attn.to_q.weight), (f"{q}.0.to_kv", mine.wkv, attn.to_kv.weight),
+                  (f"{q}.0.to_out", mine.wo, attn.to_out.weight),
+                  *_norm_pairs(f"{q}.1.0", mine.norm_ff_weight, mine.norm_ff_bias, ff[0]),
+                  (f"{q}.1.1", mine.w1, ff[1].weight), (f"{q}.1.3", mine.w2, ff[3].weight)]
+    return pairs
+
+
+def _xattn_pairs(prefix, ours, theirs):
+    """open_flamingo helpers.GatedCrossAttentionBlock → mmfast.nn.GatedCrossAttentionBlock."""
+    a, ff = theirs.attn, theirs.ff
+    return [*_norm_pairs(f"{prefix}.attn.norm", ours.norm_attn_weight, ours.norm_attn_bias, a.norm),
+            (f"{prefix}.attn.to_q", ours.wq, a.to_q.weight), (f"{prefix}.attn.to_kv", ours.wkv, a.to_kv.weight),
+            (f"{prefix}.attn.to_out", ours.wo, a.to_out.weight),
+            (f"{prefix}.attn_gate", ours.attn_gate, theirs.attn_gate),
+            *_norm_pairs(f"{prefix}.ff.0", ours.norm_ff_weight, ours.norm_ff_bias, ff[0]),
+            (f"{prefix}.ff.1", ours.w_in, ff[1].weight), (f"{prefix}.ff.3", ours.w_out, ff[3].weight),
+            (f"{prefix}.ff_gate", ours.ff_gate, theirs.ff_gate)]
+
+
+def _clip_vit(img, patch, width, depth, heads, act="quick_gelu"):
+    # open_clip's CLIP ViT as open_flamingo uses it: bias-free patch conv, ln_pre, every token normed by ln_post
+    return dict(img_size=img, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads, act=act,
+                norm_eps=1e-5, patch_bias=False, pre_norm=True, final_norm="all", global_pool="none")
+
+
+# name -> constructor arguments; "tiny" for tests and smoke runs
+def training_batch(model, n, generator):
+    """A synthetic batch for the training entry point (``mmfast.training.tasks``): :meth:`Flamingo.synthetic_batch`
+    as the forward's keyword arguments, labels included."""
+    vision_x, ids, mask, labels = model.synthetic_batch(n, generator)
+    return dict(vision_x=vision_x, lang_x=ids, attention_mask=mask, labels=labels)
+
+
+PRESETS = {
+    "tiny": dict(vision=_clip_vit(16, 4, 32, 1, 2), language_model=dict(_LM["tiny-llama"], pad_token_id=0,
+                                                                       bos_token_id=1, eos_token_id=2),
+                 media_token_id=95, eoc_token_id=96, cross_attn_every_n_layers=1,
+                 perceiver=dict(depth=1, heads=2, dim_head=16, num_latents=4), xattn=dict(heads=2, dim_head=16)),
+    # OpenFlamingo-9B (v1, openflamingo/OpenFlamingo-9B-deprecated): OpenAI CLIP ViT-L/14 + LLaMA-7B, a gated
+    # block every 4th layer; the tokenizer gains <|endofchunk|> (32000), <image> (32001) and <PAD> (32002)
+    "openflamingo-9b-llama": dict(vision=_clip_vit(224, 14, 1024, 24, 16),
+                                  language_model=dict(_LM["vicuna-7b"], vocab_size=32003, pad_token_id=32002),
+                                  media_token_id=32001, eoc_token_id=32000, cross_attn_every_n_layers=4),
+}
+
+__all__ = ["Flamingo", "FlamingoOutput", "PRESETS", "training_batch"]
