@@ -14,8 +14,14 @@ card and a few minutes:
   12 layers, 32 queries, fp32 as transformers keeps it) → OPT-2.7B's width (2560, 32 heads, vocab 50272;
   8 of 32 layers); the prompt is 32 query tokens + 32 text tokens.
 
-Each model gives three workloads, each with an ``mmfast`` case (converted with ``from_hf``, backend auto) and
-the ``hf_sdpa`` baseline: ``prefill`` (bf16 weights, no grad, logits of the last position only: tokens/s =
+- ``openflamingo-3b`` shape: ViT-L/14 (6 of 24 layers) → the perceiver (6 layers, 64 latents) → MPT-1B's width
+  as a Llama (2048, 16 heads, MLP 8192, vocab 50280; 4 of 24 layers) with a gated block before every layer;
+  the prompt is 2 chunks ``<image> 30 text <|endofchunk|>``. Its baseline is open_flamingo's own model
+  (transformers has no Flamingo); without open_flamingo installed (it goes in with ``--no-deps``) the
+  workloads skip, naming it.
+
+Each model gives three workloads, each with an ``mmfast`` case (converted with ``from_hf`` /
+``from_open_flamingo``, backend auto) and the baseline (``hf_sdpa``, ``open_flamingo``): ``prefill`` (bf16 weights, no grad, logits of the last position only: tokens/s =
 batch x prompt / ms), ``generate`` (bf16, greedy, 32 new tokens after the prompt, prefill included, EOS never
 ends a row: decode tokens/s ≈ batch x 32 / (generate ms − prefill ms)), and ``train`` (the bridge's
 training step: bf16 autocast over fp32 weights, forward + backward + fused AdamW over the trainable parameters
@@ -120,9 +126,69 @@ def _mllama_config(tiny):
                         vision_tokens=tokens, cross_layers=text["cross_attention_layers"])
 
 
+def _flamingo_config(tiny):
+    """open_flamingo's factory arguments: an open_clip ViT, a transformers Llama, every how many layers a
+    gated block sits (no transformers config: its model is built by _open_flamingo)."""
+    if tiny:
+        vision = dict(image_size=16, patch_size=4, width=32, layers=2, head_width=16, mlp_ratio=2)
+        text = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=128, max_position_embeddings=64)
+    else:  # OpenFlamingo-3B's shape: ViT-L/14 (6 of 24 layers), MPT-1B's width as a Llama (4 of 24 layers)
+        vision = dict(image_size=224, patch_size=14, width=1024, layers=6, head_width=64, mlp_ratio=4)
+        text = dict(vocab_size=50280, hidden_size=2048, num_hidden_layers=4, num_attention_heads=16,
+                    num_key_value_heads=16, intermediate_size=8192, max_position_embeddings=2048)
+    vocab = text["vocab_size"]
+    return dict(vision=vision, text=text, every=1), dict(image=vision["image_size"], vocab=vocab, images=2,
+                                                         media=vocab - 2, eoc=vocab - 1)
+
+
+def _open_flamingo(tiny, device):
+    """open_flamingo's Flamingo as its factory.py builds it (random weights, no downloads), its language model's
+    attention SDPA."""
+    import open_clip
+    import transformers
+    from open_flamingo.src.flamingo import Flamingo
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    from open_flamingo.src.utils import extend_instance
+
+    cfg, dims = _flamingo_config(tiny)
+    torch.manual_seed(0)
+    with torch.device(device):
+        clip = open_clip.model.CLIP(embed_dim=16, vision_cfg=cfg["vision"],
+                                    text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1))
+        clip.visual.output_tokens = True
+        lang = transformers.LlamaForCausalLM._from_config(
+            transformers.LlamaConfig(**cfg["text"], pad_token_id=0, bos_token_id=1, eos_token_id=2),
+            attn_implementation="sdpa")
+        extend_instance(lang, FlamingoLMMixin)
+        lang.set_decoder_layers_attr_name("model.layers")
+        model = Flamingo(clip, lang, dims["eoc"], dims["media"], vis_dim=cfg["vision"]["width"],
+                         cross_attn_every_n_layers=cfg["every"])
+    return model
+
+
+def _flamingo_direct(tiny, backend):
+    """mmfast's Flamingo of the open_flamingo baseline's shape, built directly (random weights): where
+    open_flamingo is missing, our cases still run."""
+    from mmfast.models import Flamingo
+    from mmfast.models.flamingo import _clip_vit
+
+    cfg, dims = _flamingo_config(tiny)
+    v, t = cfg["vision"], cfg["text"]
+    vision = dict(_clip_vit(v["image_size"], v["patch_size"], v["width"], v["layers"], v["width"] // v["head_width"],
+                            act="gelu"), mlp_dim=v["width"] * v["mlp_ratio"])
+    lm = dict(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"],
+              num_heads=t["num_attention_heads"], num_kv_heads=t["num_key_value_heads"],
+              intermediate_size=t["intermediate_size"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Flamingo(vision, lm, media_token_id=dims["media"], eoc_token_id=dims["eoc"],
+                    cross_attn_every_n_layers=cfg["every"], backend=backend)
+
+
 def _hf_model(kind, tiny, device):
     import transformers
 
+    if "build" in MODELS[kind]:
+        return MODELS[kind]["build"](tiny, device)
     config, _ = MODELS[kind]["config"](tiny)
     cls = getattr(transformers, MODELS[kind]["hf_class"])
     torch.manual_seed(0)
@@ -134,7 +200,9 @@ def _hf_model(kind, tiny, device):
 def _ours(kind, hf, backend):
     import mmfast.models as models
 
-    return getattr(models, MODELS[kind]["ours"]).from_hf(hf, backend=backend)
+    cls = getattr(models, MODELS[kind]["ours"])
+    convert = getattr(cls, MODELS[kind].get("convert", "from_hf"))
+    return convert(hf, backend=backend)
 
 
 def _freeze_hf(kind, model, tiny):
@@ -143,7 +211,7 @@ def _freeze_hf(kind, model, tiny):
     if callable(train):
         train = train(tiny)
     for name, p in model.named_parameters():
-        p.requires_grad_(any(name.startswith(prefix) for prefix in train))
+        p.requires_grad_(any(name.startswith(prefix) or f".{prefix}" in name for prefix in train))
 
 
 MODELS = {
@@ -156,6 +224,11 @@ MODELS = {
         config=_mllama_config, hf_class="MllamaForConditionalGeneration", ours="Mllama", stage="bridge", text=64,
         hf_trainable=lambda tiny: ("model.multi_modal_projector.",) + tuple(
             f"model.language_model.layers.{i}." for i in _mllama_config(tiny)[1]["cross_layers"])),
+    # the baseline is open_flamingo's own model (transformers has no Flamingo: Idefics differs, see
+    # mmfast/models/flamingo.py); where open_flamingo is not installed its cases skip, naming it
+    "openflamingo-3b": dict(config=_flamingo_config, build=_open_flamingo, baseline="open_flamingo",
+                            ours="Flamingo", convert="from_open_flamingo", stage="bridge", text=30,
+                            hf_trainable=("perceiver.", "gated_cross_attn_layer"), direct=_flamingo_direct),
 }
 
 
@@ -167,6 +240,17 @@ def _inputs(kind, tiny, batch, device):
     _, dims = MODELS[kind]["config"](tiny)
     text = 3 if tiny else MODELS[kind]["text"]
     g = torch.Generator(device=device).manual_seed(0)
+    if "images" in dims:  # Flamingo: chunks <image> text <|endofchunk|>, one image each (open_flamingo's names)
+        n, size = dims["images"], dims["image"]
+        ids = torch.randint(3, dims["media"], (batch, n * (text + 2)), generator=g, device=device)
+        ids[:, ::text + 2], ids[:, text + 1::text + 2] = dims["media"], dims["eoc"]
+        # the last row left-padded by one token: transformers 5's generate drops an all-ones mask, which
+        # open_flamingo's forward requires
+        ids[-1] = torch.cat([ids.new_zeros(1), ids[-1, :-1]])
+        mask = torch.ones_like(ids)
+        mask[-1, 0] = 0
+        return {"vision_x": torch.randn(batch, n, 1, 3, size, size, generator=g, device=device), "lang_x": ids,
+                "attention_mask": mask}
     ids = torch.randint(3, dims["vocab"] - 1, (batch, dims["image_tokens"] + text), generator=g, device=device)
     ids[:, :dims["image_tokens"]] = dims["vocab"] - 1
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -204,9 +288,13 @@ def _build(kind, ours, state, dtype):
     device = state["device"]
     state["live"] = None
     _free(device)
-    model = _hf_model(kind, state["tiny"], device)
-    if ours:
-        model = _ours(kind, model, state["backend"])
+    if ours and state["missing"]:  # the baseline's package is missing: ours built directly, same shape
+        with torch.device(device):
+            model = MODELS[kind]["direct"](state["tiny"], state["backend"])
+    else:
+        model = _hf_model(kind, state["tiny"], device)
+        if ours:
+            model = _ours(kind, model, state["backend"])
     if dtype is not None:
         model = model.cast(dtype) if hasattr(model, "cast") else model.to(dtype)
         if not ours and hasattr(model, "qformer"):  # transformers keeps BLIP-2's Q-Former in fp32
@@ -216,14 +304,22 @@ def _build(kind, ours, state, dtype):
     return model
 
 
+def _baseline(kind):
+    """(case name, note) of the model's baseline."""
+    if MODELS[kind].get("baseline") == "open_flamingo":
+        return "open_flamingo", "open_flamingo 2.0.1's Flamingo (its LM: transformers Llama, SDPA)"
+    return "hf_sdpa", f"transformers {MODELS[kind]['hf_class']}, attn_implementation='sdpa'"
+
+
 def _case(kind, phase, ours):
-    name = "mmfast" if ours else "hf_sdpa"
-    note = (f"mmfast.models.{MODELS[kind]['ours']}.from_hf" if ours else
-            f"transformers {MODELS[kind]['hf_class']}, attn_implementation='sdpa'")
+    name, note = ("mmfast", f"mmfast.models.{MODELS[kind]['ours']}.{MODELS[kind].get('convert', 'from_hf')}") \
+        if ours else _baseline(kind)
     case = Case(name, None, note)
 
     def make(state):
         device, inputs = state["device"], state["inputs"]
+        if state["missing"] and not (ours and "direct" in MODELS[kind]):
+            raise Skip(state["missing"])
         bf16 = device.type == "cuda"
         try:
             if phase == "train":
@@ -234,7 +330,7 @@ def _case(kind, phase, ours):
                     _freeze_hf(kind, model, state["tiny"])
                 params = [p for p in model.parameters() if p.requires_grad]
                 opt = torch.optim.AdamW(params, lr=1e-6, fused=bf16)
-                ids = inputs["input_ids"]
+                ids = inputs["input_ids"] if "input_ids" in inputs else inputs["lang_x"]
                 labels = ids.masked_fill(ids == ids[0, 0], -100)  # the image placeholders
 
                 def fn():
@@ -276,10 +372,11 @@ def _workload(kind, phase, mode, device, tiny, backend):
 
     def build():
         return {"device": device, "tiny": tiny, "backend": backend, "live": None, "new_tokens": new_tokens,
-                "inputs": _inputs(kind, tiny, batch, device)}
+                "inputs": _inputs(kind, tiny, batch, device), "missing": _missing(kind)}
 
     _, dims = MODELS[kind]["config"](tiny)
-    prompt = dims["image_tokens"] + (3 if tiny else MODELS[kind]["text"])
+    text = 3 if tiny else MODELS[kind]["text"]
+    prompt = dims["images"] * (text + 2) if "images" in dims else dims["image_tokens"] + text
     if "vision_tokens" in dims:
         prompt_note = f" (+ {dims['vision_tokens']} vision tokens per image through cross-attention)"
     else:
@@ -293,18 +390,39 @@ def _workload(kind, phase, mode, device, tiny, backend):
             "target_speedup": target,
             # LLaVA-1.5's bridge step is the headline: the issue's first target, one model build per case
             "headline": kind == "llava-1.5-7b" and phase == "train",
-            "summary": f"{kind}{' tiny' if tiny else ''}: {what}; vs hf (SDPA); target >= {target}x"}
+            "summary": f"{kind}{' tiny' if tiny else ''}: {what}; vs {_baseline(kind)[0]}; target >= {target}x"}
     cases = [_case(kind, phase, True), _case(kind, phase, False)]
     # the least traffic: every weight read once per forward (bf16 on CUDA, fp32 elsewhere), once per new token
     # when generating; training also writes the trainable weights' gradients and AdamW's state, ignored here
     weight_bytes = _param_count(kind, tiny) * (2 if device.type == "cuda" else 4)
     nbytes = weight_bytes * (new_tokens if phase == "generate" else 1)
+    label = "open_flamingo" if MODELS[kind].get("baseline") == "open_flamingo" else "hf"
     return Workload(f"{kind}{' tiny' if tiny else ''} {phase}", build, nbytes, info, cases,
-                    baselines={"hf": "hf_sdpa"})
+                    baselines={label: _baseline(kind)[0]})
+
+
+def _missing(kind):
+    """Why the model's baseline (and the conversion from it) cannot be built here, or None."""
+    import importlib
+
+    for name in ("open_flamingo", "open_clip", "einops_exts") if MODELS[kind].get("baseline") else ("transformers",):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            return f"{name} not installed ({type(exc).__name__}: {exc}); open_flamingo goes in with --no-deps" \
+                if name != "transformers" else f"transformers not installed ({exc})"
+    return None
 
 
 def _param_count(kind, tiny):
-    return sum(p.numel() for p in _hf_model(kind, tiny, torch.device("meta")).parameters())
+    """The model's parameters (the least traffic's basis); an estimate from the widths where the baseline's
+    package is missing."""
+    if _missing(kind) is None:
+        return sum(p.numel() for p in _hf_model(kind, tiny, torch.device("meta")).parameters())
+    cfg, _ = MODELS[kind]["config"](tiny)
+    t = cfg["text"]
+    return t["num_hidden_layers"] * (4 * t["hidden_size"] ** 2 + 3 * t["hidden_size"] * t["intermediate_size"]) \
+        + 2 * t["vocab_size"] * t["hidden_size"]
 
 
 def workloads(mode, device):

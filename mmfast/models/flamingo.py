@@ -415,7 +415,6 @@ def _clip_vit(img, patch, width, depth, heads, act="quick_gelu"):
                 norm_eps=1e-5, patch_bias=False, pre_norm=True, final_norm="all", global_pool="none")
 
 
-# name -> constructor arguments; "tiny" for tests and smoke runs
 def training_batch(model, n, generator):
     """A synthetic batch for the training entry point (``mmfast.training.tasks``): :meth:`Flamingo.synthetic_batch`
     as the forward's keyword arguments, labels included."""
@@ -423,6 +422,7 @@ def training_batch(model, n, generator):
     return dict(vision_x=vision_x, lang_x=ids, attention_mask=mask, labels=labels)
 
 
+# name -> constructor arguments; "tiny" for tests and smoke runs
 PRESETS = {
     "tiny": dict(vision=_clip_vit(16, 4, 32, 1, 2), language_model=dict(_LM["tiny-llama"], pad_token_id=0,
                                                                        bos_token_id=1, eos_token_id=2),

@@ -72,6 +72,8 @@ def test_every_suite_has_headline_workloads_and_others():
     from mmfast.benchmarks.common import suite_module, suite_names
 
     for name in suite_names():
+        if name == "vlm" and importlib.util.find_spec("transformers") is None:
+            continue  # its workloads are transformers' configs
         wls = suite_module(name).workloads("quick", torch.device("cuda"))
         headline = [w.name for w in wls if w.info.get("headline")]
         assert headline and len(headline) < len(wls), (name, headline)
