@@ -132,3 +132,15 @@ def layer_pairs(encoder, their_layers, names):
 
 def parameter_count(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def check_ids(op, input_ids, attention_mask, name="input_ids"):
+    """ValueError naming the argument unless `input_ids` is a (B, L) int64 tensor and `attention_mask` None or
+    of its shape."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"{op}: {name} must be a (B, L) int64 tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        raise ValueError(f"{op}: attention_mask must have {name}' shape {tuple(input_ids.shape)}, got "
+                         f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")

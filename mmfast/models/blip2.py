@@ -25,7 +25,7 @@ from mmfast.kernels._common import check_bool, check_choice, check_int, check_sc
 from mmfast.nn.bert import BertLayer, BertLMHead, init_bert_weights
 from mmfast.nn.decoder import DecoderLM
 
-from ._common import ModelOutput, copy_weights, module_pairs
+from ._common import ModelOutput, check_ids, copy_weights, module_pairs
 from .blip import _load_hf_vision
 from .objectives import itm_pairs, sample_hard_negatives
 from .vit import ViT, hf_activation
@@ -245,20 +245,11 @@ class Blip2(nn.Module):
                              f"{self.image_token_id}) per row, got {per_row.tolist()}")
         return embeds.masked_scatter(placeholders[..., None], features.to(embeds.dtype))
 
-    def _check_ids(self, input_ids, attention_mask):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(f"{_OP}: input_ids must be a (B, L) int64 tensor, got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
-                                           or attention_mask.shape != input_ids.shape):
-            raise ValueError(f"{_OP}: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
-                             f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
-
     def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, interpolate_pos_encoding=False):
         """HF's forward: input_ids (B, L) with Q image tokens per row (left padding allowed), attention_mask
         (B, L) 1 keep / 0 pad; labels (B, L') with L' <= L aligned to the end of the sequence (HF's
         ``logits[:, -L':]``), shifted next-token cross-entropy, -100 ignored. Returns :class:`Blip2Output`."""
-        self._check_ids(input_ids, attention_mask)
+        check_ids(_OP, input_ids, attention_mask)
         image_embeds, query_output, features = self.get_image_features(pixel_values, interpolate_pos_encoding)
         if features.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{_OP}: pixel_values has {features.shape[0]} images for {input_ids.shape[0]} prompts")
@@ -295,7 +286,7 @@ class Blip2(nn.Module):
                 raise ValueError(f"{_OP}.generate: without input_ids the language model needs a bos_token_id")
             input_ids = torch.tensor([[self.image_token_id] * self.num_query_tokens + [bos]],
                                      device=features.device).repeat(B, 1)
-        self._check_ids(input_ids, attention_mask)
+        check_ids(_OP, input_ids, attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self._splice(input_ids, features)

@@ -35,7 +35,7 @@ from mmfast.nn.decoder import PRESETS as _LM
 from mmfast.nn.decoder import DecoderLM
 from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock, PerceiverResampler
 
-from ._common import ModelOutput, copy_weights, layer_pairs, module_pairs
+from ._common import ModelOutput, check_ids, copy_weights, layer_pairs, module_pairs
 from .vit import ViT
 
 _OP = "Flamingo"
@@ -200,15 +200,6 @@ class Flamingo(nn.Module):
 
         return hook
 
-    def _check_ids(self, input_ids, attention_mask):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(f"{_OP}: lang_x / input_ids must be a (B, L) int64 tensor, got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
-                                           or attention_mask.shape != input_ids.shape):
-            raise ValueError(f"{_OP}: attention_mask must have lang_x's shape {tuple(input_ids.shape)}, got "
-                             f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
-
     def forward(self, vision_x=None, lang_x=None, attention_mask=None, labels=None, *, input_ids=None,
                 position_ids=None, media=None):
         """open_flamingo's forward: vision_x (B, T_img, F, C, H, W) (or precomputed `media` (B, T_img,
@@ -220,7 +211,7 @@ class Flamingo(nn.Module):
         if (lang_x is None) == (input_ids is None):
             raise ValueError(f"{_OP}: give exactly one of lang_x and input_ids")
         ids = lang_x if lang_x is not None else input_ids
-        self._check_ids(ids, attention_mask)
+        check_ids(_OP, ids, attention_mask, "lang_x / input_ids")
         if (vision_x is None) == (media is None):
             raise ValueError(f"{_OP}: give exactly one of vision_x and media")
         media = self.encode_vision(vision_x) if media is None else media
@@ -239,7 +230,7 @@ class Flamingo(nn.Module):
         (greedy, beam search, sampling); `eos_token_id` defaults to ``<|endofchunk|>``. Returns the prompt
         followed by the new tokens (B, L + new). A generated ``<image>`` id is text here (it brings no image;
         open_flamingo would re-condition its blocks on that one token and point it at the first image)."""
-        self._check_ids(lang_x, attention_mask)
+        check_ids(_OP, lang_x, attention_mask, "lang_x / input_ids")
         media = self.encode_vision(vision_x)
         if media.shape[0] != lang_x.shape[0]:
             raise ValueError(f"{_OP}: vision_x has {media.shape[0]} rows for {lang_x.shape[0]} prompts")

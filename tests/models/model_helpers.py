@@ -86,3 +86,21 @@ def lavis_heads_and_queues(sd, embed_dim, width, queue_size, ptr, momentum_shift
     sd["text_queue"] = F.normalize(torch.randn(embed_dim, queue_size, generator=g), dim=0)
     sd["queue_ptr"] = torch.tensor([ptr])
     return sd
+
+
+def assert_one_step_trains_only(model, loss, prefixes):
+    """The parameters that require grad are exactly those whose names start with one of `prefixes`; after one
+    AdamW step on `loss()` (no weight decay: a parameter changes only through its gradient) every one of them
+    has a non-zero gradient and changed, and every other one has no gradient and is bit-identical."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if n.startswith(tuple(prefixes))}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    loss().backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert p.grad is not None and p.grad.any() and not torch.equal(p, before[n]), f"{n} did not change"
+        else:
+            assert p.grad is None and torch.equal(p, before[n]), f"frozen {n} changed"
+    return trainable
