@@ -58,10 +58,11 @@ def train(task_name, *, preset="tiny", steps=10, batch_size=8, lr=1e-3, parallel
     if parallel not in ("none", "ddp", "fsdp"):
         raise ValueError(f"train: parallel must be 'none', 'ddp' or 'fsdp', got {parallel!r}")
     task = get_task(task_name)
-    if parallel not in task.parallel:
+    modes = task.parallel_modes(task.stage(stage))
+    if parallel not in modes:
         why = f" ({task.serial_reason})" if task.serial_reason else ""
-        raise ValueError(f"train {task_name}: parallel must be one of {task.parallel} for this model, got "
-                         f"{parallel!r}{why}")
+        raise ValueError(f"train {task_name}: parallel must be one of {modes} for this model"
+                         f"{'' if modes == task.parallel else ' at this stage'}, got {parallel!r}{why}")
     task, model = build(task_name, preset, backend=backend, seed=seed, device=device, stage=stage)
     inner = model
     if parallel != "none":
@@ -83,7 +84,7 @@ def train(task_name, *, preset="tiny", steps=10, batch_size=8, lr=1e-3, parallel
             loss.backward()
             average_replicated_grads(model)
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(_reported(loss, task, world))
             bar.advance(losses[-1])
     finally:
         bar.close()
@@ -93,6 +94,18 @@ def train(task_name, *, preset="tiny", steps=10, batch_size=8, lr=1e-3, parallel
         if plot:
             _plot(losses, plot, f"{task_name} ({what}), {world} process(es), {parallel}", log)
     return losses
+
+
+def _reported(loss, task, world):
+    """The global batch's loss: the sum of the ranks' shares where each rank's loss is its share."""
+    value = loss.detach()
+    if task.loss_is_rank_share and world > 1:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        value = value / world
+    return float(value)
 
 
 class _NoBar:

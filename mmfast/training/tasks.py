@@ -27,7 +27,9 @@ no torch; ``presets`` are checked against the module's ``PRESETS`` when built. T
 Optional module hooks where a stage needs another model or loss (blip2's stage 1 is
 ``Blip2ForImageTextRetrieval.stage1_loss``): ``training_model(preset, stage, *, backend)`` replaces
 ``from_preset(...).set_stage(stage)``, ``training_loss(model, batch)`` replaces ``model(**batch).loss``.
-Bridge rows run in one process only (``parallel=("none",)``, the refusal says why); ``--data`` is refused.
+Bridge rows run in one process or under DDP (``parallel=("none", "ddp")``; ``serial_stages`` in one process
+only; the refusal says why), each rank's loss its token-weighted share of the global batch's, so that W ranks
+compute the gradients of one process on the concatenated batch; ``--data`` is refused.
 tests/mmfast/test_training_bridge.py trains every stage of every bridge row in ``TASKS`` (preset "tiny",
 backend "reference", 2 steps) and checks the optimiser holds exactly the trainable parameters, frozen ones
 have ``.grad is None`` and are unchanged; a new row is covered once added.
@@ -64,6 +66,14 @@ class TrainTask:
     ema_updated_outside_forward: bool = False
     stages: Optional[Dict[Any, str]] = None  # bridge models: set_stage value -> help, the first the default
     serial_reason: str = ""  # why parallel is limited to what it is (the refusal's message)
+    serial_stages: Tuple[Any, ...] = ()  # bridge stages that run in one process only (see serial_reason)
+    # the loss is this rank's share of the global batch's (bridge models: token-weighted, see _token_share):
+    # the loop reports the sum over the ranks
+    loss_is_rank_share: bool = False
+
+    def parallel_modes(self, stage=None):
+        """The `parallel` values this task takes at `stage` (a bridge stage value, or None)."""
+        return ("none",) if stage is not None and stage in self.serial_stages else self.parallel
 
     def stage(self, stage=None):
         """The stage value for `stage` (None: the default; a CLI string matches str(value))."""
@@ -272,12 +282,26 @@ def _vl_task(name, module, cls_name, presets):
 # ----------------------------------------------------------------------------------------------
 # Bridge models (the protocol: this module's docstring)
 
-_BRIDGE_SERIAL = ("one process only for now: the distributed path (DDP / FSDP2 units for a frozen tower and LM "
-                  "beside a trainable bridge, blip2's stage-1 loss called outside forward) is not written or "
-                  "tested for the bridge models; run without torchrun")
+_BRIDGE_SERIAL = ("the bridge models train in one process or under DDP: FSDP2 units for a frozen tower and LM "
+                  "beside a trainable bridge are not written or tested; blip2's stage 1 runs in one process only "
+                  "(its loss is not the module's forward, through which DDP's gradient synchronisation runs)")
 
 
-def bridge_task(name, module, class_name, *, presets, stages, notes=""):
+def _token_share(loss, labels):
+    """Under a process group, this rank's share of the global batch's mean next-token loss: its mean times its
+    target count over the global count, times the world size (DDP averages the gradients over the ranks).
+    The gradients are then those of one process on the concatenated batch, whatever each rank's count."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return loss
+    count = (labels[:, 1:] != -100).sum()
+    total = count.clone()
+    dist.all_reduce(total)
+    return loss * (count * dist.get_world_size() / total.clamp_min(1))
+
+
+def bridge_task(name, module, class_name, *, presets, stages, serial_stages=(), notes=""):
     """A TrainTask for a bridge-model module that follows the protocol in this module's docstring."""
 
     def _module(preset):
@@ -303,10 +327,12 @@ def bridge_task(name, module, class_name, *, presets, stages, notes=""):
 
     def loss(model, batch, step, total_steps):
         hook = getattr(_import(name, module), "training_loss", None)
-        return hook(model, batch) if hook is not None else model(**batch).loss
+        value = hook(model, batch) if hook is not None else model(**batch).loss
+        return _token_share(value, batch["labels"]) if "labels" in batch else value
 
     return TrainTask(name=name, module=module, build=build, batch=batch, loss=loss, presets=tuple(presets),
-                     parallel=("none",), stages=dict(stages), serial_reason=_BRIDGE_SERIAL, notes=notes)
+                     parallel=("none", "ddp"), stages=dict(stages), serial_reason=_BRIDGE_SERIAL,
+                     serial_stages=tuple(serial_stages), loss_is_rank_share=True, notes=notes)
 
 
 TASKS: Dict[str, TrainTask] = {
@@ -325,7 +351,7 @@ TASKS: Dict[str, TrainTask] = {
                          stages={"stage2": "image-to-text: Q-Former, query tokens, projection (ViT, LM frozen)",
                                  "stage1": "Q-Former pre-training, ITC + ITM + ITG (Blip2ForImageTextRetrieval, "
                                            "ViT frozen)",
-                                 "all": "every parameter"}),
+                                 "all": "every parameter"}, serial_stages=("stage1",)),
     "mllama": bridge_task("mllama", "mmfast.models.mllama", "Mllama", presets=("tiny",),
                           stages={"bridge": "adapter: cross-attention layers + projector (vision, Llama frozen)",
                                   "full": "adapter + the Llama layers (vision frozen)"}),
