@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from mmfast.kernels import tanh_gated_linear, tile_patch_embed
 from mmfast.kernels._common import check_choice, check_int
-from mmfast.nn.decoder import DecoderLM, _llama_pairs
+from mmfast.nn.decoder import DecoderLM, _llama_pairs, hf_eos_token_id
 from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
 from mmfast.nn.split_attention import cross_key_intervals, padded_self_attention
 from mmfast.nn.transformer import TransformerLayer, activation
@@ -460,6 +460,8 @@ class Mllama(nn.Module):
         pairs += _vision_pairs(model.vision, body.vision_model)
         pairs += module_pairs("multi_modal_projector", model.projector, body.multi_modal_projector)
         copy_weights(pairs, "Mllama.from_hf")
+        # the outer model's generation_config (Llama 3.2: [128001, 128008, 128009]): what HF's generate stops on
+        ours_lm.eos_token_id = hf_eos_token_id(hf_model)
         return model
 
     @classmethod

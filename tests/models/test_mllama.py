@@ -146,6 +146,23 @@ def test_generation_equals_hf(beams):
 
 
 @requires("transformers")
+def test_generation_stops_on_the_hf_configs_eos_list():
+    """Llama 3.2's list of EOS ids in the HF model's generation config: from_hf keeps it and generate (its
+    default) ends rows on any of them, as HF's (the later ids: what each row emits at step 1)."""
+    hf = _hf().double()  # float64: no near-ties between the two implementations' greedy picks
+    batch = {k: t.double() if t.is_floating_point() else t for k, t in _batch().items()}
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    probe = Mllama.from_hf(hf, backend="reference").generate(**batch, eos_token_id=-1, **kw)
+    eos = [2] + sorted(set(probe[:, L + 1].tolist()) - {2})
+    hf.generation_config.eos_token_id = eos
+    ours = Mllama.from_hf(hf, backend="reference")
+    assert ours.language_model.eos_token_id == eos
+    expected = hf.generate(**batch, **kw)
+    assert torch.equal(ours.generate(**batch, **kw), expected)
+    assert expected.shape[1] <= L + 2  # every row ended by step 1
+
+
+@requires("transformers")
 def test_cached_decoding_matches_hf_full_forward():
     """Prefill with a cache, then one token per call (the image's keys / values kept in the cache, the
     cross-attention mask given in full and sliced by the cache length, as HF's forward does): each step's
