@@ -27,8 +27,8 @@ no torch; ``presets`` are checked against the module's ``PRESETS`` when built. T
 Optional module hooks where a stage needs another model or loss (blip2's stage 1 is
 ``Blip2ForImageTextRetrieval.stage1_loss``): ``training_model(preset, stage, *, backend)`` replaces
 ``from_preset(...).set_stage(stage)``, ``training_loss(model, batch)`` replaces ``model(**batch).loss``.
-Bridge rows run in one process or under DDP (``parallel=("none", "ddp")``; ``serial_stages`` in one process
-only; the refusal says why), each rank's loss its token-weighted share of the global batch's, so that W ranks
+Bridge rows run in one process, under DDP or FSDP2 (one unit: the root; frozen and trainable parameters share
+it), ``serial_stages`` in one process only (the refusal says why), each rank's loss its token-weighted share of the global batch's, so that W ranks
 compute the gradients of one process on the concatenated batch; ``--data`` is refused.
 tests/mmfast/test_training_bridge.py trains every stage of every bridge row in ``TASKS`` (preset "tiny",
 backend "reference", 2 steps) and checks the optimiser holds exactly the trainable parameters, frozen ones
@@ -282,9 +282,8 @@ def _vl_task(name, module, cls_name, presets):
 # ----------------------------------------------------------------------------------------------
 # Bridge models (the protocol: this module's docstring)
 
-_BRIDGE_SERIAL = ("the bridge models train in one process or under DDP: FSDP2 units for a frozen tower and LM "
-                  "beside a trainable bridge are not written or tested; blip2's stage 1 runs in one process only "
-                  "(its loss is not the module's forward, through which DDP's gradient synchronisation runs)")
+_BRIDGE_SERIAL = ("blip2's stage 1 runs in one process only: its loss is not the module's forward, through which "
+                  "DDP's gradient synchronisation and FSDP2's unsharding run")
 
 
 def _token_share(loss, labels):
@@ -331,7 +330,7 @@ def bridge_task(name, module, class_name, *, presets, stages, serial_stages=(), 
         return _token_share(value, batch["labels"]) if "labels" in batch else value
 
     return TrainTask(name=name, module=module, build=build, batch=batch, loss=loss, presets=tuple(presets),
-                     parallel=("none", "ddp"), stages=dict(stages), serial_reason=_BRIDGE_SERIAL,
+                     parallel=("none", "ddp", "fsdp"), stages=dict(stages), serial_reason=_BRIDGE_SERIAL,
                      serial_stages=tuple(serial_stages), loss_is_rank_share=True, notes=notes)
 
 

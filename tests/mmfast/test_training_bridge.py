@@ -91,13 +91,13 @@ def test_cli(argv, text, capsys):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(task_name="llava", parallel="ddp"), "needs torch.distributed initialised"),
-    (dict(task_name="blip2", parallel="fsdp"), "FSDP2 units for a frozen tower"),
+    (dict(task_name="blip2", parallel="fsdp", stage="stage1"), "at this stage.*stage 1 runs in one process"),
     (dict(task_name="blip2", parallel="ddp", stage="stage1"), "at this stage.*stage 1 runs in one process"),
     (dict(task_name="llava", stage=3), "stage must be one of"),
     (dict(task_name="blip2", stage=1), "stage must be one of"),
     (dict(task_name="clip", stage=1), "stage applies to the bridge models"),
     (dict(task_name="llava", data={"images": torch.zeros(2, 3, 16, 16)}), "--data is not supported"),
-], ids=["llava-ddp-without-torchrun", "blip2-fsdp", "blip2-stage1-ddp", "llava-stage", "blip2-stage", "clip-stage", "llava-data"])
+], ids=["llava-ddp-without-torchrun", "blip2-stage1-fsdp", "blip2-stage1-ddp", "llava-stage", "blip2-stage", "clip-stage", "llava-data"])
 def test_refusals(kwargs, match):
     with pytest.raises(ValueError, match=match):
         loop.train(steps=1, batch_size=2, backend="reference", progress=False, log=lambda s: None, **kwargs)
