@@ -15,9 +15,8 @@ import functools
 from dataclasses import dataclass, replace
 
 import torch
-import triton
 
-from .._common import DTYPE_NAMES
+from .._common import DTYPE_NAMES, next_power_of_2
 from .._registry import CompileSpec, derive_signature, step
 from ._blockmask import MASK_TILE_GPU, MASK_TILE_INTERPRETER
 from ._kernels import (_attention_bwd_dkdv_kernel, _attention_bwd_dq_kernel, _attention_bwd_preprocess_kernel,
@@ -115,7 +114,7 @@ _INTERPRETER_TABLE = {
 
 
 def block_d(head_dim):
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def operands(pass_, dtype, precision):

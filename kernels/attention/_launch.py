@@ -2,10 +2,9 @@
 from typing import List, Optional, Tuple
 
 import torch
-import triton
 
-from .._common import (check_bool, check_scalar, check_tensor, check_triton_dtype, kernel_flags,
-                       no_double_backward)
+from .._common import (cdiv, check_bool, check_scalar, check_tensor, check_triton_dtype, kernel_flags,
+                       no_double_backward, register_autograd)
 from .. import _tuned
 from . import _configs as C
 from ._blockmask import AttentionBlockMask, build_block_mask, check_mask_args
@@ -198,7 +197,7 @@ def _fwd_launch(q, k, v, mask, scale, max_q, max_k):
         seqlen_q, seqlen_k, hq // hkv, scale,
     )
     cfg = _tuned.attention_config("fwd", _attention_fwd_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
-    _attention_fwd_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
+    _attention_fwd_kernel[(cdiv(seqlen_q, cfg.block_m), hq, batch)](
         *args, HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         MASK_M=mask_m, MASK_N=mask_n, VARLEN=varlen, HAS_KPM=mask.has_kpm, **flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -229,7 +228,7 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
             *_bh_strides(do, varlen), *stat_strides, seqlen_q)
     cfg = _tuned.attention_config("pre", _attention_bwd_preprocess_kernel, args, head_dim, q.dtype, flags["PRECISION"],
                                   interp)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
+    _attention_bwd_preprocess_kernel[(cdiv(seqlen_q, cfg.block_m), hq, batch)](
         *args, HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, VARLEN=varlen, HAS_DLSE=has_dlse,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -243,7 +242,7 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
     )
     cfg = _tuned.attention_config("dkdv", _attention_bwd_dkdv_kernel, args, head_dim, q.dtype, flags["PRECISION"],
                                   interp)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n) * (2 if cfg.split else 1), hkv, batch)](
+    _attention_bwd_dkdv_kernel[(cdiv(seqlen_k, cfg.block_n) * (2 if cfg.split else 1), hkv, batch)](
         *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split, **common, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -254,7 +253,7 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
         seqlen_q, seqlen_k, hq // hkv, scale,
     )
     cfg = _tuned.attention_config("dq", _attention_bwd_dq_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
-    _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), hq, batch)](
+    _attention_bwd_dq_kernel[(cdiv(seqlen_q, cfg.block_m), hq, batch)](
         *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
@@ -324,7 +323,7 @@ def _backward(ctx, dout, drow_max, dlogsum):
     return dq, dk, dv, None, None, None, None, None, [None] * len(lists), None, None, None
 
 
-_flash_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_flash_attention_fwd = register_autograd(_flash_attention_fwd_op, _backward, _setup_context)
 _flash_attention_bwd_op.register_autograd(no_double_backward(OP))
 
 
@@ -373,7 +372,7 @@ def triton_path(q, k, v, scale, varlen, mask):
                          "build it on the inputs' device without `tile`")
     lists = [bm.kv_full_num, bm.kv_full_idx, bm.kv_part_num, bm.kv_part_idx,
              bm.q_full_num, bm.q_full_idx, bm.q_part_num, bm.q_part_idx]
-    out, row_max, row_logsum = _flash_attention_fwd_op(
+    out, row_max, row_logsum = _flash_attention_fwd(
         q, k, v, bm.row_lo.reshape(1, -1) if varlen else bm.row_lo, bm.row_hi.reshape(1, -1) if varlen else bm.row_hi,
         bm.key_padding_mask, bm.cu_seqlens_q, bm.cu_seqlens_k, lists, float(scale),
         int(bm.seqlen_q or 0) if varlen else 0, int(bm.seqlen_k or 0) if varlen else 0,

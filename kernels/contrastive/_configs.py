@@ -4,9 +4,8 @@ Every entry compiles without spills for sm_80 and sm_90 on Triton 3.6, 3.8 and 3
 ``python -m mmfast compile-report --specs mmfast.kernels.contrastive:compile_specs``).
 """
 import torch
-import triton
 
-from .._common import DTYPE_NAMES
+from .._common import DTYPE_NAMES, next_power_of_2
 from .._registry import CompileSpec, derive_signature, step
 from ._kernels import (MODE_SIGMOID, MODE_SOFTMAX, _contrastive_bwd_da_kernel, _contrastive_bwd_db_kernel,
                        _contrastive_colreduce_kernel, _contrastive_fwd_kernel, _contrastive_grad_kernel)
@@ -104,7 +103,7 @@ def row_block(R, QP):
 
 
 def bwd_block_d(D, bwd, teacher=False):
-    return max(16, min(bwd["BD_MAX_TEACHER" if teacher else "BD_MAX"], triton.next_power_of_2(D)))
+    return max(16, min(bwd["BD_MAX_TEACHER" if teacher else "BD_MAX"], next_power_of_2(D)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +159,7 @@ def compile_specs():
         for label, mode, cols, smooth, teacher, Q in VARIANTS:
             if dtype != torch.bfloat16 and label != "clip":
                 continue
-            QP = triton.next_power_of_2(Q)
+            QP = next_power_of_2(Q)
             tag = f"{label} {DTYPE_NAMES[dtype]}" + (f" {precision}" if dtype == torch.float32 else "")
             flags = dict(MODE=mode, COLS=cols, TEACHER=teacher, QP=QP, BK=block_k(dtype, teacher), PRECISION=precision,
                          EMULATE=False)

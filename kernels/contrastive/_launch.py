@@ -10,10 +10,9 @@ calls with fake shapes (the launchers read data pointers and strides, which fake
 from typing import Optional, Tuple
 
 import torch
-import triton
 
-from .._common import (addmm_f32, check_bool, check_int, check_scalar, check_tensor, check_triton_dtype,
-                       interpreting, kernel_flags, mm_f32, no_double_backward)
+from .._common import (addmm_f32, cdiv, check_bool, check_int, check_scalar, check_tensor, check_triton_dtype,
+                       interpreting, kernel_flags, mm_f32, next_power_of_2, no_double_backward, register_autograd)
 from .._dispatch import resolve_backend
 from . import _chunked
 from ._configs import (COLREDUCE_BLOCK, GEMM, NO_FP_FUSION, block_k, bwd_block_d, config, fwd_block_n,
@@ -144,8 +143,8 @@ def sliced_loss(a, b, scale, bias, at, bt, *, mode, symmetric, label_smoothing, 
         if bt is not None:
             bt = all_gather_rows(bt, group, with_grad=False)
         group_name = group.group_name
-    return _contrastive_fwd_op(a, b, at, bt, scale, bias, mode, symmetric, label_smoothing, alpha, num_pairs, impl,
-                               group_name)[0]
+    return _contrastive_fwd(a, b, at, bt, scale, bias, mode, symmetric, label_smoothing, alpha, num_pairs, impl,
+                            group_name)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,10 +164,10 @@ def triton_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     """Row statistics [ROW_STATS, Na] (sigmoid: [1, Na]) and column statistics [COL_STATS, Nb] or None."""
     Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
     Q = a.shape[1] if a.dim() == 3 else 1
-    QP = triton.next_power_of_2(Q)
+    QP = next_power_of_2(Q)
     fwd = config(a.dtype)["fwd"]
     BI = row_block(fwd["R"], QP)
-    n_row_blocks = triton.cdiv(Na, BI)
+    n_row_blocks = cdiv(Na, BI)
     teacher = at is not None
     dev = a.device
     n_rows = 1 if mode != MODE_SOFTMAX else len(ROW) if teacher else ROW["t_max"]
@@ -188,7 +187,7 @@ def triton_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
 
 def _merge_columns(part, n_prog, Nb, teacher, smooth):
     colstats = _empty((len(COL) if teacher else COL["t_max"], Nb), device=part.device, dtype=torch.float32)
-    _contrastive_colreduce_kernel[(triton.cdiv(Nb, COLREDUCE_BLOCK),)](
+    _contrastive_colreduce_kernel[(cdiv(Nb, COLREDUCE_BLOCK),)](
         part, colstats, n_prog, Nb, SMOOTH=smooth, TEACHER=teacher, BLOCK=COLREDUCE_BLOCK, num_warps=4)
     return colstats
 
@@ -198,7 +197,7 @@ def triton_backward(a, b, at, bt, params, rows, colstats, *, mode, cols, n_row_t
     """(da, db, sum of G·raw, sum of G); da / db None when not needed."""
     Na, Nb, D = a.shape[0], b.shape[0], a.shape[-1]
     Q = a.shape[1] if a.dim() == 3 else 1
-    QP = triton.next_power_of_2(Q)
+    QP = next_power_of_2(Q)
     bwd = config(a.dtype)["bwd"]
     BI = row_block(bwd["R"], QP)
     BD = bwd_block_d(D, bwd, at is not None)
@@ -210,17 +209,17 @@ def triton_backward(a, b, at, bt, params, rows, colstats, *, mode, cols, n_row_t
                   num_stages=bwd["num_stages"],
                   maxnreg=bwd["maxnreg"])
     strides = _feature_strides(a, b, at_, bt_)
-    n_row_blocks = triton.cdiv(Na, BI)
+    n_row_blocks = cdiv(Na, BI)
     da = _empty(a.shape, device=a.device, dtype=a.dtype)
     red = _empty((2, n_row_blocks), device=a.device, dtype=torch.float32)
     # the da kernel also produces the scale / bias reductions, so it always runs (one D chunk if da is unused)
-    grid_a = (n_row_blocks, triton.cdiv(D, BD) if need_da else 1)
+    grid_a = (n_row_blocks, cdiv(D, BD) if need_da else 1)
     _contrastive_bwd_da_kernel[grid_a](a, b, at_, bt_, params, rows, col_arg, da, red, Na, Nb, Q, D, n_row_blocks,
                                        n_row_terms, n_col_terms, diag_off, *strides, **common)
     db = None
     if need_db:
         db = _empty(b.shape, device=b.device, dtype=b.dtype)
-        grid_b = (triton.cdiv(Nb, bwd["BN"]), triton.cdiv(D, BD))
+        grid_b = (cdiv(Nb, bwd["BN"]), cdiv(D, BD))
         _contrastive_bwd_db_kernel[grid_b](a, b, at_, bt_, params, rows, col_arg, db, Na, Nb, Q, D, n_row_terms,
                                            n_col_terms, diag_off, *strides, **common)
     return (da if need_da else None), db, red[0].double().sum().float(), red[1].double().sum().float()
@@ -247,10 +246,10 @@ def gemm_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
     dev = a.device
     chunks = _chunks(Na, Nb)
     # the first chunk is the largest: its programs own every row of the partials, later chunks merge into them
-    n_prog = row_programs(triton.cdiv(chunks[0][1], cfg["R"]), dev, cfg)
-    n_splits = max(1, min(triton.cdiv(Nb, cfg["BN"]), triton.cdiv(gemm_programs(dev, cfg), n_prog)))
-    split_cols = triton.cdiv(triton.cdiv(Nb, n_splits), cfg["BN"]) * cfg["BN"]
-    n_splits = triton.cdiv(Nb, split_cols)
+    n_prog = row_programs(cdiv(chunks[0][1], cfg["R"]), dev, cfg)
+    n_splits = max(1, min(cdiv(Nb, cfg["BN"]), cdiv(gemm_programs(dev, cfg), n_prog)))
+    split_cols = cdiv(cdiv(Nb, n_splits), cfg["BN"]) * cfg["BN"]
+    n_splits = cdiv(Nb, split_cols)
     n_rows = 1 if mode != MODE_SOFTMAX else len(ROW) if teacher else ROW["t_max"]
     row_part = _empty((n_rows, n_splits, Na), device=dev, dtype=torch.float32)
     n_planes = 2 + int(smooth) + 3 * int(teacher)
@@ -260,7 +259,7 @@ def gemm_forward(a, b, at, bt, params, *, mode, cols, smooth, diag_off=0):
         for row0, row_end in chunks:
             raw = mm_f32(a[row0:row_end], b.T)
             traw = mm_f32(at[row0:row_end], bt.T) if teacher else raw
-            n_blocks = triton.cdiv(row_end - row0, cfg["R"])
+            n_blocks = cdiv(row_end - row0, cfg["R"])
             _contrastive_fwd_kernel[(min(n_prog, n_blocks), n_splits)](
                 a, b, at_, bt_, params, row_part, part, raw, traw, Na, Nb, 1, D, n_blocks, diag_off, n_prog, row0,
                 row_end, split_cols, *_feature_strides(a, b, at_, bt_), MODE=mode, COLS=cols, SMOOTH=smooth,
@@ -310,7 +309,7 @@ def gemm_backward(a, b, at, bt, params, rows, colstats, *, mode, cols, n_row_ter
             raw = mm_f32(a_c, b.T)
             traw = mm_f32(at[row0:row_end], bt.T) if teacher else raw
             g = _empty(raw.shape, device=dev, dtype=a.dtype)
-            grid = (triton.cdiv(row_end - row0, cfg["BI"]), triton.cdiv(Nb, cfg["BN"]))
+            grid = (cdiv(row_end - row0, cfg["BI"]), cdiv(Nb, cfg["BN"]))
             red = _empty((2, grid[0] * grid[1]), device=dev, dtype=torch.float32)
             _contrastive_grad_kernel[grid](raw, traw, params, rows, col_arg, g, red, Na, Nb, row0, row_end,
                                            n_row_terms, n_col_terms, diag_off, MODE=mode, COLS=cols, TEACHER=teacher,
@@ -478,7 +477,7 @@ def _backward(ctx, grad, *unused):
             None, None, None, None, None, None, None)
 
 
-_contrastive_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_contrastive_fwd = register_autograd(_contrastive_fwd_op, _backward, _setup_context)
 _contrastive_bwd_op.register_autograd(no_double_backward("contrastive_loss / siglip_loss"))
 
 

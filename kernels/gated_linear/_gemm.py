@@ -39,9 +39,8 @@ the eager chain also makes; this backend keeps the fp32 product, as the Triton b
 from typing import Optional, Tuple
 
 import torch
-import triton
 
-from .._common import TL_DTYPES, interpreting, mm_f32
+from .._common import TL_DTYPES, cdiv, interpreting, mm_f32
 from . import _launch
 from ._configs import PASS_KERNELS, choose_pass
 from ._launch import _row_mask_arg
@@ -50,7 +49,7 @@ def _launch_pass(name, rows, cols, device, *args, **constexprs):
     """Launch one-pass kernel `name` over a (rows, cols) tensor: one program per (row tile, column tile)."""
     tiles, warps = choose_pass(name, device)
     block_rows, block_cols = tiles.values()  # (BLOCK_M, BLOCK_N) or (BLOCK_N, BLOCK_K): rows, then columns
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
+    grid = (cdiv(rows, block_rows), cdiv(cols, block_cols))
     if grid[0] and grid[1]:
         PASS_KERNELS[name][grid](*args, EMULATE=interpreting(), num_warps=warps, **tiles, **constexprs)
     return grid
@@ -79,7 +78,7 @@ def _backward(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, ne
     need_colsum = need_dbias or (need_ds and bias is not None)
     write_live = need_g and (row_mask is not None or dy.dtype != dtype)
     tiles, _ = choose_pass("rows", device)
-    row_tiles = triton.cdiv(M, tiles["BLOCK_M"])
+    row_tiles = cdiv(M, tiles["BLOCK_M"])
     dupd = _launch._empty((M, N), dtype, device) if need_da else None
     dlive = _launch._empty((M, N), dtype, device) if write_live else None
     colpart = _launch._empty((row_tiles, N), torch.float32, device) if need_colsum else None
@@ -95,7 +94,7 @@ def _backward(dy, a, weight, bias, s, row_mask, need_da, need_dw, need_dbias, ne
         g = mm_f32((dy if dlive is None else dlive).t(), a).contiguous()  # (N, K); contiguous already
         tiles, _ = choose_pass("weight", device)
         dw = _launch._empty((N, K), dtype, device) if need_dw else None
-        part = _launch._empty((triton.cdiv(K, tiles["BLOCK_K"]), N), torch.float32, device) if need_ds else None
+        part = _launch._empty((cdiv(K, tiles["BLOCK_K"]), N), torch.float32, device) if need_ds else None
         _launch_pass("weight", N, K, device,
                      g, weight, s, dw if need_dw else s, part if need_ds else s, N, K, weight.stride(0),
                      weight.stride(1), SCALAR_GATE=s.numel() == 1, NEED_DW=need_dw, NEED_DGATE=need_ds,
@@ -134,9 +133,9 @@ def _gemm_bwd_op(dy: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: 
 
 
 _gemm_bwd_op.register_fake(_launch.bwd_fake)
-_launch.register_autograd(_gemm_fwd_op, _gemm_bwd_op)
+_gemm_fwd = _launch.register_autograd(_gemm_fwd_op, _gemm_bwd_op)
 
 
 def tanh_gated_linear_gemm(a, weight, bias, gate, residual, row_mask):
     """The gemm backend on checked arguments (``_launch.check_args``)."""
-    return _launch.launch(_gemm_fwd_op, a, weight, bias, gate, residual, row_mask)
+    return _launch.launch(_gemm_fwd, a, weight, bias, gate, residual, row_mask)

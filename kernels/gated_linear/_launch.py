@@ -9,10 +9,10 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import triton
 
-from .._common import (TL_DTYPES, TRITON_DTYPES, check_scalar, check_tensor, check_triton_dtype, kernel_flags,
+from .._common import (TL_DTYPES, TRITON_DTYPES, cdiv, check_scalar, check_tensor, check_triton_dtype, kernel_flags,
                        no_double_backward)
+from .._common import register_autograd as _register_autograd
 from ._configs import choose
 from ._kernels import tanh_gated_linear_bwd_da_kernel, tanh_gated_linear_bwd_dw_kernel, tanh_gated_linear_fwd_kernel
 
@@ -109,7 +109,7 @@ def _forward(a, weight, bias, s, residual, row_mask, out_dtype):
     tiles, warps, stages = choose("fwd", a.dtype, flags["PRECISION"], (a, weight, residual, s),
                                   (M, N, K, a.stride(0), weight.stride(0), residual.stride(0)),
                                   (a.stride(1), weight.stride(1), residual.stride(1)))
-    grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
+    grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(N, tiles["BLOCK_N"]),)
     tanh_gated_linear_fwd_kernel[grid](
         a, weight, s if bias is None else bias, s, residual, _row_mask_arg(row_mask, s), out,
         M, N, K,
@@ -128,7 +128,7 @@ def _backward_da(dy, weight, s, row_mask, M, K):
     flags = kernel_flags(weight.dtype)
     tiles, warps, stages = choose("da", weight.dtype, flags["PRECISION"], (dy, weight, s),
                                   (M, N, K, dy.stride(0), weight.stride(0)), (dy.stride(1), weight.stride(1)))
-    grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(K, tiles["BLOCK_K"]),)
+    grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(K, tiles["BLOCK_K"]),)
     tanh_gated_linear_bwd_da_kernel[grid](
         dy, weight, s, _row_mask_arg(row_mask, s), da,
         M, N, K,
@@ -147,13 +147,13 @@ def _backward_dw(dy, a, weight, bias, s, row_mask, need_dw, need_dbias, need_dga
     tiles, warps, stages = choose("dw", weight.dtype, flags["PRECISION"], (dy, a, weight, s),
                                   (M, N, K, dy.stride(0), a.stride(0), weight.stride(0)),
                                   (dy.stride(1), a.stride(1), weight.stride(1)))
-    k_tiles = max(1, triton.cdiv(K, tiles["BLOCK_K"]))  # K = 0: one program column still writes d_bias
+    k_tiles = max(1, cdiv(K, tiles["BLOCK_K"]))  # K = 0: one program column still writes d_bias
     dw = _empty((N, K), weight.dtype, weight.device) if need_dw else None
     dbias = _empty((N,), bias.dtype, bias.device) if need_dbias else None
     part = _empty((k_tiles, N), torch.float32, weight.device) if need_dgate else None
     if N == 0:
         return dw, dbias, part
-    grid = (triton.cdiv(N, tiles["BLOCK_N"]) * k_tiles,)
+    grid = (cdiv(N, tiles["BLOCK_N"]) * k_tiles,)
     tanh_gated_linear_bwd_dw_kernel[grid](
         dy, a, weight, s if bias is None else bias, s, _row_mask_arg(row_mask, s),
         s if dw is None else dw, s if dbias is None else dbias, s if part is None else part,
@@ -222,7 +222,8 @@ def _setup_context(ctx, inputs, output):
 
 def register_autograd(fwd_op, bwd_op):
     """The autograd of a backend's forward op (the signature of ``_tanh_gated_linear_fwd_op``) through its
-    backward op (that of ``_tanh_gated_linear_bwd_op``): both backends save the same tensors."""
+    backward op (that of ``_tanh_gated_linear_bwd_op``): both backends save the same tensors. Returns the
+    callable that runs the forward op (``_common.register_autograd``: an autograd.Function in eager mode)."""
 
     def backward(ctx, dy):
         a, weight, bias, s, row_mask = ctx.saved_tensors
@@ -233,15 +234,15 @@ def register_autograd(fwd_op, bwd_op):
         return (da if need_da else None, dw if need_dw else None, dbias if need_dbias else None,
                 ds if need_ds else None, dres, None, None)
 
-    fwd_op.register_autograd(backward, setup_context=_setup_context)
     bwd_op.register_autograd(no_double_backward(OP))
+    return _register_autograd(fwd_op, backward, _setup_context)
 
 
-register_autograd(_tanh_gated_linear_fwd_op, _tanh_gated_linear_bwd_op)
+_tanh_gated_linear_fwd = register_autograd(_tanh_gated_linear_fwd_op, _tanh_gated_linear_bwd_op)
 
 
 def launch(fwd_op, a, weight, bias, gate, residual, row_mask):
-    """Run a backend's forward op on checked arguments (``check_args``): dtypes the kernels take, (M, K) /
+    """Run a backend's forward op (the callable ``register_autograd`` returns) on checked arguments (``check_args``): dtypes the kernels take, (M, K) /
     (M, N) views, s = tanh(gate) in fp32 (differentiable: d gate = (1 − tanh²)·d s), the output dtype."""
     for name, t in (("a", a), ("weight", weight), ("bias", bias), ("gate", gate), ("residual", residual)):
         if t is not None:
@@ -258,4 +259,4 @@ def launch(fwd_op, a, weight, bias, gate, residual, row_mask):
 
 def tanh_gated_linear_triton(a, weight, bias, gate, residual, row_mask):
     """The Triton backend on checked arguments (``check_args``)."""
-    return launch(_tanh_gated_linear_fwd_op, a, weight, bias, gate, residual, row_mask)
+    return launch(_tanh_gated_linear_fwd, a, weight, bias, gate, residual, row_mask)

@@ -8,9 +8,8 @@ import math
 from collections import namedtuple
 
 import torch
-import triton
 
-from .._common import TL_DTYPES, DTYPE_NAMES
+from .._common import DTYPE_NAMES, TL_DTYPES, cdiv, next_power_of_2
 from .._registry import CompileSpec, derive_signature, step
 from ._kernels import _patch_embed_bwd_dw_kernel, _patch_embed_bwd_dx_kernel, _patch_embed_fwd_kernel
 
@@ -61,15 +60,15 @@ def dw_config(dtype, precision):
 def dw_splits(device, tiles, rows, block_r):
     """Row splits of the d_weight GEMM: enough programs for 4 per SM, each with >= 4 row blocks."""
     if device.type != "cuda":
-        return min(2, triton.cdiv(rows, block_r))  # exercise the split path cheaply under the interpreter
+        return min(2, cdiv(rows, block_r))  # exercise the split path cheaply under the interpreter
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(rows, 4 * block_r)))
+    return max(1, min(cdiv(4 * sms, tiles), cdiv(rows, 4 * block_r)))
 
 
 def run_len(P, C, cl_order):
     """Padded length of one contiguous pixel run (see _kernels._k_split): NCHW px in a row (next power of
     two), channels-last (px, c) interleaved (a multiple of 16)."""
-    return triton.cdiv(P * C, 16) * 16 if cl_order else triton.next_power_of_2(P)
+    return cdiv(P * C, 16) * 16 if cl_order else next_power_of_2(P)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,9 +7,8 @@ from collections import namedtuple
 from typing import List, Optional, Tuple
 
 import torch
-import triton
 
-from .._common import TL_DTYPES, check_triton_dtype, kernel_flags, no_double_backward
+from .._common import TL_DTYPES, cdiv, check_triton_dtype, kernel_flags, no_double_backward, register_autograd
 from ._configs import dw_config, dw_splits, dx_config, fwd_config, run_len
 from ._kernels import _patch_embed_bwd_dw_kernel, _patch_embed_bwd_dx_kernel, _patch_embed_fwd_kernel
 
@@ -201,8 +200,8 @@ def _fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, 
     flags = kernel_flags(images.dtype)  # read at launch: torch.get_float32_matmul_precision() now
     cfg = fwd_config(G * plan.M, D, plan.tiles, images.dtype, flags["PRECISION"])
     # token tiles, then the [CLS] tiles of the same launch
-    m_tiles = triton.cdiv(G * plan.M, cfg.block_m) + (triton.cdiv(G, cfg.block_m) if plan.has_cls else 0)
-    grid = (m_tiles * triton.cdiv(D, cfg.block_n),)
+    m_tiles = cdiv(G * plan.M, cfg.block_m) + (cdiv(G, cfg.block_m) if plan.has_cls else 0)
+    grid = (m_tiles * cdiv(D, cfg.block_n),)
     if grid[0] == 0:  # no images
         return out
     weight = _run_weight(weight, plan)
@@ -249,7 +248,7 @@ def _bwd_images(gout, images, weight, plan):
         inv.scatter_(1, plan.keep.long(), torch.arange(plan.M, dtype=torch.int32, device=gout.device).expand(G, -1))
     flags = kernel_flags(images.dtype)
     cfg = dx_config(images.dtype, flags["PRECISION"])
-    grid = (triton.cdiv(G * NP, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n),)
+    grid = (cdiv(G * NP, cfg.block_m) * cdiv(_k_padded(plan), cfg.block_n),)
     if grid[0] == 0:
         return dimg
     weight = _run_weight(weight, plan)
@@ -282,10 +281,10 @@ def _bwd_weight(gout, images, weight, want_bias, plan):
     rows = G * plan.M
     if rows == 0:  # no tokens computed (empty batch, or MAE keeping none)
         return _dw_like(weight, plan).zero_(), (torch.zeros(D, device=gout.device) if want_bias else None)
-    tiles = triton.cdiv(D, cfg.block_m) * triton.cdiv(_k_padded(plan), cfg.block_n)
+    tiles = cdiv(D, cfg.block_m) * cdiv(_k_padded(plan), cfg.block_n)
     splits = dw_splits(gout.device, tiles, rows, cfg.block_k)
-    per_split = triton.cdiv(triton.cdiv(rows, splits), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(rows, per_split)
+    per_split = cdiv(cdiv(rows, splits), cfg.block_k) * cfg.block_k
+    splits = cdiv(rows, per_split)
     dw_part = _empty(splits, D, K, device=gout.device, dtype=torch.float32)
     db_part = _empty(splits, D, device=gout.device, dtype=torch.float32) if want_bias else dw_part
     _patch_embed_bwd_dw_kernel[(tiles, splits)](
@@ -445,11 +444,11 @@ def _backward(ctx, gout):
     return tuple(grads)
 
 
-_patch_embed_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_patch_embed_fwd = register_autograd(_patch_embed_fwd_op, _backward, _setup_context)
 
 
 def patch_embed_apply(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, plan, out_dtype):
     """out = epilogue(gather(images) @ W^T) in out_dtype: see patch_embed / tile_patch_embed for the math."""
     dims, index = _plan_args(plan)
-    return _patch_embed_fwd_op(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, *index,
-                               dims, out_dtype)
+    return _patch_embed_fwd(images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, *index,
+                            dims, out_dtype)
