@@ -242,7 +242,8 @@ class Flamingo(nn.Module):
         ids = lang_x if lang_x is not None else input_ids
         check_ids(_OP, ids, attention_mask, "lang_x / input_ids")
         if vision_x is not None and pixel_values is not None:
-            raise ValueError(f"{_OP}: give vision_x (B, T_img, F, C, H, W) or pixel_values (B, T_img, C, H, W), not both")
+            raise ValueError(f"{_OP}: give vision_x (B, T_img, F, C, H, W) or pixel_values (B, T_img, C, H, W), "
+                             "not both")
         if pixel_values is not None:
             if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
                 raise ValueError(f"{_OP}: pixel_values must be a (B, T_img, C, H, W) tensor, got "

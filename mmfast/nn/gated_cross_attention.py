@@ -1,5 +1,6 @@
 """Flamingo's GATED XATTN-DENSE block (and Llama 3.2 Vision's / Idefics' variants) and the Perceiver
-resampler (and Idefics' variant), built on ``flash_attention`` (interval masks) and ``tanh_gated_linear`` (fused gated residual).
+resampler (and Idefics' variant), built on ``flash_attention`` (interval masks) and ``tanh_gated_linear``
+(fused gated residual).
 
 The modules hold parameters and call the functional ops; the readable specs they are tested against,
 ``gated_xattn_dense_reference`` and ``perceiver_resampler_reference``, are at the bottom of this file.
