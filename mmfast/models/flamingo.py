@@ -20,8 +20,12 @@ optional q/k LayerNorms), ``GatedCrossAttentionBlock(variant="idefics")`` before
 group (``cross_attn_position="first"``), its decoupled embeddings and head as one table of vocab + additional
 rows, and its keywords (``pixel_values`` (B, T_img, C, H, W), ``image_attention_mask`` (B, L, T_img): which
 images each token sees, followed as given; a new token sees what the prompt's last token sees, as HF's
-generate). Not supported: ``use_resampler=False`` (Flamingo always resamples). HF's own loss fails when
-``additional_vocab_size`` > 0 (it reshapes the logits to ``vocab_size`` columns); ours is over every column.
+generate). Not supported: ``use_resampler=False`` (Flamingo always resamples), a token whose images are not
+consecutive (ValueError: one key interval per token), HF's ``image_encoder_embeddings`` /
+``perceiver_embeddings`` / ``interpolate_pos_encoding`` keywords (``media=`` takes resampled media), and the
+decoupled tables' partial freezing (``set_stage("bridge+embeddings")`` trains the whole table). HF's own loss
+fails when ``additional_vocab_size`` > 0 (it reshapes the logits to ``vocab_size`` columns); ours is over every
+column.
 """
 from dataclasses import dataclass
 from typing import Any, Optional

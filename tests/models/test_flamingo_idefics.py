@@ -156,6 +156,12 @@ def test_image_mask_checks_and_refusals():
         ours(input_ids=ids, pixel_values=pixels, attention_mask=mask)
     with pytest.raises(ValueError, match="not both"):
         ours(vision_x=pixels[:, :, None], input_ids=ids, pixel_values=pixels, image_attention_mask=iam)
+    with pytest.raises(ValueError, match="media_token_id=None"):
+        ours.synthetic_batch(1)
+    with pytest.raises(ValueError, match="cross_attn_position"):
+        Flamingo.from_preset("tiny", cross_attn_position="middle")
+    with pytest.raises(ValueError, match="vision_feature_select_strategy"):
+        Flamingo.from_preset("tiny", vision_feature_select_strategy="cls")
     hf.config.use_resampler = False
     with pytest.raises(ValueError, match="use_resampler"):
         Flamingo.from_hf(hf)
