@@ -14,14 +14,18 @@ Training (the protocol of ``mmfast.training``): ``Flamingo.from_preset(name, bac
 "bridge": only the perceiver and the gated blocks train), ``synthetic_batch(n, generator)`` → (vision_x,
 input_ids, attention_mask, labels), and ``model(*batch).loss``.
 
-Not supported: Hugging Face ``IdeficsForVisionText2Text`` (no ``from_hf``): its bridge is a different
-architecture, not a re-spelling of this one. Its perceiver's MLP is LayerNorm → Linear → **ReLU** → Linear
-(``PerceiverResampler`` has GELU) with optional LayerNorm q/k norms; its gated layers are Llama-style
-(RMSNorm, SwiGLU MLP, separate q/k/v/o projections, optional RMS qk-norm, gates of ``alpha_type``
-float / vector, or none) and zero the attention rows of text without an image but not the MLP rows
-(``GatedCrossAttentionBlock``'s "flamingo" variant is LayerNorm + GELU, its "mllama" variant zeroes the MLP
-rows too); its embeddings and head are decoupled (``IdeficsDecoupledEmbedding`` / ``DecoupledLinear``, extra
-trainable rows). Reproducing it needs those options in ``mmfast.nn`` first.
+Hugging Face Idefics (v1, ``IdeficsForVisionText2Text``) through :meth:`Flamingo.from_hf`: the same model
+with other options — every vision token ([CLS] included, not normed) into the perceiver (``act="relu"``,
+optional q/k LayerNorms), ``GatedCrossAttentionBlock(variant="idefics")`` before the *first* layer of each
+group (``cross_attn_position="first"``), its decoupled embeddings and head as one table of vocab + additional
+rows, and its keywords (``pixel_values`` (B, T_img, C, H, W), ``image_attention_mask`` (B, L, T_img): which
+images each token sees, followed as given; a new token sees what the prompt's last token sees, as HF's
+generate). Not supported: ``use_resampler=False`` (Flamingo always resamples), a token whose images are not
+consecutive (ValueError: one key interval per token), HF's ``image_encoder_embeddings`` /
+``perceiver_embeddings`` / ``interpolate_pos_encoding`` keywords (``media=`` takes resampled media), and the
+decoupled tables' partial freezing (``set_stage("bridge+embeddings")`` trains the whole table). HF's own loss
+fails when ``additional_vocab_size`` > 0 (it reshapes the logits to ``vocab_size`` columns); ours is over every
+column.
 """
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from mmfast.kernels._common import check_choice, check_int
-from mmfast.kernels.attention.masks import media_intervals
+from mmfast.kernels.attention.masks import intervals_from_dense, media_intervals
 from mmfast.nn.decoder import PRESETS as _LM
 from mmfast.nn.decoder import DecoderLM
 from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock, PerceiverResampler
@@ -40,6 +44,8 @@ from .vit import ViT
 
 _OP = "Flamingo"
 STAGES = ("bridge", "bridge+embeddings", "all")
+POSITIONS = ("last", "first")
+STRATEGIES = ("default", "full")
 # open_flamingo's defaults (helpers.py: PerceiverResampler, GatedCrossAttentionBlock)
 PERCEIVER_DEFAULTS = dict(depth=6, heads=8, dim_head=64, num_latents=64, ff_mult=4)
 XATTN_DEFAULTS = dict(heads=8, dim_head=64, ff_mult=4)
@@ -61,18 +67,24 @@ class Flamingo(nn.Module):
         vision: a :class:`ViT` (CLIP layout; its normed patch tokens, [CLS] dropped, are the visual features,
             as open_clip's ``output_tokens``) or a dict of its arguments.
         language_model: a :class:`DecoderLM` or a dict of its arguments.
-        media_token_id, eoc_token_id: the ``<image>`` and ``<|endofchunk|>`` ids.
-        cross_attn_every_n_layers: a gated block before LM layer i when (i + 1) % n == 0 (open_flamingo).
+        media_token_id, eoc_token_id: the ``<image>`` and ``<|endofchunk|>`` ids; media_token_id None: the
+            images each token sees come only from ``image_attention_mask`` (Idefics' keyword).
+        cross_attn_every_n_layers: a gated block before LM layer i when (i + 1) % n == 0 (open_flamingo,
+            ``cross_attn_position="last"``) or when i % n == 0 (Idefics, "first").
+        vision_feature_select_strategy: "default" drops the vision tower's [CLS] (open_flamingo), "full" keeps
+            every token (Idefics).
         perceiver: a dict of :class:`PerceiverResampler` arguments (``PERCEIVER_DEFAULTS``; its width is the
             vision width; ``num_time_embeds`` = open_flamingo's ``max_num_media``).
-        xattn: a dict of :class:`GatedCrossAttentionBlock` arguments (``XATTN_DEFAULTS``; ``media_mode``).
+        xattn: a dict of :class:`GatedCrossAttentionBlock` arguments (``XATTN_DEFAULTS``; ``media_mode``,
+            ``variant``: "flamingo" by default).
         max_num_frames: learned per-frame embeddings added to the visual features (open_flamingo's
             ``frame_embs``); None: none (open_flamingo's default).
         backend: forwarded to every module ("auto" | "triton" | "reference").
     """
 
     def __init__(self, vision, language_model, *, media_token_id, eoc_token_id, cross_attn_every_n_layers=1,
-                 perceiver=None, xattn=None, max_num_frames=None, backend="auto"):
+                 perceiver=None, xattn=None, max_num_frames=None, cross_attn_position="last",
+                 vision_feature_select_strategy="default", backend="auto"):
         super().__init__()
         self.vision = ViT(**{"backend": backend, **vision}) if isinstance(vision, dict) else vision
         if not isinstance(self.vision, ViT):
@@ -83,21 +95,26 @@ class Flamingo(nn.Module):
             raise ValueError(f"{_OP}: language_model must be a DecoderLM or a dict of its arguments, got "
                              f"{type(language_model).__name__}")
         vocab, depth = self.language_model.vocab_size, len(self.language_model.layers)
-        check_int(_OP, "media_token_id", media_token_id, lo=0, hi=vocab - 1)
+        if media_token_id is not None:
+            check_int(_OP, "media_token_id", media_token_id, lo=0, hi=vocab - 1)
         check_int(_OP, "eoc_token_id", eoc_token_id, lo=0, hi=vocab - 1)
         check_int(_OP, "cross_attn_every_n_layers", cross_attn_every_n_layers, lo=1, hi=depth)
+        check_choice(_OP, "cross_attn_position", cross_attn_position, POSITIONS)
+        check_choice(_OP, "vision_feature_select_strategy", vision_feature_select_strategy, STRATEGIES)
         for name, value in (("perceiver", perceiver), ("xattn", xattn)):
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"{_OP}: {name} must be a dict of arguments or None, got {type(value).__name__}")
         self.media_token_id, self.eoc_token_id = media_token_id, eoc_token_id
         self.cross_attn_every_n_layers = cross_attn_every_n_layers
+        self.vision_feature_select_strategy = vision_feature_select_strategy
         vis_dim, lang_dim = self.vision.embed_dim, self.language_model.hidden_size
         self.perceiver = PerceiverResampler(vis_dim, **{"backend": backend, **PERCEIVER_DEFAULTS, **(perceiver or {})})
-        xattn = {"backend": backend, **XATTN_DEFAULTS, **(xattn or {})}
+        xattn = {"backend": backend, "variant": "flamingo", **XATTN_DEFAULTS, **(xattn or {})}
+        shift = 1 if cross_attn_position == "last" else 0
         # keyed by the LM layer they precede (open_flamingo's list holds None at the other layers)
         self.gated_cross_attn_layers = nn.ModuleDict({
-            str(i): GatedCrossAttentionBlock(lang_dim, dim_media=vis_dim, variant="flamingo", **xattn)
-            for i in range(depth) if (i + 1) % cross_attn_every_n_layers == 0})
+            str(i): GatedCrossAttentionBlock(lang_dim, dim_media=vis_dim, **xattn)
+            for i in range(depth) if (i + shift) % cross_attn_every_n_layers == 0})
         self.frame_embs = None
         if max_num_frames is not None:
             check_int(_OP, "max_num_frames", max_num_frames, lo=1)
@@ -136,6 +153,7 @@ class Flamingo(nn.Module):
         check_int(_OP, "n", n, lo=1)
         check_int(_OP, "images", images, lo=1)
         check_int(_OP, "length", length, lo=3 * images)
+        self._need_media_token("synthetic_batch")
         vocab, v = self.language_model.vocab_size, self.vision
         special = {self.media_token_id, self.eoc_token_id, self.language_model.pad_token_id,
                    self.language_model.bos_token_id, self.language_model.eos_token_id}
@@ -169,15 +187,36 @@ class Flamingo(nn.Module):
             raise ValueError(f"{_OP}: vision_x has {Fr} frames; that needs max_num_frames >= {Fr}")
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            tokens = self.vision(vision_x.flatten(0, 2)).last_hidden_state[:, self.vision.num_prefix_tokens:]
+            tokens = self.vision(vision_x.flatten(0, 2)).last_hidden_state
+        if self.vision_feature_select_strategy == "default":
+            tokens = tokens[:, self.vision.num_prefix_tokens:]
         tokens = tokens.reshape(B, T, Fr, tokens.shape[1], tokens.shape[2])
         if self.frame_embs is not None:
             tokens = tokens + self.frame_embs[:Fr, None].to(tokens.dtype)
         return self.perceiver(tokens.flatten(2, 3))
 
-    def media_intervals(self, input_ids, num_media, num_latents):
-        """Each token's cross-attention keys [kv_start, kv_end) over the T_img·latents media tokens (the
-        most recent ``<image>`` at or before it; empty before the first), int32 (B, L)."""
+    def _need_media_token(self, what):
+        if self.media_token_id is None:
+            raise ValueError(f"{_OP}.{what}: this model has no <image> token id (media_token_id=None); pass "
+                             "image_attention_mask")
+
+    def media_intervals(self, input_ids, num_media, num_latents, image_attention_mask=None):
+        """Each token's cross-attention keys [kv_start, kv_end) over the T_img·latents media tokens, int32
+        (B, L): the most recent ``<image>`` at or before it (empty before the first), or, given
+        `image_attention_mask` (B, L, T_img) (Idefics: nonzero where a token sees an image), the images it
+        marks, which must be consecutive for each token."""
+        if image_attention_mask is not None:
+            B, L = input_ids.shape
+            if not isinstance(image_attention_mask, torch.Tensor) or \
+                    tuple(image_attention_mask.shape) != (B, L, num_media):
+                raise ValueError(f"{_OP}: image_attention_mask must have shape (B, L, T_img) = {(B, L, num_media)}, "
+                                 f"got {getattr(image_attention_mask, 'shape', type(image_attention_mask).__name__)}")
+            try:
+                start, end = intervals_from_dense(image_attention_mask.bool())
+            except ValueError as e:
+                raise ValueError(f"{_OP}: image_attention_mask: a token's images must be consecutive ({e})") from None
+            return start * num_latents, end * num_latents
+        self._need_media_token("media_intervals")
         counts = (input_ids == self.media_token_id).sum(1)
         if bool((counts > num_media).any()):
             raise ValueError(f"{_OP}: a row holds {int(counts.max())} <image> tokens (id {self.media_token_id}) but "
@@ -200,37 +239,56 @@ class Flamingo(nn.Module):
 
         return hook
 
+    def _inputs(self, vision_x, lang_x, input_ids, pixel_values, attention_mask):
+        """(token ids, vision_x) from open_flamingo's or Hugging Face Idefics' keywords."""
+        if (lang_x is None) == (input_ids is None):
+            raise ValueError(f"{_OP}: give exactly one of lang_x and input_ids")
+        ids = lang_x if lang_x is not None else input_ids
+        check_ids(_OP, ids, attention_mask, "lang_x / input_ids")
+        if vision_x is not None and pixel_values is not None:
+            raise ValueError(f"{_OP}: give vision_x (B, T_img, F, C, H, W) or pixel_values (B, T_img, C, H, W), "
+                             "not both")
+        if pixel_values is not None:
+            if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
+                raise ValueError(f"{_OP}: pixel_values must be a (B, T_img, C, H, W) tensor, got "
+                                 f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}")
+            vision_x = pixel_values[:, :, None]
+        return ids, vision_x
+
     def forward(self, vision_x=None, lang_x=None, attention_mask=None, labels=None, *, input_ids=None,
-                position_ids=None, media=None):
+                position_ids=None, media=None, pixel_values=None, image_attention_mask=None):
         """open_flamingo's forward: vision_x (B, T_img, F, C, H, W) (or precomputed `media` (B, T_img,
         latents, vision width) from :meth:`encode_vision`), lang_x (alias input_ids) (B, L) with one
         ``<image>`` per image, attention_mask (B, L) 1 keep / 0 pad (left or right), labels (B, L) shifted
         next-token cross-entropy, -100 ignored. position_ids default to the count of real tokens (HF's
         generate; pass the column index to reproduce open_flamingo's plain forward on left-padded rows).
-        Returns :class:`FlamingoOutput`."""
-        if (lang_x is None) == (input_ids is None):
-            raise ValueError(f"{_OP}: give exactly one of lang_x and input_ids")
-        ids = lang_x if lang_x is not None else input_ids
-        check_ids(_OP, ids, attention_mask, "lang_x / input_ids")
+        Hugging Face Idefics' keywords: pixel_values (B, T_img, C, H, W) for vision_x, image_attention_mask
+        (B, L, T_img) for the ``<image>`` rule (see :meth:`media_intervals`). Returns :class:`FlamingoOutput`."""
+        ids, vision_x = self._inputs(vision_x, lang_x, input_ids, pixel_values, attention_mask)
         if (vision_x is None) == (media is None):
-            raise ValueError(f"{_OP}: give exactly one of vision_x and media")
+            raise ValueError(f"{_OP}: give exactly one of vision_x / pixel_values and media")
         media = self.encode_vision(vision_x) if media is None else media
         if not isinstance(media, torch.Tensor) or media.dim() != 4 or media.shape[0] != ids.shape[0]:
             raise ValueError(f"{_OP}: media must be a (B={ids.shape[0]}, T_img, latents, D) tensor, got "
                              f"{getattr(media, 'shape', type(media).__name__)}")
-        intervals = self.media_intervals(ids, media.shape[1], media.shape[2])
+        intervals = self.media_intervals(ids, media.shape[1], media.shape[2], image_attention_mask)
         out = self.language_model(ids, attention_mask, position_ids=position_ids, labels=labels,
                                   layer_hook=self._hook(media, intervals))
         return FlamingoOutput(loss=out.loss, logits=out.logits, media=media)
 
     @torch.no_grad()
-    def generate(self, vision_x, lang_x, attention_mask=None, **kwargs):
+    def generate(self, vision_x=None, lang_x=None, attention_mask=None, *, input_ids=None, pixel_values=None,
+                 image_attention_mask=None, **kwargs):
         """open_flamingo's ``generate``: the images encoded once, the prompt conditioned on them, then every
         new token attends to the last image of its row; HF's arguments through :meth:`DecoderLM.generate`
         (greedy, beam search, sampling); `eos_token_id` defaults to ``<|endofchunk|>``. Returns the prompt
         followed by the new tokens (B, L + new). A generated ``<image>`` id is text here (it brings no image;
-        open_flamingo would re-condition its blocks on that one token and point it at the first image)."""
-        check_ids(_OP, lang_x, attention_mask, "lang_x / input_ids")
+        open_flamingo would re-condition its blocks on that one token and point it at the first image).
+        Idefics' keywords as in :meth:`forward`; a new token sees the images of the prompt's last token
+        (HF repeats the last row of image_attention_mask)."""
+        lang_x, vision_x = self._inputs(vision_x, lang_x, input_ids, pixel_values, attention_mask)
+        if vision_x is None:
+            raise ValueError(f"{_OP}.generate: give vision_x or pixel_values")
         media = self.encode_vision(vision_x)
         if media.shape[0] != lang_x.shape[0]:
             raise ValueError(f"{_OP}: vision_x has {media.shape[0]} rows for {lang_x.shape[0]} prompts")
@@ -238,7 +296,9 @@ class Flamingo(nn.Module):
         check_int(f"{_OP}.generate", "num_beams", beams, lo=1)
         ids = lang_x.repeat_interleave(beams, 0)
         media = media.repeat_interleave(beams, 0)
-        intervals = self.media_intervals(ids, media.shape[1], media.shape[2])
+        if image_attention_mask is not None:
+            image_attention_mask = image_attention_mask.repeat_interleave(beams, 0)
+        intervals = self.media_intervals(ids, media.shape[1], media.shape[2], image_attention_mask)
         # a new token sees what one more text token after the prompt would: the last column's keys
         step = tuple(t[:, -1:] for t in intervals)
         kwargs.setdefault("eos_token_id", self.eoc_token_id)
@@ -253,6 +313,7 @@ class Flamingo(nn.Module):
         starts the prompt. Returns (vision_x (1, shots + 1, 1, C, H, W), lang_x (1, L), attention_mask
         (1, L), media_locations (1, L) bool: the ``<image>`` positions); the first three are :meth:`generate`'s
         arguments."""
+        self._need_media_token("few_shot_prompt")
         if not isinstance(examples, (list, tuple)):
             raise ValueError(f"{_OP}.few_shot_prompt: examples must be a list of (image, text) pairs, got "
                              f"{type(examples).__name__}")
@@ -335,6 +396,47 @@ class Flamingo(nn.Module):
         copy_weights(pairs, f"{_OP}.from_open_flamingo")
         return model.set_stage("bridge")
 
+    @classmethod
+    def from_hf(cls, hf_model, *, media_token_id=None, backend="auto"):
+        """From a transformers ``IdeficsForVisionText2Text`` (Idefics v1; weights copied, no download): its
+        CLIP-like vision tower (every output token, [CLS] included, not normed), ``perceiver_resampler``
+        (ReLU FFN, q/k LayerNorms when ``qk_layer_norms_perceiver``), Llama-style text layers with a
+        ``GatedCrossAttentionLayer`` before every ``cross_layer_interval``-th one (from layer 0), the
+        decoupled embeddings / head as tables of vocab + additional rows. Forward and generate then take
+        HF's keywords (pixel_values, image_attention_mask). `media_token_id`: the tokenizer's ``<image>`` id
+        (not in Idefics' config), needed only where image_attention_mask is not given."""
+        if type(hf_model).__name__ != "IdeficsForVisionText2Text":
+            raise ValueError(f"{_OP}.from_hf expects a transformers IdeficsForVisionText2Text, got "
+                             f"{type(hf_model).__name__}")
+        c, body = hf_model.config, hf_model.model
+        if not c.use_resampler:
+            raise ValueError(f"{_OP}.from_hf: use_resampler=False (vision tokens straight into the cross-attention) "
+                             "is not supported; Flamingo always resamples")
+        if c.num_hidden_layers % c.cross_layer_interval:
+            raise ValueError(f"{_OP}.from_hf: num_hidden_layers ({c.num_hidden_layers}) is not a multiple of "
+                             f"cross_layer_interval ({c.cross_layer_interval}) (transformers' Idefics fails on it too)")
+        vision = ViT.from_hf(body.vision_model, backend=backend)
+        lm = _idefics_lm(hf_model, backend)
+        pc, blocks = c.perceiver_config, body.gated_cross_attn_layers
+        perceiver = dict(depth=pc.resampler_depth, heads=pc.resampler_n_heads, dim_head=pc.resampler_head_dim,
+                         num_latents=pc.resampler_n_latents, ff_mult=4, act="relu", qk_norm=pc.qk_layer_norms_perceiver)
+        xattn = dict(variant="idefics", heads=c.num_attention_heads, dim_head=c.hidden_size // c.num_attention_heads,
+                     hidden=c.intermediate_size, gate="vector" if c.alpha_type == "vector" else "scalar",
+                     qk_norm=c.qk_layer_norms, eps=c.rms_norm_eps)
+        eos = lm.eos_token_id
+        model = cls(vision, lm, media_token_id=media_token_id, eoc_token_id=eos if isinstance(eos, int) else eos[0],
+                    cross_attn_every_n_layers=c.cross_layer_interval, cross_attn_position="first",
+                    vision_feature_select_strategy="full", perceiver=perceiver, xattn=xattn, backend=backend)
+        p = body.perceiver_resampler
+        model.perceiver.to(device=p.latents.device, dtype=p.latents.dtype)
+        model.gated_cross_attn_layers.to(device=p.latents.device, dtype=blocks[0].alpha_dense.dtype)
+        pairs = _idefics_perceiver_pairs(model.perceiver, p)
+        for i, ours in model.gated_cross_attn_layers.items():
+            k = int(i) // c.cross_layer_interval
+            pairs += _idefics_xattn_pairs(f"gated_cross_attn_layers.{k}", ours, blocks[k])
+        copy_weights(pairs, f"{_OP}.from_hf")
+        return model.set_stage("bridge")
+
 
 def _vision_from_open_clip(v, backend):
     """A :class:`ViT` for an open_clip ``VisionTransformer`` whose tokens are normed by ln_post ([CLS]
@@ -398,6 +500,74 @@ def _xattn_pairs(prefix, ours, theirs):
             *_norm_pairs(f"{prefix}.ff.0", ours.norm_ff_weight, ours.norm_ff_bias, ff[0]),
             (f"{prefix}.ff.1", ours.w_in, ff[1].weight), (f"{prefix}.ff.3", ours.w_out, ff[3].weight),
             (f"{prefix}.ff_gate", ours.ff_gate, theirs.ff_gate)]
+
+
+def _idefics_lm(hf_model, backend):
+    """A :class:`DecoderLM` of Idefics' text layers: Llama's modules under Llama's names (no GQA, no biases:
+    fields its config lacks), the embeddings / head with the additional rows appended."""
+    from types import SimpleNamespace
+
+    from mmfast.nn.decoder import _llama_pairs, hf_eos_token_id
+
+    c, body, head = hf_model.config, hf_model.model, hf_model.lm_head
+    extra = c.additional_vocab_size
+    llama = SimpleNamespace(**{k: getattr(c, k) for k in (
+        "hidden_act", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "rms_norm_eps",
+        "rope_parameters", "pad_token_id", "bos_token_id")}, vocab_size=c.vocab_size + extra,
+        eos_token_id=hf_eos_token_id(hf_model), num_key_value_heads=c.num_attention_heads, attention_bias=False,
+        mlp_bias=False)
+    kwargs, pairs_of = _llama_pairs(llama)
+    tied = head.weight is body.embed_tokens.weight
+    w = head.weight
+    lm = DecoderLM(**kwargs, tie_word_embeddings=tied, backend=backend, device=w.device, dtype=w.dtype)
+    emb = body.embed_tokens.weight
+    if extra:
+        emb = torch.cat([emb, body.embed_tokens.additional_embedding.weight])
+        w = torch.cat([w, head.additional_fc.weight])
+    pairs = [(n, ours, emb if n == "embed_tokens.weight" else theirs) for n, ours, theirs in pairs_of(lm, body)]
+    if not tied:
+        pairs.append(("lm_head.weight", lm.lm_head.weight, w))
+    copy_weights(pairs, f"{_OP}.from_hf")
+    return lm
+
+
+def _idefics_perceiver_pairs(ours, p):
+    """transformers IdeficsPerceiverResampler → mmfast.nn.PerceiverResampler (k / v projections fused)."""
+    pairs = [("perceiver_resampler.latents", ours.latents, p.latents),
+             *_norm_pairs("perceiver_resampler.layer_norm", ours.norm_weight, ours.norm_bias, p.layer_norm)]
+    for i, ((attn, ff), mine) in enumerate(zip(p.blocks, ours.layers)):
+        q = f"perceiver_resampler.blocks.{i}"
+        pairs += [*_norm_pairs(f"{q}.0.context_layer_norm", mine.norm_media_weight, mine.norm_media_bias,
+                               attn.context_layer_norm),
+                  *_norm_pairs(f"{q}.0.latents_layer_norm", mine.norm_latents_weight, mine.norm_latents_bias,
+                               attn.latents_layer_norm),
+                  (f"{q}.0.q_proj", mine.wq, attn.q_proj.weight),
+                  (f"{q}.0.k_proj+v_proj", mine.wkv, torch.cat([attn.k_proj.weight, attn.v_proj.weight])),
+                  (f"{q}.0.output_proj", mine.wo, attn.output_proj.weight),
+                  *_norm_pairs(f"{q}.1.ln", mine.norm_ff_weight, mine.norm_ff_bias, ff.ln),
+                  (f"{q}.1.fc", mine.w1, ff.fc.weight), (f"{q}.1.c_proj", mine.w2, ff.c_proj.weight)]
+        if attn.qk_layer_norms:
+            pairs += [*_norm_pairs(f"{q}.0.q_layer_norm", mine.q_norm_weight, mine.q_norm_bias, attn.q_layer_norm),
+                      *_norm_pairs(f"{q}.0.k_layer_norm", mine.k_norm_weight, mine.k_norm_bias, attn.k_layer_norm)]
+    return pairs
+
+
+def _idefics_xattn_pairs(prefix, ours, theirs):
+    """transformers IdeficsGatedCrossAttentionLayer → GatedCrossAttentionBlock(variant="idefics")."""
+    a, mlp = theirs.cross_attn, theirs.mlp
+    pairs = [(f"{prefix}.input_layernorm", ours.norm_attn_weight, theirs.input_layernorm.weight),
+             (f"{prefix}.cross_attn.q_proj", ours.wq, a.q_proj.weight),
+             (f"{prefix}.cross_attn.k_proj+v_proj", ours.wkv, torch.cat([a.k_proj.weight, a.v_proj.weight])),
+             (f"{prefix}.cross_attn.o_proj", ours.wo, a.o_proj.weight),
+             (f"{prefix}.alpha_cross_attn", ours.attn_gate, theirs.alpha_cross_attn),
+             (f"{prefix}.post_attention_layernorm", ours.norm_ff_weight, theirs.post_attention_layernorm.weight),
+             (f"{prefix}.mlp.gate_proj+up_proj", ours.w_in, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+             (f"{prefix}.mlp.down_proj", ours.w_out, mlp.down_proj.weight),
+             (f"{prefix}.alpha_dense", ours.ff_gate, theirs.alpha_dense)]
+    if a.qk_layer_norms:
+        pairs += [(f"{prefix}.cross_attn.q_layer_norm", ours.q_norm_weight, a.q_layer_norm.weight),
+                  (f"{prefix}.cross_attn.k_layer_norm", ours.k_norm_weight, a.k_layer_norm.weight)]
+    return pairs
 
 
 def _clip_vit(img, patch, width, depth, heads, act="quick_gelu"):

@@ -1,5 +1,6 @@
 """Flamingo's GATED XATTN-DENSE block (and Llama 3.2 Vision's / Idefics' variants) and the Perceiver
-resampler, built on ``flash_attention`` (interval masks) and ``tanh_gated_linear`` (fused gated residual).
+resampler (and Idefics' variant), built on ``flash_attention`` (interval masks) and ``tanh_gated_linear``
+(fused gated residual).
 
 The modules hold parameters and call the functional ops; the readable specs they are tested against,
 ``gated_xattn_dense_reference`` and ``perceiver_resampler_reference``, are at the bottom of this file.
@@ -11,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfast.kernels import flash_attention, tanh_gated_linear
-from mmfast.kernels._common import check_choice, check_int, check_scalar
+from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
 from mmfast.kernels.attention.masks import MEDIA_MODES, media_intervals
 
 from .split_attention import EMPTY_ROWS, cross_attention
 
-VARIANTS = ("flamingo", "mllama")
+VARIANTS = ("flamingo", "mllama", "idefics")
+PERCEIVER_ACTS = ("gelu", "relu")
 # the backends both functional ops implement (flash_attention and tanh_gated_linear)
 MODULE_BACKENDS = ("auto", "triton", "reference")
 
@@ -41,6 +43,10 @@ class GatedCrossAttentionBlock(nn.Module):
     (``kv_heads``), per-head RMSNorm of q and k (qk-norm), SiLU-gated MLP, and the full-text-row mask:
     rows that see no image keep exactly their input (their MLP update is zeroed as Hugging Face does, and
     their attention output is 0 as in Meta's reference, where Hugging Face would attend uniformly).
+    variant="idefics" (Hugging Face IdeficsGatedCrossAttentionLayer): RMSNorm, separate q / k / v / o
+    projections (``kv_heads`` = heads), optional per-head RMSNorm of q and k (``qk_norm``, its
+    ``qk_layer_norms``), SiLU-gated MLP; rows that see no image get attention output 0 (its
+    ``cross_attention_gate``) but keep their MLP update (it gates the MLP by ``alpha_dense`` only).
     The layer order is the same in both (pre-norm attention, then pre-norm MLP); where the blocks sit in
     the language model (before every 4th block in Flamingo, every 5th layer in Llama 3.2) is up to the
     model. ``gate="vector"`` gives per-channel gates (Idefics' ``alpha_type="vector"``).
@@ -62,7 +68,8 @@ class GatedCrossAttentionBlock(nn.Module):
     """
 
     def __init__(self, dim, heads, dim_head=None, *, dim_media=None, kv_heads=None, ff_mult=4, hidden=None,
-                 variant="flamingo", gate="scalar", media_mode=None, eps=None, empty_rows="zero", backend="auto"):
+                 variant="flamingo", gate="scalar", media_mode=None, eps=None, empty_rows="zero", qk_norm=None,
+                 backend="auto"):
         super().__init__()
         op = "GatedCrossAttentionBlock"
         check_int(op, "dim", dim, lo=1)
@@ -87,15 +94,20 @@ class GatedCrossAttentionBlock(nn.Module):
         check_choice(op, "empty_rows", empty_rows, EMPTY_ROWS)
         if empty_rows != "zero" and variant != "mllama":
             raise ValueError(f"{op}: empty_rows={empty_rows!r} is Hugging Face Mllama's; variant must be 'mllama'")
+        # qk-norm: always in Mllama, optional in Idefics (qk_layer_norms), never in Flamingo
+        qk_norm = (variant == "mllama") if qk_norm is None else qk_norm
+        check_bool(op, "qk_norm", qk_norm)
+        if qk_norm != (variant == "mllama") and variant != "idefics":
+            raise ValueError(f"{op}: qk_norm={qk_norm} with variant={variant!r}; only variant='idefics' chooses it")
         self.variant, self.heads, self.empty_rows = variant, heads, empty_rows
         self.kv_heads = kv_heads or heads
         if heads % self.kv_heads:
             raise ValueError(f"{op}: heads ({heads}) must be a multiple of kv_heads ({self.kv_heads})")
         self.dim_head = dim_head or dim // heads
-        self.media_mode = media_mode or ("most_recent" if variant == "flamingo" else "most_recent_group")
+        self.media_mode = media_mode or ("most_recent_group" if variant == "mllama" else "most_recent")
         self.eps = eps if eps is not None else (1e-5 if variant == "flamingo" else 1e-6)
         self.backend = backend
-        mllama = variant == "mllama"
+        llama_style = variant != "flamingo"  # RMSNorm and a SiLU-gated MLP (Mllama, Idefics)
         dim_media = dim_media or dim
         inner, inner_kv = heads * self.dim_head, self.kv_heads * self.dim_head
         hidden = hidden or int(dim * ff_mult)
@@ -104,21 +116,21 @@ class GatedCrossAttentionBlock(nn.Module):
             return nn.Parameter(torch.empty(*shape))
 
         self.norm_attn_weight = nn.Parameter(torch.ones(dim))
-        self.norm_attn_bias = None if mllama else nn.Parameter(torch.zeros(dim))
+        self.norm_attn_bias = None if llama_style else nn.Parameter(torch.zeros(dim))
         self.wq, self.wkv, self.wo = w(inner, dim), w(2 * inner_kv, dim_media), w(dim, inner)
-        self.q_norm_weight = nn.Parameter(torch.ones(self.dim_head)) if mllama else None
-        self.k_norm_weight = nn.Parameter(torch.ones(self.dim_head)) if mllama else None
+        self.q_norm_weight = nn.Parameter(torch.ones(self.dim_head)) if qk_norm else None
+        self.k_norm_weight = nn.Parameter(torch.ones(self.dim_head)) if qk_norm else None
         self.attn_gate = nn.Parameter(torch.zeros(1 if gate == "scalar" else dim))
         self.norm_ff_weight = nn.Parameter(torch.ones(dim))
-        self.norm_ff_bias = None if mllama else nn.Parameter(torch.zeros(dim))
-        self.w_in = w(2 * hidden if mllama else hidden, dim)  # mllama: [gate_proj; up_proj]
+        self.norm_ff_bias = None if llama_style else nn.Parameter(torch.zeros(dim))
+        self.w_in = w(2 * hidden if llama_style else hidden, dim)  # mllama / idefics: [gate_proj; up_proj]
         self.w_out = w(dim, hidden)
         self.ff_gate = nn.Parameter(torch.zeros(1 if gate == "scalar" else dim))
         for p in (self.wq, self.wkv, self.wo, self.w_in, self.w_out):
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))  # nn.Linear's default
 
     def _norm(self, x, weight, bias):
-        if self.variant == "mllama":
+        if self.variant != "flamingo":
             return _rms_norm(x, weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
 
@@ -132,7 +144,7 @@ class GatedCrossAttentionBlock(nn.Module):
         kv = F.linear(media.reshape(B, T * n, media.shape[-1]), self.wkv)  # T = 0 (a text-only batch) is fine
         k = kv[..., : self.kv_heads * dh].view(B, T * n, self.kv_heads, dh)  # strided views: no copy
         v = kv[..., self.kv_heads * dh :].view(B, T * n, self.kv_heads, dh)
-        if self.variant == "mllama":
+        if self.k_norm_weight is not None:
             # the norm's fp32 weight promotes under autocast; attention runs in the projections' dtype
             k = _rms_norm(k, self.k_norm_weight, self.eps).to(v.dtype)
         return k, v
@@ -161,7 +173,7 @@ class GatedCrossAttentionBlock(nn.Module):
         dh = self.dim_head
         h = self._norm(x, self.norm_attn_weight, self.norm_attn_bias)
         q = F.linear(h, self.wq).view(B, L, self.heads, dh)
-        if self.variant == "mllama":
+        if self.q_norm_weight is not None:
             q = _rms_norm(q, self.q_norm_weight, self.eps).to(v.dtype)
         no_image = kv_end <= kv_start
         if no_image.dim() == 1:
@@ -181,13 +193,24 @@ class GatedCrossAttentionBlock(nn.Module):
         x = tanh_gated_linear(o.reshape(B, L, -1), self.wo, None, self.attn_gate, x, row_mask=attn_rows,
                               backend=self.backend)
         h = self._norm(x, self.norm_ff_weight, self.norm_ff_bias)
-        if self.variant == "mllama":
+        if self.variant != "flamingo":
             g, u = F.linear(h, self.w_in).chunk(2, dim=-1)
             act = F.silu(g) * u
         else:
             act = F.gelu(F.linear(h, self.w_in))
         row_mask = no_image if self.variant == "mllama" else None
         return tanh_gated_linear(act, self.w_out, None, self.ff_gate, x, row_mask=row_mask, backend=self.backend)
+
+
+_PERCEIVER_ACT = {"gelu": F.gelu, "relu": F.relu}
+
+
+def _qk_norm(layer, which, t):
+    """The perceiver's optional LayerNorm of q or k over each head's channels (Idefics' qk_layer_norms)."""
+    weight = getattr(layer, f"{which}_norm_weight", None)
+    if weight is None:
+        return t
+    return F.layer_norm(t, (t.shape[-1],), weight, getattr(layer, f"{which}_norm_bias"))
 
 
 class PerceiverResampler(nn.Module):
@@ -197,6 +220,9 @@ class PerceiverResampler(nn.Module):
 
     Video: x (B, T, n, D) gets a learned time embedding per frame (``num_time_embeds`` ≥ T) and each
     frame is resampled on its own; images are x (B, n, D) or T = 1.
+
+    Hugging Face's IdeficsPerceiverResampler is ``act="relu"`` (its FFN: LN → Linear → ReLU → Linear) with
+    ``qk_norm`` = its ``qk_layer_norms_perceiver`` (LayerNorm over each head's q and k, weight and bias).
 
     Two KV sources without the concatenation: the reference concatenates LN(x) and LN(latents) in every
     layer, a copy of (n + 64)·D elements per frame (read + write: 2·(n + 64)·D element moves; at n = 256,
@@ -210,7 +236,7 @@ class PerceiverResampler(nn.Module):
     """
 
     def __init__(self, dim, depth, heads=8, dim_head=64, num_latents=64, num_time_embeds=None, ff_mult=4,
-                 backend="auto"):
+                 act="gelu", qk_norm=False, backend="auto"):
         super().__init__()
         op = "PerceiverResampler"
         check_int(op, "dim", dim, lo=1)
@@ -222,8 +248,10 @@ class PerceiverResampler(nn.Module):
         check_scalar(op, "ff_mult", ff_mult, lo=0, lo_open=True)
         if int(dim * ff_mult) < 1:
             raise ValueError(f"{op}: ff_mult ({ff_mult}) gives an FFN of int(dim * ff_mult) = 0 channels")
+        check_choice(op, "act", act, PERCEIVER_ACTS)
+        check_bool(op, "qk_norm", qk_norm)
         check_choice(op, "backend", backend, MODULE_BACKENDS)
-        self.heads, self.dim_head, self.backend = heads, dim_head, backend
+        self.heads, self.dim_head, self.backend, self.act = heads, dim_head, backend, act
         inner, hidden = heads * dim_head, int(dim * ff_mult)
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.time_pos_emb = nn.Parameter(torch.randn(num_time_embeds, 1, dim)) if num_time_embeds else None
@@ -237,6 +265,10 @@ class PerceiverResampler(nn.Module):
                                              nn.Parameter(torch.empty(2 * inner, dim)),
                                              nn.Parameter(torch.empty(dim, inner)))
             layer.w1, layer.w2 = nn.Parameter(torch.empty(hidden, dim)), nn.Parameter(torch.empty(dim, hidden))
+            if qk_norm:
+                for name in ("q_norm", "k_norm"):
+                    setattr(layer, f"{name}_weight", nn.Parameter(torch.ones(dim_head)))
+                    setattr(layer, f"{name}_bias", nn.Parameter(torch.zeros(dim_head)))
             for p in (layer.wq, layer.wkv, layer.wo, layer.w1, layer.w2):
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
             self.layers.append(layer)
@@ -260,18 +292,20 @@ class PerceiverResampler(nn.Module):
         for layer in self.layers:
             xm = F.layer_norm(x, (D,), layer.norm_media_weight, layer.norm_media_bias)
             ln = F.layer_norm(lat, (D,), layer.norm_latents_weight, layer.norm_latents_bias)
-            q = F.linear(ln, layer.wq).view(B * T, -1, H, dh)
+            q = _qk_norm(layer, "q", F.linear(ln, layer.wq).view(B * T, -1, H, dh))
             kv_m = F.linear(xm, layer.wkv)
             kv_l = F.linear(ln, layer.wkv)
-            o1, lse1 = flash_attention(q, kv_m[..., :inner].view(B * T, n, H, dh), kv_m[..., inner:].view(B * T, n, H, dh),
-                                       return_lse=True, backend=self.backend)
-            o2, lse2 = flash_attention(q, kv_l[..., :inner].view(B * T, -1, H, dh), kv_l[..., inner:].view(B * T, -1, H, dh),
-                                       return_lse=True, backend=self.backend)
+            k_m = _qk_norm(layer, "k", kv_m[..., :inner].view(B * T, n, H, dh))
+            k_l = _qk_norm(layer, "k", kv_l[..., :inner].view(B * T, -1, H, dh))
+            o1, lse1 = flash_attention(q, k_m, kv_m[..., inner:].view(B * T, n, H, dh), return_lse=True,
+                                       backend=self.backend)
+            o2, lse2 = flash_attention(q, k_l, kv_l[..., inner:].view(B * T, -1, H, dh), return_lse=True,
+                                       backend=self.backend)
             w1 = torch.sigmoid(lse1 - lse2).transpose(1, 2).unsqueeze(-1).to(o1.dtype)  # (BT, Lq, H, 1)
             o = w1 * o1 + (1 - w1) * o2
             lat = F.linear(o.reshape(B * T, -1, inner), layer.wo) + lat
             h = F.layer_norm(lat, (D,), layer.norm_ff_weight, layer.norm_ff_bias)
-            lat = F.linear(F.gelu(F.linear(h, layer.w1)), layer.w2) + lat
+            lat = F.linear(_PERCEIVER_ACT[self.act](F.linear(h, layer.w1)), layer.w2) + lat
         out = F.layer_norm(lat, (D,), self.norm_weight, self.norm_bias)
         return out.view(B, T, -1, D)
 
@@ -283,8 +317,10 @@ class PerceiverResampler(nn.Module):
 
 def gated_xattn_dense_reference(x, media, media_locations, p, *, heads, kv_heads=None, variant="flamingo",
                                 only_attend_immediate_media=True, eps=None, media_padding_mask=None):
-    """Flamingo's GATED XATTN-DENSE block, as lucidrains/flamingo-pytorch writes it (variant="flamingo"), or
-    Hugging Face's MllamaCrossAttentionDecoderLayer (variant="mllama").
+    """Flamingo's GATED XATTN-DENSE block, as lucidrains/flamingo-pytorch writes it (variant="flamingo"),
+    Hugging Face's MllamaCrossAttentionDecoderLayer (variant="mllama") or IdeficsGatedCrossAttentionLayer
+    (variant="idefics": Mllama's parts, qk-norm only when `p` holds its weights, and no row mask on the MLP:
+    Idefics' ``cross_attention_gate`` zeroes only the attention output of rows that see no image).
 
     x (B, L, D); media (B, T, n, D_media); media_locations (B, L) marks each image's placeholder token;
     `p` maps the parameter names of ``mmfast.nn.GatedCrossAttentionBlock`` to tensors. The media mask is
@@ -297,13 +333,14 @@ def gated_xattn_dense_reference(x, media, media_locations, p, *, heads, kv_heads
     """
     F = torch.nn.functional
     mllama = variant == "mllama"
-    eps = eps if eps is not None else (1e-6 if mllama else 1e-5)
+    llama_style = variant in ("mllama", "idefics")
+    eps = eps if eps is not None else (1e-6 if llama_style else 1e-5)
     B, L, D = x.shape
     T, n = media.shape[1], media.shape[2]
     kv_heads = kv_heads or heads
 
     def norm(t, w, b):
-        return _rms_norm(t, w, eps) if mllama else F.layer_norm(t, (D,), w, b, eps)
+        return _rms_norm(t, w, eps) if llama_style else F.layer_norm(t, (D,), w, b, eps)
 
     h = norm(x, p["norm_attn_weight"], p.get("norm_attn_bias"))
     q = F.linear(h, p["wq"])
@@ -311,7 +348,7 @@ def gated_xattn_dense_reference(x, media, media_locations, p, *, heads, kv_heads
     q = q.view(B, L, heads, -1).transpose(1, 2)
     k = k.reshape(B, T * n, kv_heads, -1).transpose(1, 2)
     v = v.reshape(B, T * n, kv_heads, -1).transpose(1, 2)
-    if mllama:
+    if p.get("q_norm_weight") is not None:
         q = _rms_norm(q, p["q_norm_weight"], eps)
         k = _rms_norm(k, p["k_norm_weight"], eps)
     k = k.repeat_interleave(heads // kv_heads, dim=1)
@@ -329,23 +366,26 @@ def gated_xattn_dense_reference(x, media, media_locations, p, *, heads, kv_heads
     out = (attn @ v).transpose(1, 2).reshape(B, L, -1)
     x = x + torch.tanh(p["attn_gate"]) * F.linear(out, p["wo"])
     h = norm(x, p["norm_ff_weight"], p.get("norm_ff_bias"))
-    if mllama:
+    if llama_style:
         gate_proj, up_proj = F.linear(h, p["w_in"]).chunk(2, dim=-1)
         ff = F.linear(F.silu(gate_proj) * up_proj, p["w_out"])
-        full_text_row_masked_out_mask = visible.any(dim=-1)[:, 0, :, None].to(ff.dtype)
-        ff = full_text_row_masked_out_mask * ff
+        if mllama:
+            full_text_row_masked_out_mask = visible.any(dim=-1)[:, 0, :, None].to(ff.dtype)
+            ff = full_text_row_masked_out_mask * ff
     else:
         ff = F.linear(F.gelu(F.linear(h, p["w_in"])), p["w_out"])
     return x + torch.tanh(p["ff_gate"]) * ff
 
 
-def perceiver_resampler_reference(x, p, *, depth, heads):
+def perceiver_resampler_reference(x, p, *, depth, heads, act="gelu"):
     """Flamingo's Perceiver resampler as lucidrains/flamingo-pytorch writes it: per layer
     ``latents = attn(LN(x), LN(latents)) + latents`` with keys/values from ``cat(LN(x), LN(latents))``,
     then ``latents = FFN(latents) + latents`` (LN → Linear → GELU → Linear); final LayerNorm.
 
     x (B, n, D) or (B, T, n, D) (video: time embeddings ``p["time_pos_emb"][:T]`` added per frame);
-    `p` maps ``mmfast.nn.PerceiverResampler``'s parameter names to tensors. Returns (B, T, latents, D).
+    `p` maps ``mmfast.nn.PerceiverResampler``'s parameter names to tensors. Hugging Face Idefics' variant:
+    ``act="relu"``, and q / k LayerNormed per head where `p` holds ``layers.i.q_norm_weight`` etc.
+    (its ``qk_layer_norms_perceiver``, applied after the split into heads). Returns (B, T, latents, D).
     """
     F = torch.nn.functional
     if x.dim() == 3:
@@ -362,9 +402,12 @@ def perceiver_resampler_reference(x, p, *, depth, heads):
         kv_input = torch.cat((xm, ln), dim=-2)
         k, v = F.linear(kv_input, g("wkv")).chunk(2, dim=-1)
         q, k, v = (t.reshape(B, T, t.shape[2], heads, -1).permute(0, 3, 1, 2, 4) for t in (q, k, v))
+        if p.get(f"layers.{i}.q_norm_weight") is not None:
+            q = F.layer_norm(q, (q.shape[-1],), g("q_norm_weight"), g("q_norm_bias"))
+            k = F.layer_norm(k, (k.shape[-1],), g("k_norm_weight"), g("k_norm_bias"))
         sim = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
         out = (sim.softmax(dim=-1) @ v).permute(0, 2, 3, 1, 4).reshape(B, T, -1, q.shape[1] * q.shape[-1])
         latents = F.linear(out, g("wo")) + latents
         h = F.layer_norm(latents, (D,), g("norm_ff_weight"), g("norm_ff_bias"))
-        latents = F.linear(F.gelu(F.linear(h, g("w1"))), g("w2")) + latents
+        latents = F.linear(_PERCEIVER_ACT[act](F.linear(h, g("w1"))), g("w2")) + latents
     return F.layer_norm(latents, (D,), p["norm_weight"], p["norm_bias"])

@@ -11,13 +11,14 @@ from mmfast.nn import GatedCrossAttentionBlock, PerceiverResampler
 from mmfast.nn.gated_cross_attention import gated_xattn_dense_reference, perceiver_resampler_reference
 
 D, HEADS = 64, 4
-KV_HEADS = {"flamingo": None, "mllama": 2}
+KV_HEADS = {"flamingo": None, "mllama": 2, "idefics": None}
+QK_NORM = {"idefics": True}  # Idefics' optional qk_layer_norms, on where tested
 
 
 def _block(variant, device, gate="scalar", alpha=0.7, beta=-0.4):
     torch.manual_seed(generator().initial_seed() % 2**31)
     blk = GatedCrossAttentionBlock(D, HEADS, variant=variant, kv_heads=KV_HEADS[variant], gate=gate, ff_mult=2,
-                                   backend="triton").to(device)
+                                   qk_norm=QK_NORM.get(variant), backend="triton").to(device)
     with torch.no_grad():
         for name, p in blk.named_parameters():
             if "norm" in name:  # non-trivial norm affines, so their gradients are checked
@@ -131,6 +132,13 @@ def test_vector_gates(device):
     _compare_block("flamingo", device, torch.float32, images_per_row=(3,), gate="vector")
 
 
+def test_idefics_block(device):
+    """Hugging Face Idefics' layer (RMSNorm, qk RMSNorm, SwiGLU, vector gates): a row that sees no image
+    gets no attention update but its MLP update (Idefics gates only the attention by cross_attention_gate)."""
+    out, x, _, _ = _compare_block("idefics", device, torch.float32, images_per_row=(0, 2), gate="vector")
+    assert (out[0] - x[0]).abs().min() > 0
+
+
 @pytest.mark.parametrize("variant", ["flamingo", "mllama"])
 def test_identity_at_init(device, variant):
     blk = GatedCrossAttentionBlock(D, HEADS, variant=variant, kv_heads=KV_HEADS[variant], backend="triton").to(device)
@@ -157,10 +165,14 @@ def test_text_before_first_image(device, variant):
         assert_bitwise_equal(out1[0, :12], x[0, :12], what="mllama: rows before the first image unchanged")
 
 
-def _resampler_check(device, x, num_time_embeds):
+def _resampler_check(device, x, num_time_embeds, act="gelu", qk_norm=False):
     torch.manual_seed(generator().initial_seed() % 2**31)
     rs = PerceiverResampler(32, depth=2, heads=2, dim_head=16, num_latents=8, num_time_embeds=num_time_embeds,
-                            ff_mult=2, backend="triton").to(device)
+                            ff_mult=2, act=act, qk_norm=qk_norm, backend="triton").to(device)
+    with torch.no_grad():
+        for name, p in rs.named_parameters():
+            if "norm" in name:  # non-trivial norm affines, the qk norms' included
+                p.add_(0.2 * randn(*p.shape, device=device))
     names = [name for name, _ in rs.named_parameters()]
     out = rs(x.requires_grad_())
     dy = randn(*out.shape, device=device)
@@ -169,7 +181,7 @@ def _resampler_check(device, x, num_time_embeds):
     def reference(prec):
         p = {k: v.detach().to(prec).requires_grad_() for k, v in rs.named_parameters()}
         xs = x.detach().to(prec).requires_grad_()
-        o = perceiver_resampler_reference(xs, p, depth=2, heads=2)
+        o = perceiver_resampler_reference(xs, p, depth=2, heads=2, act=act)
         return o, torch.autograd.grad(o, [xs] + [p[k] for k in names], dy.to(prec))
 
     (ref, ref_g), (same, same_g) = reference(torch.float64), reference(torch.float32)
@@ -181,6 +193,11 @@ def _resampler_check(device, x, num_time_embeds):
 
 def test_resampler_images(device):
     _resampler_check(device, randn(2, 13, 32, device=device), None)
+
+
+def test_resampler_idefics(device):
+    """Hugging Face IdeficsPerceiverResampler's variant: ReLU FFN, LayerNorm of q and k per head."""
+    _resampler_check(device, randn(2, 13, 32, device=device), None, act="relu", qk_norm=True)
 
 
 def test_resampler_video_frames(device):
@@ -209,6 +226,8 @@ BLOCK_BAD_ARGS = [
     (dict(variant="idefics3"), "variant must be one of"),
     (dict(gate="matrix"), "gate must be one of"),
     (dict(media_mode="nearest"), "media_mode must be one of"),
+    (dict(qk_norm=True), "qk_norm=True with variant='flamingo'"),
+    (dict(variant="idefics", qk_norm=1), "qk_norm must be True or False"),
     (dict(eps=0.0), "eps must be in"),
     (dict(eps=-1e-5), "eps must be in"),
     (dict(backend="cuda"), "backend must be one of"),
@@ -233,6 +252,8 @@ RESAMPLER_BAD_ARGS = [
     (dict(num_time_embeds=0), "num_time_embeds must be in"),
     (dict(ff_mult=-1), "ff_mult must be in"),
     (dict(ff_mult=float("inf")), "ff_mult must be finite"),
+    (dict(act="silu"), "act must be one of"),
+    (dict(qk_norm="yes"), "qk_norm must be True or False"),
     (dict(backend="chunked"), "backend must be one of"),
 ]
 
