@@ -14,10 +14,12 @@ card and a few minutes:
   12 layers, 32 queries, fp32 as transformers keeps it) → OPT-2.7B's width (2560, 32 heads, vocab 50272;
   8 of 32 layers); the prompt is 32 query tokens + 32 text tokens.
 
+- ``idefics-9b`` shape (transformers' Flamingo, converted by ``Flamingo.from_hf``): ViT-H/14 (6 of 32 layers) →
+  the perceiver (6 layers, 64 latents, 16 x 96 heads) → LLaMA-7B's width (4 of 32 layers, a gated block before
+  the first); the same 2-chunk prompt, each token seeing its most recent image.
 - ``openflamingo-3b`` shape: ViT-L/14 (6 of 24 layers) → the perceiver (6 layers, 64 latents) → MPT-1B's width
   as a Llama (2048, 16 heads, MLP 8192, vocab 50280; 4 of 24 layers) with a gated block before every layer;
-  the prompt is 2 chunks ``<image> 30 text <|endofchunk|>``. Its baseline is open_flamingo's own model
-  (transformers has no Flamingo); without open_flamingo installed (it goes in with ``--no-deps``) the
+  the prompt is 2 chunks ``<image> 30 text <|endofchunk|>``. Its baseline is open_flamingo's own model; without open_flamingo installed (it goes in with ``--no-deps``) the
   workloads skip, naming it.
 
 Each model gives three workloads, each with an ``mmfast`` case (converted with ``from_hf`` /
@@ -142,6 +144,30 @@ def _flamingo_config(tiny):
                                                          media=vocab - 2, eoc=vocab - 1)
 
 
+def _idefics_config(tiny):
+    import transformers
+
+    if tiny:
+        vision = dict(embed_dim=16, image_size=8, patch_size=4, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2)
+        text = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                    cross_layer_interval=1)
+        perceiver = dict(resampler_n_latents=3, resampler_depth=2, resampler_n_heads=2, resampler_head_dim=8)
+    else:  # Idefics-9B's widths: ViT-H/14 (6 of 32 layers), LLaMA-7B (4 of 32 layers, a gated block before the 1st)
+        vision = dict(embed_dim=1280, image_size=224, patch_size=14, intermediate_size=5120, num_hidden_layers=6,
+                      num_attention_heads=16)
+        text = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=4,
+                    num_attention_heads=32, cross_layer_interval=4)
+        perceiver = dict(resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16, resampler_head_dim=96)
+    vocab = text["vocab_size"]
+    # no additional (decoupled) vocabulary rows: transformers' loss breaks with them (it reshapes the logits to
+    # vocab_size columns); <image> and <|endofchunk|> are the last two ids instead
+    config = transformers.IdeficsConfig(**text, additional_vocab_size=0, alpha_type="float", use_resampler=True,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2, vision_config=vision,
+                                        perceiver_config=dict(use_resampler=True, **perceiver))
+    return config, dict(image=vision["image_size"], vocab=vocab, images=2, media=vocab - 2, eoc=vocab - 1)
+
+
 def _open_flamingo(tiny, device):
     """open_flamingo's Flamingo as its factory.py builds it (random weights, no downloads), its language model's
     attention SDPA."""
@@ -202,6 +228,9 @@ def _ours(kind, hf, backend):
 
     cls = getattr(models, MODELS[kind]["ours"])
     convert = getattr(cls, MODELS[kind].get("convert", "from_hf"))
+    if MODELS[kind].get("idefics"):
+        return convert(hf, media_token_id=MODELS[kind]["config"](hf.config.hidden_size < 64)[1]["media"],
+                       backend=backend)
     return convert(hf, backend=backend)
 
 
@@ -226,6 +255,9 @@ MODELS = {
             f"model.language_model.layers.{i}." for i in _mllama_config(tiny)[1]["cross_layers"])),
     # the baseline is open_flamingo's own model (transformers has no Flamingo: Idefics differs, see
     # mmfast/models/flamingo.py); where open_flamingo is not installed its cases skip, naming it
+    # transformers' Flamingo: Idefics (v1), the model the issue's "vs Hugging Face" means for Flamingo
+    "idefics-9b": dict(config=_idefics_config, hf_class="IdeficsForVisionText2Text", ours="Flamingo", stage="bridge",
+                       text=30, idefics=True, hf_trainable=("model.perceiver_resampler.", "model.gated_cross_attn_layers.")),
     "openflamingo-3b": dict(config=_flamingo_config, build=_open_flamingo, baseline="open_flamingo",
                             ours="Flamingo", convert="from_open_flamingo", stage="bridge", text=30,
                             hf_trainable=("perceiver.", "gated_cross_attn_layer"), direct=_flamingo_direct),
@@ -242,8 +274,13 @@ def _inputs(kind, tiny, batch, device):
     g = torch.Generator(device=device).manual_seed(0)
     if "images" in dims:  # Flamingo: chunks <image> text <|endofchunk|>, one image each (open_flamingo's names)
         n, size = dims["images"], dims["image"]
-        ids = torch.randint(3, dims["media"], (batch, n * (text + 2)), generator=g, device=device)
+        ids = torch.randint(3, min(dims["media"], dims["vocab"]), (batch, n * (text + 2)), generator=g, device=device)
         ids[:, ::text + 2], ids[:, text + 1::text + 2] = dims["media"], dims["eoc"]
+        if MODELS[kind].get("idefics"):  # HF's keywords; each token sees its most recent image, as the processor
+            recent = (ids == dims["media"]).cumsum(-1) - 1
+            iam = (recent[..., None] == torch.arange(n, device=device)).long()
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_attention_mask": iam,
+                    "pixel_values": torch.randn(batch, n, 3, size, size, generator=g, device=device)}
         # the last row left-padded by one token: transformers 5's generate drops an all-ones mask, which
         # open_flamingo's forward requires
         ids[-1] = torch.cat([ids.new_zeros(1), ids[-1, :-1]])
