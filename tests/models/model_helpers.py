@@ -104,3 +104,22 @@ def assert_one_step_trains_only(model, loss, prefixes):
         else:
             assert p.grad is None and torch.equal(p, before[n]), f"frozen {n} changed"
     return trainable
+
+
+def assert_triton_matches_reference(triton_model, reference_model, run, mask):
+    """`run(model, dtype)` -> the model's output (with .logits, .loss) after ``.loss.backward()``: the logits
+    at `mask`, the loss and every trainable gradient of the Triton-backend model (fp32) against the
+    reference-backend model's fp64 run, its fp32 run the yardstick (tests/numerics.py's rule; gradients get 3x:
+    they pass through more kernels)."""
+    def values(model, dtype):
+        out = run(model, dtype)
+        grads = [p.grad for _, p in sorted(model.named_parameters()) if p.requires_grad]
+        return [out.logits[mask], out.loss] + grads
+
+    got = values(triton_model, torch.float32)
+    want = values(copy.deepcopy(reference_model).double(), torch.float64)
+    yard = values(reference_model, torch.float32)
+    assert len(got) > 2 + 10  # the bridge's parameters all have gradients
+    for i, (a, r, y) in enumerate(zip(got, want, yard)):
+        assert_close_by_rule(a, r, y, factor=2.0 if i < 2 else 3.0, floor=1e-6 * max(1.0, r.abs().max().item()),
+                             what=f"output {i}")
