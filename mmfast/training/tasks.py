@@ -351,10 +351,11 @@ TASKS: Dict[str, TrainTask] = {
                                  "stage1": "Q-Former pre-training, ITC + ITM + ITG (Blip2ForImageTextRetrieval, "
                                            "ViT frozen)",
                                  "all": "every parameter"}, serial_stages=("stage1",)),
-    "mllama": bridge_task("mllama", "mmfast.models.mllama", "Mllama", presets=("tiny",),
+    "mllama": bridge_task("mllama", "mmfast.models.mllama", "Mllama", presets=("tiny", "llama-3.2-11b-vision"),
                           stages={"bridge": "adapter: cross-attention layers + projector (vision, Llama frozen)",
                                   "full": "adapter + the Llama layers (vision frozen)"}),
-    "flamingo": bridge_task("flamingo", "mmfast.models.flamingo", "Flamingo", presets=("tiny",),
+    "flamingo": bridge_task("flamingo", "mmfast.models.flamingo", "Flamingo",
+                            presets=("tiny", "openflamingo-9b-llama"),
                             stages={"bridge": "perceiver resampler + gated cross-attention blocks (vision, LM "
                                               "frozen)",
                                     "bridge+embeddings": "also the LM's input embeddings (open_flamingo's default: "

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmfast.training import cli, loop
-from mmfast.training.tasks import TASKS, bridge_task
+from mmfast.training.tasks import TASKS, bridge_task, get_task
 
 # every stage of every bridge row (a new row is checked as soon as it is in TASKS), and llava's AnyRes preset
 CASES = [(name, "tiny", stage) for name, task in TASKS.items() if task.stages for stage in task.stages]
@@ -107,3 +107,18 @@ def test_a_row_whose_module_is_not_merged_yet_says_so():
     task = bridge_task("later", "mmfast.models._not_merged_yet", "Later", presets=("tiny",), stages={"bridge": "x"})
     with pytest.raises(RuntimeError, match="mmfast.models._not_merged_yet is not in this checkout"):
         task.build("tiny", "reference")
+
+
+@pytest.mark.parametrize("name, preset, trainable", [("mllama", "llama-3.2-11b-vision", (1.7e9, 1.9e9)),
+                                                     ("flamingo", "openflamingo-9b-llama", (1.1e9, 1.25e9))])
+def test_paper_size_presets_build_and_draw_batches_on_meta(name, preset, trainable):
+    """The training rows' paper-size presets (built on the meta device: no memory): the bridge stage trains
+    the adapter's share of the parameters, and the batch has the preset's image size."""
+    task = get_task(name)
+    with torch.device("meta"):
+        model = task.build(preset, "reference", None)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable[0] < count < trainable[1]
+    batch = task.batch(preset, 2, torch.Generator().manual_seed(0), None, model=model)
+    pixels = batch.get("pixel_values", batch.get("vision_x"))
+    assert pixels.shape[-1] == (560 if name == "mllama" else 224) and batch["labels"].shape[0] == 2
