@@ -4,9 +4,11 @@ No runtime autotuning: a fixed table keyed by (pass, head-dim bucket, operands) 
 first calls cheap, and lets the compile gate check every entry for sm_80 and sm_90. One table serves both
 (sm_80's registers are the binding limit), except for aligned 16-bit inputs on sm_90 (``_SM90_TABLE``):
 there Hopper's ``wgmma`` (64 rows per warpgroup, accumulators spread over 128 threads) fits tiles that
-spill with ``mma.sync``, and the gate fails any such entry that does not lower to ``wgmma``. Head dims are padded to the next power of two; 16 and 32 use the
-64 entry. Operands: "16-bit" (fp16 / bf16 on tensor cores), "tf32" (fp32 on TF32 tensor cores) and "ieee"
-(fp32 dots as FMA loops, ``torch.set_float32_matmul_precision("highest")``, the default), see
+spill with ``mma.sync``, and the gate fails any such entry that does not lower to ``wgmma``. Head dims are
+padded to the next power of two; 16 and 32 use the 64 entry. The forward covers 65 - 96 as 64 + 16 or 64 + 32
+columns instead (``block_d_split``) with the 128 entries, except on sm_90 at head dims that are no multiple of
+16 (``_SM90_SPLIT_ODD_TABLE``). Operands: "16-bit" (fp16 / bf16 on tensor cores), "tf32" (fp32 on TF32 tensor
+cores) and "ieee" (fp32 dots as FMA loops, ``torch.set_float32_matmul_precision("highest")``, the default), see
 ``_common.matmul_precision``. Kernel tiles divide the block-mask tile (``MASK_TILE_GPU`` = 128 query rows x
 128 keys), so one block mask serves every entry. Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast
 while still stepping through the sub-tile loops.
@@ -151,8 +153,8 @@ def operands(pass_, dtype, precision):
 
 def get_config(pass_, head_dim, dtype, precision, aligned=True, cc=80):
     """The GPU table entry for a pass on inputs of `dtype` whose fp32 dots run at `precision`, on a device
-    of compute capability `cc` (80 for 8.0). The split forward (80, 96) takes the 128 bucket's entries: it
-    needs fewer registers than the padded kernel they were sized for (the compile gate checks them both)."""
+    of compute capability `cc` (80 for 8.0). The split forward (65 - 96) takes the 128 bucket's entries (it
+    needs fewer registers than the padded kernel they were sized for), except _SM90_SPLIT_ODD_TABLE's."""
     kind = operands(pass_, dtype, precision)
     key = (pass_, max(64, block_d(head_dim)), kind)
     if not aligned and key in _GPU_UNALIGNED_TABLE:
@@ -261,7 +263,7 @@ def _spec(pass_, dtype, head_dim, precision, varlen=False, flag=False, aligned=T
     if pass_ == "fwd":
         constexprs["BLOCK_D"], constexprs["BLOCK_D2"] = block_d_split(head_dim)
         if constexprs["BLOCK_D2"]:
-            split_d = f" D={constexprs['BLOCK_D']}+{constexprs['BLOCK_D2']}"
+            split_d = f" as {constexprs['BLOCK_D']}+{constexprs['BLOCK_D2']}"
     if pass_ == "pre":
         constexprs["HAS_DLSE"] = flag
     else:
