@@ -187,7 +187,7 @@ def tune_attention(device, deadline_s, dry_run, gate, shapes="all", log=print):
                 late = time.monotonic() > pass_deadline
                 reason = "time budget" if late else _gate(pass_, head_dim, cfg, cc, gate_cache) if cc else None
                 for spec in group:
-                    key = _tuned.key(pass_, "bf16", max(64, C.block_d(head_dim)), "16-bit",
+                    key = _tuned.key(pass_, "bf16", C.table_bucket(pass_, head_dim), "16-bit",
                                      _tuned.shape_class(spec.seqlen_q, spec.seqlen_k))
                     row = {"pass": pass_, "key": key, "shape": spec.name, "config": asdict(cfg), "ms": None,
                            "reason": reason}

@@ -106,7 +106,7 @@ def attention_key(pass_, kernel, args, head_dim, dtype, precision):
     names = kernel.arg_names
     seqlen_q = args[names.index("seqlen_q")]
     seqlen_k = args[names.index("seqlen_k")]
-    bucket = max(64, C.block_d(head_dim))
+    bucket = C.table_bucket(pass_, head_dim)
     return key(pass_, DTYPE_NAMES[dtype], bucket, C.operands(pass_, dtype, precision), shape_class(seqlen_q, seqlen_k))
 
 

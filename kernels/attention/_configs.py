@@ -4,9 +4,11 @@ No runtime autotuning: a fixed table keyed by (pass, head-dim bucket, operands) 
 first calls cheap, and lets the compile gate check every entry for sm_80 and sm_90. One table serves both
 (sm_80's registers are the binding limit), except for aligned 16-bit inputs on sm_90 (``_SM90_TABLE``):
 there Hopper's ``wgmma`` (64 rows per warpgroup, accumulators spread over 128 threads) fits tiles that
-spill with ``mma.sync``, and the gate fails any such entry that does not lower to ``wgmma``. Head dims are padded to the next power of two; 16 and 32 use the
-64 entry. Operands: "16-bit" (fp16 / bf16 on tensor cores), "tf32" (fp32 on TF32 tensor cores) and "ieee"
-(fp32 dots as FMA loops, ``torch.set_float32_matmul_precision("highest")``, the default), see
+spill with ``mma.sync``, and the gate fails any such entry that does not lower to ``wgmma``. Head dims are
+padded to the next power of two; 16 and 32 use the 64 entry. The forward covers 65 - 96 as 64 + 16 or 64 + 32
+columns instead (``block_d_split``) with the 128 entries, except on sm_90 at head dims that are no multiple of
+16 (``_SM90_SPLIT_ODD_TABLE``). Operands: "16-bit" (fp16 / bf16 on tensor cores), "tf32" (fp32 on TF32 tensor
+cores) and "ieee" (fp32 dots as FMA loops, ``torch.set_float32_matmul_precision("highest")``, the default), see
 ``_common.matmul_precision``. Kernel tiles divide the block-mask tile (``MASK_TILE_GPU`` = 128 query rows x
 128 keys), so one block mask serves every entry. Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast
 while still stepping through the sub-tile loops.
@@ -105,6 +107,12 @@ _SM90_TABLE = {
     ("dq", 256, "16-bit"): TileConfig(128, 16, 8, 2),  # 128 rows (32 x 32 before); 128 x 32 reaches 248
 }
 
+# The split forward (block_d_split) on sm_90 at head dims that are no multiple of 16 (72, 88): their head
+# strides carry no divisibility hint, so loads are narrower and hold more registers; keyed by table_bucket.
+_SM90_SPLIT_ODD_TABLE = {
+    ("fwd", 96, "16-bit"): TileConfig(128, 32, 8, 2),  # 128 x 64 spills at D = 88 (so did the padded kernel)
+}
+
 _INTERPRETER_TABLE = {
     "fwd": TileConfig(32, 32, 4, 1),
     "dkdv": TileConfig(16, 32, 4, 1),  # steps through a mask tile's query rows in two sub-tiles
@@ -117,6 +125,24 @@ def block_d(head_dim):
     return max(16, next_power_of_2(head_dim))
 
 
+def block_d_split(head_dim):
+    """The forward's (BLOCK_D, BLOCK_D2): head dims in (64, 96] as a 64-column chunk and a 16- or 32-column
+    one (80 = 64 + 16 and 96 = 64 + 32 exactly; 72 and 88 mask 8 columns) instead of padding to 128, which
+    multiplies 60% (D = 80) or 33% (D = 96) padding on the tensor cores. Others: (block_d, 0), unsplit (above
+    96, 64 + 64 would cost what 128 does). The backward pads (block_d): the statistics do not depend on it."""
+    if 64 < head_dim <= 96:
+        return 64, 16 if head_dim <= 80 else 32
+    return block_d(head_dim), 0
+
+
+def table_bucket(pass_, head_dim):
+    """The head-dim bucket of the tuned tables' keys (kernels/_tuned.py): the padded width the kernel computes
+    on (64 + 16 = 80 and 64 + 32 = 96 for the split forward, whose tiles differ from the 128 kernel's)."""
+    if pass_ == "fwd" and block_d_split(head_dim)[1]:
+        return sum(block_d_split(head_dim))
+    return max(64, block_d(head_dim))
+
+
 def operands(pass_, dtype, precision):
     """The table's operand key: "16-bit", or for fp32 the dot precision ("tf32" / "ieee"); the Delta pass
     has no dot, so only its element size counts ("fp32")."""
@@ -127,11 +153,15 @@ def operands(pass_, dtype, precision):
 
 def get_config(pass_, head_dim, dtype, precision, aligned=True, cc=80):
     """The GPU table entry for a pass on inputs of `dtype` whose fp32 dots run at `precision`, on a device
-    of compute capability `cc` (80 for 8.0)."""
+    of compute capability `cc` (80 for 8.0). The split forward (65 - 96) takes the 128 bucket's entries (it
+    needs fewer registers than the padded kernel they were sized for), except _SM90_SPLIT_ODD_TABLE's."""
     kind = operands(pass_, dtype, precision)
     key = (pass_, max(64, block_d(head_dim)), kind)
     if not aligned and key in _GPU_UNALIGNED_TABLE:
         return _GPU_UNALIGNED_TABLE[key]
+    odd_key = (pass_, table_bucket(pass_, head_dim), kind)
+    if aligned and cc == 90 and head_dim % 16 and odd_key in _SM90_SPLIT_ODD_TABLE:
+        return _SM90_SPLIT_ODD_TABLE[odd_key]
     if aligned and cc == 90 and key in _SM90_TABLE:
         return _SM90_TABLE[key]
     if kind == "ieee":
@@ -229,6 +259,11 @@ def _spec(pass_, dtype, head_dim, precision, varlen=False, flag=False, aligned=T
     kernel = KERNELS[pass_]
     cfg = cfg or get_config(pass_, head_dim, dtype, precision, aligned=aligned)
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_M": cfg.block_m, "VARLEN": varlen}
+    split_d = ""
+    if pass_ == "fwd":
+        constexprs["BLOCK_D"], constexprs["BLOCK_D2"] = block_d_split(head_dim)
+        if constexprs["BLOCK_D2"]:
+            split_d = f" as {constexprs['BLOCK_D']}+{constexprs['BLOCK_D2']}"
     if pass_ == "pre":
         constexprs["HAS_DLSE"] = flag
     else:
@@ -237,7 +272,7 @@ def _spec(pass_, dtype, head_dim, precision, varlen=False, flag=False, aligned=T
     if pass_ == "dkdv":
         constexprs["SPLIT"] = cfg.split
     kind = operands(pass_, dtype, precision)
-    label = (f"{pass_} {DTYPE_NAMES[dtype]}{'' if kind in ('16-bit', 'fp32') else ' ' + kind} D={head_dim} "
+    label = (f"{pass_} {DTYPE_NAMES[dtype]}{'' if kind in ('16-bit', 'fp32') else ' ' + kind} D={head_dim}{split_d} "
              f"BLOCK_M={cfg.block_m}" + (f" BLOCK_N={cfg.block_n}" if cfg.block_n else "")
              + f" warps={cfg.num_warps} stages={cfg.num_stages}" + (" split" if cfg.split else "")
              + (" varlen" if varlen else "")
@@ -270,6 +305,8 @@ def compile_specs():
     without the alignment specialisation (views with odd strides), the unaligned table's among them: bf16 at
     D = 128 and 256, fp32 TF32 at 256, fp32 IEEE at every bucket.
     Head dims <= 32 use the 64 entry with a narrower BLOCK_D: smaller than what is checked here.
+    The forward's split head dims (block_d_split: 64 + 16, 64 + 32) at 80, 96, and 72, 88 (no 16-divisible
+    head stride): bf16, fp32 TF32 and IEEE, varlen + key padding, and unaligned.
     Where sm_90 has its own entry (aligned 16-bit), the case compiles twice: the shared entry for sm_80 and
     sm_90's for sm_90, marked needs_wgmma (the gate fails it unless every dot lowers to wgmma)."""
     specs = []
@@ -290,4 +327,14 @@ def compile_specs():
             specs.extend(_specs(pass_, torch.float32, 256, "tf32", aligned=False))
             for head_dim in (64, 128, 256):  # IEEE FMA loops: the heaviest register users at every head dim
                 specs.extend(_specs(pass_, torch.float32, head_dim, "ieee", aligned=False))
+        if pass_ == "fwd":  # the split head dims (80 bf16 is above)
+            for head_dim in (72, 88, 96):
+                specs.extend(_specs(pass_, torch.bfloat16, head_dim, "ieee"))
+            for precision in fp32_precisions:
+                for head_dim in (80, 96):
+                    specs.extend(_specs(pass_, torch.float32, head_dim, precision))
+            specs.extend(_specs(pass_, torch.bfloat16, 96, "ieee", varlen=True, flag=True))
+            specs.extend(_specs(pass_, torch.float32, 96, "ieee", varlen=True, flag=True))
+            specs.extend(_specs(pass_, torch.bfloat16, 96, "ieee", aligned=False))
+            specs.extend(_specs(pass_, torch.float32, 96, "ieee", aligned=False))
     return specs

@@ -59,14 +59,20 @@ def _row_stats(max_ptrs, logsum_ptrs, mask):
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, blocks, num_blocks,
-    offs_n, offs_d, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
-    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    acc, acc2, l_i, m_i, q, q2, k_ptr, v_ptr, stride_kn, stride_vn, blocks, num_blocks,
+    offs_n, offs_d, offs_d2, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr, MASKED: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
-    """Online softmax over the KV blocks listed at `blocks` (MASKED: the partial ones, masked per element)."""
+    """Online softmax over the KV blocks listed at `blocks` (MASKED: the partial ones, masked per element).
+    BLOCK_D2 > 0: the head dim in two chunks, columns [0, BLOCK_D) (all inside HEAD_DIM) in q / acc and
+    [BLOCK_D, BLOCK_D + BLOCK_D2) (masked at HEAD_DIM) in q2 / acc2; BLOCK_D2 = 0: q2 and acc2 are unused."""
     STEPS: tl.constexpr = MASK_N // BLOCK_N  # kernel tiles per mask tile
+    HEAD_FULL: tl.constexpr = HEAD_DIM == BLOCK_D or BLOCK_D2 > 0  # no column of the first chunk is masked
     d_ok = offs_d < HEAD_DIM
+    if BLOCK_D2 > 0:
+        d2_ok = offs_d2 < HEAD_DIM
     for t in range(0, num_blocks * STEPS):
         start_n = tl.load(blocks + t // STEPS) * MASK_N + (t % STEPS) * BLOCK_N
         # the tile's start goes into the 64-bit scalar pointer; tile-local offsets stay int32
@@ -75,15 +81,34 @@ def _fwd_inner(
         cols = start_n + offs_n
         if MASKED:
             col_ok = cols < seqlen_k
-            kT = tl.load(kT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        elif HEAD_DIM == BLOCK_D:
+            if BLOCK_D2 > 0:
+                kT = tl.load(kT_ptrs, mask=col_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+            else:
+                kT = tl.load(kT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_FULL:
             kT = tl.load(kT_ptrs)
             v = tl.load(v_ptrs)
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        qk = dot(q, kT, None, PRECISION, EMULATE) * sm_scale
+        if BLOCK_D2 > 0:
+            kT2_ptrs = k_ptr + start_n.to(tl.int64) * stride_kn + (offs_n[None, :] * stride_kn + offs_d2[:, None])
+            v2_ptrs = v_ptr + start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d2[None, :])
+            if MASKED:
+                kT2 = tl.load(kT2_ptrs, mask=col_ok[None, :] & d2_ok[:, None], other=0.0)
+                v2 = tl.load(v2_ptrs, mask=col_ok[:, None] & d2_ok[None, :], other=0.0)
+            elif HEAD_DIM == BLOCK_D + BLOCK_D2:
+                kT2 = tl.load(kT2_ptrs)
+                v2 = tl.load(v2_ptrs)
+            else:
+                kT2 = tl.load(kT2_ptrs, mask=d2_ok[:, None], other=0.0)
+                v2 = tl.load(v2_ptrs, mask=d2_ok[None, :], other=0.0)
+            # both chunks' products summed in fp32 before the scale: one score, as one dot over D would give
+            qk = dot(q2, kT2, dot(q, kT, None, PRECISION, EMULATE), PRECISION, EMULATE) * sm_scale
+        else:
+            qk = dot(q, kT, None, PRECISION, EMULATE) * sm_scale
         if MASKED:
             visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
             if HAS_KPM:
@@ -99,9 +124,14 @@ def _fwd_inner(
         p = tl.math.exp2((qk - m_use[:, None]) * LOG2E)
         alpha = tl.math.exp2((m_i - m_use) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(round_to(p, v.dtype, EMULATE), v, None, PRECISION, EMULATE)
+        if BLOCK_D2 > 0:
+            p_in = round_to(p, v.dtype, EMULATE)
+            acc = acc * alpha[:, None] + dot(p_in, v, None, PRECISION, EMULATE)
+            acc2 = acc2 * alpha[:, None] + dot(p_in, v2, None, PRECISION, EMULATE)
+        else:
+            acc = acc * alpha[:, None] + dot(round_to(p, v.dtype, EMULATE), v, None, PRECISION, EMULATE)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -113,11 +143,15 @@ def _attention_fwd_kernel(
     stride_ob, stride_om, stride_oh,
     stride_statb, stride_stath, stride_rangeb, stride_kpmb, stride_kpmn, stride_numb, stride_idxb, stride_idxm,
     seqlen_q, seqlen_k, group, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_M: tl.constexpr, MASK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """Out = softmax(scale · Q Kᵀ) V over the visible keys; RowMax / RowLogSum: each row's m and ln l."""
+    """Out = softmax(scale · Q Kᵀ) V over the visible keys; RowMax / RowLogSum: each row's m and ln l.
+
+    BLOCK_D2 = 0: the head dim padded to BLOCK_D. BLOCK_D2 > 0: it is covered by a first chunk of BLOCK_D
+    columns and a second of BLOCK_D2 (80 = 64 + 16, 96 = 64 + 32; see ``_configs.block_d_split``), so that the
+    tensor cores do not multiply padding up to the next power of two; the statistics do not change."""
     tl.static_assert(MASK_M % BLOCK_M == 0)
     tl.static_assert(MASK_N % BLOCK_N == 0)
     pid_m = tl.program_id(0)
@@ -136,7 +170,16 @@ def _attention_fwd_kernel(
     row_ok = offs_m < seqlen_q
     d_ok = offs_d < HEAD_DIM
     q_ptr = Q + batch * stride_qb + q_first * stride_qm + h.to(tl.int64) * stride_qh + start_m.to(tl.int64) * stride_qm
-    q = tl.load(q_ptr + offs_mt[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q = tl.load(q_ptr + offs_mt[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_ptr + offs_mt[:, None] * stride_qm + offs_d2[None, :],
+                     mask=row_ok[:, None] & (offs_d2 < HEAD_DIM)[None, :], other=0.0)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    else:
+        q = tl.load(q_ptr + offs_mt[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        offs_d2, q2, acc2 = offs_d, q, 0.0  # unused
     k_ptr = K + batch * stride_kb + k_first * stride_kn + kv_h.to(tl.int64) * stride_kh
     v_ptr = V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh
     kpm_ptr = KPM + b.to(tl.int64) * stride_kpmb
@@ -150,21 +193,29 @@ def _attention_fwd_kernel(
     m_block = start_m // MASK_M
     num = b.to(tl.int64) * stride_numb + m_block
     idx = b.to(tl.int64) * stride_idxb + m_block.to(tl.int64) * stride_idxm
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, FullIdx + idx, tl.load(FullNum + num),
-        offs_n, offs_d, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, sm_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, False, HAS_KPM, PRECISION, EMULATE,
+    acc, acc2, l_i, m_i = _fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, k_ptr, v_ptr, stride_kn, stride_vn, FullIdx + idx, tl.load(FullNum + num),
+        offs_n, offs_d, offs_d2, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, sm_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_N, MASK_N, False, HAS_KPM, PRECISION, EMULATE,
     )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_vn, PartIdx + idx, tl.load(PartNum + num),
-        offs_n, offs_d, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, sm_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, True, HAS_KPM, PRECISION, EMULATE,
+    acc, acc2, l_i, m_i = _fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, k_ptr, v_ptr, stride_kn, stride_vn, PartIdx + idx, tl.load(PartNum + num),
+        offs_n, offs_d, offs_d2, row_lo, row_hi, kpm_ptr, stride_kpmn, seqlen_k, sm_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_N, MASK_N, True, HAS_KPM, PRECISION, EMULATE,
     )
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o_ptrs = (Out + batch * stride_ob + q_first * stride_om + h.to(tl.int64) * stride_oh
-              + start_m.to(tl.int64) * stride_om + offs_mt[:, None] * stride_om + offs_d[None, :])
-    tl.store(o_ptrs, round_to(out, Out.dtype.element_ty, EMULATE), mask=row_ok[:, None] & d_ok[None, :])
+    if BLOCK_D2 > 0:
+        l_safe = tl.where(empty, 1.0, l_i)[:, None]
+        o_ptrs = (Out + batch * stride_ob + q_first * stride_om + h.to(tl.int64) * stride_oh
+                  + start_m.to(tl.int64) * stride_om + offs_mt[:, None] * stride_om)
+        tl.store(o_ptrs + offs_d[None, :], round_to(acc / l_safe, Out.dtype.element_ty, EMULATE), mask=row_ok[:, None])
+        tl.store(o_ptrs + offs_d2[None, :], round_to(acc2 / l_safe, Out.dtype.element_ty, EMULATE),
+                 mask=row_ok[:, None] & (offs_d2 < HEAD_DIM)[None, :])
+    else:
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        o_ptrs = (Out + batch * stride_ob + q_first * stride_om + h.to(tl.int64) * stride_oh
+                  + start_m.to(tl.int64) * stride_om + offs_mt[:, None] * stride_om + offs_d[None, :])
+        tl.store(o_ptrs, round_to(out, Out.dtype.element_ty, EMULATE), mask=row_ok[:, None] & d_ok[None, :])
     stat_off = batch * stride_statb + q_first + h.to(tl.int64) * stride_stath + offs_m
     tl.store(RowMax + stat_off, m_i, mask=row_ok)  # -inf on rows that saw nothing
     tl.store(RowLogSum + stat_off, tl.log(tl.where(empty, 1.0, l_i)), mask=row_ok)

@@ -177,15 +177,20 @@ class _Mask:
         return (*self._strides, 0 if broadcast else num.stride(0), 0 if broadcast else idx.stride(0), idx.stride(1))
 
 
+def _empty(shape, dtype, device):
+    """The forward's outputs before the kernel writes them (tests poison them to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _fwd_launch(q, k, v, mask, scale, max_q, max_k):
     interp = q.device.type != "cuda"
     varlen, batch = mask.varlen, mask.batch
     head_dim, hq, hkv = q.shape[-1], q.shape[-2], k.shape[-2]
     seqlen_q, seqlen_k = (max_q, max_k) if varlen else (q.shape[1], k.shape[1])
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _empty(q.shape, q.dtype, q.device)
     stat_shape = (hq, q.shape[0]) if varlen else (batch, hq, seqlen_q)
-    row_max = torch.empty(stat_shape, dtype=torch.float32, device=q.device)
-    row_logsum = torch.empty(stat_shape, dtype=torch.float32, device=q.device)
+    row_max = _empty(stat_shape, torch.float32, q.device)
+    row_logsum = _empty(stat_shape, torch.float32, q.device)
     if out.numel() == 0 or batch == 0 or seqlen_q == 0:
         return out, row_max.fill_(float("-inf")), row_logsum.fill_(0.0)
     flags = kernel_flags(q.dtype)
@@ -197,8 +202,9 @@ def _fwd_launch(q, k, v, mask, scale, max_q, max_k):
         seqlen_q, seqlen_k, hq // hkv, scale,
     )
     cfg = _tuned.attention_config("fwd", _attention_fwd_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
+    block_d, block_d2 = C.block_d_split(head_dim)
     _attention_fwd_kernel[(cdiv(seqlen_q, cfg.block_m), hq, batch)](
-        *args, HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         MASK_M=mask_m, MASK_N=mask_n, VARLEN=varlen, HAS_KPM=mask.has_kpm, **flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -7,10 +7,11 @@ gradient. Varlen, block masks and validation live in test_attention_varlen.py / 
 import pytest
 import torch
 from attention_helpers import check_against_reference, qkv, random_intervals, random_padding
-from numerics import FLOAT_DTYPES, assert_bitwise_equal, dtype_id, randn
+from numerics import FLOAT_DTYPES, assert_bitwise_equal, dtype_id, poison_, randn
 
 from mmfast.kernels import flash_attention
 from mmfast.kernels.attention import _configs as C
+from mmfast.kernels.attention import _launch
 from mmfast.kernels.reference import attention_reference
 
 # (batch, Lq, Lk, Hq, Hkv, D, mask): one row per case, chosen to cover sizes, head dims and masks
@@ -50,6 +51,47 @@ def test_forward_backward_match_reference(device, dtype, case):
     b, lq, lk, hq, hkv, d, kind = case
     q, k, v = qkv(b, lq, lk, hq, hkv, d, dtype, device)
     check_against_reference(q, k, v, **_mask(kind, b, lq, lk, device))
+
+
+class _LaunchSpy:
+    """Stands in for a kernel in its launcher's module: records each launch's keyword arguments (constexprs)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+@pytest.mark.parametrize("head_dim", (72, 80, 88, 96), ids=lambda d: f"D{d}")
+def test_split_head_dims(device, dtype, head_dim, monkeypatch):
+    """Head dims in (64, 96]: the forward runs on a 64-column chunk plus a 16- or 32-column one (72 and 88 mask 8
+    of its columns) instead of padding to 128, and matches the reference (forward, and the backward that reads
+    its output and statistics) with causal rows that see nothing (Lq > Lk) and key padding; NaN-poisoned
+    outputs catch any element the two stores miss."""
+    spy = _LaunchSpy(_launch._attention_fwd_kernel)
+    monkeypatch.setattr(_launch, "_attention_fwd_kernel", spy)
+    monkeypatch.setattr(_launch, "_empty", lambda shape, dtype, device: poison_(torch.empty(shape, dtype=dtype,
+                                                                                           device=device)))
+    q, k, v = qkv(2, 45, 37, 2, 1, head_dim, dtype, device)
+    check_against_reference(q, k, v, causal=True, key_padding_mask=random_padding(2, 37, device))
+    assert [(kw["BLOCK_D"], kw["BLOCK_D2"]) for kw in spy.launches] == [(64, 16 if head_dim <= 80 else 32)]
+
+
+@pytest.mark.parametrize("head_dim, split", [(8, (16, 0)), (64, (64, 0)), (65, (64, 16)), (81, (64, 32)),
+                                             (97, (128, 0)), (128, (128, 0)), (256, (256, 0))])
+def test_block_d_split(head_dim, split):
+    """Only (64, 96] splits: above it 64 + 64 would cost what 128 does."""
+    assert C.block_d_split(head_dim) == split
+    assert C.table_bucket("fwd", head_dim) == max(64, sum(split))
+    assert C.table_bucket("dq", head_dim) == max(64, C.block_d(head_dim))
 
 
 def test_long_sequence_577(device):

@@ -42,7 +42,7 @@ def test_sm90_entries_apply_to_aligned_16bit_inputs_only(pass_, head_dim):
 
 
 def test_every_table_entry_divides_the_mask_tile():
-    tables = (C._GPU_TABLE, C._GPU_IEEE_TABLE, C._GPU_UNALIGNED_TABLE, C._SM90_TABLE)
+    tables = (C._GPU_TABLE, C._GPU_IEEE_TABLE, C._GPU_UNALIGNED_TABLE, C._SM90_TABLE, C._SM90_SPLIT_ODD_TABLE)
     for cfg in (cfg for table in tables for cfg in table.values()):
         assert MASK_TILE_GPU[0] % cfg.block_m == 0, cfg
         assert cfg.block_n == 0 or MASK_TILE_GPU[1] % cfg.block_n == 0, cfg
@@ -77,3 +77,31 @@ def test_compile_specs_cover_both_targets_once():
         assert (spec.intensity is not None) == dot, spec.label
     for name, case, cc in seen:
         assert (name, case, 170 - cc) in seen, (name, case)
+
+
+def test_split_forward_odd_head_dims_get_their_sm90_tile():
+    """The split forward at D % 16 != 0 (no divisibility hint on the head stride) takes the smaller sm_90 tile
+    (128 x 64 spills at D = 88); D = 96, other targets, unaligned inputs and the backward keep theirs."""
+    odd = C._SM90_SPLIT_ODD_TABLE[("fwd", 96, "16-bit")]
+    assert C.get_config("fwd", 88, torch.bfloat16, "ieee", aligned=True, cc=90) == odd
+    assert C.get_config("fwd", 96, torch.bfloat16, "ieee", aligned=True, cc=90) == C._SM90_TABLE[("fwd", 128, "16-bit")]
+    assert C.get_config("fwd", 88, torch.bfloat16, "ieee", aligned=True, cc=80) == C._GPU_TABLE[("fwd", 128, "16-bit")]
+    assert C.get_config("fwd", 88, torch.bfloat16, "ieee", aligned=False, cc=90) == \
+        C._GPU_UNALIGNED_TABLE[("fwd", 128, "16-bit")]
+    assert C.get_config("dq", 88, torch.bfloat16, "ieee", aligned=True, cc=90) == C._SM90_TABLE[("dq", 128, "16-bit")]
+
+
+def test_compile_specs_cover_the_split_forward():
+    """The gate compiles the split forward (BLOCK_D2 > 0) at D = 80 and 96 in bf16, TF32 and IEEE fp32 for both
+    targets, and no backward spec carries BLOCK_D2 (the backward pads to block_d)."""
+    covered = set()
+    for spec in C.compile_specs():
+        if "fwd" not in spec.label:
+            assert "BLOCK_D2" not in spec.constexprs, spec.label
+            continue
+        d = spec.constexprs["HEAD_DIM"]
+        assert (spec.constexprs["BLOCK_D"], spec.constexprs["BLOCK_D2"]) == C.block_d_split(d), spec.label
+        kind = "bf16" if " bf16 " in spec.label else "tf32" if " tf32 " in spec.label else "ieee"
+        for cc in spec.targets or (80, 90):
+            covered.add((d, kind, cc))
+    assert {(d, kind, cc) for d in (80, 96) for kind in ("bf16", "tf32", "ieee") for cc in (80, 90)} <= covered
