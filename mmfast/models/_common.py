@@ -144,3 +144,25 @@ def check_ids(op, input_ids, attention_mask, name="input_ids"):
                                        or attention_mask.shape != input_ids.shape):
         raise ValueError(f"{op}: attention_mask must have {name}' shape {tuple(input_ids.shape)}, got "
                          f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+
+
+def gated_xattn_pairs(prefix, ours, theirs, gates, qk_norms=None):
+    """(name, ours, theirs) weight pairs of a transformers Llama-style gated cross-attention layer (Mllama's
+    ``MllamaCrossAttentionDecoderLayer``, Idefics' ``IdeficsGatedCrossAttentionLayer``) into a
+    :class:`GatedCrossAttentionBlock`: input_layernorm, ``cross_attn`` q / k+v / o projections,
+    post_attention_layernorm, ``mlp`` gate+up / down projections; `gates` names the layer's (attention, MLP)
+    gate attributes, `qk_norms` the ``cross_attn``'s (q, k) norm modules (None: none)."""
+    a, mlp = theirs.cross_attn, theirs.mlp
+    pairs = [(f"{prefix}.input_layernorm", ours.norm_attn_weight, theirs.input_layernorm.weight),
+             (f"{prefix}.cross_attn.q_proj", ours.wq, a.q_proj.weight),
+             (f"{prefix}.cross_attn.k_proj+v_proj", ours.wkv, torch.cat([a.k_proj.weight, a.v_proj.weight])),
+             (f"{prefix}.cross_attn.o_proj", ours.wo, a.o_proj.weight),
+             (f"{prefix}.{gates[0]}", ours.attn_gate, getattr(theirs, gates[0])),
+             (f"{prefix}.post_attention_layernorm", ours.norm_ff_weight, theirs.post_attention_layernorm.weight),
+             (f"{prefix}.mlp.gate_proj+up_proj", ours.w_in, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+             (f"{prefix}.mlp.down_proj", ours.w_out, mlp.down_proj.weight),
+             (f"{prefix}.{gates[1]}", ours.ff_gate, getattr(theirs, gates[1]))]
+    if qk_norms is not None:
+        pairs += [(f"{prefix}.cross_attn.{qk_norms[0]}", ours.q_norm_weight, getattr(a, qk_norms[0]).weight),
+                  (f"{prefix}.cross_attn.{qk_norms[1]}", ours.k_norm_weight, getattr(a, qk_norms[1]).weight)]
+    return pairs

@@ -39,7 +39,7 @@ from mmfast.nn.decoder import PRESETS as _LM
 from mmfast.nn.decoder import DecoderLM
 from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock, PerceiverResampler
 
-from ._common import ModelOutput, check_ids, copy_weights, layer_pairs, module_pairs
+from ._common import ModelOutput, check_ids, copy_weights, gated_xattn_pairs, layer_pairs, module_pairs
 from .vit import ViT
 
 _OP = "Flamingo"
@@ -433,7 +433,9 @@ class Flamingo(nn.Module):
         pairs = _idefics_perceiver_pairs(model.perceiver, p)
         for i, ours in model.gated_cross_attn_layers.items():
             k = int(i) // c.cross_layer_interval
-            pairs += _idefics_xattn_pairs(f"gated_cross_attn_layers.{k}", ours, blocks[k])
+            layer = blocks[k]
+            pairs += gated_xattn_pairs(f"gated_cross_attn_layers.{k}", ours, layer, ("alpha_cross_attn", "alpha_dense"),
+                                       ("q_layer_norm", "k_layer_norm") if layer.cross_attn.qk_layer_norms else None)
         copy_weights(pairs, f"{_OP}.from_hf")
         return model.set_stage("bridge")
 
@@ -549,24 +551,6 @@ def _idefics_perceiver_pairs(ours, p):
         if attn.qk_layer_norms:
             pairs += [*_norm_pairs(f"{q}.0.q_layer_norm", mine.q_norm_weight, mine.q_norm_bias, attn.q_layer_norm),
                       *_norm_pairs(f"{q}.0.k_layer_norm", mine.k_norm_weight, mine.k_norm_bias, attn.k_layer_norm)]
-    return pairs
-
-
-def _idefics_xattn_pairs(prefix, ours, theirs):
-    """transformers IdeficsGatedCrossAttentionLayer → GatedCrossAttentionBlock(variant="idefics")."""
-    a, mlp = theirs.cross_attn, theirs.mlp
-    pairs = [(f"{prefix}.input_layernorm", ours.norm_attn_weight, theirs.input_layernorm.weight),
-             (f"{prefix}.cross_attn.q_proj", ours.wq, a.q_proj.weight),
-             (f"{prefix}.cross_attn.k_proj+v_proj", ours.wkv, torch.cat([a.k_proj.weight, a.v_proj.weight])),
-             (f"{prefix}.cross_attn.o_proj", ours.wo, a.o_proj.weight),
-             (f"{prefix}.alpha_cross_attn", ours.attn_gate, theirs.alpha_cross_attn),
-             (f"{prefix}.post_attention_layernorm", ours.norm_ff_weight, theirs.post_attention_layernorm.weight),
-             (f"{prefix}.mlp.gate_proj+up_proj", ours.w_in, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-             (f"{prefix}.mlp.down_proj", ours.w_out, mlp.down_proj.weight),
-             (f"{prefix}.alpha_dense", ours.ff_gate, theirs.alpha_dense)]
-    if a.qk_layer_norms:
-        pairs += [(f"{prefix}.cross_attn.q_layer_norm", ours.q_norm_weight, a.q_layer_norm.weight),
-                  (f"{prefix}.cross_attn.k_layer_norm", ours.k_norm_weight, a.k_layer_norm.weight)]
     return pairs
 
 

@@ -29,7 +29,7 @@ from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
 from mmfast.nn.split_attention import cross_key_intervals, padded_self_attention
 from mmfast.nn.transformer import TransformerLayer, activation
 
-from ._common import copy_weights, layer_pairs, module_pairs
+from ._common import copy_weights, gated_xattn_pairs, layer_pairs, module_pairs
 from .vit import hf_activation
 
 _OP = "Mllama"
@@ -456,7 +456,8 @@ class Mllama(nn.Module):
         pairs = lm_pairs(only_self(ours_lm), only_self(text))
         pairs.append(("lm_head.weight", ours_lm.lm_head.weight, w))
         for i in cross:
-            pairs += _cross_pairs(f"layers.{i}", ours_lm.layers[i], text.layers[i])
+            pairs += gated_xattn_pairs(f"layers.{i}", ours_lm.layers[i], text.layers[i],
+                                       ("cross_attn_attn_gate", "cross_attn_mlp_gate"), ("q_norm", "k_norm"))
         pairs += _vision_pairs(model.vision, body.vision_model)
         pairs += module_pairs("multi_modal_projector", model.projector, body.multi_modal_projector)
         copy_weights(pairs, "Mllama.from_hf")
@@ -470,21 +471,6 @@ class Mllama(nn.Module):
         (backend=, text_before_image=)."""
         check_choice("Mllama.from_preset", "name", name, tuple(PRESETS))
         return cls(**{**PRESETS[name], **overrides})
-
-
-def _cross_pairs(p, ours, theirs):
-    a, mlp = theirs.cross_attn, theirs.mlp
-    return [(f"{p}.norm_attn_weight", ours.norm_attn_weight, theirs.input_layernorm.weight),
-            (f"{p}.wq", ours.wq, a.q_proj.weight),
-            (f"{p}.wkv", ours.wkv, torch.cat([a.k_proj.weight, a.v_proj.weight])),
-            (f"{p}.wo", ours.wo, a.o_proj.weight),
-            (f"{p}.q_norm_weight", ours.q_norm_weight, a.q_norm.weight),
-            (f"{p}.k_norm_weight", ours.k_norm_weight, a.k_norm.weight),
-            (f"{p}.attn_gate", ours.attn_gate, theirs.cross_attn_attn_gate),
-            (f"{p}.norm_ff_weight", ours.norm_ff_weight, theirs.post_attention_layernorm.weight),
-            (f"{p}.w_in", ours.w_in, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-            (f"{p}.w_out", ours.w_out, mlp.down_proj.weight),
-            (f"{p}.ff_gate", ours.ff_gate, theirs.cross_attn_mlp_gate)]
 
 
 _VISION_LAYER = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", out="self_attn.o_proj",
