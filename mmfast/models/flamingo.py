@@ -224,17 +224,17 @@ class Flamingo(nn.Module):
         mode = next(iter(self.gated_cross_attn_layers.values())).media_mode
         return media_intervals(input_ids, self.media_token_id, num_latents, mode=mode)
 
-    def _hook(self, media, intervals, cached=None):
-        """The LM's layer_hook: the gated block before each conditioned layer. `cached` (prompt length,
-        intervals of a decoding step): a forward over other than `prompt length` tokens is a decoding step,
-        whose tokens see their prompt's last image (open_flamingo's use_cached_media)."""
+    def _hook(self, media, intervals):
+        """The LM's layer_hook: the gated block before each conditioned layer, its rows seeing the keys
+        `intervals` = (kv_start, kv_end) give (a decoding step's: those of the prompt's last row, open_flamingo's
+        use_cached_media)."""
         blocks = self.gated_cross_attn_layers
+        start, end = intervals
 
         def hook(i, x):
             block = blocks[str(i)] if str(i) in blocks else None
             if block is None:
                 return x
-            start, end = intervals if cached is None or x.shape[1] == cached[0] else cached[1]
             return block(x, media, kv_start=start, kv_end=end)
 
         return hook
@@ -302,8 +302,8 @@ class Flamingo(nn.Module):
         # a new token sees what one more text token after the prompt would: the last column's keys
         step = tuple(t[:, -1:] for t in intervals)
         kwargs.setdefault("eos_token_id", self.eoc_token_id)
-        return self.language_model.generate(lang_x, attention_mask,
-                                            layer_hook=self._hook(media, intervals, (ids.shape[1], step)), **kwargs)
+        return self.language_model.generate(lang_x, attention_mask, layer_hook=self._hook(media, intervals),
+                                            step_layer_hook=self._hook(media, step), **kwargs)
 
     # ---- prompting ---------------------------------------------------------------------------------------
     def few_shot_prompt(self, examples, query_image, query_text=(), *, tokenize=None, bos_token_id=None):

@@ -411,14 +411,10 @@ class Mllama(nn.Module):
             B, L = input_ids.shape
             plan = [t if t is None else t.repeat_interleave(beams, 0)
                     for t in self._plan(cross_attention_mask, B, L, num_keys)]
-        prompt = self._hook(cross_kv, plan)
+        # a decoding step's row sees what the prompt's last row sees
         step = self._hook(cross_kv, plan and [plan[0][:, -1:], plan[1][:, -1:], plan[2]])
-        calls = [0]
-
-        def hook(i, x):  # the prompt's rows at the first forward, then one row per step
-            calls[0] += i == 0
-            return (prompt if calls[0] == 1 else step)(i, x)
-        return self.language_model.generate(input_ids, attention_mask, layer_hook=hook, **kwargs)
+        return self.language_model.generate(input_ids, attention_mask, layer_hook=self._hook(cross_kv, plan),
+                                            step_layer_hook=step, **kwargs)
 
     # ---- conversion --------------------------------------------------------------------------------------
     @classmethod

@@ -281,7 +281,7 @@ class DecoderLM(nn.Module):
     def generate(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, max_new_tokens=None,
                  max_length=None, min_length=0, do_sample=False, num_beams=1, top_p=1.0, top_k=50, temperature=1.0,
                  length_penalty=1.0, early_stopping=False, eos_token_id=None, pad_token_id=None, generator=None,
-                 layer_hook=None):
+                 layer_hook=None, step_layer_hook=None):
         """Hugging Face's ``generate`` for a decoder-only model: greedy, beam search (`num_beams` > 1) or
         sampling (`do_sample`: `temperature`, `top_k` (HF's default 50), `top_p`), over a KV cache, for
         left-padded batches (the mask is extended by one column per step; positions count real tokens).
@@ -289,8 +289,9 @@ class DecoderLM(nn.Module):
         `eos_token_id` (one id or a list: a row ends on any of them, as HF) / `pad_token_id` default to the
         model's (pad falls back to the first EOS id, as HF). With
         `inputs_embeds` (B, T, hidden) the prompt is those embeddings; without input_ids only the new tokens
-        are returned, as HF. `layer_hook` goes to every forward (the prompt's, then one per step; with
-        beams its batch is B · num_beams). Returns (B, prompt + new) int64 token ids."""
+        are returned, as HF. `layer_hook` goes to the prompt's forward and, unless `step_layer_hook` is given,
+        to every decoding step's (with beams their batch is B · num_beams; a model's media hooks differ between
+        the prompt's rows and a step's one row). Returns (B, prompt + new) int64 token ids."""
         from mmfast.models import generation
 
         op = "DecoderLM.generate"
@@ -331,14 +332,17 @@ class DecoderLM(nn.Module):
             inputs_embeds = inputs_embeds.repeat_interleave(num_beams, 0) if inputs_embeds is not None else None
         cache, state = KVCache(), {"mask": attention_mask}
 
+        step_hook = layer_hook if step_layer_hook is None else step_layer_hook
+
         def step(tokens):
             if cache.length == 0:
                 kw = {"input_ids": tokens} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+                hook = layer_hook
             else:
-                kw = {"input_ids": tokens}
+                kw, hook = {"input_ids": tokens}, step_hook
                 if state["mask"] is not None:
                     state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(tokens.shape)], 1)
-            return self(attention_mask=state["mask"], cache=cache, logits_to_keep=1, layer_hook=layer_hook,
+            return self(attention_mask=state["mask"], cache=cache, logits_to_keep=1, layer_hook=hook,
                         **kw).logits[:, -1]
 
         ends = dict(max_length=max_length, eos_token_id=eos, pad_token_id=pad, min_length=min_length)
