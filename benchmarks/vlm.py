@@ -223,14 +223,13 @@ def _hf_model(kind, tiny, device):
     return model
 
 
-def _ours(kind, hf, backend):
+def _ours(kind, hf, tiny, backend):
     import mmfast.models as models
 
     cls = getattr(models, MODELS[kind]["ours"])
     convert = getattr(cls, MODELS[kind].get("convert", "from_hf"))
-    if MODELS[kind].get("idefics"):
-        return convert(hf, media_token_id=MODELS[kind]["config"](hf.config.hidden_size < 64)[1]["media"],
-                       backend=backend)
+    if MODELS[kind].get("idefics"):  # the <image> id is the tokenizer's, not in the config
+        return convert(hf, media_token_id=MODELS[kind]["config"](tiny)[1]["media"], backend=backend)
     return convert(hf, backend=backend)
 
 
@@ -331,7 +330,7 @@ def _build(kind, ours, state, dtype):
     else:
         model = _hf_model(kind, state["tiny"], device)
         if ours:
-            model = _ours(kind, model, state["backend"])
+            model = _ours(kind, model, state["tiny"], state["backend"])
     if dtype is not None:
         model = model.cast(dtype) if hasattr(model, "cast") else model.to(dtype)
         if not ours and hasattr(model, "qformer"):  # transformers keeps BLIP-2's Q-Former in fp32
