@@ -109,7 +109,11 @@ def _gemm_build(spec, device, backward):
         return {"a": _rand(g, spec.M, spec.K, device=device, grad=backward),
                 "w": _rand(g, spec.N, spec.K, device=device, scale=spec.K ** -0.5, grad=backward),
                 "b": _rand(g, spec.N, device=device, grad=backward),
-                "gate": torch.full((1,), 0.3, device=device, requires_grad=backward),
+                # the gate in the model's dtype, as a bf16 model holds it (Flamingo's / Mllama's (1,) alpha): an
+                # fp32 gate would make our output fp32 by torch's promotion (twice the eager chain's bytes out
+                # and in dy, one more rounding pass in the backward) while the eager case casts it to bf16;
+                # the 2026-11-28 H100 runs compared those two, not like with like
+                "gate": torch.full((1,), 0.3, device=device, dtype=DTYPE, requires_grad=backward),
                 "res": _rand(g, spec.M, spec.N, device=device, grad=backward), "backward": backward}
     return build
 
@@ -123,7 +127,7 @@ def _gemm_plain(s):
 
 
 def _gemm_eager(s):
-    return _timed(lambda: s["res"] + torch.tanh(s["gate"]).to(DTYPE) * F.linear(s["a"], s["w"], s["b"]),
+    return _timed(lambda: s["res"] + torch.tanh(s["gate"]) * F.linear(s["a"], s["w"], s["b"]),
                   s["backward"], _params(s))
 
 
