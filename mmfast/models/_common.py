@@ -60,6 +60,13 @@ class CLIPOutput(ModelOutput):
     vision_model_output: Any = None
 
 
+def clip_vision_args(img, patch, width, depth, heads):
+    """ViT constructor arguments of OpenAI CLIP's image tower (QuickGELU, bias-free patch conv, LayerNorm
+    before the blocks, the pooled token normalised): CLIP's presets and the towers of LLaVA's."""
+    return dict(img_size=img, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads, act="quick_gelu",
+                norm_eps=1e-5, patch_bias=False, pre_norm=True, final_norm="pooled")
+
+
 def check_output_attentions(owner, output_attentions):
     """Hugging Face's ``output_attentions``: accepted as False / None only. mmfast's attention is
     flash_attention, which never forms the (B, H, L, L) probabilities (that is what makes it fast), so there

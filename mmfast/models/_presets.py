@@ -2,9 +2,12 @@
 builds one (under ``torch.device("meta")`` for a parameter count without memory)."""
 from mmfast.nn.decoder import PRESETS as _LM
 
+from ._common import clip_vision_args
+from .blip2 import Blip2
 from .clip import CLIP
 from .flamingo import PRESETS as _FLAMINGO
 from .flamingo import Flamingo
+from .llava import PRESETS as _LLAVA
 from .llava import Llava, LlavaNext
 from .mllama import PRESETS as _MLLAMA, Mllama
 from .vit import ViT
@@ -13,9 +16,7 @@ _CLIP_TEXT = dict(vocab_size=49408, max_len=77, width=512, depth=12, num_heads=8
                   eos_token_id=2)
 
 
-def _clip_vision(img, patch, width, depth, heads):
-    return dict(img_size=img, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads, act="quick_gelu",
-                norm_eps=1e-5, patch_bias=False, pre_norm=True, final_norm="pooled")
+_clip_vision = clip_vision_args
 
 
 # name -> (class, constructor arguments, what the paper / reference implementation reports)
@@ -47,17 +48,10 @@ PRESETS = {
                                              head_dim=768),
                                    projection_dim=None, loss="siglip"),
                         "203M (google/siglip-base-patch16-224)"),
-    # llava-hf/llava-1.5-7b-hf: vocabulary 32000 + <image> (32000) + <pad> padded to 32064
-    "llava-1.5-7b": (Llava, dict(vision=_clip_vision(336, 14, 1024, 24, 16), projector="mlp",
-                                 language_model=dict(_LM["vicuna-7b"], vocab_size=32064), image_token_index=32000),
-                     "7.06B (llava-hf/llava-1.5-7b-hf)"),
-    # llava-hf/llava-v1.6-vicuna-7b-hf: the same parts, AnyRes over 336px tiles, a learned image_newline
-    "llava-next-vicuna-7b": (LlavaNext, dict(vision=_clip_vision(336, 14, 1024, 24, 16), projector="mlp",
-                                             language_model=dict(_LM["vicuna-7b"], vocab_size=32064),
-                                             image_token_index=32000,
-                                             image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
-                                                                   [336, 1008]]),
-                             "7.06B (llava-hf/llava-v1.6-vicuna-7b-hf)"),
+    "llava-1.5-7b": (Llava, _LLAVA["llava-1.5-7b"], "7.06B (llava-hf/llava-1.5-7b-hf)"),
+    "llava-next-vicuna-7b": (LlavaNext, _LLAVA["llava-next-vicuna-7b"], "7.06B (llava-hf/llava-v1.6-vicuna-7b-hf)"),
+    # Blip2's constructor takes built parts: its from_preset builds them from blip2.PRESETS
+    "blip2-opt-2.7b": (Blip2.from_preset, dict(name="blip2-opt-2.7b"), "3.74B (transformers' model of Salesforce/blip2-opt-2.7b's config)"),
     "llama-3.2-11b-vision": (Mllama, _MLLAMA["llama-3.2-11b-vision"], "10.6B (meta-llama/Llama-3.2-11B-Vision)"),
     # openflamingo/OpenFlamingo-9B-deprecated: OpenAI CLIP ViT-L/14 + LLaMA-7B, a gated block every 4th layer
     "openflamingo-9b-llama": (Flamingo, _FLAMINGO["openflamingo-9b-llama"],

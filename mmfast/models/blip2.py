@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
 from mmfast.nn.bert import BertLayer, BertLMHead, init_bert_weights
+from mmfast.nn.decoder import PRESETS as _LM
 from mmfast.nn.decoder import DecoderLM
 
 from ._common import ModelOutput, check_ids, copy_weights, module_pairs
@@ -483,6 +484,15 @@ PRESETS = {
                                      max_positions=32, tie_word_embeddings=True, pad_token_id=1, bos_token_id=2,
                                      eos_token_id=2),
                  image_token_id=63),
+    # Salesforce/blip2-opt-2.7b: EVA ViT-g/14 without its last layer (39 of 40, HF's post_layernorm on top),
+    # a BERT-base Q-Former (cross-attention every other layer, 32 queries), OPT-2.7b; image token 50265
+    "blip2-opt-2.7b": dict(vision=dict(img_size=224, patch_size=14, embed_dim=1408, depth=39, num_heads=16,
+                                       mlp_dim=6144, act="gelu", qkv_bias=True, norm_eps=1e-6, final_norm="all",
+                                       pos_resample="hf"),
+                           qformer=dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                                        cross_attention_frequency=2, vocab_size=30523),
+                           qformer_cls_token_id=101, qformer_bos_token_id=30522, num_query_tokens=32, embed_dim=256,
+                           language_model=_LM["opt-2.7b"], image_token_id=50265),
 }
 
 

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from mmfast.kernels._common import check_choice, check_int
+from mmfast.nn.decoder import PRESETS as _LM
 from mmfast.nn.decoder import DecoderLM, hf_eos_token_id
 from mmfast.nn.transformer import ACTIVATIONS, activation
 
-from ._common import copy_weights, module_pairs
+from ._common import clip_vision_args, copy_weights, module_pairs
 from .vit import ViT, hf_activation
 
 _OP = "Llava"
@@ -95,7 +96,7 @@ class Llava(nn.Module):
     @classmethod
     def from_preset(cls, name, *, backend="auto"):
         """A model of ``PRESETS[name]`` (random weights), of the preset's class (Llava or LlavaNext), with
-        `backend` passed to the tower and the language model. Paper sizes: ``mmfast.models.create_model``."""
+        `backend` passed to the tower and the language model (the papers' sizes too, as ``mmfast.models.create_model``)."""
         check_choice(f"{cls.__name__}.from_preset", "name", name, tuple(PRESETS))
         args = PRESETS[name]
         kind = LlavaNext if "image_grid_pinpoints" in args else Llava
@@ -370,6 +371,13 @@ PRESETS = {
     "tiny": dict(vision=_TINY_VISION, projector="mlp", language_model=_TINY_LM, image_token_index=63),
     "tiny-next": dict(vision=dict(_TINY_VISION, img_size=8), projector="mlp", language_model=_TINY_LM,
                       image_token_index=63, image_grid_pinpoints=[[8, 16], [16, 8], [16, 16]]),
+    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14@336, vocabulary 32000 + <image> (32000) + <pad> padded to 32064
+    "llava-1.5-7b": dict(vision=clip_vision_args(336, 14, 1024, 24, 16), projector="mlp",
+                         language_model=dict(_LM["vicuna-7b"], vocab_size=32064), image_token_index=32000),
+    # llava-hf/llava-v1.6-vicuna-7b-hf: the same parts, AnyRes over 336px tiles, a learned image_newline
+    "llava-next-vicuna-7b": dict(vision=clip_vision_args(336, 14, 1024, 24, 16), projector="mlp",
+                                 language_model=dict(_LM["vicuna-7b"], vocab_size=32064), image_token_index=32000,
+                                 image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
 }
 
 

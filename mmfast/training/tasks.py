@@ -343,10 +343,11 @@ TASKS: Dict[str, TrainTask] = {
                       set_group=lambda model, group: model.set_group(group), shard_units=_moco_units),
     "albef": _vl_task("albef", "mmfast.models.albef", "ALBEF", ("tiny", "base")),
     "blip": _vl_task("blip", "mmfast.models.blip", "BLIP", ("tiny", "base", "large")),
-    "llava": bridge_task("llava", "mmfast.models.llava", "Llava", presets=("tiny", "tiny-next"),
+    "llava": bridge_task("llava", "mmfast.models.llava", "Llava",
+                         presets=("tiny", "tiny-next", "llava-1.5-7b", "llava-next-vicuna-7b"),
                          stages={1: "feature alignment: the projector (and NeXT's image_newline) only",
                                  2: "instruction tuning: projector + language model"}, notes="ViT always frozen"),
-    "blip2": bridge_task("blip2", "mmfast.models.blip2", "Blip2", presets=("tiny",),
+    "blip2": bridge_task("blip2", "mmfast.models.blip2", "Blip2", presets=("tiny", "blip2-opt-2.7b"),
                          stages={"stage2": "image-to-text: Q-Former, query tokens, projection (ViT, LM frozen)",
                                  "stage1": "Q-Former pre-training, ITC + ITM + ITG (Blip2ForImageTextRetrieval, "
                                            "ViT frozen)",

@@ -109,9 +109,13 @@ def test_a_row_whose_module_is_not_merged_yet_says_so():
         task.build("tiny", "reference")
 
 
-@pytest.mark.parametrize("name, preset, trainable", [("mllama", "llama-3.2-11b-vision", (1.7e9, 1.9e9)),
-                                                     ("flamingo", "openflamingo-9b-llama", (1.1e9, 1.25e9))])
-def test_paper_size_presets_build_and_draw_batches_on_meta(name, preset, trainable):
+@pytest.mark.parametrize("name, preset, trainable, image", [
+    ("mllama", "llama-3.2-11b-vision", (1.7e9, 1.9e9), 560),
+    ("flamingo", "openflamingo-9b-llama", (1.1e9, 1.25e9), 224),
+    ("llava", "llava-1.5-7b", (20e6, 22e6), 336),  # stage 1: the 2-layer projector, 1024 -> 4096 -> 4096
+    ("blip2", "blip2-opt-2.7b", (105e6, 110e6), 224),  # stage 2: Q-Former 105.1M, queries, projection 2.0M
+])
+def test_paper_size_presets_build_and_draw_batches_on_meta(name, preset, trainable, image):
     """The training rows' paper-size presets (built on the meta device: no memory): the bridge stage trains
     the adapter's share of the parameters, and the batch has the preset's image size."""
     task = get_task(name)
@@ -121,4 +125,4 @@ def test_paper_size_presets_build_and_draw_batches_on_meta(name, preset, trainab
     assert trainable[0] < count < trainable[1]
     batch = task.batch(preset, 2, torch.Generator().manual_seed(0), None, model=model)
     pixels = batch.get("pixel_values", batch.get("vision_x"))
-    assert pixels.shape[-1] == (560 if name == "mllama" else 224) and batch["labels"].shape[0] == 2
+    assert pixels.shape[-1] == image and batch["labels"].shape[0] == 2

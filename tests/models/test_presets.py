@@ -29,6 +29,13 @@ def hf_llava_7b(next_=False):  # llava-hf/llava-1.5-7b-hf's and llava-v1.6-vicun
         image_token_id=32000, projector_hidden_act="gelu"))
 
 
+def hf_blip2_opt_2_7b():  # Salesforce/blip2-opt-2.7b's config.json: ViT-g and Q-Former defaults, OPT-2.7b
+    opt = transformers.OPTConfig(vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240,
+                                 num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2560)
+    return transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(text_config=opt, num_query_tokens=32,
+                                                                               image_token_id=50265))
+
+
 def hf_mllama_11b():  # meta-llama/Llama-3.2-11B-Vision's config.json: the defaults, with 560px tiles
     return transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(vision_config=dict(image_size=560)))
 
@@ -63,6 +70,7 @@ CASES = {
     "llava-1.5-7b": (7.06e9, "transformers", hf_llava_7b),
     "llava-next-vicuna-7b": (7.06e9, "transformers", lambda: hf_llava_7b(next_=True)),
     "llama-3.2-11b-vision": (10.6e9, "transformers", hf_mllama_11b),
+    "blip2-opt-2.7b": (3.74e9, "transformers", hf_blip2_opt_2_7b),
     "openflamingo-9b-llama": (8.22e9, "open_flamingo", open_flamingo_9b),
     "siglip-b/16-224": (203e6, "transformers", lambda: transformers.SiglipModel(transformers.SiglipConfig())),
 }
