@@ -51,7 +51,8 @@ PRESETS = {
     "llava-1.5-7b": (Llava, _LLAVA["llava-1.5-7b"], "7.06B (llava-hf/llava-1.5-7b-hf)"),
     "llava-next-vicuna-7b": (LlavaNext, _LLAVA["llava-next-vicuna-7b"], "7.06B (llava-hf/llava-v1.6-vicuna-7b-hf)"),
     # Blip2's constructor takes built parts: its from_preset builds them from blip2.PRESETS
-    "blip2-opt-2.7b": (Blip2.from_preset, dict(name="blip2-opt-2.7b"), "3.74B (transformers' model of Salesforce/blip2-opt-2.7b's config)"),
+    "blip2-opt-2.7b": (Blip2.from_preset, dict(name="blip2-opt-2.7b"),
+                       "3.74B (transformers' model of Salesforce/blip2-opt-2.7b's config)"),
     "llama-3.2-11b-vision": (Mllama, _MLLAMA["llama-3.2-11b-vision"], "10.6B (meta-llama/Llama-3.2-11B-Vision)"),
     # openflamingo/OpenFlamingo-9B-deprecated: OpenAI CLIP ViT-L/14 + LLaMA-7B, a gated block every 4th layer
     "openflamingo-9b-llama": (Flamingo, _FLAMINGO["openflamingo-9b-llama"],

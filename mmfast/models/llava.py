@@ -96,7 +96,8 @@ class Llava(nn.Module):
     @classmethod
     def from_preset(cls, name, *, backend="auto"):
         """A model of ``PRESETS[name]`` (random weights), of the preset's class (Llava or LlavaNext), with
-        `backend` passed to the tower and the language model (the papers' sizes too, as ``mmfast.models.create_model``)."""
+        `backend` passed to the tower and the language model (the papers' sizes too, as
+        ``mmfast.models.create_model``)."""
         check_choice(f"{cls.__name__}.from_preset", "name", name, tuple(PRESETS))
         args = PRESETS[name]
         kind = LlavaNext if "image_grid_pinpoints" in args else Llava
