@@ -60,6 +60,14 @@ class CLIPOutput(ModelOutput):
     vision_model_output: Any = None
 
 
+def build_preset(cls, presets, name, overrides):
+    """``cls(**presets[name])`` with `overrides` replacing constructor arguments (``backend=`` ...): the body
+    of every model's ``from_preset``; ValueError naming the presets otherwise."""
+    if name not in presets:
+        raise ValueError(f"{cls.__name__}.from_preset: preset must be one of {tuple(presets)}, got {name!r}")
+    return cls(**{**presets[name], **overrides})
+
+
 def clip_vision_args(img, patch, width, depth, heads):
     """ViT constructor arguments of OpenAI CLIP's image tower (QuickGELU, bias-free patch conv, LayerNorm
     before the blocks, the pooled token normalised): CLIP's presets and the towers of LLaVA's."""

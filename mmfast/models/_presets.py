@@ -1,7 +1,5 @@
 """Named model sizes: tiny ones for tests and the papers' sizes. ``create_model(name, **overrides)``
 builds one (under ``torch.device("meta")`` for a parameter count without memory)."""
-from mmfast.nn.decoder import PRESETS as _LM
-
 from ._common import clip_vision_args
 from .blip2 import Blip2
 from .clip import CLIP

@@ -14,7 +14,7 @@ from mmfast.kernels._common import check_int, check_scalar
 from mmfast.nn.bert import BertLMHead, BertModel
 
 from . import _lavis
-from ._common import ModelOutput
+from ._common import ModelOutput, build_preset
 from .objectives import (add_momentum_model, check_group, distilled_mlm_loss, enqueue_momentum_features, itm_pairs,
                          mask_tokens, momentum_itc_loss, sample_hard_negatives)
 from .vit import ViT
@@ -93,9 +93,7 @@ class ALBEF(nn.Module):
 
     @classmethod
     def from_preset(cls, name, **overrides):
-        if name not in PRESETS:
-            raise ValueError(f"{_OP}: preset must be one of {tuple(PRESETS)}, got {name!r}")
-        return cls(**{**PRESETS[name], **overrides})
+        return build_preset(cls, PRESETS, name, overrides)
 
     def _features(self, towers, pixel_values, input_ids, attention_mask):
         image = towers["visual_encoder"](pixel_values).last_hidden_state

@@ -18,7 +18,7 @@ from mmfast.kernels._common import check_bool, check_int, check_scalar
 from mmfast.nn.bert import BertLMHead, BertModel, KVCache, bert_state_dict_from_hf
 
 from . import _lavis, generation
-from ._common import ModelOutput, check_output_attentions, copy_weights, hf_return, layer_pairs
+from ._common import ModelOutput, build_preset, check_output_attentions, copy_weights, hf_return, layer_pairs
 from .objectives import (add_momentum_model, check_group, enqueue_momentum_features, itm_pairs, momentum_itc_loss,
                          sample_hard_negatives)
 from .vit import ViT, hf_activation
@@ -135,9 +135,7 @@ class BLIP(nn.Module):
     @classmethod
     def from_preset(cls, name, **overrides):
         """'tiny' (tests), 'base' (ViT-B/16 + BERT-base, ≈ 224M for the retrieval parts), 'large' (ViT-L/16)."""
-        if name not in PRESETS:
-            raise ValueError(f"{_OP}: preset must be one of {tuple(PRESETS)}, got {name!r}")
-        return cls(**{**PRESETS[name], **overrides})
+        return build_preset(cls, PRESETS, name, overrides)
 
     @classmethod
     def from_state_dict(cls, state_dict, *, backend="auto", **config):

@@ -39,7 +39,7 @@ from mmfast.nn.decoder import PRESETS as _LM
 from mmfast.nn.decoder import DecoderLM
 from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock, PerceiverResampler
 
-from ._common import ModelOutput, check_ids, copy_weights, gated_xattn_pairs, layer_pairs, module_pairs
+from ._common import ModelOutput, build_preset, check_ids, copy_weights, gated_xattn_pairs, layer_pairs, module_pairs
 from .vit import ViT
 
 _OP = "Flamingo"
@@ -125,8 +125,7 @@ class Flamingo(nn.Module):
     def from_preset(cls, name, **overrides):
         """A model of a named shape (``PRESETS``), random weights; `overrides` replace constructor arguments
         (``backend=``). Build under ``torch.device("meta")`` for a parameter count without memory."""
-        check_choice(_OP, "name", name, tuple(PRESETS))
-        return cls(**{**PRESETS[name], **overrides})
+        return build_preset(cls, PRESETS, name, overrides)
 
     # ---- training ----------------------------------------------------------------------------------------
     def set_stage(self, stage="bridge"):

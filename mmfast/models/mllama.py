@@ -29,7 +29,7 @@ from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
 from mmfast.nn.split_attention import cross_key_intervals, padded_self_attention
 from mmfast.nn.transformer import TransformerLayer, activation
 
-from ._common import copy_weights, gated_xattn_pairs, layer_pairs, module_pairs
+from ._common import build_preset, copy_weights, gated_xattn_pairs, layer_pairs, module_pairs
 from .vit import hf_activation
 
 _OP = "Mllama"
@@ -465,8 +465,7 @@ class Mllama(nn.Module):
     def from_preset(cls, name, **overrides):
         """A model of a named shape (``PRESETS``), random weights; `overrides` replace constructor arguments
         (backend=, text_before_image=)."""
-        check_choice("Mllama.from_preset", "name", name, tuple(PRESETS))
-        return cls(**{**PRESETS[name], **overrides})
+        return build_preset(cls, PRESETS, name, overrides)
 
 
 _VISION_LAYER = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", out="self_attn.o_proj",
