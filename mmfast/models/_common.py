@@ -64,7 +64,7 @@ def build_preset(cls, presets, name, overrides):
     """``cls(**presets[name])`` with `overrides` replacing constructor arguments (``backend=`` ...): the body
     of every model's ``from_preset``; ValueError naming the presets otherwise."""
     if name not in presets:
-        raise ValueError(f"{cls.__name__}.from_preset: preset must be one of {tuple(presets)}, got {name!r}")
+        raise ValueError(f"{cls.__name__}.from_preset: name must be a preset, one of {tuple(presets)}, got {name!r}")
     return cls(**{**presets[name], **overrides})
 
 
