@@ -9,6 +9,8 @@ Workloads: N = 4k, 16k, 32k, 64k x D = 512, 768 (``full`` on CUDA; ``quick``: 4k
 - ``mmfast_triton``: ``backend="triton"``, the fused kernels that recompute every tile (O(N) memory);
 - ``open_clip_ClipLoss``: open_clip's ClipLoss where installed, else the same naive computation
   written inline (logits = s·a·bᵀ materialised, (CE(logits) + CE(logitsᵀ)) / 2) — the note says which;
+- ``mmfast_gemm_8warps`` (CUDA): the "gemm" backend with ``GEMM_CANDIDATE``'s launch configs, a tuning candidate
+  for its streaming kernels (see there), timed beside the default;
 - ``inf_cl_2calls``: Inf-CL's ``cal_inf_loss`` called once per direction (it computes one direction),
   where installed;
 - the floor is not a case: "% roof" is the time of three N×N×D GEMMs (logits, da, db) at the measured
@@ -101,6 +103,41 @@ def _mmfast(case, backend=None):
     return make
 
 
+# A tuning candidate for the "gemm" backend's two streaming kernels, timed beside the default so that one GPU
+# run decides: 8 warps over the same tiles halve the values each thread holds (the gate, Triton 3.8: the CLIP
+# gradient kernel 146-152 -> 77-88 registers, 12 -> 16-24 warps an SM; the forward 124-128 -> 75-77, 16 -> 24
+# warps; no spills in any 2-D variant). Whether more warps a tile beat the default is the GPU's to say.
+GEMM_CANDIDATE = {"fwd": {"num_warps": 8}, "grad": {"num_warps": 8}}
+
+
+def _with_gemm_config(fn, overrides):
+    """fn with the gemm backend's launch configs overridden for the duration of each call."""
+    from mmfast.kernels.contrastive._configs import GEMM
+
+    def run():
+        saved = {k: dict(GEMM[k]) for k in overrides}
+        for k, v in overrides.items():
+            GEMM[k].update(v)
+        try:
+            fn()
+        finally:
+            for k, v in saved.items():
+                GEMM[k].clear()
+                GEMM[k].update(v)
+    return run
+
+
+def _mmfast_candidate(case):
+    def make(state):
+        from mmfast.kernels import interpreting
+
+        if not state[0].is_cuda and not interpreting():
+            raise Skip("backend='gemm' needs CUDA, or TRITON_INTERPRET=1 on the CPU")
+        return _with_gemm_config(_mmfast(case, "gemm")(state), GEMM_CANDIDATE)
+
+    return make
+
+
 def _naive(case):
     def make(state):
         loss, which = _naive_loss()
@@ -140,8 +177,10 @@ def cases():
     fused = Case("mmfast_triton", None, "contrastive_loss(backend='triton'): the fused kernels, O(N) memory")
     naive = Case("open_clip_ClipLoss", None, "")
     inf = Case("inf_cl_2calls", None, "Inf-CL cal_inf_loss x 2 directions")
+    cand = Case("mmfast_gemm_8warps", None, "backend='gemm' with GEMM_CANDIDATE's launch configs (tuning candidate)")
     mm.make, fused.make, naive.make, inf.make = _mmfast(mm), _mmfast(fused, "triton"), _naive(naive), _inf_cl(inf)
-    return [mm, naive, fused, inf]
+    cand.make = _mmfast_candidate(cand)
+    return [mm, cand, naive, fused, inf]
 
 
 def workloads(mode, device):

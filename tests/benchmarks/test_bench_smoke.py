@@ -43,3 +43,21 @@ def test_suite_runs_at_smoke_size(suite, tmp_path):
     assert json.load(open(os.path.join(tmp_path, "report.json")))["suites"] == [suite]
     markdown = open(os.path.join(tmp_path, "report.md")).read()
     assert all(r["case"] in markdown for r in report["rows"])
+
+
+def test_the_contrastive_tuning_candidate_holds_only_during_its_calls():
+    """The candidate case overrides the gemm backend's launch configs while it runs, and restores them even
+    when a call fails (the default case timed after it must run the defaults)."""
+    from mmfast.benchmarks.contrastive import _with_gemm_config
+    from mmfast.kernels.contrastive._configs import GEMM
+
+    before = {k: dict(GEMM[k]) for k in ("fwd", "grad")}
+    seen = []
+    _with_gemm_config(lambda: seen.append(GEMM["grad"]["num_warps"]), {"grad": {"num_warps": 8}})()
+    assert seen == [8] and {k: GEMM[k] for k in before} == before
+
+    def fail():
+        raise RuntimeError("launch failed")
+    with pytest.raises(RuntimeError, match="launch failed"):
+        _with_gemm_config(fail, {"fwd": {"num_warps": 8}})()
+    assert {k: GEMM[k] for k in before} == before
