@@ -123,3 +123,41 @@ def assert_triton_matches_reference(triton_model, reference_model, run, mask):
     for i, (a, r, y) in enumerate(zip(got, want, yard)):
         assert_close_by_rule(a, r, y, factor=2.0 if i < 2 else 3.0, floor=1e-6 * max(1.0, r.abs().max().item()),
                              what=f"output {i}")
+
+
+def hf_loaded_in(hf, dtype):
+    """`hf` as ``type(hf).from_pretrained(path, dtype=dtype)`` loads it (saved and loaded again): the
+    ``_keep_in_fp32_modules`` in fp32, the rotary ``inv_freq`` buffers in fp32 (``.to(dtype)`` would round
+    them, which a checkpoint loaded in bf16 never does)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as path:
+        hf.save_pretrained(path)
+        return type(hf).from_pretrained(path, dtype=dtype).eval()
+
+
+def token_losses(logits, labels):
+    """The causal LM loss per predicted token (fp32 or wider, as HF's loss upcasts the logits): the logits at
+    t against labels[t + 1], the -100 ones left out; their mean is the model's loss."""
+    from torch.nn import functional as F
+
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    keep = targets != -100
+    return F.cross_entropy(logits[keep], targets[keep], reduction="none")
+
+
+def assert_bf16_matches_hf(ours, hf, hf_bf16, run, keep, labels, *, hf_loss=True):
+    """`run(model, dtype)` -> the output (.logits, .loss) on `labels`: ours (converted from `hf_bf16`) in bf16
+    against `hf`'s fp64 copy, `hf_bf16`'s own run the yardstick (factor 2), on the logits at `keep` (their
+    dtype HF's) and on the per-token losses. The loss is one scalar: its error is one draw of the sum of the
+    logits' bf16 roundings (against HF's, ratios up to 12 in a few seeds), so the rule holds per token and
+    the reported loss must be the finite mean of them (HF's too, unless `hf_loss` is False: it has none)."""
+    ref, yard, got = (run(copy.deepcopy(hf).double(), torch.float64), run(hf_bf16, torch.bfloat16),
+                      run(ours, torch.bfloat16))
+    assert got.logits.dtype == yard.logits.dtype, f"logits {got.logits.dtype}, HF's {yard.logits.dtype}"
+    assert_close_by_rule(got.logits[keep], ref.logits[keep], yard.logits[keep], factor=2.0, what="bf16 logits")
+    tokens = [token_losses(out.logits, labels) for out in (got, ref, yard)]
+    assert_close_by_rule(*tokens, factor=2.0, what="bf16 per-token loss")
+    assert torch.isfinite(got.loss), f"loss {got.loss}"
+    for out, t in zip((got, ref, yard) if hf_loss else (got,), tokens):
+        torch.testing.assert_close(out.loss, t.mean().to(out.loss.dtype), rtol=1e-5, atol=1e-6)
