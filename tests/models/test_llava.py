@@ -71,12 +71,14 @@ def test_logits_and_loss_match_hf_left_padded(variant):
 @requires("transformers")
 def test_bf16_checkpoint_matches_hf_left_padded():
     """HF's model as from_pretrained(dtype=torch.bfloat16) loads it (no _keep_in_fp32_modules: every weight
-    bf16, the rotary inv_freq fp32); from_hf keeps the dtype; logits and loss within the rule of HF's own bf16
-    run against fp64, logits in bf16 as HF's."""
+    bf16); from_hf keeps the dtypes, the rotary inv_freq fp32 and equal to HF's; logits (bf16, as HF's) and
+    loss within the rule of HF's own bf16 run against fp64."""
     hf = _hf()
     hf_bf16 = hf_loaded_in(hf, torch.bfloat16)
     ours = Llava.from_hf(hf_bf16, backend="reference")
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    inv_freq = hf_bf16.model.language_model.rotary_emb.inv_freq
+    assert inv_freq.dtype == torch.float32 and torch.equal(ours.language_model.rotary.inv_freq, inv_freq)
     ids, mask, pixels = _batch()
     labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
