@@ -153,7 +153,7 @@ def assert_bf16_matches_hf(ours, hf, hf_bf16, run, keep, labels, *, hf_loss=True
     assert_close_by_rule(got.logits[keep], ref.logits[keep], yard.logits[keep], factor=2.0, what="bf16 logits")
     scored = labels[:, 1:] != -100  # the shifted next-token loss: logits at t, label t + 1
 
-    def loss_from_logits(out):  # fp32 or wider, as HF's loss upcasts the logits
+    def loss_from_logits(out):  # fp32 or wider: HF's loss takes logits.float() (its fp64 model's loss is fp32)
         z = out.logits[:, :-1][scored]
         return F.cross_entropy(z.to(torch.promote_types(z.dtype, torch.float32)), labels[:, 1:][scored])
 
