@@ -442,8 +442,12 @@ class Mllama(nn.Module):
             model = cls(vision, {**lm_kwargs, "num_layers": tc.num_hidden_layers}, cross, c.image_token_index,
                         text_before_image=text_before_image,
                         extra_embeddings=text.embed_tokens.num_embeddings - tc.vocab_size, backend=backend)
-        model.to(w.dtype)
         ours_lm = model.language_model
+        inv_freq = ours_lm.rotary.inv_freq
+        model.to(w.dtype)
+        # fp32, as transformers loads it into a bf16 model: rounded, it turns the rotary angles by distance x
+        # 2^-9 x inv_freq (radians at Llama 3.2's thousands of tokens)
+        ours_lm.rotary.inv_freq = inv_freq
         self_ids = [i for i in range(tc.num_hidden_layers) if i not in cross]
 
         def only_self(m):

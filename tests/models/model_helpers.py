@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from numerics import assert_close_by_rule, generator
+from numerics import assert_close_by_rule, generator, max_abs_error
 
 
 def _run(model, inputs, fields, params, dtype, seed):
@@ -123,3 +123,49 @@ def assert_triton_matches_reference(triton_model, reference_model, run, mask):
     for i, (a, r, y) in enumerate(zip(got, want, yard)):
         assert_close_by_rule(a, r, y, factor=2.0 if i < 2 else 3.0, floor=1e-6 * max(1.0, r.abs().max().item()),
                              what=f"output {i}")
+
+
+def hf_loaded_in(hf, dtype):
+    """`hf` as ``type(hf).from_pretrained(path, dtype=dtype)`` loads it (saved and loaded again): the
+    ``_keep_in_fp32_modules`` in fp32, the rotary ``inv_freq`` buffers in fp32 (``.to(dtype)`` would round
+    them, which a checkpoint loaded in bf16 never does)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as path:
+        hf.save_pretrained(path)
+        return type(hf).from_pretrained(path, dtype=dtype).eval()
+
+
+def assert_bf16_matches_hf(ours, hf, hf_bf16, run, keep, labels, *, hf_loss=True):
+    """`run(model, dtype)` -> the output (.logits, .loss) on `labels`: ours (converted from `hf_bf16`) in bf16
+    against `hf`'s fp64 copy, `hf_bf16`'s own run the yardstick. The logits at `keep`: the rule (factor 2),
+    their dtype HF's. The loss: finite, the mean cross-entropy of the model's own logits (HF's too, unless
+    `hf_loss` is False: it has none), and as close to the fp64 loss as logits within the rule can make it
+    (below), not the rule on the scalar itself: a loss is one draw of the sum of its logits' bf16 roundings,
+    which are as large as HF's (Llava: the logits' RMS error within 2% of HF's) but land elsewhere (half
+    the logits differ from HF's), so its error against HF's swings both ways (Llava: ratios 0.3 to 12 over 8
+    seeds; per token, the max over ~45 tokens, up to 2.1 over 25 seeds)."""
+    from torch.nn import functional as F
+
+    ref, yard, got = (run(copy.deepcopy(hf).double(), torch.float64), run(hf_bf16, torch.bfloat16),
+                      run(ours, torch.bfloat16))
+    assert got.logits.dtype == yard.logits.dtype, f"logits {got.logits.dtype}, HF's {yard.logits.dtype}"
+    assert_close_by_rule(got.logits[keep], ref.logits[keep], yard.logits[keep], factor=2.0, what="bf16 logits")
+    scored = labels[:, 1:] != -100  # the shifted next-token loss: logits at t, label t + 1
+
+    def loss_from_logits(out):  # fp32 or wider: HF's loss takes logits.float() (its fp64 model's loss is fp32)
+        z = out.logits[:, :-1][scored]
+        return F.cross_entropy(z.to(torch.promote_types(z.dtype, torch.float32)), labels[:, 1:][scored])
+
+    assert torch.isfinite(got.loss), f"loss {got.loss}"
+    for out in (got, ref, yard) if hf_loss else (got,):
+        torch.testing.assert_close(out.loss, loss_from_logits(out), rtol=1e-5, atol=1e-6, check_dtype=False)
+    # per token, CE(z + d) - CE(z) = (p - y).d + d.H.d / 2 with |d.H.d| <= max|d|^2 (H: a softmax's
+    # covariance): logits off by at most m = 2x HF's error move the loss by mean ||p - y||_1 m + m^2 / 2
+    z = ref.logits[:, :-1][scored]
+    m = 2.0 * max_abs_error(yard.logits[:, :-1][scored], z)
+    l1 = (z.softmax(-1) - F.one_hot(labels[:, 1:][scored], z.shape[-1])).abs().sum(-1).mean().item()
+    ref_loss = loss_from_logits(ref).item()
+    bound = l1 * m + m * m / 2 + 1e-6 * abs(ref_loss)
+    err = abs(got.loss.item() - ref_loss)
+    assert err <= bound, f"bf16 loss: error {err:.3e} > {bound:.3e} (logits within 2x HF's error {m / 2:.3e})"

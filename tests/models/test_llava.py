@@ -10,7 +10,7 @@ from optional_deps import optional_import, requires
 
 from mmfast.models import Llava, LlavaNext
 from mmfast.models.llava import anyres_tiles, select_best_resolution
-from model_helpers import assert_one_step_trains_only
+from model_helpers import assert_bf16_matches_hf, assert_one_step_trains_only, hf_loaded_in
 from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator, randomise_norms_
 
 transformers = optional_import("transformers")
@@ -66,6 +66,29 @@ def test_logits_and_loss_match_hf_left_padded(variant):
     yard = run(hf, pixels, position_ids=positions)
     for name, a, r, y in zip(("logits", "loss"), got, ref, yard):
         assert_close_by_rule(a, r, y, floor=1e-6 * max(1.0, r.abs().max().item()), what=name)
+
+
+@requires("transformers")
+def test_bf16_checkpoint_matches_hf_left_padded():
+    """HF's model as from_pretrained(dtype=torch.bfloat16) loads it (no _keep_in_fp32_modules: every weight
+    bf16); from_hf keeps the dtypes, the rotary inv_freq fp32 and equal to HF's; logits (bf16, as HF's) and
+    loss within the rule of HF's own bf16 run against fp64."""
+    hf = _hf()
+    hf_bf16 = hf_loaded_in(hf, torch.bfloat16)
+    ours = Llava.from_hf(hf_bf16, backend="reference")
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    inv_freq = hf_bf16.model.language_model.rotary_emb.inv_freq
+    assert inv_freq.dtype == torch.float32 and torch.equal(ours.language_model.rotary.inv_freq, inv_freq)
+    ids, mask, pixels = _batch()
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+
+    @torch.no_grad()
+    def run(model, dtype):
+        kw = {} if model is ours else dict(position_ids=positions)
+        return model(input_ids=ids, pixel_values=pixels.to(dtype), attention_mask=mask, labels=labels, **kw)
+
+    assert_bf16_matches_hf(ours, hf, hf_bf16, run, mask.bool(), labels)
 
 
 @requires("transformers")

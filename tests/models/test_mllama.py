@@ -12,7 +12,7 @@ from optional_deps import optional_import, requires
 from mmfast.models import Mllama
 from mmfast.nn import GatedCrossAttentionBlock
 from mmfast.models.mllama import cross_attention_mask, optimal_tiled_canvas, supported_aspect_ratios, tile_image
-from model_helpers import assert_one_step_trains_only
+from model_helpers import assert_bf16_matches_hf, assert_one_step_trains_only, hf_loaded_in
 from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator, randomise_norms_
 
 transformers = optional_import("transformers")
@@ -85,6 +85,33 @@ def test_logits_and_loss_match_hf_left_padded_two_images():
     yard = run(hf, torch.float32, position_ids=_positions(batch["attention_mask"]))
     for name, a, r, y in zip(("logits", "loss"), got, ref, yard):
         assert_close_by_rule(a, r, y, floor=1e-6 * max(1.0, r.abs().max().item()), what=name)
+
+
+@requires("transformers")
+def test_bf16_checkpoint_matches_hf_left_padded_two_images():
+    """HF's model as from_pretrained(dtype=torch.bfloat16) loads it (no _keep_in_fp32_modules: the gates and
+    norms bf16 too); from_hf keeps the dtypes, the rotary inv_freq fp32 and equal to HF's (rounded to bf16 it
+    turns the angles by distance x 2^-9 x inv_freq: invisible at these 10 tokens, not at thousands); logits
+    and loss within the rule of HF's own bf16 run against fp64."""
+    hf = _hf()
+    hf_bf16 = hf_loaded_in(hf, torch.bfloat16)
+    ours = Mllama.from_hf(hf_bf16, backend="reference")
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    block = ours.language_model.layers[hf.config.text_config.cross_attention_layers[0]]
+    assert block.attn_gate.dtype == block.ff_gate.dtype == torch.bfloat16
+    inv_freq = hf_bf16.model.language_model.rotary_emb.inv_freq
+    assert inv_freq.dtype == torch.float32 and torch.equal(ours.language_model.rotary.inv_freq, inv_freq)
+    batch = _batch()
+    keep = batch["attention_mask"].bool()
+    labels = batch["input_ids"].masked_fill(~keep | (batch["input_ids"] == IMAGE), -100)
+
+    @torch.no_grad()
+    def run(model, dtype):
+        kw = {} if model is ours else dict(position_ids=_positions(batch["attention_mask"]))
+        b = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in batch.items()}
+        return model(**b, labels=labels, **kw)
+
+    assert_bf16_matches_hf(ours, hf, hf_bf16, run, keep, labels)
 
 
 @requires("transformers")
