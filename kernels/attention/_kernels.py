@@ -261,34 +261,41 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _load_d(ptrs, ptrs2, ok, d_ok, d2_ok, BLOCK_D2: tl.constexpr, MASKED: tl.constexpr):
-    """A tile over the head dim, its masks broadcast to the tile's orientation; `ok` (rows or keys) where
-    MASKED. BLOCK_D2 = 0: one tile padded to BLOCK_D (columns masked by d_ok), returned twice. BLOCK_D2 > 0: the
-    first chunk (every column inside HEAD_DIM: no column mask) and the second (masked by d2_ok)."""
+def _d_masks(ok, d_ok, d2_ok, BLOCK_D2: tl.constexpr, MASKED: tl.constexpr):
+    """The masks of a tile over the head dim and of its second chunk, broadcast to the tile's orientation: `ok`
+    (rows or keys) where MASKED, and the columns inside HEAD_DIM (all of them in a split tile's first chunk).
+    Computed before the pointers, as the padded kernels always did: that order is part of their register count."""
+    if BLOCK_D2 > 0:
+        mask = ok
+        mask2 = ok & d2_ok if MASKED else d2_ok
+    else:
+        mask = ok & d_ok if MASKED else d_ok
+        mask2 = mask
+    return mask, mask2
+
+
+@triton.jit
+def _load_d(ptrs, ptrs2, mask, mask2, BLOCK_D2: tl.constexpr, MASKED: tl.constexpr):
+    """A tile over the head dim with _d_masks' masks: padded (BLOCK_D2 = 0, returned twice) or its two chunks
+    (a split tile's first chunk is unmasked unless MASKED)."""
     if BLOCK_D2 > 0:
         if MASKED:
-            x = tl.load(ptrs, mask=ok, other=0.0)
-            x2 = tl.load(ptrs2, mask=ok & d2_ok, other=0.0)
+            x = tl.load(ptrs, mask=mask, other=0.0)
         else:
             x = tl.load(ptrs)
-            x2 = tl.load(ptrs2, mask=d2_ok, other=0.0)
+        x2 = tl.load(ptrs2, mask=mask2, other=0.0)
     else:
-        if MASKED:
-            x = tl.load(ptrs, mask=ok & d_ok, other=0.0)
-        else:
-            x = tl.load(ptrs, mask=d_ok, other=0.0)
+        x = tl.load(ptrs, mask=mask, other=0.0)
         x2 = x
     return x, x2
 
 
 @triton.jit
-def _store_d(ptrs, ptrs2, x, x2, ok, d_ok, d2_ok, BLOCK_D2: tl.constexpr, EMULATE: tl.constexpr):
-    """Stores a tile over the head dim as _load_d reads it (MASKED), rounded to the pointers' element type."""
+def _store_d(ptrs, ptrs2, x, x2, mask, mask2, BLOCK_D2: tl.constexpr, EMULATE: tl.constexpr):
+    """Stores a tile over the head dim as _load_d reads it, rounded to the pointers' element type."""
+    tl.store(ptrs, round_to(x, ptrs.dtype.element_ty, EMULATE), mask=mask)
     if BLOCK_D2 > 0:
-        tl.store(ptrs, round_to(x, ptrs.dtype.element_ty, EMULATE), mask=ok)
-        tl.store(ptrs2, round_to(x2, ptrs2.dtype.element_ty, EMULATE), mask=ok & d2_ok)
-    else:
-        tl.store(ptrs, round_to(x, ptrs.dtype.element_ty, EMULATE), mask=ok & d_ok)
+        tl.store(ptrs2, round_to(x2, ptrs2.dtype.element_ty, EMULATE), mask=mask2)
 
 
 @triton.jit
@@ -320,10 +327,12 @@ def _dkdv_inner(
         rows = start_m + offs_m0
         row_ok = rows < seqlen_q
         rows64 = rows.to(tl.int64)
-        qT, qT2 = _load_d(q_ptrs0 + rows64[None, :] * stride_qm, q2_ptrs0 + rows64[None, :] * stride_qm,
-                          row_ok[None, :], d_ok[:, None], d2_ok[:, None], BLOCK_D2, True)
+        q_mask, q_mask2 = _d_masks(row_ok[None, :], d_ok[:, None], d2_ok[:, None], BLOCK_D2, True)
+        qT, qT2 = _load_d(q_ptrs0 + rows64[None, :] * stride_qm, q2_ptrs0 + rows64[None, :] * stride_qm, q_mask,
+                          q_mask2, BLOCK_D2, True)
+        do_mask, do_mask2 = _d_masks(row_ok[:, None], d_ok[None, :], d2_ok[None, :], BLOCK_D2, True)
         do, do2 = _load_d(do_ptrs0 + rows64[:, None] * stride_dom, do2_ptrs0 + rows64[:, None] * stride_dom,
-                          row_ok[:, None], d_ok[None, :], d2_ok[None, :], BLOCK_D2, True)
+                          do_mask, do_mask2, BLOCK_D2, True)
         row_max, row_logsum = _row_stats(max_ptr + rows, logsum_ptr + rows, row_ok)
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         qkT = _dot_d(k, qT, k2, qT2, BLOCK_D2, PRECISION, EMULATE)
@@ -363,8 +372,8 @@ def _dkdv_heads(
     for g in range(0, group):
         h = (kv_h * group + g).to(tl.int64)
         q_head = Q + batch * stride_qb + q_first * stride_qm + h * stride_qh
-        do_head = DOut + batch * stride_dob + q_first * stride_dom + h * stride_doh
         q_ptrs0, q2_ptrs0 = q_head + offs_d[:, None], q_head + offs_d2[:, None]
+        do_head = DOut + batch * stride_dob + q_first * stride_dom + h * stride_doh
         do_ptrs0, do2_ptrs0 = do_head + offs_d[None, :], do_head + offs_d2[None, :]
         stat_off = batch * stride_statb + q_first + h * stride_stath
         dk, dk2, dv, dv2 = _dkdv_inner(
@@ -430,12 +439,11 @@ def _attention_bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     d2_ok = offs_d2 < HEAD_DIM
     cols = offs_n[:, None].to(tl.int64)
+    kv_mask, kv_mask2 = _d_masks(col_ok[:, None], d_ok[None, :], d2_ok[None, :], BLOCK_D2, True)
     k_rows = K + batch * stride_kb + k_first * stride_kn + kv_h.to(tl.int64) * stride_kh + cols * stride_kn
+    k, k2 = _load_d(k_rows + offs_d[None, :], k_rows + offs_d2[None, :], kv_mask, kv_mask2, BLOCK_D2, True)
     v_rows = V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh + cols * stride_vn
-    k, k2 = _load_d(k_rows + offs_d[None, :], k_rows + offs_d2[None, :], col_ok[:, None], d_ok[None, :],
-                    d2_ok[None, :], BLOCK_D2, True)
-    v, v2 = _load_d(v_rows + offs_d[None, :], v_rows + offs_d2[None, :], col_ok[:, None], d_ok[None, :],
-                    d2_ok[None, :], BLOCK_D2, True)
+    v, v2 = _load_d(v_rows + offs_d[None, :], v_rows + offs_d2[None, :], kv_mask, kv_mask2, BLOCK_D2, True)
     if HAS_KPM:
         kpm_keep = tl.load(KPM + b.to(tl.int64) * stride_kpmb + offs_n * stride_kpmn, mask=col_ok, other=1) == 0
     else:
@@ -464,8 +472,8 @@ def _attention_bwd_dkdv_kernel(
             )
             dv_rows = (DV + batch * stride_dvb + k_first * stride_dvn + kv_h.to(tl.int64) * stride_dvh
                        + cols * stride_dvn)
-            _store_d(dv_rows + offs_d[None, :], dv_rows + offs_d2[None, :], dv, dv2, col_ok[:, None], d_ok[None, :],
-                     d2_ok[None, :], BLOCK_D2, EMULATE)
+            _store_d(dv_rows + offs_d[None, :], dv_rows + offs_d2[None, :], dv, dv2, kv_mask, kv_mask2, BLOCK_D2,
+                     EMULATE)
         else:
             dk, dk2, dv, dv2 = _dkdv_heads(
                 dk, dk2, dv, dv2, k, k2, v, v2, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx,
@@ -477,7 +485,7 @@ def _attention_bwd_dkdv_kernel(
             dk_rows = (DK + batch * stride_dkb + k_first * stride_dkn + kv_h.to(tl.int64) * stride_dkh
                        + cols * stride_dkn)
             _store_d(dk_rows + offs_d[None, :], dk_rows + offs_d2[None, :], dk * sm_scale, dk2 * sm_scale,
-                     col_ok[:, None], d_ok[None, :], d2_ok[None, :], BLOCK_D2, EMULATE)
+                     kv_mask, kv_mask2, BLOCK_D2, EMULATE)
     else:
         dk, dk2, dv, dv2 = _dkdv_heads(
             dk, dk2, dv, dv2, k, k2, v, v2, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx,
@@ -488,10 +496,9 @@ def _attention_bwd_dkdv_kernel(
         )
         dk_rows = DK + batch * stride_dkb + k_first * stride_dkn + kv_h.to(tl.int64) * stride_dkh + cols * stride_dkn
         _store_d(dk_rows + offs_d[None, :], dk_rows + offs_d2[None, :], dk * sm_scale, dk2 * sm_scale,
-                 col_ok[:, None], d_ok[None, :], d2_ok[None, :], BLOCK_D2, EMULATE)
+                 kv_mask, kv_mask2, BLOCK_D2, EMULATE)
         dv_rows = DV + batch * stride_dvb + k_first * stride_dvn + kv_h.to(tl.int64) * stride_dvh + cols * stride_dvn
-        _store_d(dv_rows + offs_d[None, :], dv_rows + offs_d2[None, :], dv, dv2, col_ok[:, None], d_ok[None, :],
-                 d2_ok[None, :], BLOCK_D2, EMULATE)
+        _store_d(dv_rows + offs_d[None, :], dv_rows + offs_d2[None, :], dv, dv2, kv_mask, kv_mask2, BLOCK_D2, EMULATE)
 
 
 @triton.jit
@@ -510,11 +517,12 @@ def _dq_inner(
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         if BLOCK_D2 > 0:
-            kT, kT2 = _load_d(k_ptrs0 + cols[None, :] * stride_kn, k2_ptrs0 + cols[None, :] * stride_kn,
-                              col_ok[None, :], d_ok[:, None], d2_ok[:, None], BLOCK_D2, MASKED)
-            vT, vT2 = _load_d(v_ptrs0 + cols[None, :] * stride_vn, v2_ptrs0 + cols[None, :] * stride_vn,
-                              col_ok[None, :], d_ok[:, None], d2_ok[:, None], BLOCK_D2, MASKED)
-        else:  # the padded kernel's loads in their own order: _load_d's changes its registers (sm_90 D = 40: +1)
+            ld_mask, ld_mask2 = _d_masks(col_ok[None, :], d_ok[:, None], d2_ok[:, None], BLOCK_D2, MASKED)
+            kT, kT2 = _load_d(k_ptrs0 + cols[None, :] * stride_kn, k2_ptrs0 + cols[None, :] * stride_kn, ld_mask,
+                              ld_mask2, BLOCK_D2, MASKED)
+            vT, vT2 = _load_d(v_ptrs0 + cols[None, :] * stride_vn, v2_ptrs0 + cols[None, :] * stride_vn, ld_mask,
+                              ld_mask2, BLOCK_D2, MASKED)
+        else:  # the padded kernel's own lines: through _load_d, ptxas sees other line info (+1 register on sm_80)
             ld_mask = col_ok[None, :] & d_ok[:, None] if MASKED else d_ok[:, None]
             kT = tl.load(k_ptrs0 + cols[None, :] * stride_kn, mask=ld_mask, other=0.0)
             vT = tl.load(v_ptrs0 + cols[None, :] * stride_vn, mask=ld_mask, other=0.0)
@@ -573,13 +581,12 @@ def _attention_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     d2_ok = offs_d2 < HEAD_DIM
     rows = offs_m[:, None].to(tl.int64)
+    ld, ld2 = _d_masks(row_ok[:, None], d_ok[None, :], d2_ok[None, :], BLOCK_D2, True)
     h64 = h.to(tl.int64)
     q_rows = Q + batch * stride_qb + q_first * stride_qm + h64 * stride_qh + rows * stride_qm
+    q, q2 = _load_d(q_rows + offs_d[None, :], q_rows + offs_d2[None, :], ld, ld2, BLOCK_D2, True)
     do_rows = DOut + batch * stride_dob + q_first * stride_dom + h64 * stride_doh + rows * stride_dom
-    q, q2 = _load_d(q_rows + offs_d[None, :], q_rows + offs_d2[None, :], row_ok[:, None], d_ok[None, :],
-                    d2_ok[None, :], BLOCK_D2, True)
-    do, do2 = _load_d(do_rows + offs_d[None, :], do_rows + offs_d2[None, :], row_ok[:, None], d_ok[None, :],
-                      d2_ok[None, :], BLOCK_D2, True)
+    do, do2 = _load_d(do_rows + offs_d[None, :], do_rows + offs_d2[None, :], ld, ld2, BLOCK_D2, True)
     stat_off = batch * stride_statb + q_first + h64 * stride_stath + offs_m
     row_max, row_logsum = _row_stats(RowMax + stat_off, RowLogSum + stat_off, row_ok)
     delta = tl.load(Delta + stat_off, mask=row_ok, other=0.0)
@@ -587,8 +594,8 @@ def _attention_bwd_dq_kernel(
     row_lo = tl.load(RowLo + range_off + offs_m, mask=row_ok, other=0)
     row_hi = tl.load(RowHi + range_off + offs_m, mask=row_ok, other=0)
     k_head = K + batch * stride_kb + k_first * stride_kn + kv_h.to(tl.int64) * stride_kh
-    v_head = V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh
     k_ptrs0, k2_ptrs0 = k_head + offs_d[:, None], k_head + offs_d2[:, None]
+    v_head = V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh
     v_ptrs0, v2_ptrs0 = v_head + offs_d[:, None], v_head + offs_d2[:, None]
     kpm_ptr = KPM + b.to(tl.int64) * stride_kpmb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -609,6 +616,7 @@ def _attention_bwd_dq_kernel(
         stride_kn, stride_vn, kpm_ptr, stride_kpmn, PartIdx + idx, tl.load(PartNum + num), offs_n, offs_d, offs_d2,
         seqlen_k, sm_scale, HEAD_DIM, BLOCK_D2, BLOCK_N, MASK_N, True, HAS_KPM, PRECISION, EMULATE,
     )
+    dq *= sm_scale
+    dq2 *= sm_scale
     dq_rows = DQ + batch * stride_dqb + q_first * stride_dqm + h64 * stride_dqh + rows * stride_dqm
-    _store_d(dq_rows + offs_d[None, :], dq_rows + offs_d2[None, :], dq * sm_scale, dq2 * sm_scale, row_ok[:, None],
-             d_ok[None, :], d2_ok[None, :], BLOCK_D2, EMULATE)
+    _store_d(dq_rows + offs_d[None, :], dq_rows + offs_d2[None, :], dq, dq2, ld, ld2, BLOCK_D2, EMULATE)
