@@ -34,7 +34,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, kv_start=None,
         offsets starting at 0; separate, so varlen cross-attention works) and `max_seqlen_q` / `max_seqlen_k`.
         Any strides with a contiguous last dim (views of a fused QKV projection, (B, H, L, D) permuted to
         (B, L, H, D)) are read in place. D ≤ 256, any value (40, 72, 80, 96 ...): padded internally
-        to a power of two, except the forward's 65 - 96 (a 64-column chunk + a 16- or 32-column one).
+        to a power of two, except 65 - 96: a 64-column chunk + a 16- or 32-column one in the forward, and
+        in the backward where its dots run on Hopper's wgmma (aligned fp16 / bf16) or in IEEE fp32.
 
     Masks (intersected; a key is visible only if every given condition allows it):
         kv_start / kv_end: int32 (B, Lq) or (Lq,) — (total_q,) for varlen, relative to each sequence's

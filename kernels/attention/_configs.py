@@ -1,17 +1,18 @@
 """Launch configs of the attention kernels (as data) and their compile-gate specs.
 
-No runtime autotuning: a fixed table keyed by (pass, head-dim bucket, operands) keeps runs deterministic and
-first calls cheap, and lets the compile gate check every entry for sm_80 and sm_90. One table serves both
-(sm_80's registers are the binding limit), except for aligned 16-bit inputs on sm_90 (``_SM90_TABLE``):
-there Hopper's ``wgmma`` (64 rows per warpgroup, accumulators spread over 128 threads) fits tiles that
-spill with ``mma.sync``, and the gate fails any such entry that does not lower to ``wgmma``. Head dims are
-padded to the next power of two; 16 and 32 use the 64 entry. The forward covers 65 - 96 as 64 + 16 or 64 + 32
-columns instead (``block_d_split``) with the 128 entries, except on sm_90 at head dims that are no multiple of
-16 (``_SM90_SPLIT_ODD_TABLE``). Operands: "16-bit" (fp16 / bf16 on tensor cores), "tf32" (fp32 on TF32 tensor
-cores) and "ieee" (fp32 dots as FMA loops, ``torch.set_float32_matmul_precision("highest")``, the default), see
-``_common.matmul_precision``. Kernel tiles divide the block-mask tile (``MASK_TILE_GPU`` = 128 query rows x
-128 keys), so one block mask serves every entry. Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast
-while still stepping through the sub-tile loops.
+No runtime autotuning: a fixed table keyed by (pass, head-dim bucket, operands) keeps runs deterministic and first
+calls cheap, and lets the compile gate check every entry for sm_80 and sm_90. One table serves both (sm_80's
+registers are the binding limit), except for aligned 16-bit inputs on sm_90 (``_SM90_TABLE``): there Hopper's
+``wgmma`` (64 rows per warpgroup, accumulators spread over 128 threads) fits tiles that spill with ``mma.sync``,
+and the gate fails any such entry that does not lower to ``wgmma``. Head dims are padded to the next power of two;
+16 and 32 use the 64 entry. The forward covers 65 - 96 as 64 + 16 or 64 + 32 columns instead (``block_d_split``),
+and so do dK/dV and dQ where their dots do not run on mma.sync (``bwd_block_d``), with the 128 entries except on
+sm_90 at head dims that are no multiple of 16 (``_SM90_SPLIT_ODD_TABLE``) and in a few IEEE cases
+(``_GPU_SPLIT_TABLE``). Operands: "16-bit" (fp16 / bf16 on tensor cores), "tf32" (fp32 on TF32 tensor cores)
+and "ieee" (fp32 dots as FMA loops, ``torch.set_float32_matmul_precision("highest")``, the default), see
+``_common.matmul_precision``. Kernel tiles divide the block-mask tile (``MASK_TILE_GPU`` = 128 query rows x 128
+keys), so one block mask serves every entry. Under TRITON_INTERPRET=1 small tiles keep the CPU tests fast while
+still stepping through the sub-tile loops.
 """
 import functools
 from dataclasses import dataclass, replace
@@ -107,10 +108,22 @@ _SM90_TABLE = {
     ("dq", 256, "16-bit"): TileConfig(128, 16, 8, 2),  # 128 rows (32 x 32 before); 128 x 32 reaches 248
 }
 
-# The split forward (block_d_split) on sm_90 at head dims that are no multiple of 16 (72, 88): their head
+# The split passes (block_d_split) on sm_90 at head dims that are no multiple of 16 (72, 88): their head
 # strides carry no divisibility hint, so loads are narrower and hold more registers; keyed by table_bucket.
 _SM90_SPLIT_ODD_TABLE = {
     ("fwd", 96, "16-bit"): TileConfig(128, 32, 8, 2),  # 128 x 64 spills at D = 88 (so did the padded kernel)
+    ("dkdv", 80, "16-bit"): TileConfig(16, 64, 8, 2),  # 16 x 128 spills at D = 72 (so did the padded kernel)
+    ("dkdv", 96, "16-bit"): TileConfig(16, 64, 8, 2),  # and at D = 88
+    ("dq", 96, "16-bit"): TileConfig(64, 16, 8, 2),  # 128 x 32 / 16, 64 x 32 spill at D = 88 (so did the padded)
+}
+
+# The split dK/dV and dQ (bwd_block_d) off sm_90's wgmma, keyed by table_bucket: IEEE fp32 where the 128 bucket's
+# tile spills on the split kernel; keys not listed keep the 128 bucket's entries.
+_GPU_SPLIT_TABLE = {
+    ("dkdv", 96, "ieee"): TileConfig(16, 16, 4, 2),  # 16 x 32 spills at D = 96 (4 warps: sm_80; 8: 3.6 sm_90)
+}
+_GPU_SPLIT_UNALIGNED_TABLE = {
+    ("dkdv", 96, "ieee"): TileConfig(16, 16, 8, 2),  # 16 x 32 spills on sm_80 at D = 96
 }
 
 _INTERPRETER_TABLE = {
@@ -126,19 +139,33 @@ def block_d(head_dim):
 
 
 def block_d_split(head_dim):
-    """The forward's (BLOCK_D, BLOCK_D2): head dims in (64, 96] as a 64-column chunk and a 16- or 32-column
-    one (80 = 64 + 16 and 96 = 64 + 32 exactly; 72 and 88 mask 8 columns) instead of padding to 128, which
-    multiplies 60% (D = 80) or 33% (D = 96) padding on the tensor cores. Others: (block_d, 0), unsplit (above
-    96, 64 + 64 would cost what 128 does). The backward pads (block_d): the statistics do not depend on it."""
+    """(BLOCK_D, BLOCK_D2) of the forward kernel (and of dK/dV and dQ where bwd_block_d splits): head dims in
+    (64, 96] as a 64-column chunk and a 16- or 32-column one (80 = 64 + 16 and 96 = 64 + 32 exactly; 72 and 88
+    mask 8 columns) instead of padding to 128, which multiplies 60% (D = 80) or 33% (D = 96) padding on the
+    tensor cores. Others: (block_d, 0), unsplit (above 96, 64 + 64 would cost what 128 does). The Delta pass
+    (a row reduction, no dot) pads."""
     if 64 < head_dim <= 96:
         return 64, 16 if head_dim <= 80 else 32
     return block_d(head_dim), 0
 
 
+def bwd_block_d(head_dim, dtype, precision, aligned, cc):
+    """(BLOCK_D, BLOCK_D2) of the dK/dV and dQ kernels: block_d_split's chunks where their dots run on wgmma
+    (aligned 16-bit inputs on sm_90) or as FMA loops (IEEE fp32), padded to block_d where they run on mma.sync
+    (16-bit on sm_80 or unaligned, TF32): there the 16- and 32-column chunks' operand and accumulator layouts
+    take more registers than the padding saves (bf16 dK/dV at D = 96 on sm_80: 207 registers padded, spills
+    split; on sm_90: 227 padded, 187 split)."""
+    wgmma = dtype != torch.float32 and aligned and cc == 90
+    if wgmma or (dtype == torch.float32 and precision == "ieee"):
+        return block_d_split(head_dim)
+    return block_d(head_dim), 0
+
+
 def table_bucket(pass_, head_dim):
     """The head-dim bucket of the tuned tables' keys (kernels/_tuned.py): the padded width the kernel computes
-    on (64 + 16 = 80 and 64 + 32 = 96 for the split forward, whose tiles differ from the 128 kernel's)."""
-    if pass_ == "fwd" and block_d_split(head_dim)[1]:
+    on (64 + 16 = 80 and 64 + 32 = 96 for the split kernels, whose tiles differ from the 128 kernel's; dK/dV and
+    dQ keep 80 / 96 where bwd_block_d pads them, so that each launch has one key)."""
+    if pass_ != "pre" and block_d_split(head_dim)[1]:
         return sum(block_d_split(head_dim))
     return max(64, block_d(head_dim))
 
@@ -153,17 +180,22 @@ def operands(pass_, dtype, precision):
 
 def get_config(pass_, head_dim, dtype, precision, aligned=True, cc=80):
     """The GPU table entry for a pass on inputs of `dtype` whose fp32 dots run at `precision`, on a device
-    of compute capability `cc` (80 for 8.0). The split forward (65 - 96) takes the 128 bucket's entries (it
-    needs fewer registers than the padded kernel they were sized for), except _SM90_SPLIT_ODD_TABLE's."""
+    of compute capability `cc` (80 for 8.0). The split kernels (65 - 96; the dK/dV and dQ ones where
+    bwd_block_d splits) take the 128 bucket's entries (they need fewer registers than the padded kernels
+    they were sized for), except those of _SM90_SPLIT_ODD_TABLE and _GPU_SPLIT(_UNALIGNED)_TABLE."""
     kind = operands(pass_, dtype, precision)
     key = (pass_, max(64, block_d(head_dim)), kind)
+    split_key = (pass_, table_bucket(pass_, head_dim), kind)
+    if not aligned and split_key in _GPU_SPLIT_UNALIGNED_TABLE:
+        return _GPU_SPLIT_UNALIGNED_TABLE[split_key]
     if not aligned and key in _GPU_UNALIGNED_TABLE:
         return _GPU_UNALIGNED_TABLE[key]
-    odd_key = (pass_, table_bucket(pass_, head_dim), kind)
-    if aligned and cc == 90 and head_dim % 16 and odd_key in _SM90_SPLIT_ODD_TABLE:
-        return _SM90_SPLIT_ODD_TABLE[odd_key]
+    if aligned and cc == 90 and head_dim % 16 and split_key in _SM90_SPLIT_ODD_TABLE:
+        return _SM90_SPLIT_ODD_TABLE[split_key]
     if aligned and cc == 90 and key in _SM90_TABLE:
         return _SM90_TABLE[key]
+    if aligned and split_key in _GPU_SPLIT_TABLE:
+        return _GPU_SPLIT_TABLE[split_key]
     if kind == "ieee":
         return _GPU_IEEE_TABLE.get(key) or _GPU_TABLE[(pass_, key[1], "tf32")]
     return _GPU_TABLE[key]
@@ -223,6 +255,14 @@ def launch_config(pass_, kernel, args, head_dim, dtype, precision, interpreter):
                       capability(args[0].device))
 
 
+def launch_block_d(kernel, args, head_dim, dtype, precision, interpreter):
+    """(BLOCK_D, BLOCK_D2) of a dK/dV or dQ launch (bwd_block_d); the interpreter splits wherever
+    block_d_split does, so that the CPU tests run the split kernels."""
+    if interpreter:
+        return block_d_split(head_dim)
+    return bwd_block_d(head_dim, dtype, precision, is_aligned(kernel, head_dim, args), capability(args[0].device))
+
+
 # ----------------------------------------------------------------------------------------------
 # Compile specs
 
@@ -262,8 +302,11 @@ def _spec(pass_, dtype, head_dim, precision, varlen=False, flag=False, aligned=T
     split_d = ""
     if pass_ == "fwd":
         constexprs["BLOCK_D"], constexprs["BLOCK_D2"] = block_d_split(head_dim)
-        if constexprs["BLOCK_D2"]:
-            split_d = f" as {constexprs['BLOCK_D']}+{constexprs['BLOCK_D2']}"
+    elif pass_ != "pre":  # a spec shared by both targets has the same block dims on both (_specs)
+        constexprs["BLOCK_D"], constexprs["BLOCK_D2"] = bwd_block_d(head_dim, dtype, precision, aligned,
+                                                                   targets[0] if targets else 80)
+    if constexprs.get("BLOCK_D2"):
+        split_d = f" as {constexprs['BLOCK_D']}+{constexprs['BLOCK_D2']}"
     if pass_ == "pre":
         constexprs["HAS_DLSE"] = flag
     else:
@@ -292,7 +335,9 @@ def _spec(pass_, dtype, head_dim, precision, varlen=False, flag=False, aligned=T
 def _specs(pass_, dtype, head_dim, precision, varlen=False, flag=False, aligned=True):
     """The specs of one launch case: one for both targets, or one per target where sm_90 has its own entry."""
     per_cc = {cc: get_config(pass_, head_dim, dtype, precision, aligned, cc) for cc in (80, 90)}
-    if per_cc[80] == per_cc[90]:
+    same_d = pass_ not in ("dkdv", "dq") or len({bwd_block_d(head_dim, dtype, precision, aligned, cc)
+                                                  for cc in per_cc}) == 1
+    if per_cc[80] == per_cc[90] and same_d:
         return [_spec(pass_, dtype, head_dim, precision, varlen, flag, aligned)]
     return [_spec(pass_, dtype, head_dim, precision, varlen, flag, aligned, cfg=cfg, targets=(cc,))
             for cc, cfg in per_cc.items()]
@@ -305,8 +350,9 @@ def compile_specs():
     without the alignment specialisation (views with odd strides), the unaligned table's among them: bf16 at
     D = 128 and 256, fp32 TF32 at 256, fp32 IEEE at every bucket.
     Head dims <= 32 use the 64 entry with a narrower BLOCK_D: smaller than what is checked here.
-    The forward's split head dims (block_d_split: 64 + 16, 64 + 32) at 80, 96, and 72, 88 (no 16-divisible
-    head stride): bf16, fp32 TF32 and IEEE, varlen + key padding, and unaligned.
+    The split head dims (block_d_split: 64 + 16, 64 + 32) at 80, 96, and 72, 88 (no 16-divisible head
+    stride): bf16, fp32 TF32 and IEEE, varlen + key padding, and unaligned, for the forward, dK/dV and dQ (the
+    last two with the chunks bwd_block_d gives each target: split on sm_90's wgmma and in IEEE, else padded).
     Where sm_90 has its own entry (aligned 16-bit), the case compiles twice: the shared entry for sm_80 and
     sm_90's for sm_90, marked needs_wgmma (the gate fails it unless every dot lowers to wgmma)."""
     specs = []
@@ -327,7 +373,7 @@ def compile_specs():
             specs.extend(_specs(pass_, torch.float32, 256, "tf32", aligned=False))
             for head_dim in (64, 128, 256):  # IEEE FMA loops: the heaviest register users at every head dim
                 specs.extend(_specs(pass_, torch.float32, head_dim, "ieee", aligned=False))
-        if pass_ == "fwd":  # the split head dims (80 bf16 is above)
+        if pass_ != "pre":  # the split head dims (80 bf16 is above)
             for head_dim in (72, 88, 96):
                 specs.extend(_specs(pass_, torch.bfloat16, head_dim, "ieee"))
             for precision in fp32_precisions:
@@ -337,4 +383,6 @@ def compile_specs():
             specs.extend(_specs(pass_, torch.float32, 96, "ieee", varlen=True, flag=True))
             specs.extend(_specs(pass_, torch.bfloat16, 96, "ieee", aligned=False))
             specs.extend(_specs(pass_, torch.float32, 96, "ieee", aligned=False))
+        if pass_ in ("dkdv", "dq"):  # the split IEEE kernels' unaligned 80 bucket, at its odd head dim
+            specs.extend(_specs(pass_, torch.float32, 72, "ieee", aligned=False))
     return specs

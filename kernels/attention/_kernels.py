@@ -15,7 +15,8 @@ ever forming the log-sum-exp ``m + ln l``. Accumulators are fp32. A row that see
 
 The backward is deterministic (no atomics): each dK/dV program owns one KV tile of one KV head and loops
 over the query heads of its GQA group and the query blocks that see it (the block mask's transposed
-lists); each dQ program owns one query tile and loops over its visible KV blocks.
+lists); each dQ program owns one query tile and loops over its visible KV blocks. Both take the forward's
+head-dim chunks (BLOCK_D2 > 0) where the launcher splits them (``_configs.bwd_block_d``); the Delta pass pads.
 """
 import triton
 import triton.language as tl
@@ -260,27 +261,81 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _d_masks(ok, d_ok, d2_ok, BLOCK_D2: tl.constexpr, MASKED: tl.constexpr):
+    """The masks of a tile over the head dim and of its second chunk, broadcast to the tile's orientation: `ok`
+    (rows or keys) where MASKED, and the columns inside HEAD_DIM (all of them in a split tile's first chunk).
+    Computed before the pointers, as the padded kernels always did: that order is part of their register count."""
+    if BLOCK_D2 > 0:
+        mask = ok
+        mask2 = ok & d2_ok if MASKED else d2_ok
+    else:
+        mask = ok & d_ok if MASKED else d_ok
+        mask2 = mask
+    return mask, mask2
+
+
+@triton.jit
+def _load_d(ptrs, ptrs2, mask, mask2, BLOCK_D2: tl.constexpr, MASKED: tl.constexpr):
+    """A tile over the head dim with _d_masks' masks: padded (BLOCK_D2 = 0, returned twice) or its two chunks
+    (a split tile's first chunk is unmasked unless MASKED)."""
+    if BLOCK_D2 > 0:
+        if MASKED:
+            x = tl.load(ptrs, mask=mask, other=0.0)
+        else:
+            x = tl.load(ptrs)
+        x2 = tl.load(ptrs2, mask=mask2, other=0.0)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        x2 = x
+    return x, x2
+
+
+@triton.jit
+def _store_d(ptrs, ptrs2, x, x2, mask, mask2, BLOCK_D2: tl.constexpr, EMULATE: tl.constexpr):
+    """Stores a tile over the head dim as _load_d reads it, rounded to the pointers' element type."""
+    tl.store(ptrs, round_to(x, ptrs.dtype.element_ty, EMULATE), mask=mask)
+    if BLOCK_D2 > 0:
+        tl.store(ptrs2, round_to(x2, ptrs2.dtype.element_ty, EMULATE), mask=mask2)
+
+
+@triton.jit
+def _dot_d(a, b, a2, b2, BLOCK_D2: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """a · b contracted over the head dim; split (BLOCK_D2 > 0), the second chunks' product accumulates onto the
+    first's in fp32, as one dot over the whole head dim would."""
+    if BLOCK_D2 > 0:
+        return dot(a2, b2, dot(a, b, None, PRECISION, EMULATE), PRECISION, EMULATE)
+    else:
+        return dot(a, b, None, PRECISION, EMULATE)
+
+
+@triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_ptrs0, do_ptrs0, stride_qm, stride_dom, max_ptr, logsum_ptr, delta_ptr, row_lo_ptr, row_hi_ptr,
-    blocks, num_blocks, offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
+    dk, dk2, dv, dv2, k, k2, v, v2, q_ptrs0, q2_ptrs0, do_ptrs0, do2_ptrs0, stride_qm, stride_dom, max_ptr,
+    logsum_ptr, delta_ptr, row_lo_ptr, row_hi_ptr, blocks, num_blocks, offs_n, offs_m0, offs_d, offs_d2, seqlen_q,
+    kpm_keep, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
 ):
     """dK and / or dV (NEED_DK, NEED_DV) of one KV tile from the query blocks listed at `blocks` (transposed:
-    the tile's keys are rows)."""
+    the tile's keys are rows). BLOCK_D2 > 0: the head dim's second chunk in k2, v2, dk2, dv2 (see the forward)."""
     STEPS: tl.constexpr = MASK_M // BLOCK_M  # kernel tiles per mask tile
     d_ok = offs_d < HEAD_DIM
+    d2_ok = offs_d2 < HEAD_DIM
     for t in range(0, num_blocks * STEPS):
         start_m = tl.load(blocks + t // STEPS) * MASK_M + (t % STEPS) * BLOCK_M
         rows = start_m + offs_m0
         row_ok = rows < seqlen_q
         rows64 = rows.to(tl.int64)
-        qT = tl.load(q_ptrs0 + rows64[None, :] * stride_qm, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs0 + rows64[:, None] * stride_dom, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_mask, q_mask2 = _d_masks(row_ok[None, :], d_ok[:, None], d2_ok[:, None], BLOCK_D2, True)
+        qT, qT2 = _load_d(q_ptrs0 + rows64[None, :] * stride_qm, q2_ptrs0 + rows64[None, :] * stride_qm, q_mask,
+                          q_mask2, BLOCK_D2, True)
+        do_mask, do_mask2 = _d_masks(row_ok[:, None], d_ok[None, :], d2_ok[None, :], BLOCK_D2, True)
+        do, do2 = _load_d(do_ptrs0 + rows64[:, None] * stride_dom, do2_ptrs0 + rows64[:, None] * stride_dom,
+                          do_mask, do_mask2, BLOCK_D2, True)
         row_max, row_logsum = _row_stats(max_ptr + rows, logsum_ptr + rows, row_ok)
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-        qkT = dot(k, qT, None, PRECISION, EMULATE)
+        qkT = _dot_d(k, qT, k2, qT2, BLOCK_D2, PRECISION, EMULATE)
         pT = tl.math.exp2((qkT * sm_scale - row_max[None, :] - row_logsum[None, :]) * LOG2E)
         if MASKED:
             lo = tl.load(row_lo_ptr + rows, mask=row_ok, other=0)
@@ -290,41 +345,50 @@ def _dkdv_inner(
                 visible = visible & kpm_keep[:, None]
             pT = tl.where(visible, pT, 0.0)
         if NEED_DV:
-            dv += dot(round_to(pT, do.dtype, EMULATE), do, None, PRECISION, EMULATE)
+            pT_in = round_to(pT, do.dtype, EMULATE)
+            dv += dot(pT_in, do, None, PRECISION, EMULATE)
+            if BLOCK_D2 > 0:
+                dv2 += dot(pT_in, do2, None, PRECISION, EMULATE)
         if NEED_DK:
-            dpT = dot(v, tl.trans(do), None, PRECISION, EMULATE)
+            dpT = _dot_d(v, tl.trans(do), v2, tl.trans(do2), BLOCK_D2, PRECISION, EMULATE)
             dsT = pT * (dpT - delta[None, :])
-            dk += dot(round_to(dsT, qT.dtype, EMULATE), tl.trans(qT), None, PRECISION, EMULATE)
-    return dk, dv
+            dsT_in = round_to(dsT, qT.dtype, EMULATE)
+            dk += dot(dsT_in, tl.trans(qT), None, PRECISION, EMULATE)
+            if BLOCK_D2 > 0:
+                dk2 += dot(dsT_in, tl.trans(qT2), None, PRECISION, EMULATE)
+    return dk, dk2, dv, dv2
 
 
 @triton.jit
 def _dkdv_heads(
-    dk, dv, k, v, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx, PartIdx, full_num, part_num,
-    batch, q_first, kv_h, group, range_off, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
-    stride_statb, stride_stath, offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, HAS_KPM: tl.constexpr,
-    PRECISION: tl.constexpr, EMULATE: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+    dk, dk2, dv, dv2, k, k2, v, v2, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx, PartIdx, full_num,
+    part_num, batch, q_first, kv_h, group, range_off, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom,
+    stride_doh, stride_statb, stride_stath, offs_n, offs_m0, offs_d, offs_d2, seqlen_q, kpm_keep, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
+    HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr, NEED_DK: tl.constexpr,
+    NEED_DV: tl.constexpr,
 ):
     """dK and / or dV of one KV tile over the query heads of its GQA group: full query blocks, then partial."""
     for g in range(0, group):
         h = (kv_h * group + g).to(tl.int64)
-        q_ptrs0 = Q + batch * stride_qb + q_first * stride_qm + h * stride_qh + offs_d[:, None]
-        do_ptrs0 = DOut + batch * stride_dob + q_first * stride_dom + h * stride_doh + offs_d[None, :]
+        q_head = Q + batch * stride_qb + q_first * stride_qm + h * stride_qh
+        q_ptrs0, q2_ptrs0 = q_head + offs_d[:, None], q_head + offs_d2[:, None]
+        do_head = DOut + batch * stride_dob + q_first * stride_dom + h * stride_doh
+        do_ptrs0, do2_ptrs0 = do_head + offs_d[None, :], do_head + offs_d2[None, :]
         stat_off = batch * stride_statb + q_first + h * stride_stath
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_ptrs0, do_ptrs0, stride_qm, stride_dom, RowMax + stat_off, RowLogSum + stat_off,
-            Delta + stat_off, RowLo + range_off, RowHi + range_off, FullIdx, full_num,
-            offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
-            HEAD_DIM, BLOCK_M, MASK_M, False, HAS_KPM, PRECISION, EMULATE, NEED_DK, NEED_DV,
+        dk, dk2, dv, dv2 = _dkdv_inner(
+            dk, dk2, dv, dv2, k, k2, v, v2, q_ptrs0, q2_ptrs0, do_ptrs0, do2_ptrs0, stride_qm, stride_dom,
+            RowMax + stat_off, RowLogSum + stat_off, Delta + stat_off, RowLo + range_off, RowHi + range_off,
+            FullIdx, full_num, offs_n, offs_m0, offs_d, offs_d2, seqlen_q, kpm_keep, sm_scale,
+            HEAD_DIM, BLOCK_D2, BLOCK_M, MASK_M, False, HAS_KPM, PRECISION, EMULATE, NEED_DK, NEED_DV,
         )
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_ptrs0, do_ptrs0, stride_qm, stride_dom, RowMax + stat_off, RowLogSum + stat_off,
-            Delta + stat_off, RowLo + range_off, RowHi + range_off, PartIdx, part_num,
-            offs_n, offs_m0, offs_d, seqlen_q, kpm_keep, sm_scale,
-            HEAD_DIM, BLOCK_M, MASK_M, True, HAS_KPM, PRECISION, EMULATE, NEED_DK, NEED_DV,
+        dk, dk2, dv, dv2 = _dkdv_inner(
+            dk, dk2, dv, dv2, k, k2, v, v2, q_ptrs0, q2_ptrs0, do_ptrs0, do2_ptrs0, stride_qm, stride_dom,
+            RowMax + stat_off, RowLogSum + stat_off, Delta + stat_off, RowLo + range_off, RowHi + range_off,
+            PartIdx, part_num, offs_n, offs_m0, offs_d, offs_d2, seqlen_q, kpm_keep, sm_scale,
+            HEAD_DIM, BLOCK_D2, BLOCK_M, MASK_M, True, HAS_KPM, PRECISION, EMULATE, NEED_DK, NEED_DV,
         )
-    return dk, dv
+    return dk, dk2, dv, dv2
 
 
 @triton.jit
@@ -338,12 +402,14 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvn, stride_dvh,
     stride_statb, stride_stath, stride_rangeb, stride_kpmb, stride_kpmn, stride_numb, stride_idxb, stride_idxm,
     seqlen_q, seqlen_k, group, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_M: tl.constexpr, MASK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     PRECISION: tl.constexpr, EMULATE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dK = scale · Σ dSᵀ Q and dV = Σ Pᵀ dO for one KV tile of one KV head, over its query heads and blocks.
 
+    BLOCK_D2: the head dim padded to BLOCK_D (0) or in two chunks, as in the forward: Sᵀ and dPᵀ as sums of
+    two dots, dK and dV as two accumulators each.
     SPLIT: two programs per KV tile, one accumulator each (even: dV, odd: dK; the grid's axis 0 doubles):
     half the live accumulator registers, where both would spill (D = 256 with wgmma), for one more dot
     (the dK program recomputes Qᵀ K) and a second read of Q and dO.
@@ -365,20 +431,30 @@ def _attention_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    else:
+        offs_d2 = offs_d  # unused
     col_ok = offs_n < seqlen_k
     d_ok = offs_d < HEAD_DIM
+    d2_ok = offs_d2 < HEAD_DIM
     cols = offs_n[:, None].to(tl.int64)
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + batch * stride_kb + k_first * stride_kn + kv_h.to(tl.int64) * stride_kh + cols * stride_kn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh + cols * stride_vn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
+    kv_mask, kv_mask2 = _d_masks(col_ok[:, None], d_ok[None, :], d2_ok[None, :], BLOCK_D2, True)
+    k_rows = K + batch * stride_kb + k_first * stride_kn + kv_h.to(tl.int64) * stride_kh + cols * stride_kn
+    k, k2 = _load_d(k_rows + offs_d[None, :], k_rows + offs_d2[None, :], kv_mask, kv_mask2, BLOCK_D2, True)
+    v_rows = V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh + cols * stride_vn
+    v, v2 = _load_d(v_rows + offs_d[None, :], v_rows + offs_d2[None, :], kv_mask, kv_mask2, BLOCK_D2, True)
     if HAS_KPM:
         kpm_keep = tl.load(KPM + b.to(tl.int64) * stride_kpmb + offs_n * stride_kpmn, mask=col_ok, other=1) == 0
     else:
         kpm_keep = col_ok
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    else:
+        dk2, dv2 = dk, dv  # unused
     n_block = start_n // MASK_N
     num = b.to(tl.int64) * stride_numb + n_block
     idx = b.to(tl.int64) * stride_idxb + n_block.to(tl.int64) * stride_idxm
@@ -387,57 +463,71 @@ def _attention_bwd_dkdv_kernel(
     range_off = batch * stride_rangeb + q_first
     if SPLIT:
         if role == 0:
-            dk, dv = _dkdv_heads(
-                dk, dv, k, v, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx, PartIdx + idx,
-                full_num, part_num, batch, q_first, kv_h, group, range_off, stride_qb, stride_qm, stride_qh,
-                stride_dob, stride_dom, stride_doh, stride_statb, stride_stath, offs_n, offs_m0, offs_d, seqlen_q,
-                kpm_keep, sm_scale, HEAD_DIM, BLOCK_M, MASK_M, HAS_KPM, PRECISION, EMULATE, False, True,
+            dk, dk2, dv, dv2 = _dkdv_heads(
+                dk, dk2, dv, dv2, k, k2, v, v2, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx,
+                PartIdx + idx, full_num, part_num, batch, q_first, kv_h, group, range_off, stride_qb, stride_qm,
+                stride_qh, stride_dob, stride_dom, stride_doh, stride_statb, stride_stath, offs_n, offs_m0, offs_d,
+                offs_d2, seqlen_q, kpm_keep, sm_scale, HEAD_DIM, BLOCK_D2, BLOCK_M, MASK_M, HAS_KPM, PRECISION,
+                EMULATE, False, True,
             )
-            tl.store(DV + batch * stride_dvb + k_first * stride_dvn + kv_h.to(tl.int64) * stride_dvh + cols * stride_dvn
-                     + offs_d[None, :], round_to(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+            dv_rows = (DV + batch * stride_dvb + k_first * stride_dvn + kv_h.to(tl.int64) * stride_dvh
+                       + cols * stride_dvn)
+            _store_d(dv_rows + offs_d[None, :], dv_rows + offs_d2[None, :], dv, dv2, kv_mask, kv_mask2, BLOCK_D2,
+                     EMULATE)
         else:
-            dk, dv = _dkdv_heads(
-                dk, dv, k, v, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx, PartIdx + idx,
-                full_num, part_num, batch, q_first, kv_h, group, range_off, stride_qb, stride_qm, stride_qh,
-                stride_dob, stride_dom, stride_doh, stride_statb, stride_stath, offs_n, offs_m0, offs_d, seqlen_q,
-                kpm_keep, sm_scale, HEAD_DIM, BLOCK_M, MASK_M, HAS_KPM, PRECISION, EMULATE, True, False,
+            dk, dk2, dv, dv2 = _dkdv_heads(
+                dk, dk2, dv, dv2, k, k2, v, v2, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx,
+                PartIdx + idx, full_num, part_num, batch, q_first, kv_h, group, range_off, stride_qb, stride_qm,
+                stride_qh, stride_dob, stride_dom, stride_doh, stride_statb, stride_stath, offs_n, offs_m0, offs_d,
+                offs_d2, seqlen_q, kpm_keep, sm_scale, HEAD_DIM, BLOCK_D2, BLOCK_M, MASK_M, HAS_KPM, PRECISION,
+                EMULATE, True, False,
             )
-            tl.store(DK + batch * stride_dkb + k_first * stride_dkn + kv_h.to(tl.int64) * stride_dkh + cols * stride_dkn
-                     + offs_d[None, :], round_to(dk * sm_scale, DK.dtype.element_ty, EMULATE), mask=kv_mask)
+            dk_rows = (DK + batch * stride_dkb + k_first * stride_dkn + kv_h.to(tl.int64) * stride_dkh
+                       + cols * stride_dkn)
+            _store_d(dk_rows + offs_d[None, :], dk_rows + offs_d2[None, :], dk * sm_scale, dk2 * sm_scale,
+                     kv_mask, kv_mask2, BLOCK_D2, EMULATE)
     else:
-        dk, dv = _dkdv_heads(
-            dk, dv, k, v, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx, PartIdx + idx,
-            full_num, part_num, batch, q_first, kv_h, group, range_off, stride_qb, stride_qm, stride_qh,
-            stride_dob, stride_dom, stride_doh, stride_statb, stride_stath, offs_n, offs_m0, offs_d, seqlen_q,
-            kpm_keep, sm_scale, HEAD_DIM, BLOCK_M, MASK_M, HAS_KPM, PRECISION, EMULATE, True, True,
+        dk, dk2, dv, dv2 = _dkdv_heads(
+            dk, dk2, dv, dv2, k, k2, v, v2, Q, DOut, RowMax, RowLogSum, Delta, RowLo, RowHi, FullIdx + idx,
+            PartIdx + idx, full_num, part_num, batch, q_first, kv_h, group, range_off, stride_qb, stride_qm,
+            stride_qh, stride_dob, stride_dom, stride_doh, stride_statb, stride_stath, offs_n, offs_m0, offs_d,
+            offs_d2, seqlen_q, kpm_keep, sm_scale, HEAD_DIM, BLOCK_D2, BLOCK_M, MASK_M, HAS_KPM, PRECISION,
+            EMULATE, True, True,
         )
-        tl.store(DK + batch * stride_dkb + k_first * stride_dkn + kv_h.to(tl.int64) * stride_dkh + cols * stride_dkn
-                     + offs_d[None, :], round_to(dk * sm_scale, DK.dtype.element_ty, EMULATE), mask=kv_mask)
-        tl.store(DV + batch * stride_dvb + k_first * stride_dvn + kv_h.to(tl.int64) * stride_dvh + cols * stride_dvn
-                     + offs_d[None, :], round_to(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+        dk_rows = DK + batch * stride_dkb + k_first * stride_dkn + kv_h.to(tl.int64) * stride_dkh + cols * stride_dkn
+        _store_d(dk_rows + offs_d[None, :], dk_rows + offs_d2[None, :], dk * sm_scale, dk2 * sm_scale,
+                 kv_mask, kv_mask2, BLOCK_D2, EMULATE)
+        dv_rows = DV + batch * stride_dvb + k_first * stride_dvn + kv_h.to(tl.int64) * stride_dvh + cols * stride_dvn
+        _store_d(dv_rows + offs_d[None, :], dv_rows + offs_d2[None, :], dv, dv2, kv_mask, kv_mask2, BLOCK_D2, EMULATE)
 
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, row_max, row_logsum, delta, row_lo, row_hi, k_ptrs0, v_ptrs0, stride_kn, stride_vn,
-    kpm_ptr, stride_kpmn, blocks, num_blocks, offs_n, offs_d, seqlen_k, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+    dq, dq2, q, q2, do, do2, row_max, row_logsum, delta, row_lo, row_hi, k_ptrs0, k2_ptrs0, v_ptrs0, v2_ptrs0,
+    stride_kn, stride_vn, kpm_ptr, stride_kpmn, blocks, num_blocks, offs_n, offs_d, offs_d2, seqlen_k, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """dQ of one query tile from the KV blocks listed at `blocks`."""
+    """dQ of one query tile from the KV blocks listed at `blocks` (BLOCK_D2 > 0: q2, do2, dq2 the second chunk)."""
     STEPS: tl.constexpr = MASK_N // BLOCK_N  # kernel tiles per mask tile
     d_ok = offs_d < HEAD_DIM
+    d2_ok = offs_d2 < HEAD_DIM
     for t in range(0, num_blocks * STEPS):
         start_n = tl.load(blocks + t // STEPS).to(tl.int64) * MASK_N + (t % STEPS) * BLOCK_N
         cols = start_n + offs_n
-        if MASKED:
-            col_ok = cols < seqlen_k
-            ld_mask = col_ok[None, :] & d_ok[:, None]
-        else:
-            ld_mask = d_ok[:, None]
-        kT = tl.load(k_ptrs0 + cols[None, :] * stride_kn, mask=ld_mask, other=0.0)
-        vT = tl.load(v_ptrs0 + cols[None, :] * stride_vn, mask=ld_mask, other=0.0)
-        qk = dot(q, kT, None, PRECISION, EMULATE)
+        col_ok = cols < seqlen_k
+        if BLOCK_D2 > 0:
+            ld_mask, ld_mask2 = _d_masks(col_ok[None, :], d_ok[:, None], d2_ok[:, None], BLOCK_D2, MASKED)
+            kT, kT2 = _load_d(k_ptrs0 + cols[None, :] * stride_kn, k2_ptrs0 + cols[None, :] * stride_kn, ld_mask,
+                              ld_mask2, BLOCK_D2, MASKED)
+            vT, vT2 = _load_d(v_ptrs0 + cols[None, :] * stride_vn, v2_ptrs0 + cols[None, :] * stride_vn, ld_mask,
+                              ld_mask2, BLOCK_D2, MASKED)
+        else:  # the padded kernel's own lines: through _load_d, ptxas sees other line info (+1 register on sm_80)
+            ld_mask = col_ok[None, :] & d_ok[:, None] if MASKED else d_ok[:, None]
+            kT = tl.load(k_ptrs0 + cols[None, :] * stride_kn, mask=ld_mask, other=0.0)
+            vT = tl.load(v_ptrs0 + cols[None, :] * stride_vn, mask=ld_mask, other=0.0)
+            kT2, vT2 = kT, vT  # unused
+        qk = _dot_d(q, kT, q2, kT2, BLOCK_D2, PRECISION, EMULATE)
         p = tl.math.exp2((qk * sm_scale - row_max[:, None] - row_logsum[:, None]) * LOG2E)
         if MASKED:
             visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
@@ -445,10 +535,13 @@ def _dq_inner(
                 padded = tl.load(kpm_ptr + cols * stride_kpmn, mask=col_ok, other=1)
                 visible = visible & (padded == 0)[None, :]
             p = tl.where(visible, p, 0.0)
-        dp = dot(do, vT, None, PRECISION, EMULATE)
+        dp = _dot_d(do, vT, do2, vT2, BLOCK_D2, PRECISION, EMULATE)
         ds = p * (dp - delta[:, None])
-        dq += dot(round_to(ds, kT.dtype, EMULATE), tl.trans(kT), None, PRECISION, EMULATE)
-    return dq
+        ds_in = round_to(ds, kT.dtype, EMULATE)
+        dq += dot(ds_in, tl.trans(kT), None, PRECISION, EMULATE)
+        if BLOCK_D2 > 0:
+            dq2 += dot(ds_in, tl.trans(kT2), None, PRECISION, EMULATE)
+    return dq, dq2
 
 
 @triton.jit
@@ -461,11 +554,11 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqm, stride_dqh,
     stride_statb, stride_stath, stride_rangeb, stride_kpmb, stride_kpmn, stride_numb, stride_idxb, stride_idxm,
     seqlen_q, seqlen_k, group, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_M: tl.constexpr, MASK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
     PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """dQ = scale · Σ dS K for one query tile of one head, over its visible KV blocks."""
+    """dQ = scale · Σ dS K for one query tile of one head, over its visible KV blocks (BLOCK_D2: as dK/dV)."""
     tl.static_assert(MASK_M % BLOCK_M == 0)
     tl.static_assert(MASK_N % BLOCK_N == 0)
     pid_m = tl.program_id(0)
@@ -480,38 +573,50 @@ def _attention_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    else:
+        offs_d2 = offs_d  # unused
     row_ok = offs_m < seqlen_q
     d_ok = offs_d < HEAD_DIM
+    d2_ok = offs_d2 < HEAD_DIM
     rows = offs_m[:, None].to(tl.int64)
-    ld = row_ok[:, None] & d_ok[None, :]
+    ld, ld2 = _d_masks(row_ok[:, None], d_ok[None, :], d2_ok[None, :], BLOCK_D2, True)
     h64 = h.to(tl.int64)
-    q = tl.load(Q + batch * stride_qb + q_first * stride_qm + h64 * stride_qh + rows * stride_qm + offs_d[None, :],
-                mask=ld, other=0.0)
-    do = tl.load(DOut + batch * stride_dob + q_first * stride_dom + h64 * stride_doh + rows * stride_dom
-                 + offs_d[None, :], mask=ld, other=0.0)
+    q_rows = Q + batch * stride_qb + q_first * stride_qm + h64 * stride_qh + rows * stride_qm
+    q, q2 = _load_d(q_rows + offs_d[None, :], q_rows + offs_d2[None, :], ld, ld2, BLOCK_D2, True)
+    do_rows = DOut + batch * stride_dob + q_first * stride_dom + h64 * stride_doh + rows * stride_dom
+    do, do2 = _load_d(do_rows + offs_d[None, :], do_rows + offs_d2[None, :], ld, ld2, BLOCK_D2, True)
     stat_off = batch * stride_statb + q_first + h64 * stride_stath + offs_m
     row_max, row_logsum = _row_stats(RowMax + stat_off, RowLogSum + stat_off, row_ok)
     delta = tl.load(Delta + stat_off, mask=row_ok, other=0.0)
     range_off = batch * stride_rangeb + q_first
     row_lo = tl.load(RowLo + range_off + offs_m, mask=row_ok, other=0)
     row_hi = tl.load(RowHi + range_off + offs_m, mask=row_ok, other=0)
-    k_ptrs0 = K + batch * stride_kb + k_first * stride_kn + kv_h.to(tl.int64) * stride_kh + offs_d[:, None]
-    v_ptrs0 = V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh + offs_d[:, None]
+    k_head = K + batch * stride_kb + k_first * stride_kn + kv_h.to(tl.int64) * stride_kh
+    k_ptrs0, k2_ptrs0 = k_head + offs_d[:, None], k_head + offs_d2[:, None]
+    v_head = V + batch * stride_vb + k_first * stride_vn + kv_h.to(tl.int64) * stride_vh
+    v_ptrs0, v2_ptrs0 = v_head + offs_d[:, None], v_head + offs_d2[:, None]
     kpm_ptr = KPM + b.to(tl.int64) * stride_kpmb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    else:
+        dq2 = dq  # unused
     m_block = start_m // MASK_M
     num = b.to(tl.int64) * stride_numb + m_block
     idx = b.to(tl.int64) * stride_idxb + m_block.to(tl.int64) * stride_idxm
-    dq = _dq_inner(
-        dq, q, do, row_max, row_logsum, delta, row_lo, row_hi, k_ptrs0, v_ptrs0, stride_kn, stride_vn,
-        kpm_ptr, stride_kpmn, FullIdx + idx, tl.load(FullNum + num), offs_n, offs_d, seqlen_k, sm_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, False, HAS_KPM, PRECISION, EMULATE,
+    dq, dq2 = _dq_inner(
+        dq, dq2, q, q2, do, do2, row_max, row_logsum, delta, row_lo, row_hi, k_ptrs0, k2_ptrs0, v_ptrs0, v2_ptrs0,
+        stride_kn, stride_vn, kpm_ptr, stride_kpmn, FullIdx + idx, tl.load(FullNum + num), offs_n, offs_d, offs_d2,
+        seqlen_k, sm_scale, HEAD_DIM, BLOCK_D2, BLOCK_N, MASK_N, False, HAS_KPM, PRECISION, EMULATE,
     )
-    dq = _dq_inner(
-        dq, q, do, row_max, row_logsum, delta, row_lo, row_hi, k_ptrs0, v_ptrs0, stride_kn, stride_vn,
-        kpm_ptr, stride_kpmn, PartIdx + idx, tl.load(PartNum + num), offs_n, offs_d, seqlen_k, sm_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_N, True, HAS_KPM, PRECISION, EMULATE,
+    dq, dq2 = _dq_inner(
+        dq, dq2, q, q2, do, do2, row_max, row_logsum, delta, row_lo, row_hi, k_ptrs0, k2_ptrs0, v_ptrs0, v2_ptrs0,
+        stride_kn, stride_vn, kpm_ptr, stride_kpmn, PartIdx + idx, tl.load(PartNum + num), offs_n, offs_d, offs_d2,
+        seqlen_k, sm_scale, HEAD_DIM, BLOCK_D2, BLOCK_N, MASK_N, True, HAS_KPM, PRECISION, EMULATE,
     )
     dq *= sm_scale
-    tl.store(DQ + batch * stride_dqb + q_first * stride_dqm + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
-             round_to(dq, DQ.dtype.element_ty, EMULATE), mask=ld)
+    dq2 *= sm_scale
+    dq_rows = DQ + batch * stride_dqb + q_first * stride_dqm + h64 * stride_dqh + rows * stride_dqm
+    _store_d(dq_rows + offs_d[None, :], dq_rows + offs_d2[None, :], dq, dq2, ld, ld2, BLOCK_D2, EMULATE)

@@ -178,7 +178,7 @@ class _Mask:
 
 
 def _empty(shape, dtype, device):
-    """The forward's outputs before the kernel writes them (tests poison them to catch unwritten elements)."""
+    """The kernels' outputs before they write them (tests poison them to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -218,9 +218,9 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
     seqlen_q, seqlen_k = (max_q, max_k) if varlen else (q.shape[1], k.shape[1])
     if do.stride(-1) != 1:
         do = do.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
     if batch == 0 or q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     flags = kernel_flags(q.dtype)
@@ -238,8 +238,7 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
         *args, HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), BLOCK_M=cfg.block_m, VARLEN=varlen, HAS_DLSE=has_dlse,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=C.block_d(head_dim), MASK_M=mask_m, MASK_N=mask_n, VARLEN=varlen,
-                  HAS_KPM=mask.has_kpm, **flags)
+    common = dict(HEAD_DIM=head_dim, MASK_M=mask_m, MASK_N=mask_n, VARLEN=varlen, HAS_KPM=mask.has_kpm, **flags)
     args = (
         q, k, v, do, row_max, row_logsum, delta, dk, dv, *mask.ranges, mask.kpm, *mask.cu, *mask.q_lists,
         *_bh_strides(q, varlen), *_bh_strides(k, varlen), *_bh_strides(v, varlen), *_bh_strides(do, varlen),
@@ -248,9 +247,11 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
     )
     cfg = _tuned.attention_config("dkdv", _attention_bwd_dkdv_kernel, args, head_dim, q.dtype, flags["PRECISION"],
                                   interp)
+    block_d, block_d2 = C.launch_block_d(_attention_bwd_dkdv_kernel, args, head_dim, q.dtype, flags["PRECISION"],
+                                         interp)
     _attention_bwd_dkdv_kernel[(cdiv(seqlen_k, cfg.block_n) * (2 if cfg.split else 1), hkv, batch)](
-        *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split, **common, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        *args, BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     args = (
         q, k, v, do, row_max, row_logsum, delta, dq, *mask.ranges, mask.kpm, *mask.cu, *mask.kv_lists,
@@ -259,8 +260,10 @@ def _bwd_launch(do, dlogsum, q, k, v, out, row_max, row_logsum, mask, scale, max
         seqlen_q, seqlen_k, hq // hkv, scale,
     )
     cfg = _tuned.attention_config("dq", _attention_bwd_dq_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
+    block_d, block_d2 = C.launch_block_d(_attention_bwd_dq_kernel, args, head_dim, q.dtype, flags["PRECISION"], interp)
     _attention_bwd_dq_kernel[(cdiv(seqlen_q, cfg.block_m), hq, batch)](
-        *args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        *args, BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
 

@@ -4,12 +4,14 @@ Odd lengths, head dims 40 / 64 / 80 / 128 / 256, self and cross attention, causa
 random intervals, key padding, fully masked rows, strided views, determinism, return_lse and its
 gradient. Varlen, block masks and validation live in test_attention_varlen.py / _blockmask.py.
 """
+from dataclasses import replace
+
 import pytest
 import torch
 from attention_helpers import check_against_reference, qkv, random_intervals, random_padding
 from numerics import FLOAT_DTYPES, assert_bitwise_equal, dtype_id, poison_, randn
 
-from mmfast.kernels import flash_attention
+from mmfast.kernels import _tuned, flash_attention
 from mmfast.kernels.attention import _configs as C
 from mmfast.kernels.attention import _launch
 from mmfast.kernels.reference import attention_reference
@@ -57,7 +59,7 @@ class _LaunchSpy:
     """Stands in for a kernel in its launcher's module: records each launch's keyword arguments (constexprs)."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
+        self.kernel, self.launches, self.args = kernel, [], []
 
     def __getattr__(self, name):
         return getattr(self.kernel, name)
@@ -65,24 +67,52 @@ class _LaunchSpy:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append(kwargs)
+            self.args.append(args)
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+_SPLIT_KERNELS = ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
+
+
+def _check_split(device, dtype, head_dim, monkeypatch):
+    spies = {name: _LaunchSpy(getattr(_launch, name)) for name in _SPLIT_KERNELS}
+    for name, spy in spies.items():
+        monkeypatch.setattr(_launch, name, spy)
+    monkeypatch.setattr(_launch, "_empty", lambda shape, dtype, device: poison_(torch.empty(shape, dtype=dtype,
+                                                                                           device=device)))
+    q, k, v = qkv(2, 45, 37, 2, 1, head_dim, dtype, device)
+    check_against_reference(q, k, v, causal=True, key_padding_mask=random_padding(2, 37, device))
+    split = (64, 16 if head_dim <= 80 else 32)
+    for name, spy in spies.items():
+        want = split
+        if device.type == "cuda" and name != "_attention_fwd_kernel":  # the backward pads on mma.sync
+            want = C.launch_block_d(spy.kernel, spy.args[0], head_dim, dtype, spy.launches[0]["PRECISION"], False)
+        assert [(kw["BLOCK_D"], kw["BLOCK_D2"]) for kw in spy.launches] == [want], name
+    return spies
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
 @pytest.mark.parametrize("head_dim", (72, 80, 88, 96), ids=lambda d: f"D{d}")
 def test_split_head_dims(device, dtype, head_dim, monkeypatch):
-    """Head dims in (64, 96]: the forward runs on a 64-column chunk plus a 16- or 32-column one (72 and 88 mask 8
-    of its columns) instead of padding to 128, and matches the reference (forward, and the backward that reads
-    its output and statistics) with causal rows that see nothing (Lq > Lk) and key padding; NaN-poisoned
-    outputs catch any element the two stores miss."""
-    spy = _LaunchSpy(_launch._attention_fwd_kernel)
-    monkeypatch.setattr(_launch, "_attention_fwd_kernel", spy)
-    monkeypatch.setattr(_launch, "_empty", lambda shape, dtype, device: poison_(torch.empty(shape, dtype=dtype,
-                                                                                           device=device)))
-    q, k, v = qkv(2, 45, 37, 2, 1, head_dim, dtype, device)
-    check_against_reference(q, k, v, causal=True, key_padding_mask=random_padding(2, 37, device))
-    assert [(kw["BLOCK_D"], kw["BLOCK_D2"]) for kw in spy.launches] == [(64, 16 if head_dim <= 80 else 32)]
+    """Head dims in (64, 96]: the forward, dK/dV and dQ kernels run on a 64-column chunk plus a 16- or 32-column
+    one (72 and 88 mask 8 of its columns) instead of padding to 128, and match the reference with causal rows
+    that see nothing (Lq > Lk) and key padding; NaN-poisoned outputs (out, dq, dk, dv) catch any element the
+    two stores miss (on a GPU the backward splits where bwd_block_d says; the interpreter always splits, and
+    runs dK/dV as two programs per KV tile, SPLIT, one accumulator each)."""
+    spies = _check_split(device, dtype, head_dim, monkeypatch)
+    if device.type == "cpu":
+        assert [kw["SPLIT"] for kw in spies["_attention_bwd_dkdv_kernel"].launches] == [True]
+
+
+@pytest.mark.parametrize("head_dim", (80, 88), ids=lambda d: f"D{d}")
+def test_split_head_dims_one_dkdv_program(device, head_dim, monkeypatch):
+    """The split head dim through the dK/dV kernel's other order (GPU tables: one program per KV tile
+    accumulating dK and dV together)."""
+    cfg = replace(C.launch_config("dkdv", None, (), head_dim, torch.bfloat16, "ieee", interpreter=True), split=False)
+    with _tuned.forcing("attention", {"dkdv": cfg}):
+        spies = _check_split(device, torch.bfloat16, head_dim, monkeypatch)
+    assert [kw["SPLIT"] for kw in spies["_attention_bwd_dkdv_kernel"].launches] == [False]
 
 
 @pytest.mark.parametrize("head_dim, split", [(8, (16, 0)), (64, (64, 0)), (65, (64, 16)), (81, (64, 32)),
@@ -91,7 +121,9 @@ def test_block_d_split(head_dim, split):
     """Only (64, 96] splits: above it 64 + 64 would cost what 128 does."""
     assert C.block_d_split(head_dim) == split
     assert C.table_bucket("fwd", head_dim) == max(64, sum(split))
-    assert C.table_bucket("dq", head_dim) == max(64, C.block_d(head_dim))
+    for pass_ in ("dkdv", "dq"):
+        assert C.table_bucket(pass_, head_dim) == max(64, sum(split))
+    assert C.table_bucket("pre", head_dim) == max(64, C.block_d(head_dim))  # the Delta pass pads
 
 
 def test_long_sequence_577(device):

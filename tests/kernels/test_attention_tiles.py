@@ -42,7 +42,8 @@ def test_sm90_entries_apply_to_aligned_16bit_inputs_only(pass_, head_dim):
 
 
 def test_every_table_entry_divides_the_mask_tile():
-    tables = (C._GPU_TABLE, C._GPU_IEEE_TABLE, C._GPU_UNALIGNED_TABLE, C._SM90_TABLE, C._SM90_SPLIT_ODD_TABLE)
+    tables = (C._GPU_TABLE, C._GPU_IEEE_TABLE, C._GPU_UNALIGNED_TABLE, C._SM90_TABLE, C._SM90_SPLIT_ODD_TABLE,
+              C._GPU_SPLIT_TABLE, C._GPU_SPLIT_UNALIGNED_TABLE)
     for cfg in (cfg for table in tables for cfg in table.values()):
         assert MASK_TILE_GPU[0] % cfg.block_m == 0, cfg
         assert cfg.block_n == 0 or MASK_TILE_GPU[1] % cfg.block_n == 0, cfg
@@ -67,7 +68,8 @@ def test_compile_specs_cover_both_targets_once():
     seen = {}
     for spec in C.compile_specs():
         targets = spec.targets or (80, 90)
-        case = re.sub(r" BLOCK_M=.* stages=\d+( split)?", "", spec.label)  # the launch case, without its tiles
+        # the launch case, without its tiles and head-dim chunks (the backward splits on sm_90 only, bwd_block_d)
+        case = re.sub(r"( as \d+\+\d+)? BLOCK_M=.* stages=\d+( split)?", "", spec.label)
         for cc in targets:
             assert (spec.name, case, cc) not in seen, (spec.label, seen.get((spec.name, case, cc)))
             seen[(spec.name, case, cc)] = spec.label
@@ -79,29 +81,63 @@ def test_compile_specs_cover_both_targets_once():
         assert (name, case, 170 - cc) in seen, (name, case)
 
 
-def test_split_forward_odd_head_dims_get_their_sm90_tile():
-    """The split forward at D % 16 != 0 (no divisibility hint on the head stride) takes the smaller sm_90 tile
-    (128 x 64 spills at D = 88); D = 96, other targets, unaligned inputs and the backward keep theirs."""
+def test_split_odd_head_dims_get_their_sm90_tile():
+    """The split forward, dK/dV and dQ at D % 16 != 0 (no divisibility hint on the head stride) take smaller
+    sm_90 tiles (the 128 bucket's spill at D = 72 or 88); D = 96, other targets and unaligned inputs keep theirs."""
     odd = C._SM90_SPLIT_ODD_TABLE[("fwd", 96, "16-bit")]
     assert C.get_config("fwd", 88, torch.bfloat16, "ieee", aligned=True, cc=90) == odd
     assert C.get_config("fwd", 96, torch.bfloat16, "ieee", aligned=True, cc=90) == C._SM90_TABLE[("fwd", 128, "16-bit")]
     assert C.get_config("fwd", 88, torch.bfloat16, "ieee", aligned=True, cc=80) == C._GPU_TABLE[("fwd", 128, "16-bit")]
     assert C.get_config("fwd", 88, torch.bfloat16, "ieee", aligned=False, cc=90) == \
         C._GPU_UNALIGNED_TABLE[("fwd", 128, "16-bit")]
-    assert C.get_config("dq", 88, torch.bfloat16, "ieee", aligned=True, cc=90) == C._SM90_TABLE[("dq", 128, "16-bit")]
+    for pass_, head_dim in (("dkdv", 72), ("dkdv", 88), ("dq", 88)):
+        odd = C._SM90_SPLIT_ODD_TABLE[(pass_, C.table_bucket(pass_, head_dim), "16-bit")]
+        assert C.get_config(pass_, head_dim, torch.bfloat16, "ieee", aligned=True, cc=90) == odd
+        assert C.get_config(pass_, head_dim, torch.bfloat16, "ieee", aligned=True, cc=80) == \
+            C._GPU_TABLE[(pass_, 128, "16-bit")]
+    assert C.get_config("dq", 72, torch.bfloat16, "ieee", aligned=True, cc=90) == C._SM90_TABLE[("dq", 128, "16-bit")]
 
 
-def test_compile_specs_cover_the_split_forward():
-    """The gate compiles the split forward (BLOCK_D2 > 0) at D = 80 and 96 in bf16, TF32 and IEEE fp32 for both
-    targets, and no backward spec carries BLOCK_D2 (the backward pads to block_d)."""
+def _spec_case(spec):
+    """(pass, dtype, precision, aligned) of a spec, from its label."""
+    words = spec.label.split()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[words[1]]
+    precision = words[2] if dtype == torch.float32 and words[2] in ("tf32", "ieee") else "ieee"
+    return words[0], dtype, precision, "unaligned" not in words
+
+
+def test_compile_specs_cover_the_split_passes():
+    """The gate compiles each spec with the head-dim chunks its launch takes (the forward: block_d_split; dK/dV
+    and dQ: bwd_block_d, per target), among them the split forward, dK/dV and dQ at D = 72, 80, 88, 96 in bf16
+    (the backward on sm_90) and at 80 and 96 in IEEE fp32 (both targets); the Delta pass (no dot) pads."""
     covered = set()
     for spec in C.compile_specs():
-        if "fwd" not in spec.label:
+        pass_, dtype, precision, aligned = _spec_case(spec)
+        if pass_ == "pre":
             assert "BLOCK_D2" not in spec.constexprs, spec.label
             continue
         d = spec.constexprs["HEAD_DIM"]
-        assert (spec.constexprs["BLOCK_D"], spec.constexprs["BLOCK_D2"]) == C.block_d_split(d), spec.label
-        kind = "bf16" if " bf16 " in spec.label else "tf32" if " tf32 " in spec.label else "ieee"
         for cc in spec.targets or (80, 90):
-            covered.add((d, kind, cc))
-    assert {(d, kind, cc) for d in (80, 96) for kind in ("bf16", "tf32", "ieee") for cc in (80, 90)} <= covered
+            want = C.block_d_split(d) if pass_ == "fwd" else C.bwd_block_d(d, dtype, precision, aligned, cc)
+            assert (spec.constexprs["BLOCK_D"], spec.constexprs["BLOCK_D2"]) == want, (spec.label, cc)
+            if spec.constexprs["BLOCK_D2"]:
+                covered.add((pass_, d, "bf16" if dtype != torch.float32 else precision, cc))
+    wanted = {(p, d, "bf16", cc) for p in ("fwd", "dkdv", "dq") for d in (72, 80, 88, 96)
+              for cc in ((80, 90) if p == "fwd" else (90,))}
+    wanted |= {(p, d, "ieee", cc) for p in ("fwd", "dkdv", "dq") for d in (80, 96) for cc in (80, 90)}
+    wanted |= {("fwd", d, "tf32", cc) for d in (80, 96) for cc in (80, 90)}
+    assert wanted <= covered, wanted - covered
+
+
+@pytest.mark.parametrize("head_dim", (72, 80, 88, 96))
+def test_backward_splits_off_mma_sync_only(head_dim):
+    """dK/dV and dQ split the head dim where their dots run on wgmma (aligned 16-bit on sm_90) or as FMA loops
+    (IEEE fp32), and pad it on mma.sync (sm_80, unaligned, TF32); outside (64, 96] they never split."""
+    split = C.block_d_split(head_dim)
+    assert C.bwd_block_d(head_dim, torch.bfloat16, "ieee", True, 90) == split
+    assert C.bwd_block_d(head_dim, torch.float32, "ieee", False, 80) == split
+    for args in ((torch.bfloat16, "ieee", True, 80), (torch.float16, "ieee", False, 90),
+                 (torch.float32, "tf32", True, 90)):
+        assert C.bwd_block_d(head_dim, *args) == (128, 0)
+    for other in (64, 97, 128):
+        assert C.bwd_block_d(other, torch.bfloat16, "ieee", True, 90) == (C.block_d(other), 0)
