@@ -128,9 +128,32 @@ def _tile_flags(lo, hi, valid, seqlen_k, key_padding_mask, mask_m, mask_n, n_blo
         pad = torch.ones(key_padding_mask.shape[0], n_blocks * mask_n, dtype=torch.bool, device=lo.device)
         pad[:, : key_padding_mask.shape[1]] = key_padding_mask
         pad = pad.view(-1, n_blocks, mask_n)
-        visible = visible & ~pad.all(-1)[:, None, :]
+        # visible: some row sees a kept key of the tile. A row whose range covers the tile sees one where the
+        # tile has any; a row covering it partly (the tile holds one of its range's ends) may see only padded
+        # keys there although the tile has kept ones elsewhere: counted exactly (_edge_tiles_seen)
+        covering = ((lo <= n_start) & (hi >= n_end)).any(dim=2) & ~pad.all(-1)[:, None, :]
+        visible = covering | _edge_tiles_seen(lo, hi, key_padding_mask, mask_n, n_blocks)
         full = full & ~pad.any(-1)[:, None, :]
     return visible, full
+
+
+def _edge_tiles_seen(lo, hi, key_padding_mask, mask_n, n_blocks):
+    """(B, M, N) flags: some row of the block sees a kept key in the tile holding its range's first or last key.
+    lo / hi: (B, M, MASK_M, 1) key ranges (empty as lo == hi, at most seqlen_k); kept keys counted by prefix
+    sums, so the work is O(rows), not O(rows x tiles)."""
+    batch, m_blocks = lo.shape[0], lo.shape[1]
+    kept = torch.nn.functional.pad((~key_padding_mask).to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+    lo, hi = lo.reshape(batch, -1), hi.reshape(batch, -1)
+    nonempty = lo < hi
+    first = torch.div(lo, mask_n, rounding_mode="floor").clamp(max=n_blocks - 1)
+    last = torch.div((hi - 1).clamp(min=0), mask_n, rounding_mode="floor").clamp(max=n_blocks - 1)
+    count = lambda a, b: kept.gather(1, b) - kept.gather(1, a)  # noqa: E731  kept keys in [a, b)
+    seen_first = nonempty & (count(lo, torch.minimum(hi, (first + 1) * mask_n)) > 0)
+    seen_last = nonempty & (count(torch.maximum(lo, last * mask_n), hi) > 0)
+    flags = torch.zeros(batch * m_blocks, n_blocks, dtype=torch.int32, device=lo.device)
+    for tile, seen in ((first, seen_first), (last, seen_last)):
+        flags.scatter_add_(1, tile.reshape(batch * m_blocks, -1), seen.to(torch.int32).reshape(batch * m_blocks, -1))
+    return (flags > 0).view(batch, m_blocks, n_blocks)
 
 
 def _check_int_tensor(op, name, t, shapes, device):

@@ -58,6 +58,28 @@ def test_tile_classes_match_brute_force(tile, kind):
         assert torch.all(lists.sort(dim=-1).values == torch.arange(n, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("kind", ["intervals", "causal"])
+def test_a_tile_reached_only_through_padded_keys_is_skipped(kind):
+    """The tile's kept keys lie outside every row's range and the keys in range are padded: no row sees the
+    tile, although it holds kept keys and ranges reach into it (a 1-in-130 flake of the random test above
+    before the tile flags counted kept keys per row)."""
+    pad = torch.tensor([[False, False, False, False, True, False, False, False]])
+    if kind == "intervals":  # row 0 reaches keys 2, 3 of tile [0, 4) (padded); row 1 sees nothing
+        pad = torch.tensor([[False, False, True, True, False, False, False, False]])
+        args = dict(kv_start=torch.tensor([[2, 0]], dtype=torch.int32),
+                    kv_end=torch.tensor([[4, 0]], dtype=torch.int32))
+        hidden = 0
+    else:  # bottom-right causal, Lq 5 of Lk 8: row 1 sees [0, 5), key 4 of tile [4, 8) padded
+        args = dict(causal=True)
+        hidden = 1
+    lq = 2 if kind == "intervals" else 5
+    bm = build_block_mask(lq, 8, tile=(2, 4), key_padding_mask=pad, **args)
+    visible, full = _brute_force_tiles(attention_dense_mask(lq, 8, key_padding_mask=pad, **args), (2, 4), 8)
+    assert not visible[0, 0, hidden]
+    kv_full, kv_part = _decode(bm.kv_full_num, bm.kv_full_idx), _decode(bm.kv_part_num, bm.kv_part_idx)
+    assert torch.equal(kv_full, full) and torch.equal(kv_part, visible & ~full)
+
+
 def test_hidden_tiles_are_never_read(device):
     """NaN / inf in the keys and values of hidden KV tiles changes nothing, forward and backward:
     the kernels skip them entirely (a read would turn the output or gradients into NaN)."""
