@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmfast.kernels import flash_attention
+from mmfast.kernels import build_block_mask, flash_attention
+from mmfast.kernels._dispatch import resolve_backend
 from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
 
 from .attention import MultiheadAttention
@@ -104,7 +105,7 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = Mlp(dim, mlp_dim, act=mlp, bias=mlp_bias, **factory)
 
-    def _attention(self, x, rotary, key_padding_mask, cache, index):
+    def _attention(self, x, rotary, key_padding_mask, cache, index, block_mask):
         attn = self.attn
         q, k, v = attn._project(x, None)
         if rotary is not None:
@@ -114,14 +115,16 @@ class DecoderLayer(nn.Module):
                 past_k, past_v = cache.self_kv[index]
                 k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
             cache.self_kv[index] = (k, v)
-        o = flash_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, softmax_scale=attn.softmax_scale,
-                            backend=attn.backend)
+        masks = dict(block_mask=block_mask) if block_mask is not None else \
+            dict(causal=True, key_padding_mask=key_padding_mask)
+        o = flash_attention(q, k, v, **masks, softmax_scale=attn.softmax_scale, backend=attn.backend)
         return attn.out(o.flatten(-2))
 
-    def forward(self, x, *, rotary=None, key_padding_mask=None, cache=None, index=0):
+    def forward(self, x, *, rotary=None, key_padding_mask=None, cache=None, index=0, block_mask=None):
         """x (B, L, dim); rotary: (cos, sin) (B, L, head_dim) or None; key_padding_mask (B, past + L) bool,
-        True = padded; cache: a KVCache whose entry `index` this layer extends."""
-        x = x + self._attention(self.norm1(x), rotary, key_padding_mask, cache, index)
+        True = padded; cache: a KVCache whose entry `index` this layer extends; block_mask: the causal +
+        padding mask already built (``build_block_mask``, L x past + L), in place of key_padding_mask."""
+        x = x + self._attention(self.norm1(x), rotary, key_padding_mask, cache, index, block_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -192,6 +195,17 @@ class DecoderLM(nn.Module):
         if tie_word_embeddings:  # after the initialisation, which would redraw the padding row through lm_head
             self.lm_head.weight = self.embed_tokens.weight
 
+    def _block_mask(self, key_mask, L, past, device):
+        """The causal + padding mask of every layer's attention, built once per forward (each decoding step
+        included) where the kernels run, rather than by each layer's flash_attention call: tens of small
+        device ops a build. None without padding (no tensors: flash_attention caches those masks per shape)
+        or on the reference backend (it reads the mask arguments themselves)."""
+        layer = next((m for m in self.layers if isinstance(m, DecoderLayer)), None)
+        if key_mask is None or layer is None \
+                or resolve_backend("flash_attention", layer.attn.backend, device) == "reference":
+            return None
+        return build_block_mask(L, past + L, causal=True, key_padding_mask=key_mask, device=device)
+
     def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None, cache=None,
                 use_cache=False, labels=None, logits_to_keep=0, output_hidden_states=False, layer_hook=None):
         """input_ids (B, L) or inputs_embeds (B, L, hidden) (soft prompts: BLIP-2, LLaVA); attention_mask
@@ -246,12 +260,13 @@ class DecoderLM(nn.Module):
             x = x + self.embed_positions(position_ids + self.position_offset)
         else:
             rotary = self.rotary(position_ids)
+        block_mask = self._block_mask(key_mask, L, past, x.device)
         states = [x]
         for i, layer in enumerate(self.layers):
             if layer_hook is not None:
                 x = layer_hook(i, x)
             if isinstance(layer, DecoderLayer):
-                x = layer(x, rotary=rotary, key_padding_mask=key_mask, cache=cache, index=i)
+                x = layer(x, rotary=rotary, key_padding_mask=key_mask, cache=cache, index=i, block_mask=block_mask)
             states.append(x)
         if cache is not None:
             cache.length = past + L
