@@ -10,6 +10,19 @@ from mmfast.kernels.attention._configs import MAX_HEAD_DIM
 QK_NORMS = (False, True, "layernorm", "rmsnorm")
 
 
+def shared_padding_mask(attn, seqlen_q, seqlen_k, *, causal, key_padding_mask, device):
+    """The block mask of a causal / padding mask that every layer of a stack applies, built once for all of
+    them (``flash_attention(..., block_mask=)``) instead of by each layer's call: a build is tens of small
+    device ops. None without padding (masks without tensors are cached per shape by flash_attention) or where
+    `attn` (a layer's MultiheadAttention) runs the reference backend, which reads the mask arguments."""
+    from mmfast.kernels import build_block_mask
+    from mmfast.kernels._dispatch import resolve_backend
+
+    if key_padding_mask is None or resolve_backend("flash_attention", attn.backend, device) == "reference":
+        return None
+    return build_block_mask(seqlen_q, seqlen_k, causal=causal, key_padding_mask=key_padding_mask, device=device)
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head self- or cross-attention, batch first, calling `flash_attention`.
 

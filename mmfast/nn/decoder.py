@@ -17,11 +17,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmfast.kernels import build_block_mask, flash_attention
-from mmfast.kernels._dispatch import resolve_backend
+from mmfast.kernels import flash_attention
 from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
 
-from .attention import MultiheadAttention
+from .attention import MultiheadAttention, shared_padding_mask
 from .bert import KVCache, init_bert_weights
 from .rope import RotaryEmbedding, apply_rotary, liger, position_ids_from_mask
 from .transformer import Mlp
@@ -195,17 +194,6 @@ class DecoderLM(nn.Module):
         if tie_word_embeddings:  # after the initialisation, which would redraw the padding row through lm_head
             self.lm_head.weight = self.embed_tokens.weight
 
-    def _block_mask(self, key_mask, L, past, device):
-        """The causal + padding mask of every layer's attention, built once per forward (each decoding step
-        included) where the kernels run, rather than by each layer's flash_attention call: tens of small
-        device ops a build. None without padding (no tensors: flash_attention caches those masks per shape)
-        or on the reference backend (it reads the mask arguments themselves)."""
-        layer = next((m for m in self.layers if isinstance(m, DecoderLayer)), None)
-        if key_mask is None or layer is None \
-                or resolve_backend("flash_attention", layer.attn.backend, device) == "reference":
-            return None
-        return build_block_mask(L, past + L, causal=True, key_padding_mask=key_mask, device=device)
-
     def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None, cache=None,
                 use_cache=False, labels=None, logits_to_keep=0, output_hidden_states=False, layer_hook=None):
         """input_ids (B, L) or inputs_embeds (B, L, hidden) (soft prompts: BLIP-2, LLaVA); attention_mask
@@ -260,7 +248,9 @@ class DecoderLM(nn.Module):
             x = x + self.embed_positions(position_ids + self.position_offset)
         else:
             rotary = self.rotary(position_ids)
-        block_mask = self._block_mask(key_mask, L, past, x.device)
+        first = next((m for m in self.layers if isinstance(m, DecoderLayer)), None)
+        block_mask = None if first is None else shared_padding_mask(first.attn, L, past + L, causal=True,
+                                                                    key_padding_mask=key_mask, device=x.device)
         states = [x]
         for i, layer in enumerate(self.layers):
             if layer_hook is not None:

@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
 
-from .attention import MultiheadAttention
+from .attention import MultiheadAttention, shared_padding_mask
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu")
 
@@ -84,8 +84,11 @@ class TransformerLayer(nn.Module):
         self.ls1 = LayerScale(dim, init_values, **factory) if scale else None
         self.ls2 = LayerScale(dim, init_values, **factory) if scale else None
 
-    def forward(self, x, *, causal=False, key_padding_mask=None):
-        h = self.attn(self.norm1(x), causal=causal, key_padding_mask=key_padding_mask)
+    def forward(self, x, *, causal=False, key_padding_mask=None, block_mask=None):
+        """block_mask: the causal / padding mask already built (``shared_padding_mask``), in their place."""
+        masks = dict(block_mask=block_mask) if block_mask is not None else \
+            dict(causal=causal, key_padding_mask=key_padding_mask)
+        h = self.attn(self.norm1(x), **masks)
         x = x + (h if self.ls1 is None else self.ls1(h))
         h = self.mlp(self.norm2(x))
         return x + (h if self.ls2 is None else self.ls2(h))
@@ -102,9 +105,12 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(dim, num_heads, **layer_kwargs) for _ in range(depth))
 
     def forward(self, x, *, causal=False, key_padding_mask=None, output_hidden_states=False):
+        block_mask = None if not self.layers else shared_padding_mask(
+            self.layers[0].attn, x.shape[1], x.shape[1], causal=causal, key_padding_mask=key_padding_mask,
+            device=x.device)
         states = [x]
         for layer in self.layers:
-            x = layer(x, causal=causal, key_padding_mask=key_padding_mask)
+            x = layer(x, causal=causal, key_padding_mask=key_padding_mask, block_mask=block_mask)
             states.append(x)
         return (x, states) if output_hidden_states else x
 

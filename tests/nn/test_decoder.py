@@ -217,24 +217,10 @@ def test_sampling_with_a_vanishing_nucleus_is_greedy():
 
 
 @requires("transformers")
-def test_triton_interpreter_matches_reference(monkeypatch):
+def test_triton_interpreter_matches_reference(block_mask_builds):
     """The attention path through flash_attention's Triton kernels (interpreter on CPU): GQA, causal,
     left padding, a cached decoding step; the padded causal block mask is built once per forward (each
     decoding step too), not by every layer's call."""
-    import mmfast.kernels.attention._launch as attention_launch
-    import mmfast.nn.decoder as decoder
-
-    builds = {"per forward": 0, "per layer": 0}
-
-    def counted(module, key):
-        build = module.build_block_mask
-
-        def wrapper(*args, **kwargs):
-            builds[key] += 1
-            return build(*args, **kwargs)
-        monkeypatch.setattr(module, "build_block_mask", wrapper)
-    counted(decoder, "per forward")
-    counted(attention_launch, "per layer")
     ref = DecoderLM.from_hf(_hf("llama"), backend="reference")
     tri = copy.deepcopy(ref)
     for layer in tri.layers:
@@ -242,9 +228,9 @@ def test_triton_interpreter_matches_reference(monkeypatch):
     ids, mask = _batch("left")
     keep = mask.bool()
     torch.testing.assert_close(tri(ids, mask).logits[keep], ref(ids, mask).logits[keep], rtol=1e-5, atol=1e-5)
-    assert builds == {"per forward": 1, "per layer": 0}  # the reference backend builds none
+    assert block_mask_builds == {"per forward": 1, "per layer": 0}  # the reference backend builds none
     assert torch.equal(tri.generate(ids, mask, max_new_tokens=2), ref.generate(ids, mask, max_new_tokens=2))
-    assert builds == {"per forward": 3, "per layer": 0}  # the prompt and one cached step
+    assert block_mask_builds == {"per forward": 3, "per layer": 0}  # the prompt and one cached step
 
 
 @requires("transformers")
