@@ -20,7 +20,8 @@ def shared_padding_mask(attn, seqlen_q, seqlen_k, *, causal, key_padding_mask, d
 
     if key_padding_mask is None or resolve_backend("flash_attention", attn.backend, device) == "reference":
         return None
-    return build_block_mask(seqlen_q, seqlen_k, causal=causal, key_padding_mask=key_padding_mask, device=device)
+    return build_block_mask(seqlen_q, seqlen_k, causal=causal, key_padding_mask=key_padding_mask, device=device,
+                            validate=False)  # no index ranges to check: a padding mask only
 
 
 class MultiheadAttention(nn.Module):
