@@ -123,7 +123,8 @@ def _tile_flags(lo, hi, valid, seqlen_k, key_padding_mask, mask_m, mask_n, n_blo
     if not isinstance(seqlen_k, int):
         seqlen_k = seqlen_k.view(batch, 1, 1)
     complete = n_end.view(1, 1, -1) <= seqlen_k
-    full = (((lo <= n_start) & (hi >= n_end)) | ~valid).all(dim=2) & complete & visible
+    covers = (lo <= n_start) & (hi >= n_end)  # the row's range holds the whole tile
+    full = (covers | ~valid).all(dim=2) & complete & visible
     if key_padding_mask is not None:
         pad = torch.ones(key_padding_mask.shape[0], n_blocks * mask_n, dtype=torch.bool, device=lo.device)
         pad[:, : key_padding_mask.shape[1]] = key_padding_mask
@@ -131,7 +132,7 @@ def _tile_flags(lo, hi, valid, seqlen_k, key_padding_mask, mask_m, mask_n, n_blo
         # visible: some row sees a kept key of the tile. A row whose range covers the tile sees one where the
         # tile has any; a row covering it partly (the tile holds one of its range's ends) may see only padded
         # keys there although the tile has kept ones elsewhere: counted exactly (_edge_tiles_seen)
-        covering = ((lo <= n_start) & (hi >= n_end)).any(dim=2) & ~pad.all(-1)[:, None, :]
+        covering = covers.any(dim=2) & ~pad.all(-1)[:, None, :]
         visible = covering | _edge_tiles_seen(lo, hi, key_padding_mask, mask_n, n_blocks)
         full = full & ~pad.any(-1)[:, None, :]
     return visible, full
