@@ -85,7 +85,7 @@ setup(
     extras_require={
         # timm and open_clip: the tests compare against their PatchEmbed / position resampling / ClipLoss
         "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch",
-                "transformers>=5.17,<6", "einops", "einops-exts"],
+                "transformers>=5.17,<6", "einops", "einops-exts", "liger-kernel>=0.5,<0.9; python_version >= '3.10'"],
         # mmfast.swap.transformers: transformers 5.x from 5.17 (the mask builder contract it implements, with
         # q_length / q_offset; tested with 5.17 and 5.24). 4.5x builds masks from cache_position: not supported.
         "hf": ["transformers>=5.17,<6", "timm", "open_clip_torch"],
@@ -93,6 +93,9 @@ setup(
         # 1.0.31 and open_clip_torch 3.3.0; a module whose layout differs from the swap table is left alone
         "timm": ["timm>=1.0,<1.1"],
         "open_clip": ["open_clip_torch>=3.0,<3.4", "timm>=1.0,<1.1"],
+        # mmfast.nn.liger: Liger-Kernel's RMSNorm / RoPE / SwiGLU / fused linear cross-entropy in the decoder LM on
+        # CUDA (tested with 0.8.5; it needs only torch and triton, and Python >= 3.10)
+        "liger": ["liger-kernel>=0.5,<0.9; python_version >= '3.10'"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

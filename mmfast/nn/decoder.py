@@ -7,9 +7,9 @@ extends a :class:`mmfast.nn.bert.KVCache` (a cached step's queries see every cac
 bottom-right aligned causal mask). Generation (greedy, beam search, nucleus sampling) runs the step
 functions of ``mmfast.models.generation``.
 
-Liger-Kernel (optional): when ``liger_kernel`` imports and the tensors are on CUDA, RMSNorm, RoPE, SwiGLU
-and the training loss (fused linear cross-entropy) call its Triton kernels (see ``mmfast.nn.rope.liger``);
-otherwise the PyTorch code beside each call runs. No Liger version is pinned or installed by mmfast.
+Liger-Kernel (optional, the ``[liger]`` extra): when ``liger_kernel`` imports and the tensors are on CUDA,
+RMSNorm, RoPE, SwiGLU and the training loss (fused linear cross-entropy) call its Triton kernels
+(``mmfast.nn.liger``; ``MMFAST_LIGER=0`` turns them off); otherwise the PyTorch code beside each call runs.
 """
 from dataclasses import dataclass
 
@@ -22,7 +22,8 @@ from mmfast.kernels._common import check_bool, check_choice, check_int, check_sc
 
 from .attention import MultiheadAttention, shared_padding_mask
 from .bert import KVCache, init_bert_weights
-from .rope import RotaryEmbedding, apply_rotary, liger, position_ids_from_mask
+from . import liger
+from .rope import RotaryEmbedding, apply_rotary, position_ids_from_mask
 from .transformer import Mlp
 
 NORMS = ("rmsnorm", "layernorm")
@@ -45,9 +46,8 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
     def forward(self, x):
-        if liger is not None and x.is_cuda:
-            # casting_mode "llama" is the rounding order above (keywords: older Liger releases lack in_place)
-            return liger.liger_rms_norm(x, self.weight, self.eps, offset=0.0, casting_mode="llama")
+        if liger.runs_on(x, "rms_norm"):
+            return liger.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -67,7 +67,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        h = liger.liger_swiglu(gate, up) if liger is not None and x.is_cuda else F.silu(gate) * up
+        h = liger.swiglu(gate, up) if liger.runs_on(x) else F.silu(gate) * up
         return self.down(h)
 
 
@@ -275,9 +275,8 @@ class DecoderLM(nn.Module):
         if tuple(labels.shape) != tuple(x.shape[:2]):
             raise ValueError(f"DecoderLM: labels must have shape {tuple(x.shape[:2])}, got {tuple(labels.shape)}")
         targets = labels[:, 1:].reshape(-1)
-        if liger is not None and x.is_cuda and self.training:
-            h = x[:, :-1].reshape(-1, x.shape[-1])
-            return liger.liger_fused_linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-100), None
+        if liger.runs_on(x) and self.training and self.lm_head.bias is None:
+            return liger.linear_cross_entropy(x[:, :-1].reshape(-1, x.shape[-1]), self.lm_head.weight, targets), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
         return loss, (logits[:, -logits_to_keep:] if logits_to_keep else logits)

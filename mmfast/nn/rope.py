@@ -11,20 +11,7 @@ from torch import nn
 
 from mmfast.kernels._common import check_choice, check_int, check_scalar
 
-
-def _import_liger():
-    """Liger-Kernel's functional ops (``liger_rms_norm``, ``liger_rope``, ``liger_swiglu``,
-    ``liger_fused_linear_cross_entropy``) when the optional package imports, else None. They are Triton
-    kernels for CUDA tensors only: every caller checks ``x.is_cuda`` and otherwise runs the PyTorch code
-    beside it, which is the specification (the same math as transformers' Llama)."""
-    try:
-        from liger_kernel.transformers import functional
-    except Exception:  # not installed, or broken against this torch / triton: the PyTorch path runs
-        return None
-    return functional
-
-
-liger = _import_liger()
+from . import liger
 
 ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -83,10 +70,13 @@ def rotate_half(x):
 def apply_rotary(q, k, cos, sin):
     """Rotate q (B, L, H, D) and k (B, L, Hkv, D) by the angles whose cos / sin are (B or 1, L, D).
     Computed in q's dtype as transformers does (cos and sin are rounded to it first). On CUDA with
-    Liger-Kernel installed its Triton kernel (``liger_rope``, layout (B, H, L, D)) runs instead."""
+    Liger-Kernel installed (``mmfast.nn.liger``) its Triton kernel (``liger_rope``, layout (B, H, L, D)) runs
+    instead; its backward rotates the incoming gradient in place, as the attention's fresh dq / dk allow."""
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    if liger is not None and q.is_cuda:
-        q, k = liger.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    if liger.runs_on(q):
+        # Liger rotates a contiguous (B, L, H, D) tensor in place (it copies any other): never the caller's
+        q, k = (t.clone() if t.is_contiguous() else t for t in (q, k))
+        q, k = liger.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = cos[:, :, None], sin[:, :, None]
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
