@@ -134,6 +134,12 @@ else
   step pip 60 380 python -m pip install -q -e . --no-deps --no-build-isolation
 fi
 PIP_FAILED=$FAILED
+# Optional packages the GPU image lacks (it has no internet): wheels a session put in benchmarks/wheels/ (git-ignored;
+# e.g. `pip download --no-deps -d benchmarks/wheels liger-kernel==0.8.5`, sent along with the device tool's `carry`),
+# installed without their dependencies; the CUDA tests of what they serve (tests/nn/test_liger.py) then run
+if compgen -G "$ROOT/benchmarks/wheels/*.whl" >/dev/null; then
+  step wheels 30 380 python -m pip install -q --no-deps --no-index "$ROOT"/benchmarks/wheels/*.whl
+fi
 IMPORT_WAY="the installed package"
 if ! importable; then
   # the install failed (or was skipped): import mmfast from this source tree (benchmarks/srcpath)
