@@ -42,20 +42,27 @@ def _min_length(logits, length, min_length, eos):
     return logits
 
 
-def greedy_search(step, input_ids, *, max_length, eos_token_id, pad_token_id, min_length=0):
-    """Arg-max decoding until every row emitted one of `eos_token_id` or the sequences reach `max_length`."""
-    _check("greedy_search", input_ids, max_length, min_length)
-    eos = eos_ids("greedy_search", eos_token_id, input_ids.device)
+def _decode(op, step, input_ids, choose, *, max_length, eos_token_id, pad_token_id, min_length):
+    """The loop greedy search and sampling share: `choose(logits)` picks each row's next token until every row
+    emitted one of `eos_token_id` (finished rows get `pad_token_id`) or the sequences reach `max_length`."""
+    _check(op, input_ids, max_length, min_length)
+    eos = eos_ids(op, eos_token_id, input_ids.device)
     seqs, tokens = input_ids, input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     while True:
         logits = _min_length(step(tokens).float(), seqs.shape[1], min_length, eos)
-        nxt = torch.where(unfinished, logits.argmax(-1), pad_token_id)
+        nxt = torch.where(unfinished, choose(logits), pad_token_id)
         seqs = torch.cat([seqs, nxt[:, None]], 1)
         unfinished &= ~torch.isin(nxt, eos)
         if not unfinished.any() or seqs.shape[1] >= max_length:
             return seqs
         tokens = nxt[:, None]
+
+
+def greedy_search(step, input_ids, *, max_length, eos_token_id, pad_token_id, min_length=0):
+    """Arg-max decoding until every row emitted one of `eos_token_id` or the sequences reach `max_length`."""
+    return _decode("greedy_search", step, input_ids, lambda logits: logits.argmax(-1), max_length=max_length,
+                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, min_length=min_length)
 
 
 def nucleus_filter(logits, top_p, top_k=0, temperature=1.0):
@@ -77,20 +84,11 @@ def nucleus_filter(logits, top_p, top_k=0, temperature=1.0):
 def nucleus_sampling(step, input_ids, *, max_length, eos_token_id, pad_token_id, top_p=0.9, top_k=0,
                      temperature=1.0, min_length=0, generator=None):
     """Top-p sampling (BLIP's CapFilt captioner: top_p = 0.9) with greedy's stopping and padding."""
-    _check("nucleus_sampling", input_ids, max_length, min_length)
-    eos = eos_ids("nucleus_sampling", eos_token_id, input_ids.device)
-    seqs, tokens = input_ids, input_ids
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    while True:
-        logits = _min_length(step(tokens).float(), seqs.shape[1], min_length, eos)
+    def sample(logits):
         probs = nucleus_filter(logits, top_p, top_k, temperature).softmax(-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        nxt = torch.where(unfinished, nxt, pad_token_id)
-        seqs = torch.cat([seqs, nxt[:, None]], 1)
-        unfinished &= ~torch.isin(nxt, eos)
-        if not unfinished.any() or seqs.shape[1] >= max_length:
-            return seqs
-        tokens = nxt[:, None]
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return _decode("nucleus_sampling", step, input_ids, sample, max_length=max_length, eos_token_id=eos_token_id,
+                   pad_token_id=pad_token_id, min_length=min_length)
 
 
 def _gather(t, index):
