@@ -151,15 +151,17 @@ def _pixels(kind):
 
 
 RESAMPLED, DIRECT = "vector-every-2nd-extra-vocab-qk-norms", "no-resampler-vector-extra-vocab"
-IMAGE_INPUTS = {  # id: (case, kind)
-    "pixel_values-interpolated": (RESAMPLED, "pixel_values-interpolated"),
-    "image_encoder_embeddings": (RESAMPLED, "image_encoder_embeddings"),
-    "image_encoder_embeddings-4d": (RESAMPLED, "image_encoder_embeddings-4d"),
-    "perceiver_embeddings": (RESAMPLED, "perceiver_embeddings"),
-    "perceiver_embeddings-4d": (RESAMPLED, "perceiver_embeddings-4d"),
-    "no-resampler-pixel_values-interpolated": (DIRECT, "pixel_values-interpolated"),
-    "no-resampler-image_encoder_embeddings-4d": (DIRECT, "image_encoder_embeddings-4d"),
-}
+
+
+def _ids(resampled, direct):
+    """{test id: (case, kind)} for the kinds run with and without the perceiver."""
+    return {**{kind: (RESAMPLED, kind) for kind in resampled},
+            **{f"no-resampler-{kind}": (DIRECT, kind) for kind in direct}}
+
+
+IMAGE_INPUTS = _ids(("pixel_values-interpolated", "image_encoder_embeddings", "image_encoder_embeddings-4d",
+                     "perceiver_embeddings", "perceiver_embeddings-4d"),
+                    ("pixel_values-interpolated", "image_encoder_embeddings-4d"))
 
 
 @pytest.mark.parametrize("name", list(IMAGE_INPUTS))
@@ -183,13 +185,8 @@ def test_image_inputs_match_hf(name):
     assert_close_by_rule(run(ours, hf), ref, run(hf, hf), floor=1e-6 * max(1.0, ref.abs().max().item()), what=name)
 
 
-GENERATIONS = {  # id: (case, kind)
-    "pixel_values": (RESAMPLED, "pixel_values"),
-    "no-resampler-pixel_values": (DIRECT, "pixel_values"),
-    "image_encoder_embeddings": (RESAMPLED, "image_encoder_embeddings"),
-    "perceiver_embeddings": (RESAMPLED, "perceiver_embeddings"),
-    "no-resampler-pixel_values-interpolated": (DIRECT, "pixel_values-interpolated"),
-}
+GENERATIONS = _ids(("pixel_values", "image_encoder_embeddings", "perceiver_embeddings"),
+                   ("pixel_values", "pixel_values-interpolated"))
 
 
 @pytest.mark.parametrize("name", list(GENERATIONS))
