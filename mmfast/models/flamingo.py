@@ -16,16 +16,21 @@ input_ids, attention_mask, labels), and ``model(*batch).loss``.
 
 Hugging Face Idefics (v1, ``IdeficsForVisionText2Text``) through :meth:`Flamingo.from_hf`: the same model
 with other options — every vision token ([CLS] included, not normed) into the perceiver (``act="relu"``,
-optional q/k LayerNorms), ``GatedCrossAttentionBlock(variant="idefics")`` before the *first* layer of each
-group (``cross_attn_position="first"``), its decoupled embeddings and head as one table of vocab + additional
-rows, and its keywords (``pixel_values`` (B, T_img, C, H, W), ``image_attention_mask`` (B, L, T_img): which
-images each token sees, followed as given; a new token sees what the prompt's last token sees, as HF's
-generate). Not supported: ``use_resampler=False`` (Flamingo always resamples), a token whose images are not
-consecutive (ValueError: one key interval per token), HF's ``image_encoder_embeddings`` /
-``perceiver_embeddings`` / ``interpolate_pos_encoding`` keywords (``media=`` takes resampled media), and the
-decoupled tables' partial freezing (``set_stage("bridge+embeddings")`` trains the whole table). HF's own loss
-fails when ``additional_vocab_size`` > 0 (it reshapes the logits to ``vocab_size`` columns); ours is over every
-column.
+optional q/k LayerNorms) or, with ``use_resampler=False`` (transformers' default), straight into the
+cross-attention (``perceiver`` None: each image's S tokens are its media), ``GatedCrossAttentionBlock(variant=
+"idefics")`` before the *first* layer of each group (``cross_attn_position="first"``), its decoupled embeddings
+and head as one table of vocab + additional rows, and its keywords: ``pixel_values`` (B, T_img, C, H, W) with
+``interpolate_pos_encoding`` (other sizes; Idefics' older resampling, ``pos_resample="hf_legacy"``), or instead
+``image_encoder_embeddings`` (the tower's output, skips it) or ``perceiver_embeddings`` (the perceiver's, skips
+both), as HF (B·T_img, S, D) or (B, T_img, S, D); ``image_attention_mask`` (B, L, T_img): which images each
+token sees, followed as given; a new token sees what the prompt's last token sees, as HF's generate. Not
+supported: a token whose images are not consecutive (ValueError: one key interval per token), HF's
+``inputs_embeds`` / ``past_key_values`` / ``use_cache`` / ``output_*`` forward keywords (the forward is one
+full pass; generate keeps its own cache), and the decoupled tables' partial freezing
+(``set_stage("bridge+embeddings")`` trains the whole table). Where HF fails we do not: its loss when
+``additional_vocab_size`` > 0 (it reshapes the logits to ``vocab_size`` columns; ours is over every column)
+and its generate with ``perceiver_embeddings`` (passed twice from the second step). In bf16 Idefics resamples
+the position table in fp32, ours in the table's dtype.
 """
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -33,7 +38,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from mmfast.kernels._common import check_choice, check_int
+from mmfast.kernels._common import check_bool, check_choice, check_int
 from mmfast.kernels.attention.masks import intervals_from_dense, media_intervals
 from mmfast.nn.decoder import PRESETS as _LM
 from mmfast.nn.decoder import DecoderLM
@@ -75,6 +80,8 @@ class Flamingo(nn.Module):
             every token (Idefics).
         perceiver: a dict of :class:`PerceiverResampler` arguments (``PERCEIVER_DEFAULTS``; its width is the
             vision width; ``num_time_embeds`` = open_flamingo's ``max_num_media``).
+        use_resampler: False: no perceiver (``self.perceiver`` is None); the selected vision tokens of each image
+            (all its frames' in order) are the media the gated blocks attend to (Idefics' ``use_resampler=False``).
         xattn: a dict of :class:`GatedCrossAttentionBlock` arguments (``XATTN_DEFAULTS``; ``media_mode``,
             ``variant``: "flamingo" by default).
         max_num_frames: learned per-frame embeddings added to the visual features (open_flamingo's
@@ -84,7 +91,7 @@ class Flamingo(nn.Module):
 
     def __init__(self, vision, language_model, *, media_token_id, eoc_token_id, cross_attn_every_n_layers=1,
                  perceiver=None, xattn=None, max_num_frames=None, cross_attn_position="last",
-                 vision_feature_select_strategy="default", backend="auto"):
+                 vision_feature_select_strategy="default", use_resampler=True, backend="auto"):
         super().__init__()
         self.vision = ViT(**{"backend": backend, **vision}) if isinstance(vision, dict) else vision
         if not isinstance(self.vision, ViT):
@@ -101,14 +108,20 @@ class Flamingo(nn.Module):
         check_int(_OP, "cross_attn_every_n_layers", cross_attn_every_n_layers, lo=1, hi=depth)
         check_choice(_OP, "cross_attn_position", cross_attn_position, POSITIONS)
         check_choice(_OP, "vision_feature_select_strategy", vision_feature_select_strategy, STRATEGIES)
+        check_bool(_OP, "use_resampler", use_resampler)
         for name, value in (("perceiver", perceiver), ("xattn", xattn)):
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"{_OP}: {name} must be a dict of arguments or None, got {type(value).__name__}")
+        if perceiver is not None and not use_resampler:
+            raise ValueError(f"{_OP}: perceiver arguments given with use_resampler=False (no perceiver)")
         self.media_token_id, self.eoc_token_id = media_token_id, eoc_token_id
         self.cross_attn_every_n_layers = cross_attn_every_n_layers
         self.vision_feature_select_strategy = vision_feature_select_strategy
         vis_dim, lang_dim = self.vision.embed_dim, self.language_model.hidden_size
-        self.perceiver = PerceiverResampler(vis_dim, **{"backend": backend, **PERCEIVER_DEFAULTS, **(perceiver or {})})
+        self.perceiver = None
+        if use_resampler:
+            perceiver = {"backend": backend, **PERCEIVER_DEFAULTS, **(perceiver or {})}
+            self.perceiver = PerceiverResampler(vis_dim, **perceiver)
         xattn = {"backend": backend, "variant": "flamingo", **XATTN_DEFAULTS, **(xattn or {})}
         shift = 1 if cross_attn_position == "last" else 0
         # keyed by the LM layer they precede (open_flamingo's list holds None at the other layers)
@@ -136,7 +149,8 @@ class Flamingo(nn.Module):
         check_choice(_OP, "stage", stage, STAGES)
         self.requires_grad_(stage == "all")
         for module in (self.perceiver, self.gated_cross_attn_layers):
-            module.requires_grad_(True)
+            if module is not None:
+                module.requires_grad_(True)
         if self.frame_embs is not None:
             self.frame_embs.requires_grad_(True)
         if stage == "bridge+embeddings":
@@ -174,10 +188,10 @@ class Flamingo(nn.Module):
         return pixels, ids, mask, labels
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def encode_vision(self, vision_x):
-        """(B, T_img, F, C, H, W) images → resampled media (B, T_img, latents, vision width): the encoder's
-        patch tokens (no gradient while it is frozen, as open_flamingo), + frame embeddings, frames flattened,
-        through the perceiver."""
+    def encode_vision(self, vision_x, *, interpolate_pos_encoding=None):
+        """(B, T_img, F, C, H, W) images → media (B, T_img, latents, vision width): the encoder's tokens (no
+        gradient while it is frozen, as open_flamingo; `interpolate_pos_encoding`: images of another size, the
+        position table resampled) through :meth:`resample`."""
         if not isinstance(vision_x, torch.Tensor) or vision_x.dim() != 6:
             raise ValueError(f"{_OP}: vision_x must be a (B, T_img, F, C, H, W) tensor, got "
                              f"{getattr(vision_x, 'shape', type(vision_x).__name__)}")
@@ -186,13 +200,50 @@ class Flamingo(nn.Module):
             raise ValueError(f"{_OP}: vision_x has {Fr} frames; that needs max_num_frames >= {Fr}")
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            tokens = self.vision(vision_x.flatten(0, 2)).last_hidden_state
+            tokens = self.vision(vision_x.flatten(0, 2), interpolate_pos_encoding=interpolate_pos_encoding)
+        tokens = tokens.last_hidden_state
+        return self.resample(tokens.reshape(B, T, Fr, tokens.shape[1], tokens.shape[2]))
+
+    def resample(self, tokens):
+        """The vision encoder's output tokens (B, T_img, F, S, vision width) → media (B, T_img, latents, vision
+        width): the selected tokens ([CLS] dropped under "default"), + frame embeddings, frames flattened,
+        through the perceiver (with use_resampler=False: the flattened tokens themselves)."""
         if self.vision_feature_select_strategy == "default":
-            tokens = tokens[:, self.vision.num_prefix_tokens:]
-        tokens = tokens.reshape(B, T, Fr, tokens.shape[1], tokens.shape[2])
+            tokens = tokens[:, :, :, self.vision.num_prefix_tokens:]
         if self.frame_embs is not None:
-            tokens = tokens + self.frame_embs[:Fr, None].to(tokens.dtype)
-        return self.perceiver(tokens.flatten(2, 3))
+            tokens = tokens + self.frame_embs[:tokens.shape[2], None].to(tokens.dtype)
+        tokens = tokens.flatten(2, 3)
+        return tokens if self.perceiver is None else self.perceiver(tokens)
+
+    def _media(self, batch, vision_x, media, image_encoder_embeddings, perceiver_embeddings, interpolate_pos_encoding):
+        """The media (B, T_img, latents, vision width) from exactly one of the image inputs (HF Idefics' three
+        or ours: `media` is the output of :meth:`encode_vision`)."""
+        given = [name for name, value in (("vision_x / pixel_values", vision_x), ("media", media),
+                                          ("image_encoder_embeddings", image_encoder_embeddings),
+                                          ("perceiver_embeddings", perceiver_embeddings)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(f"{_OP}: give exactly one of vision_x / pixel_values, image_encoder_embeddings, "
+                             f"perceiver_embeddings and media, got {' and '.join(given) or 'none'}")
+        if interpolate_pos_encoding is not None:
+            check_bool(_OP, "interpolate_pos_encoding", interpolate_pos_encoding)
+        if interpolate_pos_encoding and vision_x is None:
+            raise ValueError(f"{_OP}: interpolate_pos_encoding resamples the vision encoder's positions; it needs "
+                             f"pixel_values / vision_x, not {given[0]}")
+        if vision_x is not None:
+            media = self.encode_vision(vision_x, interpolate_pos_encoding=interpolate_pos_encoding)
+        elif image_encoder_embeddings is not None:
+            media = self.resample(_per_image("image_encoder_embeddings", image_encoder_embeddings, batch,
+                                             self.vision.embed_dim)[:, :, None])
+        elif perceiver_embeddings is not None:
+            if self.perceiver is None:
+                raise ValueError(f"{_OP}: perceiver_embeddings given but this model has no perceiver "
+                                 "(use_resampler=False; HF refuses it too)")
+            media = _per_image("perceiver_embeddings", perceiver_embeddings, batch, self.vision.embed_dim,
+                               self.perceiver.latents.shape[0])
+        if not isinstance(media, torch.Tensor) or media.dim() != 4 or media.shape[0] != batch:
+            raise ValueError(f"{_OP}: media must be a (B={batch}, T_img, latents, D) tensor, got "
+                             f"{getattr(media, 'shape', type(media).__name__)}")
+        return media
 
     def _need_media_token(self, what):
         if self.media_token_id is None:
@@ -255,21 +306,22 @@ class Flamingo(nn.Module):
         return ids, vision_x
 
     def forward(self, vision_x=None, lang_x=None, attention_mask=None, labels=None, *, input_ids=None,
-                position_ids=None, media=None, pixel_values=None, image_attention_mask=None):
+                position_ids=None, media=None, pixel_values=None, image_attention_mask=None,
+                image_encoder_embeddings=None, perceiver_embeddings=None, interpolate_pos_encoding=False):
         """open_flamingo's forward: vision_x (B, T_img, F, C, H, W) (or precomputed `media` (B, T_img,
         latents, vision width) from :meth:`encode_vision`), lang_x (alias input_ids) (B, L) with one
         ``<image>`` per image, attention_mask (B, L) 1 keep / 0 pad (left or right), labels (B, L) shifted
         next-token cross-entropy, -100 ignored. position_ids default to the count of real tokens (HF's
         generate; pass the column index to reproduce open_flamingo's plain forward on left-padded rows).
         Hugging Face Idefics' keywords: pixel_values (B, T_img, C, H, W) for vision_x, image_attention_mask
-        (B, L, T_img) for the ``<image>`` rule (see :meth:`media_intervals`). Returns :class:`FlamingoOutput`."""
+        (B, L, T_img) for the ``<image>`` rule (see :meth:`media_intervals`), and in place of the images
+        image_encoder_embeddings (the vision encoder's last_hidden_state, (B, T_img, S, D) or HF's
+        (B·T_img, S, D)) or perceiver_embeddings (the perceiver's output, HF's (B·T_img, latents, D) or
+        (B, T_img, latents, D)); interpolate_pos_encoding: pixel_values of another size. Exactly one image
+        input. Returns :class:`FlamingoOutput`."""
         ids, vision_x = self._inputs(vision_x, lang_x, input_ids, pixel_values, attention_mask)
-        if (vision_x is None) == (media is None):
-            raise ValueError(f"{_OP}: give exactly one of vision_x / pixel_values and media")
-        media = self.encode_vision(vision_x) if media is None else media
-        if not isinstance(media, torch.Tensor) or media.dim() != 4 or media.shape[0] != ids.shape[0]:
-            raise ValueError(f"{_OP}: media must be a (B={ids.shape[0]}, T_img, latents, D) tensor, got "
-                             f"{getattr(media, 'shape', type(media).__name__)}")
+        media = self._media(ids.shape[0], vision_x, media, image_encoder_embeddings, perceiver_embeddings,
+                            interpolate_pos_encoding)
         intervals = self.media_intervals(ids, media.shape[1], media.shape[2], image_attention_mask)
         out = self.language_model(ids, attention_mask, position_ids=position_ids, labels=labels,
                                   layer_hook=self._hook(media, intervals))
@@ -277,20 +329,19 @@ class Flamingo(nn.Module):
 
     @torch.no_grad()
     def generate(self, vision_x=None, lang_x=None, attention_mask=None, *, input_ids=None, pixel_values=None,
-                 image_attention_mask=None, **kwargs):
+                 image_attention_mask=None, media=None, image_encoder_embeddings=None, perceiver_embeddings=None,
+                 interpolate_pos_encoding=False, **kwargs):
         """open_flamingo's ``generate``: the images encoded once, the prompt conditioned on them, then every
         new token attends to the last image of its row; HF's arguments through :meth:`DecoderLM.generate`
         (greedy, beam search, sampling); `eos_token_id` defaults to ``<|endofchunk|>``. Returns the prompt
         followed by the new tokens (B, L + new). A generated ``<image>`` id is text here (it brings no image;
         open_flamingo would re-condition its blocks on that one token and point it at the first image).
-        Idefics' keywords as in :meth:`forward`; a new token sees the images of the prompt's last token
-        (HF repeats the last row of image_attention_mask)."""
+        Idefics' keywords and the image inputs as in :meth:`forward`; a new token sees the images of the prompt's
+        last token (HF repeats the last row of image_attention_mask). perceiver_embeddings work here as in
+        the forward (HF's generate raises on them: its second step passes them twice)."""
         lang_x, vision_x = self._inputs(vision_x, lang_x, input_ids, pixel_values, attention_mask)
-        if vision_x is None:
-            raise ValueError(f"{_OP}.generate: give vision_x or pixel_values")
-        media = self.encode_vision(vision_x)
-        if media.shape[0] != lang_x.shape[0]:
-            raise ValueError(f"{_OP}: vision_x has {media.shape[0]} rows for {lang_x.shape[0]} prompts")
+        media = self._media(lang_x.shape[0], vision_x, media, image_encoder_embeddings, perceiver_embeddings,
+                            interpolate_pos_encoding)
         beams = kwargs.get("num_beams", 1)
         check_int(f"{_OP}.generate", "num_beams", beams, lo=1)
         ids = lang_x.repeat_interleave(beams, 0)
@@ -398,38 +449,44 @@ class Flamingo(nn.Module):
     @classmethod
     def from_hf(cls, hf_model, *, media_token_id=None, backend="auto"):
         """From a transformers ``IdeficsForVisionText2Text`` (Idefics v1; weights copied, no download): its
-        CLIP-like vision tower (every output token, [CLS] included, not normed), ``perceiver_resampler``
-        (ReLU FFN, q/k LayerNorms when ``qk_layer_norms_perceiver``), Llama-style text layers with a
-        ``GatedCrossAttentionLayer`` before every ``cross_layer_interval``-th one (from layer 0), the
-        decoupled embeddings / head as tables of vocab + additional rows. Forward and generate then take
-        HF's keywords (pixel_values, image_attention_mask). `media_token_id`: the tokenizer's ``<image>`` id
-        (not in Idefics' config), needed only where image_attention_mask is not given."""
+        CLIP-like vision tower (every output token, [CLS] included, not normed; positions resampled as Idefics
+        does, ``pos_resample="hf_legacy"``), ``perceiver_resampler`` (ReLU FFN, q/k LayerNorms when
+        ``qk_layer_norms_perceiver``; none with ``use_resampler=False``, transformers' default: the vision
+        tokens go straight to the cross-attention), Llama-style text layers with a ``GatedCrossAttentionLayer``
+        before every ``cross_layer_interval``-th one (from layer 0), the decoupled embeddings / head as tables
+        of vocab + additional rows. Forward and generate then take HF's keywords (pixel_values,
+        image_attention_mask, image_encoder_embeddings, perceiver_embeddings, interpolate_pos_encoding).
+        `media_token_id`: the tokenizer's ``<image>`` id (not in Idefics' config), needed only where
+        image_attention_mask is not given."""
         if type(hf_model).__name__ != "IdeficsForVisionText2Text":
             raise ValueError(f"{_OP}.from_hf expects a transformers IdeficsForVisionText2Text, got "
                              f"{type(hf_model).__name__}")
         c, body = hf_model.config, hf_model.model
-        if not c.use_resampler:
-            raise ValueError(f"{_OP}.from_hf: use_resampler=False (vision tokens straight into the cross-attention) "
-                             "is not supported; Flamingo always resamples")
         if c.num_hidden_layers % c.cross_layer_interval:
             raise ValueError(f"{_OP}.from_hf: num_hidden_layers ({c.num_hidden_layers}) is not a multiple of "
                              f"cross_layer_interval ({c.cross_layer_interval}) (transformers' Idefics fails on it too)")
         vision = ViT.from_hf(body.vision_model, backend=backend)
+        # Idefics' interpolate_pos_encoding is the older HF form (scale_factor (g + 0.1) / g0), not ViT's
+        vision.patch_embed.pos_resample = "hf_legacy"
         lm = _idefics_lm(hf_model, backend)
         pc, blocks = c.perceiver_config, body.gated_cross_attn_layers
         perceiver = dict(depth=pc.resampler_depth, heads=pc.resampler_n_heads, dim_head=pc.resampler_head_dim,
-                         num_latents=pc.resampler_n_latents, ff_mult=4, act="relu", qk_norm=pc.qk_layer_norms_perceiver)
+                         num_latents=pc.resampler_n_latents, ff_mult=4, act="relu",
+                         qk_norm=pc.qk_layer_norms_perceiver) if c.use_resampler else None
         xattn = dict(variant="idefics", heads=c.num_attention_heads, dim_head=c.hidden_size // c.num_attention_heads,
                      hidden=c.intermediate_size, gate="vector" if c.alpha_type == "vector" else "scalar",
                      qk_norm=c.qk_layer_norms, eps=c.rms_norm_eps)
         eos = lm.eos_token_id
         model = cls(vision, lm, media_token_id=media_token_id, eoc_token_id=eos if isinstance(eos, int) else eos[0],
                     cross_attn_every_n_layers=c.cross_layer_interval, cross_attn_position="first",
-                    vision_feature_select_strategy="full", perceiver=perceiver, xattn=xattn, backend=backend)
-        p = body.perceiver_resampler
-        model.perceiver.to(device=p.latents.device, dtype=p.latents.dtype)
-        model.gated_cross_attn_layers.to(device=p.latents.device, dtype=blocks[0].alpha_dense.dtype)
-        pairs = _idefics_perceiver_pairs(model.perceiver, p)
+                    vision_feature_select_strategy="full", perceiver=perceiver, use_resampler=c.use_resampler,
+                    xattn=xattn, backend=backend)
+        alpha, pairs = blocks[0].alpha_dense, []
+        model.gated_cross_attn_layers.to(device=alpha.device, dtype=alpha.dtype)
+        if c.use_resampler:
+            p = body.perceiver_resampler
+            model.perceiver.to(device=p.latents.device, dtype=p.latents.dtype)
+            pairs = _idefics_perceiver_pairs(model.perceiver, p)
         for i, ours in model.gated_cross_attn_layers.items():
             k = int(i) // c.cross_layer_interval
             layer = blocks[k]
@@ -437,6 +494,18 @@ class Flamingo(nn.Module):
                                        ("q_layer_norm", "k_layer_norm") if layer.cross_attn.qk_layer_norms else None)
         copy_weights(pairs, f"{_OP}.from_hf")
         return model.set_stage("bridge")
+
+
+def _per_image(name, x, batch, width, tokens=None):
+    """HF Idefics' per-image tensors, (B·T_img, S, D) (its layout: the rows of pixel_values.flatten(0, 1)) or
+    (B, T_img, S, D) → (B, T_img, S, D); `tokens`: the S required."""
+    ok = isinstance(x, torch.Tensor) and x.dim() in (3, 4) and x.shape[-1] == width and \
+        (x.shape[0] == batch if x.dim() == 4 else x.shape[0] % batch == 0) and tokens in (None, x.shape[-2])
+    if not ok:
+        s = "S" if tokens is None else tokens
+        raise ValueError(f"{_OP}: {name} must be a (B·T_img, {s}, {width}) or (B={batch}, T_img, {s}, {width}) "
+                         f"tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    return x if x.dim() == 4 else x.reshape(batch, x.shape[0] // batch, *x.shape[1:])
 
 
 def _vision_from_open_clip(v, backend):

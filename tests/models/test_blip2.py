@@ -7,6 +7,7 @@ import torch
 from optional_deps import optional_import, requires
 
 from mmfast.models.blip2 import Blip2, QFormer
+from model_helpers import hf_loaded_in
 from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator
 
 transformers = optional_import("transformers")
@@ -307,21 +308,24 @@ def test_stage1_losses_match_hf_scores():
     assert not torch.allclose(h[:, Q + 4:], h2[:, Q + 4:])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @needs_hf
-def test_bf16_model_with_fp32_qformer_matches_hf():
-    """HF's from_pretrained layout in bf16: Q-Former and query tokens fp32 (_keep_in_fp32_modules), the
-    rest bf16. from_hf keeps each part's dtype; logits within the rule of HF's own bf16 run."""
+def test_half_checkpoint_matches_hf(dtype):
+    """HF's model as from_pretrained(dtype=) loads it (hf_loaded_in): the Q-Former and query tokens
+    (_keep_in_fp32_modules) stay fp32 in fp16 only; in bf16 transformers loads them bf16 too (it keeps only
+    _keep_in_fp32_modules_strict fp32 there). from_hf keeps each part's dtype; logits within the rule of HF's
+    own run in that layout."""
     hf = _hf()
     pixels, ids, mask = _inputs()
     ref = copy.deepcopy(hf).double()(pixels.double(), ids, attention_mask=mask).logits
-    hf = hf.to(torch.bfloat16)
-    hf.qformer.float()
-    hf.query_tokens.data = hf.query_tokens.data.float()
+    hf = hf_loaded_in(hf, dtype)
+    qformer_dtype = torch.float32 if dtype == torch.float16 else dtype
+    assert hf.qformer.layernorm.weight.dtype == hf.query_tokens.dtype == qformer_dtype
     ours = Blip2.from_hf(hf, backend="reference")
-    assert ours.qformer.layers[0].fc1.weight.dtype == ours.query_tokens.dtype == torch.float32
-    assert ours.vision.norm.weight.dtype == ours.language_model.lm_head.weight.dtype == torch.bfloat16
-    got = ours(pixels.bfloat16(), ids, attention_mask=mask).logits
-    yard = hf(pixels.bfloat16(), ids, attention_mask=mask).logits
+    assert ours.qformer.layers[0].fc1.weight.dtype == ours.query_tokens.dtype == qformer_dtype
+    assert ours.vision.norm.weight.dtype == ours.language_model.lm_head.weight.dtype == dtype
+    got = ours(pixels.to(dtype), ids, attention_mask=mask).logits
+    yard = hf(pixels.to(dtype), ids, attention_mask=mask).logits
     keep = mask.bool()
-    assert got.dtype == torch.bfloat16
-    assert_close_by_rule(got[keep], ref[keep], yard[keep], factor=2.0, what="bf16 logits")
+    assert got.dtype == yard.dtype == dtype
+    assert_close_by_rule(got[keep], ref[keep], yard[keep], factor=2.0, what=f"{dtype} logits")

@@ -1,7 +1,9 @@
 """Flamingo.from_hf against transformers' IdeficsForVisionText2Text (Idefics v1, tiny random config, no
 downloads; norms, gates and the additional vocabulary rows random): logits and loss on a left-padded batch of
 two images with text before the first, with HF's image_attention_mask followed as given; greedy generation;
-one forward + backward through the Triton interpreter. Both alpha types, qk layer norms on and off."""
+one forward + backward through the Triton interpreter. Both alpha types, qk layer norms on and off, with and
+without the perceiver (use_resampler=False, transformers' default); HF's other image inputs
+(image_encoder_embeddings, perceiver_embeddings, pixel_values of another size with interpolate_pos_encoding)."""
 import copy
 
 import pytest
@@ -16,22 +18,23 @@ from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator,
 transformers = optional_import("transformers")
 V, PAD, EOS = 50, 0, 2
 L, IMAGES = 10, 2
-CASES = {  # alpha_type, cross_layer_interval, additional_vocab_size, qk layer norms (perceiver and gated layers)
-    "float-every-layer": ("float", 1, 0, False),
-    "vector-every-2nd-extra-vocab-qk-norms": ("vector", 2, 2, True),
+CASES = {  # alpha_type, cross_layer_interval, additional_vocab_size, qk layer norms (perceiver and gated), resampler
+    "float-every-layer": ("float", 1, 0, False, True),
+    "vector-every-2nd-extra-vocab-qk-norms": ("vector", 2, 2, True, True),
+    "no-resampler-vector-extra-vocab": ("vector", 1, 2, True, False),
 }
 IMAGE = {0: V - 1, 2: V + 1}  # the <image> id: an additional row when there are some (idefics-9b: 32001)
 
 
-def _hf(alpha_type, interval, extra, qk_norms):
+def _hf(alpha_type, interval, extra, qk_norms, resampler):
     torch.manual_seed(generator().initial_seed() % 2**31)
     config = transformers.IdeficsConfig(
         vocab_size=V, additional_vocab_size=extra, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=2, cross_layer_interval=interval, alpha_type=alpha_type, qk_layer_norms=qk_norms,
-        use_resampler=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, max_position_embeddings=64,
+        use_resampler=resampler, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, max_position_embeddings=64,
         vision_config=dict(embed_dim=16, image_size=8, patch_size=4, intermediate_size=32, num_hidden_layers=1,
                            num_attention_heads=2),
-        perceiver_config=dict(use_resampler=True, resampler_n_latents=3, resampler_depth=2, resampler_n_heads=2,
+        perceiver_config=dict(use_resampler=resampler, resampler_n_latents=3, resampler_depth=2, resampler_n_heads=2,
                               resampler_head_dim=8, qk_layer_norms_perceiver=qk_norms))
     hf = transformers.IdeficsForVisionText2Text(config).eval()
     randomise_norms_(hf)
@@ -43,6 +46,10 @@ def _hf(alpha_type, interval, extra, qk_norms):
         for name, p in hf.named_parameters():
             if name.endswith(("alpha_cross_attn", "alpha_dense")):  # 0 at init: the bridge would not matter
                 p.uniform_(0.3, 1.0)
+        # std 0.02 at init: beside its randn latents the perceiver's output would hardly depend on the images
+        for m in hf.model.perceiver_resampler.modules() if resampler else ():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, m.in_features ** -0.5)
     return hf
 
 
@@ -66,10 +73,11 @@ def _batch(image):
 @pytest.mark.parametrize("case", list(CASES))
 @requires("transformers")
 def test_logits_and_loss_match_hf_left_padded(case):
-    alpha_type, interval, extra, qk_norms = CASES[case]
+    alpha_type, interval, extra, qk_norms, resampler = CASES[case]
     hf = _hf(*CASES[case])
     ours = Flamingo.from_hf(hf, media_token_id=IMAGE[extra], backend="reference")
     assert sorted(ours.gated_cross_attn_layers) == [str(i) for i in range(2) if i % interval == 0]
+    assert (ours.perceiver is not None) == resampler
     ids, mask, pixels, iam = _batch(IMAGE[extra])
     keep = mask.bool()
     # none where a pad position would predict (padded rows' logits are arbitrary)
@@ -106,7 +114,7 @@ def test_bf16_checkpoint_matches_hf_left_padded(case):
     hf_bf16 = hf_loaded_in(hf, torch.bfloat16)
     ours = Flamingo.from_hf(hf_bf16, media_token_id=IMAGE[extra], backend="reference")
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
-    assert ours.gated_cross_attn_layers["0"].attn_gate.dtype == ours.perceiver.latents.dtype == torch.bfloat16
+    assert ours.gated_cross_attn_layers["0"].attn_gate.dtype == torch.bfloat16
     inv_freq = hf_bf16.model.layers[0].self_attn.rotary_emb.inv_freq
     assert inv_freq.dtype == torch.float32 and torch.equal(ours.language_model.rotary.inv_freq, inv_freq)
     ids, mask, pixels, iam = _batch(IMAGE[extra])
@@ -123,16 +131,79 @@ def test_bf16_checkpoint_matches_hf_left_padded(case):
     assert_bf16_matches_hf(ours, hf, hf_bf16, run, keep, labels, hf_loss=extra == 0)
 
 
+def _image_inputs(hf, pixels, kind, ours=False):
+    """HF's image keywords of `kind`, computed by the HF model `hf` (in its dtype) from `pixels`; a "-4d" kind gives
+    ours the (B, T_img, S, D) layout, HF its own (B·T_img, S, D) (it fails on 4D perceiver embeddings)."""
+    pixels = pixels.to(hf.dtype)
+    if kind.startswith("pixel_values"):
+        return dict(pixel_values=pixels, interpolate_pos_encoding=kind.endswith("interpolated"))
+    with torch.no_grad():
+        x, name = hf.model.vision_model(pixels.flatten(0, 1)).last_hidden_state, "image_encoder_embeddings"
+        if kind.startswith("perceiver"):
+            x, name = hf.model.perceiver_resampler(x), "perceiver_embeddings"
+    return {name: x.unflatten(0, pixels.shape[:2]) if ours and kind.endswith("-4d") else x}
+
+
+def _pixels(kind):
+    """The batch's images, at 16x12 (a 4x3 patch grid, the config's is 2x2) for interpolate_pos_encoding."""
+    size = (16, 12) if kind.endswith("interpolated") else (8, 8)
+    return torch.randn(2, IMAGES, 3, *size, generator=generator())
+
+
+RESAMPLED, DIRECT = "vector-every-2nd-extra-vocab-qk-norms", "no-resampler-vector-extra-vocab"
+
+
+def _ids(resampled, direct):
+    """{test id: (case, kind)} for the kinds run with and without the perceiver."""
+    return {**{kind: (RESAMPLED, kind) for kind in resampled},
+            **{f"no-resampler-{kind}": (DIRECT, kind) for kind in direct}}
+
+
+IMAGE_INPUTS = _ids(("pixel_values-interpolated", "image_encoder_embeddings", "image_encoder_embeddings-4d",
+                     "perceiver_embeddings", "perceiver_embeddings-4d"),
+                    ("pixel_values-interpolated", "image_encoder_embeddings-4d"))
+
+
+@pytest.mark.parametrize("name", list(IMAGE_INPUTS))
 @requires("transformers")
-def test_greedy_generation_equals_hf():
-    case = CASES["vector-every-2nd-extra-vocab-qk-norms"]
-    hf = _hf(*case)
+def test_image_inputs_match_hf(name):
+    """HF's other image inputs: the logits of the same keywords (the embeddings computed by each side's HF
+    model: the fp64 reference's by its fp64 copy)."""
+    case, kind = IMAGE_INPUTS[name]
+    hf = _hf(*CASES[case])
+    ours = Flamingo.from_hf(hf, backend="reference")
+    ids, mask, _, iam = _batch(IMAGE[CASES[case][2]])
+    pixels, keep = _pixels(kind), mask.bool()
+
+    @torch.no_grad()
+    def run(model, theirs):
+        kw = _image_inputs(theirs, pixels, kind, ours=model is ours)
+        return model(input_ids=ids, attention_mask=mask, image_attention_mask=iam, **kw).logits[keep]
+
+    hf64 = copy.deepcopy(hf).double()
+    ref = run(hf64, hf64)
+    assert_close_by_rule(run(ours, hf), ref, run(hf, hf), floor=1e-6 * max(1.0, ref.abs().max().item()), what=name)
+
+
+GENERATIONS = _ids(("pixel_values", "image_encoder_embeddings", "perceiver_embeddings"),
+                   ("pixel_values", "pixel_values-interpolated"))
+
+
+@pytest.mark.parametrize("name", list(GENERATIONS))
+@requires("transformers")
+def test_greedy_generation_equals_hf(name):
+    """Greedy tokens equal HF's generate on the same keywords; with perceiver_embeddings HF's generate fails
+    (from the second step it passes them along with its cached image states): its tokens from the pixels
+    they come from, the parting check by its forward on the embeddings."""
+    case, kind = GENERATIONS[name]
+    hf = _hf(*CASES[case])
     ours = Flamingo.from_hf(hf, backend="reference")  # no <image> id: the image mask decides
-    ids, mask, pixels, iam = _batch(IMAGE[case[2]])
-    kw = dict(attention_mask=mask, pixel_values=pixels, image_attention_mask=iam, max_new_tokens=5,
-              min_length=L + 5, pad_token_id=PAD)
-    expected = hf.generate(input_ids=ids, do_sample=False, **kw)
-    got = ours.generate(input_ids=ids, **kw)
+    ids, mask, _, iam = _batch(IMAGE[CASES[case][2]])
+    pixels = _pixels(kind)
+    kw = dict(attention_mask=mask, image_attention_mask=iam, max_new_tokens=5, min_length=L + 5, pad_token_id=PAD)
+    theirs = _image_inputs(hf, pixels, "pixel_values" if kind == "perceiver_embeddings" else kind)
+    expected = hf.generate(input_ids=ids, do_sample=False, **kw, **theirs)
+    got = ours.generate(input_ids=ids, **kw, **_image_inputs(hf, pixels, kind, ours=True))
     assert got.shape == (2, L + 5) and torch.equal(got[:, :L], ids)
 
     @torch.no_grad()
@@ -140,7 +211,8 @@ def test_greedy_generation_equals_hf():
         new = prefix.shape[1] - L
         m = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], 1)
         im = torch.cat([iam, iam[:, -1:].expand(-1, new, -1)], 1)
-        return hf(input_ids=prefix, attention_mask=m, pixel_values=pixels, image_attention_mask=im).logits[:, -1]
+        return hf(input_ids=prefix, attention_mask=m, image_attention_mask=im,
+                  **_image_inputs(hf, pixels, kind)).logits[:, -1]
 
     assert_same_greedy_tokens(got, expected, next_logits)
 
@@ -183,12 +255,45 @@ def test_image_mask_checks_and_refusals():
         ours(vision_x=pixels[:, :, None], input_ids=ids, pixel_values=pixels, image_attention_mask=iam)
     with pytest.raises(ValueError, match="media_token_id=None"):
         ours.synthetic_batch(1)
+    with pytest.raises(ValueError, match="use_resampler=False"):
+        Flamingo.from_preset("tiny", use_resampler=False, perceiver=dict(depth=1))
+
+
+@requires("transformers")
+def test_image_input_checks():
+    """Exactly one image input, HF's shapes (ValueError naming the argument), perceiver_embeddings only with a
+    perceiver (HF refuses them too), interpolate_pos_encoding only with pixels, another size only with it."""
+    hf = _hf(*CASES["float-every-layer"])
+    ours = Flamingo.from_hf(hf, backend="reference")
+    ids, mask, pixels, iam = _batch(IMAGE[0])
+    enc = _image_inputs(hf, pixels, "image_encoder_embeddings")["image_encoder_embeddings"]  # (4, 5, 16)
+    per = _image_inputs(hf, pixels, "perceiver_embeddings")["perceiver_embeddings"]  # (4, 3, 16)
+    kw = dict(input_ids=ids, attention_mask=mask, image_attention_mask=iam)
+    for call in (ours, ours.generate):
+        for extra in (dict(pixel_values=pixels, image_encoder_embeddings=enc),
+                      dict(image_encoder_embeddings=enc, perceiver_embeddings=per), {}):
+            with pytest.raises(ValueError, match="exactly one of vision_x / pixel_values, image_encoder_embeddings"):
+                call(**kw, **extra)
+    for name, bad in (("image_encoder_embeddings", enc[..., :8]), ("image_encoder_embeddings", enc[:3]),
+                      ("image_encoder_embeddings", enc[None]), ("perceiver_embeddings", per[:, :2]),
+                      ("perceiver_embeddings", per.unflatten(0, (4, 1))), ("image_encoder_embeddings", enc.tolist())):
+        with pytest.raises(ValueError, match=f"{name} must be a"):
+            ours(**kw, **{name: bad})
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        ours(**kw, image_encoder_embeddings=enc, interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding must be True or False"):
+        ours(**kw, pixel_values=pixels, interpolate_pos_encoding="yes")
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        ours(**kw, pixel_values=_pixels("pixel_values-interpolated"))
+    with pytest.raises(ValueError, match="image_attention_mask must have shape"):  # 4 images a row, not 2
+        ours(**kw, image_encoder_embeddings=torch.cat([enc, enc]))
+    direct = Flamingo.from_hf(_hf(*CASES[DIRECT]), backend="reference")
+    assert direct.perceiver is None
+    with pytest.raises(ValueError, match="no perceiver"):
+        direct(**kw, perceiver_embeddings=per)
     with pytest.raises(ValueError, match="cross_attn_position"):
         Flamingo.from_preset("tiny", cross_attn_position="middle")
     with pytest.raises(ValueError, match="vision_feature_select_strategy"):
         Flamingo.from_preset("tiny", vision_feature_select_strategy="cls")
-    hf.config.use_resampler = False
-    with pytest.raises(ValueError, match="use_resampler"):
-        Flamingo.from_hf(hf)
     with pytest.raises(ValueError, match="IdeficsForVisionText2Text"):
         Flamingo.from_hf(hf.model)
