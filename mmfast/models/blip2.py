@@ -4,10 +4,11 @@ layers), a linear projection into the language model's width and a frozen decode
 (OPT, :class:`mmfast.nn.decoder.DecoderLM`). Drop-in for transformers' ``Blip2ForConditionalGeneration``
 (5.x): the projected query outputs replace the ``image_token_id`` placeholders of the prompt.
 
-Q-Former in fp32: transformers keeps ``qformer`` and ``query_tokens`` in fp32 whatever the model's dtype
-(``_keep_in_fp32_modules``); the image features are cast up before it and its output cast back to the
-vision tower's dtype before the projection. :meth:`Blip2.from_hf` copies each part in the dtype it has
-there, and :meth:`Blip2.cast` changes the dtype of everything but those two.
+Q-Former dtype: transformers keeps ``qformer`` and ``query_tokens`` in fp32 when it loads a checkpoint in fp16
+(``_keep_in_fp32_modules``, which 5.x applies to fp16 only; in bf16 they load bf16); the image features are
+cast to the Q-Former's dtype before it and its output cast back to the vision tower's dtype before the
+projection. :meth:`Blip2.from_hf` copies each part in the dtype it has there, and :meth:`Blip2.cast` follows
+the loading rule (``keep_qformer_fp32=True`` keeps them fp32 in bf16 too).
 
 Stage 1 (:class:`Blip2ForImageTextRetrieval`, drop-in for HF's): the Q-Former's text path (shared
 self-attention over [queries; text], separate query / text FFNs), ITC / ITM scores as HF, and LAVIS'
@@ -218,10 +219,17 @@ class Blip2(nn.Module):
             p.requires_grad_(name.split(".")[0] in trainable)
         return self
 
-    def cast(self, dtype):
-        """Cast everything but the Q-Former and the query tokens (kept fp32, as transformers) to `dtype`."""
+    def cast(self, dtype, *, keep_qformer_fp32=None):
+        """Cast the model to `dtype` as ``from_pretrained(dtype=)`` loads it: the Q-Former and the query tokens
+        stay fp32 when `keep_qformer_fp32` is true (default: for fp16 only, transformers' rule)."""
+        check_choice("Blip2.cast", "dtype", dtype, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+        keep = dtype == torch.float16 if keep_qformer_fp32 is None else keep_qformer_fp32
+        check_bool("Blip2.cast", "keep_qformer_fp32", keep)
         for module in (self.vision, self.language_projection, self.language_model):
             module.to(dtype)
+        if not keep:
+            self.qformer.to(dtype)
+            self.query_tokens.data = self.query_tokens.data.to(dtype)
         return self
 
     # ---- forward ----------------------------------------------------------------------------------------------
@@ -298,7 +306,7 @@ class Blip2(nn.Module):
     def from_hf(cls, hf_model, *, backend="auto"):
         """From transformers' ``Blip2ForConditionalGeneration`` with a decoder-only (OPT / Llama) language
         model; weights copied, each part in the dtype and on the device it has there (the Q-Former and query
-        tokens fp32 when HF loaded them so). T5 (encoder-decoder) language models are refused."""
+        tokens fp32 when HF loaded them so: in fp16, not in bf16). T5 (encoder-decoder) language models are refused."""
         kind = type(hf_model).__name__
         if kind != "Blip2ForConditionalGeneration":
             raise ValueError(f"{_OP}.from_hf expects a Blip2ForConditionalGeneration, got {kind}")

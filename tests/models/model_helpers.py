@@ -127,8 +127,9 @@ def assert_triton_matches_reference(triton_model, reference_model, run, mask):
 
 def hf_loaded_in(hf, dtype):
     """`hf` as ``type(hf).from_pretrained(path, dtype=dtype)`` loads it (saved and loaded again): the
-    ``_keep_in_fp32_modules`` in fp32, the rotary ``inv_freq`` buffers in fp32 (``.to(dtype)`` would round
-    them, which a checkpoint loaded in bf16 never does)."""
+    ``_keep_in_fp32_modules`` in fp32 (transformers 5.x: in fp16 only; ``_keep_in_fp32_modules_strict`` in bf16
+    too), the rotary ``inv_freq`` buffers in fp32 (``.to(dtype)`` would round them, which a checkpoint loaded
+    in bf16 never does)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as path:

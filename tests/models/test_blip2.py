@@ -99,11 +99,16 @@ def test_query_output_is_fp32_and_features_match_hf():
     torch.testing.assert_close(image, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(query, expected.qformer_outputs.last_hidden_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(features, expected.pooler_output, rtol=1e-5, atol=1e-5)
-    ours.cast(torch.bfloat16)
-    assert ours.qformer.layernorm.weight.dtype == ours.query_tokens.dtype == torch.float32
-    assert ours.language_model.lm_head.weight.dtype == torch.bfloat16
-    image, query, features = ours.get_image_features(pixels.bfloat16())
-    assert query.dtype == torch.float32 and features.dtype == image.dtype == torch.bfloat16
+    # cast follows from_pretrained(dtype=): the Q-Former fp32 in fp16 only, unless asked to keep it
+    for dtype, keep, qformer_dtype in ((torch.float16, None, torch.float32), (torch.bfloat16, True, torch.float32),
+                                       (torch.bfloat16, None, torch.bfloat16)):
+        ours = Blip2.from_hf(hf, backend="reference").cast(dtype, keep_qformer_fp32=keep)
+        assert ours.qformer.layernorm.weight.dtype == ours.query_tokens.dtype == qformer_dtype
+        assert ours.language_model.lm_head.weight.dtype == dtype
+        image, query, features = ours.get_image_features(pixels.to(dtype))
+        assert query.dtype == qformer_dtype and features.dtype == image.dtype == dtype
+    with pytest.raises(ValueError, match="dtype"):
+        ours.cast(torch.int8)
 
 
 @pytest.mark.parametrize("prompt", ["none", "left_padded"])
