@@ -139,7 +139,8 @@ def resample_pos_embed_reference(table, new_grid, old_grid, *, interpolation="bi
     dtype, ``F.interpolate(size=new_grid, mode="bicubic", align_corners=False)``, no antialias.
     mode="hf_legacy": the older form (transformers < 4.44, DINO): ``scale_factor=((gh + 0.1) / gh0,
     (gw + 0.1) / gw0)``; PyTorch then maps coordinates with that factor rather than the size ratio, so
-    the values differ slightly from "hf".
+    the values differ slightly from "hf". A bf16 table is resampled in fp32 and rounded back, as
+    Hugging Face's Idefics does (the one model here that uses this form).
     Returns (N_new, D). Same grid: the table itself (both libraries return it unchanged).
     """
     import torch.nn.functional as F
@@ -155,7 +156,9 @@ def resample_pos_embed_reference(table, new_grid, old_grid, *, interpolation="bi
         x = F.interpolate(x, size=new_grid, mode=interpolation, align_corners=False)
     elif mode == "hf_legacy":
         scale = ((new_grid[0] + 0.1) / old_grid[0], (new_grid[1] + 0.1) / old_grid[1])
-        x = F.interpolate(x, scale_factor=scale, mode=interpolation, align_corners=False)
+        upcast = x.dtype == torch.bfloat16
+        x = F.interpolate(x.float() if upcast else x, scale_factor=scale, mode=interpolation, align_corners=False)
+        x = x.to(table.dtype) if upcast else x
         assert tuple(x.shape[-2:]) == new_grid, (tuple(x.shape[-2:]), new_grid)
     else:
         raise ValueError(f"pos_resample must be 'timm', 'hf' or 'hf_legacy', got {mode!r}")

@@ -29,8 +29,7 @@ supported: a token whose images are not consecutive (ValueError: one key interva
 full pass; generate keeps its own cache), and the decoupled tables' partial freezing
 (``set_stage("bridge+embeddings")`` trains the whole table). Where HF fails we do not: its loss when
 ``additional_vocab_size`` > 0 (it reshapes the logits to ``vocab_size`` columns; ours is over every column)
-and its generate with ``perceiver_embeddings`` (passed twice from the second step). In bf16 Idefics resamples
-the position table in fp32, ours in the table's dtype.
+and its generate with ``perceiver_embeddings`` (passed twice from the second step).
 """
 from dataclasses import dataclass
 from typing import Any, Optional

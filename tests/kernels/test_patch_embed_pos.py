@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import randn
+from numerics import dtype_id, randn
 from patch_embed_helpers import check_against_reference, poisoned_outputs  # noqa: F401
 
 from mmfast.kernels import patch_embed
@@ -53,20 +53,41 @@ def test_hf_parity_and_difference_from_timm():
 
 
 def _hf_legacy_interpolate_pos_encoding(position_embeddings, new_h, new_w):
-    """transformers < 4.44 / DINO interpolate_pos_encoding (scale_factor form), transcribed."""
+    """transformers < 4.44 / DINO interpolate_pos_encoding (scale_factor form), transcribed, with Idefics'
+    fp32 upcast of a bf16 table."""
     class_pos, patch_pos = position_embeddings[:, :1], position_embeddings[:, 1:]
     dim, n = position_embeddings.shape[-1], position_embeddings.shape[1] - 1
     h0, w0 = new_h + 0.1, new_w + 0.1
-    patch_pos = F.interpolate(patch_pos.reshape(1, int(n**0.5), int(n**0.5), dim).permute(0, 3, 1, 2),
-                              scale_factor=(h0 / n**0.5, w0 / n**0.5), mode="bicubic", align_corners=False)
-    return torch.cat((class_pos, patch_pos.permute(0, 2, 3, 1).view(1, -1, dim)), dim=1)
+    patch_pos = patch_pos.reshape(1, int(n**0.5), int(n**0.5), dim).permute(0, 3, 1, 2)
+    upcast = patch_pos.dtype == torch.bfloat16
+    patch_pos = F.interpolate(patch_pos.float() if upcast else patch_pos, scale_factor=(h0 / n**0.5, w0 / n**0.5),
+                              mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.to(torch.bfloat16) if upcast else patch_pos
+    return torch.cat((class_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)), dim=1)
 
 
-def test_hf_legacy_parity():
-    table = randn(1, 1 + 4 * 4, 10)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_hf_legacy_parity(dtype):
+    table = randn(1, 1 + 4 * 4, 10, dtype=dtype)
     ours = resample_pos_embed_reference(table[0, 1:], (7, 5), (4, 4), mode="hf_legacy")
     assert torch.equal(ours, _hf_legacy_interpolate_pos_encoding(table, 7, 5)[0, 1:])
     assert not torch.equal(ours, resample_pos_embed_reference(table[0, 1:], (7, 5), (4, 4), mode="hf"))
+
+
+def test_hf_legacy_is_idefics_interpolation():
+    """The transcription above against transformers' own Idefics vision embeddings, fp32 and bf16."""
+    idefics = pytest.importorskip("transformers.models.idefics.vision",
+                                  reason="transformers not installed; its math is tested above")
+    from transformers import IdeficsConfig
+
+    vision = IdeficsConfig().vision_config
+    vision.image_size, vision.patch_size, vision.embed_dim = 16, 4, 8
+    embeddings = idefics.IdeficsVisionEmbeddings(vision)
+    for dtype in (torch.float32, torch.bfloat16):
+        embeddings.to(dtype)
+        table = embeddings.position_embedding.weight.detach()[None]
+        theirs = embeddings.interpolate_pos_encoding(torch.zeros(1, 1 + 7 * 5, 8, dtype=dtype), 28, 20)
+        assert torch.equal(theirs, _hf_legacy_interpolate_pos_encoding(table, 7, 5)), dtype
 
 
 def test_parity_with_installed_libraries():
