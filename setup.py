@@ -85,7 +85,9 @@ setup(
     extras_require={
         # timm and open_clip: the tests compare against their PatchEmbed / position resampling / ClipLoss
         "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch",
-                "transformers>=5.17,<6", "einops", "einops-exts", "liger-kernel>=0.5,<0.9; python_version >= '3.10'"],
+                "transformers>=5.17,<6", "einops", "einops-exts", "liger-kernel>=0.5,<0.9; python_version >= '3.10'",
+                # tests/swap/test_peft.py: mmfast.patch keeps PEFT's LoRA adapters (tested with 0.21.2)
+                "peft"],
         # mmfast.swap.transformers: transformers 5.x from 5.17 (the mask builder contract it implements, with
         # q_length / q_offset; tested with 5.17 and 5.24). 4.5x builds masks from cache_position: not supported.
         "hf": ["transformers>=5.17,<6", "timm", "open_clip_torch"],

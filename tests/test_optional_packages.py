@@ -1,5 +1,5 @@
 """The suite collects without its optional packages: a test that needs transformers, timm, open_clip,
-open_flamingo (or its einops), liger-kernel, hypothesis or pytest-benchmark is skipped with the reason, never a collection error (on 2026-11-28 the GPU
+open_flamingo (or its einops), liger-kernel, peft, hypothesis or pytest-benchmark is skipped with the reason, never a collection error (on 2026-11-28 the GPU
 image had no open_clip and three module-level imports stopped `pytest tests` before any test ran)."""
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKED = ("open_clip", "timm", "transformers", "hypothesis", "pytest_benchmark", "open_flamingo", "einops",
-           "liger_kernel")
+           "liger_kernel", "peft")
 
 # sys.modules[name] = None makes every `import name` (and name.sub) raise ImportError, as on a machine
 # without it; plugin autoload is off because hypothesis and pytest-benchmark are pytest plugins too

@@ -25,15 +25,26 @@ def _integration(name):
         return None
 
 
+def _inside_peft(model):
+    """The model a peft ``PeftModel`` wraps (its adapters are injected there), or `model` itself."""
+    if type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
 def patch(model, *, attention=True, patch_embed=True, gated=True, loss=True, ema=True, backend="auto"):
     """Swap mmfast kernels into `model` in place (per instance) and return a `SwapReport`.
 
     Parameters, buffers and ``state_dict`` keys stay the same objects, so optimisers and PEFT / LoRA
-    wrappers keep working. Idempotent: patching a patched model with the same options returns its report;
+    wrappers keep working: a peft ``PeftModel`` is patched through the model it wraps, before or after the
+    adapters are added, and a layer whose weights a fused kernel would read but which is not a plain
+    ``nn.Linear`` / ``nn.Conv2d`` (a LoRA or quantized layer, forward hooks) runs its own forward in that call
+    (counted in ``fallbacks``). Idempotent: patching a patched model with the same options returns its report;
     with other options it is unpatched first. A model no integration claims is left unchanged, with the
     reason in the report's ``message``. `unpatch` undoes everything.
     """
     check_model(model)
+    model = _inside_peft(model)
     options = SwapOptions(attention, patch_embed, gated, loss, ema, backend)
     state = patch_state(model)
     if state is not None:
@@ -61,4 +72,4 @@ def unpatch(model):
     """Undo `patch`: every swapped module and setting back to its original. Returns whether the model
     was patched."""
     check_model(model)
-    return unpatch_model(model)
+    return unpatch_model(_inside_peft(model))

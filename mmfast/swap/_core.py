@@ -11,6 +11,7 @@ import types
 import torch
 
 _SAVED = "_mmfast_saved"      # on a swapped module: {attribute: original instance value or _MISSING}
+_SET = "_mmfast_set"          # on a swapped module: {attribute: the value the swap set}
 _STATE = "_mmfast_patch"      # on a patched model: the PatchState
 
 
@@ -102,6 +103,7 @@ def set_instance_attr(module, name, value):
     saved = module.__dict__.setdefault(_SAVED, {})
     if name not in saved:
         saved[name] = module.__dict__.get(name, _MISSING)
+    module.__dict__.setdefault(_SET, {})[name] = value
     object.__setattr__(module, name, value)
 
 
@@ -112,16 +114,52 @@ def replace_forward(module, forward):
 
 def replace_forwards_by_class(model, table, backend, report, library):
     """For every module of `model` whose class comes from `library` (a top-level package name) and whose
-    class name is in `table` (name -> (factory, was, now)): ``replace_forward(module, factory(backend))``
-    and a report row."""
+    class name is in `table` (name -> (factory, was, now, parts)): ``replace_forward(module, factory(backend))``
+    guarded by `parts` (see :func:`guard_parts`; {} for none), and a report row."""
     for path, module in model.named_modules():
         cls = type(module)
         entry = table.get(cls.__name__)
         if entry is None or cls.__module__.split(".")[0] != library:
             continue
-        factory, was, now = entry
-        replace_forward(module, factory(backend))
+        factory, was, now, parts = entry
+        forward = factory(backend)
+        replace_forward(module, guard_parts(forward, parts, report, cls.__name__) if parts else forward)
         report.add(path, was, now)
+
+
+def plain(module, cls):
+    """Whether `module` computes `cls`'s own forward from its own ``weight`` / ``bias``, so that a fused kernel
+    may read them instead of calling it. Not so for a wrapper (peft's LoRA layers, which keep the original as
+    ``base_layer``), a subclass with its own forward (quantized layers), a forward replaced on the instance or
+    forward hooks (accelerate's offloading hooks too): reading their ``weight`` would silently drop what their
+    forward adds. A forward this swap set itself does not count."""
+    own = module.__dict__.get("forward")
+    return (isinstance(module, cls) and type(module).forward is cls.forward
+            and (own is None or own is module.__dict__.get(_SET, {}).get("forward"))
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def not_plain(module, parts):
+    """Why one of `parts` ({dotted submodule name: class}) of `module` is not :func:`plain`, or None."""
+    for name, cls in parts.items():
+        part = module.get_submodule(name)
+        if not plain(part, cls):
+            kind = type(part)
+            return (f"{name} is a {kind.__module__}.{kind.__qualname__}" + (" with hooks" if kind is cls else "")
+                    + f", not a plain {cls.__name__}: its own forward runs")
+    return None
+
+
+def guard_parts(forward, parts, report, what):
+    """`forward`, or the module's original forward (counted in `report`) for calls where one of `parts` is
+    not :func:`plain`: a LoRA or quantized layer may be put there after the swap."""
+    def guarded(self, *args, **kwargs):
+        why = not_plain(self, parts)
+        if why is not None:
+            report.count_fallback(f"{what}: {why}")
+            return original(self)(*args, **kwargs)
+        return forward(self, *args, **kwargs)
+    return guarded
 
 
 def original(module, name="forward"):
@@ -140,6 +178,7 @@ def is_swapped(module):
 def restore(module):
     """Undo every `set_instance_attr` on this module."""
     saved = module.__dict__.pop(_SAVED, {})
+    module.__dict__.pop(_SET, None)
     for name, value in saved.items():
         if value is _MISSING:
             module.__dict__.pop(name, None)

@@ -12,7 +12,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._core import original, set_instance_attr
+from ._core import not_plain, original, set_instance_attr
 from .timm import _configure, _fallback, _library, join
 
 NAME = "open_clip"
@@ -272,10 +272,13 @@ def _mha_forward(self, query, key, value, key_padding_mask=None, need_weights=Tr
 def _visual_blocker(vit):
     if not hasattr(type(vit), "_embeds"):
         return "open_clip < 3.0: no VisionTransformer._embeds to swap"
+    why = not_plain(vit, {"conv1": torch.nn.Conv2d})
+    if why is not None:
+        return why
     conv = vit.conv1
     k = tuple(conv.kernel_size)
-    if type(conv) is not torch.nn.Conv2d or k[0] != k[1] or tuple(conv.stride) != k or tuple(conv.padding) != (0, 0) \
-            or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+    if k[0] != k[1] or tuple(conv.stride) != k or tuple(conv.padding) != (0, 0) or tuple(conv.dilation) != (1, 1) \
+            or conv.groups != 1:
         return "conv1 is not a square stride-P convolution"
     if vit.positional_embedding.dim() != 2:
         return "positional_embedding is not a (N + 1, D) table"
@@ -293,6 +296,10 @@ def _conv_dtype(x):
 def _visual_embeds(self, x):
     from mmfast.kernels import patch_embed
 
+    why = not_plain(self, {"conv1": torch.nn.Conv2d})
+    if why is not None:
+        _fallback(self, why)
+        return original(self, "_embeds")(x)
     P = self.conv1.kernel_size[0]
     if x.dim() != 4 or (x.shape[-2] // P, x.shape[-1] // P) != tuple(self.grid_size) or x.shape[-2] % P \
             or x.shape[-1] % P:

@@ -8,7 +8,7 @@ import types
 
 import torch
 
-from ._core import original, set_instance_attr
+from ._core import not_plain, original, set_instance_attr
 
 NAME = "timm"
 
@@ -170,9 +170,10 @@ def _attention_forward(self, x, attn_mask=None, is_causal=False):
 def _patch_embed_blocker(module, PatchEmbed):
     if type(module).forward is not PatchEmbed.forward:
         return f"{type(module).__name__} overrides forward"
+    why = not_plain(module, {"proj": torch.nn.Conv2d})
+    if why is not None:
+        return why
     proj = module.proj
-    if type(proj) is not torch.nn.Conv2d:
-        return f"proj is {type(proj).__name__}, not nn.Conv2d"
     k = tuple(proj.kernel_size)
     if k[0] != k[1] or tuple(proj.stride) != k or tuple(proj.padding) != (0, 0) or tuple(proj.dilation) != (1, 1) \
             or proj.groups != 1:
@@ -251,6 +252,9 @@ def _grid(pe, H, W):
 def _patch_embed_blocker_at(pe, images):
     if images.dim() != 4:
         return "images are not (B, C, H, W)"
+    why = not_plain(pe, {"proj": torch.nn.Conv2d})
+    if why is not None:
+        return why
     H, W = images.shape[-2:]
     P = pe.patch_size[0]
     if pe.img_size is not None and pe.strict_img_size and (H, W) != tuple(pe.img_size):

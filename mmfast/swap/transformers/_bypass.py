@@ -12,9 +12,11 @@ import inspect
 import weakref
 
 import torch
+from torch import nn
 
 from mmfast.kernels import flash_attention, tanh_gated_linear
 
+from .. import _core
 from .._core import replace_forward
 
 
@@ -141,26 +143,33 @@ def eager_rows(out, q, k, v, scale, mask, rows, softmax_dtype=None):
     return out.index_put((b, i), torch.einsum("nhk,nkhd->nhd", p, v[b]).to(out.dtype))
 
 
-def gated(a, linear, gate, residual, row_mask, fused, backend):
+def gated(a, linear, gate, residual, row_mask, fused, backend, report=None):
     """``residual + tanh(gate) · linear(a)`` (update zeroed on `row_mask` rows), fused or as transformers
-    writes it."""
+    writes it: unfused (counted in `report`) where `linear` is not a plain nn.Linear (a LoRA or quantized layer,
+    whose own forward must run)."""
     if fused:
-        return tanh_gated_linear(a, linear.weight, linear.bias, gate, residual, row_mask=row_mask, backend=backend)
+        if _core.plain(linear, nn.Linear):
+            return tanh_gated_linear(a, linear.weight, linear.bias, gate, residual, row_mask=row_mask,
+                                     backend=backend)
+        if report is not None:
+            kind = type(linear)
+            report.count_fallback(f"tanh_gated_linear: {kind.__module__}.{kind.__qualname__} is not a plain Linear: "
+                                  "its own forward runs, then the gate")
     update = linear(a)
     if row_mask is not None:
         update = update.masked_fill(row_mask[..., None], 0.0)
     return residual + gate.tanh() * update
 
 
-def gated_residuals(layer, o, residual, attn_gate, mlp_gate, options, attn_rows=None, mlp_rows=None):
+def gated_residuals(layer, o, residual, attn_gate, mlp_gate, options, attn_rows=None, mlp_rows=None, report=None):
     """The two gated residuals of a Llama-style cross-attention layer (Mllama's and Idefics' share the
     names): ``x = residual + tanh(attn_gate)·o_proj(o)``; ``x + tanh(mlp_gate)·down(act(gate(h))·up(h))``
     with h = post_attention_layernorm(x); `attn_rows` / `mlp_rows` zero those rows' updates."""
-    x = gated(o, layer.cross_attn.o_proj, attn_gate, residual, attn_rows, options.gated, options.backend)
+    x = gated(o, layer.cross_attn.o_proj, attn_gate, residual, attn_rows, options.gated, options.backend, report)
     h = layer.post_attention_layernorm(x)
     mlp = layer.mlp
     act = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
-    return gated(act, mlp.down_proj, mlp_gate, x, mlp_rows, options.gated, options.backend)
+    return gated(act, mlp.down_proj, mlp_gate, x, mlp_rows, options.gated, options.backend, report)
 
 
 def supersede(report, path):

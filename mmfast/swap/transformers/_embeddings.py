@@ -7,6 +7,7 @@ align_corners=False: patch_embed's ``pos_resample="hf"``) with the table's own s
 import math
 
 import torch
+from torch import nn
 
 from mmfast.kernels import patch_embed
 
@@ -105,13 +106,17 @@ def blip_forward(backend):
     return forward
 
 
-# class name -> (forward factory, was, now); modules found by class name, classes never reassigned
-TABLE = {name: (factory, name, "mmfast.kernels.patch_embed") for name, factory in (
-    ("CLIPVisionEmbeddings", clip_forward),
-    ("SiglipVisionEmbeddings", siglip_forward),
-    ("ViTEmbeddings", vit_forward),
-    ("BlipVisionEmbeddings", blip_forward),
-    ("Blip2VisionEmbeddings", blip_forward),   # the same code as BLIP's (transformers copies it)
+# the submodules whose weights the kernel reads instead of calling them (a LoRA layer there: the original runs)
+_CONV_AND_TABLE = {"patch_embedding": nn.Conv2d, "position_embedding": nn.Embedding}
+
+# class name -> (forward factory, was, now, parts); modules found by class name, classes never reassigned
+TABLE = {name: (factory, name, "mmfast.kernels.patch_embed", parts) for name, factory, parts in (
+    ("CLIPVisionEmbeddings", clip_forward, _CONV_AND_TABLE),
+    ("SiglipVisionEmbeddings", siglip_forward, _CONV_AND_TABLE),
+    ("ViTEmbeddings", vit_forward, {"patch_embeddings.projection": nn.Conv2d}),
+    ("BlipVisionEmbeddings", blip_forward, {"patch_embedding": nn.Conv2d}),
+    # the same code as BLIP's (transformers copies it)
+    ("Blip2VisionEmbeddings", blip_forward, {"patch_embedding": nn.Conv2d}),
 )}
 
 

@@ -103,7 +103,8 @@ def _cross_layer_forward(state):
         residual = hidden_states
         h = self.input_layernorm(hidden_states)
         o = _cross_core(attn, h, image_hidden_states, image_attention_mask, plan, options.attention, backend, kwargs)
-        return gated_residuals(self, o, residual, self.alpha_cross_attn, self.alpha_dense, options, attn_rows=row_mask)
+        return gated_residuals(self, o, residual, self.alpha_cross_attn, self.alpha_dense, options, attn_rows=row_mask,
+                               report=state.report)
 
     return forward
 

@@ -42,8 +42,8 @@ def _siglip(model, text, image, backend):
 
 
 TABLE = {
-    "CLIPModel": (_wrap(_clip), "modeling_clip.image_text_contrastive_loss", "mmfast.kernels.contrastive_loss"),
-    "SiglipModel": (_wrap(_siglip), "SiglipModel sigmoid loss", "mmfast.kernels.siglip_loss"),
+    "CLIPModel": (_wrap(_clip), "modeling_clip.image_text_contrastive_loss", "mmfast.kernels.contrastive_loss", {}),
+    "SiglipModel": (_wrap(_siglip), "SiglipModel sigmoid loss", "mmfast.kernels.siglip_loss", {}),
 }
 
 

@@ -99,9 +99,9 @@ def _gated_vision_layer_forward(state):
             return original(self)(hidden_states, attention_mask=attention_mask)
         h = self.input_layernorm(hidden_states)
         o = _vision_core(attn, h, attention_mask, pad, options.attention, options.backend)
-        x = gated(o, attn.o_proj, self.gate_attn, hidden_states, None, True, options.backend)
+        x = gated(o, attn.o_proj, self.gate_attn, hidden_states, None, True, options.backend, state.report)
         a = self.mlp.activation_fn(self.mlp.fc1(self.post_attention_layernorm(x)))
-        return gated(a, self.mlp.fc2, self.gate_ffn, x, None, True, options.backend)
+        return gated(a, self.mlp.fc2, self.gate_ffn, x, None, True, options.backend, state.report)
 
     return forward
 
@@ -190,7 +190,7 @@ def _cross_layer_forward(state):
         o = _cross_core(attn, h, cross_attention_states, cache, cross_attention_mask, plan, options.attention,
                         backend, kwargs)
         return gated_residuals(self, o, residual, self.cross_attn_attn_gate, self.cross_attn_mlp_gate, options,
-                               mlp_rows=row_mask)
+                               mlp_rows=row_mask, report=state.report)
 
     return forward
 

@@ -21,10 +21,11 @@ import contextvars
 import dataclasses
 
 import torch
+from torch import nn
 
 from mmfast.kernels import tile_patch_embed
 
-from .._core import original, replace_forward, set_instance_attr
+from .._core import not_plain, original, replace_forward, set_instance_attr
 from ._bypass import Fallback
 
 _RUN = contextvars.ContextVar("mmfast_mllama_tiles", default=None)
@@ -58,6 +59,10 @@ def _embed(model, pixel_values, aspect_ratio_ids, backend):
     conv = model.patch_embedding
     if conv._forward_hooks or conv._forward_pre_hooks:
         raise Fallback("hooks on patch_embedding (e.g. enable_input_require_grads)")
+    why = not_plain(model, {"patch_embedding": nn.Conv2d, "pre_tile_positional_embedding.embedding": nn.Embedding,
+                            "gated_positional_embedding.tile_embedding": nn.Embedding})
+    if why is not None:
+        raise Fallback(why)
     if pixel_values.dim() != 6:
         raise Fallback(f"pixel_values of shape {tuple(pixel_values.shape)}, not (B, images, tiles, C, H, W)")
     B, M, T, C, H, W = pixel_values.shape
