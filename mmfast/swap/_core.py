@@ -127,16 +127,37 @@ def replace_forwards_by_class(model, table, backend, report, library):
         report.add(path, was, now)
 
 
+# transformers' enable_input_require_grads (which gradient_checkpointing_enable calls): a forward hook on every
+# input embedding, vision patch convolutions included, that marks the output as requiring grad
+_INPUT_GRAD_HOOK = ("transformers.modeling_utils", "make_inputs_require_grads")
+
+
+def marks_output(module):
+    """Whether `module`'s forward hooks are all transformers' ``make_inputs_require_grads`` (and there are some):
+    a fused kernel that replaces the module must then mark its own output (:func:`mark_output`)."""
+    hooks = module._forward_hooks.values()
+    return bool(hooks) and all((getattr(h, "__module__", None), getattr(h, "__name__", None)) == _INPUT_GRAD_HOOK
+                               for h in hooks)
+
+
+def mark_output(out):
+    """What ``make_inputs_require_grads`` does to an output, on the fused kernel's output."""
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and not out.requires_grad:
+        out.requires_grad_(True)
+    return out
+
+
 def plain(module, cls):
     """Whether `module` computes `cls`'s own forward from its own ``weight`` / ``bias``, so that a fused kernel
     may read them instead of calling it. Not so for a wrapper (peft's LoRA layers, which keep the original as
     ``base_layer``), a subclass with its own forward (quantized layers), a forward replaced on the instance or
     forward hooks (accelerate's offloading hooks too): reading their ``weight`` would silently drop what their
-    forward adds. A forward this swap set itself does not count."""
+    forward adds. A forward this swap set itself does not count, nor transformers' input-grad hook, which the
+    caller reproduces (:func:`marks_output`)."""
     own = module.__dict__.get("forward")
     return (isinstance(module, cls) and type(module).forward is cls.forward
             and (own is None or own is module.__dict__.get(_SET, {}).get("forward"))
-            and not module._forward_hooks and not module._forward_pre_hooks)
+            and (not module._forward_hooks or marks_output(module)) and not module._forward_pre_hooks)
 
 
 def not_plain(module, parts):
@@ -158,7 +179,8 @@ def guard_parts(forward, parts, report, what):
         if why is not None:
             report.count_fallback(f"{what}: {why}")
             return original(self)(*args, **kwargs)
-        return forward(self, *args, **kwargs)
+        out = forward(self, *args, **kwargs)
+        return mark_output(out) if any(marks_output(self.get_submodule(name)) for name in parts) else out
     return guarded
 
 

@@ -110,16 +110,34 @@ def test_copy_stage_modules_and_unpatch():
         assert torch.equal(model(**inputs).logits, want)
 
 
-def test_hooked_conv_falls_back_counted(op_calls):
+def test_input_grad_hook_is_reproduced(op_calls):
+    """transformers' enable_input_require_grads (called by gradient checkpointing) hooks the vision conv to mark
+    its output as requiring grad: the fused embedding runs and marks its own output (frozen weights here, so
+    only the mark can make it require grad)."""
     model, inputs = tiny(1), batch(1, [[1], [1]], [[1], [1]])
-    model.enable_input_require_grads()   # a forward hook on get_input_embeddings(): the vision conv
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    vision = model.model.vision_model
+    seen = {}
+    vision.layernorm_pre.register_forward_hook(lambda m, args, out: seen.update(grad=args[0].requires_grad))
+    want = model(**inputs).logits
+    assert seen["grad"]
+    patch_with(patch_mllama, model, attention=False, gated=False)
+    seen.clear()
+    assert torch.equal(model(**inputs).logits, want)
+    assert seen["grad"] and len(op_calls) == 1
+
+
+def test_other_hooks_on_the_conv_fall_back_counted(op_calls):
+    model, inputs = tiny(1), batch(1, [[1], [1]], [[1], [1]])
+    model.model.vision_model.patch_embedding.register_forward_hook(lambda m, args, out: out * 2)
     with torch.no_grad():
         want = model(**inputs).logits
     report = patch_with(patch_mllama, model, attention=False, gated=False)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, want)
     assert op_calls == [] and list(report.fallbacks.values()) == [1], report.fallbacks
-    assert "hooks on patch_embedding" in next(iter(report.fallbacks))
+    assert "patch_embedding is a torch.nn.modules.conv.Conv2d with hooks" in next(iter(report.fallbacks))
 
 
 def test_stage_out_of_order_raises():

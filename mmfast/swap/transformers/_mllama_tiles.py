@@ -25,7 +25,7 @@ from torch import nn
 
 from mmfast.kernels import tile_patch_embed
 
-from .._core import not_plain, original, replace_forward, set_instance_attr
+from .._core import mark_output, marks_output, not_plain, original, replace_forward, set_instance_attr
 from ._bypass import Fallback
 
 _RUN = contextvars.ContextVar("mmfast_mllama_tiles", default=None)
@@ -57,8 +57,6 @@ class _Run:
 def _embed(model, pixel_values, aspect_ratio_ids, backend):
     """The (B·M, T, 1 + N, D) embedding, or Fallback."""
     conv = model.patch_embedding
-    if conv._forward_hooks or conv._forward_pre_hooks:
-        raise Fallback("hooks on patch_embedding (e.g. enable_input_require_grads)")
     why = not_plain(model, {"patch_embedding": nn.Conv2d, "pre_tile_positional_embedding.embedding": nn.Embedding,
                             "gated_positional_embedding.tile_embedding": nn.Embedding})
     if why is not None:
@@ -77,10 +75,11 @@ def _embed(model, pixel_values, aspect_ratio_ids, backend):
     # the "valid" stride-P conv ignores a remainder of pixels: so does the crop (a view)
     images = pixel_values.reshape(B * M, T, C, H, W)[..., : H // P * P, : W // P * P]
     images = images.to(conv.weight.device, conv.weight.dtype)
-    return tile_patch_embed(images, conv.weight, conv.bias, cls_token=model.class_embedding,
-                            pos_embed=pos.embedding, pos_gate=pos.gate, tile_pos_embed=pos.tile_embedding.weight,
-                            tile_embed=tiles.embedding.weight, tile_embed_gate=tiles.gate,
-                            aspect_ratio_ids=aspect_ratio_ids.reshape(-1).to(conv.weight.device), backend=backend)
+    out = tile_patch_embed(images, conv.weight, conv.bias, cls_token=model.class_embedding,
+                           pos_embed=pos.embedding, pos_gate=pos.gate, tile_pos_embed=pos.tile_embedding.weight,
+                           tile_embed=tiles.embedding.weight, tile_embed_gate=tiles.gate,
+                           aspect_ratio_ids=aspect_ratio_ids.reshape(-1).to(conv.weight.device), backend=backend)
+    return mark_output(out) if marks_output(conv) else out
 
 
 def _model_forward(state):
