@@ -26,6 +26,7 @@ from mmfast.kernels import tanh_gated_linear, tile_patch_embed
 from mmfast.kernels._common import check_choice, check_int
 from mmfast.nn.decoder import DecoderLM, _llama_pairs, hf_eos_token_id
 from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
+from mmfast.nn.plain import plain, require_plain
 from mmfast.nn.split_attention import cross_key_intervals, padded_self_attention
 from mmfast.nn.transformer import TransformerLayer, activation
 
@@ -147,9 +148,17 @@ class MllamaVisionLayer(TransformerLayer):
         if self.gate_attn is None:
             x = x + attn.out(o)
             return x + mlp(self.norm2(x))
-        x = tanh_gated_linear(o, attn.out.weight, attn.out.bias, self.gate_attn, x, backend=attn.backend)
+        x = _gated(o, attn.out, self.gate_attn, x, attn.backend)
         h = activation(mlp.act, mlp.fc1(self.norm2(x)))
-        return tanh_gated_linear(h, mlp.fc2.weight, mlp.fc2.bias, self.gate_ffn, x, backend=attn.backend)
+        return _gated(h, mlp.fc2, self.gate_ffn, x, attn.backend)
+
+
+def _gated(a, linear, gate, residual, backend):
+    """residual + tanh(gate)·linear(a): fused where `linear` is a plain nn.Linear (not a LoRA / quantized layer,
+    whose own forward must run)."""
+    if plain(linear, nn.Linear):
+        return tanh_gated_linear(a, linear.weight, linear.bias, gate, residual, backend=backend)
+    return residual + torch.tanh(gate) * linear(a)
 
 
 class MllamaVision(nn.Module):
@@ -194,6 +203,7 @@ class MllamaVision(nn.Module):
             raise ValueError(f"pixel_values must be (B, images, {self.max_num_tiles}, C, H, W), got "
                              f"{getattr(pixel_values, 'shape', pixel_values)}")
         B, M, T, C, H, W = pixel_values.shape
+        require_plain("MllamaVision", "patch_embedding", self.patch_embedding, nn.Conv2d)
         P, n, w = self.patch_size, self.num_tokens, self.patch_embedding.weight
         if (H // P) * (W // P) + 1 != n:
             raise ValueError(f"pixel_values: tiles of {H}x{W} give {(H // P) * (W // P)} patches, the model has {n - 1}")

@@ -7,6 +7,8 @@ from mmfast.kernels._common import check_bool, check_choice, check_int, check_sc
 from mmfast.kernels._registry import accelerated_backends
 from mmfast.kernels.attention._configs import MAX_HEAD_DIM
 
+from .plain import plain
+
 QK_NORMS = (False, True, "layernorm", "rmsnorm")
 
 
@@ -114,9 +116,12 @@ class MultiheadAttention(nn.Module):
             if context.shape[-1] != self.embed_dim:
                 raise ValueError(f"context width must be embed_dim={self.embed_dim} for a self-attention module "
                                  f"(build with kv_dim= for another width), got {context.shape[-1]}")
-            w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(x, w[:H * D], None if b is None else b[:H * D])
-            kv = F.linear(context, w[H * D:], None if b is None else b[H * D:])
+            if plain(self.qkv, nn.Linear):
+                w, b = self.qkv.weight, self.qkv.bias
+                q = F.linear(x, w[:H * D], None if b is None else b[:H * D])
+                kv = F.linear(context, w[H * D:], None if b is None else b[H * D:])
+            else:  # a LoRA / quantized qkv: its own forward, each half of it used
+                q, kv = self.qkv(x)[..., :H * D], self.qkv(context)[..., H * D:]
         else:
             if context.shape[-1] != self.kv_dim:
                 raise ValueError(f"context width must be kv_dim={self.kv_dim}, got {context.shape[-1]}")

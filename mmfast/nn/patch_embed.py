@@ -6,6 +6,8 @@ from mmfast.kernels import patch_embed
 from mmfast.kernels._common import check_bool, check_choice, check_int
 from mmfast.kernels.patch_embed import INTERPOLATIONS, POS_RESAMPLE_MODES
 
+from .plain import require_plain
+
 
 _OP = "PatchEmbed"
 
@@ -110,6 +112,7 @@ class PatchEmbed(nn.Module):
         if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"{_OP}: input size {tuple(x.shape[-2:])} does not match img_size {self.img_size}; "
                              "construct with dynamic_img_size=True to resample the position table")
+        require_plain(_OP, "proj", self.proj, nn.Conv2d)
         mask_token = None
         if token_mask is not None:
             if self.mask_token is None:

@@ -10,6 +10,8 @@ import types
 
 import torch
 
+from mmfast.nn.plain import plain as nn_plain
+
 _SAVED = "_mmfast_saved"      # on a swapped module: {attribute: original instance value or _MISSING}
 _SET = "_mmfast_set"          # on a swapped module: {attribute: the value the swap set}
 _STATE = "_mmfast_patch"      # on a patched model: the PatchState
@@ -148,16 +150,9 @@ def mark_output(out):
 
 
 def plain(module, cls):
-    """Whether `module` computes `cls`'s own forward from its own ``weight`` / ``bias``, so that a fused kernel
-    may read them instead of calling it. Not so for a wrapper (peft's LoRA layers, which keep the original as
-    ``base_layer``), a subclass with its own forward (quantized layers), a forward replaced on the instance or
-    forward hooks (accelerate's offloading hooks too): reading their ``weight`` would silently drop what their
-    forward adds. A forward this swap set itself does not count, nor transformers' input-grad hook, which the
-    caller reproduces (:func:`marks_output`)."""
-    own = module.__dict__.get("forward")
-    return (isinstance(module, cls) and type(module).forward is cls.forward
-            and (own is None or own is module.__dict__.get(_SET, {}).get("forward"))
-            and (not module._forward_hooks or marks_output(module)) and not module._forward_pre_hooks)
+    """:func:`mmfast.nn.plain.plain` for swapped models: a forward this swap set itself does not count, nor
+    transformers' input-grad hook, which the swapped code reproduces (:func:`marks_output`)."""
+    return nn_plain(module, cls, own_forward=module.__dict__.get(_SET, {}).get("forward"), hooks_ok=marks_output)
 
 
 def not_plain(module, parts):
