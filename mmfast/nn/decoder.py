@@ -22,6 +22,7 @@ from mmfast.kernels._common import check_bool, check_choice, check_int, check_sc
 
 from .attention import MultiheadAttention, shared_padding_mask
 from .bert import KVCache, init_bert_weights
+from .plain import plain
 from . import liger
 from .rope import RotaryEmbedding, apply_rotary, position_ids_from_mask
 from .transformer import Mlp
@@ -275,7 +276,7 @@ class DecoderLM(nn.Module):
         if tuple(labels.shape) != tuple(x.shape[:2]):
             raise ValueError(f"DecoderLM: labels must have shape {tuple(x.shape[:2])}, got {tuple(labels.shape)}")
         targets = labels[:, 1:].reshape(-1)
-        if liger.runs_on(x) and self.training and self.lm_head.bias is None:
+        if liger.runs_on(x) and self.training and plain(self.lm_head, nn.Linear) and self.lm_head.bias is None:
             return liger.linear_cross_entropy(x[:, :-1].reshape(-1, x.shape[-1]), self.lm_head.weight, targets), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
