@@ -7,7 +7,8 @@ and ``patch(model, options, state)`` which swaps per instance through ``_core.se
 """
 import importlib
 
-from ._core import SwapOptions, SwapReport, SwapRow, check_model, model_name, patch_state, begin, unpatch_model
+from ._core import (SwapOptions, SwapReport, SwapRow, begin, check_model, inside_peft, model_name, patch_state,
+                    unpatch_model)
 from .verify import verify  # binds the function over the submodule's name: mmfast.swap.verify is the function
 
 INTEGRATIONS = ("transformers", "timm", "open_clip")
@@ -25,13 +26,6 @@ def _integration(name):
         return None
 
 
-def _inside_peft(model):
-    """The model a peft ``PeftModel`` wraps (its adapters are injected there), or `model` itself."""
-    if type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
 def patch(model, *, attention=True, patch_embed=True, gated=True, loss=True, ema=True, backend="auto"):
     """Swap mmfast kernels into `model` in place (per instance) and return a `SwapReport`.
 
@@ -44,7 +38,7 @@ def patch(model, *, attention=True, patch_embed=True, gated=True, loss=True, ema
     reason in the report's ``message``. `unpatch` undoes everything.
     """
     check_model(model)
-    model = _inside_peft(model)
+    model = inside_peft(model)
     options = SwapOptions(attention, patch_embed, gated, loss, ema, backend)
     state = patch_state(model)
     if state is not None:
@@ -72,4 +66,4 @@ def unpatch(model):
     """Undo `patch`: every swapped module and setting back to its original. Returns whether the model
     was patched."""
     check_model(model)
-    return unpatch_model(_inside_peft(model))
+    return unpatch_model(inside_peft(model))

@@ -232,6 +232,13 @@ def module_path(model, target):
     raise ValueError("module not found in model")
 
 
+def inside_peft(model):
+    """The model a peft ``PeftModel`` wraps (its adapters are injected there), or `model` itself."""
+    if type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
 def model_name(model):
     return type(model).__module__.split(".")[0] + "." + type(model).__qualname__
 

@@ -98,7 +98,7 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
         raise ValueError(f"mmfast.verify: quiet must be True or False, got {quiet!r}")
     if not isinstance(train, bool):
         raise ValueError(f"mmfast.verify: train must be True or False, got {train!r}")
-    state = _core.patch_state(model)
+    state = _core.patch_state(_core.inside_peft(model))
     if state is not None:
         # a deep copy would share the patch's undo steps with `model`: unpatch the model itself, copy, patch again
         unpatch(model)
@@ -124,7 +124,7 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
         if not hasattr(integration, "example_inputs"):
             raise ValueError(f"mmfast.verify: the {report.integration} integration generates no inputs for "
                              f"{report.model}; pass inputs=")
-        inputs = integration.example_inputs(work, seed=seed)
+        inputs = integration.example_inputs(_core.inside_peft(work), seed=seed)
     args, kwargs = _split(inputs)
     reference = copy.deepcopy(work).to(torch.float64)
     ref = _run(reference, _cast(args, torch.float64), _cast(kwargs, torch.float64), seed)
@@ -133,7 +133,7 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
     patch(work, attention=attention, patch_embed=patch_embed, gated=gated, loss=loss, ema=ema, backend=backend)
     with _Counting(work) as counting:
         ours = _run(work, args, kwargs, seed)
-    result.report = _core.patch_state(work).report
+    result.report = _core.patch_state(_core.inside_peft(work)).report
     result.modules = counting.table()
     result.rows = _compare(ref, base, ours)
     if not result.rows:

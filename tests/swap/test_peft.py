@@ -130,3 +130,11 @@ def test_lora_on_the_patch_convolution_runs_the_conv(make, order):
         assert any(f"{targets[0]} is a peft" in row.note for row in report.left), str(report)
     else:
         assert [why for why in report.fallbacks if f"{targets[0]} is a peft" in why], report.fallbacks
+
+
+def test_verify_a_peft_model():
+    model = _with_lora(hf_models.clip(), ["q_proj", "v_proj"])
+    result = mmfast.verify(model, backend="reference", quiet=True)
+    assert result.report.integration == "transformers" and result.passed, str(result)
+    # peft froze the base weights: the gradient groups compared are the adapters'
+    assert any(row.kind == "grad" and "encoder.layers" in row.name for row in result.rows), str(result)
