@@ -1,5 +1,7 @@
 """LLaVA and LLaVA-NeXT (CLIP vision tower + Llama with GQA) through mmfast.patch: left-padded batches,
 outputs and gradients, greedy generation."""
+import collections
+
 import pytest
 import torch
 
@@ -49,3 +51,22 @@ def test_llava_greedy_generation_identical():
     assert not report.fallbacks
     mmfast.unpatch(model)
     assert torch.equal(model.generate(**inputs, **kwargs), stock)
+
+
+def test_patched_model_compiles_fullgraph():
+    """torch.compile(fullgraph=True) of a patched model: the swaps (mask interface, attention, patch embedding)
+    trace without a graph break into a graph that holds mmfast's custom ops, and it returns the eager patched
+    model's logits."""
+    model, batch = hf.llava(), _llava_inputs()
+    mmfast.patch(model, backend="triton")
+    eager = model(**batch).logits
+    ops = collections.Counter()
+
+    def record(graph_module, example_inputs):
+        ops.update(str(node.target).split(".")[1] for node in graph_module.graph.nodes
+                   if str(node.target).startswith("mmfast."))
+        return graph_module.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=record)(**batch).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert ops["patch_embed_fwd"] == 1 and ops["flash_attention_fwd"] >= 3, ops
