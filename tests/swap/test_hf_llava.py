@@ -40,10 +40,15 @@ def test_parity_left_padded(name):
     assert not report.fallbacks
 
 
-def test_llava_greedy_generation_identical():
+@pytest.mark.parametrize("cache", [None, "static", "sliding_window"], ids=["dynamic", "static", "sliding"])
+def test_llava_greedy_generation_identical(cache):
+    """Greedy generation on a left-padded batch; the static and sliding-window caches have generate prepare the
+    4-D mask before the forward, which then hands the prepared mask to the mask interface again."""
     model = hf.llava()
     inputs = _llava_inputs()
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    if cache is not None:
+        kwargs["cache_implementation"] = cache
     stock = model.generate(**inputs, **kwargs)
     report = mmfast.patch(model, backend="reference")
     patched = model.generate(**inputs, **kwargs)

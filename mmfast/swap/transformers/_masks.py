@@ -82,6 +82,10 @@ def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
                allow_is_causal_skip=True, allow_is_bidirectional_skip=False, use_vmap=False, device="cpu", **kwargs):
     """The "mmfast" entry of ``AttentionMaskInterface``: `sdpa_mask`'s signature and meaning, returning
     None exactly where sdpa_mask does and a `PaddedMask` instead of its dense tensor otherwise."""
+    if isinstance(attention_mask, PaddedMask):
+        # a mask already prepared (generate's static / sliding-window caches build it before the forward):
+        # transformers returns a prepared 4-D mask as it is, but does not recognise a PaddedMask as one
+        return attention_mask
     mu = _hf()
     mask_function = mu.causal_mask_function if mask_function is None else mask_function
     sdpa_args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
