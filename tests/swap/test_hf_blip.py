@@ -18,7 +18,9 @@ from mmfast.swap.transformers._blip import patch_blip  # noqa: E402
 from hf_bypass_helpers import (FP64_TOL, assert_close, assert_grads_close, grads, patch_with,  # noqa: E402
                                spy_kernels, unpatch)
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+from hf_models import unsupported_here  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), unsupported_here("blip")]
 
 
 def tiny_blip(seed=0):

@@ -17,10 +17,12 @@ pytest.importorskip("transformers", reason="the transformers integration needs t
 from transformers import MllamaConfig, MllamaForConditionalGeneration  # noqa: E402
 
 from mmfast.swap.transformers._mllama import patch_mllama  # noqa: E402
-from hf_models import OpCounter  # noqa: E402
+from hf_models import OpCounter, unsupported_here  # noqa: E402
 from numerics import assert_close_by_rule  # noqa: E402
 from hf_bypass_helpers import (FP64_TOL, assert_close, assert_grads_close, grads,  # noqa: E402
                                check_patch_generate_unpatch, patch_with, spy_kernels)
+
+pytestmark = unsupported_here("mllama")
 
 
 def tiny_mllama(seed=0):

@@ -18,6 +18,10 @@ from mmfast.swap.transformers import _mllama_tiles  # noqa: E402
 from mmfast.swap.transformers._mllama import patch_mllama  # noqa: E402
 from hf_bypass_helpers import FP64_TOL, assert_close, assert_grads_close, patch_with  # noqa: E402
 from test_hf_mllama import run  # noqa: E402   (logits and gradients of the LM loss)
+from hf_models import unsupported_here  # noqa: E402
+
+pytestmark = unsupported_here("mllama")
+
 
 RATIOS = {1: [[1, 1]], 2: [[1, 1], [1, 2], [2, 1]], 3: [[1, 1], [1, 2], [2, 1], [1, 3], [3, 1]],
           4: [[1, 1], [1, 2], [2, 1], [2, 2], [1, 4]]}

@@ -1,4 +1,5 @@
 """mmfast.patch / unpatch on transformers models: per instance, idempotent, undoable, all-or-nothing."""
+import pytest
 import torch
 
 import hf_models as hf
@@ -69,6 +70,47 @@ def test_unknown_model_type_is_left_unchanged_with_a_message():
     assert not report.swapped
     assert [dict(m.__dict__) for m in model.modules()] == dicts
     assert model.config._attn_implementation == "sdpa" and not mmfast.unpatch(model)
+
+
+def test_family_whose_requirement_is_missing_is_left_unchanged(monkeypatch):
+    """A failing `_requires` check (BLIP-2's on transformers 4.5x) refuses the whole model, with its reason."""
+    from mmfast.swap.transformers import _requires
+
+    monkeypatch.setattr(_requires, "blip2", lambda: "BLIP-2: the reason")
+    model = hf.blip2_retrieval()
+    dicts = [dict(m.__dict__) for m in model.modules()]
+    report = mmfast.patch(model)
+    assert report.message == "BLIP-2: the reason; nothing was changed" and not report.swapped
+    assert [dict(m.__dict__) for m in model.modules()] == dicts and not mmfast.unpatch(model)
+
+
+def _blip():
+    from test_hf_blip import inputs, tiny_blip
+
+    return tiny_blip(), "logits", inputs(torch.float32, "left")
+
+
+def _blip2():
+    inputs = dict(pixel_values=hf.pixels(2), input_ids=hf.ids(2, 7), attention_mask=hf.right_padding([7, 4], 7),
+                  use_image_text_matching_head=False)
+    return hf.blip2_retrieval(), "logits_per_image", inputs
+
+
+@pytest.mark.parametrize("family,build", [("blip", _blip), ("blip2", _blip2)], ids=["blip", "blip2"])
+def test_family_refused_by_the_installed_transformers(family, build):
+    """transformers 4.5x: BLIP's and BLIP-2's swaps need 5.x's code; the model runs exactly as before."""
+    from mmfast.swap.transformers import _requires
+
+    reason = getattr(_requires, family)()
+    if reason is None:
+        pytest.skip(f"this transformers has what mmfast's {family} swaps need: patched (test_hf_{family}.py)")
+    model, key, inputs = build()
+    with torch.no_grad():
+        stock = getattr(model(**inputs), key)
+        report = mmfast.patch(model)
+        assert not report.swapped and report.message == reason + "; nothing was changed"
+        assert torch.equal(getattr(model(**inputs), key), stock)
+    assert not mmfast.unpatch(model)
 
 
 def test_options_select_families():

@@ -48,6 +48,14 @@ def _cache_keyword(cls):
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
+def interface_for(registry, implementation, eager):
+    """The attention function a module of this implementation takes from ``registry`` (its modeling file's
+    ALL_ATTENTION_FUNCTIONS): ``get_interface`` where transformers has it (5.x), else 4.5x's rule."""
+    if hasattr(registry, "get_interface"):
+        return registry.get_interface(implementation, eager)
+    return eager if implementation == "eager" else registry[implementation]
+
+
 def check_common(module, dropout_p):
     """The reasons common to every swapped attention for handing a call back."""
     if weights_requested():
