@@ -87,7 +87,7 @@ setup(
         "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch",
                 "transformers>=5.17,<6", "einops", "einops-exts", "liger-kernel>=0.5,<0.9; python_version >= '3.10'"],
         # mmfast.swap.transformers: tested with 4.57.6, 5.17 and 5.24 (both mask builder contracts); on 4.5x
-        # BLIP, BLIP-2 and Mllama are left unchanged (their swaps need 5.x's module code)
+        # BLIP-2 is left unchanged (its Q-Former attention does not call AttentionInterface there)
         "hf": ["transformers>=4.57,<6", "timm", "open_clip_torch"],
         # mmfast.patch's timm / open_clip integrations (mmfast/swap/timm.py, open_clip.py): tested with timm
         # 1.0.31 and open_clip_torch 3.3.0; a module whose layout differs from the swap table is left alone

@@ -18,6 +18,8 @@ from numerics import assert_close_by_rule
 transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 # transformers 4.5x's mask builders take the query positions (cache_position) instead of q_length / q_offset
 MASK_CONTRACT_4X = "cache_position" in inspect.signature(transformers.masking_utils.sdpa_mask).parameters
+# 4.5x's Mllama text config has no default rope type (its rotary embedding reads rope_scaling["rope_type"])
+MLLAMA_ROPE = dict(rope_scaling={"rope_type": "default"}) if MASK_CONTRACT_4X else {}
 
 WIDTH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 VISION = dict(WIDTH, image_size=16, patch_size=4)

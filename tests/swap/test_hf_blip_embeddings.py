@@ -19,7 +19,6 @@ import transformers  # noqa: E402
 from mmfast.swap.transformers import _embeddings  # noqa: E402
 from hf_bypass_helpers import FP64_TOL, assert_close, assert_grads_close, grads  # noqa: E402
 from numerics import assert_close_by_rule  # noqa: E402
-import hf_models as hf  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -48,7 +47,6 @@ HEADS = {
 }
 
 
-@hf.unsupported_here("blip")
 @pytest.mark.parametrize("head", HEADS.values(), ids=HEADS.keys())
 def test_blip_heads_match_transformers_fp64(head, monkeypatch):
     cls, key, extra = head

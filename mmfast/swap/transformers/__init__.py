@@ -17,9 +17,9 @@ model is left untouched with the reason in the report. After ``import mmfast.swa
 Supported: transformers >= 4.57, < 6 (`SUPPORTED`; tested with 4.57.6, the last 4.x, 5.17, the lent GPU
 image's, and 5.24, the newest release; where they differ the code checks the feature, not the version).
 The mask builder takes both contracts (5.x: q_length / q_offset; 4.5x: the query positions as
-``cache_position``). On 4.5x, BLIP (v1), BLIP-2 and Mllama are left unchanged with the reason (`_requires`:
-their swaps need 5.x's module code); ViT, CLIP, SigLIP, LLaVA / LLaVA-NeXT (and their language models) and
-Idefics are patched. Outside the range a model is left unchanged with that message.
+``cache_position``). On 4.5x, BLIP-2 is left unchanged with the reason (`_requires`: its Q-Former attention
+does not call the interface there); every other model type in `TABLE` is patched. Outside the range a model is
+left unchanged with that message.
 """
 import copy
 import dataclasses
@@ -88,12 +88,12 @@ TABLE = {
     "llava_next": Entry(embeddings=True),
     # BLIP (v1): no attention layer uses the interface, and its text decoder adds the mask built for its
     # config's implementation to eager scores: keep that implementation (attention=False)
-    "blip": Entry(attention=False, embeddings=True, extra="_blip", requires="blip"),
-    "blip_text_model": Entry(attention=False, extra="_blip", requires="blip"),
-    "blip_vision_model": Entry(attention=False, embeddings=True, extra="_blip", requires="blip"),
-    "mllama": Entry(extra="_mllama", requires="mllama"),
-    "mllama_text_model": Entry(extra="_mllama", requires="mllama"),
-    "mllama_vision_model": Entry(extra="_mllama", requires="mllama"),
+    "blip": Entry(attention=False, embeddings=True, extra="_blip"),
+    "blip_text_model": Entry(attention=False, extra="_blip"),
+    "blip_vision_model": Entry(attention=False, embeddings=True, extra="_blip"),
+    "mllama": Entry(extra="_mllama"),
+    "mllama_text_model": Entry(extra="_mllama"),
+    "mllama_vision_model": Entry(extra="_mllama"),
     "idefics": Entry(extra="_idefics"),
     "idefics_vision": Entry(extra="_idefics"),
     "idefics_perciever": Entry(extra="_idefics"),  # sic: transformers' spelling

@@ -89,7 +89,7 @@ def _cross_layer_forward(state):
             return original(self)(hidden_states, **args, **kwargs)  # transformers raises the error
         attn = self.cross_attn
         try:
-            check_common(attn, attn.dropout if options.attention else 0.0)
+            check_common(attn, attn.dropout if options.attention else 0.0, kwargs)
             if self.training and self.config > 0:  # transformers keeps the layer's dropout p in `.config`
                 raise Fallback("hidden-state dropout > 0 in training")
             row_mask = gate_memo.get(cross_attention_gate, _gate_rows)
