@@ -5,8 +5,9 @@ its forward replaced per instance by one that calls ``flash_attention``.
 The text decoder's mask is the eager additive (B, 1, Lq, Lk) mask of causal + padding; each row of it is
 one run of visible keys (left or right padding), so it becomes kv_start / kv_end. Rows that see no key
 (left-padding queries) are recomputed by the eager formula (see `_bypass.eager_rows`): their outputs
-feed the next token's prediction, so both their forward and their gradient must be the eager ones. The cross-attention receives no mask in transformers
-5.x (``BlipTextAttention`` drops ``encoder_attention_mask``), and that is what runs here too.
+feed the next token's prediction, so both their forward and their gradient must be the eager ones. The
+cross-attention receives no mask in transformers 4.57 nor 5.x (``BlipTextAttention`` drops
+``encoder_attention_mask``), and that is what runs here too. 4.5x's mask is BERT's (1 - m) * -10000.
 """
 from .._core import original
 from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, cache_update, check_common, eager_rows, row_intervals,

@@ -55,9 +55,14 @@ def _cache_keyword(cls):
 def cache_update(cache, key, value, layer_idx, kwargs):
     """``cache.update`` as the installed transformers takes it: 4.5x's positional ``cache_kwargs`` dict
     (the query positions), 5.x's keywords. Read from the signature."""
-    if "cache_kwargs" in inspect.signature(type(cache).update).parameters:
+    if _takes_cache_kwargs(type(cache)):
         return cache.update(key, value, layer_idx, {"cache_position": kwargs.get("cache_position")})
     return cache.update(key, value, layer_idx, kwargs=kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_cache_kwargs(cls):
+    return "cache_kwargs" in inspect.signature(cls.update).parameters
 
 
 def interface_for(registry, implementation, eager):
