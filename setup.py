@@ -88,9 +88,9 @@ setup(
                 "transformers>=5.17,<6", "einops", "einops-exts", "liger-kernel>=0.5,<0.9; python_version >= '3.10'",
                 # tests/swap/test_peft.py: mmfast.patch keeps PEFT's LoRA adapters (tested with 0.21.2)
                 "peft"],
-        # mmfast.swap.transformers: transformers 5.x from 5.17 (the mask builder contract it implements, with
-        # q_length / q_offset; tested with 5.17 and 5.24). 4.5x builds masks from cache_position: not supported.
-        "hf": ["transformers>=5.17,<6", "timm", "open_clip_torch"],
+        # mmfast.swap.transformers: tested with 4.57.6, 5.17 and 5.24 (both mask builder contracts); on 4.5x
+        # BLIP-2 is left unchanged (its Q-Former attention does not call AttentionInterface there)
+        "hf": ["transformers>=4.57,<6", "timm", "open_clip_torch"],
         # mmfast.patch's timm / open_clip integrations (mmfast/swap/timm.py, open_clip.py): tested with timm
         # 1.0.31 and open_clip_torch 3.3.0; a module whose layout differs from the swap table is left alone
         "timm": ["timm>=1.0,<1.1"],

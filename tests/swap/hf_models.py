@@ -5,6 +5,7 @@ yardstick (tests/numerics.py rule: outputs 2x, gradients 3x); the patched fp32 m
 """
 import collections
 import copy
+import inspect
 
 import pytest
 import torch
@@ -15,6 +16,10 @@ from numerics import assert_close_by_rule
 
 
 transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
+# transformers 4.5x's mask builders take the query positions (cache_position) instead of q_length / q_offset
+MASK_CONTRACT_4X = "cache_position" in inspect.signature(transformers.masking_utils.sdpa_mask).parameters
+# 4.5x's Mllama text config has no default rope type (its rotary embedding reads rope_scaling["rope_type"])
+MLLAMA_ROPE = dict(rope_scaling={"rope_type": "default"}) if MASK_CONTRACT_4X else {}
 
 WIDTH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 VISION = dict(WIDTH, image_size=16, patch_size=4)
@@ -22,6 +27,14 @@ TEXT = dict(WIDTH, vocab_size=100, max_position_embeddings=32)
 LLAMA = dict(WIDTH, vocab_size=100, num_hidden_layers=2, num_key_value_heads=1, max_position_embeddings=64,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)
 IMAGE_TOKEN = 99
+
+
+def unsupported_here(check):
+    """A skip mark for tests of a family `mmfast.patch` refuses on the installed transformers (`_requires`)."""
+    from mmfast.swap.transformers import _requires
+
+    reason = getattr(_requires, check)()
+    return pytest.mark.skipif(reason is not None, reason=f"mmfast leaves it unchanged here: {reason}")
 
 
 def seeded(fn, seed=0):
@@ -75,6 +88,17 @@ def llava_next():
     return seeded(lambda: transformers.LlavaNextForConditionalGeneration(cfg).eval())
 
 
+def vision_tower(model, cls):
+    """The vision tower as a PreTrainedModel (what mmfast.patch takes): 5.x's sub-model is one; 4.5x keeps a
+    bare nn.Module there, whose weights go into the standalone class (`cls`, e.g. CLIPVisionModel)."""
+    tower = model.vision_model
+    if isinstance(tower, transformers.PreTrainedModel):
+        return tower
+    wrapped = cls(model.config.vision_config).eval()
+    wrapped.vision_model.load_state_dict(tower.state_dict())
+    return wrapped
+
+
 def ids(batch, length, low=3, high=90, seed=1):
     return torch.randint(low, high, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -121,7 +145,12 @@ def _double(inputs):
 def assert_parity(model, inputs, keys, backend="reference", grads=True, **patch_kwargs):
     """Patch `model` (fp32) and check outputs and gradients against the stock fp64 / fp32 models."""
     model64 = copy.deepcopy(model).double()
-    ref_out, ref_grad = forward_backward(model64, _double(inputs), keys, grads)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # 4.5x's CLIP text mask is filled with finfo(fp64).min in the default dtype
+    try:
+        ref_out, ref_grad = forward_backward(model64, _double(inputs), keys, grads)
+    finally:
+        torch.set_default_dtype(default)
     stock_out, stock_grad = forward_backward(model, inputs, keys, grads)
     report = mmfast.patch(model, backend=backend, **patch_kwargs)
     assert report.swapped, str(report)

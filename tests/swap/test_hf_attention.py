@@ -12,6 +12,14 @@ from mmfast.swap.transformers._attention import AttentionContext, mmfast_attenti
 from mmfast.swap._core import SwapReport
 
 
+def mask_args(batch_size, q_length, kv_length, q_offset=0, **kwargs):
+    """Mask builder arguments in the installed transformers' contract."""
+    if hf.MASK_CONTRACT_4X:
+        return dict(batch_size=batch_size, cache_position=torch.arange(q_offset, q_offset + q_length),
+                    kv_length=kv_length, **kwargs)
+    return dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, **kwargs)
+
+
 class Layer(torch.nn.Module):
     def __init__(self, is_causal=None, groups=1):
         super().__init__()
@@ -64,7 +72,7 @@ def test_gqa_reads_kv_heads_without_repeat(groups):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_mask_builder_matches_sdpa_mask(side, q_offset, lq, lk):
     pad = (hf.left_padding if side == "left" else hf.right_padding)([7, 4], lk).bool()
-    args = dict(batch_size=2, q_length=lq, kv_length=lk, q_offset=q_offset, kv_offset=0, attention_mask=pad)
+    args = mask_args(2, lq, lk, q_offset, kv_offset=0, attention_mask=pad)
     mask = _masks.build_mask(**args)
     dense = mu.sdpa_mask(**args)
     assert isinstance(mask, _masks.PaddedMask) and mask.mode == "causal"
@@ -75,13 +83,27 @@ def test_padded_mask_builder_matches_sdpa_mask(side, q_offset, lq, lk):
 
 
 def test_mask_builder_returns_none_where_sdpa_does():
-    args = dict(batch_size=2, q_length=5, kv_length=5, attention_mask=torch.ones(2, 5, dtype=torch.bool))
+    args = mask_args(2, 5, 5, attention_mask=torch.ones(2, 5, dtype=torch.bool))
     assert _masks.build_mask(**args) is None and mu.sdpa_mask(**args) is None
+
+
+def test_query_offset_of_the_4x_contract():
+    assert _masks._query_offset(torch.arange(3, 6)) == 3
+    assert _masks._query_offset(torch.tensor([0, 2, 3])) is None
+
+
+@pytest.mark.skipif(not hf.MASK_CONTRACT_4X, reason="this transformers' mask builders take q_length / q_offset")
+def test_scattered_query_positions_stay_lazy():
+    """4.5x: query positions that are not consecutive have no factored form; HF's own dense mask is used."""
+    args = dict(batch_size=2, cache_position=torch.tensor([0, 2, 3]), kv_length=4,
+                attention_mask=hf.left_padding([4, 3], 4).bool(), allow_is_causal_skip=False)
+    mask = _masks.build_mask(**args)
+    assert mask.mode == "lazy" and torch.equal(mask.dense(), mu.sdpa_mask(**args))
 
 
 def test_padded_mask_tensor_face_is_the_dense_mask():
     pad = hf.right_padding([5, 3], 5).bool()
-    args = dict(batch_size=2, q_length=5, kv_length=5, attention_mask=pad, allow_is_causal_skip=False)
+    args = mask_args(2, 5, 5, attention_mask=pad, allow_is_causal_skip=False)
     mask, dense = _masks.build_mask(**args), mu.sdpa_mask(**args)
     assert mask.shape == dense.shape and mask.dtype == torch.bool
     assert torch.equal(torch.where(mask, 1, 0), dense.long())
@@ -89,14 +111,19 @@ def test_padded_mask_tensor_face_is_the_dense_mask():
     assert torch.equal(mask.expand(2, 3, 5, 5), dense.expand(2, 3, 5, 5))
 
 
-def test_bidirectional_padding_and_lazy_patterns():
+@pytest.mark.skipif(hf.MASK_CONTRACT_4X, reason="transformers 4.5x has no bidirectional mask builder")
+def test_bidirectional_padding():
     pad = hf.right_padding([6, 2], 6).bool()
     bi = _masks.build_mask(2, 6, 6, mask_function=mu.bidirectional_mask_function, attention_mask=pad,
                            allow_is_causal_skip=False)
     assert bi.mode == "bidirectional"
     check(Layer(False), *qkv(2, 2, 2, 6, 6), bi, ref_mask=bi.dense())
+
+
+def test_lazy_patterns():
+    pad = hf.right_padding([6, 2], 6).bool()
     window = mu.sliding_window_causal_mask_function(3)  # not a pattern we factor: densified, still intervals
-    lazy = _masks.build_mask(2, 6, 6, mask_function=window, attention_mask=pad, allow_is_causal_skip=False)
+    lazy = _masks.build_mask(**mask_args(2, 6, 6, mask_function=window, attention_mask=pad, allow_is_causal_skip=False))
     assert lazy.mode == "lazy"
     layer = Layer(True)
     check(layer, *qkv(2, 2, 2, 6, 6), lazy, ref_mask=lazy.dense())

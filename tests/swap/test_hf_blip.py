@@ -15,6 +15,7 @@ pytest.importorskip("transformers", reason="the transformers integration needs t
 from transformers import BlipConfig, BlipForConditionalGeneration  # noqa: E402
 
 from mmfast.swap.transformers._blip import patch_blip  # noqa: E402
+from mmfast.swap.transformers._bypass import visible_keys  # noqa: E402
 from hf_bypass_helpers import (FP64_TOL, assert_close, assert_grads_close, grads, patch_with,  # noqa: E402
                                spy_kernels, unpatch)
 
@@ -147,3 +148,24 @@ def test_attention_dropout_in_training_falls_back_counted():
     report = patch_with(patch_blip, model)
     model(**inputs(torch.float64, "none"))
     assert report.fallbacks == {"BlipTextSelfAttention: attention dropout > 0 in training": 4}, report.fallbacks
+
+
+def test_class_forward_left_on_the_instance_is_not_taken_for_a_swap():
+    """transformers 4.5x leaves the class's forward, bound, on every module it recorded outputs of
+    (output_attentions=True): patching afterwards must still swap them."""
+    model = tiny_blip().double()
+    for m in model.modules():
+        if type(m).__name__ in ("BlipAttention", "BlipTextSelfAttention"):
+            m.forward = m.forward
+    report = patch_with(patch_blip, model)
+    assert len(report.swapped) == 5, report
+    with spy_kernels() as calls:
+        run(model, inputs(torch.float64, "right"))
+    assert calls["flash_attention"] == 5
+
+
+def test_bert_additive_mask_hides_keys():
+    """4.5x's BLIP text adds (1 - m) * -10000: exp(-10000) is 0 in every float dtype, so those keys are hidden."""
+    row = torch.tensor([0.0, -10000.0, torch.finfo(torch.float32).min, float("-inf")])
+    assert visible_keys(row.expand(1, 1, 2, 4), 1, 2, 4).tolist() == [[[True, False, False, False]] * 2]
+    assert visible_keys(torch.tensor([0.0, -9000.0]).expand(1, 1, 1, 2), 1, 1, 2) is None   # a bias, not hiding

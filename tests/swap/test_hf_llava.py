@@ -36,7 +36,9 @@ def test_parity_left_padded(name):
     build, inputs = CASES[name]
     report = hf.assert_parity(build(), inputs(), ("logits",))
     paths = {r.path for r in report.swapped}
-    assert "model.language_model.layers.0.self_attn" in paths and "model.vision_tower.embeddings" in paths
+    assert "model.language_model.layers.0.self_attn" in paths
+    # the CLIP tower's embeddings: "model.vision_tower.embeddings" (5.x), ".vision_model.embeddings" under it (4.5x)
+    assert paths & {"model.vision_tower.embeddings", "model.vision_tower.vision_model.embeddings"}, paths
     assert not report.fallbacks
 
 
@@ -62,6 +64,8 @@ def test_patched_model_compiles_fullgraph():
     """torch.compile(fullgraph=True) of a patched model: the swaps (mask interface, attention, patch embedding)
     trace without a graph break into a graph that holds mmfast's custom ops, and it returns the eager patched
     model's logits."""
+    if hf.transformers.__version__.startswith("4."):
+        pytest.skip("transformers 4.5x's own LLaVA does not compile with fullgraph=True (a data-dependent guard)")
     model, batch = hf.llava(), _llava_inputs()
     mmfast.patch(model, backend="triton")
     eager = model(**batch).logits

@@ -17,11 +17,10 @@ pytest.importorskip("transformers", reason="the transformers integration needs t
 from transformers import MllamaConfig, MllamaForConditionalGeneration  # noqa: E402
 
 from mmfast.swap.transformers._mllama import patch_mllama  # noqa: E402
-from hf_models import OpCounter  # noqa: E402
+from hf_models import MLLAMA_ROPE, OpCounter  # noqa: E402
 from numerics import assert_close_by_rule  # noqa: E402
 from hf_bypass_helpers import (FP64_TOL, assert_close, assert_grads_close, grads,  # noqa: E402
                                check_patch_generate_unpatch, patch_with, spy_kernels)
-
 
 def tiny_mllama(seed=0):
     torch.manual_seed(seed)
@@ -31,7 +30,7 @@ def tiny_mllama(seed=0):
                            intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
         text_config=dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=64, cross_attention_layers=[1],
-                         max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                         max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, **MLLAMA_ROPE),
         image_token_index=98)
     model = MllamaForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # gates start at 0 (tanh = 0): open them so the gated branches count

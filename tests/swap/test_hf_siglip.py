@@ -20,8 +20,8 @@ def test_siglip_parity():
 
 @pytest.mark.parametrize("size", [24], ids=["interpolated"])
 def test_siglip_interpolate_pos_encoding(size):
-    model = hf.siglip()
-    hf.assert_parity(model.vision_model, dict(pixel_values=hf.pixels(2, size), interpolate_pos_encoding=True),
+    tower = hf.vision_tower(hf.siglip(), hf.transformers.SiglipVisionModel)
+    hf.assert_parity(tower, dict(pixel_values=hf.pixels(2, size), interpolate_pos_encoding=True),
                      ("last_hidden_state",))
 
 
@@ -35,7 +35,7 @@ def test_siglip_triton_interpreter_runs_mmfast_ops():
 
 def test_siglip_other_size_without_interpolation_raises():
     """The original fails on the table's shape there; the swap must not resample silently instead."""
-    model = hf.siglip().vision_model
+    model = hf.vision_tower(hf.siglip(), hf.transformers.SiglipVisionModel)
     mmfast.patch(model, backend="reference")
     with pytest.raises(ValueError, match="interpolate_pos_encoding"):
         model(pixel_values=hf.pixels(1, 24))

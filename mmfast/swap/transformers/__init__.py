@@ -14,10 +14,12 @@ Only model types in `TABLE` are patched, and only when every sub-config's type i
 model is left untouched with the reason in the report. After ``import mmfast.swap.transformers`` and
 `register()`, ``from_pretrained(..., attn_implementation="mmfast")`` works as well.
 
-Supported: transformers >= 5.17, < 6 (`SUPPORTED`; the mask builder contract with q_length / q_offset
-and ``set_attn_implementation`` per sub-config; tested with 5.17, the lent GPU image's, and 5.24, the newest
-release; where the two differ the code checks the feature, not the version). 4.5x builds masks from
-``cache_position`` and is not supported. Outside the range a model is left unchanged with that message.
+Supported: transformers >= 4.57, < 6 (`SUPPORTED`; tested with 4.57.6, the last 4.x, 5.17, the lent GPU
+image's, and 5.24, the newest release; where they differ the code checks the feature, not the version).
+The mask builder takes both contracts (5.x: q_length / q_offset; 4.5x: the query positions as
+``cache_position``). On 4.5x, BLIP-2 is left unchanged with the reason (`_requires`: its Q-Former attention
+does not call the interface there); every other model type in `TABLE` is patched. Outside the range a model is
+left unchanged with that message.
 """
 import copy
 import dataclasses
@@ -36,7 +38,7 @@ def example_inputs(model, *, seed=0, batch=2):
     from ._inputs import example_inputs as generate
 
     return generate(model, seed=seed, batch=batch)
-SUPPORTED = ((5, 17), (6, 0))   # [low, high)
+SUPPORTED = ((4, 57), (6, 0))   # [low, high): 4.57 is the lowest release verified
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +51,14 @@ class Entry:
         modules that bypass the interface; imported only when such a model is patched, after the
         attention implementation is set (so it may call `_attention.mmfast_attention` itself).
     note: a line for the report's message.
+    requires: the name of a check in `_requires` (the installed transformers has what the swaps need).
     """
     attention: bool = True
     embeddings: bool = False
     loss: bool = False
     extra: Optional[str] = None
     note: str = ""
+    requires: Optional[str] = None
 
 
 TABLE = {
@@ -65,9 +69,10 @@ TABLE = {
     "siglip": Entry(embeddings=True, loss=True),
     "siglip_vision_model": Entry(embeddings=True),
     "siglip_text_model": Entry(),
-    "blip-2": Entry(embeddings=True, note="no ITC loss in transformers' BLIP-2; Q-Former runs fp32 attention"),
+    "blip-2": Entry(embeddings=True, note="no ITC loss in transformers' BLIP-2; Q-Former runs fp32 attention",
+                    requires="blip2"),
     "blip_2_vision_model": Entry(embeddings=True),
-    "blip_2_qformer": Entry(),
+    "blip_2_qformer": Entry(requires="blip2"),
     "opt": Entry(),
     "llama": Entry(),
     # language models of LLaVA / LLaVA-NeXT checkpoints: decoders whose every attention layer calls the
@@ -195,7 +200,11 @@ def _why_not(configs):
     if unknown:
         return (f"transformers model type(s) {', '.join(map(repr, unknown))} not in mmfast's table "
                 f"(known: {', '.join(sorted(TABLE))})")
-    return None
+    from . import _requires
+
+    checks = dict.fromkeys(TABLE[c.model_type].requires for c in configs if TABLE[c.model_type].requires)
+    problems = [p for p in (getattr(_requires, name)() for name in checks) if p]
+    return "; ".join(problems) or None
 
 
 def patch(model, options, state):

@@ -8,6 +8,7 @@ exactly (dropout, softcap, attention sinks, position bias, a float bias mask, a 
 interval / padding, float64 on Triton, head dim > 256) go to `fallback_sdpa` and are counted.
 """
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,19 @@ def fallback_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
     return _math_attention(query, key, value, mask, scaling, causal, dropout, module.training, softcap, s_aux), None
 
 
+@functools.lru_cache(maxsize=None)
+def _explicit_causal_for_one_query():
+    """Whether transformers' SDPA function keeps an explicit ``is_causal=True`` for a single query (4.5x:
+    SDPA's top-left causal then shows it the first key only) rather than dropping it (5.x). Asked of the
+    function itself, once: one query of zeros over values 0 and 1 gives 0 or their mean."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k = torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 2, 1)
+    v = torch.tensor([0.0, 1.0]).view(1, 1, 2, 1)
+    out, _ = sdpa_attention_forward(torch.nn.Module(), q, k, v, None, is_causal=True)
+    return float(out.flatten()[0]) == 0.0
+
+
 def _unsupported(query, key, value, dropout, backend, kwargs):
     """Why this call cannot run on flash_attention (None: it can)."""
     if dropout:
@@ -132,7 +146,7 @@ def mmfast_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if reason is None:
         if attention_mask is None:
             mask_kwargs = {}
-            if lq > 1 and causal_rule:
+            if causal_rule and (lq > 1 or (is_causal is not None and _explicit_causal_for_one_query())):
                 if lk > lq:  # SDPA's causal is top-left aligned: HF drops the (empty) keys past Lq
                     key, value, lk = key[:, :, :lq], value[:, :, :lq], lq
                 mask_kwargs = _causal_kwargs(lq, lk, 0, query.device)

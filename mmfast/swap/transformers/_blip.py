@@ -5,12 +5,13 @@ its forward replaced per instance by one that calls ``flash_attention``.
 The text decoder's mask is the eager additive (B, 1, Lq, Lk) mask of causal + padding; each row of it is
 one run of visible keys (left or right padding), so it becomes kv_start / kv_end. Rows that see no key
 (left-padding queries) are recomputed by the eager formula (see `_bypass.eager_rows`): their outputs
-feed the next token's prediction, so both their forward and their gradient must be the eager ones. The cross-attention receives no mask in transformers
-5.x (``BlipTextAttention`` drops ``encoder_attention_mask``), and that is what runs here too.
+feed the next token's prediction, so both their forward and their gradient must be the eager ones. The
+cross-attention receives no mask in transformers 4.57 nor 5.x (``BlipTextAttention`` drops
+``encoder_attention_mask``), and that is what runs here too. 4.5x's mask is BERT's (1 - m) * -10000.
 """
 from .._core import original
-from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, check_common, eager_rows, row_intervals, swap_all,
-                      visible_keys)
+from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, cache_update, check_common, eager_rows, row_intervals,
+                      swap_all, visible_keys)
 
 TABLE = {  # class name -> (what it was, what runs now)
     "BlipAttention": ("eager softmax attention (vision, fused qkv)", "mmfast flash_attention"),
@@ -23,7 +24,7 @@ def _vision_forward(state):
 
     def forward(self, hidden_states, **kwargs):
         try:
-            check_common(self, self.dropout.p)
+            check_common(self, self.dropout.p, kwargs)
         except Fallback as why:
             state.report.count_fallback(f"BlipAttention: {why}")
             return original(self)(hidden_states, **kwargs)
@@ -60,7 +61,9 @@ def _text_forward(state):
         mask = encoder_attention_mask if is_cross else attention_mask
         B, Lq = hidden_states.shape[:2]
         try:
-            check_common(self, self.dropout.p)
+            check_common(self, self.dropout.p, kwargs)
+            if getattr(self, "position_embedding_type", "absolute") != "absolute":   # 4.5x's relative positions
+                raise Fallback(f"position_embedding_type={self.position_embedding_type!r}")
             plan = None if mask is None else memo.get(mask, lambda m: _text_plan(m, B, Lq))
         except Fallback as why:
             state.report.count_fallback(f"BlipTextSelfAttention: {why}")
@@ -100,7 +103,7 @@ def _keys_values(self, hidden_states, encoder_hidden_states, cache, kwargs):
         k = self.key(current).view(shape).transpose(1, 2)
         v = self.value(current).view(shape).transpose(1, 2)
         if cache is not None:
-            k, v = curr.update(k, v, self.layer_idx, kwargs=kwargs)
+            k, v = cache_update(curr, k, v, self.layer_idx, kwargs)
             if is_cross and isinstance(cache, EncoderDecoderCache):
                 cache.is_updated[self.layer_idx] = True
     return k.transpose(1, 2), v.transpose(1, 2)

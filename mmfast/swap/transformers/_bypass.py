@@ -17,7 +17,7 @@ from torch import nn
 from mmfast.kernels import flash_attention, tanh_gated_linear
 
 from .. import _core
-from .._core import replace_forward
+from .._core import _SAVED, replace_forward
 
 
 class Fallback(Exception):
@@ -26,15 +26,19 @@ class Fallback(Exception):
 
 try:  # transformers 5.x records attention weights through hooks and a context variable
     from transformers.utils.output_capturing import _active_collector
-except ImportError:  # 4.x passes output_attentions down instead
+except ImportError:  # 4.5x passes output_attentions down, or wraps the module's forward for the call
     _active_collector = None
 
 
-def weights_requested():
-    """Whether the running forward records attention weights (``output_attentions=True``): only the
-    original eager code has them to give."""
+def weights_requested(module=None):
+    """Whether the running forward records attention weights (``output_attentions=True``) of `module`: only
+    the original eager code has them to give. 4.5x's ``check_model_inputs`` records them by replacing the
+    attention module's forward, for the call, with its ``wrapped_forward`` around ours."""
     collected = _active_collector.get() if _active_collector is not None else None
-    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+    if bool(collected) and ("attentions" in collected or "cross_attentions" in collected):
+        return True
+    forward = module.__dict__.get("forward") if module is not None else None
+    return getattr(getattr(forward, "__code__", None), "co_name", None) == "wrapped_forward"
 
 
 def cache_keyword(module):
@@ -50,10 +54,35 @@ def _cache_keyword(cls):
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
-def check_common(module, dropout_p):
-    """The reasons common to every swapped attention for handing a call back."""
-    if weights_requested():
+def cache_update(cache, key, value, layer_idx, kwargs):
+    """``cache.update`` as the installed transformers takes it: 4.5x's positional ``cache_kwargs`` dict
+    (the query positions), 5.x's keywords. Read from the signature."""
+    if _takes_cache_kwargs(type(cache)):
+        return cache.update(key, value, layer_idx, {"cache_position": kwargs.get("cache_position")})
+    return cache.update(key, value, layer_idx, kwargs=kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_cache_kwargs(cls):
+    return "cache_kwargs" in inspect.signature(cls.update).parameters
+
+
+def interface_for(registry, implementation, eager):
+    """The attention function a module of this implementation takes from ``registry`` (its modeling file's
+    ALL_ATTENTION_FUNCTIONS): ``get_interface`` where transformers has it (5.x), else 4.5x's rule."""
+    if hasattr(registry, "get_interface"):
+        return registry.get_interface(implementation, eager)
+    return eager if implementation == "eager" else registry[implementation]
+
+
+def check_common(module, dropout_p, kwargs=None):
+    """The reasons common to every swapped attention for handing a call back. ``kwargs``: the call's extra
+    keywords, where transformers 4.5x passes ``output_attentions`` / ``head_mask`` down explicitly."""
+    kwargs = kwargs or {}
+    if weights_requested(module) or kwargs.get("output_attentions"):
         raise Fallback("attention weights requested (output_attentions)")
+    if kwargs.get("head_mask") is not None:
+        raise Fallback("head_mask")
     if module.training and dropout_p > 0:
         raise Fallback("attention dropout > 0 in training")
 
@@ -86,7 +115,8 @@ def memo(state, key):
 def visible_keys(mask, batch, seqlen_q, seqlen_k):
     """(B, Lq, Lk) bool, True where the additive float `mask` lets query i see key j; None when the mask
     is not float (a boolean mask added to eager scores would hide nothing), holds values other than 0 and
-    a hiding value (finfo.min or -inf), has per-head entries, or does not broadcast to (B, 1, Lq, Lk)."""
+    a hiding value (<= -10000: finfo.min, -inf, BERT's -10000), has per-head entries, or does not broadcast
+    to (B, 1, Lq, Lk)."""
     if mask.dim() == 4:
         if mask.shape[1] != 1:
             return None
@@ -100,7 +130,9 @@ def visible_keys(mask, batch, seqlen_q, seqlen_k):
     if not mask.is_floating_point():
         return None
     visible = mask == 0
-    hidden = mask <= torch.finfo(mask.dtype).min
+    # finfo.min / -inf (5.x), or BERT's -10000 (4.5x's BLIP text): exp(-10000) is 0 in every float dtype, so
+    # a key hidden by it adds exactly nothing unless its score exceeds the row's maximum by ~9000
+    hidden = mask <= -10000.0
     if not bool((visible | hidden).all()):
         return None
     return visible
@@ -186,6 +218,12 @@ def layer_kind(make, options, was, attention_now):
     return make, options.attention or options.gated, "attention=False and gated=False", was, now
 
 
+def forward_swapped(module):
+    """Whether mmfast already replaced this instance's forward (patch is idempotent). Not any instance
+    forward: transformers 4.5x leaves the class's own, bound, on each module it recorded outputs of."""
+    return "forward" in module.__dict__.get(_SAVED, {})
+
+
 def swap_all(model, state, kinds, where=None):
     """Replace the forward of every module of `model` whose class is in `kinds` (and, if given, for which
     ``where(module)`` holds): ``{cls: (make_forward(state), enabled, why_not, was, now)}``; a row in the
@@ -199,7 +237,7 @@ def swap_all(model, state, kinds, where=None):
         if not enabled:
             state.report.leave(path, was, why_not)
             continue
-        if "forward" in module.__dict__:  # already ours (patch is idempotent)
+        if forward_swapped(module):
             continue
         if make not in forwards:
             forwards[make] = make(state)

@@ -66,16 +66,16 @@ def vit_forward(backend):
         if num_channels != patches.num_channels:
             raise ValueError("Make sure that the channel dimension of the pixel values match with the one set in the "
                              f"configuration. Expected {patches.num_channels} but got {num_channels}.")
-        if not interpolate_pos_encoding and (height != self.image_size[0] or width != self.image_size[1]):
-            raise ValueError(f"Input image size ({height}*{width}) doesn't match model"
-                             f" ({self.image_size[0]}*{self.image_size[1]}).")
+        size = patches.image_size   # (the embeddings' own copy is 5.x only)
+        if not interpolate_pos_encoding and (height != size[0] or width != size[1]):
+            raise ValueError(f"Input image size ({height}*{width}) doesn't match model ({size[0]}*{size[1]}).")
         table = self.position_embeddings
         masked = {}
         if bool_masked_pos is not None:
             masked = dict(token_mask=bool_masked_pos.bool(), mask_token=self.mask_token)
         conv = patches.projection
         out = patch_embed(pixel_values, conv.weight, conv.bias, pos_embed=table, cls_token=self.cls_token,
-                          pos_grid=_pos_grid(self, table.shape[1] - 1, interpolate_pos_encoding),
+                          pos_grid=_pos_grid(patches, table.shape[1] - 1, interpolate_pos_encoding),
                           pos_resample="hf", backend=backend, **masked)
         return self.dropout(out)
     return forward

@@ -16,8 +16,8 @@ runs the original code for that call, counted in the report.
 import torch
 
 from .._core import original
-from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, check_common, gated_residuals, layer_kind,
-                      row_intervals, swap_all, visible_keys)
+from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, check_common, gated_residuals, interface_for,
+                      layer_kind, row_intervals, swap_all, visible_keys)
 
 
 def _perceiver_forward(state):
@@ -68,7 +68,8 @@ def _cross_core(self, h, image_hidden_states, mask, plan, use_flash, backend, kw
     else:
         from transformers.models.idefics import modeling_idefics as hf
 
-        interface = hf.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
+        interface = interface_for(hf.ALL_ATTENTION_FUNCTIONS, self.config._attn_implementation,
+                                  hf.eager_attention_forward)
         out, _ = interface(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
                            dropout=0.0 if not self.training else self.dropout, scaling=self.scaling, **kwargs)
     return out.reshape(B, L, -1)
@@ -88,7 +89,7 @@ def _cross_layer_forward(state):
             return original(self)(hidden_states, **args, **kwargs)  # transformers raises the error
         attn = self.cross_attn
         try:
-            check_common(attn, attn.dropout if options.attention else 0.0)
+            check_common(attn, attn.dropout if options.attention else 0.0, kwargs)
             if self.training and self.config > 0:  # transformers keeps the layer's dropout p in `.config`
                 raise Fallback("hidden-state dropout > 0 in training")
             row_mask = gate_memo.get(cross_attention_gate, _gate_rows)

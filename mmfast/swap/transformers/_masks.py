@@ -78,34 +78,58 @@ class PaddedMask:
                 f"q_offset={self.q_offset}, kv_offset={self.kv_offset}, padding={self.padding is not None})")
 
 
-def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-               allow_is_causal_skip=True, allow_is_bidirectional_skip=False, use_vmap=False, device="cpu", **kwargs):
+def _query_offset(cache_position):
+    """The 4.5x contract names the query positions (``cache_position``); the factored form needs them
+    consecutive: their first, or None (any other layout is kept lazy)."""
+    first = int(cache_position[0]) if cache_position.numel() else 0
+    ok = torch.equal(cache_position, torch.arange(first, first + cache_position.numel(), device=cache_position.device))
+    return first if ok else None
+
+
+def build_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+               attention_mask=None, allow_is_causal_skip=True, allow_is_bidirectional_skip=False, use_vmap=False,
+               device="cpu", cache_position=None, **kwargs):
     """The "mmfast" entry of ``AttentionMaskInterface``: `sdpa_mask`'s signature and meaning, returning
-    None exactly where sdpa_mask does and a `PaddedMask` instead of its dense tensor otherwise."""
+    None exactly where sdpa_mask does and a `PaddedMask` instead of its dense tensor otherwise.
+
+    Both contracts are accepted; the call says which: 5.x passes ``q_length`` / ``q_offset``, 4.5x passes
+    the query positions as ``cache_position`` (and slices nothing for us, has no bidirectional builder).
+    """
     if isinstance(attention_mask, PaddedMask):
         # a mask already prepared (generate's static / sliding-window caches build it before the forward):
         # transformers returns a prepared 4-D mask as it is, but does not recognise a PaddedMask as one
         return attention_mask
     mu = _hf()
     mask_function = mu.causal_mask_function if mask_function is None else mask_function
-    sdpa_args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                     allow_is_causal_skip=allow_is_causal_skip,
-                     allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap, device=device)
-    padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if allow_is_causal_skip and mu._ignore_causal_mask_sdpa(padding, q_length, kv_length, q_offset, kv_offset,
-                                                            kwargs.get("local_size")):
-        return None
-    if allow_is_bidirectional_skip and mu._ignore_bidirectional_mask_sdpa(padding, kv_length, kwargs.get("local_size")):
-        return None
-    if use_vmap or mask_function not in (mu.causal_mask_function, mu.bidirectional_mask_function):
-        mode, padding = "lazy", None
+    bidirectional = getattr(mu, "bidirectional_mask_function", None)
+    local = kwargs.get("local_size")
+    if cache_position is not None:      # the 4.5x contract
+        q_length, device = cache_position.shape[0], cache_position.device
+        dense_args = dict(batch_size=batch_size, cache_position=cache_position, kv_length=kv_length,
+                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                          local_size=local)
+        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset, _slice=False)
+        if allow_is_causal_skip and mu._ignore_causal_mask_sdpa(padding, q_length, kv_length, kv_offset, local):
+            return None
+        q_offset = _query_offset(cache_position)
+    else:
+        dense_args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                          use_vmap=use_vmap, device=device, allow_is_bidirectional_skip=False)
+        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        if allow_is_causal_skip and mu._ignore_causal_mask_sdpa(padding, q_length, kv_length, q_offset, kv_offset,
+                                                                local):
+            return None
+        if allow_is_bidirectional_skip and mu._ignore_bidirectional_mask_sdpa(padding, kv_length, local):
+            return None
+    if use_vmap or q_offset is None or mask_function not in (mu.causal_mask_function, bidirectional):
+        mode, padding, q_offset = "lazy", None, 0 if q_offset is None else q_offset
     else:
         mode = "causal" if mask_function is mu.causal_mask_function else "bidirectional"
         if padding is not None:
             padding = padding[:, kv_offset:kv_offset + kv_length]
     # the dense fallback never skips: a PaddedMask stands for a mask that exists
-    dense_args = dict(sdpa_args, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    dense_args["allow_is_causal_skip"] = False
     return PaddedMask(mode, batch_size, q_length, kv_length, q_offset, kv_offset, padding,
                       lambda: mu.sdpa_mask(**dense_args))
 

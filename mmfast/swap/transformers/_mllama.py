@@ -26,8 +26,8 @@ from mmfast.nn.split_attention import cross_attention, cross_key_intervals, padd
 
 from .._core import original
 from ._mllama_tiles import patch_tiles
-from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, check_common, gated, gated_residuals, layer_kind, memo,
-                      swap_all, visible_keys)
+from ._bypass import (Fallback, MaskMemo, attend, cache_keyword, cache_update, check_common, gated, gated_residuals,
+                      interface_for, layer_kind, memo, swap_all, visible_keys)
 
 
 # ---- vision encoder ------------------------------------------------------------------------------
@@ -58,7 +58,8 @@ def _vision_core(self, h, mask, pad, use_flash, backend):
     else:
         from transformers.models.mllama import modeling_mllama as hf
 
-        interface = hf.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
+        interface = interface_for(hf.ALL_ATTENTION_FUNCTIONS, self.config._attn_implementation,
+                                  hf.eager_attention_forward)
         out, _ = interface(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout=0.0,
                            scaling=self.scaling)
     return out.reshape(B, L, -1)
@@ -69,7 +70,7 @@ def _vision_forward(state):
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         try:
-            check_common(self, 0.0)
+            check_common(self, 0.0, kwargs)
             pad = None if attention_mask is None else vision_memo.get(attention_mask, _vision_plan)
         except Fallback as why:
             state.report.count_fallback(f"MllamaVisionAttention: {why}")
@@ -147,7 +148,7 @@ def _cross_core(self, hidden_states, cross_attention_states, cache, mask, plan, 
         v = self.v_proj(cross_attention_states).view(B, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         k = self.k_norm(k)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+            k, v = cache_update(cache, k, v, self.layer_idx, kwargs)
     else:
         k, v = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
     if use_flash:
@@ -155,7 +156,8 @@ def _cross_core(self, hidden_states, cross_attention_states, cache, mask, plan, 
     else:
         from transformers.models.mllama import modeling_mllama as hf
 
-        interface = hf.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
+        interface = interface_for(hf.ALL_ATTENTION_FUNCTIONS, self.config._attn_implementation,
+                                  hf.eager_attention_forward)
         out, _ = interface(self, q, k, v, mask, dropout=0.0 if not self.training else self.dropout,
                            scaling=self.scaling, **kwargs)
     return out.reshape(B, L, -1)
@@ -171,7 +173,7 @@ def _cross_layer_forward(state):
         cache = cache if cache is not None else past_key_values
         attn = self.cross_attn
         try:
-            check_common(attn, attn.dropout if options.attention else 0.0)
+            check_common(attn, attn.dropout if options.attention else 0.0, kwargs)
             plan = None
             if options.attention and cross_attention_mask is not None:
                 plan = cross_memo.get(cross_attention_mask, _cross_plan)

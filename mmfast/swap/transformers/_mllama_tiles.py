@@ -26,7 +26,7 @@ from torch import nn
 from mmfast.kernels import tile_patch_embed
 
 from .._core import mark_output, marks_output, not_plain, original, replace_forward, set_instance_attr
-from ._bypass import Fallback
+from ._bypass import Fallback, forward_swapped
 
 _RUN = contextvars.ContextVar("mmfast_mllama_tiles", default=None)
 STAGES = ("patch_embedding", "pre_tile_positional_embedding", "apply_class_embedding", "gated_positional_embedding")
@@ -157,7 +157,7 @@ def patch_tiles(model, options, state):
         if not options.patch_embed:
             state.report.leave(path, was, "patch_embed=False")
             continue
-        if "forward" in module.__dict__:  # already ours (patch is idempotent)
+        if forward_swapped(module):
             continue
         replace_forward(module, _model_forward(state))
         replace_forward(module.patch_embedding, _conv_forward)

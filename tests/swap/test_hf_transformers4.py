@@ -1,0 +1,59 @@
+"""The transformers integration on transformers 4.5x, in a subprocess (the suite itself runs one transformers).
+
+Runs only when MMFAST_TRANSFORMERS4_PATH names a folder holding transformers 4.5x (e.g. a
+``pip install --target`` of transformers 4.57): it is put first on the subprocess' sys.path and a
+representative subset of these tests runs there: the mask builder's 4.5x contract, ViT and CLIP (padded
+text) outputs and gradients, CLIP through the Triton interpreter with the mmfast ops counted, LLaVA
+(Llama, GQA) left-padded with greedy generation, Mistral / Qwen2 sliding windows, the per-instance swaps of
+BLIP, Mllama and Idefics against 4.5x's own code, patch / unpatch / refusals (BLIP-2 left unchanged).
+"""
+import os
+import pathlib
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+PATH = os.environ.get("MMFAST_TRANSFORMERS4_PATH")
+pytestmark = pytest.mark.skipif(not PATH, reason="MMFAST_TRANSFORMERS4_PATH is not set (a folder holding transformers "
+                                                 "4.5x, prepended to sys.path in a subprocess)")
+
+HERE = pathlib.Path(__file__).parent
+SUBSET = [
+    "test_hf_attention.py",
+    "test_hf_vit.py::test_vit_parity",
+    "test_hf_clip.py::test_clip_parity",
+    "test_hf_clip.py::test_clip_triton_interpreter_runs_mmfast_ops",
+    "test_hf_llava.py",
+    "test_hf_llava_lms.py::test_outputs_and_gradients_fp32_within_rule",   # sliding windows (Mistral, Qwen2)
+    "test_hf_patch.py",
+    "test_hf_blip.py",                                                      # bypass swaps: eager masks, caches
+    "test_hf_mllama.py::test_forward_backward_match_transformers_fp64",
+    "test_hf_mllama.py::test_mmfast_patch_generation_identical_and_unpatch_bitwise",
+    "test_hf_idefics.py",
+]
+# skipped there by design: 4.5x has no bidirectional mask builder (the monkeypatched refusal's real
+# counterpart runs instead), and its own LLaVA does not compile fullgraph
+EXPECTED_SKIPS = {"test_bidirectional_padding", "test_patched_model_compiles_fullgraph"}
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PATH, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_transformers4_subset(tmp_path):
+    version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+                             env=_env(), capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0, version.stderr[-2000:]
+    assert version.stdout.strip().startswith("4."), f"MMFAST_TRANSFORMERS4_PATH gives transformers {version.stdout}"
+    report = tmp_path / "junit.xml"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                          *(str(HERE / t) for t in SUBSET)],
+                         cwd=HERE.parent.parent, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    cases = ET.parse(report).getroot().iter("testcase")
+    skipped = {c.get("name").split("[")[0] for c in cases if c.find("skipped") is not None}
+    assert skipped == EXPECTED_SKIPS, (skipped, run.stdout[-3000:])
