@@ -6,6 +6,7 @@ group of parameter gradients passes when the patched error against the float64 r
 gradients) PyTorch's own error plus a small floor: the suite's rule (tests/numerics.py). The backward
 starts from fixed random weights on every floating output, so every output's gradient is checked.
 """
+import contextlib
 import copy
 import dataclasses
 import sys
@@ -127,7 +128,8 @@ def verify(model, inputs=None, *, backend="auto", attention=True, patch_embed=Tr
         inputs = integration.example_inputs(_core.inside_peft(work), seed=seed)
     args, kwargs = _split(inputs)
     reference = copy.deepcopy(work).to(torch.float64)
-    ref = _run(reference, _cast(args, torch.float64), _cast(kwargs, torch.float64), seed)
+    with _default_dtype(torch.float64):  # tensors the model makes on the fly too (transformers 4.5x's CLIP mask)
+        ref = _run(reference, _cast(args, torch.float64), _cast(kwargs, torch.float64), seed)
     del reference
     base = _run(work, args, kwargs, seed)
     patch(work, attention=attention, patch_embed=patch_embed, gated=gated, loss=loss, ema=ema, backend=backend)
@@ -183,6 +185,16 @@ def _grad_group(name):
         if p.isdigit():
             return ".".join(parts[:i + 1])
     return ".".join(parts[:2]) if len(parts) > 2 else ".".join(parts[:-1]) or name
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 def _run(model, args, kwargs, seed):
