@@ -109,6 +109,22 @@ def set_instance_attr(module, name, value):
     object.__setattr__(module, name, value)
 
 
+def foreign_forward(*modules):
+    """Why one of `modules` must not get mmfast's forward, or None: its forward is already replaced on the
+    instance by someone else (accelerate's device / offloading hooks, another wrapper), which mmfast's
+    would bypass. Not counted: mmfast's own swap, and the class's forward left bound on the instance
+    (transformers 4.5x does that to modules it recorded outputs of)."""
+    for module in modules:
+        own = module.__dict__.get("forward")
+        if own is None or own is module.__dict__.get(_SET, {}).get("forward"):
+            continue
+        if getattr(own, "__self__", None) is module and getattr(own, "__func__", None) is type(module).forward:
+            continue
+        return (f"its forward is replaced on the instance ({getattr(own, '__qualname__', type(own).__name__)}: "
+                "accelerate's hooks or another wrapper), which mmfast's would bypass")
+    return None
+
+
 def replace_forward(module, forward):
     """Run ``forward(module, *args, **kwargs)`` for this instance's calls (bound like a method)."""
     set_instance_attr(module, "forward", types.MethodType(forward, module))
@@ -124,6 +140,10 @@ def replace_forwards_by_class(model, table, backend, report, library):
         if entry is None or cls.__module__.split(".")[0] != library:
             continue
         factory, was, now, parts = entry
+        why = foreign_forward(module)
+        if why is not None:
+            report.leave(path, was, why)
+            continue
         forward = factory(backend)
         replace_forward(module, guard_parts(forward, parts, report, cls.__name__) if parts else forward)
         report.add(path, was, now)

@@ -12,7 +12,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._core import not_plain, original, set_instance_attr
+from ._core import foreign_forward, not_plain, original, set_instance_attr
 from .timm import _configure, _fallback, _library, join
 
 NAME = "open_clip"
@@ -68,7 +68,7 @@ def patch(model, options, state):
             if not options.attention:
                 report.leave(path, "nn.MultiheadAttention", "attention=False")
                 continue
-            why = _mha_blocker(module)
+            why = _mha_blocker(module) or foreign_forward(module)
             if why:
                 report.leave(path, "nn.MultiheadAttention", why)
                 continue

@@ -8,7 +8,7 @@ import types
 
 import torch
 
-from ._core import not_plain, original, set_instance_attr
+from ._core import foreign_forward, not_plain, original, set_instance_attr
 
 NAME = "timm"
 
@@ -92,6 +92,8 @@ def swap_modules(root, prefix, options, report):
             unknown = set(module._modules) - _ATTENTION_PARTS
             if unknown:  # a timm release that added a feature this swap does not reproduce
                 report.leave(full, "timm Attention", f"unknown parts {sorted(unknown)}")
+            elif foreign_forward(module):
+                report.leave(full, "timm Attention", foreign_forward(module))
             elif options.attention:
                 _configure(module, options, report)
                 set_instance_attr(module, "forward", types.MethodType(_attention_forward, module))
@@ -100,6 +102,7 @@ def swap_modules(root, prefix, options, report):
                 report.leave(full, "timm Attention", "attention=False")
         elif isinstance(module, PatchEmbed):
             why = _patch_embed_blocker(module, PatchEmbed) if options.patch_embed else "patch_embed=False"
+            why = why or foreign_forward(module)
             if why is None:
                 _configure(module, options, report)
                 set_instance_attr(module, "forward", types.MethodType(_patch_embed_forward, module))

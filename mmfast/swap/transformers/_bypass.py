@@ -239,6 +239,10 @@ def swap_all(model, state, kinds, where=None):
             continue
         if forward_swapped(module):
             continue
+        why = _core.foreign_forward(module)
+        if why is not None:
+            state.report.leave(path, was, why)
+            continue
         if make not in forwards:
             forwards[make] = make(state)
         replace_forward(module, forwards[make])

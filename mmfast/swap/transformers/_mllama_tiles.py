@@ -25,7 +25,7 @@ from torch import nn
 
 from mmfast.kernels import tile_patch_embed
 
-from .._core import mark_output, marks_output, not_plain, original, replace_forward, set_instance_attr
+from .._core import foreign_forward, mark_output, marks_output, not_plain, original, replace_forward, set_instance_attr
 from ._bypass import Fallback, forward_swapped
 
 _RUN = contextvars.ContextVar("mmfast_mllama_tiles", default=None)
@@ -158,6 +158,11 @@ def patch_tiles(model, options, state):
             state.report.leave(path, was, "patch_embed=False")
             continue
         if forward_swapped(module):
+            continue
+        why = foreign_forward(module, module.patch_embedding, module.pre_tile_positional_embedding,
+                              module.gated_positional_embedding)
+        if why is not None:
+            state.report.leave(path, was, why)
             continue
         replace_forward(module, _model_forward(state))
         replace_forward(module.patch_embedding, _conv_forward)
