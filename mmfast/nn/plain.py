@@ -16,11 +16,16 @@ def plain(module: nn.Module, cls: type, *, own_forward=None, hooks_ok=None) -> b
             and not module._forward_pre_hooks)
 
 
+def describe(name: str, module: nn.Module, cls: type) -> str:
+    """"`name` is a <its class>, not a plain nn.<cls>": the start of the reason a fused path is not taken."""
+    kind = type(module)
+    return (f"{name} is a {kind.__module__}.{kind.__qualname__}" + (" with hooks" if kind is cls else "")
+            + f", not a plain nn.{cls.__name__}")
+
+
 def require_plain(op: str, name: str, module: nn.Module, cls: type) -> None:
     """ValueError unless `module` is :func:`plain`: for fused paths with no unfused form here."""
     if not plain(module, cls):
-        kind = type(module)
-        raise ValueError(f"{op}: {name} is a {kind.__module__}.{kind.__qualname__}"
-                         + (" with hooks" if kind is cls else "") + f", not a plain nn.{cls.__name__}: the fused "
-                         f"kernel reads {name}.weight and would drop what its forward adds (a LoRA adapter: merge it "
-                         f"first, or leave {name} out of the adapter's target modules)")
+        raise ValueError(f"{op}: {describe(name, module, cls)}: the fused kernel reads {name}.weight and would drop "
+                         f"what its forward adds (a LoRA adapter: merge it first, or leave {name} out of the "
+                         "adapter's target modules)")

@@ -10,6 +10,7 @@ import types
 
 import torch
 
+from mmfast.nn.plain import describe
 from mmfast.nn.plain import plain as nn_plain
 
 _SAVED = "_mmfast_saved"      # on a swapped module: {attribute: original instance value or _MISSING}
@@ -180,9 +181,7 @@ def not_plain(module, parts):
     for name, cls in parts.items():
         part = module.get_submodule(name)
         if not plain(part, cls):
-            kind = type(part)
-            return (f"{name} is a {kind.__module__}.{kind.__qualname__}" + (" with hooks" if kind is cls else "")
-                    + f", not a plain {cls.__name__}: its own forward runs")
+            return f"{describe(name, part, cls)}: its own forward runs"
     return None
 
 

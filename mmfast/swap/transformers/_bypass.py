@@ -184,8 +184,7 @@ def gated(a, linear, gate, residual, row_mask, fused, backend, report=None):
             return tanh_gated_linear(a, linear.weight, linear.bias, gate, residual, row_mask=row_mask,
                                      backend=backend)
         if report is not None:
-            kind = type(linear)
-            report.count_fallback(f"tanh_gated_linear: {kind.__module__}.{kind.__qualname__} is not a plain Linear: "
+            report.count_fallback(f"tanh_gated_linear: {_core.describe('the projection', linear, nn.Linear)}: "
                                   "its own forward runs, then the gate")
     update = linear(a)
     if row_mask is not None:
