@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmfast.kernels import tanh_gated_linear, tile_patch_embed
+from mmfast.kernels import tile_patch_embed
 from mmfast.kernels._common import check_choice, check_int
 from mmfast.nn.decoder import DecoderLM, _llama_pairs, hf_eos_token_id
-from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
-from mmfast.nn.plain import plain, require_plain
+from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock, gated_linear_residual
+from mmfast.nn.plain import require_plain
 from mmfast.nn.split_attention import cross_key_intervals, padded_self_attention
 from mmfast.nn.transformer import TransformerLayer, activation
 
@@ -148,17 +148,9 @@ class MllamaVisionLayer(TransformerLayer):
         if self.gate_attn is None:
             x = x + attn.out(o)
             return x + mlp(self.norm2(x))
-        x = _gated(o, attn.out, self.gate_attn, x, attn.backend)
+        x = gated_linear_residual(o, attn.out, self.gate_attn, x, backend=attn.backend)
         h = activation(mlp.act, mlp.fc1(self.norm2(x)))
-        return _gated(h, mlp.fc2, self.gate_ffn, x, attn.backend)
-
-
-def _gated(a, linear, gate, residual, backend):
-    """residual + tanh(gate)·linear(a): fused where `linear` is a plain nn.Linear (not a LoRA / quantized layer,
-    whose own forward must run)."""
-    if plain(linear, nn.Linear):
-        return tanh_gated_linear(a, linear.weight, linear.bias, gate, residual, backend=backend)
-    return residual + torch.tanh(gate) * linear(a)
+        return gated_linear_residual(h, mlp.fc2, self.gate_ffn, x, backend=attn.backend)
 
 
 class MllamaVision(nn.Module):

@@ -15,12 +15,30 @@ from mmfast.kernels import flash_attention, tanh_gated_linear
 from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
 from mmfast.kernels.attention.masks import MEDIA_MODES, media_intervals
 
+from .plain import plain
 from .split_attention import EMPTY_ROWS, cross_attention
 
 VARIANTS = ("flamingo", "mllama", "idefics")
 PERCEIVER_ACTS = ("gelu", "relu")
 # the backends both functional ops implement (flash_attention and tanh_gated_linear)
 MODULE_BACKENDS = ("auto", "triton", "reference")
+
+
+def gated_linear_residual(a, linear, gate, residual, *, row_mask=None, fused=True, backend="auto", on_unfused=None):
+    """``residual + tanh(gate) · linear(a)``, the update zeroed on `row_mask` rows: one ``tanh_gated_linear``
+    where `fused` and `linear` is a plain nn.Linear (:func:`mmfast.nn.plain.plain`), else as eager code writes
+    it, `linear` called: a LoRA or quantized layer's own forward runs (then ``on_unfused(linear)``, if given,
+    when `fused` was asked for)."""
+    if fused:
+        if plain(linear, nn.Linear):
+            return tanh_gated_linear(a, linear.weight, linear.bias, gate, residual, row_mask=row_mask,
+                                     backend=backend)
+        if on_unfused is not None:
+            on_unfused(linear)
+    update = linear(a)
+    if row_mask is not None:
+        update = update.masked_fill(row_mask[..., None], 0.0)
+    return residual + torch.tanh(gate) * update
 
 
 def _optional_int(op, name, value, lo=1):

@@ -41,13 +41,15 @@ def assert_grads_close(got, expected, tol, what=""):
 def spy_kernels():
     """Counts the calls the swapped forwards make to flash_attention / tanh_gated_linear (any backend):
     proof, on backend="reference" where no custom op runs, that the parity compared mmfast's path."""
-    from mmfast.nn import split_attention
+    from mmfast.nn import gated_cross_attention, split_attention
     from mmfast.swap.transformers import _bypass
 
     counts = collections.Counter()
-    # the swaps call the kernels through _bypass, or through split_attention (Mllama's two-call attentions)
+    # the swaps call the kernels through _bypass, split_attention (Mllama's two-call attentions) or
+    # gated_cross_attention.gated_linear_residual (the gated residuals)
     saved = {(module, name): getattr(module, name) for module, names in
-             ((_bypass, ("flash_attention", "tanh_gated_linear")), (split_attention, ("flash_attention",)))
+             ((_bypass, ("flash_attention",)), (split_attention, ("flash_attention",)),
+              (gated_cross_attention, ("tanh_gated_linear",)))
              for name in names}
 
     def spy(name, fn):

@@ -41,12 +41,12 @@ def _train_step(model, batch, calls):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Calls of flash_attention / tanh_gated_linear from the swapped code (any backend)."""
-    from mmfast.nn import split_attention
+    from mmfast.nn import gated_cross_attention, split_attention
     from mmfast.swap.transformers import _attention, _bypass
 
     calls = collections.Counter()
     for module, name in ((_attention, "flash_attention"), (_bypass, "flash_attention"),
-                         (_bypass, "tanh_gated_linear"), (split_attention, "flash_attention")):
+                         (gated_cross_attention, "tanh_gated_linear"), (split_attention, "flash_attention")):
         def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
             calls[_name] += 1
             return _fn(*args, **kwargs)

@@ -14,7 +14,8 @@ import weakref
 import torch
 from torch import nn
 
-from mmfast.kernels import flash_attention, tanh_gated_linear
+from mmfast.kernels import flash_attention
+from mmfast.nn.gated_cross_attention import gated_linear_residual
 
 from .. import _core
 from .._core import _SAVED, replace_forward
@@ -176,20 +177,13 @@ def eager_rows(out, q, k, v, scale, mask, rows, softmax_dtype=None):
 
 
 def gated(a, linear, gate, residual, row_mask, fused, backend, report=None):
-    """``residual + tanh(gate) · linear(a)`` (update zeroed on `row_mask` rows), fused or as transformers
-    writes it: unfused (counted in `report`) where `linear` is not a plain nn.Linear (a LoRA or quantized layer,
-    whose own forward must run)."""
-    if fused:
-        if _core.plain(linear, nn.Linear):
-            return tanh_gated_linear(a, linear.weight, linear.bias, gate, residual, row_mask=row_mask,
-                                     backend=backend)
-        if report is not None:
-            report.count_fallback(f"tanh_gated_linear: {_core.describe('the projection', linear, nn.Linear)}: "
-                                  "its own forward runs, then the gate")
-    update = linear(a)
-    if row_mask is not None:
-        update = update.masked_fill(row_mask[..., None], 0.0)
-    return residual + gate.tanh() * update
+    """`mmfast.nn.gated_cross_attention.gated_linear_residual`, a projection that is not a plain nn.Linear (a LoRA
+    or quantized layer: its own forward runs, then the gate) counted in `report`."""
+    def count(layer):
+        report.count_fallback(f"tanh_gated_linear: {_core.describe('the projection', layer, nn.Linear)}: "
+                              "its own forward runs, then the gate")
+    return gated_linear_residual(a, linear, gate, residual, row_mask=row_mask, fused=fused, backend=backend,
+                                 on_unfused=None if report is None else count)
 
 
 def gated_residuals(layer, o, residual, attn_gate, mlp_gate, options, attn_rows=None, mlp_rows=None, report=None):
