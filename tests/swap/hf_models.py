@@ -29,14 +29,6 @@ LLAMA = dict(WIDTH, vocab_size=100, num_hidden_layers=2, num_key_value_heads=1, 
 IMAGE_TOKEN = 99
 
 
-def unsupported_here(check):
-    """A skip mark for tests of a family `mmfast.patch` refuses on the installed transformers (`_requires`)."""
-    from mmfast.swap.transformers import _requires
-
-    reason = getattr(_requires, check)()
-    return pytest.mark.skipif(reason is not None, reason=f"mmfast leaves it unchanged here: {reason}")
-
-
 def seeded(fn, seed=0):
     torch.manual_seed(seed)
     return fn()

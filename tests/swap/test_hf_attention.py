@@ -141,13 +141,17 @@ def test_dense_masks():
     assert not layer.report.fallbacks
 
 
-@pytest.mark.parametrize("case", ["float-bias", "holes", "dropout", "softcap"])
+@pytest.mark.parametrize("case", ["float-bias", "row-hides-all", "holes", "dropout", "softcap"])
 def test_fallbacks_are_exact_and_counted(case):
     layer = Layer(True)
     q, k, v = qkv(2, 2, 2, 6, 6)
     mask = None
     if case == "float-bias":
         mask = randn(2, 1, 6, 6)
+    elif case == "row-hides-all":   # an eager-style causal mask, 2 left-padding queries not unmasked (4.5x's OPT)
+        keep = torch.ones(6, 6, dtype=torch.bool).tril().repeat(2, 1, 1, 1)
+        keep[1, :, :, :2] = False
+        mask = torch.zeros(2, 1, 6, 6).masked_fill(~keep, torch.finfo(torch.float32).min)
     elif case == "holes":
         mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
         mask[..., 1, 3] = False                               # row 1 sees keys {0..2, 4, 5}: not an interval
@@ -165,6 +169,8 @@ def test_fallbacks_are_exact_and_counted(case):
     else:
         check(layer, q, k, v, mask)
     assert sum(layer.report.fallbacks.values()) == 1, layer.report.fallbacks
+    if case == "row-hides-all":
+        assert list(layer.report.fallbacks) == ["float attention mask with a row that hides every key"]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

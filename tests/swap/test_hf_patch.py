@@ -72,36 +72,6 @@ def test_unknown_model_type_is_left_unchanged_with_a_message():
     assert model.config._attn_implementation == "sdpa" and not mmfast.unpatch(model)
 
 
-def test_family_whose_requirement_is_missing_is_left_unchanged(monkeypatch):
-    """A failing `_requires` check (BLIP-2's on transformers 4.5x) refuses the whole model, with its reason."""
-    from mmfast.swap.transformers import _requires
-
-    monkeypatch.setattr(_requires, "blip2", lambda: "BLIP-2: the reason")
-    model = hf.blip2_retrieval()
-    dicts = [dict(m.__dict__) for m in model.modules()]
-    report = mmfast.patch(model)
-    assert report.message == "BLIP-2: the reason; nothing was changed" and not report.swapped
-    assert [dict(m.__dict__) for m in model.modules()] == dicts and not mmfast.unpatch(model)
-
-
-def test_blip2_refused_where_the_qformer_bypasses_the_interface():
-    """transformers 4.5x: patching BLIP-2's vision tower alone would be half a patch; it runs as before."""
-    from mmfast.swap.transformers import _requires
-
-    reason = _requires.blip2()
-    if reason is None:
-        pytest.skip("this transformers' Q-Former calls AttentionInterface: BLIP-2 is patched (test_hf_blip2.py)")
-    model = hf.blip2_retrieval()
-    inputs = dict(pixel_values=hf.pixels(2), input_ids=hf.ids(2, 7), attention_mask=hf.right_padding([7, 4], 7),
-                  use_image_text_matching_head=False)
-    with torch.no_grad():
-        stock = model(**inputs).logits_per_image
-        report = mmfast.patch(model)
-        assert not report.swapped and report.message == reason + "; nothing was changed"
-        assert torch.equal(model(**inputs).logits_per_image, stock)
-    assert not mmfast.unpatch(model)
-
-
 def test_options_select_families():
     model = hf.clip()
     report = mmfast.patch(model, attention=False, loss=False, backend="reference")

@@ -5,7 +5,8 @@ Runs only when MMFAST_TRANSFORMERS4_PATH names a folder holding transformers 4.5
 representative subset of these tests runs there: the mask builder's 4.5x contract, ViT and CLIP (padded
 text) outputs and gradients, CLIP through the Triton interpreter with the mmfast ops counted, LLaVA
 (Llama, GQA) left-padded with greedy generation, Mistral / Qwen2 sliding windows, the per-instance swaps of
-BLIP, Mllama and Idefics against 4.5x's own code, patch / unpatch / refusals (BLIP-2 left unchanged).
+BLIP, Mllama and Idefics against 4.5x's own code, BLIP-2's Q-Former (swapped per instance there, eager
+additive masks), patch / unpatch / refusals.
 """
 import os
 import pathlib
@@ -29,6 +30,7 @@ SUBSET = [
     "test_hf_llava_lms.py::test_outputs_and_gradients_fp32_within_rule",   # sliding windows (Mistral, Qwen2)
     "test_hf_patch.py",
     "test_hf_blip.py",                                                      # bypass swaps: eager masks, caches
+    "test_hf_blip2.py",                                                     # 4.5x: Q-Former swapped per instance
     "test_hf_mllama.py::test_forward_backward_match_transformers_fp64",
     "test_hf_mllama.py::test_mmfast_patch_generation_identical_and_unpatch_bitwise",
     "test_hf_idefics.py",

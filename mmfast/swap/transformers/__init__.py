@@ -17,9 +17,8 @@ model is left untouched with the reason in the report. After ``import mmfast.swa
 Supported: transformers >= 4.57, < 6 (`SUPPORTED`; tested with 4.57.6, the last 4.x, 5.17, the lent GPU
 image's, and 5.24, the newest release; where they differ the code checks the feature, not the version).
 The mask builder takes both contracts (5.x: q_length / q_offset; 4.5x: the query positions as
-``cache_position``). On 4.5x, BLIP-2 is left unchanged with the reason (`_requires`: its Q-Former attention
-does not call the interface there); every other model type in `TABLE` is patched. Outside the range a model is
-left unchanged with that message.
+``cache_position``). On 4.5x, BLIP-2's Q-Former attention does not call the interface: `_blip2` swaps it per
+instance there. Outside the range a model is left unchanged with that message.
 """
 import copy
 import dataclasses
@@ -51,14 +50,12 @@ class Entry:
         modules that bypass the interface; imported only when such a model is patched, after the
         attention implementation is set (so it may call `_attention.mmfast_attention` itself).
     note: a line for the report's message.
-    requires: the name of a check in `_requires` (the installed transformers has what the swaps need).
     """
     attention: bool = True
     embeddings: bool = False
     loss: bool = False
     extra: Optional[str] = None
     note: str = ""
-    requires: Optional[str] = None
 
 
 TABLE = {
@@ -70,9 +67,9 @@ TABLE = {
     "siglip_vision_model": Entry(embeddings=True),
     "siglip_text_model": Entry(),
     "blip-2": Entry(embeddings=True, note="no ITC loss in transformers' BLIP-2; Q-Former runs fp32 attention",
-                    requires="blip2"),
+                    extra="_blip2"),
     "blip_2_vision_model": Entry(embeddings=True),
-    "blip_2_qformer": Entry(requires="blip2"),
+    "blip_2_qformer": Entry(extra="_blip2"),
     "opt": Entry(),
     "llama": Entry(),
     # language models of LLaVA / LLaVA-NeXT checkpoints: decoders whose every attention layer calls the
@@ -200,11 +197,7 @@ def _why_not(configs):
     if unknown:
         return (f"transformers model type(s) {', '.join(map(repr, unknown))} not in mmfast's table "
                 f"(known: {', '.join(sorted(TABLE))})")
-    from . import _requires
-
-    checks = dict.fromkeys(TABLE[c.model_type].requires for c in configs if TABLE[c.model_type].requires)
-    problems = [p for p in (getattr(_requires, name)() for name in checks) if p]
-    return "; ".join(problems) or None
+    return None
 
 
 def patch(model, options, state):

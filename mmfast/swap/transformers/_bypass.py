@@ -113,6 +113,12 @@ def memo(state, key):
     return state.__dict__.setdefault("_mask_memos", {}).setdefault(key, MaskMemo())
 
 
+# what an additive mask hides: finfo.min / -inf (5.x), or BERT's -10000 (4.5x's BLIP text, BLIP-2's Q-Former):
+# exp(-10000) is 0 in every float dtype, so a key hidden by it adds exactly nothing unless its score exceeds
+# the row's maximum by ~9000
+HIDDEN = -10000.0
+
+
 def visible_keys(mask, batch, seqlen_q, seqlen_k):
     """(B, Lq, Lk) bool, True where the additive float `mask` lets query i see key j; None when the mask
     is not float (a boolean mask added to eager scores would hide nothing), holds values other than 0 and
@@ -131,9 +137,7 @@ def visible_keys(mask, batch, seqlen_q, seqlen_k):
     if not mask.is_floating_point():
         return None
     visible = mask == 0
-    # finfo.min / -inf (5.x), or BERT's -10000 (4.5x's BLIP text): exp(-10000) is 0 in every float dtype, so
-    # a key hidden by it adds exactly nothing unless its score exceeds the row's maximum by ~9000
-    hidden = mask <= -10000.0
+    hidden = mask <= HIDDEN
     if not bool((visible | hidden).all()):
         return None
     return visible
@@ -166,14 +170,16 @@ def eager_rows(out, q, k, v, scale, mask, rows, softmax_dtype=None):
     """`out` (B, Lq, H, D) with the rows marked in `rows` (B, Lq) recomputed by the eager formula
     ``softmax(q kᵀ·scale + mask) v``. For rows that see no key: in eager code every score plus finfo.min
     rounds to finfo.min, so the forward is a plain average of the values, while the backward is still
-    softmax's (a gradient reaches q and k); only the eager formula itself gives both. They are few
-    (left-padding queries), gathered, so this costs nothing like a dense pass."""
-    b, i = rows.nonzero(as_tuple=True)
+    softmax's (a gradient reaches q and k); only the eager formula itself gives both. They are few (left-padding queries) and gathered per batch element (each row reads its element's
+    keys in place, no copy per row), so this costs nothing like a dense pass."""
     mask = mask[:, 0] if mask.dim() == 4 else mask
-    m = mask.expand(rows.shape[0], rows.shape[1], k.shape[1])[b, i]  # (n, Lk)
-    s = torch.einsum("nhd,nkhd->nhk", q[b, i], k[b]) * scale + m[:, None, :]
-    p = torch.softmax(s, dim=-1, dtype=softmax_dtype).to(v.dtype)
-    return out.index_put((b, i), torch.einsum("nhk,nkhd->nhd", p, v[b]).to(out.dtype))
+    mask = mask.expand(rows.shape[0], rows.shape[1], k.shape[1])
+    for b in rows.any(-1).nonzero().flatten().tolist():
+        i = rows[b].nonzero().flatten()
+        s = torch.einsum("nhd,khd->nhk", q[b, i], k[b]) * scale + mask[b, i][:, None, :]
+        p = torch.softmax(s, dim=-1, dtype=softmax_dtype).to(v.dtype)
+        out = out.index_put((torch.full_like(i, b), i), torch.einsum("nhk,khd->nhd", p, v[b]).to(out.dtype))
+    return out
 
 
 def gated(a, linear, gate, residual, row_mask, fused, backend, report=None):

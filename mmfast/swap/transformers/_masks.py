@@ -201,6 +201,18 @@ def _float_as_bool(mask):
     return keep
 
 
+def _why_not_bool(mask):
+    if not mask.is_floating_point():
+        return f"attention mask of dtype {mask.dtype}"
+    hidden = mask <= torch.finfo(mask.dtype).min / 2
+    if bool(((mask == 0) | hidden).all()):
+        # an eager-style mask (left-padding queries not unmasked, e.g. transformers 4.5x's OPT): such a row's
+        # softmax (and its gradient) depends on how the implementation rounds; the fallback runs SDPA's, as
+        # the stock sdpa model does, while no interval or padding form expresses it
+        return "float attention mask with a row that hides every key"
+    return "float attention mask with a bias (values other than 0 and the dtype's min / -inf)"
+
+
 def kernel_mask(attention_mask, batch, lq, lk, device):
     """(flash_attention mask kwargs, None) or (None, the reason to fall back) for one call's mask.
 
@@ -220,8 +232,8 @@ def kernel_mask(attention_mask, batch, lq, lk, device):
     if not isinstance(attention_mask, torch.Tensor):
         return None, f"attention mask of type {type(attention_mask).__name__}"
     if attention_mask.dtype != torch.bool:
-        attention_mask = _float_as_bool(attention_mask)
+        float_mask, attention_mask = attention_mask, _float_as_bool(attention_mask)
         if attention_mask is None:
-            return None, "float attention mask with a bias (values other than 0 and the dtype's min / -inf)"
+            return None, _why_not_bool(float_mask)
     kwargs = _from_dense(attention_mask.to(device), batch, lq, lk)
     return (kwargs, None) if kwargs is not None else (None, "bool mask rows are not intervals of unpadded keys")
