@@ -4,6 +4,7 @@ Parity: the stock model in fp64 is the reference; the stock fp32 model's error a
 yardstick (tests/numerics.py rule: outputs 2x, gradients 3x); the patched fp32 model must stay within.
 """
 import collections
+import contextlib
 import copy
 import inspect
 
@@ -134,15 +135,23 @@ def _double(inputs):
     return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
+@contextlib.contextmanager
+def float64_default():
+    """float64 as the default dtype, so the tensors a float64 model makes on the fly are float64 too: 4.5x's CLIP
+    text mask is torch.full(finfo(model dtype).min) in the default dtype, which overflows float32."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
+
+
 def assert_parity(model, inputs, keys, backend="reference", grads=True, **patch_kwargs):
     """Patch `model` (fp32) and check outputs and gradients against the stock fp64 / fp32 models."""
     model64 = copy.deepcopy(model).double()
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # 4.5x's CLIP text mask is filled with finfo(fp64).min in the default dtype
-    try:
+    with float64_default():
         ref_out, ref_grad = forward_backward(model64, _double(inputs), keys, grads)
-    finally:
-        torch.set_default_dtype(default)
     stock_out, stock_grad = forward_backward(model, inputs, keys, grads)
     report = mmfast.patch(model, backend=backend, **patch_kwargs)
     assert report.swapped, str(report)

@@ -54,6 +54,34 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+def _hook_every_input_embedding(model):
+    """transformers' input-grad hook on every sub-model's input embeddings, the vision patch convolutions included,
+    as transformers 5.x's gradient_checkpointing_enable sets it (enable_input_require_grads on each sub-model).
+    4.5x calls it only under PEFT and hooks only the top model's (the text embeddings): there the sub-models whose
+    embeddings are not hooked yet hook their own, through the same transformers method."""
+    for module in model.modules():
+        if isinstance(module, hf.transformers.PreTrainedModel):
+            embeddings = module.get_input_embeddings()
+            if not embeddings._forward_hooks:
+                module.enable_input_require_grads()
+    return model
+
+
+def _record_vision_input_grad(model):
+    """Whether the hidden states entering the first vision layer required grad, per call. Only the input-grad mark
+    makes them (the embeddings are frozen): seen directly, also where the vision layers are not checkpointed
+    (4.5x's Mllama), where a lost mark would not change any gradient."""
+    name, layer = next((n, m) for n, m in model.named_modules() if "vision" in n and n.endswith(".layers.0"))
+    seen = []
+
+    def record(module, args, kwargs):
+        hidden = next(v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.is_floating_point())
+        seen.append(hidden.requires_grad)
+
+    layer.register_forward_pre_hook(record, with_kwargs=True)
+    return seen
+
+
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradient_checkpointing_matches_and_recomputes_on_mmfast(name, reentrant, kernel_calls):
@@ -67,6 +95,8 @@ def test_gradient_checkpointing_matches_and_recomputes_on_mmfast(name, reentrant
         for param_name, param in model.named_parameters():
             param.requires_grad_(".layers." in param_name)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        _hook_every_input_embedding(model)
+    marked = [_record_vision_input_grad(model) for model in (stock, patched)]
     loss, logits, expected_grads, _ = _train_step(stock, batch, kernel_calls)
     report = mmfast.patch(patched, backend="reference")
     kernel_calls.clear()
@@ -76,6 +106,7 @@ def test_gradient_checkpointing_matches_and_recomputes_on_mmfast(name, reentrant
     assert_grads_close(got_grads, expected_grads, FP64_TOL)
     assert any(".encoder.layers.0." in n or "vision_model.transformer.layers.0." in n for n in got_grads), \
         sorted(got_grads)  # the vision layers train: the input-grad mark reached them
+    assert marked[0] and all(marked[0]) and marked[1] and all(marked[1]), marked
     assert not report.fallbacks, report.fallbacks
     # the backward recomputed the checkpointed layers through the kernels again
     assert forward_calls > 0 and sum(kernel_calls.values()) > forward_calls, (forward_calls, kernel_calls)
