@@ -3,7 +3,8 @@ forwards run again in the backward (reentrant or not) and must take mmfast's pat
 embeddings must reproduce transformers' input-grad hook. Loss, logits and every gradient as the unpatched
 model's with the same checkpointing (float64, backend="reference"), for LLaVA (attention through
 AttentionInterface, a left-padded batch) and Mllama (cross-attention layers and gated residuals that bypass
-it, the tile embedding)."""
+it, the tile embedding). Runs on transformers 4.5x too (test_hf_transformers4.py), where the input-grad hooks
+are placed as 5.x places them (see _hook_every_input_embedding)."""
 import collections
 
 import pytest

@@ -6,7 +6,8 @@ representative subset of these tests runs there: the mask builder's 4.5x contrac
 text) outputs and gradients, CLIP through the Triton interpreter with the mmfast ops counted, LLaVA
 (Llama, GQA) left-padded with greedy generation, Mistral / Qwen2 sliding windows, the per-instance swaps of
 BLIP, Mllama and Idefics against 4.5x's own code, BLIP-2's Q-Former (swapped per instance there, eager
-additive masks), patch / unpatch / refusals.
+additive masks), patch / unpatch / refusals, PEFT's LoRA adapters kept (Mllama's gated layers, the patch convolutions)
+and gradient checkpointing with transformers' input-grad hook on the fused patch embeddings.
 """
 import os
 import pathlib
@@ -35,6 +36,10 @@ SUBSET = [
     "test_hf_mllama.py::test_mmfast_patch_generation_identical_and_unpatch_bitwise",
     "test_hf_idefics.py",
     "test_verify.py::test_cli_hf_config_directory_loads_offline",          # verify's float64 reference on 4.5x
+    "test_peft.py::test_mllama_lora_on_gated_layers_is_kept",               # real peft LoRA (dev extra), both orders
+    "test_peft.py::test_clip_lora_on_patch_embedding_runs_the_conv",
+    "test_peft.py::test_verify_a_peft_model",
+    "test_hf_checkpointing.py",                                             # 4.5x: input-grad hook placement
 ]
 # skipped there by design: 4.5x has no bidirectional mask builder (the monkeypatched refusal's real
 # counterpart runs instead), and its own LLaVA does not compile fullgraph
