@@ -120,8 +120,9 @@ def test_input_grad_hook_is_reproduced(op_calls):
     model.requires_grad_(False)
     model.enable_input_require_grads()
     vision = model.model.vision_model
-    if not vision.patch_embedding._forward_hooks:
-        pytest.skip("transformers 4.5x's enable_input_require_grads hooks the text embeddings, not the vision conv")
+    if not vision.patch_embedding._forward_hooks:   # 4.5x hooks the text embeddings only: ask the tower itself
+        vision.enable_input_require_grads()
+    assert vision.patch_embedding._forward_hooks
     seen = {}
     vision.layernorm_pre.register_forward_hook(lambda m, args, out: seen.update(grad=args[0].requires_grad))
     want = model(**inputs).logits
