@@ -71,7 +71,7 @@ setup(
     name="mmfast",
     version="0.1.0",
     description="Fused Triton/CUDA kernels for vision-language models",
-    python_requires=">=3.9",
+    python_requires=">=3.10",   # torch 2.11, the oldest release tested, needs 3.10
     # kernels/ is installed as mmfast.kernels (a bare top-level `kernels` would collide with other projects)
     packages=["mmfast", "mmfast.kernels", "mmfast.csrc", "mmfast.benchmarks"]
     + [f"mmfast.{p}" for p in find_packages("mmfast")]
@@ -81,23 +81,25 @@ setup(
     # tuned/*.json: the measured launch configs of `python -m mmfast bench tune` (kernels/_tuned.py)
     package_data={"mmfast.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"],
                   **{f"mmfast.kernels.{p}": ["tuned/*.json"] for p in find_packages("kernels")}},
-    install_requires=["torch>=2.3", "triton>=3.0", "ninja", "numpy"],
+    # tested: torch 2.11 (the lent GPU machine's image), 2.14.1 (CI) and 2.15.0 (the full suite, by hand); Triton
+    # 3.6, 3.8 and 3.9 (CI's compile gates and interpreters); older releases were never run
+    install_requires=["torch>=2.11", "triton>=3.6", "ninja", "numpy"],
     extras_require={
         # timm and open_clip: the tests compare against their PatchEmbed / position resampling / ClipLoss
         "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "rich", "matplotlib", "timm", "open_clip_torch",
-                "transformers>=5.17,<6", "einops", "einops-exts", "liger-kernel>=0.5,<0.9; python_version >= '3.10'",
+                "transformers>=5.17,<6", "einops", "einops-exts", "liger-kernel>=0.5,<0.9",
                 # tests/swap/test_peft.py: mmfast.patch keeps PEFT's LoRA adapters (tested with 0.21.2)
                 "peft"],
-        # mmfast.swap.transformers: tested with 4.57.6, 5.17 and 5.24 (both mask builder contracts); on 4.5x
-        # BLIP-2 is left unchanged (its Q-Former attention does not call AttentionInterface there)
+        # mmfast.swap.transformers: tested with 4.57.6, 5.17 and 5.24 (both mask builder contracts; on 4.5x
+        # BLIP-2's Q-Former, which does not call AttentionInterface there, is swapped per instance)
         "hf": ["transformers>=4.57,<6", "timm", "open_clip_torch"],
         # mmfast.patch's timm / open_clip integrations (mmfast/swap/timm.py, open_clip.py): tested with timm
         # 1.0.31 and open_clip_torch 3.3.0; a module whose layout differs from the swap table is left alone
         "timm": ["timm>=1.0,<1.1"],
         "open_clip": ["open_clip_torch>=3.0,<3.4", "timm>=1.0,<1.1"],
         # mmfast.nn.liger: Liger-Kernel's RMSNorm / RoPE / SwiGLU / fused linear cross-entropy in the decoder LM on
-        # CUDA (tested with 0.8.5; it needs only torch and triton, and Python >= 3.10)
-        "liger": ["liger-kernel>=0.5,<0.9; python_version >= '3.10'"],
+        # CUDA (tested with 0.8.5; it needs only torch and triton)
+        "liger": ["liger-kernel>=0.5,<0.9"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
