@@ -1,4 +1,5 @@
 """BLIP-2 through mmfast.patch: vision attention (fused qkv), Q-Former self / cross attention in fp32."""
+import pytest
 import torch
 
 import hf_models as hf
@@ -56,3 +57,21 @@ def test_blip2_qformer_image_fully_masked_for_one_sample():
                   encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
     report = hf.assert_parity(qformer, inputs, ("last_hidden_state",))
     assert any("Blip2QFormerMultiHeadAttention" in r.was for r in report.swapped), report
+
+
+def test_blip2_qformer_saved_cross_attention_map_is_kept():
+    """4.5x's Q-Former keeps its cross-attention map (and its gradient hook) when ``save_attention`` is set
+    (LAVIS' Grad-CAM): such a layer runs its own forward, counted."""
+    model = hf.blip2_retrieval()
+    cross = model.qformer.encoder.layer[0].crossattention.attention
+    if not hasattr(cross, "save_attention"):
+        pytest.skip("this transformers' Q-Former keeps no attention maps (no save_attention)")
+    cross.save_attention = True
+    inputs = dict(pixel_values=hf.pixels(2), input_ids=hf.ids(2, 7), attention_mask=hf.right_padding([7, 4], 7),
+                  use_image_text_matching_head=True)
+    report = mmfast.patch(model, backend="reference")
+    model(**inputs)
+    vision = model.config.vision_config
+    assert cross.get_attention_map().shape[-1] == (vision.image_size // vision.patch_size) ** 2 + 1
+    assert list(report.fallbacks) == ["Blip2QFormerMultiHeadAttention: save_attention (the cross-attention map "
+                                      "kept for Grad-CAM)"], report.fallbacks

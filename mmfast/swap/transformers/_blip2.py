@@ -45,6 +45,8 @@ def _qformer_forward(state):
         B, Lq = hidden_states.shape[:2]
         try:
             check_common(self, self.dropout.p, dict(kwargs, head_mask=head_mask))
+            if encoder_hidden_states is not None and getattr(self, "save_attention", False):
+                raise Fallback("save_attention (the cross-attention map kept for Grad-CAM)")
             if getattr(self, "position_embedding_type", "absolute") != "absolute":
                 raise Fallback(f"position_embedding_type={self.position_embedding_type!r}")
             plan = None if mask is None else memo.get(mask, lambda m: _mask_plan(m, B, Lq))
