@@ -316,3 +316,24 @@ def test_check_float64_mode():
     for op, _, _, shape, run in ops:
         err, tol, _, ok = run()
         assert ok and err <= tol, f"{op} {shape}: {err:.2e} > {tol:.2e}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+@pytest.mark.parametrize("layout", ["step2", "expanded"])
+def test_strided_bias(device, backend, layout):
+    """A bias that is a view with a non-unit stride (a slice of a fused bias, or an expanded constant) is
+    read through its strides: the kernels used to read it as contiguous (wrong outputs, NaN gradients)."""
+    a, w, _, g, r = _inputs(9, 16, 24, device, torch.float32, ())
+    full = randn(48, device=device)
+    leaves = [t.clone().requires_grad_() for t in (a, w, full, g, r)]
+    b = leaves[2][::2] if layout == "step2" else leaves[2][:1].expand(24)
+    out = tanh_gated_linear(leaves[0], leaves[1], b, leaves[3], leaves[4], backend=backend)
+    dy = randn(9, 24, device=device)
+    out.backward(dy)
+    ref = [t.double().requires_grad_() for t in (a, w, full, g, r)]
+    rb = ref[2][::2] if layout == "step2" else ref[2][:1].expand(24)
+    want = eager_chain(ref[0], ref[1], rb, ref[3], ref[4])
+    want.backward(dy.double())
+    torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-5)
+    for got, exp in zip(leaves, ref):
+        torch.testing.assert_close(got.grad, exp.grad.float(), rtol=1e-5, atol=1e-5)
