@@ -34,6 +34,8 @@ def check_images_weight(op, images, weight, dims):
     if weight.device != images.device:
         raise ValueError(f"{op}: weight is on {weight.device} but images are on {images.device}")
     C = images.shape[-3]
+    if C == 0 or images.shape[-2] == 0 or images.shape[-1] == 0:
+        raise ValueError(f"{op}: images must have C, H and W >= 1 (as F.conv2d), got {tuple(images.shape)}")
     if weight.shape[1] != C:
         raise ValueError(f"{op}: weight has {weight.shape[1]} input channels but images have C = {C}")
     if weight.shape[-1] == 0 or weight.shape[0] == 0:
@@ -82,6 +84,21 @@ def index(op, name, t, shape, high, device):
         else:
             torch._assert_async((t.min() >= 0) & (t.max() < high), f"{op}: {name} values must lie in [0, {high})")
     return t.to(torch.int32).contiguous().view(-1)
+
+
+def check_distinct(op, name, t):
+    """Each row of an index tensor (B, n) names distinct values: on the host for CPU tensors, by a
+    device-side assert on CUDA (no host sync)."""
+    if t.numel() == 0 or t.shape[-1] < 2:
+        return
+    ordered = t.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any()
+    message = f"{op}: {name} values must be distinct within each row (each patch kept at most once)"
+    if t.device.type == "cpu":
+        if bool(repeated):
+            raise ValueError(message)
+    else:
+        torch._assert_async(~repeated, message)
 
 
 def bool_mask(op, name, t, shape, device):

@@ -225,3 +225,19 @@ def test_table_grid_from_size(rows, grid, table_grid):
             patch_embed(x, w, pos_embed=table, cls_token=cls, backend="reference")
         out = patch_embed(x, w, pos_embed=table, cls_token=cls, pos_grid=table_grid, backend="reference")
     assert out.shape == (1, 1 + grid[0] * grid[1], D)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_table_made_under_inference_mode_is_resampled(device, backend):
+    """A table created inside inference_mode (a sin-cos table built in the forward of an eval pass, or a
+    model loaded under it): resampling it raised 'Inference tensors do not track version counter' (the
+    cache keys on the table's version). Such a table is resampled without the cache."""
+    x, w = randn(1, 3, 12, 12, device=device), randn(8, 3, 2, 2, device=device)
+    with torch.inference_mode():
+        table = randn(16, 8, device=device)  # a 4 x 4 grid, resampled to the image's 6 x 6
+        got = patch_embed(x, w, pos_embed=table, backend=backend)
+        want = patch_embed(x, w, pos_embed=resample_pos_embed_reference(table, (6, 6), (4, 4)), backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        table.add_(1.0)  # an inference tensor changes without a version bump: nothing may be cached for it
+        want = patch_embed(x, w, pos_embed=resample_pos_embed_reference(table, (6, 6), (4, 4)), backend=backend)
+        torch.testing.assert_close(patch_embed(x, w, pos_embed=table, backend=backend), want, rtol=0, atol=0)
