@@ -373,6 +373,10 @@ def triton_path(q, k, v, scale, varlen, mask):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_triton_dtype(OP, name, t)
     if isinstance(scale, torch.Tensor):
+        if scale.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{OP}: softmax_scale requires grad, but the Triton kernels take it as a constant (its "
+                             "gradient would be lost); detach it, fold it into q (q * scale with softmax_scale=1.0), "
+                             "or use backend='reference'")
         scale = scale.item()  # the kernels take the scale as an argument: a host sync (pass a float to avoid it)
     bm = mask["block_mask"] or _block_mask_for(q, k, varlen, mask)
     tile = C.mask_tile(q.device.type != "cuda")
