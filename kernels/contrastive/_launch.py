@@ -134,7 +134,9 @@ def sliced_loss(a, b, scale, bias, at, bt, *, mode, symmetric, label_smoothing, 
         if at is not None:
             at, bt = _normalize(at), _normalize(bt)
     if at is not None:
-        at, bt = at.detach(), bt.detach()
+        # teachers get no gradient; ones made under inference_mode (a momentum encoder run in it) cannot be
+        # saved for backward as they are: a normal copy
+        at, bt = (t.clone() if t.is_inference() else t.detach() for t in (at, bt))
     group_name = ""
     if group is not None:
         from ._distributed import all_gather_rows

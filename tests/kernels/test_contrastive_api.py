@@ -332,3 +332,20 @@ def test_custom_ops_opcheck(backend):
         bwd_args = (a.detach(), b.detach(), at, bt, params, rows, cols, launch.MODE_SOFTMAX, True, 4, 4, need_da,
                     need_db, 0, backend)
         torch.library.opcheck(launch._contrastive_bwd_op, bwd_args)
+
+
+@pytest.mark.parametrize("backend", SLICED)
+def test_teacher_made_under_inference_mode(backend):
+    """ALBEF / BLIP distillation with the momentum encoder run under torch.inference_mode(): the teachers are
+    inference tensors. The sliced backends saved them for backward, which autograd refuses ('Inference
+    tensors cannot be saved for backward'); the reference (and the eager chain) ran. Now all agree."""
+    a, b = randn(5, 16, device=DEVICE), randn(7, 16, device=DEVICE)
+    with torch.inference_mode():
+        at, bt = randn(5, 16, device=DEVICE), randn(7, 16, device=DEVICE)
+    grads = {}
+    for name in (backend, "reference"):
+        leaves = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+        contrastive_loss(*leaves, 2.0, a_teacher=at, b_teacher=bt, alpha=0.4, backend=name).backward()
+        grads[name] = [t.grad for t in leaves]
+    for got, want in zip(grads[backend], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
