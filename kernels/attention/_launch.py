@@ -4,7 +4,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .._common import (cdiv, check_bool, check_scalar, check_tensor, check_triton_dtype, kernel_flags,
-                       no_double_backward, register_autograd)
+                       no_double_backward, register_autograd, saveable)
 from .. import _tuned
 from . import _configs as C
 from ._blockmask import AttentionBlockMask, build_block_mask, check_mask_args
@@ -313,18 +313,13 @@ def _(dout, dlogsum, q, k, v, out, row_max, row_logsum, row_lo, row_hi, key_padd
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _saveable(t):
-    # a mask built under inference_mode (an eval pass, reused for training) holds inference tensors, which
-    # autograd refuses to save: save a normal copy (mask metadata: small, never differentiated)
-    return t.clone() if t is not None and t.is_inference() else t
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, row_lo, row_hi, kpm, cu_q, cu_k, lists, scale, max_q, max_k = inputs
     out, row_max, row_logsum = output
     ctx.mark_non_differentiable(row_max)
     ctx.set_materialize_grads(False)  # an unused log-sum-exp passes None: the Delta pass then skips its load
-    masks = [_saveable(t) for t in (row_lo, row_hi, kpm, cu_q, cu_k, *lists)]
+    # a mask built under inference_mode (an eval pass, reused for training): saved as a normal copy
+    masks = [saveable(t) for t in (row_lo, row_hi, kpm, cu_q, cu_k, *lists)]
     ctx.save_for_backward(q, k, v, out, row_max, row_logsum, *masks)
     ctx.scale, ctx.max_q, ctx.max_k = scale, max_q, max_k
 

@@ -8,7 +8,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._common import TL_DTYPES, cdiv, check_triton_dtype, kernel_flags, no_double_backward, register_autograd
+from .._common import (TL_DTYPES, cdiv, check_triton_dtype, kernel_flags, no_double_backward, register_autograd,
+                       saveable)
 from ._configs import dw_config, dw_splits, dx_config, fwd_config, run_len
 from ._kernels import _patch_embed_bwd_dw_kernel, _patch_embed_bwd_dx_kernel, _patch_embed_fwd_kernel
 
@@ -398,7 +399,8 @@ _patch_embed_bwd_op.register_autograd(no_double_backward("patch_embed / tile_pat
 
 def _setup_context(ctx, inputs, output):
     (images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, *index, dims, out_dtype) = inputs
-    ctx.save_for_backward(images, weight, bias, pos, pos_cls, tile_pos, pre_tile, coef, *index)
+    # frozen tables made under inference_mode (the eager chain only adds them, saving nothing): normal copies
+    ctx.save_for_backward(images, weight, bias, *map(saveable, (pos, pos_cls, tile_pos, pre_tile, coef, *index)))
     ctx.dims = dims
     ctx.cls_dtype = cls.dtype if cls is not None else None
     ctx.mask_dtype = mask_tok.dtype if mask_tok is not None else None
