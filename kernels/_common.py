@@ -345,6 +345,13 @@ def register_autograd(op, backward, setup_context):
     return call
 
 
+def saveable(t):
+    """`t`, or a normal copy of it when it is an inference tensor (made under torch.inference_mode), which
+    autograd refuses to save for backward. For the tensors an op saves but never differentiates (masks,
+    frozen tables): the eager chain it replaces often saves none of them, so it runs with such inputs."""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
 def no_double_backward(op):
     """The autograd of a backward custom op: gradients of gradients are not implemented."""
 

@@ -57,7 +57,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, kv_start=None,
     Rows that see no key at all get output exactly 0, LSE −inf and zero gradients (never NaN).
 
     softmax_scale: None (1/√D) or a finite number (any sign); a one-element tensor is checked on its device
-        (no sync) and, on the Triton backend, read with one host sync.
+        (no sync) and, on the Triton backend, read with one host sync; there it is a constant (one that
+        requires grad raises ValueError; the reference backend differentiates it).
 
     Returns out (shape and dtype of q, contiguous), and with `return_lse` also lse (B, Hq, Lq) — (Hq,
     total_q) for varlen — the natural-log log-sum-exp of the scaled scores (differentiable), float32

@@ -4,7 +4,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .._common import (cdiv, check_bool, check_scalar, check_tensor, check_triton_dtype, kernel_flags,
-                       no_double_backward, register_autograd)
+                       no_double_backward, register_autograd, saveable)
 from .. import _tuned
 from . import _configs as C
 from ._blockmask import AttentionBlockMask, build_block_mask, check_mask_args
@@ -318,7 +318,9 @@ def _setup_context(ctx, inputs, output):
     out, row_max, row_logsum = output
     ctx.mark_non_differentiable(row_max)
     ctx.set_materialize_grads(False)  # an unused log-sum-exp passes None: the Delta pass then skips its load
-    ctx.save_for_backward(q, k, v, out, row_max, row_logsum, row_lo, row_hi, kpm, cu_q, cu_k, *lists)
+    # a mask built under inference_mode (an eval pass, reused for training): saved as a normal copy
+    masks = [saveable(t) for t in (row_lo, row_hi, kpm, cu_q, cu_k, *lists)]
+    ctx.save_for_backward(q, k, v, out, row_max, row_logsum, *masks)
     ctx.scale, ctx.max_q, ctx.max_k = scale, max_q, max_k
 
 
@@ -373,6 +375,10 @@ def triton_path(q, k, v, scale, varlen, mask):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_triton_dtype(OP, name, t)
     if isinstance(scale, torch.Tensor):
+        if scale.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{OP}: softmax_scale requires grad, but the Triton kernels take it as a constant (its "
+                             "gradient would be lost); detach it, fold it into q (q * scale with softmax_scale=1.0), "
+                             "or use backend='reference'")
         scale = scale.item()  # the kernels take the scale as an argument: a host sync (pass a float to avoid it)
     bm = mask["block_mask"] or _block_mask_for(q, k, varlen, mask)
     tile = C.mask_tile(q.device.type != "cuda")

@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 
 from .._common import (addmm_f32, cdiv, check_bool, check_int, check_scalar, check_tensor, check_triton_dtype,
-                       interpreting, kernel_flags, mm_f32, next_power_of_2, no_double_backward, register_autograd)
+                       interpreting, kernel_flags, mm_f32, next_power_of_2, no_double_backward, register_autograd,
+                       saveable)
 from .._dispatch import resolve_backend
 from . import _chunked
 from ._configs import (COLREDUCE_BLOCK, GEMM, NO_FP_FUSION, block_k, bwd_block_d, config, fwd_block_n,
@@ -134,7 +135,8 @@ def sliced_loss(a, b, scale, bias, at, bt, *, mode, symmetric, label_smoothing, 
         if at is not None:
             at, bt = _normalize(at), _normalize(bt)
     if at is not None:
-        at, bt = at.detach(), bt.detach()
+        # teachers get no gradient; made under inference_mode (a momentum encoder run in it): normal copies
+        at, bt = saveable(at.detach()), saveable(bt.detach())
     group_name = ""
     if group is not None:
         from ._distributed import all_gather_rows

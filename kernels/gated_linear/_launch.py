@@ -251,6 +251,8 @@ def launch(fwd_op, a, weight, bias, gate, residual, row_mask):
     M = math.prod(a.shape[:-1])
     a2 = a.reshape(M, K)  # a view unless the leading dims cannot be merged
     res2 = residual.reshape(M, N)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read N consecutive values (a slice or an expanded bias is not)
     mask2 = None if row_mask is None else row_mask.reshape(-1).contiguous()
     s = torch.tanh(gate.to(torch.float32)).reshape(-1)
     out = fwd_op(a2, weight, bias, s, res2, mask2, output_dtype(a.dtype, gate, residual.dtype))

@@ -20,8 +20,8 @@ from .._common import autocast_op, check_bool, check_choice, check_scalar
 from .._dispatch import resolve_backend
 from ..reference import patch_embed_reference, tile_patch_embed_reference
 from ._configs import compile_specs
-from ._launch import (Plan, bool_mask, check_images_weight, check_triton_tensors, floating, index, output_dtype,
-                      patch_embed_apply, patch_grid, vector)
+from ._launch import (Plan, bool_mask, check_distinct, check_images_weight, check_triton_tensors, floating, index,
+                      output_dtype, patch_embed_apply, patch_grid, vector)
 from ._masking import mae_keep_indices, vit_masked_patch_sampler
 from ._pos import _POS_CACHE, INTERPOLATIONS, POS_RESAMPLE_MODES, _resolve_pos, resample_pos_embed  # noqa: F401
 
@@ -36,7 +36,7 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
     """Patch embedding of a ViT in one launch: conv(P x P, stride P) + bias + position embedding + [CLS].
 
     Args:
-        images: (B, C, H, W), any strides (NCHW, channels-last, slices); H, W divisible by P, else
+        images: (B, C, H, W) with C, H, W >= 1 (B may be 0), any strides (NCHW, channels-last, slices); H, W divisible by P, else
             ValueError, unless ``dynamic_pad`` (right/bottom zero padding, timm's dynamic_img_pad).
         weight: (D, C, P, P), exactly ``nn.Conv2d.weight``; same dtype as images. bias: (D,) or None,
             same dtype (as ``F.conv2d``).
@@ -56,8 +56,8 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
             pixels are not read; tiles of masked rows skip the GEMM).
         patch_index: (B, N) int: token j embeds patch patch_index[b, j] (keeps position j): the ViT
             recipe's "random other patch" (see vit_masked_patch_sampler).
-        keep_indices: (B, N_keep) int: MAE-style, only these tokens (with their own positions) are
-            computed and returned.
+        keep_indices: (B, N_keep) int, distinct within each row: MAE-style, only these tokens (with their
+            own positions) are computed and returned.
         backend: "auto" | "triton" | "reference".
 
     Returns (B, [1 +] N or N_keep, D), N = gh * gw:
@@ -112,6 +112,8 @@ def patch_embed(images, weight, bias=None, *, pos_embed=None, cls_token=None, po
             raise ValueError(f"{op}: keep_indices must be (B, N_keep) = ({B}, n), got "
                              f"{tuple(keep_indices.shape) if isinstance(keep_indices, torch.Tensor) else keep_indices}")
         keep = src = index(op, "keep_indices", keep_indices, tuple(keep_indices.shape), N, device)
+        # the d_images kernel maps each patch to at most one kept token (a repeat's gradient would be lost)
+        check_distinct(op, "keep_indices", keep_indices)
     chosen = resolve_backend(op, backend, device)
     if chosen == "reference":
         return patch_embed_reference(images, weight, bias, pos_embed=pos, pos_cls=pos_cls, cls_token=cls,

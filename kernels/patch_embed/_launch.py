@@ -8,7 +8,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._common import TL_DTYPES, cdiv, check_triton_dtype, kernel_flags, no_double_backward, register_autograd
+from .._common import (TL_DTYPES, cdiv, check_triton_dtype, kernel_flags, no_double_backward, register_autograd,
+                       saveable)
 from ._configs import dw_config, dw_splits, dx_config, fwd_config, run_len
 from ._kernels import _patch_embed_bwd_dw_kernel, _patch_embed_bwd_dx_kernel, _patch_embed_fwd_kernel
 
@@ -34,6 +35,8 @@ def check_images_weight(op, images, weight, dims):
     if weight.device != images.device:
         raise ValueError(f"{op}: weight is on {weight.device} but images are on {images.device}")
     C = images.shape[-3]
+    if C == 0 or images.shape[-2] == 0 or images.shape[-1] == 0:
+        raise ValueError(f"{op}: images must have C, H and W >= 1 (as F.conv2d), got {tuple(images.shape)}")
     if weight.shape[1] != C:
         raise ValueError(f"{op}: weight has {weight.shape[1]} input channels but images have C = {C}")
     if weight.shape[-1] == 0 or weight.shape[0] == 0:
@@ -82,6 +85,21 @@ def index(op, name, t, shape, high, device):
         else:
             torch._assert_async((t.min() >= 0) & (t.max() < high), f"{op}: {name} values must lie in [0, {high})")
     return t.to(torch.int32).contiguous().view(-1)
+
+
+def check_distinct(op, name, t):
+    """Each row of an index tensor (B, n) names distinct values: on the host for CPU tensors, by a
+    device-side assert on CUDA (no host sync)."""
+    if t.numel() == 0 or t.shape[-1] < 2:
+        return
+    ordered = t.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any()
+    message = f"{op}: {name} values must be distinct within each row (each patch kept at most once)"
+    if t.device.type == "cpu":
+        if bool(repeated):
+            raise ValueError(message)
+    else:
+        torch._assert_async(~repeated, message)
 
 
 def bool_mask(op, name, t, shape, device):
@@ -381,7 +399,8 @@ _patch_embed_bwd_op.register_autograd(no_double_backward("patch_embed / tile_pat
 
 def _setup_context(ctx, inputs, output):
     (images, weight, bias, pos, pos_cls, cls, mask_tok, tile_pos, pre_tile, coef, *index, dims, out_dtype) = inputs
-    ctx.save_for_backward(images, weight, bias, pos, pos_cls, tile_pos, pre_tile, coef, *index)
+    # frozen tables made under inference_mode (the eager chain only adds them, saving nothing): normal copies
+    ctx.save_for_backward(images, weight, bias, *map(saveable, (pos, pos_cls, tile_pos, pre_tile, coef, *index)))
     ctx.dims = dims
     ctx.cls_dtype = cls.dtype if cls is not None else None
     ctx.mask_dtype = mask_tok.dtype if mask_tok is not None else None

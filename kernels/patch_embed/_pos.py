@@ -19,7 +19,8 @@ def resample_pos_embed(table, new_grid, old_grid, *, interpolation="bicubic", mo
     """Patch position rows (N_old, D) on old_grid -> (N_new, D) on new_grid (timm or Hugging Face math,
     see kernels.reference.resample_pos_embed_reference). Cached per (table version, grids, mode) when
     no gradient is recorded; with a table that requires grad it is recomputed, so d_pos_embed flows
-    through F.interpolate's backward."""
+    through F.interpolate's backward. A table made under inference_mode (no version counter to key on)
+    is recomputed too."""
     op = "resample_pos_embed"
     old_grid, new_grid = _grid_pair(op, "old_grid", old_grid), _grid_pair(op, "new_grid", new_grid)
     if not isinstance(table, torch.Tensor) or table.dim() != 2 or not table.is_floating_point():
@@ -32,7 +33,8 @@ def resample_pos_embed(table, new_grid, old_grid, *, interpolation="bicubic", mo
     check_choice(op, "mode", mode, POS_RESAMPLE_MODES)
     if old_grid == new_grid:
         return table
-    if torch.is_grad_enabled() and table.requires_grad:
+    if (torch.is_grad_enabled() and table.requires_grad) or table.is_inference():
+        # an inference tensor has no version counter: an in-place change could not be told from the cache
         return resample_pos_embed_reference(table, new_grid, old_grid, interpolation=interpolation, mode=mode)
     key = (table.data_ptr(), table._version, tuple(table.shape), table.stride(), table.dtype, table.device,
            old_grid, new_grid, interpolation, mode,

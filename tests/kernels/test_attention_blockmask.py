@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 from attention_helpers import qkv, random_intervals, random_padding, skip_unless_runs
-from numerics import assert_bitwise_equal, randn
+from numerics import assert_bitwise_equal, assert_close_by_rule, randn
 
 from mmfast.kernels import AttentionBlockMask, build_block_mask, flash_attention
 from mmfast.kernels.reference import attention_dense_mask
@@ -243,3 +243,27 @@ def test_torch_compile_fullgraph(device):
         results.append([out] + [t.grad for t in leaves])
     for name, eager, comp in zip(("out", "dq", "dk", "dv"), *results):
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("made_in", ["block_mask", "key_padding_mask"])
+def test_mask_made_under_inference_mode_trains(made_in):
+    """A block mask (or padding mask) built once in an inference_mode eval pass, then used in a training step:
+    the Triton backend saved its tensors for backward, which autograd refuses for inference tensors
+    ('Inference tensors cannot be saved for backward'), while the reference ran. The gradients now match."""
+    skip_unless_runs("triton", torch.device("cpu"))
+    q, k, v = (randn(2, 7, 2, 16) for _ in range(3))
+    with torch.inference_mode():
+        kpm = torch.tensor([[False] * 5 + [True] * 2, [False] * 7])
+        kw = dict(block_mask=build_block_mask(7, 7, causal=True, key_padding_mask=kpm, device="cpu"))
+    if made_in == "key_padding_mask":
+        kw = dict(causal=True, key_padding_mask=kpm)
+    grads = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        flash_attention(*leaves, backend=backend, **kw).pow(2).sum().backward()
+        grads[backend, dtype] = [t.grad for t in leaves]
+    # the floor of attention_helpers.check_against_reference: 32 fp32 ulps of the largest gradient
+    floor = 32 * 2.0**-24 * max([1.0] + [g.abs().max().item() for g in grads["reference", torch.float64]])
+    for got, exact, same in zip(grads["triton", torch.float32], grads["reference", torch.float64],
+                                grads["reference", torch.float32]):
+        assert_close_by_rule(got, exact, same, factor=3.0, floor=floor, what=made_in)

@@ -147,3 +147,20 @@ def test_build_block_mask_validates_its_arguments(name):
     args, kwargs, match = BLOCK_MASK_ERRORS[name]
     with pytest.raises(ValueError, match=re.escape(match)):
         build_block_mask(*args, **kwargs)
+
+
+def test_trainable_tensor_scale_on_triton_raises():
+    """The Triton kernels take the scale as a constant (read with .item()): a softmax_scale that requires grad
+    silently got no gradient there, while the reference differentiates it. It raises, naming it; without
+    grad mode, or detached, it runs."""
+    skip_unless_runs("triton", torch.device("cpu"))
+    q, k, v = (randn(1, 7, 2, 16) for _ in range(3))
+    scale = torch.tensor(0.3, requires_grad=True)
+    with pytest.raises(ValueError, match="softmax_scale requires grad"):
+        flash_attention(q, k, v, softmax_scale=scale, backend="triton")
+    want = flash_attention(q, k, v, softmax_scale=0.3, backend="triton")
+    with torch.no_grad():
+        torch.testing.assert_close(flash_attention(q, k, v, softmax_scale=scale, backend="triton"), want)
+    torch.testing.assert_close(flash_attention(q, k, v, softmax_scale=scale.detach(), backend="triton"), want)
+    flash_attention(q, k, v, softmax_scale=scale, backend="reference").sum().backward()
+    assert scale.grad is not None  # the reference differentiates it

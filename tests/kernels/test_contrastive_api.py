@@ -332,3 +332,26 @@ def test_custom_ops_opcheck(backend):
         bwd_args = (a.detach(), b.detach(), at, bt, params, rows, cols, launch.MODE_SOFTMAX, True, 4, 4, need_da,
                     need_db, 0, backend)
         torch.library.opcheck(launch._contrastive_bwd_op, bwd_args)
+
+
+@pytest.mark.parametrize("backend", SLICED)
+def test_teacher_made_under_inference_mode(backend):
+    """ALBEF / BLIP distillation with the momentum encoder run under torch.inference_mode(): the teachers are
+    inference tensors. The sliced backends saved them for backward, which autograd refuses ('Inference
+    tensors cannot be saved for backward'); the reference (and the eager chain) ran. Now all agree."""
+    a, b = randn(5, 16, device=DEVICE), randn(7, 16, device=DEVICE)
+    with torch.inference_mode():
+        at, bt = randn(5, 16, device=DEVICE), randn(7, 16, device=DEVICE)
+    runs = {}
+    for name, dtype in ((backend, torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+        leaves = [a.to(dtype, copy=True).requires_grad_(), b.to(dtype, copy=True).requires_grad_()]
+        loss = contrastive_loss(*leaves, 0.0, a_teacher=at.to(dtype), b_teacher=bt.to(dtype), alpha=0.4, backend=name)
+        loss.backward()
+        runs[name, dtype] = [loss] + [t.grad for t in leaves]
+    got, exact, same = (runs[key] for key in ((backend, torch.float32), ("reference", torch.float64),
+                                              ("reference", torch.float32)))
+    # what is tested is that it runs: small logits (s = 1), the precision at large ones is
+    # test_contrastive_large_logits.py's; the floors are a few fp32 ulps of the largest value
+    for g, e, t in zip(got, exact, same):
+        ulps = 1e-6 + 4 * torch.finfo(torch.float32).eps * e.abs().max().item()
+        assert_close_by_rule(g, e, t, factor=3.0, floor=ulps, what=backend)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from gated_linear_helpers import gate_floor
 from numerics import SEED, assert_bitwise_equal, assert_close_by_rule, dtype_id, randn
 
 from mmfast.kernels import tanh_gated_linear
@@ -316,3 +317,29 @@ def test_check_float64_mode():
     for op, _, _, shape, run in ops:
         err, tol, _, ok = run()
         assert ok and err <= tol, f"{op} {shape}: {err:.2e} > {tol:.2e}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+@pytest.mark.parametrize("layout", ["step2", "expanded"])
+def test_strided_bias(device, backend, layout):
+    """A bias that is a view with a non-unit stride (a slice of a fused bias, or an expanded constant) is
+    read through its strides: the kernels used to read it as contiguous (wrong outputs, NaN gradients)."""
+    a, w, _, g, r = _inputs(9, 16, 24, device, torch.float32, ())
+    full = randn(48, device=device)
+    dy = randn(9, 24, device=device)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (a, w, full, g, r)]
+        bias = leaves[2][::2] if layout == "step2" else leaves[2][:1].expand(24)
+        out = fn(leaves[0], leaves[1], bias, leaves[3], leaves[4])
+        out.backward(dy.to(dtype))
+        return [out] + [t.grad for t in leaves]
+
+    got = run(lambda *t: tanh_gated_linear(*t, backend=backend), torch.float32)
+    bias = full[::2] if layout == "step2" else full[:1].expand(24)
+    # single sums whose one PyTorch draw can be near exact: floors of a few roundings of their terms
+    floors = dict(dgate=gate_floor(a, w, bias, g, dy, None),
+                  dbias=4 * torch.finfo(torch.float32).eps * dy.abs().sum().item())
+    for name, x, exact, same in zip(("out", "da", "dw", "dbias", "dgate", "dresidual"), got,
+                                    run(eager_chain, torch.float64), run(eager_chain, torch.float32)):
+        assert_close_by_rule(x, exact, same, factor=3.0, floor=floors.get(name), what=f"{backend} {layout} {name}")

@@ -352,3 +352,35 @@ def test_resample_pos_embed_arguments(args, match):
         resample_pos_embed(torch.randn(16, 8), *args)
     with pytest.raises(ValueError, match="mode must be one of"):
         resample_pos_embed(torch.randn(16, 8), (5, 5), (4, 4), mode="nearest")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_repeated_keep_indices_raise(backend):
+    """A patch kept twice: the Triton d_images kernel maps each patch to one kept token, so the second
+    token's gradient was silently dropped. MAE keeps each patch at most once: repeats raise, naming them."""
+    x, w = torch.randn(2, 3, 28, 28), torch.randn(8, 3, 14, 14)
+    with pytest.raises(ValueError, match="keep_indices values must be distinct"):
+        patch_embed(x, w, keep_indices=torch.tensor([[0, 3, 0], [1, 2, 3]]), backend=backend)
+    out = patch_embed(x, w, keep_indices=torch.tensor([[0, 3, 1], [1, 2, 3]]), backend=backend)  # distinct: fine
+    assert out.shape == (2, 3, 8)
+
+
+@pytest.mark.parametrize("op", ["patch_embed", "tile_patch_embed"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("empty", ["C", "H", "W"])
+def test_empty_image_dims_raise(op, backend, empty):
+    """An image with no channels or no pixel rows / columns: the reference's F.conv2d crashed (H, W) or
+    returned D = 0 features (C), the kernels returned something else; now both raise, naming images."""
+    shape = dict(C=3, H=28, W=28)
+    shape[empty] = 0
+    if op == "patch_embed":
+        x, w = torch.randn(2, shape["C"], shape["H"], shape["W"]), torch.randn(8, shape["C"], 14, 14)
+        call = lambda: patch_embed(x, w, backend=backend)  # noqa: E731
+    else:
+        t = {k: v.float() for k, v in _tile_masters().items()}
+        B_, T_ = t["images"].shape[:2]
+        t["images"] = torch.randn(B_, T_, shape["C"], shape["H"], shape["W"])
+        t["weight"] = torch.randn(t["weight"].shape[0], shape["C"], P, P)
+        call = lambda: tile_patch_embed(**t, **_fixed("cpu"), backend=backend)  # noqa: E731
+    with pytest.raises(ValueError, match=f"{op}: images must have C, H and W >= 1"):
+        call()

@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import dtype_id, randn
+from numerics import assert_close_by_rule, dtype_id, randn
 from patch_embed_helpers import check_against_reference, poisoned_outputs  # noqa: F401
 
 from mmfast.kernels import patch_embed
@@ -225,3 +225,36 @@ def test_table_grid_from_size(rows, grid, table_grid):
             patch_embed(x, w, pos_embed=table, cls_token=cls, backend="reference")
         out = patch_embed(x, w, pos_embed=table, cls_token=cls, pos_grid=table_grid, backend="reference")
     assert out.shape == (1, 1 + grid[0] * grid[1], D)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_table_made_under_inference_mode_is_resampled(device, backend):
+    """A table created inside inference_mode (a sin-cos table built in the forward of an eval pass, or a
+    model loaded under it): resampling it raised 'Inference tensors do not track version counter' (the
+    cache keys on the table's version). Such a table is resampled without the cache."""
+    x, w = randn(1, 3, 12, 12, device=device), randn(8, 3, 2, 2, device=device)
+    with torch.inference_mode():
+        table = randn(16, 8, device=device)  # a 4 x 4 grid, resampled to the image's 6 x 6
+        got = patch_embed(x, w, pos_embed=table, backend=backend)
+        want = patch_embed(x, w, pos_embed=resample_pos_embed_reference(table, (6, 6), (4, 4)), backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        table.add_(1.0)  # an inference tensor changes without a version bump: nothing may be cached for it
+        want = patch_embed(x, w, pos_embed=resample_pos_embed_reference(table, (6, 6), (4, 4)), backend=backend)
+        torch.testing.assert_close(patch_embed(x, w, pos_embed=table, backend=backend), want, rtol=0, atol=0)
+
+
+def test_frozen_table_made_under_inference_mode_trains():
+    """A frozen position table made under inference_mode, then a training step (trainable conv): the Triton
+    path saved the table for backward, which autograd refuses for an inference tensor (the eager chain only
+    adds it, saving nothing, and ran). d_weight matches the reference."""
+    x, w = randn(2, 3, 12, 12), randn(8, 3, 2, 2)
+    with torch.inference_mode():
+        table = randn(36, 8)  # the image's own 6 x 6 grid: used as is, no resampling
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaf = w.clone().requires_grad_()
+        patch_embed(x, leaf, pos_embed=table, backend=backend).sum().backward()
+        grads[backend] = leaf.grad
+    exact = w.double().requires_grad_()
+    patch_embed(x.double(), exact, pos_embed=table.double(), backend="reference").sum().backward()
+    assert_close_by_rule(grads["triton"], exact.grad, grads["reference"], factor=3.0, what="d_weight")
