@@ -5,9 +5,11 @@
 def hf_tower(model, name):
     """The tower inside a transformers ``CLIPVisionModel`` / ``SiglipVisionModel`` (`name` "vision_model") or
     ``CLIPTextModel`` (`name` "text_model"). 4.x wraps a ``*Transformer`` holding ``embeddings`` /
-    ``encoder`` in ``model.<name>``; 5.x puts those on the model itself. Anything else comes back as given."""
+    ``encoder`` in ``model.<name>``; 5.x puts those on the model itself. Anything else (a two-tower CLIPModel
+    included: converters refuse it themselves) comes back as given."""
     inner = getattr(model, name, None)
-    if not hasattr(model, "embeddings") and inner is not None and hasattr(inner, "embeddings"):
+    two_towers = hasattr(model, "vision_model") and hasattr(model, "text_model")
+    if not hasattr(model, "embeddings") and not two_towers and inner is not None and hasattr(inner, "embeddings"):
         return inner
     return model
 
