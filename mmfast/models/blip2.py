@@ -316,8 +316,9 @@ class Blip2(nn.Module):
                              "(encoder-decoder, e.g. Flan-T5); only decoder-only (OPT) language models are "
                              "supported")
         if c.image_token_id is None:
-            raise ValueError(f"{_OP}.from_hf: config.image_token_id is None; transformers 5 splices the query "
-                             "outputs at image tokens: set it to the processor's image token id")
+            raise ValueError(f"{_OP}.from_hf: config.image_token_id is None; transformers (4.57 on) splices the "
+                             "query outputs at image tokens: set it to the processor's image token id (4.5x's "
+                             "Blip2Config takes it as image_token_index)")
         vision, qformer = _vision_from_hf(hf_model, backend), _qformer_from_hf(hf_model, backend, text=False)
         lm = DecoderLM.from_hf(hf_model.language_model, lm_head=getattr(hf_model, "lm_head", None), backend=backend)
         projection = _linear_from_hf(hf_model.language_projection, "language_projection")

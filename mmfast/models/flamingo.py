@@ -578,11 +578,13 @@ def _idefics_lm(hf_model, backend):
 
     from mmfast.nn.decoder import _llama_pairs, hf_eos_token_id
 
+    from .hf_compat import hf_rope_parameters
+
     c, body, head = hf_model.config, hf_model.model, hf_model.lm_head
     extra = c.additional_vocab_size
     llama = SimpleNamespace(**{k: getattr(c, k) for k in (
         "hidden_act", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "rms_norm_eps",
-        "rope_parameters", "pad_token_id", "bos_token_id")}, vocab_size=c.vocab_size + extra,
+        "pad_token_id", "bos_token_id")}, rope_parameters=hf_rope_parameters(c), vocab_size=c.vocab_size + extra,
         eos_token_id=hf_eos_token_id(hf_model), num_key_value_heads=c.num_attention_heads, attention_bias=False,
         mlp_bias=False)
     kwargs, pairs_of = _llama_pairs(llama)

@@ -16,6 +16,7 @@ from mmfast.nn.decoder import DecoderLM, hf_eos_token_id
 from mmfast.nn.transformer import ACTIVATIONS, activation
 
 from ._common import clip_vision_args, copy_weights, module_pairs
+from .hf_compat import hf_tower
 from .vit import ViT, hf_activation
 
 _OP = "Llava"
@@ -191,7 +192,7 @@ def _hf_parts(hf_model, expected, backend):
     if type(hf_model).__name__ != expected:
         raise ValueError(f"from_hf expects a transformers {expected}, got {type(hf_model).__name__}")
     c, body = hf_model.config, hf_model.model
-    tower = getattr(body.vision_tower, "vision_model", body.vision_tower)
+    tower = hf_tower(body.vision_tower, "vision_model")
     if not hasattr(tower, "pre_layrnorm"):
         raise ValueError(f"from_hf: only a CLIP vision tower is supported, got {type(body.vision_tower).__name__}")
     vision = ViT.from_hf(tower, backend=backend)

@@ -13,6 +13,10 @@ Hugging Face's ``MllamaForConditionalGeneration`` (transformers 5) is the contra
 Not reproduced: an image whose aspect_ratio_mask is all 0 (every token padded: transformers averages the
 values uniformly, every score at finfo.min; flash attention outputs 0). HF's processor never makes one: it
 marks tile 0 of every image, batch-padding images (aspect_ratio_id 0) included.
+transformers 4.5x on CPU: a text row whose keys are all padding (a left-padding row) keeps every score at
+finfo.min in 4.5x's float mask (its ``_update_causal_mask`` unmasks such rows on accelerators only), so its
+output differs from ours (which matches 5.x's); only HF's shifted loss reads such a row (for the first real
+token after the padding), so that loss differs on left-padded batches.
 """
 import copy
 import math

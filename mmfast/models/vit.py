@@ -13,6 +13,7 @@ from mmfast.nn.transformer import ACTIVATIONS, AttentionPool, TransformerEncoder
 
 from ._common import (BaseModelOutputWithPooling, MaskedPatchOutput, check_output_attentions, copy_weights, hf_return,
                       layer_pairs, module_pairs)
+from .hf_compat import hf_tower, hf_vit_layers
 
 _OP = "ViT"
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu",
@@ -250,9 +251,6 @@ class ViT(nn.Module):
         return MaskedPatchOutput(loss=loss, logits=logits, target=target, target_mask=target_mask)
 
     # ---- conversion -------------------------------------------------------------------------------------
-    _HF_LAYER = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "out": "attention.o_proj",
-                 "norm1": "layernorm_before", "norm2": "layernorm_after", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-
     def _hf_pairs(self, vit, classifier):
         e = vit.embeddings
         pe = self.patch_embed
@@ -268,13 +266,14 @@ class ViT(nn.Module):
         if classifier is not None:
             pairs += [("classifier.weight", self.head.weight, classifier.weight),
                       ("classifier.bias", self.head.bias, classifier.bias)]
-        return pairs + layer_pairs(self.encoder, vit.layers, self._HF_LAYER)
+        return pairs + layer_pairs(self.encoder, *hf_vit_layers(vit))
 
     @classmethod
     def from_hf(cls, hf_model, *, backend="auto"):
         """From a transformers ``ViTModel`` or ``ViTForImageClassification`` (weights copied; no download), or
         a ``CLIPVisionModel`` / ``SiglipVisionModel`` (see clip.vision_from_hf).
         Positions are resampled with HF's math (``pos_resample="hf"``) under ``interpolate_pos_encoding``."""
+        hf_model = hf_tower(hf_model, "vision_model")
         if hasattr(hf_model, "post_layernorm"):  # CLIPVisionModel / SiglipVisionModel: CLIP's tower layout
             from .clip import vision_from_hf
 
@@ -282,7 +281,7 @@ class ViT(nn.Module):
             copy_weights(pairs, "ViT.from_hf")
             return model
         vit, classifier = (hf_model.vit, hf_model.classifier) if hasattr(hf_model, "vit") else (hf_model, None)
-        if not hasattr(vit, "embeddings") or not hasattr(vit, "layers"):
+        if not hasattr(vit, "embeddings") or hf_vit_layers(vit) is None:
             raise ValueError(f"ViT.from_hf expects a transformers ViTModel / ViTForImageClassification, got "
                              f"{type(hf_model).__name__}")
         c = vit.config

@@ -432,8 +432,10 @@ def _llama_pairs(c):
     if head_dim * c.num_attention_heads != c.hidden_size:
         raise ValueError(f"DecoderLM.from_hf: head_dim={head_dim} · heads != hidden_size={c.hidden_size} "
                          "is not supported (MultiheadAttention's head dim is hidden / heads)")
-    rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
-    theta = rope.pop("rope_theta", getattr(c, "rope_theta", 10000.0))
+    from mmfast.models.hf_compat import hf_rope_parameters
+
+    rope = hf_rope_parameters(c)
+    theta = rope.pop("rope_theta")
     if rope.get("rope_type", "default") not in ("default", "llama3"):
         raise ValueError(f"DecoderLM.from_hf: rope_type={rope['rope_type']!r}; supported: default, llama3")
     kwargs = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,

@@ -12,7 +12,12 @@ from numerics import assert_close_by_rule, generator, max_abs_error
 def _run(model, inputs, fields, params, dtype, seed):
     inputs = {k: v.to(dtype).requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v
               for k, v in inputs.items()}
-    out = model(**inputs)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # transformers 4.5x's CLIP builds its text mask in the default dtype (see
+    try:                            # tests/swap/hf_models.float64_default): a float64 run overflowed it
+        out = model(**inputs)
+    finally:
+        torch.set_default_dtype(default)
     values = [out[f] if isinstance(f, str) else f(out) for f in fields]
     g = torch.Generator().manual_seed(seed)
     loss = sum((v.double() * torch.randn(v.shape, generator=g, dtype=torch.float64)).sum() for v in values)
@@ -42,6 +47,14 @@ def check_parity(ours, theirs, inputs, fields, our_params=(), their_params=(), w
         assert_close_by_rule(a, r, y, floor=_floor(r), what=f"{what} {name}")
     for i, (a, r, y) in enumerate(zip(got_g, ref_g, yard_g)):
         assert_close_by_rule(a, r, y, factor=3.0, floor=_floor(r), what=f"{what} grad {i}")
+
+
+def hf_rope_kwargs(config_cls, rope):
+    """A transformers text config's keywords for 5.x's ``rope_parameters`` dict `rope`: 4.5x's configs (no
+    rope_parameters attribute) take ``rope_theta`` and ``rope_scaling`` (the rest) apart."""
+    if hasattr(config_cls(), "rope_parameters"):
+        return dict(rope_parameters=rope)
+    return dict(rope_theta=rope["rope_theta"], rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"})
 
 
 def _floor(ref):

@@ -1,6 +1,7 @@
 """BLIP-2 (OPT) against transformers' Blip2ForConditionalGeneration: logits and loss on a left-padded batch,
 greedy generation, stage-2 freezing, input checks; one tiny model through the Triton interpreter."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ PROMPT = 5  # text tokens after the image tokens
 
 
 def _hf(seed=0):
+    # image_token_index: 4.5x's Blip2Config drops an image_token_id keyword (its __init__ resets the field
+    # the alias maps to); 5.x maps image_token_id to it either way
     config = transformers.Blip2Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=30, patch_size=6),
@@ -25,7 +28,7 @@ def _hf(seed=0):
         text_config=dict(model_type="opt", vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64, pad_token_id=PAD,
                          bos_token_id=BOS, eos_token_id=EOS, dropout=0.0),
-        num_query_tokens=Q, image_token_id=IMAGE_TOKEN)
+        num_query_tokens=Q, image_token_index=IMAGE_TOKEN)
     return _randomised(transformers.Blip2ForConditionalGeneration, config, seed)
 
 
@@ -95,10 +98,15 @@ def test_query_output_is_fp32_and_features_match_hf():
     ours = Blip2.from_hf(hf, backend="reference")
     pixels, _, _ = _inputs()
     image, query, features = ours.get_image_features(pixels)
-    expected = hf.get_image_features(pixels)
-    torch.testing.assert_close(image, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(query, expected.qformer_outputs.last_hidden_state, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(features, expected.pooler_output, rtol=1e-5, atol=1e-5)
+    if "return_dict" in inspect.signature(hf.get_image_features).parameters:
+        # 4.5x: (projected features, vision outputs, Q-Former outputs) with return_dict=True
+        projected, vision_out, qformer_out = hf.get_image_features(pixels, return_dict=True)
+    else:  # 5.x: one output, the Q-Former's inside, the projected features as pooler_output
+        vision_out = hf.get_image_features(pixels)
+        qformer_out, projected = vision_out.qformer_outputs, vision_out.pooler_output
+    torch.testing.assert_close(image, vision_out.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(query, qformer_out.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(features, projected, rtol=1e-5, atol=1e-5)
     # cast follows from_pretrained(dtype=): the Q-Former fp32 in fp16 only, unless asked to keep it
     for dtype, keep, qformer_dtype in ((torch.float16, None, torch.float32), (torch.bfloat16, True, torch.float32),
                                        (torch.bfloat16, None, torch.bfloat16)):
@@ -217,7 +225,7 @@ def test_t5_language_model_is_refused():
         qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                             encoder_hidden_size=32),
         text_config=dict(model_type="t5", vocab_size=V, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2),
-        num_query_tokens=Q, image_token_id=IMAGE_TOKEN)
+        num_query_tokens=Q, image_token_index=IMAGE_TOKEN)
     with pytest.raises(ValueError, match="encoder-decoder"):
         Blip2.from_hf(transformers.Blip2ForConditionalGeneration(config))
 
@@ -231,7 +239,7 @@ def _hf_retrieval(seed=0, image_token_id=None):
                             max_position_embeddings=32, use_qformer_text_input=True),
         text_config=dict(model_type="opt", vocab_size=V, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                          ffn_dim=128),
-        num_query_tokens=Q, image_text_hidden_size=16, image_token_id=image_token_id)
+        num_query_tokens=Q, image_text_hidden_size=16, image_token_index=image_token_id)
     return _randomised(transformers.Blip2ForImageTextRetrieval, config, seed)
 
 

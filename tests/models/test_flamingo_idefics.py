@@ -5,6 +5,7 @@ one forward + backward through the Triton interpreter. Both alpha types, qk laye
 without the perceiver (use_resampler=False, transformers' default); HF's other image inputs
 (image_encoder_embeddings, perceiver_embeddings, pixel_values of another size with interpolate_pos_encoding)."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -131,9 +132,15 @@ def test_bf16_checkpoint_matches_hf_left_padded(case):
     assert_bf16_matches_hf(ours, hf, hf_bf16, run, keep, labels, hf_loss=extra == 0)
 
 
+def _hf_unpacks_4d(hf):
+    """Whether HF's IdeficsModel takes image / perceiver embeddings only as (B, T_img, S, D): 4.5x unpacks their
+    four sizes; 5.x takes them flattened to (B·T_img, S, D) (and fails on 4D perceiver embeddings)."""
+    return "num_images, image_seq_len, image_hidden_size = " in inspect.getsource(type(hf.model).forward)
+
+
 def _image_inputs(hf, pixels, kind, ours=False):
     """HF's image keywords of `kind`, computed by the HF model `hf` (in its dtype) from `pixels`; a "-4d" kind gives
-    ours the (B, T_img, S, D) layout, HF its own (B·T_img, S, D) (it fails on 4D perceiver embeddings)."""
+    ours the (B, T_img, S, D) layout, HF its own (see _hf_unpacks_4d)."""
     pixels = pixels.to(hf.dtype)
     if kind.startswith("pixel_values"):
         return dict(pixel_values=pixels, interpolate_pos_encoding=kind.endswith("interpolated"))
@@ -141,7 +148,8 @@ def _image_inputs(hf, pixels, kind, ours=False):
         x, name = hf.model.vision_model(pixels.flatten(0, 1)).last_hidden_state, "image_encoder_embeddings"
         if kind.startswith("perceiver"):
             x, name = hf.model.perceiver_resampler(x), "perceiver_embeddings"
-    return {name: x.unflatten(0, pixels.shape[:2]) if ours and kind.endswith("-4d") else x}
+    four_d = kind.endswith("-4d") if ours else _hf_unpacks_4d(hf)
+    return {name: x.unflatten(0, pixels.shape[:2]) if four_d else x}
 
 
 def _pixels(kind):
@@ -192,16 +200,18 @@ GENERATIONS = _ids(("pixel_values", "image_encoder_embeddings", "perceiver_embed
 @pytest.mark.parametrize("name", list(GENERATIONS))
 @requires("transformers")
 def test_greedy_generation_equals_hf(name):
-    """Greedy tokens equal HF's generate on the same keywords; with perceiver_embeddings HF's generate fails
-    (from the second step it passes them along with its cached image states): its tokens from the pixels
-    they come from, the parting check by its forward on the embeddings."""
+    """Greedy tokens equal HF's generate on the same keywords; where HF's generate fails on embeddings (see
+    below) its tokens come from the pixels they come from, the parting check by its forward on the embeddings."""
     case, kind = GENERATIONS[name]
     hf = _hf(*CASES[case])
     ours = Flamingo.from_hf(hf, backend="reference")  # no <image> id: the image mask decides
     ids, mask, _, iam = _batch(IMAGE[CASES[case][2]])
     pixels = _pixels(kind)
     kw = dict(attention_mask=mask, image_attention_mask=iam, max_new_tokens=5, min_length=L + 5, pad_token_id=PAD)
-    theirs = _image_inputs(hf, pixels, "pixel_values" if kind == "perceiver_embeddings" else kind)
+    # HF's generate fails on 5.x's perceiver_embeddings and on 4.5x's image / perceiver embeddings (from the
+    # second step it passes them along with its cached image states): its tokens from the pixels there
+    embeds = kind == "perceiver_embeddings" or (_hf_unpacks_4d(hf) and kind == "image_encoder_embeddings")
+    theirs = _image_inputs(hf, pixels, "pixel_values" if embeds else kind)
     expected = hf.generate(input_ids=ids, do_sample=False, **kw, **theirs)
     got = ours.generate(input_ids=ids, **kw, **_image_inputs(hf, pixels, kind, ours=True))
     assert got.shape == (2, L + 5) and torch.equal(got[:, :L], ids)
@@ -266,8 +276,8 @@ def test_image_input_checks():
     hf = _hf(*CASES["float-every-layer"])
     ours = Flamingo.from_hf(hf, backend="reference")
     ids, mask, pixels, iam = _batch(IMAGE[0])
-    enc = _image_inputs(hf, pixels, "image_encoder_embeddings")["image_encoder_embeddings"]  # (4, 5, 16)
-    per = _image_inputs(hf, pixels, "perceiver_embeddings")["perceiver_embeddings"]  # (4, 3, 16)
+    enc = _image_inputs(hf, pixels, "image_encoder_embeddings", ours=True)["image_encoder_embeddings"]  # (4, 5, 16)
+    per = _image_inputs(hf, pixels, "perceiver_embeddings", ours=True)["perceiver_embeddings"]  # (4, 3, 16)
     kw = dict(input_ids=ids, attention_mask=mask, image_attention_mask=iam)
     for call in (ours, ours.generate):
         for extra in (dict(pixel_values=pixels, image_encoder_embeddings=enc),

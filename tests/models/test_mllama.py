@@ -12,7 +12,7 @@ from optional_deps import optional_import, requires
 from mmfast.models import Mllama
 from mmfast.nn import GatedCrossAttentionBlock
 from mmfast.models.mllama import cross_attention_mask, optimal_tiled_canvas, supported_aspect_ratios, tile_image
-from model_helpers import assert_bf16_matches_hf, assert_one_step_trains_only, hf_loaded_in
+from model_helpers import assert_bf16_matches_hf, assert_one_step_trains_only, hf_loaded_in, hf_rope_kwargs
 from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator, randomise_norms_
 
 transformers = optional_import("transformers")
@@ -28,9 +28,10 @@ def _hf():
         text_config=dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=64, cross_attention_layers=[1],
                          max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8}),
+                         **hf_rope_kwargs(transformers.models.mllama.configuration_mllama.MllamaTextConfig,
+                                          {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8})),
         image_token_index=IMAGE)
     model = randomise_norms_(transformers.MllamaForConditionalGeneration(config).eval())
     with torch.no_grad():  # gates start at 0 (tanh 0 hides a branch): random, non-zero, either sign
@@ -74,6 +75,13 @@ def test_logits_and_loss_match_hf_left_padded_two_images():
     batch = _batch()
     keep = batch["attention_mask"].bool()
     labels = batch["input_ids"].masked_fill(~keep | (batch["input_ids"] == IMAGE), -100)
+    if hasattr(hf.model.language_model, "_update_causal_mask"):
+        # 4.5x builds its own float mask and, on CPU, leaves a row that hides every key at finfo.min throughout
+        # (values averaged over all keys; ours and 5.x's differ: see mmfast/models/mllama.py). Left-padding rows
+        # are such rows, and HF's shifted loss reads one for the first real token after the padding: that label
+        # is left out there (the logits compared are the kept rows' either way)
+        after_pad = torch.cat([torch.zeros_like(keep[:, :1]), ~keep[:, :-1]], 1)
+        labels = labels.masked_fill(after_pad, -100)
 
     def run(model, dtype, **kw):
         b = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in batch.items()}
@@ -261,6 +269,9 @@ def test_tile_image_matches_hf_processor(size):
     """Resize to the canvas, zero padding, normalisation, tile order, aspect ratio id and tile mask, against
     MllamaImageProcessor on a float image (28px tiles, up to 4)."""
     processor = transformers.MllamaImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=4)
+    if getattr(processor, "backend", None) != "torchvision":
+        pytest.skip("tile_image follows transformers >= 5's torchvision MllamaImageProcessor; 4.5x's resizes "
+                    "through PIL / NumPy (a float image quantised to uint8), so no float image matches it")
     image = torch.rand(3, *size, generator=generator())
     expected = processor(images=[[image]], do_rescale=False, return_tensors="pt")
     tiles, ar_id, mask = tile_image(image, 4, 28, mean=processor.image_mean, std=processor.image_std)

@@ -2,6 +2,8 @@
 gradients, tiny random configs), other resolutions, 2D positions, hybrid input, the masked-patch
 objective, one optimiser step, the Triton path through the interpreter."""
 import functools
+import inspect
+import operator
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmfast.models import ViT
+from mmfast.models.hf_compat import hf_vit_layers
 from mmfast.models.vit import mean_colour_bins
 
 transformers = optional_import("transformers")
@@ -26,8 +29,8 @@ def hf_vit(**overrides):
 
 
 def hf_qkv_weight(model):
-    a = model.layers[0].attention
-    return a.q_proj.weight, a.k_proj.weight, a.v_proj.weight
+    layers, names = hf_vit_layers(model)
+    return tuple(operator.attrgetter(names[k])(layers[0]).weight for k in "qkv")
 
 
 HF_PARAMS = ([lambda m: m.patch_embed.proj.weight, lambda m: m.encoder.layers[0].attn.qkv.weight],
@@ -268,12 +271,14 @@ def all_hidden_states(out):
 @requires("transformers")
 def test_hf_flags_hidden_states_attention_mask_tuple():
     """HF's drop-in flags: output_hidden_states (embeddings first, each layer before the final norm),
-    attention_mask over [CLS] + patches, return_dict=False; output_attentions=True refused."""
+    attention_mask over [CLS] + patches (where HF's ViTModel takes one: 5.x, not 4.5x), return_dict=False;
+    output_attentions=True refused."""
     hf = hf_vit()
     ours = ViT.from_hf(hf, backend="reference")
-    mask = torch.ones(2, 17, dtype=torch.long)
-    mask[1, 3:11] = 0
-    inputs = dict(pixel_values=randn(2, 3, 16, 16), attention_mask=mask, output_hidden_states=True)
+    inputs = dict(pixel_values=randn(2, 3, 16, 16), output_hidden_states=True)
+    if "attention_mask" in inspect.signature(hf.forward).parameters:
+        inputs["attention_mask"] = torch.ones(2, 17, dtype=torch.long)
+        inputs["attention_mask"][1, 3:11] = 0
     check_parity(ours, hf, inputs, ["last_hidden_state", all_hidden_states], *HF_PARAMS, what="ViT flags")
     x = randn(2, 3, 16, 16)
     with torch.no_grad():

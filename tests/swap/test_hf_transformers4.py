@@ -7,7 +7,9 @@ text) outputs and gradients, CLIP through the Triton interpreter with the mmfast
 (Llama, GQA) left-padded with greedy generation, Mistral / Qwen2 sliding windows, the per-instance swaps of
 BLIP, Mllama and Idefics against 4.5x's own code, BLIP-2's Q-Former (swapped per instance there, eager
 additive masks), patch / unpatch / refusals, PEFT's LoRA adapters kept (Mllama's gated layers, the patch convolutions)
-and gradient checkpointing with transformers' input-grad hook on the fused patch embeddings.
+and gradient checkpointing with transformers' input-grad hook on the fused patch embeddings; and the model
+layer's conversions (from_hf: ViT and CLIP / SigLIP towers, CLIP, BLIP-2, LLaVA-NeXT, Mllama, Idefics) with
+parity and generation against 4.5x's own models (tests/models files, listed relative to this folder).
 """
 import os
 import pathlib
@@ -41,6 +43,17 @@ SUBSET = [
     "test_peft.py::test_verify_a_peft_model",
     "test_hf_checkpointing.py",                                             # 4.5x: input-grad hook placement
     "test_hf_mllama_tiles.py::test_input_grad_hook_is_reproduced",          # fused tiles keep the input-grad mark
+    # the model layer's from_hf on 4.5x's layouts (hf_compat): one parity, one generation per family
+    "../models/test_vit.py::test_hf_parity",                                # 4.x ViT: encoder.layer, BERT names
+    "../models/test_vit.py::test_hf_clip_vision_tower",                     # 4.x *VisionModel.vision_model
+    "../models/test_clip.py::test_hf_clip_parity",                          # 4.x CLIP mask in the default dtype
+    "../models/test_blip2.py::test_logits_loss_and_grads_match_hf_left_padded",
+    "../models/test_blip2.py::test_greedy_generation_equals_hf",
+    "../models/test_llava.py::test_next_logits_and_generation_match_hf",   # AnyRes features, generation
+    "../models/test_mllama.py::test_logits_and_loss_match_hf_left_padded_two_images",  # 4.x rope_scaling
+    "../models/test_mllama.py::test_generation_equals_hf[greedy]",
+    "../models/test_flamingo_idefics.py::test_logits_and_loss_match_hf_left_padded",  # Idefics: 4.x RoPE fields
+    "../models/test_flamingo_idefics.py::test_greedy_generation_equals_hf[image_encoder_embeddings]",
 ]
 # skipped there by design: 4.5x has no bidirectional mask builder (the monkeypatched refusal's real
 # counterpart runs instead), and its own LLaVA does not compile fullgraph
