@@ -49,14 +49,6 @@ def check_parity(ours, theirs, inputs, fields, our_params=(), their_params=(), w
         assert_close_by_rule(a, r, y, factor=3.0, floor=_floor(r), what=f"{what} grad {i}")
 
 
-def hf_rope_kwargs(config_cls, rope):
-    """A transformers text config's keywords for 5.x's ``rope_parameters`` dict `rope`: 4.5x's configs (no
-    rope_parameters attribute) take ``rope_theta`` and ``rope_scaling`` (the rest) apart."""
-    if hasattr(config_cls(), "rope_parameters"):
-        return dict(rope_parameters=rope)
-    return dict(rope_theta=rope["rope_theta"], rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"})
-
-
 def _floor(ref):
     """1e-6 of the reference's largest magnitude (about 8 fp32 ulps), at least 1e-6: the yardstick of a
     single scalar (logit_scale's gradient, a sum over the batch) is one lucky or unlucky rounding, so a

@@ -12,7 +12,8 @@ from optional_deps import optional_import, requires
 from mmfast.models import Mllama
 from mmfast.nn import GatedCrossAttentionBlock
 from mmfast.models.mllama import cross_attention_mask, optimal_tiled_canvas, supported_aspect_ratios, tile_image
-from model_helpers import assert_bf16_matches_hf, assert_one_step_trains_only, hf_loaded_in, hf_rope_kwargs
+from hf_configs import hf_rope_kwargs
+from model_helpers import assert_bf16_matches_hf, assert_one_step_trains_only, hf_loaded_in
 from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator, randomise_norms_
 
 transformers = optional_import("transformers")

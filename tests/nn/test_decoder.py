@@ -9,6 +9,7 @@ from optional_deps import optional_import, requires
 
 from mmfast.nn.decoder import PRESETS, DecoderLM, RMSNorm
 from mmfast.nn.rope import position_ids_from_mask, rope_inv_freq
+from hf_configs import hf_rope_kwargs
 from numerics import assert_close_by_rule, assert_same_greedy_tokens, generator, randomise_norms_
 
 transformers = optional_import("transformers")
@@ -32,8 +33,9 @@ def _hf(flavour):
         config = transformers.LlamaConfig(vocab_size=V, hidden_size=E, num_hidden_layers=LAYERS,
                                           num_attention_heads=H, num_key_value_heads=HKV, intermediate_size=2 * E,
                                           max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-                                          eos_token_id=2, rope_parameters=rope, attention_bias=flavour == "llama3",
-                                          mlp_bias=flavour == "llama3")
+                                          eos_token_id=2, attention_bias=flavour == "llama3",
+                                          mlp_bias=flavour == "llama3",
+                                          **hf_rope_kwargs(transformers.LlamaConfig, rope))
         model = transformers.LlamaForCausalLM(config).eval()
     return randomise_norms_(model)
 
@@ -58,8 +60,8 @@ def test_rope_inv_freq_equals_transformers():
     from transformers.modeling_rope_utils import _compute_llama3_parameters
 
     config = transformers.LlamaConfig(hidden_size=E, num_attention_heads=H, max_position_embeddings=128,
-                                      rope_parameters={**LLAMA3, "rope_theta": 500000.0})
-    ref, _ = _compute_llama3_parameters(config)
+                                      **hf_rope_kwargs(transformers.LlamaConfig, {**LLAMA3, "rope_theta": 500000.0}))
+    ref, _ = _compute_llama3_parameters(config, torch.device("cpu"))   # 4.5x: device is required
     got = rope_inv_freq(E // H, 500000.0, LLAMA3)
     assert torch.equal(got, ref)
     assert not torch.equal(got, rope_inv_freq(E // H, 500000.0))  # the scaling changed something
