@@ -20,8 +20,9 @@ TABLE = (
      "other masks and attention dropout while training call timm's forward (counted as a fallback)"),
     ("timm.layers.PatchEmbed + VisionTransformer._pos_embed", "mmfast.kernels.patch_embed",
      "inside forward_features / forward_intermediates: conv + bias + position table (resampled for "
-     "dynamic_img_size, dynamic_img_pad) + [CLS] in one launch, register tokens and no_embed_class handled "
-     "(forward hooks on patch_embed see those tokens there); PatchEmbed called on its own: conv + bias through "
+     "dynamic_img_size, dynamic_img_pad) + [CLS] in one launch, register tokens and no_embed_class handled; "
+     "a call where patch_embed has forward hooks runs the conv alone and timm's _pos_embed (counted as a "
+     "fallback), so hooks see timm's tensor; PatchEmbed called on its own: conv + bias through "
      "the kernel, then timm's norm and output format"),
     ("timm.utils.ModelEmaV3.apply_update_ / apply_update_no_buffers_", "mmfast.kernels.ema_update_",
      "same-dtype pairs bit-identical to timm's _foreach_lerp_; bf16 EMA tensors with stochastic_rounding stay "
@@ -267,6 +268,14 @@ def _patch_embed_blocker_at(pe, images):
     return None
 
 
+def _output_hooks(pe):
+    """Why the fused tokens must not be patch_embed's output for this call, or None: a forward hook there would see
+    (or replace) [prefix; patches + positions] where timm gives it the bare patches."""
+    if pe._forward_hooks or getattr(torch.nn.modules.module, "_global_forward_hooks", None):
+        return "forward hooks on patch_embed (position embedding not fused for this call)"
+    return None
+
+
 def _patch_embed_forward(self, x):
     from mmfast.kernels import patch_embed
 
@@ -276,8 +285,11 @@ def _patch_embed_forward(self, x):
         return original(self)(x)
     switch = self.__dict__.get("_mmfast_fusion")
     if switch is not None and switch.depth:
-        switch.tokens = _vit_tokens(self._mmfast_vit, x)
-        return switch.tokens
+        hooked = _output_hooks(self)
+        if hooked is None:
+            switch.tokens = _vit_tokens(self._mmfast_vit, x)
+            return switch.tokens
+        _fallback(self, hooked)  # the conv below still runs the kernel; timm's _pos_embed adds the rest
     B = x.shape[0]
     gh, gw = _grid(self, *x.shape[-2:])
     tokens = patch_embed(x, self.proj.weight, self.proj.bias, dynamic_pad=self.dynamic_img_pad,

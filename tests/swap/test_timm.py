@@ -81,6 +81,25 @@ def test_patch_embed_called_alone_keeps_timm_meaning():
     assert out.shape == ref.shape and (out - ref).abs().max().item() <= 1e-12
 
 
+@pytest.mark.parametrize("kw", [{"reg_tokens": 1}, {"class_token": False, "global_pool": "avg"}],
+                         ids=["cls-reg", "no-prefix"])
+def test_forward_hook_on_patch_embed_sees_and_edits_timm_tensor(kw):
+    model = vit(**kw)
+    seen = []
+
+    def hook(module, args, out):  # an edit hook: without prefix tokens the fused path added positions twice
+        seen.append(tuple(out.shape))
+        return out * 2
+
+    model.patch_embed.register_forward_hook(hook)
+    before = run(model, images())
+    report = mmfast.patch(model, backend="reference")
+    assert_same(run(model, images()), before, f"{kw} with a hook on patch_embed")
+    assert seen == [(2, 16, 32)] * 2
+    assert list(report.fallbacks) == ["PatchEmbed: forward hooks on patch_embed (position embedding not fused for "
+                                      "this call)"]
+
+
 def test_unpatch_is_bitwise_and_patch_twice_is_a_noop():
     model = vit(reg_tokens=1)
     x = images()
