@@ -26,7 +26,7 @@ TABLE = (
      "the kernel, then timm's norm and output format"),
     ("timm.utils.ModelEmaV3.apply_update_ / apply_update_no_buffers_", "mmfast.kernels.ema_update_",
      "same-dtype pairs bit-identical to timm's _foreach_lerp_; bf16 EMA tensors with stochastic_rounding stay "
-     "on timm's stochastic rounding; an EMA on another device (foreach off) runs timm's loop"),
+     "on timm's stochastic rounding; foreach off (foreach=False, or an EMA on another device) runs timm's loop"),
 )
 
 
@@ -366,7 +366,7 @@ def _ema_lerp(ema, ema_values, model_values, decay):
 @torch.no_grad()
 def _ema_apply_update_(self, model, decay):
     if not self.foreach:
-        _fallback(self, "EMA on another device than the model (foreach off)")
+        _fallback(self, "foreach off (foreach=False, or the EMA on another device than the model)")
         return original(self, "apply_update_")(model, decay)
     emas, sources = [], []
     for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values()):
@@ -381,7 +381,7 @@ def _ema_apply_update_(self, model, decay):
 @torch.no_grad()
 def _ema_apply_update_no_buffers_(self, model, decay):
     if not self.foreach:
-        _fallback(self, "EMA on another device than the model (foreach off)")
+        _fallback(self, "foreach off (foreach=False, or the EMA on another device than the model)")
         return original(self, "apply_update_no_buffers_")(model, decay)
     _ema_lerp(self, list(self.module.parameters()), list(model.parameters()), decay)
     for ema_b, model_b in zip(self.module.buffers(), model.buffers()):

@@ -168,6 +168,19 @@ def test_model_ema_v3_update_equals_timm(kw):
     assert not torch.equal(ours.module.pos_embed, model.pos_embed)  # the update did move the EMA
 
 
+def test_model_ema_v3_foreach_false_runs_timm_and_says_why():
+    model = vit().float()
+    ours, theirs = ModelEmaV3(model, decay=0.9, foreach=False), ModelEmaV3(model, decay=0.9, foreach=False)
+    report = mmfast.patch(ours, backend="reference")
+    source = _perturbed(model, 0)
+    ours.update(source, step=5)
+    theirs.update(source, step=5)
+    for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert list(report.fallbacks) == ["ModelEmaV3: foreach off (foreach=False, or the EMA on another device than "
+                                      "the model)"]  # same device here: the reason must not claim another one
+
+
 def test_model_ema_v3_inner_model_is_patched_too():
     ema = ModelEmaV3(vit())
     report = mmfast.patch(ema, backend="reference")
