@@ -160,7 +160,9 @@ def _attention_forward(self, x, attn_mask=None, is_causal=False):
     q, k = self.q_norm(q), self.k_norm(k)  # both norms act on the head dim, the last in either layout
     # timm / SDPA: True = may attend; flash_attention: True = padded key
     padding = None if attn_mask is None else ~attn_mask.reshape(B, N)
-    x = flash_attention(q, k, v, causal=bool(is_causal), softmax_scale=self.scale, key_padding_mask=padding,
+    # SDPA (fused_attn) takes its default 1/sqrt(head_dim) and ignores self.scale; timm's manual path uses it
+    scale = self.head_dim ** -0.5 if getattr(self, "fused_attn", False) else self.scale
+    x = flash_attention(q, k, v, causal=bool(is_causal), softmax_scale=scale, key_padding_mask=padding,
                         backend=self._mmfast_backend)
     x = x.reshape(B, N, self.num_heads * self.head_dim)
     x = getattr(self, "norm", torch.nn.Identity())(x)
@@ -242,7 +244,7 @@ def _pos_embed(self, x):
     switch = self._mmfast_fusion
     if switch.tokens is not None and x is switch.tokens:
         switch.tokens = None
-        return self.pos_drop(x)
+        return x if self.pos_embed is None else self.pos_drop(x)  # timm skips pos_drop without a table
     return original(self, "_pos_embed")(x)
 
 

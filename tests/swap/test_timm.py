@@ -100,6 +100,25 @@ def test_forward_hook_on_patch_embed_sees_and_edits_timm_tensor(kw):
                                       "this call)"]
 
 
+def test_no_position_table_skips_pos_drop_as_timm_does():
+    model = vit(pos_embed="none", pos_drop_rate=0.5, reg_tokens=1).train()  # timm returns before pos_drop
+    torch.manual_seed(3)
+    before = run(model, images())
+    mmfast.patch(model, backend="reference")
+    torch.manual_seed(3)
+    assert_same(run(model, images()), before, "pos_embed='none' with pos_drop_rate in training")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa-ignores-scale", "manual-uses-scale"])
+def test_attention_scale_follows_timm_path(fused):
+    model = vit()
+    attn = model.blocks[0].attn
+    attn.fused_attn, attn.scale = fused, 0.3  # e.g. a temperature set on the module
+    before = run(model, images())
+    mmfast.patch(model, backend="reference")
+    assert_same(run(model, images()), before, f"scale 0.3, fused_attn={fused}")
+
+
 def test_unpatch_is_bitwise_and_patch_twice_is_a_noop():
     model = vit(reg_tokens=1)
     x = images()
