@@ -17,7 +17,8 @@ TABLE = (
     ("timm.layers.Attention (VisionTransformer blocks)", "mmfast.kernels.flash_attention",
      "fused qkv read in place, q/k norm, gate, scale_norm kept; attn_mask None, is_causal, or a bool key-padding "
      "mask (B, 1, 1, N) run the kernel (a query row whose keys are all masked gets 0 where SDPA gives NaN); "
-     "other masks and attention dropout while training call timm's forward (counted as a fallback)"),
+     "other masks, attention dropout while training, and (fused_attn off) an attn_drop with hooks or of another "
+     "class, which timm's manual path hands the attention weights, call timm's forward (counted as a fallback)"),
     ("timm.layers.PatchEmbed + VisionTransformer._pos_embed", "mmfast.kernels.patch_embed",
      "inside forward_features / forward_intermediates: conv + bias + position table (resampled for "
      "dynamic_img_size, dynamic_img_pad) + [CLS] in one launch, register tokens and no_embed_class handled; "
@@ -132,6 +133,10 @@ def _fallback(module, reason):
 def _attention_blocker(module, x, attn_mask, is_causal):
     if x.dim() != 3:
         return "input is not (B, N, C)"
+    if not getattr(module, "fused_attn", True):  # timm's manual path hands the attention weights to attn_drop
+        why = not_plain(module, {"attn_drop": torch.nn.Dropout})
+        if why is not None:  # a hook capturing attention maps, or a module editing them
+            return f"fused_attn off and {why}"
     if module.training and module.attn_drop.p > 0:
         return "attention dropout while training"
     if attn_mask is None:

@@ -119,6 +119,29 @@ def test_attention_scale_follows_timm_path(fused):
     assert_same(run(model, images()), before, f"scale 0.3, fused_attn={fused}")
 
 
+class _SharpenWeights(torch.nn.Module):
+    def forward(self, weights):
+        return weights.pow(2) / weights.pow(2).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("change", ["capture-hook", "edit-hook", "module"])
+def test_manual_attention_path_with_an_observed_attn_drop_runs_timm(change):
+    model = vit()
+    attn = model.blocks[0].attn
+    attn.fused_attn = False  # timm's manual path: attn_drop receives the attention weights
+    maps = []
+    if change == "module":
+        attn.attn_drop = _SharpenWeights()
+    else:
+        attn.attn_drop.register_forward_hook(
+            lambda m, args, out: maps.append(out.shape) if change == "capture-hook" else out * 0.5)
+    before = run(model, images())
+    report = mmfast.patch(model, backend="reference")
+    assert_same(run(model, images()), before, change)
+    assert len(maps) == (2 if change == "capture-hook" else 0)  # the attention maps still reach the hook
+    assert sum(report.fallbacks.values()) == 1 and "fused_attn off and attn_drop" in next(iter(report.fallbacks))
+
+
 def test_unpatch_is_bitwise_and_patch_twice_is_a_noop():
     model = vit(reg_tokens=1)
     x = images()
