@@ -181,14 +181,20 @@ def _attention_forward(self, x, attn_mask=None, is_causal=False):
 def _patch_embed_blocker(module, PatchEmbed):
     if type(module).forward is not PatchEmbed.forward:
         return f"{type(module).__name__} overrides forward"
-    why = not_plain(module, {"proj": torch.nn.Conv2d})
+    return _conv_blocker(module)
+
+
+def _conv_blocker(pe):
+    """At patch time and at every call: proj may be replaced or set_input_size called after the swap."""
+    why = not_plain(pe, {"proj": torch.nn.Conv2d})
     if why is not None:
         return why
-    proj = module.proj
+    proj = pe.proj
     k = tuple(proj.kernel_size)
     if k[0] != k[1] or tuple(proj.stride) != k or tuple(proj.padding) != (0, 0) or tuple(proj.dilation) != (1, 1) \
-            or proj.groups != 1:
-        return f"proj is not a square stride-P conv (kernel {k}, stride {tuple(proj.stride)})"
+            or proj.groups != 1 or k != tuple(pe.patch_size):
+        return (f"proj is not a square stride-P conv of the patch size {tuple(pe.patch_size)} (kernel {k}, "
+                f"stride {tuple(proj.stride)}, padding {tuple(proj.padding)})")
     return None
 
 
@@ -263,7 +269,7 @@ def _grid(pe, H, W):
 def _patch_embed_blocker_at(pe, images):
     if images.dim() != 4:
         return "images are not (B, C, H, W)"
-    why = not_plain(pe, {"proj": torch.nn.Conv2d})
+    why = _conv_blocker(pe)
     if why is not None:
         return why
     H, W = images.shape[-2:]

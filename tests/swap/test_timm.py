@@ -142,6 +142,22 @@ def test_manual_attention_path_with_an_observed_attn_drop_runs_timm(change):
     assert sum(report.fallbacks.values()) == 1 and "fused_attn off and attn_drop" in next(iter(report.fallbacks))
 
 
+@pytest.mark.parametrize("change", ["overlapping-proj", "rect-patch"])
+def test_patch_embed_geometry_changed_after_patch_runs_timm(change):
+    model = vit(dynamic_img_size=True, class_token=False, global_pool="avg") if change == "overlapping-proj" \
+        else vit(reg_tokens=1)
+    report = mmfast.patch(model, backend="reference")
+    if change == "overlapping-proj":  # was a silent wrong answer: the kernel assumed kernel = stride, no padding
+        torch.manual_seed(1)
+        model.patch_embed.proj = torch.nn.Conv2d(3, 32, 4, stride=2, padding=2).double()  # a 9x9 grid
+    else:  # was a ValueError from the kernel
+        model.set_input_size(patch_size=(4, 2))
+    after = run(model, images())
+    mmfast.unpatch(model)
+    assert_same(after, run(model, images()), change)
+    assert sum(report.fallbacks.values()) == 1 and "proj is not a square stride-P conv" in next(iter(report.fallbacks))
+
+
 def test_unpatch_is_bitwise_and_patch_twice_is_a_noop():
     model = vit(reg_tokens=1)
     x = images()
