@@ -298,7 +298,7 @@ def _patch_embed_forward(self, x):
         return original(self)(x)
     switch = self.__dict__.get("_mmfast_fusion")
     if switch is not None and switch.depth:
-        hooked = _output_hooks(self)
+        hooked = _output_hooks(self) or _embed_fusion_blocker(self._mmfast_vit, *_timm_classes()[1:3])
         if hooked is None:
             switch.tokens = _vit_tokens(self._mmfast_vit, x)
             return switch.tokens

@@ -158,6 +158,16 @@ def test_patch_embed_geometry_changed_after_patch_runs_timm(change):
     assert sum(report.fallbacks.values()) == 1 and "proj is not a square stride-P conv" in next(iter(report.fallbacks))
 
 
+def test_patch_embed_norm_set_after_patch_runs_timm():
+    model = vit(reg_tokens=1)
+    report = mmfast.patch(model, backend="reference")
+    model.patch_embed.norm = torch.nn.LayerNorm(32).double()  # the fused tokens skipped it: a wrong answer
+    after = run(model, images())
+    mmfast.unpatch(model)
+    assert_same(after, run(model, images()), "norm set after patch")
+    assert list(report.fallbacks) == ["PatchEmbed: PatchEmbed has a norm before the position embedding"]
+
+
 def test_unpatch_is_bitwise_and_patch_twice_is_a_noop():
     model = vit(reg_tokens=1)
     x = images()
