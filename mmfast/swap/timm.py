@@ -8,7 +8,7 @@ import types
 
 import torch
 
-from ._core import foreign_forward, not_plain, original, set_instance_attr
+from ._core import _SET, foreign_forward, not_plain, original, set_instance_attr
 
 NAME = "timm"
 
@@ -200,9 +200,12 @@ def _conv_blocker(pe):
 
 def _embed_fusion_blocker(vit, PatchEmbed, VisionTransformer):
     cls = type(vit)
+    ours = vit.__dict__.get(_SET, {})
     for name in ("_pos_embed", "forward_features", "forward_intermediates"):
         if getattr(cls, name) is not getattr(VisionTransformer, name):
             return f"{cls.__name__} overrides {name}"
+        if name in vit.__dict__ and vit.__dict__[name] is not ours.get(name):
+            return f"{name} is replaced on the instance"
     pe = vit.patch_embed
     if not isinstance(pe, PatchEmbed):
         return f"patch_embed is {type(pe).__name__}"

@@ -168,6 +168,24 @@ def test_patch_embed_norm_set_after_patch_runs_timm():
     assert list(report.fallbacks) == ["PatchEmbed: PatchEmbed has a norm before the position embedding"]
 
 
+def _scale_pos_embed(model):
+    inner = model._pos_embed
+    model._pos_embed = lambda x: inner(x) * 1.5  # an instance override the fused path used to skip
+
+
+@pytest.mark.parametrize("when", ["before-patch", "after-patch"])
+def test_pos_embed_replaced_on_the_instance_is_kept(when):
+    reference = vit(reg_tokens=1)
+    _scale_pos_embed(reference)
+    model = vit(reg_tokens=1)
+    if when == "before-patch":
+        _scale_pos_embed(model)
+    mmfast.patch(model, backend="reference")
+    if when == "after-patch":
+        _scale_pos_embed(model)
+    assert_same(run(model, images()), run(reference, images()), when)
+
+
 def test_unpatch_is_bitwise_and_patch_twice_is_a_noop():
     model = vit(reg_tokens=1)
     x = images()
