@@ -22,12 +22,14 @@ TABLE = (
     ("timm.layers.PatchEmbed + VisionTransformer._pos_embed", "mmfast.kernels.patch_embed",
      "inside forward_features / forward_intermediates: conv + bias + position table (resampled for "
      "dynamic_img_size, dynamic_img_pad) + [CLS] in one launch, register tokens and no_embed_class handled; "
-     "a call where patch_embed has forward hooks runs the conv alone and timm's _pos_embed (counted as a "
-     "fallback), so hooks see timm's tensor; PatchEmbed called on its own: conv + bias through "
-     "the kernel, then timm's norm and output format"),
+     "a call where patch_embed has forward hooks, or the fusion conditions (square stride-P proj, no embed norm, "
+     "no instance _pos_embed) fail after patching, runs the conv alone (or timm's) and timm's _pos_embed (counted "
+     "as a fallback); PatchEmbed called on its own: conv + bias through the kernel, then timm's norm and output "
+     "format"),
     ("timm.utils.ModelEmaV3.apply_update_ / apply_update_no_buffers_", "mmfast.kernels.ema_update_",
      "same-dtype pairs bit-identical to timm's _foreach_lerp_; bf16 EMA tensors with stochastic_rounding stay "
-     "on timm's stochastic rounding; foreach off (foreach=False, or an EMA on another device) runs timm's loop"),
+     "on timm's stochastic rounding; foreach off (foreach=False, or an EMA on another device) runs timm's loop; mixed-dtype pairs (dtype=) round "
+     "once where timm's mul_ + add_ round twice: not bit-identical, no less accurate"),
 )
 
 
