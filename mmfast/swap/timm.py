@@ -28,8 +28,9 @@ TABLE = (
      "format"),
     ("timm.utils.ModelEmaV3.apply_update_ / apply_update_no_buffers_", "mmfast.kernels.ema_update_",
      "same-dtype pairs bit-identical to timm's _foreach_lerp_; bf16 EMA tensors with stochastic_rounding stay "
-     "on timm's stochastic rounding; foreach off (foreach=False, or an EMA on another device) runs timm's loop; mixed-dtype pairs (dtype=) round "
-     "once where timm's mul_ + add_ round twice: not bit-identical, no less accurate"),
+     "on timm's stochastic rounding; foreach off (foreach=False, or an EMA on another device) runs timm's loop; "
+     "mixed-dtype pairs (dtype=) round once where timm's mul_ + add_ round twice: not bit-identical, no less "
+     "accurate"),
 )
 
 
