@@ -69,6 +69,20 @@ def test_triton_interpreter_runs_our_ops_in_a_clip():
     assert ops["(backward)"] == "flash_attention_bwd x2, patch_embed_bwd x1"
 
 
+@requires("timm")
+def test_triton_interpreter_runs_our_ops_in_a_timm_vit():
+    """timm's swaps (fused patch embedding with a register token, attention) through the Triton kernels."""
+    torch.manual_seed(0)
+    model = timm_vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                                       reg_tokens=1, qk_norm=True)
+    result = mmfast.verify(model, backend="triton", quiet=True)
+    assert result.passed, str(result)
+    ops = {row[0]: row[3] for row in result.modules}
+    assert ops["patch_embed"] == "patch_embed_fwd x1"
+    assert ops["blocks.0.attn"] == "flash_attention_fwd x1"
+    assert ops["(backward)"] == "flash_attention_bwd x1, patch_embed_bwd x1"
+
+
 TINY_TIMM = ["--set", "depth=1", "--set", "embed_dim=32", "--set", "num_heads=2", "--set", "img_size=16",
              "--set", "patch_size=8", "--set", "num_classes=3"]
 
