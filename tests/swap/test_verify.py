@@ -55,14 +55,19 @@ def test_unknown_model_gets_a_clear_message(capsys):
     assert "torch.Linear is not a model mmfast knows how to patch" in out and "nothing to verify" in out
 
 
+def triton_ops(model):
+    """verify on the Triton backend (must pass): {module path: the mmfast ops it ran}."""
+    result = mmfast.verify(model, backend="triton", quiet=True)
+    assert result.passed, str(result)
+    return {row[0]: row[3] for row in result.modules}
+
+
 @requires("open_clip")
 def test_triton_interpreter_runs_our_ops_in_a_clip():
     torch.manual_seed(0)
     model = open_clip_model.CLIP(embed_dim=16, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
                                  text_cfg=dict(context_length=7, vocab_size=100, width=32, heads=2, layers=1))
-    result = mmfast.verify(model, backend="triton", quiet=True)
-    assert result.passed, str(result)
-    ops = {row[0]: row[3] for row in result.modules}
+    ops = triton_ops(model)
     assert ops["visual"] == "patch_embed_fwd x1"
     assert ops["visual.transformer.resblocks.0.attn"] == "flash_attention_fwd x1"
     assert ops["transformer.resblocks.0.attn"] == "flash_attention_fwd x1"
@@ -75,9 +80,7 @@ def test_triton_interpreter_runs_our_ops_in_a_timm_vit():
     torch.manual_seed(0)
     model = timm_vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5,
                                        reg_tokens=1, qk_norm=True)
-    result = mmfast.verify(model, backend="triton", quiet=True)
-    assert result.passed, str(result)
-    ops = {row[0]: row[3] for row in result.modules}
+    ops = triton_ops(model)
     assert ops["patch_embed"] == "patch_embed_fwd x1"
     assert ops["blocks.0.attn"] == "flash_attention_fwd x1"
     assert ops["(backward)"] == "flash_attention_bwd x1, patch_embed_bwd x1"
