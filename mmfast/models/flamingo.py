@@ -576,9 +576,8 @@ def _idefics_lm(hf_model, backend):
     fields its config lacks), the embeddings / head with the additional rows appended."""
     from types import SimpleNamespace
 
+    from mmfast.hf_compat import hf_rope_parameters
     from mmfast.nn.decoder import _llama_pairs, hf_eos_token_id
-
-    from .hf_compat import hf_rope_parameters
 
     c, body, head = hf_model.config, hf_model.model, hf_model.lm_head
     extra = c.additional_vocab_size

@@ -10,13 +10,13 @@ import math
 import torch
 from torch import nn
 
+from mmfast.hf_compat import hf_tower
 from mmfast.kernels._common import check_choice, check_int
 from mmfast.nn.decoder import PRESETS as _LM
 from mmfast.nn.decoder import DecoderLM, hf_eos_token_id
 from mmfast.nn.transformer import ACTIVATIONS, activation
 
 from ._common import clip_vision_args, copy_weights, module_pairs
-from .hf_compat import hf_tower
 from .vit import ViT, hf_activation
 
 _OP = "Llava"

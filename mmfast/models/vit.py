@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mmfast.hf_compat import hf_tower, hf_vit_layers
 from mmfast.kernels import patch_embed
 from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
 from mmfast.kernels.patch_embed import INTERPOLATIONS, POS_RESAMPLE_MODES, vit_masked_patch_sampler
@@ -13,7 +14,6 @@ from mmfast.nn.transformer import ACTIVATIONS, AttentionPool, TransformerEncoder
 
 from ._common import (BaseModelOutputWithPooling, MaskedPatchOutput, check_output_attentions, copy_weights, hf_return,
                       layer_pairs, module_pairs)
-from .hf_compat import hf_tower, hf_vit_layers
 
 _OP = "ViT"
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu",

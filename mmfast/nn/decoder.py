@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mmfast.hf_compat import hf_rope_parameters
 from mmfast.kernels import flash_attention
 from mmfast.kernels._common import check_bool, check_choice, check_int, check_scalar
 
@@ -432,8 +433,6 @@ def _llama_pairs(c):
     if head_dim * c.num_attention_heads != c.hidden_size:
         raise ValueError(f"DecoderLM.from_hf: head_dim={head_dim} · heads != hidden_size={c.hidden_size} "
                          "is not supported (MultiheadAttention's head dim is hidden / heads)")
-    from mmfast.models.hf_compat import hf_rope_parameters
-
     rope = hf_rope_parameters(c)
     theta = rope.pop("rope_theta")
     if rope.get("rope_type", "default") not in ("default", "llama3"):

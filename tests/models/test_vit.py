@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmfast.models import ViT
-from mmfast.models.hf_compat import hf_vit_layers
+from mmfast.hf_compat import hf_vit_layers
 from mmfast.models.vit import mean_colour_bins
 
 transformers = optional_import("transformers")
