@@ -23,7 +23,10 @@ def ema_update_(ema_tensors, tensors, momentum, *, ema_buffers=(), buffers=(), b
     Args:
         ema_tensors: list or tuple (any iterable but a tensor) of tensors updated in place, e.g. a
             momentum encoder's parameters. Each must be non-overlapping and dense (contiguous,
-            channels-last, ...). A bare tensor is refused: iterating it would treat its rows as parameters.
+            channels-last, ...), share no memory with another EMA tensor or a source (a tied weight
+            listed twice is refused; a tensor may be its own source), and be an inference tensor only
+            inside ``torch.inference_mode``, else ValueError naming it. A bare tensor is refused:
+            iterating it would treat its rows as parameters.
         tensors: a sequence of the same length and shapes (any strides: a source whose layout differs
             from its EMA tensor's is first copied into that layout).
         momentum: m in [0, 1], as a Python float (else ValueError) or a 0-dim floating tensor, e.g. a

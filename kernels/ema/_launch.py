@@ -124,13 +124,17 @@ def check_and_group(ema_tensors, tensors):
                 and ema_dtypes.issubset(TL_DTYPES) and src_dtypes.issubset(TL_DTYPES)
                 and list(map(_shape_of, ema)) == list(map(_shape_of, src))
                 and all(map(torch.Tensor.is_contiguous, ema)) and all(map(torch.Tensor.is_contiguous, src))
-                and not (torch.is_grad_enabled() and any(map(_requires_grad_of, ema)))):
-            work_ema, work_src = ema, src
+                and not (torch.is_grad_enabled() and any(map(_requires_grad_of, ema)))
+                and (torch.is_inference_mode_enabled() or not any(map(torch.Tensor.is_inference, ema)))):
+            work_ema, work_src, indices = ema, src, range(len(ema))
             if not all(map(torch.Tensor.numel, ema)):  # empty tensors need no work
-                work_ema, work_src = [e for e in ema if e.numel()], [s for s in src if s.numel()]
-            ptrs = itertools.chain(map(torch.Tensor.data_ptr, work_ema), map(torch.Tensor.data_ptr, work_src))
-            if not any(p & 15 for p in ptrs):
+                indices = [i for i, e in enumerate(ema) if e.numel()]
+                work_ema, work_src = [ema[i] for i in indices], [src[i] for i in indices]
+            ema_ptrs, src_ptrs = tuple(map(torch.Tensor.data_ptr, work_ema)), tuple(map(torch.Tensor.data_ptr, work_src))
+            if not any(p & 15 for p in itertools.chain(ema_ptrs, src_ptrs)):
                 groups = {(ema[0].dtype, src[0].dtype, True): (work_ema, work_src)} if work_ema else {}
+                _check_layout(((ema[0].dtype, src[0].dtype, ema_ptrs, src_ptrs,
+                                tuple(map(torch.Tensor.numel, work_ema))),), (indices,))
                 return groups, next(iter(devices)), None
     return _check_and_group_slow(ema, src)
 
@@ -151,7 +155,7 @@ def _is_dense(t):
 def _check_and_group_slow(ema, src):
     """The per-tensor loop behind check_and_group: handles every layout and names what is wrong."""
     _check_lengths("ema_tensors", ema, "tensors", src)
-    groups, device, float64_arg = {}, None, None
+    groups, group_indices, device, float64_arg = {}, {}, None, None
     grad_enabled = torch.is_grad_enabled()
     for i, (e, s) in enumerate(zip(ema, src)):
         e, s = _check_pair(i, e, s, "ema_tensors", "tensors", device)
@@ -169,6 +173,9 @@ def _check_and_group_slow(ema, src):
             )
         if grad_enabled and e.requires_grad and e.is_leaf:
             raise ValueError(f"{OP}: ema_tensors[{i}] requires grad; update it under torch.no_grad() or detach it")
+        if e.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(f"{OP}: ema_tensors[{i}] is an inference tensor (made under torch.inference_mode), "
+                             "which torch updates in place only inside inference mode; clone it first")
         if e.numel() == 0:
             continue
         e_ptr, s_ptr = e.data_ptr(), s.data_ptr()
@@ -180,9 +187,58 @@ def _check_and_group_slow(ema, src):
         group = groups.get(key)
         if group is None:
             group = groups[key] = ([], [])
+            group_indices[key] = []
         group[0].append(e)
         group[1].append(s)
+        group_indices[key].append(i)
+    check_no_overlap(groups, group_indices.values())
     return groups, device, float64_arg
+
+
+_NO_OVERLAP = {}  # the address layouts already found free of overlaps: a training loop checks once
+_NO_OVERLAP_MAX = 64
+
+
+def check_no_overlap(groups, indices):
+    """No EMA tensor shares memory with another EMA tensor or with any source, except its own source when
+    both are the very same elements (ema ← ema). Each backend would give its own answer otherwise: the
+    reference updates a tensor listed twice (tied weights from a state_dict) twice and refuses a partly
+    overlapping source, the kernels race. Every tensor here is dense, so it spans [data_ptr, + nbytes)."""
+    _check_layout(tuple((e[0].dtype, s[0].dtype, tuple(map(torch.Tensor.data_ptr, e)),
+                         tuple(map(torch.Tensor.data_ptr, s)), tuple(map(torch.Tensor.numel, e)))
+                        for e, s in groups.values()), indices)
+
+
+def _check_layout(key, indices):
+    """check_no_overlap on ((EMA dtype, source dtype, EMA addresses, source addresses, numels), ...) per group;
+    `indices`: per group, the pairs' positions in the caller's lists (for the message)."""
+    if key in _NO_OVERLAP:
+        return
+    spans = []  # (start, end, is_written, name)
+    for (ema_dtype, src_dtype, ema_ptrs, src_ptrs, numels), group_indices in zip(key, indices):
+        e_size, s_size = ema_dtype.itemsize, src_dtype.itemsize
+        for e_ptr, s_ptr, n, i in zip(ema_ptrs, src_ptrs, numels, group_indices):
+            spans.append((e_ptr, e_ptr + n * e_size, True, f"ema_tensors[{i}]"))
+            if (s_ptr, s_size) != (e_ptr, e_size):
+                spans.append((s_ptr, s_ptr + n * s_size, False, f"tensors[{i}]"))
+    spans.sort()
+    # sweep in address order, keeping the span reaching furthest and the written span reaching furthest
+    furthest = furthest_written = None
+    for span in spans:
+        start, end, written, _ = span
+        for earlier in (furthest_written, furthest if written else None):
+            if earlier is not None and start < earlier[1]:
+                a, b = sorted((earlier[3], span[3]))
+                raise ValueError(f"{OP}: {a} and {b} share memory; the EMA tensors must not overlap each other or "
+                                 "any source (a tensor listed twice, e.g. tied weights from a state_dict, is one "
+                                 "of these): pass each tensor once")
+        if furthest is None or end > furthest[1]:
+            furthest = span
+        if written and (furthest_written is None or end > furthest_written[1]):
+            furthest_written = span
+    if len(_NO_OVERLAP) >= _NO_OVERLAP_MAX:
+        _NO_OVERLAP.pop(next(iter(_NO_OVERLAP)))
+    _NO_OVERLAP[key] = True
 
 
 def check_backend_dtypes(backend, float64_arg):

@@ -470,6 +470,52 @@ def test_unaligned_views_share_a_call_with_aligned_tensors(device, backend):
     _check_against_reference(ema, src, 0.97, backend)
 
 
+def _overlapping_lists(case, device):
+    flat = randn(64, device=device)
+    other = [randn(16, device=device) for _ in range(2)]
+    if case == "source-partly-overlaps-its-ema":
+        return [flat[:16]], [flat[8:24]], r"ema_tensors\[0\] and tensors\[0\]"
+    if case == "tied-weight-listed-twice":
+        # behind an empty pair, which the fast path drops: the names keep the caller's positions
+        empty = randn(0, device=device)
+        return [empty, flat[:16], flat[:16]], [empty.clone()] + other, r"ema_tensors\[1\] and ema_tensors\[2\]"
+    if case == "another-ema-as-source":
+        return [flat[:16], flat[16:32]], [other[0], flat[:16]], r"ema_tensors\[0\] and tensors\[1\]"
+    # two launch groups (fp16 first, an empty pair between), the overlap across them, named by list position
+    half = randn(8, dtype=torch.float16, device=device)
+    return ([half, randn(0, device=device), flat[:16]],
+            [flat[8:12].view(torch.float16), randn(0, device=device), other[0]], r"ema_tensors\[2\] and tensors\[0\]")
+
+
+@pytest.mark.parametrize("case", ["source-partly-overlaps-its-ema", "tied-weight-listed-twice", "another-ema-as-source",
+                                  "across-dtype-groups"])
+def test_overlapping_memory_rejected_by_name(device, backend, case):
+    """Each backend answered differently here (the reference updated a tied weight listed twice twice and
+    refused a partly overlapping source with a RuntimeError; the kernels raced): one ValueError for all."""
+    ema, src, names = _overlapping_lists(case, device)
+    before = [e.clone() for e in ema]
+    with pytest.raises(ValueError, match=names + " share memory"):
+        ema_update_(ema, src, 0.9, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(ema, before)), "a refused call wrote"
+
+
+def test_ema_as_its_own_source_and_a_shared_source_accepted(device, backend):
+    """ema ← ema (the very same elements) changes nothing; one source read by two EMA tensors is fine."""
+    shared = randn(33, device=device)
+    ema = [randn(33, device=device), randn(33, device=device), randn(5, device=device)]
+    ema.append(ema[2])  # listed as its own source below
+    _check_against_reference(ema[:3], [shared, shared, ema[2]], 0.9, backend)
+
+
+def test_inference_tensors_updated_only_in_inference_mode(device, backend):
+    with torch.inference_mode():
+        ema, src = [randn(17, device=device)], [randn(17, device=device)]
+    with pytest.raises(ValueError, match=r"ema_tensors\[0\] is an inference tensor"):
+        ema_update_(ema, src, 0.9, backend=backend)
+    with torch.inference_mode():
+        _check_against_reference(ema, src, 0.9, backend)
+
+
 def test_cpp_avx2_path_on_avx512_machines():
     # the extension picks AVX-512 where the CPU has it; its AVX2 path must stay bit-exact as well
     script = """
