@@ -176,6 +176,23 @@ def plain(module, cls):
     return nn_plain(module, cls, own_forward=module.__dict__.get(_SET, {}).get("forward"), hooks_ok=marks_output)
 
 
+_OBSERVER = "_mmfast_observer"  # on a global hook function: mmfast's own, which only watches (verify's counting)
+
+
+def observer(hook):
+    """Mark a global module hook as one that reads nothing a swap changes, so swapped modules take their fused
+    paths under it (verify must check the path a user's run takes, not a fallback its own hooks cause)."""
+    setattr(hook, _OBSERVER, True)
+    return hook
+
+
+def global_forward_hooks():
+    """The hooks of ``torch.nn.modules.module.register_module_forward_hook`` other than :func:`observer`s: they
+    see every module's output, also of submodules a fused path no longer calls."""
+    hooks = getattr(torch.nn.modules.module, "_global_forward_hooks", None) or {}
+    return [h for h in hooks.values() if not getattr(h, _OBSERVER, False)]
+
+
 def not_plain(module, parts):
     """Why one of `parts` ({dotted submodule name: class}) of `module` is not :func:`plain`, or None."""
     for name, cls in parts.items():

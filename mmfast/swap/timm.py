@@ -8,7 +8,7 @@ import types
 
 import torch
 
-from ._core import _SET, foreign_forward, not_plain, original, set_instance_attr
+from ._core import _SET, foreign_forward, global_forward_hooks, not_plain, original, set_instance_attr
 
 NAME = "timm"
 
@@ -18,11 +18,13 @@ TABLE = (
      "fused qkv read in place, q/k norm, gate, scale_norm kept; attn_mask None, is_causal, or a bool key-padding "
      "mask (B, 1, 1, N) run the kernel (a query row whose keys are all masked gets 0 where SDPA gives NaN); "
      "other masks, attention dropout while training, and (fused_attn off) an attn_drop with hooks or of another "
-     "class, which timm's manual path hands the attention weights, call timm's forward (counted as a fallback)"),
+     "class, or a global module forward hook, any of which would see the attention weights timm's manual path "
+     "hands attn_drop, call timm's forward (counted as a fallback)"),
     ("timm.layers.PatchEmbed + VisionTransformer._pos_embed", "mmfast.kernels.patch_embed",
      "inside forward_features / forward_intermediates: conv + bias + position table (resampled for "
      "dynamic_img_size, dynamic_img_pad) + [CLS] in one launch, register tokens and no_embed_class handled; "
-     "a call where patch_embed has forward hooks, or the fusion conditions (square stride-P proj, no embed norm, "
+     "a call where patch_embed has forward hooks (its own or global ones; mmfast.verify's counting hooks "
+     "excepted), or the fusion conditions (square stride-P proj, no embed norm, "
      "no instance _pos_embed) fail after patching, runs the conv alone (or timm's) and timm's _pos_embed (counted "
      "as a fallback); PatchEmbed called on its own: conv + bias through the kernel, then timm's norm and output "
      "format"),
@@ -140,6 +142,8 @@ def _attention_blocker(module, x, attn_mask, is_causal):
         why = not_plain(module, {"attn_drop": torch.nn.Dropout})
         if why is not None:  # a hook capturing attention maps, or a module editing them
             return f"fused_attn off and {why}"
+        if global_forward_hooks():  # one would see attn_drop's input, the attention weights, on timm's path
+            return "fused_attn off and a global module forward hook"
     if module.training and module.attn_drop.p > 0:
         return "attention dropout while training"
     if attn_mask is None:
@@ -290,7 +294,7 @@ def _patch_embed_blocker_at(pe, images):
 def _output_hooks(pe):
     """Why the fused tokens must not be patch_embed's output for this call, or None: a forward hook there would see
     (or replace) [prefix; patches + positions] where timm gives it the bare patches."""
-    if pe._forward_hooks or getattr(torch.nn.modules.module, "_global_forward_hooks", None):
+    if pe._forward_hooks or global_forward_hooks():
         return "forward hooks on patch_embed (position embedding not fused for this call)"
     return None
 

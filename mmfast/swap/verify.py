@@ -302,7 +302,8 @@ class _Counting:
             if self.stack and self.stack[-1] == id(module):
                 self.stack.pop()
 
-        self.handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
+        self.handles = [register_module_forward_pre_hook(_core.observer(pre)),
+                        register_module_forward_hook(_core.observer(post))]
         self.mode = Ops()
         self.mode.__enter__()
         return self

@@ -142,6 +142,26 @@ def test_manual_attention_path_with_an_observed_attn_drop_runs_timm(change):
     assert sum(report.fallbacks.values()) == 1 and "fused_attn off and attn_drop" in next(iter(report.fallbacks))
 
 
+def test_manual_attention_path_under_a_global_forward_hook_runs_timm():
+    """A global hook (register_module_forward_hook) sees attn_drop's output, the attention weights, only on
+    timm's path; patch_embed's output likewise."""
+    model = vit()
+    model.blocks[0].attn.fused_attn = False
+    before = run(model, images())
+    report = mmfast.patch(model, backend="reference")
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: seen.append(m))
+    try:
+        after = run(model, images())
+    finally:
+        handle.remove()
+    assert_same(after, before, "global hook")
+    assert any(m is model.blocks[0].attn.attn_drop for m in seen)
+    assert "fused_attn off and a global module forward hook" in " ".join(report.fallbacks)
+    assert "forward hooks on patch_embed" in " ".join(report.fallbacks)
+
+
 @pytest.mark.parametrize("change", ["overlapping-proj", "rect-patch"])
 def test_patch_embed_geometry_changed_after_patch_runs_timm(change):
     model = vit(dynamic_img_size=True, class_token=False, global_pool="avg") if change == "overlapping-proj" \
