@@ -139,6 +139,11 @@ class _CausalBuffer:
         self.causal = False
 
     def ok(self):
+        if torch.compiler.is_compiling():
+            return _verified_while_tracing(self)
+        return self.check()
+
+    def check(self):
         buf = getattr(self.owner, "attn_mask", None)
         if not isinstance(buf, torch.Tensor):
             return False
@@ -149,9 +154,20 @@ class _CausalBuffer:
     def matches(self, mask, L):
         if not self.ok():
             return False
-        buf = self.tensor
+        buf = getattr(self.owner, "attn_mask")
+        if mask is buf:
+            return mask.dim() == 2 and tuple(mask.shape) == (L, L)
+        if torch.compiler.is_compiling():  # traced tensors have no addresses: the buffer itself only
+            return False
         return (mask.dim() == 2 and tuple(mask.shape) == (L, L) and L <= buf.shape[0] and mask.dtype == buf.dtype
                 and mask.device == buf.device and mask.data_ptr() == buf.data_ptr() and mask.stride() == buf.stride())
+
+
+@torch.compiler.assume_constant_result
+def _verified_while_tracing(causal_buffer):
+    """torch.compile runs the check once, on the real buffer, while tracing, and keeps its result in the graph
+    (a buffer rewritten in place after compiling is not noticed; reassigning it retraces)."""
+    return causal_buffer.check()
 
 
 def _is_causal_mask(buf):

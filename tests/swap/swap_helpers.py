@@ -14,6 +14,13 @@ def run(model, *args, method="__call__", **kwargs):
     return [o.detach().clone() for o in outs], grads
 
 
+def run_compiled(model, *args, **kwargs):
+    """`run` through torch.compile(fullgraph=True): a graph break in a swapped forward is an error here. The
+    aot_eager backend traces what inductor would get (custom ops with their fake kernels) without a compiler."""
+    outs, grads = run(torch.compile(model, fullgraph=True, backend="aot_eager"), *args, **kwargs)
+    return outs, {name.removeprefix("_orig_mod."): g for name, g in grads.items()}
+
+
 def assert_same(a, b, what, tol=1e-12):
     """Two float64 runs of the same math: equal up to float64 rounding."""
     outs_a, grads_a = a

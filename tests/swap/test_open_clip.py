@@ -2,7 +2,7 @@
 the causal-buffer check, fallbacks, unpatch / isolation, and ClipLoss / SigLipLoss."""
 import pytest
 import torch
-from swap_helpers import assert_bitwise, assert_same, forward_is_swapped, run
+from swap_helpers import assert_bitwise, assert_same, forward_is_swapped, run, run_compiled
 
 pytest.importorskip("open_clip", reason="every test here patches an open_clip model or loss (open_clip_torch is "
                                         "an optional package; pip install -e .[dev])")
@@ -66,6 +66,20 @@ def test_padded_text_runs_the_kernel_with_key_padding(kw):
     report = mmfast.patch(model, backend="reference")
     assert_same(run(model, ids), before, str(kw))
     assert not report.fallbacks  # the pad mask was recognised, not handed back to torch
+
+
+@pytest.mark.parametrize("tower", ["clip-causal-buffer", "text-pad-mask"])
+def test_torch_compile_fullgraph(tower):
+    """The causal buffer is verified once while tracing (its check syncs with the host); the pad mask is recognised
+    by identity, which the trace keeps. Before, the buffer's version check stopped fullgraph tracing."""
+    model = clip() if tower == "clip-causal-buffer" else text_tower(no_causal_mask=True, use_pad_mask=True)
+    images, ids = inputs()
+    args = (images, ids) if tower == "clip-causal-buffer" else (ids,)
+    before = run(model, *args)
+    report = mmfast.patch(model, backend="reference")
+    torch._dynamo.reset()
+    assert_same(run_compiled(model, *args), before, tower)
+    assert not report.fallbacks
 
 
 def test_causal_buffer_written_after_patch_is_rechecked():

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from swap_helpers import assert_bitwise, assert_same, forward_is_swapped, run
+from swap_helpers import assert_bitwise, assert_same, forward_is_swapped, run, run_compiled
 
 pytest.importorskip("timm", reason="every test here patches a timm model (timm is an optional package; "
                                    "pip install -e .[dev])")
@@ -45,6 +45,15 @@ def test_outputs_and_grads_before_vs_after(kw):
     assert [r.path for r in report.swapped] == ["patch_embed", "blocks.0.attn"]
     for s, b in zip(sizes, before):
         assert_same(run(model, images(*s)), b, f"{kw} at {s}")
+    assert not report.fallbacks
+
+
+def test_torch_compile_fullgraph():
+    model = vit(reg_tokens=1, dynamic_img_size=True)
+    before = run(model, images())
+    report = mmfast.patch(model, backend="reference")
+    torch._dynamo.reset()
+    assert_same(run_compiled(model, images()), before, "compiled")
     assert not report.fallbacks
 
 
