@@ -169,3 +169,24 @@ def test_bert_additive_mask_hides_keys():
     row = torch.tensor([0.0, -10000.0, torch.finfo(torch.float32).min, float("-inf")])
     assert visible_keys(row.expand(1, 1, 2, 4), 1, 2, 4).tolist() == [[[True, False, False, False]] * 2]
     assert visible_keys(torch.tensor([0.0, -9000.0]).expand(1, 1, 1, 2), 1, 1, 2) is None   # a bias, not hiding
+
+
+def test_patched_model_compiles_with_graph_breaks_at_the_mask_checks():
+    """A module that bypasses the attention interface reads its float mask's values on the host (whether the
+    kernel can express it), so torch.compile breaks the graph there: fullgraph=True is refused, the default
+    compiles, runs the kernels in its graphs and returns the eager patched model's logits."""
+    import collections
+
+    model, batch = tiny_blip(), inputs(torch.float32, "left")
+    mmfast.patch(model, backend="triton")  # custom ops in the graph (the reference backend is inlined torch code)
+    eager = model(**batch).logits
+    ops = collections.Counter()
+
+    def record(graph_module, example_inputs):
+        ops.update(str(node.target).split(".")[1] for node in graph_module.graph.nodes
+                   if str(node.target).startswith("mmfast."))
+        return graph_module.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=record)(**batch).logits
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert ops["patch_embed_fwd"] == 1 and ops["flash_attention_fwd"] >= 3, ops
