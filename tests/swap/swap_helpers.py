@@ -21,6 +21,21 @@ def run_compiled(model, *args, **kwargs):
     return outs, {name.removeprefix("_orig_mod."): g for name, g in grads.items()}
 
 
+def compile_counting_ops(model, fullgraph=True):
+    """(torch.compile(model), Counter): a backend that runs the traced graphs unchanged and counts the mmfast
+    custom ops in them (the graphs hold the kernels, not a fallback)."""
+    import collections
+
+    ops = collections.Counter()
+
+    def record(graph_module, example_inputs):
+        ops.update(str(node.target).split(".")[1] for node in graph_module.graph.nodes
+                   if str(node.target).startswith("mmfast."))
+        return graph_module.forward
+    torch._dynamo.reset()
+    return torch.compile(model, fullgraph=fullgraph, backend=record), ops
+
+
 def assert_same(a, b, what, tol=1e-12):
     """Two float64 runs of the same math: equal up to float64 rounding."""
     outs_a, grads_a = a

@@ -16,6 +16,7 @@ from transformers import BlipConfig, BlipForConditionalGeneration  # noqa: E402
 
 from mmfast.swap.transformers._blip import patch_blip  # noqa: E402
 from mmfast.swap.transformers._bypass import visible_keys  # noqa: E402
+from swap_helpers import compile_counting_ops  # noqa: E402
 from hf_bypass_helpers import (FP64_TOL, assert_close, assert_grads_close, grads, patch_with,  # noqa: E402
                                spy_kernels, unpatch)
 
@@ -175,18 +176,10 @@ def test_patched_model_compiles_with_graph_breaks_at_the_mask_checks():
     """A module that bypasses the attention interface reads its float mask's values on the host (whether the
     kernel can express it), so torch.compile breaks the graph there: fullgraph=True is refused, the default
     compiles, runs the kernels in its graphs and returns the eager patched model's logits."""
-    import collections
-
     model, batch = tiny_blip(), inputs(torch.float32, "left")
     mmfast.patch(model, backend="triton")  # custom ops in the graph (the reference backend is inlined torch code)
     eager = model(**batch).logits
-    ops = collections.Counter()
-
-    def record(graph_module, example_inputs):
-        ops.update(str(node.target).split(".")[1] for node in graph_module.graph.nodes
-                   if str(node.target).startswith("mmfast."))
-        return graph_module.forward
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=record)(**batch).logits
+    compiled_model, ops = compile_counting_ops(model, fullgraph=False)
+    compiled = compiled_model(**batch).logits
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     assert ops["patch_embed_fwd"] == 1 and ops["flash_attention_fwd"] >= 3, ops

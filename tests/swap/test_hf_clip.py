@@ -1,6 +1,10 @@
 """CLIP through mmfast.patch: attention (vision; text causal + padding), patch embedding, contrastive loss."""
-import pytest
 import hf_models as hf
+import pytest
+import torch
+from swap_helpers import compile_counting_ops
+
+import mmfast
 
 
 def _inputs(batch=3, length=9, lengths=(9, 6, 3), size=16):
@@ -35,3 +39,18 @@ def test_clip_triton_interpreter_runs_mmfast_ops():
     assert ops.counts["flash_attention_fwd"] == 2 and ops.counts["flash_attention_bwd"] == 2, ops.counts
     assert ops.counts["patch_embed_fwd"] == 1 and ops.counts["patch_embed_bwd"] == 1, ops.counts
     assert ops.counts["contrastive_loss_fwd"] == 1 and ops.counts["contrastive_loss_bwd"] == 1, ops.counts
+
+
+def test_patched_clip_compiles_fullgraph():
+    """torch.compile(fullgraph=True): padded text, vision and loss swaps trace without a graph break into graphs
+    holding mmfast's custom ops, and give the eager patched model's loss."""
+    if hf.transformers.__version__.startswith("4."):
+        pytest.skip("transformers 4.5x hands CLIP's text tower a float mask, whose values the swap reads on the host "
+                    "(a graph break there; fullgraph=False compiles)")
+    model, inputs = hf.clip(), _inputs()
+    mmfast.patch(model, backend="triton")
+    eager = model(**inputs).loss
+    compiled_model, ops = compile_counting_ops(model)
+    compiled = compiled_model(**inputs).loss
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert ops == {"flash_attention_fwd": 2, "patch_embed_fwd": 1, "contrastive_loss_fwd": 1}, ops

@@ -1,11 +1,12 @@
 """LLaVA and LLaVA-NeXT (CLIP vision tower + Llama with GQA) through mmfast.patch: left-padded batches,
 outputs and gradients, greedy generation."""
-import collections
 
 import pytest
 import torch
 
 import hf_models as hf
+from swap_helpers import compile_counting_ops
+
 import mmfast
 
 
@@ -69,13 +70,7 @@ def test_patched_model_compiles_fullgraph():
     model, batch = hf.llava(), _llava_inputs()
     mmfast.patch(model, backend="triton")
     eager = model(**batch).logits
-    ops = collections.Counter()
-
-    def record(graph_module, example_inputs):
-        ops.update(str(node.target).split(".")[1] for node in graph_module.graph.nodes
-                   if str(node.target).startswith("mmfast."))
-        return graph_module.forward
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend=record)(**batch).logits
+    compiled_model, ops = compile_counting_ops(model)
+    compiled = compiled_model(**batch).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert ops["patch_embed_fwd"] == 1 and ops["flash_attention_fwd"] >= 3, ops
