@@ -326,10 +326,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, drow_max, dlogsum):
     q, k, v, out, row_max, row_logsum, row_lo, row_hi, kpm, cu_q, cu_k, *lists = ctx.saved_tensors
-    if dout is None:  # only the log-sum-exp was used
+    lse_only = dout is None  # only the log-sum-exp was used
+    if lse_only:
         dout = torch.zeros_like(out)
     dq, dk, dv = _flash_attention_bwd_op(dout, dlogsum, q, k, v, out, row_max, row_logsum, row_lo, row_hi, kpm, cu_q,
                                          cu_k, lists, ctx.scale, ctx.max_q, ctx.max_k)
+    if lse_only:  # v does not reach the log-sum-exp: no gradient, as the reference's autograd gives
+        dv = None
     # one entry per input: row_lo, row_hi, key_padding_mask, cu_seqlens_q/k, lists, scale, max_seqlen_q/k
     return dq, dk, dv, None, None, None, None, None, [None] * len(lists), None, None, None
 

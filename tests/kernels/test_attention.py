@@ -319,7 +319,8 @@ def test_zero_and_negative_softmax_scale(device, scale):
 
 def test_gradient_of_the_lse_alone(device):
     """A loss on the log-sum-exp only (the output unused): the backward gets no output gradient and must
-    still give dq / dk = the softmax-weighted gradients, dv = 0."""
+    still give dq / dk = the softmax-weighted gradients, and no dv (v does not reach the log-sum-exp): None on
+    every backend, as autograd gives the reference (the Triton backend gave a zero tensor)."""
     q, k, v = qkv(1, 13, 17, 2, 1, 32, torch.float32, device)
     start, end = random_intervals(1, 13, 17, device, empty_rows=0.0)
     grads = []
@@ -330,4 +331,4 @@ def test_gradient_of_the_lse_alone(device):
         grads.append([t.grad for t in leaves])
     for name, got, want in zip(("dq", "dk"), *grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
-    assert torch.all(grads[0][2] == 0) and grads[1][2] is None  # v does not reach the log-sum-exp
+    assert grads[0][2] is None and grads[1][2] is None
