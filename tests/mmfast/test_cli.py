@@ -7,7 +7,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -106,16 +105,15 @@ def test_info_lists_versions_and_what_auto_runs_per_op(tmp_path):
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
-def test_help_is_fast_and_imports_no_torch(command):
+def test_help_imports_no_torch(command):
+    """--help stays instant by not importing torch (seconds on a cold start); asserted by what is imported, not
+    by a wall-clock limit, which a loaded CI machine would break at random."""
     code = ("import sys\nfrom mmfast.__main__ import main\ntry:\n    main([%r, '--help'])\nexcept SystemExit:\n"
             "    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')") % command
-    start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
     assert "usage: python -m mmfast" in out.stdout
     assert out.stdout.strip().endswith("no torch"), out.stdout[-500:]
-    assert elapsed < 3, f"{command} --help took {elapsed:.1f} s"
 
 
 def test_info_honours_help():
