@@ -276,7 +276,14 @@ def inside_peft(model):
 
 
 def model_name(model):
-    return type(model).__module__.split(".")[0] + "." + type(model).__qualname__
+    cls = type(model)
+    try:  # FSDP2's fully_shard swaps in a class "FSDP<name>" made at run time: name the class it wraps
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = ()
+    if FSDPModule and issubclass(cls, FSDPModule):
+        cls = next((c for c in cls.__mro__[1:] if c is not FSDPModule and not issubclass(c, FSDPModule)), cls)
+    return cls.__module__.split(".")[0] + "." + cls.__qualname__
 
 
 def check_model(model):

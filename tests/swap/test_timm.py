@@ -57,6 +57,33 @@ def test_torch_compile_fullgraph():
     assert not report.fallbacks
 
 
+def test_patch_after_fully_shard():
+    """FSDP2 swaps the model's class for a subclass made at run time: the swap still recognises timm's modules,
+    and the report names the class the user built."""
+    dist = pytest.importorskip("torch.distributed", reason="torch.distributed is not available")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built in this torch")
+    from torch.distributed.fsdp import fully_shard
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = vit(reg_tokens=1)
+        before = run(model, images())[0]
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        report = mmfast.patch(model, backend="reference")
+        assert report.model == "timm.VisionTransformer", report.model
+        assert [r.path for r in report.swapped] == ["patch_embed", "blocks.0.attn"]
+        after = model(images())
+        assert (after - before[0]).abs().max().item() <= 1e-12 and not report.fallbacks
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("mask", ["causal", "key-padding"])
 def test_attention_masks(mask):
     model = vit(reg_tokens=1)
