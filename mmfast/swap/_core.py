@@ -5,6 +5,7 @@ attributes on one instance (``module.forward`` in the instance ``__dict__``, a c
 how to undo each, so `unpatch` restores the model exactly and a model built afterwards is untouched.
 Parameters, buffers and ``state_dict`` keys are never replaced.
 """
+import copy
 import dataclasses
 import types
 
@@ -101,12 +102,33 @@ class PatchState:
     undo: list = dataclasses.field(default_factory=list)   # callables, run last-in first-out
 
 
+class _SwapRecord(dict):
+    """A swapped module's _SAVED / _SET record. Deep copies work (ModelEmaV3 copies the model it averages);
+    pickling refuses, at save time with the way out: the swapped attributes are functions bound to this module
+    in this process, and some are closures, so a pickled patched model would not load (or not load patched)."""
+
+    def __deepcopy__(self, memo):
+        new = type(self)()
+        memo[id(self)] = new
+        for key, value in self.items():
+            new[key] = copy.deepcopy(value, memo)
+        return new
+
+    def __copy__(self):
+        return type(self)(self)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("mmfast: a patched model cannot be pickled (torch.save(model), multiprocessing): its swapped "
+                        "forwards belong to this process. Save model.state_dict() instead (the patch changes no key "
+                        "or tensor), or call mmfast.unpatch(model) first; patch the loaded model again")
+
+
 def set_instance_attr(module, name, value):
     """Set ``module.<name> = value`` on this instance only, remembering the original for `restore`."""
-    saved = module.__dict__.setdefault(_SAVED, {})
+    saved = module.__dict__.setdefault(_SAVED, _SwapRecord())
     if name not in saved:
         saved[name] = module.__dict__.get(name, _MISSING)
-    module.__dict__.setdefault(_SET, {})[name] = value
+    module.__dict__.setdefault(_SET, _SwapRecord())[name] = value
     object.__setattr__(module, name, value)
 
 

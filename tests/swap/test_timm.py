@@ -242,6 +242,36 @@ def test_pos_embed_replaced_on_the_instance_is_kept(when):
     assert_same(run(model, images()), run(reference, images()), when)
 
 
+def test_pickling_a_patched_model_is_refused_at_save_time_with_the_way_out():
+    """torch.save(model) of a patched model wrote a file that failed to load (the swapped forwards are bound
+    methods, restored by name); now the save refuses. A state_dict, or the model after unpatch, saves and
+    loads, and the loaded model patches again."""
+    import io
+
+    model = vit(reg_tokens=1)
+    x = images()
+    mmfast.patch(model, backend="reference")
+    patched = run(model, x)
+    with pytest.raises(TypeError, match=r"patched model cannot be pickled.*state_dict\(\).*mmfast.unpatch"):
+        torch.save(model, io.BytesIO())
+    fresh = vit(reg_tokens=1)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer))
+    mmfast.unpatch(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for m in (fresh, loaded):
+        mmfast.patch(m, backend="reference")
+        assert_bitwise(run(m, x), patched, "saved, loaded and patched again")
+    twin = copy.deepcopy(loaded)  # deep copies stay patched (ModelEmaV3 copies the model it averages)
+    assert forward_is_swapped(twin.blocks[0].attn) and twin.blocks[0].attn.forward.__self__ is twin.blocks[0].attn
+    assert_bitwise(run(twin, x), patched, "deep copy")
+
+
 def test_unpatch_is_bitwise_and_patch_twice_is_a_noop():
     model = vit(reg_tokens=1)
     x = images()
