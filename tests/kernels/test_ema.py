@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from dist_helpers import one_process_group
 from numerics import (
     FLOAT_DTYPES,
     assert_bitwise_equal,
@@ -440,15 +441,9 @@ class TestExtensionFallbacks:
 
 
 def test_dtensor_local_shards():
-    dist = pytest.importorskip("torch.distributed", reason="torch.distributed is not available")
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not built in this torch")
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    with one_process_group():
+        from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
 
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
         mesh = DeviceMesh("cpu", [0])
         ema_full, src_full = randn(6, 5), randn(6, 5)
         ema = distribute_tensor(ema_full.clone(), mesh, [Shard(0)])
@@ -457,9 +452,6 @@ def test_dtensor_local_shards():
         ema_update_reference(expected, [src_full], 0.95)
         ema_update_([ema], [src], 0.95, backend="cpp")
         assert_bitwise_equal(ema.to_local(), expected[0], what="DTensor local shard")
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 def test_unaligned_views_share_a_call_with_aligned_tensors(device, backend):

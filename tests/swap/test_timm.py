@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from dist_helpers import one_process_group
 from swap_helpers import assert_bitwise, assert_same, forward_is_swapped, run, run_compiled
 
 pytest.importorskip("timm", reason="every test here patches a timm model (timm is an optional package; "
@@ -60,15 +61,9 @@ def test_torch_compile_fullgraph():
 def test_patch_after_fully_shard():
     """FSDP2 swaps the model's class for a subclass made at run time: the swap still recognises timm's modules,
     and the report names the class the user built."""
-    dist = pytest.importorskip("torch.distributed", reason="torch.distributed is not available")
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not built in this torch")
-    from torch.distributed.fsdp import fully_shard
+    with one_process_group():
+        from torch.distributed.fsdp import fully_shard
 
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
         model = vit(reg_tokens=1)
         before = run(model, images())[0]
         for block in model.blocks:
@@ -79,9 +74,6 @@ def test_patch_after_fully_shard():
         assert [r.path for r in report.swapped] == ["patch_embed", "blocks.0.attn"]
         after = model(images())
         assert (after - before[0]).abs().max().item() <= 1e-12 and not report.fallbacks
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mask", ["causal", "key-padding"])
