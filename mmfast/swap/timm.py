@@ -30,7 +30,8 @@ TABLE = (
      "format"),
     ("timm.utils.ModelEmaV3.apply_update_ / apply_update_no_buffers_", "mmfast.kernels.ema_update_",
      "same-dtype pairs bit-identical to timm's _foreach_lerp_; bf16 EMA tensors with stochastic_rounding stay "
-     "on timm's stochastic rounding; foreach off (foreach=False, or an EMA on another device) runs timm's loop; "
+     "on timm's stochastic rounding; foreach off (foreach=False, or an EMA on another device) runs timm's loop, "
+     "and a state_dict holding a tensor twice (tied weights, which timm updates once per name) timm's update; "
      "mixed-dtype pairs (dtype=) round once where timm's mul_ + add_ round twice: not bit-identical, no less "
      "accurate"),
 )
@@ -391,8 +392,13 @@ def _ema_apply_update_(self, model, decay):
     if not self.foreach:
         _fallback(self, "foreach off (foreach=False, or the EMA on another device than the model)")
         return original(self, "apply_update_")(model, decay)
+    ema_state = self.module.state_dict()
+    if len({v.data_ptr() for v in ema_state.values() if v.numel()}) != sum(1 for v in ema_state.values() if v.numel()):
+        # tied weights appear once per name; timm's foreach lerp updates them once per name, ema_update_ refuses
+        _fallback(self, "a tensor listed twice in the EMA's state_dict (tied weights)")
+        return original(self, "apply_update_")(model, decay)
     emas, sources = [], []
-    for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values()):
+    for ema_v, model_v in zip(ema_state.values(), model.state_dict().values()):
         if ema_v.is_floating_point():
             emas.append(ema_v)
             sources.append(model_v)

@@ -345,6 +345,23 @@ def test_model_ema_v3_foreach_false_runs_timm_and_says_why():
                                       "the model)"]  # same device here: the reason must not claim another one
 
 
+@pytest.mark.parametrize("exclude_buffers", [False, True], ids=["state-dict", "parameters"])
+def test_model_ema_v3_with_tied_weights_equals_timm(exclude_buffers):
+    """A tied weight appears once per name in a state_dict; timm's foreach lerp updates it once per name, which
+    ema_update_ refuses (shared memory): that call runs timm's update, counted. parameters() lists it once."""
+    model = vit().float()
+    model.pos_drop.register_buffer("tied", model.cls_token)  # in the state_dict twice, as a tied weight is
+    ours, theirs = (ModelEmaV3(model, decay=0.9, exclude_buffers=exclude_buffers) for _ in range(2))
+    report = mmfast.patch(ours, backend="reference")
+    source = _perturbed(model, 0)
+    ours.update(source, step=5)
+    theirs.update(source, step=5)
+    for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
+        assert torch.equal(a, b), name
+    fell_back = ["ModelEmaV3: a tensor listed twice in the EMA's state_dict (tied weights)"]
+    assert list(report.fallbacks) == ([] if exclude_buffers else fell_back)
+
+
 def test_model_ema_v3_inner_model_is_patched_too():
     ema = ModelEmaV3(vit())
     report = mmfast.patch(ema, backend="reference")
