@@ -332,15 +332,20 @@ def test_model_ema_v3_update_equals_timm(kw):
     assert not torch.equal(ours.module.pos_embed, model.pos_embed)  # the update did move the EMA
 
 
-def test_model_ema_v3_foreach_false_runs_timm_and_says_why():
-    model = vit().float()
-    ours, theirs = ModelEmaV3(model, decay=0.9, foreach=False), ModelEmaV3(model, decay=0.9, foreach=False)
+def _one_update_equals_timm(model, **kw):
+    """One update of a patched ModelEmaV3 and of timm's own, bit for bit; returns the patch report."""
+    ours, theirs = ModelEmaV3(model, decay=0.9, **kw), ModelEmaV3(model, decay=0.9, **kw)
     report = mmfast.patch(ours, backend="reference")
     source = _perturbed(model, 0)
     ours.update(source, step=5)
     theirs.update(source, step=5)
     for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
         assert torch.equal(a, b), name
+    return report
+
+
+def test_model_ema_v3_foreach_false_runs_timm_and_says_why():
+    report = _one_update_equals_timm(vit().float(), foreach=False)
     assert list(report.fallbacks) == ["ModelEmaV3: foreach off (foreach=False, or the EMA on another device than "
                                       "the model)"]  # same device here: the reason must not claim another one
 
@@ -351,13 +356,7 @@ def test_model_ema_v3_with_tied_weights_equals_timm(exclude_buffers):
     ema_update_ refuses (shared memory): that call runs timm's update, counted. parameters() lists it once."""
     model = vit().float()
     model.pos_drop.register_buffer("tied", model.cls_token)  # in the state_dict twice, as a tied weight is
-    ours, theirs = (ModelEmaV3(model, decay=0.9, exclude_buffers=exclude_buffers) for _ in range(2))
-    report = mmfast.patch(ours, backend="reference")
-    source = _perturbed(model, 0)
-    ours.update(source, step=5)
-    theirs.update(source, step=5)
-    for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
-        assert torch.equal(a, b), name
+    report = _one_update_equals_timm(model, exclude_buffers=exclude_buffers)
     fell_back = ["ModelEmaV3: a tensor listed twice in the EMA's state_dict (tied weights)"]
     assert list(report.fallbacks) == ([] if exclude_buffers else fell_back)
 
