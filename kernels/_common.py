@@ -345,6 +345,14 @@ def register_autograd(op, backward, setup_context):
     return call
 
 
+def remember(cache, key, value, limit=64):
+    """cache[key] = value, first dropping the oldest entry when `cache` (a dict, insertion-ordered) holds `limit`:
+    the per-shape / per-address caches of the launchers stay bounded however many layouts a process meets."""
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
 def saveable(t):
     """`t`, or a normal copy of it when it is an inference tensor (made under torch.inference_mode), which
     autograd refuses to save for backward. For the tensors an op saves but never differentiates (masks,

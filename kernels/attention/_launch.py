@@ -4,7 +4,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .._common import (cdiv, check_bool, check_scalar, check_tensor, check_triton_dtype, kernel_flags,
-                       no_double_backward, register_autograd, saveable)
+                       no_double_backward, register_autograd, remember, saveable)
 from .. import _tuned
 from . import _configs as C
 from ._blockmask import AttentionBlockMask, build_block_mask, check_mask_args
@@ -367,9 +367,7 @@ def _block_mask_for(q, k, varlen, mask):
         max_seqlen_k=mask["max_seqlen_k"], device=q.device, tile=C.mask_tile(interp), validate=False,
     )
     if key is not None:
-        if len(_DEFAULT_MASKS) >= 64:
-            _DEFAULT_MASKS.pop(next(iter(_DEFAULT_MASKS)))
-        _DEFAULT_MASKS[key] = bm
+        remember(_DEFAULT_MASKS, key, bm)
     return bm
 
 

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 import torch
 
 from .. import reference
-from .._common import TL_DTYPES, check_choice, check_scalar, check_triton_dtype, interpreting, warn_once
+from .._common import (TL_DTYPES, check_choice, check_scalar, check_triton_dtype, interpreting, remember,
+                       warn_once)
 from .._registry import accelerated_backends
 from ._configs import BLOCK, CHUNK, NUM_WARPS
 from ._kernels import ema_update_kernel
@@ -236,9 +237,7 @@ def _check_layout(key, indices):
             furthest = span
         if written and (furthest_written is None or end > furthest_written[1]):
             furthest_written = span
-    if len(_NO_OVERLAP) >= _NO_OVERLAP_MAX:
-        _NO_OVERLAP.pop(next(iter(_NO_OVERLAP)))
-    _NO_OVERLAP[key] = True
+    remember(_NO_OVERLAP, key, True, _NO_OVERLAP_MAX)
 
 
 def check_backend_dtypes(backend, float64_arg):
@@ -280,9 +279,7 @@ def _pointer_table(ema_group, src_group, chunk):
     count = len(ema_group)
     table = (packed[:count], packed[count : 2 * count], packed[2 * count : 3 * count],
              packed[3 * count : 3 * count + block_tensor.numel()], packed[3 * count + block_tensor.numel() :])
-    if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
-        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
-    _PLAN_CACHE[key] = table
+    remember(_PLAN_CACHE, key, table, _PLAN_CACHE_MAX)
     return table
 
 
