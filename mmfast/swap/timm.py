@@ -387,13 +387,17 @@ def _ema_lerp(ema, ema_values, model_values, decay):
         ema_update_(ema_values, model_values, float(decay), backend=ema._mmfast_backend)
 
 
+_FOREACH_OFF = "foreach off (foreach=False, or the EMA on another device than the model)"
+
+
 @torch.no_grad()
 def _ema_apply_update_(self, model, decay):
     if not self.foreach:
-        _fallback(self, "foreach off (foreach=False, or the EMA on another device than the model)")
+        _fallback(self, _FOREACH_OFF)
         return original(self, "apply_update_")(model, decay)
     ema_state = self.module.state_dict()
-    if len({v.data_ptr() for v in ema_state.values() if v.numel()}) != sum(1 for v in ema_state.values() if v.numel()):
+    addresses = [v.data_ptr() for v in ema_state.values() if v.numel()]
+    if len(set(addresses)) != len(addresses):
         # tied weights appear once per name; timm's foreach lerp updates them once per name, ema_update_ refuses
         _fallback(self, "a tensor listed twice in the EMA's state_dict (tied weights)")
         return original(self, "apply_update_")(model, decay)
@@ -410,7 +414,7 @@ def _ema_apply_update_(self, model, decay):
 @torch.no_grad()
 def _ema_apply_update_no_buffers_(self, model, decay):
     if not self.foreach:
-        _fallback(self, "foreach off (foreach=False, or the EMA on another device than the model)")
+        _fallback(self, _FOREACH_OFF)
         return original(self, "apply_update_no_buffers_")(model, decay)
     _ema_lerp(self, list(self.module.parameters()), list(model.parameters()), decay)
     for ema_b, model_b in zip(self.module.buffers(), model.buffers()):
